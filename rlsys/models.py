@@ -1,0 +1,369 @@
+"""Model factory and loader: a tiny random-weight Qwen2.5-VL for CPUs, and real checkpoints.
+
+:func:`build_tiny_model` writes a complete Hugging Face directory (config, safetensors weights,
+tokenizer, image and video processors, chat template) of the Qwen2.5-VL architecture, small
+enough to train and sample on 2 CPU cores. Nothing is downloaded: the tokenizer is a byte-level
+BPE trained here on the prompt templates and phrase vocabulary, plus Qwen2.5-VL's special tokens
+and the 1,000 coordinate tokens. transformers and vLLM load the directory unchanged, so the code
+paths that run here are the ones that run on a real checkpoint.
+
+:func:`prepare_checkpoint` takes a real local checkpoint (Qwen2.5-VL-3B-Instruct, Rex-Omni) and
+makes sure its tokenizer carries the coordinate tokens, either added to the vocabulary or
+mapped onto the last 1,000 embedding rows as Rex-Omni did (section 2.4).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rlsys.coords import COORD_TOKENS, NUM_BINS
+
+log = logging.getLogger(__name__)
+
+# Qwen2.5-VL's special tokens, in its order; ids follow the BPE vocabulary in our tokenizer.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Written here (not copied): the Qwen2.5-VL conversation layout, so our prompts tokenise the way
+# the real model was trained to read them. Images become <|vision_start|><|image_pad|><|vision_end|>,
+# which the processor expands to one pad token per merged vision patch.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of the tiny model. head_dim = hidden_size / num_heads must be 64: vLLM's CPU
+    attention rejects smaller heads (GUIDE section 2)."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    intermediate_size: int = 384
+    vision_hidden_size: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 1
+    vision_intermediate_size: int = 128
+    bpe_vocab_size: int = 1024
+    # Image budget: 28 px per merged token, so 224x224 -> 8x8 = 64 image tokens.
+    min_pixels: int = 56 * 56
+    max_pixels: int = 224 * 224
+    max_position_embeddings: int = 4096
+    seed: int = 0
+
+
+def _training_corpus() -> list[str]:
+    """Text the tiny BPE is trained on: every prompt template and the synthetic vocabulary."""
+    from rlsys import prompts, synthetic
+
+    lines = [t for ts in prompts.TEMPLATES.values() for t in ts]
+    lines += [prompts.SYSTEM_PROMPT, "system", "user", "assistant", "None", "box", "keypoints", "unvisible"]
+    lines += synthetic.vocabulary()
+    return lines * 4
+
+
+def build_tokenizer(spec: TinySpec):
+    """A byte-level BPE with Qwen2.5-VL's special tokens and the coordinate tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.bpe_vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
+    )
+    tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=spec.max_position_embeddings,
+    )
+    fast.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    # Coordinate tokens are ordinary added tokens (not "special"): detokenising with
+    # skip_special_tokens must keep them.
+    fast.add_tokens(list(COORD_TOKENS))
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(out_dir, spec: TinySpec = TinySpec(), *, overwrite: bool = False) -> Path:
+    """Write a random-weight Qwen2.5-VL directory to ``out_dir`` and return its path.
+
+    The directory is written to a temporary sibling and renamed into place, so a crash never
+    leaves a half-written model that a later run would try to load.
+    """
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    out = Path(out_dir)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+        shutil.rmtree(out)
+    if spec.hidden_size // spec.num_heads != 64:
+        raise ValueError(f"head_dim must be 64 for vLLM's CPU attention, got {spec.hidden_size // spec.num_heads}")
+
+    tokenizer = build_tokenizer(spec)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    vocab_size = len(tokenizer)
+    vocab_size = (vocab_size + 63) // 64 * 64  # padded, as real checkpoints are
+    head_dim = spec.hidden_size // spec.num_heads
+    # M-RoPE splits head_dim/2 rotary frequencies over (time, height, width); Qwen2.5-VL uses
+    # [16, 24, 24] for head_dim 128, scaled here to 64.
+    mrope = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_kv_heads,
+            max_position_embeddings=spec.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            depth=spec.vision_depth,
+            hidden_size=spec.vision_hidden_size,
+            intermediate_size=spec.vision_intermediate_size,
+            num_heads=spec.vision_heads,
+            out_hidden_size=spec.hidden_size,
+            window_size=112,
+            fullatt_block_indexes=[spec.vision_depth - 1],
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    config.bos_token_id = ids["<|endoftext|>"]
+    config.eos_token_id = ids["<|im_end|>"]
+    config.pad_token_id = ids["<|endoftext|>"]
+    torch.manual_seed(spec.seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+
+    size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size),
+        video_processor=Qwen2VLVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    (tmp / "rlsys_tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    tmp.rename(out)
+    log.info("wrote tiny Qwen2.5-VL (%d parameters) to %s", sum(p.numel() for p in model.parameters()), out)
+    return out
+
+
+def ensure_tiny_model(out_dir, spec: TinySpec = TinySpec()) -> Path:
+    """Build the tiny model once; later calls reuse the directory if it is complete."""
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and (out / "rlsys_tiny_spec.json").is_file():
+        return out
+    return build_tiny_model(out, spec, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real checkpoints
+# ---------------------------------------------------------------------------------------------
+def coordinate_token_ids(tokenizer) -> list[int]:
+    """Ids of ``<0>``..``<999>``; raises if the tokenizer lacks any (the checkpoint needs
+    :func:`prepare_checkpoint` first)."""
+    ids = tokenizer.convert_tokens_to_ids(list(COORD_TOKENS))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    missing = [t for t, i in zip(COORD_TOKENS, ids) if i is None or (unk is not None and i == unk)]
+    if missing:
+        raise ValueError(
+            f"tokenizer lacks {len(missing)} coordinate tokens (first: {missing[0]}); "
+            "run `python -m rlsys.models prepare --checkpoint DIR --coord-tokens add|map_last` on it"
+        )
+    return ids
+
+
+def prepare_checkpoint(src, dst, mode: str = "add") -> Path:
+    """Copy a local Qwen2.5-VL checkpoint to ``dst`` with coordinate tokens in its tokenizer.
+
+    ``mode="add"`` appends ``<0>``..``<999>`` to the vocabulary and grows the embedding and
+    output matrices (new rows initialised to the mean of the existing ones).
+    ``mode="map_last"`` reuses the last 1,000 rows of the existing embedding, as Rex-Omni did
+    (section 2.4): no parameters are added; the BPE entries at those ids, if any, are removed
+    from the tokenizer so each id has one meaning.
+    A checkpoint whose tokenizer already has the tokens (Rex-Omni) is copied unchanged.
+    """
+    import torch
+    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: not a Hugging Face checkpoint directory (no config.json)")
+    if mode not in ("add", "map_last"):
+        raise ValueError(f"coord token mode must be 'add' or 'map_last', got {mode!r}")
+    processor = AutoProcessor.from_pretrained(src, trust_remote_code=False)
+    tok = processor.tokenizer
+    try:
+        coordinate_token_ids(tok)
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        return dst
+    except ValueError:
+        pass
+    dst.mkdir(parents=True, exist_ok=True)
+    if mode == "add":
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=torch.bfloat16)
+        tok.add_tokens(list(COORD_TOKENS))
+        old = model.get_input_embeddings().weight.shape[0]
+        if len(tok) > old:
+            model.resize_token_embeddings(len(tok), mean_resizing=True)
+        model.save_pretrained(dst, safe_serialization=True)
+        processor.save_pretrained(dst)
+        return dst
+    # map_last: rewrite tokenizer.json so ids V-1000..V-1 are the coordinate tokens.
+    vocab_rows = AutoConfig.from_pretrained(src).get_text_config().vocab_size
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    _map_last_rows(tj, vocab_rows)
+    (dst / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    for name in ("tokenizer_config.json",):
+        p = dst / name
+        if p.is_file():
+            cfg = json.loads(p.read_text())
+            decoder = cfg.get("added_tokens_decoder", {})
+            for k in list(decoder):
+                if int(k) >= vocab_rows - NUM_BINS:
+                    del decoder[k]
+            for k, t in enumerate(COORD_TOKENS):
+                decoder[str(vocab_rows - NUM_BINS + k)] = {
+                    "content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                    "single_word": False, "special": False,
+                }
+            p.write_text(json.dumps(cfg, ensure_ascii=False, indent=2))
+    return dst
+
+
+def _map_last_rows(tj: dict, vocab_rows: int) -> None:
+    """Edit a tokenizers JSON in place: coordinate token k gets id ``vocab_rows - 1000 + k``."""
+    first = vocab_rows - NUM_BINS
+    taken = {t["id"]: t for t in tj.get("added_tokens", [])}
+    clash = [t["content"] for i, t in taken.items() if i >= first and t.get("special")]
+    if clash:
+        raise ValueError(f"cannot map coordinate tokens onto ids {first}..{vocab_rows - 1}: special tokens {clash[:3]} live there")
+    vocab = tj["model"]["vocab"]
+    dropped = {tok for tok, i in vocab.items() if i >= first}
+    for tok in dropped:
+        del vocab[tok]
+    if dropped and isinstance(tj["model"].get("merges"), list):
+        def merged(m):
+            a, b = m.split(" ", 1) if isinstance(m, str) else m
+            return a + b
+        tj["model"]["merges"] = [m for m in tj["model"]["merges"] if merged(m) not in dropped]
+    tj["added_tokens"] = [t for t in tj.get("added_tokens", []) if t["id"] < first]
+    for k, t in enumerate(COORD_TOKENS):
+        tj["added_tokens"].append({
+            "id": first + k, "content": t, "single_word": False, "lstrip": False,
+            "rstrip": False, "normalized": False, "special": False,
+        })
+    log.info("mapped coordinate tokens onto ids %d..%d (%d BPE entries removed)", first, vocab_rows - 1, len(dropped))
+
+
+def load_processor(path, *, trust_remote_code: bool = False):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    coordinate_token_ids(proc.tokenizer)
+    return proc
+
+
+def load_model(path, *, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load a Qwen2.5-VL-architecture checkpoint for training (weights from safetensors only)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(
+        path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m rlsys.models", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tiny", help="build the tiny random-weight model")
+    t.add_argument("--out", required=True)
+    t.add_argument("--overwrite", action="store_true")
+    c = sub.add_parser("prepare", help="add coordinate tokens to a real local checkpoint")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--coord-tokens", choices=("add", "map_last"), default="add")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.cmd == "tiny":
+        print(build_tiny_model(a.out, overwrite=a.overwrite))
+    else:
+        print(prepare_checkpoint(a.checkpoint, a.out, a.coord_tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

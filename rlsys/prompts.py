@@ -1,0 +1,132 @@
+"""Question templates per task (Rex-Omni paper, table 1 and section 2.2).
+
+Several phrasings per task so a model does not learn one sentence; training draws one at random
+(seeded), evaluation and Serve use the first. Multiple phrases are joined with ", " as in the
+paper's multi-object example. Visual prompts write their example boxes as coordinate tokens,
+through :mod:`rlsys.coords`, so the model reads boxes in the same language it writes them.
+"""
+
+from __future__ import annotations
+
+import random
+
+from rlsys import coords
+from rlsys.format import render_instance
+
+# {phrases} is filled with the comma-joined phrases, {boxes} with the visual prompt's boxes.
+TEMPLATES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("detection", "box"): (
+        "Detect {phrases}. Output the bounding box coordinates in [x0, y0, x1, y1] format.",
+        "Please detect {phrases} in this image. Return the output in box format.",
+        "Locate every {phrases} in the image and give their boxes as [x0, y0, x1, y1].",
+        "Find all instances of {phrases} and answer with bounding boxes.",
+    ),
+    ("detection", "point"): (
+        "Point to {phrases}. Output the coordinates in [x0, y0] format.",
+        "Please point to every {phrases} in this image.",
+    ),
+    ("referring", "box"): (
+        "Detect {phrases}. Output the bounding box coordinates in [x0, y0, x1, y1] format.",
+        "Find the object described as: {phrases}. Return its box.",
+        "Which objects match {phrases}? Answer with bounding boxes.",
+    ),
+    ("referring", "point"): (
+        "Point to {phrases}. Output the coordinates in [x0, y0] format.",
+        "Where is {phrases}? Answer with a point.",
+    ),
+    ("pointing", "point"): (
+        "Point to {phrases}. Output the coordinates in [x0, y0] format.",
+        "Please point to {phrases} in this image.",
+        "Mark each {phrases} with a point.",
+    ),
+    ("visual_prompt", "box"): (
+        "Here are some example boxes specifying the location of several objects in the image: "
+        '"object1": [{boxes}]. Please detect all objects with the same category and return their '
+        "bounding boxes in [x0, y0, x1, y1] format.",
+        "Given reference boxes {boxes} indicating one or more objects, find all objects with the same category.",
+    ),
+    ("ocr", "box"): (
+        "Detect all the text in box format and recognize them.",
+        "Find every piece of {phrases} in the image and return its bounding box.",
+    ),
+    ("ocr", "polygon"): (
+        "Detect all the text in polygon format and recognize them.",
+        "Find every piece of {phrases} in the image and outline it with a polygon.",
+    ),
+    ("layout", "box"): (
+        "Detect {phrases} in this document image. Output the bounding box coordinates.",
+        "Locate the layout regions {phrases} and answer with boxes.",
+    ),
+    ("gui", "box"): (
+        "Detect element {phrases} in this screenshot. Output its bounding box.",
+        "Locate the UI element {phrases} and give its box.",
+    ),
+    ("gui", "point"): (
+        "Point to element {phrases} in this screenshot.",
+        "Where should I click for {phrases}? Answer with a point.",
+    ),
+    ("keypoint", "keypoint"): (
+        "Can you detect each {phrases} in the image using a [x0, y0, x1, y1] box format, and then "
+        "provide the coordinates of its {keypoints} as [x0, y0]? Output the answer in JSON format.",
+    ),
+}
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def templates_for(task: str, output: str) -> tuple[str, ...]:
+    try:
+        return TEMPLATES[(task, output)]
+    except KeyError:
+        known = ", ".join(f"{t}/{o}" for t, o in TEMPLATES)
+        raise ValueError(f"no prompt template for task {task!r} with output {output!r}; known: {known}") from None
+
+
+def visual_prompt_boxes(boxes, width: int, height: int) -> str:
+    """Example boxes as quoted coordinate-token strings: ``"<12><412><339><568>", ...``."""
+    return ", ".join(f'"{render_instance(coords.encode_xy(b, width, height))}"' for b in boxes)
+
+
+def build_question(
+    task: str,
+    output: str,
+    phrases,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    prompt_boxes=(),
+    keypoint_names=(),
+    rng: random.Random | None = None,
+) -> str:
+    """The user question for one sample. ``rng`` picks a template; without it, the first."""
+    options = templates_for(task, output)
+    template = options[rng.randrange(len(options))] if rng is not None else options[0]
+    boxes = ""
+    if "{boxes}" in template:
+        if not prompt_boxes or width is None or height is None:
+            raise ValueError("a visual prompt needs prompt_boxes and the image width and height")
+        boxes = visual_prompt_boxes(prompt_boxes, width, height)
+    return template.format(
+        phrases=", ".join(phrases),
+        boxes=boxes,
+        keypoints=", ".join(keypoint_names) or "keypoints",
+    )
+
+
+def question_for_sample(sample, rng: random.Random | None = None) -> str:
+    """The question for a :class:`rlsys.data.Sample`."""
+    kp_names: list[str] = []
+    for inst in sample.instances:
+        for name in inst.keypoints or {}:
+            if name not in kp_names:
+                kp_names.append(name)
+    return build_question(
+        sample.task,
+        sample.output,
+        sample.phrases,
+        width=sample.width,
+        height=sample.height,
+        prompt_boxes=sample.prompt_boxes,
+        keypoint_names=kp_names,
+        rng=rng,
+    )
