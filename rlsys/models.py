@@ -323,6 +323,12 @@ def _map_last_rows(tj: dict, vocab_rows: int) -> None:
             "id": first + k, "content": t, "single_word": False, "lstrip": False,
             "rstrip": False, "normalized": False, "special": False,
         })
+    # The tokenizers library ignores the ids stored with added tokens and numbers them after the
+    # model vocabulary, unless the model vocabulary already holds the token: then it keeps that
+    # id. So every added token (special ones included, whose ids must not move) is also entered
+    # in the BPE vocabulary at its id. BPE never produces them itself (no merge leads to them).
+    for t in tj["added_tokens"]:
+        vocab[t["content"]] = t["id"]
     log.info("mapped coordinate tokens onto ids %d..%d (%d BPE entries removed)", first, vocab_rows - 1, len(dropped))
 
 

@@ -1,0 +1,292 @@
+"""The GRPO math: group-relative advantages, the clipped surrogate with a k3 KL penalty, and the
+statistics that dynamic sampling filters on.
+
+Pure torch, tensor in and tensor out, so that it is tested on CPU in milliseconds and the
+trainer (DeepSpeed ranks under Ray) only gathers log-probs and calls it.
+
+Layout conventions used throughout:
+
+* rewards ``[B]`` come as consecutive groups of ``group_size`` completions of one prompt
+  (``B = num_groups * group_size``), the order the rollout workers emit them in;
+* token tensors ``[B, T]`` are per-token log-probs of the sampled completion tokens, with a
+  ``mask`` ``[B, T]`` (bool or 0/1) marking the completion tokens that count.
+
+Masked positions must never reach the loss or its gradient, even when they hold padding garbage
+(inf or nan log-probs): they are replaced with ``torch.where`` *before* any arithmetic, because
+``0 * nan`` is nan and ``torch.where`` on the output alone still lets nan into the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "group_advantages",
+    "group_reward_std",
+    "zero_std_groups_mask",
+    "select_groups_with_signal",
+    "kl_k3",
+    "policy_loss",
+    "token_entropy",
+    "masked_mean",
+]
+
+
+# ----------------------------------------------------------------------------- group statistics
+
+
+def _grouped(rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate ``rewards`` ``[B]`` and return ``(r [G, n], mean [G, 1], std [G, 1])``.
+
+    ``std`` is ``torch.std`` (unbiased), except that a group whose rewards are all equal gets
+    exactly 0: the float mean of equal values can differ from them by an ulp, which would leave
+    a tiny non-zero std and let such a group slip past a ``std > 0`` filter.
+    """
+    if not isinstance(rewards, Tensor):
+        raise ValueError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise ValueError(f"group_size must be an int, got {group_size!r}")
+    if group_size < 2:
+        # The unbiased std divides by n - 1; a group of one has no spread to compare against.
+        raise ValueError(
+            f"group_size must be >= 2 (unbiased std needs 2 samples), got {group_size}"
+        )
+    if rewards.numel() % group_size:
+        raise ValueError(
+            f"number of rewards ({rewards.numel()}) is not divisible by group_size ({group_size})"
+        )
+    r = rewards if rewards.is_floating_point() else rewards.float()
+    if not bool(torch.isfinite(r).all()):
+        # One nan reward would silently poison its whole group's advantages.
+        raise ValueError("rewards must be finite (got nan or inf)")
+    r = r.reshape(-1, group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True)  # correction=1
+    constant = (r == r[:, :1]).all(dim=1, keepdim=True)
+    std = torch.where(constant, torch.zeros_like(std), std)
+    return r, mean, std
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """GRPO advantages ``(r - group mean) / (group std + eps)``, shape ``[B]``.
+
+    ``rewards`` ``[B]``: consecutive groups of ``group_size`` samples of one prompt. The std is
+    unbiased (``torch.std``, correction=1), as in DeepSeekMath's GRPO. ``eps`` only guards the
+    division for near-constant groups; a group whose rewards are all equal gets advantage
+    exactly 0 (not ``0 / eps`` noise), so it contributes no policy gradient, only KL.
+    """
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    r, mean, std = _grouped(rewards, group_size)
+    adv = torch.where(std > 0, (r - mean) / (std + eps), torch.zeros_like(r))
+    return adv.reshape(-1)
+
+
+def group_reward_std(rewards: Tensor, group_size: int) -> Tensor:
+    """Unbiased std of each group's rewards, shape ``[num_groups]``; exactly 0 for equal rewards.
+
+    This is the quantity dynamic sampling looks at: a group's policy gradient is proportional
+    to its spread, not its level.
+    """
+    return _grouped(rewards, group_size)[2].reshape(-1)
+
+
+def zero_std_groups_mask(rewards: Tensor, group_size: int, tol: float = 0.0) -> Tensor:
+    """Bool ``[num_groups]``: True where the group's reward std is ``<= tol``.
+
+    Dynamic sampling (DAPO) drops these groups. It filters on the std, never on the mean:
+    rewards here are continuous (IoU-like), so an all-0.7 group is as uninformative as an
+    all-0 or all-1 group, while a group averaging 1.0 cannot exist without being constant.
+    """
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    return group_reward_std(rewards, group_size) <= tol
+
+
+def select_groups_with_signal(rewards: Tensor, group_size: int) -> Tensor:
+    """Indices (int64, ascending) of the samples whose group has reward std > 0.
+
+    Whole groups are kept or dropped together, so the result is still laid out in groups of
+    ``group_size``; the controller then draws more prompts until it has enough groups.
+    """
+    keep = ~zero_std_groups_mask(rewards, group_size)
+    return torch.nonzero(keep.repeat_interleave(group_size), as_tuple=False).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- token-level terms
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(policy || ref): ``exp(d) - d - 1`` with ``d = ref - logp``.
+
+    Schulman's k3 (http://joschu.net/blog/kl-approx.html) is unbiased for samples drawn from
+    the policy, has low variance and is >= 0 for every token, unlike ``-d`` (k1). Written as
+    ``expm1(d) - d`` so that it keeps precision when ``d`` is small, which it almost always is;
+    clamped at 0 so rounding can never make it negative. Same shape in and out.
+    """
+    if logp.shape != ref_logp.shape:
+        raise ValueError(
+            f"logp and ref_logp must have the same shape, got {tuple(logp.shape)} "
+            f"and {tuple(ref_logp.shape)}"
+        )
+    d = ref_logp - logp
+    return (torch.expm1(d) - d).clamp_min(0.0)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is true (bool or 0/1, same shape as ``x``).
+
+    Masked entries are dropped with ``torch.where`` so nan/inf there cannot leak; an empty mask
+    gives 0 rather than nan (the denominator is clamped at 1).
+    """
+    if x.shape != mask.shape:
+        raise ValueError(
+            f"x and mask must have the same shape, got {tuple(x.shape)} and {tuple(mask.shape)}"
+        )
+    m = mask if mask.dtype == torch.bool else mask != 0
+    total = torch.where(m, x, torch.zeros_like(x))
+    count = m.sum() if dim is None else m.sum(dim=dim)
+    total = total.sum() if dim is None else total.sum(dim=dim)
+    return total / count.clamp_min(1).to(total.dtype)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the next-token distribution at every position: ``[B, T, V] -> [B, T]``.
+
+    Computed from ``log_softmax`` in (at least) float32, so large logits do not overflow and
+    bf16 logits do not lose the tail. Entries with probability exactly 0 (``-inf`` logits, e.g.
+    a banned vocabulary) contribute 0, in the forward and the backward pass. For very large
+    vocabularies the caller chunks along T: this materialises a float32 ``[B, T, V]``.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    p = logp.exp()
+    # Replace -inf by 0 before multiplying: 0 * -inf is nan, forward and backward.
+    logp = torch.where(p > 0, logp, torch.zeros_like(logp))
+    return -(p * logp).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def _check_token_shapes(logp, old_logp, ref_logp, advantages, mask) -> None:
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    shape = tuple(logp.shape)
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have the shape of logp {shape}, got {tuple(t.shape)}")
+    if tuple(advantages.shape) != shape[:1]:
+        raise ValueError(f"advantages must be [B] = ({shape[0]},), got {tuple(advantages.shape)}")
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    kl_coef: float = 0.01,
+    num_tokens: Union[int, float, Tensor, None] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss: clipped surrogate plus ``kl_coef`` * k3, averaged over tokens.
+
+    Shapes: ``logp``, ``old_logp``, ``ref_logp``, ``mask`` ``[B, T]``; ``advantages`` ``[B]``
+    (one per completion, shared by its tokens). Per unmasked token::
+
+        ratio = exp(logp - old_logp)
+        loss  = -min(ratio * A, clamp(ratio, 1 - clip_low, 1 + clip_high) * A)
+                + kl_coef * k3(logp, ref_logp)
+
+    Only ``logp`` carries gradient: ``old_logp``, ``ref_logp`` and ``advantages`` are detached,
+    they are constants of the objective. Separate ``clip_low``/``clip_high`` allow DAPO's
+    clip-higher. ``ref_logp`` may be None when ``kl_coef == 0`` (no reference model).
+
+    The token sum is divided by ``num_tokens``, the GLOBAL count of unmasked tokens across all
+    micro-batches and data-parallel ranks (token-level averaging, as DAPO, rather than a mean of
+    per-sequence means that would up-weight short completions). With it, the micro-batch losses
+    sum to the full-batch loss and gradient accumulation needs no rescaling. ``None`` means this
+    call's ``mask.sum()``. The denominator is clamped at 1, so a batch with no unmasked tokens
+    gives loss 0 with its graph intact instead of nan.
+
+    Computation is in at least float32 (bf16 log-prob differences lose the ratio's precision).
+
+    Returns ``(loss, metrics)``; metrics are detached 0-d tensors (no host sync here):
+
+    * ``pg_loss``: the surrogate part of ``loss``, same normalisation, so it sums over
+      micro-batches like ``loss``;
+    * ``kl``: mean k3 over this call's unmasked tokens (computed whenever ``ref_logp`` is
+      given, even with ``kl_coef == 0``; 0 without it);
+    * ``clip_fraction``: fraction of unmasked tokens where the clipped term was strictly
+      smaller, i.e. the clip changed the objective (and zeroed the token's gradient);
+    * ``ratio_mean``, ``ratio_max``: over unmasked tokens (0 when there are none);
+    * ``num_tokens``: this call's unmasked token count, the weight for averaging the
+      per-call means above across micro-batches.
+    """
+    _check_token_shapes(logp, old_logp, ref_logp, advantages, mask)
+    if not 0.0 <= clip_low <= 1.0:
+        raise ValueError(f"clip_low must be in [0, 1], got {clip_low}")
+    if clip_high < 0.0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high}")
+    if kl_coef < 0.0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl_coef != 0.0 and ref_logp is None:
+        raise ValueError(
+            f"ref_logp is None but kl_coef = {kl_coef}; pass ref_logp or set kl_coef=0"
+        )
+
+    m = mask if mask.dtype == torch.bool else mask != 0
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+
+    def clean(t: Tensor) -> Tensor:
+        # Masked garbage -> 0 before any arithmetic: every masked term is then exactly 0 and
+        # its backward never multiplies by inf/nan.
+        return torch.where(m, t.to(dtype), torch.zeros((), dtype=dtype, device=t.device))
+
+    lp = clean(logp)
+    old = clean(old_logp.detach())
+    adv = clean(advantages.detach()[:, None].expand_as(logp))
+
+    ratio = torch.exp(lp - old)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    pg_tok = -torch.minimum(unclipped, clipped)
+
+    k3 = kl_k3(lp, clean(ref_logp.detach())) if ref_logp is not None else None
+    tok = pg_tok + kl_coef * k3 if (k3 is not None and kl_coef != 0.0) else pg_tok
+
+    local_count = m.sum()
+    if num_tokens is None:
+        denom = local_count.clamp_min(1).to(dtype)
+    elif isinstance(num_tokens, Tensor):
+        denom = num_tokens.detach().to(dtype=dtype, device=logp.device).clamp_min(1)
+    else:
+        if not math.isfinite(num_tokens) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be a finite count >= 0, got {num_tokens}")
+        denom = torch.tensor(max(float(num_tokens), 1.0), dtype=dtype, device=logp.device)
+
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    loss = torch.where(m, tok, zero).sum() / denom
+
+    with torch.no_grad():
+        r = ratio.detach()
+        metrics = {
+            "pg_loss": torch.where(m, pg_tok.detach(), zero).sum() / denom,
+            "kl": masked_mean(k3.detach(), m) if k3 is not None else zero.clone(),
+            "clip_fraction": masked_mean((clipped < unclipped).to(dtype), m),
+            "ratio_mean": masked_mean(r, m),
+            # Ratios are > 0, so a 0 fill never wins the max and an empty mask gives 0.
+            "ratio_max": torch.where(m, r, zero).max() if r.numel() else zero.clone(),
+            "num_tokens": local_count.to(dtype),
+        }
+    return loss, metrics

@@ -1,0 +1,181 @@
+"""The one typed configuration schema. YAML files in ``configs/`` only supply values.
+
+Every field has a docstring and a range; units are in the names (``prompts_per_step``,
+``samples_per_prompt``, ``timeout_s``). Totals are derived, never asked for: see
+:meth:`GRPOConfig.totals`, printed at start. Entry points call :func:`load_config` before
+importing Ray, vLLM or DeepSpeed, so a bad value fails in a second with the field's path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str | None = Field(None, description="Local Hugging Face checkpoint directory. None: build (once) the tiny random-weight Qwen2.5-VL under run.out_dir/tiny-model.")
+    coord_tokens: Literal["add", "map_last"] = Field("add", description="For a base Qwen2.5-VL without <0>..<999>: add them to the vocabulary, or map them onto the last 1,000 embedding rows as Rex-Omni did.")
+    trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code. Off: our loaders need only the Qwen2.5-VL classes in transformers.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Learner parameter dtype (float32 on CPUs).")
+
+
+class DataConfig(_Section):
+    train: str | None = Field(None, description="Training data: a .jsonl in rlsys.data's schema or a COCO instances .json. None: the synthetic set under run.out_dir/data.")
+    val: str | None = Field(None, description="Held-out data, same formats. None: the synthetic validation split.")
+    synthetic_train_images: int = Field(2000, ge=1, description="Images in the synthetic training split (when train is None).")
+    synthetic_val_images: int = Field(200, ge=1, description="Images in the synthetic validation split.")
+    synthetic_image_size_px: int = Field(224, ge=56, le=2048, description="Side of the synthetic square images, in pixels.")
+    tasks: list[str] | None = Field(None, description="Keep only samples of these tasks (None: all).")
+    seed: int = Field(0, description="Seed of the synthetic generator and of the prompt order.")
+
+
+class RolloutConfig(_Section):
+    num_engines: int = Field(1, ge=1, le=1024, description="vLLM engines in the rollout group (one Ray actor each).")
+    gpus_per_engine: float = Field(0.0, ge=0, description="GPUs each engine actor requests (0 on CPU machines).")
+    cpus_per_engine: float = Field(1.0, gt=0, description="CPUs each engine actor requests from Ray.")
+    samples_per_prompt: int = Field(8, ge=2, le=256, description="G, answers sampled per prompt (the GRPO group). The paper uses 8.")
+    temperature: float = Field(1.0, gt=0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(128, ge=1, le=32768, description="Answer length limit, in tokens.")
+    max_model_len_tokens: int = Field(1024, ge=64, description="vLLM context length (prompt with image tokens + answer).")
+    gpu_memory_utilization: float = Field(0.1, gt=0, le=0.95, description="vLLM KV-cache share of device memory; on the CPU backend, of RAM (0.1 works on 24 GB).")
+    enforce_eager: bool = Field(True, description="Disable CUDA graphs / torch.compile in vLLM (faster start, required on CPU).")
+    timeout_s: float = Field(600.0, gt=0, description="Limit for one generate call; past it the engine is restarted and the step retried.")
+
+
+class RewardConfig(_Section):
+    num_workers: int = Field(2, ge=1, le=4096, description="Reward worker actors (CPU).")
+    matching: Literal["paper", "hungarian"] = Field("paper", description="Box reward matching: the paper's equations 3-4, or one-to-one (stricter on duplicates).")
+    sample_timeout_s: float = Field(30.0, gt=0, description="Limit for scoring one answer; on timeout or error it is retried once, then scores 0 and is counted.")
+    sam_checkpoint: str | None = Field(None, description="Local SAM checkpoint for point-in-mask rewards on data without masks.")
+
+
+class LearnerConfig(_Section):
+    num_ranks: int = Field(1, ge=1, le=4096, description="DeepSpeed data-parallel ranks (one Ray actor each).")
+    gpus_per_rank: float = Field(0.0, ge=0, description="GPUs each learner rank requests (0: CPU with gloo).")
+    cpus_per_rank: float = Field(1.0, gt=0, description="CPUs each learner rank requests from Ray.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(1e-5, gt=0, le=1.0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward on one rank.")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="PPO ratio clip below 1 (epsilon_low).")
+    clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above 1 (epsilon_high; DAPO raises it).")
+    kl_coef: float = Field(0.01, ge=0, description="Weight of the k3 KL penalty to the reference policy (paper: 0.01).")
+    ref_colocated: bool = Field(True, description="Keep the frozen reference policy inside each learner rank (else its own actor).")
+    timeout_s: float = Field(1800.0, gt=0, description="Limit for one learner call (update, save).")
+
+
+class TrackingConfig(_Section):
+    mode: Literal["online", "offline", "disabled", "auto"] = Field("auto", description="W&B mode; auto is online with WANDB_API_KEY set, offline otherwise.")
+    project: str = Field("rlsys", description="W&B project.")
+    run_name: str | None = Field(None, description="W&B run name (default: derived from out_dir).")
+    image_table_every_steps: int = Field(5, ge=0, description="Log a table of images with drawn predictions every N steps (0: never).")
+
+
+class RunConfig(_Section):
+    out_dir: str = Field("runs/grpo-tiny", description="Where checkpoints, the tiny model, synthetic data and W&B files go (relative to the working directory).")
+    steps: int = Field(20, ge=1, description="GRPO steps to run.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts drawn per step; samples per step = prompts_per_step x samples_per_prompt.")
+    dynamic_sampling: bool = Field(False, description="Drop groups whose reward std is 0 and draw more prompts to refill the step.")
+    max_resample_rounds: int = Field(3, ge=0, description="Extra prompt draws per step when dynamic sampling refills.")
+    sync_every_steps: int = Field(1, ge=1, description="Push the learner's weights to the generators every N updates.")
+    checkpoint_every_steps: int = Field(10, ge=1, description="Write a checkpoint every N steps (and at the end).")
+    resume: bool = Field(True, description="Continue from the last checkpoint in out_dir when there is one.")
+    init_checkpoint: str | None = Field(None, description="Start the policy from this HF directory (an SFT result) instead of model.path.")
+    seed: int = Field(0, description="Seed for prompt order, sampling and initialisation.")
+
+
+class GRPOConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    learner: LearnerConfig = LearnerConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.learner.micro_batch_size > self.samples_per_step:
+            raise ValueError(
+                f"learner.micro_batch_size ({self.learner.micro_batch_size}) exceeds the samples per step "
+                f"({self.samples_per_step} = run.prompts_per_step x rollout.samples_per_prompt)"
+            )
+        return self
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.run.prompts_per_step * self.rollout.samples_per_prompt
+
+    def totals(self) -> dict:
+        per_rank = -(-self.samples_per_step // self.learner.num_ranks)
+        return {
+            "samples_per_step": self.samples_per_step,
+            "samples_per_rank_per_step": per_rank,
+            "micro_batches_per_rank_per_step": -(-per_rank // self.learner.micro_batch_size),
+            "total_samples": self.samples_per_step * self.run.steps,
+            "weight_syncs": self.run.steps // self.run.sync_every_steps,
+        }
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; names the file and field."""
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+    cur[parts[-1]] = value
+
+
+def load_config(path=None, overrides=(), schema=GRPOConfig):
+    """Read YAML values (default: the tiny CPU config), apply ``key=value`` overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value, e.g. run.steps=3")
+        key, _, val = ov.partition("=")
+        _set_dotted(raw, key.strip(), yaml.safe_load(val))
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{path}: invalid config"]
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def describe(schema=GRPOConfig, prefix: str = "") -> list[str]:
+    """One line per field with its default and docstring (for --help-config)."""
+    out = []
+    for name, f in schema.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += describe(ann, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name} = {f.default!r}: {f.description}")
+    return out

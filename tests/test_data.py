@@ -1,0 +1,148 @@
+import json
+
+import numpy as np
+import pytest
+
+from rlsys import data, synthetic
+from rlsys.data import DataError, Sample, load_coco, load_jsonl
+
+
+def _rec(**kw):
+    r = {"id": "s1", "image": "a.png", "width": 100, "height": 50, "task": "detection", "phrases": ["cat"],
+         "instances": [{"phrase": "cat", "box": [10, 10, 20, 20]}]}
+    r.update(kw)
+    return r
+
+
+def _write(tmp_path, recs, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in recs) + "\n")
+    return p
+
+
+def test_jsonl_round_trip(tmp_path):
+    p = _write(tmp_path, [_rec(), _rec(id="s2", phrases=["cat", "dog"])])
+    s = load_jsonl(p)
+    assert [x.id for x in s] == ["s1", "s2"]
+    assert s[0].image == str(tmp_path / "a.png")  # relative to the file's folder
+    assert s[0].instances[0].box == (10.0, 10.0, 20.0, 20.0)
+    assert s[1].instances_of("dog") == []  # absent phrase -> None answer
+
+
+@pytest.mark.parametrize(
+    "rec, field, message",
+    [
+        (_rec(task="segment"), "task", "not one of"),
+        (_rec(width=0), "width", "positive integer"),
+        (_rec(instances=[{"phrase": "cat", "box": [30, 10, 20, 20]}]), "instances[0].box", "no area"),
+        (_rec(instances=[{"phrase": "cat", "box": [10, 10, 200, 20]}]), "instances[0].box", "outside the 100x50 image"),
+        (_rec(instances=[{"phrase": "cat", "box": [10, "x", 20, 20]}]), "instances[0].box", "not a finite number"),
+        (_rec(instances=[{"phrase": "dog", "box": [10, 10, 20, 20]}]), "instances[0].phrase", "not one of the sample's phrases"),
+        (_rec(instances=[{"phrase": "cat"}]), "instances[0].box", "missing for output 'box'"),
+        (_rec(instances=[{"phrase": "cat", "box": [1, 1, 2, 2], "mask": {"size": [5, 5], "counts": ""}}]), "instances[0].mask", "COCO RLE"),
+        (_rec(task="visual_prompt"), "prompt_boxes", "at least one box"),
+        ({k: v for k, v in _rec().items() if k != "phrases"}, "phrases", "missing"),
+    ],
+)
+def test_malformed_record_names_file_record_and_field(tmp_path, rec, field, message):
+    p = _write(tmp_path, [_rec(id="ok"), rec])
+    with pytest.raises(DataError) as e:
+        load_jsonl(p)
+    msg = str(e.value)
+    assert f"{p}:2" in msg, msg  # file and line
+    assert f"field '{field}'" in msg, msg
+    assert message in msg, msg
+
+
+def test_bad_json_line(tmp_path):
+    p = _write(tmp_path, [_rec(), "{not json"])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid JSON"):
+        load_jsonl(p)
+
+
+def test_empty_and_missing_files(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_jsonl(tmp_path / "nope.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="holds no records"):
+        load_jsonl(tmp_path / "e.jsonl")
+
+
+def _coco(tmp_path, anns, cats=None):
+    d = {"images": [{"id": 1, "file_name": "i.png", "width": 40, "height": 30}],
+         "categories": cats or [{"id": 1, "name": "cup"}], "annotations": anns}
+    p = tmp_path / "instances.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+def test_coco_polygon_becomes_rle_and_box_is_xyxy(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    seg = [[5, 5, 15, 5, 15, 10, 5, 10]]
+    p = _coco(tmp_path, [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 5], "area": 50, "iscrowd": 0, "segmentation": seg},
+                         {"id": 8, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 30], "area": 1, "iscrowd": 1, "segmentation": seg}])
+    s = load_coco(p)
+    assert len(s) == 1 and s[0].phrases == ["cup"]
+    assert len(s[0].instances) == 1  # the crowd annotation is not ground truth
+    inst = s[0].instances[0]
+    assert inst.box == (5.0, 5.0, 15.0, 10.0)
+    m = mask_utils.decode({"size": inst.mask["size"], "counts": inst.mask["counts"].encode()})
+    assert m.shape == (30, 40) and m[7, 10] == 1 and m[20, 30] == 0
+
+
+def test_coco_bad_annotation_is_named(tmp_path):
+    p = _coco(tmp_path, [{"id": 9, "image_id": 1, "category_id": 5, "bbox": [1, 1, 2, 2], "iscrowd": 0}])
+    with pytest.raises(DataError, match=r"annotation id 9\), field 'category_id'"):
+        load_coco(p)
+    p = _coco(tmp_path, [{"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 1], "iscrowd": 0}])
+    with pytest.raises(DataError, match=r"annotation id 3\), field 'bbox'"):
+        load_coco(p)
+
+
+def test_synthetic_is_deterministic_and_loads_in_both_formats(tmp_path):
+    a = synthetic.generate(tmp_path / "a", num_images=24, seed=3)
+    b = synthetic.generate(tmp_path / "b", num_images=24, seed=3)
+    assert a.read_text() == b.read_text()
+    assert (tmp_path / "a/images/train_00005.png").read_bytes() == (tmp_path / "b/images/train_00005.png").read_bytes()
+    samples = load_jsonl(a)
+    assert len(samples) == 24  # one sample per image, none dropped
+    coco = load_coco(tmp_path / "a/train_coco.json")
+    assert {s.task for s in coco} == {"detection"}
+    # every shape-scene image appears in the COCO file with the same boxes as its JSONL detection sample
+    by_image = {s.image: s for s in coco}
+    for s in samples:
+        if s.task == "detection":
+            boxes = sorted(i.box for i in s.instances)
+            assert sorted(i.box for i in by_image[s.image].instances) == boxes
+
+
+def test_synthetic_masks_are_exact(tmp_path):
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    p = synthetic.generate(tmp_path, num_images=40, seed=1, tasks=("pointing",))
+    for s in load_jsonl(p)[:10]:
+        img = np.array(Image.open(s.image).convert("RGB")).astype(int)
+        for inst in s.instances:
+            m = mask_utils.decode({"size": inst.mask["size"], "counts": inst.mask["counts"].encode()}).astype(bool)
+            x0, y0, x1, y1 = (int(v) for v in inst.box)
+            ys, xs = np.nonzero(m)
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
+            # the point lies inside the mask, and the mask pixels carry one shape colour
+            px, py = inst.point
+            assert m[int(py), int(px)]
+            colours = {tuple(c) for c in img[m][:50]}
+            assert len(colours) == 1 and tuple(colours.pop()) in {tuple(v) for v in synthetic.COLORS.values()}
+
+
+def test_synthetic_covers_every_task(tmp_path):
+    p = synthetic.generate(tmp_path, num_images=120, seed=0)
+    tasks = {s.task for s in load_jsonl(p)}
+    assert tasks == {"detection", "referring", "pointing", "visual_prompt", "keypoint", "gui", "ocr"}
+
+
+def test_sample_dict_round_trip():
+    s = Sample.from_dict(_rec(instances=[{"phrase": "cat", "box": [1, 2, 3, 4], "keypoints": {"nose": [2, 3, 2]}}]))
+    assert Sample.from_dict(s.to_dict()).instances == s.instances
+    assert data.TASKS[0] == "detection"
