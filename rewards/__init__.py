@@ -1,0 +1,37 @@
+"""Geometry-aware rewards and evaluation metrics (Rex-Omni paper, sections 4.2.3, 5.1, 6.1.2).
+
+Pure functions on numpy arrays in pixels: nothing here imports Ray, vLLM or DeepSpeed (a test
+checks), so reward workers, evaluation and notebooks share one implementation.
+
+- :func:`score` (``rewards.scorer``): model text + :class:`rlsys.data.Sample` -> :class:`RewardResult`.
+- Rewards, each -> :class:`F1Result` (``.f1`` is the reward): :func:`box_iou_f1`,
+  :func:`polygon_iou_f1`, :func:`point_in_mask_f1`, :func:`point_in_box_f1`, :func:`keypoint_oks_f1`.
+- Metrics over a set (``rewards.metrics``): :func:`detection_f1`, :func:`pointing_f1`,
+  :func:`gui_accuracy`, :func:`duplicate_rate`, :func:`large_box_rate`.
+- ``rewards.geometry``: the vectorised IoU / point / mask / polygon / OKS primitives;
+  ``rewards.reference``: slow loop references for tests and the bench;
+  ``rewards.sam``: a SAM mask source (``mask_source(sample)``) for point-in-mask.
+"""
+
+from rewards.behaviour import is_duplicate, is_large_box
+from rewards.box import box_iou_f1, polygon_iou_f1
+from rewards.f1 import F1Result, f1_from_sum
+from rewards.keypoint import keypoint_oks_f1
+from rewards.metrics import (
+    detection_f1,
+    duplicate_flags,
+    duplicate_rate,
+    gui_accuracy,
+    large_box_flags,
+    large_box_rate,
+    pointing_f1,
+)
+from rewards.point import point_in_box, point_in_box_f1, point_in_mask_f1
+from rewards.scorer import RewardResult, score
+
+__all__ = [
+    "F1Result", "RewardResult", "box_iou_f1", "detection_f1", "duplicate_flags", "duplicate_rate",
+    "f1_from_sum", "gui_accuracy", "is_duplicate", "is_large_box", "keypoint_oks_f1", "large_box_flags",
+    "large_box_rate", "point_in_box", "point_in_box_f1", "point_in_mask_f1", "pointing_f1",
+    "polygon_iou_f1", "score",
+]

@@ -1,0 +1,44 @@
+"""Box IoU reward (paper section 4.2.3, equations 3-4) and its polygon twin for OCR.
+
+Both return :class:`rewards.f1.F1Result`; ``.f1`` is the reward.
+"""
+
+from __future__ import annotations
+
+from rewards import geometry as geo
+from rewards.f1 import F1Result, f1_from_matrix
+
+
+def box_iou_f1(pred_boxes, pred_labels, gt_boxes, gt_labels, matching: str = "paper") -> F1Result:
+    """Box IoU F1 of one answer.
+
+    ``pred_boxes`` ``[N, 4]`` and ``gt_boxes`` ``[M, 4]`` are pixels ``(x0, y0, x1, y1)``;
+    labels are sequences of hashables of the same lengths (``None``: one class). For each GT
+    the best-IoU prediction counts its IoU if the labels agree (eq. 3), then
+    ``P = sum / N``, ``R = sum / M``, ``F1 = 2PR / (P + R)`` (eq. 4).
+
+    Raises ``ValueError`` for caller mistakes: shapes, label counts, a GT box that is NaN or has
+    no area. A bad *predicted* box (NaN, zero area, inverted) has IoU 0 and still counts in N.
+    """
+    pb = geo.as_array(pred_boxes, 4, "pred_boxes")
+    gb = geo.check_gt_boxes(gt_boxes)
+    pl = geo.check_labels(pred_labels, len(pb), "pred_labels")
+    gl = geo.check_labels(gt_labels, len(gb), "gt_labels")
+    return f1_from_matrix(geo.box_iou(pb, gb), geo.same_label(pl, gl), matching)
+
+
+def polygon_iou_f1(pred_polygons, pred_labels, gt_polygons, gt_labels, *, height: int, width: int,
+                   matching: str = "paper") -> F1Result:
+    """Polygon IoU F1 (OCR polygons): equations 3-4 with mask IoU of rasterised polygons.
+
+    Polygons are flat pixel sequences ``[x0, y0, x1, y1, ...]`` (>= 3 vertices); ``height`` and
+    ``width`` are the image's, the raster the IoU is measured on. A malformed predicted polygon
+    scores 0 and counts; a malformed GT polygon raises ``ValueError``.
+    """
+    if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
+        raise ValueError(f"height and width must be positive ints, got {height!r}, {width!r}")
+    pred_polygons, gt_polygons = list(pred_polygons), list(gt_polygons)
+    pl = geo.check_labels(pred_labels, len(pred_polygons), "pred_labels")
+    gl = geo.check_labels(gt_labels, len(gt_polygons), "gt_labels")
+    sim = geo.polygon_iou(pred_polygons, gt_polygons, height, width)
+    return f1_from_matrix(sim, geo.same_label(pl, gl), matching)

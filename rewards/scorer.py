@@ -1,0 +1,214 @@
+"""Score one model answer against one :class:`rlsys.data.Sample`: the reward workers' entry point.
+
+``score(text, sample)`` parses the text (:func:`rlsys.format.parse`, which never raises),
+decodes bins to pixels with the sample's size (:func:`rlsys.coords.decode_xy`) and picks the
+reward from the sample's output (paper section 4.2.3):
+
+====================  ===========================================  =====================
+output                reward                                       ``kind``
+====================  ===========================================  =====================
+box (any task)        box IoU F1 (eq. 3-4)                         ``box_iou``
+polygon (OCR)         polygon IoU F1                               ``polygon_iou``
+point, task ``gui``   point-in-box F1                              ``point_in_box``
+point, other tasks    point-in-mask F1 (eq. 5), masks from the     ``point_in_mask``
+                      sample or ``mask_source(sample)``
+                      ... neither: point-in-box on the GT boxes    ``point_in_box_fallback``
+keypoint              OKS F1 (:mod:`rewards.keypoint`)             ``keypoint_oks``
+====================  ===========================================  =====================
+
+How an answer's parts count (all predictions are per instance, labelled by their phrase):
+
+- ``None`` for a phrase with no GT is right and adds nothing to either side; ``None`` (or no
+  answer) for a phrase with GT leaves its GT unfound (recall).
+- A prediction for a phrase the question did not ask matches no GT label: a false positive.
+- An instance of the wrong kind (points when boxes were asked) scores 0 and counts in
+  ``num_pred``; so does every unreadable fragment the parser skipped. An empty answer counts
+  as one unreadable fragment: the format asks for ``None``, and garbage must not earn the 1.0
+  of "no GT, no prediction".
+
+Text never makes ``score`` raise; a malformed sample (or a ``mask_source`` returning masks of
+the wrong number or size) raises ``ValueError`` naming the sample.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rewards import behaviour
+from rewards import geometry as geo
+from rewards.box import box_iou_f1, polygon_iou_f1
+from rewards.f1 import MATCHINGS, F1Result, f1_from_sum
+from rewards.keypoint import keypoint_oks_f1
+from rewards.point import point_in_box_f1, point_in_mask_f1
+from rlsys.coords import decode_xy
+from rlsys.data import OUTPUTS, TASKS
+from rlsys.format import parse, parse_keypoints
+
+MaskSource = Callable[..., Sequence]  # mask_source(sample) -> one HxW mask or COCO RLE per instance
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    """The reward of one answer and its parts (for logging and the paper's behaviour analysis).
+
+    ``num_pred`` includes wrong-kind instances and unreadable fragments; ``duplicate`` and
+    ``large_box`` are the paper's section 6.1.2 flags for this answer
+    (:mod:`rewards.behaviour`); ``error`` says what went wrong with the text, if anything.
+    """
+
+    reward: float
+    kind: str
+    precision: float
+    recall: float
+    num_pred: int
+    num_gt: int
+    unreadable: int
+    duplicate: bool
+    large_box: bool
+    error: str | None = None
+
+
+def score(text: str, sample, *, mask_source: MaskSource | None = None, matching: str = "paper") -> RewardResult:
+    """Reward of ``text`` for ``sample``; see the module docstring for the rules."""
+    if matching not in MATCHINGS:
+        raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+    _check_sample(sample)
+    try:
+        if sample.output == "keypoint":
+            return _score_keypoints(text, sample, matching)
+        return _score_parsed(text, sample, mask_source, matching)
+    except ValueError as exc:  # only the sample's (or mask source's) data can raise here
+        raise ValueError(f"sample {sample.id!r} ({getattr(sample, 'source', '<memory>')}): {exc}") from exc
+
+
+def _score_parsed(text, sample, mask_source, matching) -> RewardResult:
+    w, h = sample.width, sample.height
+    parsed = parse(text)
+    unreadable, notes = parsed.unreadable, list(parsed.errors[:3])
+    if not parsed and not unreadable:
+        unreadable = 1
+        notes.append("empty answer (a phrase absent from the image is answered None)")
+    want = sample.output
+    labels, coords, wrong, written, boxes = [], [], 0, [], []
+    for p in parsed:
+        written.extend(p.coords)
+        if p.kind == "box":
+            boxes.extend(decode_xy(c, w, h) for c in p.coords)
+        if p.kind == "none":
+            continue
+        if p.kind != want:
+            wrong += len(p.coords)
+            continue
+        labels.extend([p.phrase] * len(p.coords))
+        coords.extend(decode_xy(c, w, h) for c in p.coords)
+    if wrong:
+        notes.append(f"{wrong} instance(s) of another kind than the {want} asked for")
+
+    insts = sample.instances
+    gt_labels = [i.phrase for i in insts]
+    if want == "box":
+        kind = "box_iou"
+        res = box_iou_f1(coords, labels, [i.box for i in insts], gt_labels, matching)
+    elif want == "polygon":
+        kind = "polygon_iou"
+        res = polygon_iou_f1(coords, labels, [i.polygon for i in insts], gt_labels, height=h, width=w, matching=matching)
+    elif sample.task == "gui":
+        kind = "point_in_box"
+        res = point_in_box_f1(coords, labels, _gt_boxes(insts), gt_labels, matching)
+    else:
+        masks = _masks(sample, mask_source)
+        if masks is None:
+            kind = "point_in_box_fallback"
+            res = point_in_box_f1(coords, labels, _gt_boxes(insts), gt_labels, matching)
+        else:
+            kind = "point_in_mask"
+            res = point_in_mask_f1(coords, labels, masks, gt_labels, height=h, width=w, matching=matching)
+    return _result(res, kind, wrong + unreadable, unreadable, behaviour.is_duplicate(written, len(insts)),
+                   behaviour.is_large_box(boxes, w, h), notes)
+
+
+def _score_keypoints(text, sample, matching) -> RewardResult:
+    w, h = sample.width, sample.height
+    preds, unreadable = parse_keypoints(text)
+    notes = [f"{unreadable} unreadable keypoint fragment(s)"] if unreadable else []
+    # The paper's instance names are numbered phrases ("person1", "person2"): the label is the
+    # name without its number.
+    labels = [re.sub(r"\s*\d+$", "", p.name).strip() or p.name for p in preds]
+    pred_boxes = [decode_xy(p.box, w, h) for p in preds]
+    pred_kps = [{k: None if xy is None else decode_xy(xy, w, h) for k, xy in p.keypoints.items()} for p in preds]
+    insts = sample.instances
+    gt_boxes = [i.box for i in insts] if all(i.box is not None for i in insts) else None
+    res = keypoint_oks_f1(pred_kps, labels, [i.keypoints for i in insts], [i.phrase for i in insts],
+                          [_instance_area(i, h, w) for i in insts], pred_boxes=pred_boxes, gt_boxes=gt_boxes,
+                          matching=matching)
+    written = [tuple(p.box) for p in preds]
+    return _result(res, "keypoint_oks", unreadable, unreadable, behaviour.is_duplicate(written, len(insts)),
+                   behaviour.is_large_box(pred_boxes, w, h), notes)
+
+
+def _result(res: F1Result, kind, extra_pred, unreadable, duplicate, large_box, notes) -> RewardResult:
+    # Wrong-kind instances and unreadable fragments are predictions scoring 0 (eq. 4's m grows).
+    if extra_pred:
+        res = f1_from_sum(res.matched, res.num_pred + extra_pred, res.num_gt)
+    return RewardResult(res.f1, kind, res.precision, res.recall, res.num_pred, res.num_gt, unreadable,
+                        bool(duplicate), bool(large_box), "; ".join(notes) or None)
+
+
+def _gt_boxes(insts):
+    for k, i in enumerate(insts):
+        if i.box is None:
+            raise ValueError(f"instances[{k}] has no box to score a point against")
+    return [i.box for i in insts]
+
+
+def _masks(sample, mask_source):
+    """Per-instance masks: the sample's, completed by ``mask_source``; ``None`` if unavailable."""
+    insts = sample.instances
+    if all(i.mask is not None for i in insts):
+        return [i.mask for i in insts]
+    if mask_source is None:
+        return None
+    got = list(mask_source(sample))
+    if len(got) != len(insts):
+        raise ValueError(f"mask_source returned {len(got)} masks for {len(insts)} instances")
+    return [i.mask if i.mask is not None else m for i, m in zip(insts, got)]
+
+
+def _instance_area(inst, h, w) -> float:
+    """OKS scale: the mask area (COCO's segment area), else the box area, else the extent of
+    the labelled keypoints (at least 1 pixel²)."""
+    if inst.mask is not None:
+        return float(geo.mask_areas(geo.decode_masks([inst.mask], h, w, "mask"))[0]) or 1.0
+    if inst.box is not None:
+        x0, y0, x1, y1 = inst.box
+        return float((x1 - x0) * (y1 - y0))
+    pts = np.array([(x, y) for x, y, v in (inst.keypoints or {}).values() if v > 0]).reshape(-1, 2)
+    if len(pts) == 0:
+        return 1.0
+    return max(float(np.prod(pts.max(0) - pts.min(0))), 1.0)
+
+
+def _check_sample(sample) -> None:
+    """Raise ``ValueError`` for a sample a reward cannot be computed against."""
+    for attr in ("id", "width", "height", "task", "output", "phrases", "instances"):
+        if not hasattr(sample, attr):
+            raise ValueError(f"score: expected an rlsys.data.Sample, got {type(sample).__name__} without '{attr}'")
+    where = f"sample {sample.id!r}"
+    for name in ("width", "height"):
+        v = getattr(sample, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"{where}: {name} must be a positive integer, got {v!r}")
+    if sample.task not in TASKS:
+        raise ValueError(f"{where}: task {sample.task!r} is not one of {TASKS}")
+    if sample.output not in OUTPUTS:
+        raise ValueError(f"{where}: output {sample.output!r} is not one of {OUTPUTS}")
+    field = {"box": "box", "polygon": "polygon", "keypoint": "keypoints", "point": None}[sample.output]
+    for k, inst in enumerate(sample.instances):
+        if inst.phrase not in sample.phrases:
+            raise ValueError(f"{where}: instances[{k}].phrase {inst.phrase!r} is not one of {sample.phrases}")
+        if field and getattr(inst, field) is None:
+            raise ValueError(f"{where}: instances[{k}] has no {field} for output {sample.output!r}")

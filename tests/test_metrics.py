@@ -1,0 +1,180 @@
+"""Evaluation metrics (paper sections 5.1, 5.6, 5.7, 6.1.2) against hand-worked values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rewards import geometry as geo
+from rewards.behaviour import is_duplicate, is_large_box, longest_repeat_run
+from rewards.metrics import (
+    DEFAULT_IOU_THRESHOLDS,
+    detection_f1,
+    duplicate_flags,
+    duplicate_rate,
+    gui_accuracy,
+    large_box_flags,
+    large_box_rate,
+    pointing_f1,
+)
+
+A = (0.0, 0.0, 10.0, 10.0)
+B = (20.0, 0.0, 30.0, 10.0)
+C = (0.0, 20.0, 10.0, 30.0)
+FAR = (50.0, 50.0, 60.0, 60.0)
+
+
+def test_detection_f1_hand_worked():
+    # cat: GT A, B; predictions A exactly (IoU 1), (20,0,30,12.5) (inter 100 / union 125 = 0.8)
+    # and one far away. dog: GT C; prediction (0,20,10,40) (inter 100 / union 200 = 0.5).
+    images = [{
+        "gt": [("cat", A), ("cat", B), ("dog", C)],
+        "pred": [("cat", A), ("cat", (20, 0, 30, 12.5)), ("cat", FAR), ("dog", (0, 20, 10, 40))],
+    }]
+    m = detection_f1(images)
+    # t = 0.50: cat TP 2 (R 2/2, P 2/3), dog TP 1 (R 1, P 1): R = 1, P = 5/6, F1 = 10/11.
+    assert (m["R@0.50"], m["P@0.50"], m["F1@0.50"]) == pytest.approx((1.0, 5 / 6, 10 / 11))
+    # t = 0.55 .. 0.80 (six thresholds; 0.8 exactly still counts): cat as above, dog TP 0:
+    # R = (1 + 0)/2 = 0.5, P = (2/3 + 0)/2 = 1/3, F1 = 2 * (1/6) / (5/6) = 0.4.
+    for t in ("0.55", "0.60", "0.65", "0.70", "0.75", "0.80"):
+        assert (m[f"R@{t}"], m[f"P@{t}"], m[f"F1@{t}"]) == pytest.approx((0.5, 1 / 3, 0.4))
+    # t = 0.85 .. 0.95: only A: cat R 1/2, P 1/3; dog 0: R = 0.25, P = 1/6, F1 = (1/12)/(5/12) = 0.2.
+    for t in ("0.85", "0.90", "0.95"):
+        assert (m[f"R@{t}"], m[f"P@{t}"], m[f"F1@{t}"]) == pytest.approx((0.25, 1 / 6, 0.2))
+    # mIoU: R = (1 + 6*0.5 + 3*0.25)/10 = 0.475, P = (5/6 + 6/3 + 3/6)/10 = 1/3,
+    # F1 = 2 * 0.475 * (1/3) / (0.475 + 1/3) = 0.39175... (harmonic mean of the means).
+    assert m["R@mIoU"] == pytest.approx(0.475)
+    assert m["P@mIoU"] == pytest.approx(1 / 3)
+    assert m["F1@mIoU"] == pytest.approx(2 * 0.475 / 3 / (0.475 + 1 / 3))
+    assert len(m) == 3 * 11 and list(m)[:3] == ["R@0.50", "P@0.50", "F1@0.50"]
+
+
+def test_detection_f1_counts_over_the_set_then_averages_categories():
+    # Image 1: cat found. Image 2: cat missed, a prediction elsewhere. Per category over the set:
+    # cat TP 1, GT 2, pred 2 -> R 1/2, P 1/2 (not the mean of per-image values).
+    images = [
+        {"gt": [("cat", A)], "pred": [("cat", A)]},
+        {"gt": [("cat", A)], "pred": [("cat", FAR)]},
+    ]
+    m = detection_f1(images, iou_thresholds=[0.5])
+    assert (m["R@0.50"], m["P@0.50"]) == (0.5, 0.5)
+
+
+def test_detection_f1_one_to_one():
+    # The same box three times for one GT: one match, two false positives: R 1, P 1/3, F1 0.5.
+    m = detection_f1([{"gt": [("cat", A)], "pred": [("cat", A)] * 3}], iou_thresholds=[0.5])
+    assert (m["R@0.50"], m["P@0.50"], m["F1@0.50"]) == pytest.approx((1.0, 1 / 3, 0.5))
+    # Labels must agree: a perfect box with the wrong label matches nothing.
+    m = detection_f1([{"gt": [("cat", A)], "pred": [("dog", A)]}], iou_thresholds=[0.5])
+    assert m["F1@0.50"] == 0.0
+
+
+def test_detection_f1_categories_missing_on_one_side():
+    # cat: found (R 1, P 1). dog: GT, never predicted -> recall 0, no precision (undefined).
+    # bird: predicted, no GT -> precision 0, no recall. R = (1 + 0)/2 = 0.5 over {cat, dog};
+    # P = (1 + 0)/2 = 0.5 over {cat, bird}; F1 = 0.5.
+    images = [{"gt": [("cat", A), ("dog", C)], "pred": [("cat", A), ("bird", FAR)]}]
+    m = detection_f1(images, iou_thresholds=[0.5])
+    assert (m["R@0.50"], m["P@0.50"], m["F1@0.50"]) == (0.5, 0.5, 0.5)
+
+
+def test_detection_f1_empty_conventions_and_bad_input():
+    assert detection_f1([{"gt": [], "pred": []}])["F1@mIoU"] == 1.0
+    only_gt = detection_f1([{"gt": [("cat", A)], "pred": []}])
+    assert (only_gt["R@mIoU"], only_gt["P@mIoU"], only_gt["F1@mIoU"]) == (0.0, 0.0, 0.0)
+    only_pred = detection_f1([{"gt": [], "pred": [("cat", A)]}])
+    assert (only_pred["R@mIoU"], only_pred["P@mIoU"]) == (0.0, 0.0)
+    # Invalid predictions match nothing but count; invalid GT is the caller's bug.
+    m = detection_f1([{"gt": [("cat", A)], "pred": [("cat", A), ("cat", (10, 10, 0, 0)), ("cat", (np.nan,) * 4)]}])
+    assert m["P@0.50"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="gt boxes"):
+        detection_f1([{"gt": [("cat", (0, 0, 0, 0))], "pred": []}])
+    with pytest.raises(ValueError, match="at least one image"):
+        detection_f1([])
+    with pytest.raises(ValueError, match="keys"):
+        detection_f1([{"gt": []}])
+    with pytest.raises(ValueError, match="iou_thresholds"):
+        detection_f1([{"gt": [], "pred": []}], iou_thresholds=[0.0])
+
+
+def _greedy_at(sim, t):
+    """Greedy matching restricted to pairs with IoU >= t, re-run for every threshold."""
+    pairs = sorted(((sim[i, j], i, j) for i in range(sim.shape[0]) for j in range(sim.shape[1])
+                    if sim[i, j] >= t - 1e-9 and sim[i, j] > 0), reverse=True)
+    used_i, used_j, n = set(), set(), 0
+    for _, i, j in pairs:
+        if i not in used_i and j not in used_j:
+            used_i.add(i)
+            used_j.add(j)
+            n += 1
+    return n
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_detection_f1_single_pass_equals_per_threshold_greedy(seed):
+    # detection_f1 matches once and thresholds the matched IoUs; re-matching at every threshold
+    # must give the same counts (greedy takes pairs in descending order).
+    rng = np.random.default_rng(seed)
+    images, tp = [], {t: 0 for t in DEFAULT_IOU_THRESHOLDS}
+    for _ in range(4):
+        xy = rng.uniform(0, 100, (8, 2))
+        gt = np.concatenate([xy, xy + rng.uniform(5, 30, (8, 2))], axis=1)
+        pred = np.concatenate([gt, gt[:4]]) + rng.normal(0, 2, (12, 4))
+        images.append({"gt": [("c", b) for b in gt], "pred": [("c", b) for b in pred]})
+        for t in tp:
+            tp[t] += _greedy_at(geo.box_iou(pred, gt), t)
+    m = detection_f1(images)
+    for t, n in tp.items():
+        assert m[f"R@{t:.2f}"] == pytest.approx(n / 32) and m[f"P@{t:.2f}"] == pytest.approx(n / 48)
+
+
+def test_pointing_f1():
+    masks = np.zeros((2, 10, 10), bool)
+    masks[0, :, :5] = True
+    masks[1, :, 5:] = True
+    # cat: two points in mask 0 -> one match (one-to-one), one false positive: R 1, P 1/2.
+    # dog: GT mask 1, its point (2, 2) falls in mask 0 (the cat's) -> R 0, P 0.
+    # R = (1 + 0)/2 = 0.5, P = (0.5 + 0)/2 = 0.25, F1 = 2 * .125 / .75 = 1/3.
+    images = [{"gt": [("cat", masks[0]), ("dog", masks[1])], "pred": [("cat", (1, 1)), ("cat", (2, 2)), ("dog", (2, 2))]}]
+    m = pointing_f1(images)
+    assert (m["R"], m["P"], m["F1"]) == pytest.approx((0.5, 0.25, 1 / 3))
+    assert pointing_f1([{"gt": [("cat", masks[0])], "pred": [("cat", None)]}])["F1"] == 0.0
+
+
+def test_gui_accuracy():
+    # Hit, miss, border hit (inclusive), no answer: 2/4.
+    boxes = [A, A, A, A]
+    assert gui_accuracy([(5, 5), (11, 5), (10, 0), None], boxes) == 0.5
+    with pytest.raises(ValueError, match="3 points for 4 boxes"):
+        gui_accuracy([(5, 5)] * 3, boxes)
+
+
+def test_duplicate_definition():
+    box = (12, 42, 512, 612)
+    # The same box 10 times: x0 repeats across 10 consecutive instances (run 10), and
+    # 10 boxes > 2 * 1 GT -> repeated prediction.
+    assert longest_repeat_run([box] * 10) == 10
+    assert is_duplicate([box] * 10, num_gt=1)
+    assert not is_duplicate([box] * 10, num_gt=5)  # 10 boxes are not more than 2 * 5
+    assert not is_duplicate([box] * 9, num_gt=1)  # a run of 9 is not enough
+    # Shifted copies that keep x0 count too; the flat token stream counts (here <7> x 12).
+    assert longest_repeat_run([(12, k, 100, 100 + k) for k in range(11)]) == 11
+    assert longest_repeat_run([(7, 7, 7, 7)] * 3) == 12
+    assert longest_repeat_run([]) == 0
+
+
+def test_duplicate_and_large_box_rates():
+    dup = {"gt": [("cat", A)], "pred": [("cat", A)] * 12}
+    clean = {"gt": [("cat", A)], "pred": [("cat", A)]}
+    many_gt = {"gt": [("cat", A)] * 6, "pred": [("cat", A)] * 12}  # 12 is not > 2 * 6
+    assert duplicate_flags([dup, clean, many_gt]) == [True, False, False]
+    assert duplicate_rate([dup, clean, many_gt]) == pytest.approx(1 / 3)
+    # 100x100 image: a box of 98x98 = 96% > 95% -> large; 90x100 = 90% -> not; two boxes -> not.
+    big = {"gt": [], "pred": [("cat", (1, 1, 99, 99))], "width": 100, "height": 100}
+    smaller = {"gt": [], "pred": [("cat", (0, 0, 90, 100))], "width": 100, "height": 100}
+    two = {"gt": [], "pred": [("cat", (0, 0, 100, 100))] * 2, "width": 100, "height": 100}
+    assert large_box_flags([big, smaller, two]) == [True, False, False]
+    assert large_box_rate([big, smaller, two, big]) == 0.5
+    assert not is_large_box([(100, 100, 0, 0)], 100, 100)  # inverted: no area
+    with pytest.raises(ValueError, match="width"):
+        large_box_rate([{"gt": [], "pred": []}])

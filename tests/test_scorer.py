@@ -1,0 +1,251 @@
+"""``rewards.score``: model text + Sample -> reward. Images are 999x999 pixels so that bin ``b``
+decodes to pixel ``b`` (``b / 999 * 999``, up to float rounding) and the arithmetic stays readable."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rewards import score
+from rlsys import coords
+from rlsys.data import Instance, Sample, load_jsonl
+from rlsys.format import KeypointInstance, Prediction, render, render_keypoints
+
+S = 999
+
+
+def seg(phrase, body):
+    return f"<|object_ref_start|>{phrase}<|object_ref_end|><|box_start|>{body}<|box_end|>"
+
+
+def sample(task="detection", output="box", phrases=("person",), instances=(), **kw):
+    return Sample("s", "img.png", kw.pop("width", S), kw.pop("height", S), task, list(phrases), list(instances), output, **kw)
+
+
+# The GUIDE's example of the released output format (two people).
+PEOPLE = sample(instances=[Instance("person", box=(0, 35, 980, 987)), Instance("person", box=(646, 0, 999, 940))])
+PAPER_TEXT = seg("person", "<0><35><980><987>,<646><0><999><940>") + "<|im_end|>"
+
+
+def test_paper_example_perfect():
+    r = score(PAPER_TEXT, PEOPLE)
+    assert (r.reward, r.kind, r.num_pred, r.num_gt, r.unreadable, r.error) == (pytest.approx(1.0), "box_iou", 2, 2, 0, None)
+    assert not r.duplicate and not r.large_box
+
+
+def test_paper_point_example():
+    # Section 2.3's point example: two buttons pointed at; one GT mask holds (100, 150), the
+    # other is elsewhere -> r = [1, 0]: P = 1/2, R = 1/2, F1 = 1/2.
+    text = "<|object_ref_start|>button<|object_ref_end|><|box_start|><100><150>,<200><250><|box_end|>"
+    smp = sample("pointing", "point", ["button"], [
+        Instance("button", box=(50, 100, 150, 200), mask=_disc_mask(100, 150, 40)),
+        Instance("button", box=(500, 500, 600, 600), mask=_disc_mask(550, 550, 40)),
+    ])
+    r = score(text, smp)
+    assert (r.kind, r.precision, r.recall, r.reward) == ("point_in_mask", 0.5, 0.5, 0.5)
+
+
+def test_brief_example_through_text():
+    # GT (0,0,10,10) and (20,20,30,30); answer: exact, (20,20,30,25) (IoU 0.5), far away.
+    # P = 1.5/3, R = 1.5/2, F1 = 0.6.
+    smp = sample(instances=[Instance("person", box=(0, 0, 10, 10)), Instance("person", box=(20, 20, 30, 30))])
+    r = score(seg("person", "<0><0><10><10>,<20><20><30><25>,<500><500><600><600>"), smp)
+    assert (r.precision, r.recall, r.reward) == pytest.approx((0.5, 0.75, 0.6))
+
+
+def test_none_answers_and_unasked_phrases():
+    cat = Instance("cat", box=(0, 0, 10, 10))
+    smp = sample(phrases=["cat", "dog"], instances=[cat])
+    box = "<0><0><10><10>"
+    # "dog" is absent and answered None: right, adds nothing -> 1.0.
+    assert score(seg("cat", box) + ", " + seg("dog", "None"), smp).reward == pytest.approx(1.0)
+    # "cat" answered None: its GT is unfound -> 0 (R = 0, no predictions).
+    r = score(seg("cat", "None") + ", " + seg("dog", "None"), smp)
+    assert (r.reward, r.num_pred, r.num_gt) == (0.0, 0, 1)
+    # A phrase nobody asked about is a false positive: P = 1/2, R = 1 -> 2/3.
+    assert score(seg("cat", box) + ", " + seg("bird", "<100><100><200><200>"), smp).reward == pytest.approx(2 / 3)
+    # Everything absent, everything None: no GT, no prediction -> 1.0.
+    assert score(seg("cat", "None"), sample(phrases=["cat"])).reward == 1.0
+
+
+def test_wrong_kind_counts_as_zero_prediction():
+    smp = sample(phrases=["cat"], instances=[Instance("cat", box=(0, 0, 10, 10))])
+    # A right box plus a point: P = 1/2, R = 1, F1 = 2/3.
+    r = score(seg("cat", "<0><0><10><10>,<5><5>"), smp)
+    assert (r.num_pred, r.reward) == (2, pytest.approx(2 / 3))
+    assert "another kind" in r.error
+    assert score(seg("cat", "<5><5>"), smp).reward == 0.0
+
+
+def test_unreadable_text_scores_zero_and_is_counted():
+    absent = sample(phrases=["cat"])  # nothing to find: garbage must not earn "no GT, no prediction"
+    for text in ("hello", "", "<|box_start|>", 42, None):
+        r = score(text, absent)
+        assert r.reward == 0.0 and r.unreadable >= 1 and r.num_pred >= 1 and r.error
+    # A right box, then a phrase cut off by the token limit: P = 1/2, R = 1 -> 2/3.
+    smp = sample(phrases=["cat"], instances=[Instance("cat", box=(0, 0, 10, 10))])
+    r = score(seg("cat", "<0><0><10><10>") + ", <|object_ref_start|>cat<|object_ref_end|><|box_start|><1", smp)
+    assert (r.unreadable, r.num_pred, r.reward) == (1, 2, pytest.approx(2 / 3))
+
+
+def test_duplicate_heavy_answer_scores_lower():
+    boxes = [(10, 10, 50, 50), (100, 10, 150, 50), (200, 10, 250, 50)]
+    smp = sample(phrases=["cat"], instances=[Instance("cat", box=b) for b in boxes])
+    clean = seg("cat", ",".join(f"<{a}><{b}><{c}><{d}>" for a, b, c, d in boxes))
+    # Each box written 10 times in a row: r = [1, 1, 1] still, but P = 3/30: F1 = 2*.1/1.1.
+    dup = seg("cat", ",".join(f"<{a}><{b}><{c}><{d}>" for a, b, c, d in boxes for _ in range(10)))
+    rc, rd = score(clean, smp), score(dup, smp)
+    assert rc.reward == pytest.approx(1.0) and not rc.duplicate
+    assert rd.reward == pytest.approx(0.2 / 1.1) and rd.duplicate  # 30 > 2 * 3 boxes, run of 10
+    assert rd.reward < rc.reward
+    # Hungarian is stricter still only where one box serves several GT; here it agrees.
+    assert score(dup, smp, matching="hungarian").reward == pytest.approx(0.2 / 1.1)
+
+
+def test_large_box_flag():
+    smp = sample(phrases=["cat"], instances=[Instance("cat", box=(0, 0, 10, 10))])
+    assert score(seg("cat", "<0><0><999><999>"), smp).large_box
+    assert not score(seg("cat", "<0><0><999><999>,<0><0><10><10>"), smp).large_box
+
+
+def _disc_mask(cx, cy, r, size=S):
+    from pycocotools import mask as mask_utils
+
+    yy, xx = np.mgrid[:size, :size]
+    m = ((xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r).astype(np.uint8)
+    rle = mask_utils.encode(np.asfortranarray(m))
+    return {"size": [size, size], "counts": rle["counts"].decode("ascii")}
+
+
+def test_pointing_masks_source_and_fallback():
+    # A disc of radius 50 at (100, 100): its box (50, 50, 150, 150) has corners outside the disc.
+    box = (50.0, 50.0, 150.0, 150.0)
+    with_mask = sample("pointing", "point", ["ball"], [Instance("ball", box=box, mask=_disc_mask(100, 100, 50))])
+    no_mask = sample("pointing", "point", ["ball"], [Instance("ball", box=box)])
+    centre, corner = seg("ball", "<100><100>"), seg("ball", "<55><55>")
+    assert (score(centre, with_mask).reward, score(centre, with_mask).kind) == (1.0, "point_in_mask")
+    assert score(corner, with_mask).reward == 0.0  # in the box, outside the disc
+    # No mask in the sample: mask_source supplies one per instance.
+    calls = []
+
+    def source(s):
+        calls.append(s.id)
+        return [_disc_mask(100, 100, 50)]
+
+    r = score(corner, no_mask, mask_source=source)
+    assert (r.reward, r.kind, calls) == (0.0, "point_in_mask", ["s"])
+    # Neither: point in the GT box, and the kind says so.
+    r = score(corner, no_mask)
+    assert (r.reward, r.kind) == (1.0, "point_in_box_fallback")
+    with pytest.raises(ValueError, match="returned 2 masks for 1 instances"):
+        score(corner, no_mask, mask_source=lambda s: [None, None])
+    with pytest.raises(ValueError, match="expected \\[999, 999\\]"):
+        score(corner, no_mask, mask_source=lambda s: [np.zeros((10, 10), bool)])
+
+
+def test_gui_point_and_box():
+    inst = Instance("the OK button", box=(100, 100, 200, 150), point=(150, 125))
+    pt = sample("gui", "point", ["the OK button"], [inst])
+    assert (score(seg("the OK button", "<150><125>"), pt).reward, score("", pt).kind) == (1.0, "point_in_box")
+    assert score(seg("the OK button", "<250><125>"), pt).reward == 0.0
+    bx = sample("gui", "box", ["the OK button"], [inst])
+    # (100,100,200,125): inter 100*25, union 100*50 -> IoU 0.5 = F1 for one box on one GT.
+    assert score(seg("the OK button", "<100><100><200><125>"), bx).reward == pytest.approx(0.5)
+
+
+def test_ocr_polygon():
+    poly = (100, 100, 300, 100, 300, 200, 100, 200)
+    smp = sample("ocr", "polygon", ["text"], [Instance("text", box=(100, 100, 300, 200), polygon=poly)])
+    r = score(seg("text", "<100><100><300><100><300><200><100><200>"), smp)
+    assert (r.kind, r.reward) == ("polygon_iou", pytest.approx(1.0))
+    # The left half: IoU 0.5 (pixel-rasterised).
+    assert score(seg("text", "<100><100><200><100><200><200><100><200>"), smp).reward == pytest.approx(0.5, abs=0.01)
+    assert score(seg("text", "<100><100><300><200>"), smp).reward == 0.0  # a box where a polygon was asked
+
+
+def test_keypoints_paper_format():
+    kps = {"left eye": (32.0, 43.0, 2), "right eye": (66.0, 55.0, 2)}
+    smp = sample("keypoint", "keypoint", ["person"], [Instance("person", box=(0, 23, 142, 256), keypoints=kps)])
+    text = '{"person1": {"box": <0><23><142><256>, "keypoints": {"left eye": <32><43>, "right eye": <66><55>}}}'
+    r = score(text, smp)
+    assert (r.kind, r.reward, r.num_pred, r.num_gt) == ("keypoint_oks", pytest.approx(1.0), 1, 1)
+    # The right eye said invisible: OKS = (1 + 0) / 2.
+    half = '{"person1": {"box": <0><23><142><256>, "keypoints": {"left eye": <32><43>, "right eye": "unvisible"}}}'
+    assert score(half, smp).reward == pytest.approx(0.5)
+    # Left eye off by (3, 4) pixels: d^2 = 25, sigma 0.025 -> (2 sigma)^2 = 0.0025, area = box
+    # 142 * 233 -> e = 25 / 0.0025 / 33086 / 2; OKS = (exp(-e) + 1) / 2.
+    off = '{"person1": {"box": <0><23><142><256>, "keypoints": {"left eye": <35><47>, "right eye": <66><55>}}}'
+    e = 25 / 0.0025 / (142 * 233) / 2
+    assert score(off, smp).reward == pytest.approx((math.exp(-e) + 1) / 2)
+    assert score("not json", smp).reward == 0.0 and score("not json", smp).unreadable == 1
+
+
+def test_malformed_sample_raises():
+    good = Instance("cat", box=(0, 0, 10, 10))
+    bad_samples = [
+        (sample(width=0), "width"),
+        (sample(task="dance"), "task"),
+        (sample(output="mesh"), "output"),
+        (sample(phrases=["cat"], instances=[Instance("dog", box=(0, 0, 1, 1))]), "not one of"),
+        (sample(phrases=["cat"], instances=[Instance("cat")]), "no box"),
+        (sample(phrases=["cat"], instances=[Instance("cat", box=(0, 0, math.nan, 1))]), "gt_boxes"),
+        (sample(phrases=["cat"], instances=[good], output="polygon", task="ocr"), "no polygon"),
+        (sample("pointing", "point", ["cat"], [Instance("cat", point=(1, 1))]), "no box"),
+        ("not a sample", "expected an rlsys.data.Sample"),
+    ]
+    for smp, message in bad_samples:
+        with pytest.raises(ValueError, match=message):
+            score(PAPER_TEXT, smp)
+    with pytest.raises(ValueError, match="matching"):
+        score(PAPER_TEXT, PEOPLE, matching="greedy")
+
+
+def test_perfect_answers_on_synthetic_data_score_near_one(tmp_path):
+    # Render every synthetic sample's own GT as the answer: the reward is 1 up to the bin
+    # quantisation (half a bin, 0.11 px on 224 px images), so at least 0.95.
+    from rlsys.synthetic import generate
+
+    for smp in load_jsonl(generate(tmp_path, num_images=24, seed=3)):
+        w, h = smp.width, smp.height
+        enc = lambda xy: tuple(int(v) for v in coords.encode_xy(xy, w, h))  # noqa: E731
+        if smp.output == "keypoint":
+            text = render_keypoints([
+                KeypointInstance(f"{i.phrase}{k + 1}", enc(i.box), {n: enc(xy[:2]) for n, xy in i.keypoints.items()})
+                for k, i in enumerate(smp.instances)])
+        else:
+            preds = []
+            for p in smp.phrases:
+                geo = [enc(getattr(i, smp.output)) for i in smp.instances_of(p)]
+                preds.append(Prediction(p, smp.output if geo else "none", tuple(geo)))
+            text = render(preds)
+        r = score(text, smp)
+        assert r.reward >= 0.95, (smp.task, smp.output, r)
+        assert r.unreadable == 0 and not r.duplicate
+
+
+FRAGMENTS = [
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|im_end|>",
+    "cat", "dog", "None", ",", ", ", " ", "<0>", "<999>", "<1000>", "<5>", "<12><42>", "<-1>", "<>",
+    "{", "}", '"cat1"', '"box"', '"keypoints"', '"top"', ":", '"unvisible"', "\n", "\x00",
+]
+TEXT = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=4)), max_size=40).map("".join)
+SAMPLES = [
+    sample(phrases=["cat", "dog"], instances=[Instance("cat", box=(0, 0, 10, 10))]),
+    sample("pointing", "point", ["cat"], [Instance("cat", box=(0, 0, 10, 10))]),
+    sample("gui", "point", ["cat"], [Instance("cat", box=(0, 0, 10, 10))]),
+    sample("ocr", "polygon", ["cat"], [Instance("cat", polygon=(0, 0, 10, 0, 10, 10))]),
+    sample("keypoint", "keypoint", ["cat"], [Instance("cat", box=(0, 0, 10, 10), keypoints={"top": (5, 0, 2)})]),
+]
+
+
+@settings(max_examples=120, deadline=None)
+@given(TEXT)
+def test_score_never_raises_on_text(text):
+    for smp in SAMPLES:
+        r = score(text, smp)
+        assert 0.0 <= r.reward <= 1.0 and 0.0 <= r.precision <= 1.0 and 0.0 <= r.recall <= 1.0
+        assert r.num_pred >= r.unreadable >= 0 and r.num_gt == len(smp.instances)
