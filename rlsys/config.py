@@ -55,6 +55,7 @@ class RolloutConfig(_Section):
 
 class RewardConfig(_Section):
     num_workers: int = Field(2, ge=1, le=4096, description="Reward worker actors (CPU).")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each reward worker requests from Ray.")
     matching: Literal["paper", "hungarian"] = Field("paper", description="Box reward matching: the paper's equations 3-4, or one-to-one (stricter on duplicates).")
     sample_timeout_s: float = Field(30.0, gt=0, description="Limit for scoring one answer; on timeout or error it is retried once, then scores 0 and is counted.")
     sam_checkpoint: str | None = Field(None, description="Local SAM checkpoint for point-in-mask rewards on data without masks.")
@@ -114,6 +115,12 @@ class GRPOConfig(_Section):
             )
         return self
 
+    def cpus_requested(self) -> float:
+        """Logical CPUs the actor groups ask Ray for (a cluster smaller than this waits forever
+        without an autoscaler; the controller checks before starting them)."""
+        return (self.rollout.num_engines * self.rollout.cpus_per_engine + self.learner.num_ranks * self.learner.cpus_per_rank
+                + self.reward.num_workers * self.reward.cpus_per_worker)
+
     @property
     def samples_per_step(self) -> int:
         return self.run.prompts_per_step * self.rollout.samples_per_prompt
@@ -126,6 +133,7 @@ class GRPOConfig(_Section):
             "micro_batches_per_rank_per_step": -(-per_rank // self.learner.micro_batch_size),
             "total_samples": self.samples_per_step * self.run.steps,
             "weight_syncs": self.run.steps // self.run.sync_every_steps,
+            "cpus_requested": self.cpus_requested(),
         }
 
 

@@ -1,0 +1,98 @@
+"""Rollout generator: one vLLM engine per Ray actor. Placement and state only.
+
+It samples ``n`` answers per prompt with the prompt's image and returns, per answer, the token
+ids, their sampling log-probs and the text (special tokens kept: the output format is made of
+them). It loads new weights from the learner through :mod:`actors.weight_sync`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, model_dir: str, *, max_model_len: int, gpu_memory_utilization: float,
+                 enforce_eager: bool, seed: int, dtype: str = "float32"):
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        from vllm import LLM
+
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=model_dir,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            limit_mm_per_prompt={"image": 1, "video": 0},
+            seed=seed,
+            # the learner's dtype: after a sync the engine's weights equal the learner's bit for bit
+            dtype=dtype,
+            worker_extension_cls="actors.weight_sync.VllmWorkerExtension",
+            trust_remote_code=False,
+        )
+        self.start_s = time.perf_counter() - t0
+
+    def ready(self) -> float:
+        return self.start_s
+
+    def generate(self, requests: list[dict], *, n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int) -> list[list[dict]]:
+        """``requests``: ``{"prompt": chat text, "image": path}``; returns per request ``n`` answers."""
+        from PIL import Image
+        from vllm import SamplingParams
+
+        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                            logprobs=0, skip_special_tokens=False, seed=seed)
+        inputs = []
+        for r in requests:
+            with Image.open(r["image"]) as im:
+                inputs.append({"prompt": r["prompt"], "multi_modal_data": {"image": im.convert("RGB")}})
+        outs = self.llm.generate(inputs, sp, use_tqdm=False)
+        result = []
+        for o in outs:
+            answers = []
+            for c in o.outputs:
+                lps = [d[t].logprob if d and t in d else float("nan") for t, d in zip(c.token_ids, c.logprobs or [])]
+                answers.append({"token_ids": list(c.token_ids), "logprobs": lps, "text": c.text,
+                                "finish_reason": c.finish_reason})
+            result.append(answers)
+        return result
+
+    def load_weight_buckets(self, *bucket_refs) -> int:
+        """Load safetensors buckets (passed as object refs, resolved by Ray) into the engine."""
+        from actors.weight_sync import write_shm
+
+        paths = [write_shm(blob) for blob in bucket_refs]
+        try:
+            # one RPC for all buckets; every tensor-parallel worker of the engine loads them
+            loaded = self.llm.collective_rpc("rlsys_load_weights_files", args=(paths,))[0]
+        finally:
+            for p in paths:
+                os.unlink(p)
+        # The reload clears the workers' encoder and multi-modal caches; the engine's scheduler
+        # and the front end keep their own view of them, which must be cleared too, or the next
+        # image request refers to a vision embedding the worker no longer has ("Encoder cache
+        # miss"). Cached prefixes were computed with the old weights as well.
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+        self.llm.reset_prefix_cache()
+        return loaded
+
+    def prompt_logprobs(self, prompt: str, image: str) -> tuple[list[int], list[float]]:
+        """The engine's log-prob of every prompt token after the first (image placeholders
+        included), to compare with the learner's on the same input."""
+        from PIL import Image
+        from vllm import SamplingParams
+
+        with Image.open(image) as im:
+            inp = {"prompt": prompt, "multi_modal_data": {"image": im.convert("RGB")}}
+        out = self.llm.generate([inp], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)[0]
+        ids = list(out.prompt_token_ids)
+        lps = [d[t].logprob for t, d in zip(ids[1:], out.prompt_logprobs[1:])]
+        return ids, lps
+
+    def checksum(self) -> dict:
+        return self.llm.collective_rpc("rlsys_checksum")[0]

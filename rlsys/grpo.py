@@ -1,0 +1,523 @@
+"""GRPO on Ray: ``python -m rlsys.grpo [--config FILE] [key=value ...]``.
+
+One step, as in the paper's section 4.2: sample prompts -> the rollout group samples G answers
+each -> the reward group scores them against the image's ground truth -> group-normalised
+advantages -> old and reference log-probs -> learner update -> weight sync to the generators.
+Each stage is timed and logged. With no arguments it runs ``configs/tiny_cpu.yaml``: the tiny
+model on synthetic data, on this machine; under ``ray job submit`` it joins that cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from rlsys.config import ConfigError, GRPOConfig, describe, load_config
+
+log = logging.getLogger("rlsys.grpo")
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation (no Ray): model directory, data, prompt order
+# ----------------------------------------------------------------------------------------------
+def prepare_model(cfg: GRPOConfig) -> str:
+    out = Path(cfg.run.out_dir)
+    if cfg.run.init_checkpoint:
+        path = Path(cfg.run.init_checkpoint)
+    elif cfg.model.path:
+        path = Path(cfg.model.path)
+    else:
+        from rlsys.models import ensure_tiny_model
+
+        return str(ensure_tiny_model(out / "tiny-model").resolve())
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model {path}: not a Hugging Face checkpoint directory (no config.json)")
+    from rlsys.models import load_processor, prepare_checkpoint
+
+    try:
+        load_processor(path, trust_remote_code=cfg.model.trust_remote_code)
+    except ValueError:
+        prepared = out / "prepared-model"
+        log.info("adding coordinate tokens to %s (%s) -> %s", path, cfg.model.coord_tokens, prepared)
+        path = prepare_checkpoint(path, prepared, cfg.model.coord_tokens)
+    return str(path.resolve())
+
+
+def prepare_data(cfg: GRPOConfig):
+    from rlsys import synthetic
+    from rlsys.data import load_dataset
+
+    if cfg.data.train:
+        train = load_dataset(cfg.data.train)
+    else:
+        d = Path(cfg.run.out_dir) / "data"
+        path = d / "train.jsonl"
+        if not path.is_file():
+            synthetic.generate(d, num_images=cfg.data.synthetic_train_images, seed=cfg.data.seed, split="train",
+                               image_size=cfg.data.synthetic_image_size_px)
+        train = load_dataset(path)
+    if cfg.data.tasks:
+        train = [s for s in train if s.task in cfg.data.tasks]
+        if not train:
+            raise ConfigError(f"data.tasks={cfg.data.tasks}: no training sample has one of these tasks")
+    return train
+
+
+class PromptOrder:
+    """A reproducible, resumable prompt stream: a fresh permutation per epoch; the position is
+    saved in checkpoints so a resumed run draws the same prompts."""
+
+    def __init__(self, n: int, seed: int, position: int = 0):
+        self.n, self.seed, self.position = n, seed, position
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            epoch, i = divmod(self.position, self.n)
+            perm = list(range(self.n))
+            random.Random(f"{self.seed}-{epoch}").shuffle(perm)
+            out.append(perm[i])
+            self.position += 1
+        return out
+
+
+@contextmanager
+def timed(times: dict, name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+class Checkpoints:
+    """``out_dir/checkpoints/step_NNNNNN`` directories, each renamed into place when complete,
+    and a ``latest`` file replaced atomically: a killed run never leaves a half checkpoint that
+    resume would read."""
+
+    def __init__(self, out_dir: Path):
+        self.root = out_dir / "checkpoints"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def latest(self) -> Path | None:
+        f = self.root / "latest"
+        if not f.is_file():
+            return None
+        p = self.root / f.read_text().strip()
+        return p if (p / "trainer_state.json").is_file() else None
+
+    def partial(self, step: int) -> Path:
+        p = self.root / f"step_{step:06d}.partial"
+        shutil.rmtree(p, ignore_errors=True)
+        p.mkdir(parents=True)
+        return p
+
+    def commit(self, partial: Path, step: int, state: dict) -> Path:
+        (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        final = self.root / f"step_{step:06d}"
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        tmp = self.root / "latest.tmp"
+        tmp.write_text(final.name)
+        tmp.replace(self.root / "latest")
+        return final
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _chat_prompt(processor, question: str) -> str:
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+
+def _get(refs, timeout_s: float, what: str):
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"{what} did not finish within {timeout_s:.0f} s") from None
+
+
+class Trainer:
+    """Holds the actor groups; :meth:`step` is one GRPO step."""
+
+    def __init__(self, cfg: GRPOConfig, model_dir: str, samples):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from actors.learner import LearnerWorker
+        from actors.rewards import RewardGroup
+        from rlsys.models import load_processor
+
+        self.cfg, self.model_dir, self.samples = cfg, model_dir, samples
+        self.out = Path(cfg.run.out_dir)
+        self.processor = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+        self.ckpt = Checkpoints(self.out)
+        self.step_no = 0
+        self.order = PromptOrder(len(samples), cfg.run.seed)
+        ro, le = cfg.rollout, cfg.learner
+        have = ray.cluster_resources().get("CPU", 0)
+        if cfg.cpus_requested() > have:
+            log.warning("the actor groups ask for %.1f CPUs but the cluster has %.1f now: they start only if an "
+                        "autoscaler adds nodes (lower rollout.cpus_per_engine / learner.cpus_per_rank / "
+                        "reward.cpus_per_worker on a small machine)", cfg.cpus_requested(), have)
+
+        # Learner ranks are gang-scheduled (torch.distributed needs them all); PACK keeps them on
+        # few nodes. Rollout engines are placed separately so they can sit on other GPU nodes.
+        self.learner_pg = placement_group([{"CPU": le.cpus_per_rank, **({"GPU": le.gpus_per_rank} if le.gpus_per_rank else {})}] * le.num_ranks, strategy="PACK")
+        self.rollout_pg = placement_group([{"CPU": ro.cpus_per_engine, **({"GPU": ro.gpus_per_engine} if ro.gpus_per_engine else {})}] * ro.num_engines, strategy="SPREAD")
+        _get([self.learner_pg.ready(), self.rollout_pg.ready()], 600, "placement groups (are the cluster's resources enough?)")
+
+        addr = ray.util.get_node_ip_address()
+        port = _free_port()
+        per_rank = -(-cfg.samples_per_step // le.num_ranks)
+        self.micro_batches = -(-per_rank // le.micro_batch_size)
+        self.learners = [
+            LearnerWorker.options(
+                num_cpus=le.cpus_per_rank, num_gpus=le.gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.learner_pg, placement_group_bundle_index=r),
+            ).remote(model_dir, le.model_dump(), rank=r, world_size=le.num_ranks, master_addr=addr, master_port=port,
+                     micro_batches_per_step=self.micro_batches, seed=cfg.run.seed, dtype=cfg.model.dtype,
+                     trust_remote_code=cfg.model.trust_remote_code)
+            for r in range(le.num_ranks)
+        ]
+        self.rollouts = [self._new_engine(i) for i in range(ro.num_engines)]
+        self.rewards = RewardGroup(cfg.reward.num_workers, cfg.reward.matching, cfg.reward.sample_timeout_s, cfg.reward.sam_checkpoint, cfg.reward.cpus_per_worker)
+        t0 = time.perf_counter()
+        _get([w.ready.remote() for w in self.learners] + [e.ready.remote() for e in self.rollouts], 900, "actor start-up")
+        log.info("actors ready in %.1f s", time.perf_counter() - t0)
+
+        last = self.ckpt.latest() if cfg.run.resume else None
+        if last is not None:
+            state = json.loads((last / "trainer_state.json").read_text())
+            _get([w.load.remote(str(last)) for w in self.learners], le.timeout_s, "learner resume")
+            self.step_no = state["step"]
+            self.order = PromptOrder(len(samples), cfg.run.seed, state["data_position"])
+            self.sync_weights()
+            log.info("resumed from %s at step %d", last, self.step_no)
+
+    def _new_engine(self, i: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from actors.rollout import RolloutWorker
+
+        ro = self.cfg.rollout
+        return RolloutWorker.options(
+            num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.rollout_pg, placement_group_bundle_index=i),
+        ).remote(self.model_dir, max_model_len=ro.max_model_len_tokens, gpu_memory_utilization=ro.gpu_memory_utilization,
+                 enforce_eager=ro.enforce_eager, seed=self.cfg.run.seed + i, dtype=self.cfg.model.dtype)
+
+    # -- stages ------------------------------------------------------------------------------
+    def generate(self, idx: list[int]) -> list[list[dict]]:
+        """G answers per prompt, prompts spread over the engines; a dead or stuck engine is
+        restarted (with the current weights) and its share retried once."""
+        import ray
+
+        from rlsys.prompts import question_for_sample
+
+        ro = self.cfg.rollout
+        reqs = []
+        for i in idx:
+            s = self.samples[i]
+            q = question_for_sample(s, random.Random(f"{self.cfg.run.seed}-{self.step_no}-{i}"))
+            reqs.append({"prompt": _chat_prompt(self.processor, q), "image": s.image})
+        shards = [list(range(k, len(reqs), len(self.rollouts))) for k in range(len(self.rollouts))]
+        out: list = [None] * len(reqs)
+        for attempt in (0, 1):
+            calls = {k: self.rollouts[k].generate.remote([reqs[j] for j in sh], n=ro.samples_per_prompt, temperature=ro.temperature,
+                                                          top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
+                                                          seed=self.cfg.run.seed * 100003 + self.step_no * 101 + k + attempt)
+                     for k, sh in enumerate(shards) if sh and out[sh[0]] is None}
+            failed = []
+            for k, ref in calls.items():
+                try:
+                    for j, ans in zip(shards[k], _get(ref, ro.timeout_s, f"rollout engine {k}")):
+                        out[j] = ans
+                except (TimeoutError, ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                    if attempt == 1:
+                        raise RuntimeError(f"rollout engine {k} failed twice in step {self.step_no}: {exc}") from exc
+                    log.warning("rollout engine %d failed (%s); restarting it and retrying its prompts", k, exc)
+                    ray.kill(self.rollouts[k], no_restart=True)
+                    self.rollouts[k] = self._new_engine(k)
+                    failed.append(k)
+            if not failed:
+                break
+            self.sync_weights(engines=failed)
+        return out
+
+    def sync_weights(self, engines=None) -> float:
+        """Push rank 0's weights to the engines (all by default), bucketed through the object store."""
+        t0 = time.perf_counter()
+        targets = [self.rollouts[k] for k in (engines if engines is not None else range(len(self.rollouts)))]
+        buckets = _get(self.learners[0].weight_buckets.remote(256 << 20), self.cfg.learner.timeout_s, "weight export")
+        _get([e.load_weight_buckets.remote(*buckets) for e in targets], self.cfg.rollout.timeout_s, "weight load into vLLM")
+        return time.perf_counter() - t0
+
+    def step(self) -> dict:
+        import torch
+
+        from rlsys.algorithm import group_advantages, group_reward_std
+
+        cfg, G = self.cfg, self.cfg.rollout.samples_per_prompt
+        times: dict[str, float] = {}
+        t_step = time.perf_counter()
+        want = cfg.run.prompts_per_step
+        idx, answers, scores = [], [], []
+        zero_std_groups, drawn_groups = 0, 0
+        for round_ in range(1 + (cfg.run.max_resample_rounds if cfg.run.dynamic_sampling else 0)):
+            need = want - len(idx)
+            if need <= 0:
+                break
+            new_idx = self.order.take(need)
+            with timed(times, "generate"):
+                new_answers = self.generate(new_idx)
+            with timed(times, "reward"):
+                items = [(a["text"], self.samples[i].to_dict()) for i, ans in zip(new_idx, new_answers) for a in ans]
+                new_scores = self.rewards.score(items)
+            r = torch.tensor([s["reward"] for s in new_scores], dtype=torch.float32)
+            std = group_reward_std(r, G)
+            drawn_groups += len(new_idx)
+            zero_std_groups += int((std == 0).sum())
+            for g, i in enumerate(new_idx):
+                # Dynamic sampling drops groups with no reward spread (DAPO): they carry no signal.
+                # Filter on std, not mean: rewards are continuous. Past the last round, keep them.
+                last_round = round_ == cfg.run.max_resample_rounds or not cfg.run.dynamic_sampling
+                if cfg.run.dynamic_sampling and std[g] == 0 and not last_round:
+                    continue
+                if len(idx) < want:
+                    idx.append(i)
+                    answers.append(new_answers[g])
+                    scores.append(new_scores[g * G : (g + 1) * G])
+
+        rewards = torch.tensor([s["reward"] for grp in scores for s in grp], dtype=torch.float32)
+        adv = group_advantages(rewards, G)
+        items = []
+        for g, i in enumerate(idx):
+            for k, a in enumerate(answers[g]):
+                if not a["token_ids"]:
+                    continue  # an empty answer has no tokens to learn from; its group still normalised it
+                items.append({"prompt": None, "image": self.samples[i].image, "response_ids": a["token_ids"],
+                              "advantage": float(adv[g * G + k]), "q": (g, k)})
+        # prompts are re-rendered here so the learner sees exactly what the engine saw
+        from rlsys.prompts import question_for_sample
+        for it in items:
+            i = idx[it["q"][0]]
+            it["prompt"] = _chat_prompt(self.processor, question_for_sample(self.samples[i], random.Random(f"{cfg.run.seed}-{self.step_no}-{i}")))
+        R = len(self.learners)
+        shards = [items[r::R] for r in range(R)]
+        with timed(times, "reference"):
+            lps = _get([w.logprobs.remote(sh) for w, sh in zip(self.learners, shards)], cfg.learner.timeout_s, "old/reference log-probs")
+        for sh, (olds, refs) in zip(shards, lps):
+            for it, o, rf in zip(sh, olds, refs):
+                it["old_logp"], it["ref_logp"] = o, rf
+        num_tokens = sum(len(it["response_ids"]) for it in items)
+        with timed(times, "learn"):
+            learn = _get([w.train.remote(sh, num_tokens) for w, sh in zip(self.learners, shards)], cfg.learner.timeout_s, "learner update")
+        self.step_no += 1
+        if self.step_no % cfg.run.sync_every_steps == 0:
+            with timed(times, "sync"):
+                self.sync_weights()
+        times["step"] = time.perf_counter() - t_step
+        times["idle"] = max(0.0, times["step"] - sum(v for k, v in times.items() if k != "step"))
+
+        flat = [s for grp in scores for s in grp]
+        lens = [len(a["token_ids"]) for grp in answers for a in grp]
+        metrics = {
+            "step": self.step_no,
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()),
+            "reward/precision": sum(s["precision"] for s in flat) / len(flat),
+            "reward/recall": sum(s["recall"] for s in flat) / len(flat),
+            "reward/duplicate_rate": sum(bool(s["duplicate"]) for s in flat) / len(flat),
+            "reward/large_box_rate": sum(bool(s["large_box"]) for s in flat) / len(flat),
+            "reward/unreadable_per_answer": sum(s["unreadable"] for s in flat) / len(flat),
+            "reward/failures": sum(bool(s.get("failed")) for s in flat),
+            "groups/zero_std_fraction": zero_std_groups / max(drawn_groups, 1),
+            "answer/length_tokens": sum(lens) / len(lens),
+            "learner/kl": sum(m["kl"] * m["tokens"] for m in learn) / max(sum(m["tokens"] for m in learn), 1),
+            "learner/clip_fraction": sum(m["clip_fraction"] * m["tokens"] for m in learn) / max(sum(m["tokens"] for m in learn), 1),
+            "learner/entropy": sum(m["entropy"] * m["tokens"] for m in learn) / max(sum(m["tokens"] for m in learn), 1),
+            "learner/loss": sum(m["loss"] for m in learn),
+            "throughput/generated_tokens_per_s": sum(lens) / max(times.get("generate", 1e-9), 1e-9),
+        }
+        by_task: dict[str, list[float]] = {}
+        for g, i in enumerate(idx):
+            by_task.setdefault(self.samples[i].task, []).extend(s["reward"] for s in scores[g])
+        metrics.update({f"reward/{t}": sum(v) / len(v) for t, v in by_task.items()})
+        metrics.update({f"time/{k}_s": v for k, v in times.items()})
+        self.last_examples = [(self.samples[idx[g]], answers[g][0]["text"], scores[g][0]["reward"]) for g in range(min(4, len(idx)))]
+        return metrics
+
+    def checksums(self) -> tuple[dict, list[dict | None]]:
+        """The learner's parameter checksum, and per engine the checksum of the weights it last received."""
+        return (_get(self.learners[0].checksum.remote(), 600, "learner checksum"),
+                _get([e.checksum.remote() for e in self.rollouts], 600, "engine checksum"))
+
+    def logprob_gap(self, sample_index: int = 0) -> list[float]:
+        """Per engine, the largest |engine - learner| log-prob over one prompt's tokens: ~0 when
+        the engine computes with the learner's weights."""
+        s = self.samples[sample_index]
+        from rlsys.prompts import question_for_sample
+
+        prompt = _chat_prompt(self.processor, question_for_sample(s))
+        ids, lp = _get(self.learners[0].prompt_logprobs.remote(prompt, s.image), 600, "learner log-probs")
+        gaps = []
+        for e in self.rollouts:
+            eids, elp = _get(e.prompt_logprobs.remote(prompt, s.image), 600, "engine log-probs")
+            if eids != ids:
+                raise RuntimeError("engine and learner tokenise the prompt differently: cannot compare log-probs")
+            gaps.append(max(abs(a - b) for a, b in zip(lp, elp)))
+        return gaps
+
+    def weights_in_sync(self, tol: float = 1e-3) -> bool:
+        learner, engines = self.checksums()
+        same = all(e is not None and e["numel"] == learner["numel"] and abs(e["sum"] - learner["sum"]) <= 1e-9 * max(1.0, abs(learner["sum"]))
+                   and abs(e["sum_sq"] - learner["sum_sq"]) <= 1e-9 * max(1.0, learner["sum_sq"]) for e in engines)
+        return same and max(self.logprob_gap()) <= tol
+
+    def save(self, final: bool = False) -> Path:
+        part = self.ckpt.partial(self.step_no)
+        _get([w.save.remote(str(part), True) for w in self.learners], self.cfg.learner.timeout_s, "checkpoint save")
+        state = {"step": self.step_no, "data_position": self.order.position, "config": self.cfg.model_dump(), "final": final}
+        path = self.ckpt.commit(part, self.step_no, state)
+        log.info("checkpoint written: %s", path)
+        return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracking
+# ----------------------------------------------------------------------------------------------
+def start_tracking(cfg: GRPOConfig):
+    import wandb
+
+    mode = cfg.tracking.mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return wandb.init(project=cfg.tracking.project, name=cfg.tracking.run_name or Path(cfg.run.out_dir).name,
+                      dir=str(Path(cfg.run.out_dir).resolve()), mode=mode, config=cfg.model_dump(), resume="allow")
+
+
+def draw_examples(examples):
+    """Images with the parsed predictions drawn (boxes and points, in pixels)."""
+    from PIL import Image, ImageDraw
+
+    from rlsys.coords import decode_xy
+    from rlsys.format import parse
+
+    out = []
+    for sample, text, reward in examples:
+        with Image.open(sample.image) as im:
+            img = im.convert("RGB")
+        d = ImageDraw.Draw(img)
+        for inst in sample.instances:
+            if inst.box:
+                d.rectangle(inst.box, outline=(0, 200, 0))
+        for p in parse(text):
+            for c in p.coords:
+                xy = decode_xy(c, sample.width, sample.height)
+                if p.kind == "box":
+                    x0, y0, x1, y1 = xy
+                    if x1 > x0 and y1 > y0:
+                        d.rectangle([x0, y0, x1, y1], outline=(220, 0, 0))
+                elif p.kind == "point":
+                    d.ellipse([xy[0] - 3, xy[1] - 3, xy[0] + 3, xy[1] + 3], outline=(220, 0, 0))
+        out.append((img, f"{sample.task}: reward {reward:.2f}", text))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m rlsys.grpo", description=__doc__.split("\n\n")[0],
+                                epilog="Overrides are dotted keys, e.g. run.steps=10 rollout.samples_per_prompt=8.")
+    p.add_argument("--config", help="YAML values for the schema in rlsys/config.py (default: configs/tiny_cpu.yaml)")
+    p.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
+    p.add_argument("overrides", nargs="*", help="key=value")
+    return p.parse_args(argv)
+
+
+def run(cfg: GRPOConfig) -> dict:
+    """Run GRPO to ``cfg.run.steps``; returns the last step's metrics and the final checkpoint."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    out = Path(cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_model(cfg)
+    samples = prepare_data(cfg)
+    import ray
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "VLLM_CPU_KVCACHE_SPACE") if k in os.environ}
+    env["PYTHONPATH"] = repo + os.pathsep + os.environ.get("PYTHONPATH", "")
+    if not ray.is_initialized():
+        # Joins the cluster when there is one (RAY_ADDRESS is set under `ray job submit`), else starts one here.
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    tracker = start_tracking(cfg)
+    trainer = Trainer(cfg, model_dir, samples)
+    metrics: dict = {}
+    try:
+        while trainer.step_no < cfg.run.steps:
+            metrics = trainer.step()
+            s = metrics["step"]
+            t = {k[5:-2]: v for k, v in metrics.items() if k.startswith("time/")}
+            print(f"step {s}/{cfg.run.steps} reward {metrics['reward/mean']:.3f} kl {metrics['learner/kl']:.4f} "
+                  f"len {metrics['answer/length_tokens']:.1f} | " + " ".join(f"{k} {v:.1f}s" for k, v in t.items()), flush=True)
+            log_payload = dict(metrics)
+            every = cfg.tracking.image_table_every_steps
+            if every and s % every == 0:
+                import wandb
+
+                table = wandb.Table(columns=["image", "caption", "answer"])
+                for img, cap, text in draw_examples(trainer.last_examples):
+                    table.add_data(wandb.Image(img), cap, text)
+                log_payload["examples"] = table
+            tracker.log(log_payload, step=s)
+            if s % cfg.run.checkpoint_every_steps == 0 or s == cfg.run.steps:
+                metrics["checkpoint"] = str(trainer.save(final=s == cfg.run.steps))
+        if trainer.step_no % cfg.run.sync_every_steps:
+            trainer.sync_weights()
+        metrics["weights_in_sync"] = trainer.weights_in_sync()
+    finally:
+        tracker.finish()
+    return metrics
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    print("rlsys GRPO:", json.dumps(cfg.totals()), flush=True)
+    m = run(cfg)
+    print("final:", json.dumps({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
