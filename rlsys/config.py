@@ -187,3 +187,44 @@ def describe(schema=GRPOConfig, prefix: str = "") -> list[str]:
         else:
             out.append(f"{prefix}{name} = {f.default!r}: {f.description}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT (python -m rlsys.sft): a Ray Train job ahead of GRPO
+# ----------------------------------------------------------------------------------------------
+class SFTTrainConfig(_Section):
+    num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers (data-parallel DeepSpeed ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Ray Train worker requests.")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    micro_batch_size: int = Field(8, ge=1, description="Conversations per forward/backward on one worker.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step; global batch = micro_batch_size x grad_accum_steps x num_workers.")
+    lr_vision: float = Field(2e-6, ge=0, description="Learning rate of the vision encoder (paper: 2e-6).")
+    lr_projector: float = Field(2e-5, ge=0, description="Learning rate of the vision-language merger (paper: 2e-5).")
+    lr_llm: float = Field(2e-5, ge=0, description="Learning rate of the language model (paper: 2e-5).")
+    warmup_fraction: float = Field(0.03, ge=0, lt=1, description="Linear warm-up share of the steps (paper: 3%), then cosine decay.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (paper: 0.01).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    max_phrases: int = Field(4, ge=1, description="Most phrases sampled into one multi-phrase question.")
+    checkpoint_every_steps: int = Field(100, ge=1, description="Ray Train checkpoint every N steps (resumable).")
+    log_every_steps: int = Field(10, ge=1, description="Progress line and W&B log every N steps.")
+    seed: int = Field(0, description="Seed for conversation sampling and initialisation.")
+
+
+class SFTRunConfig(_Section):
+    out_dir: str = Field("runs/sft-tiny", description="Ray Train storage, the final model (out_dir/final) and W&B files.")
+    resume: bool = Field(True, description="Continue from the latest Ray Train checkpoint in out_dir.")
+
+
+class SFTConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: SFTTrainConfig = SFTTrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    run: SFTRunConfig = SFTRunConfig()
+
+    def totals(self) -> dict:
+        g = self.train.micro_batch_size * self.train.grad_accum_steps * self.train.num_workers
+        return {"global_batch": g, "conversations_seen": g * self.train.steps,
+                "warmup_steps": int(self.train.warmup_fraction * self.train.steps)}

@@ -29,46 +29,15 @@ log = logging.getLogger("rlsys.grpo")
 # Preparation (no Ray): model directory, data, prompt order
 # ----------------------------------------------------------------------------------------------
 def prepare_model(cfg: GRPOConfig) -> str:
-    out = Path(cfg.run.out_dir)
-    if cfg.run.init_checkpoint:
-        path = Path(cfg.run.init_checkpoint)
-    elif cfg.model.path:
-        path = Path(cfg.model.path)
-    else:
-        from rlsys.models import ensure_tiny_model
+    from rlsys.prepare import prepare_model_dir
 
-        return str(ensure_tiny_model(out / "tiny-model").resolve())
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model {path}: not a Hugging Face checkpoint directory (no config.json)")
-    from rlsys.models import load_processor, prepare_checkpoint
-
-    try:
-        load_processor(path, trust_remote_code=cfg.model.trust_remote_code)
-    except ValueError:
-        prepared = out / "prepared-model"
-        log.info("adding coordinate tokens to %s (%s) -> %s", path, cfg.model.coord_tokens, prepared)
-        path = prepare_checkpoint(path, prepared, cfg.model.coord_tokens)
-    return str(path.resolve())
+    return prepare_model_dir(cfg.model, cfg.run.out_dir, cfg.run.init_checkpoint)
 
 
 def prepare_data(cfg: GRPOConfig):
-    from rlsys import synthetic
-    from rlsys.data import load_dataset
+    from rlsys.prepare import load_samples
 
-    if cfg.data.train:
-        train = load_dataset(cfg.data.train)
-    else:
-        d = Path(cfg.run.out_dir) / "data"
-        path = d / "train.jsonl"
-        if not path.is_file():
-            synthetic.generate(d, num_images=cfg.data.synthetic_train_images, seed=cfg.data.seed, split="train",
-                               image_size=cfg.data.synthetic_image_size_px)
-        train = load_dataset(path)
-    if cfg.data.tasks:
-        train = [s for s in train if s.task in cfg.data.tasks]
-        if not train:
-            raise ConfigError(f"data.tasks={cfg.data.tasks}: no training sample has one of these tasks")
-    return train
+    return load_samples(cfg.data, cfg.run.out_dir, "train")
 
 
 class PromptOrder:

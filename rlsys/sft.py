@@ -1,0 +1,229 @@
+"""Supervised fine-tuning as a Ray Train job: ``python -m rlsys.sft [--config FILE] [key=value ...]``.
+
+Rex-Omni's first stage (section 4.1): conversations built online from the samples (random
+templates, multi-phrase queries, visual prompts, ``None`` for absent phrases), cross-entropy on
+the answer tokens only, separate learning rates for the vision encoder, the projector and the
+LLM, AdamW with 3% warm-up and weight decay 0.01. Each Ray Train worker runs DeepSpeed (gloo on
+CPUs). Ray Train checkpoints make the run resumable; the final model is written as a Hugging
+Face directory (``out_dir/final``) that GRPO, eval and Serve load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rlsys.config import ConfigError, SFTConfig, describe, load_config
+
+log = logging.getLogger("rlsys.sft")
+DEFAULT_SFT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_tiny_cpu.yaml"
+
+
+def param_groups(model, lrs: dict, weight_decay: float) -> list[dict]:
+    """Vision encoder / projector (merger) / LLM parameter groups, each with its own lr.
+    Norms and biases take no weight decay."""
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "projector" if ".merger." in name else "vision" if ".visual." in name or name.startswith("visual.") else "llm"
+        decay = p.ndim >= 2
+        groups.setdefault((part, decay), []).append(p)
+    return [{"params": ps, "lr": lrs[part], "initial_lr": lrs[part], "weight_decay": weight_decay if decay else 0.0, "name": f"{part}{'' if decay else '_nodecay'}"}
+            for (part, decay), ps in groups.items()]
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% (a multiplier of each group's lr)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import random
+
+    import deepspeed
+    import ray.train
+    import torch
+
+    from rlsys.data import load_dataset
+    from rlsys.models import load_model, load_processor
+    from rlsys.sequences import build_batch
+    from rlsys.targets import conversation
+
+    cfg = SFTConfig.model_validate(config["cfg"])
+    tr = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(tr.seed + rank)
+    processor = load_processor(config["model_dir"], trust_remote_code=cfg.model.trust_remote_code)
+    tok = processor.tokenizer
+    model = load_model(config["model_dir"], dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    lrs = {"vision": tr.lr_vision, "projector": tr.lr_projector, "llm": tr.lr_llm}
+    optim = torch.optim.AdamW(param_groups(model, lrs, tr.weight_decay))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, config={
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.grad_accum_steps,
+        "gradient_clipping": tr.grad_clip,
+        "zero_optimization": {"stage": tr.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+    })
+    samples = load_dataset(config["train_path"])
+    if cfg.data.tasks:
+        samples = [s for s in samples if s.task in cfg.data.tasks]
+    all_phrases = sorted({p for s in samples for p in s.phrases})
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(os.path.join(d, "ds"), tag="state")
+            start = json.loads(Path(d, "state.json").read_text())["step"]
+    warmup = int(tr.warmup_fraction * tr.steps)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    cache: dict = {}
+    tracker = None
+    if rank == 0 and config.get("wandb"):
+        import wandb
+
+        tracker = wandb.init(**config["wandb"])
+    t0 = time.perf_counter()
+    for step in range(start, tr.steps):
+        for g in engine.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr_factor(step, tr.steps, warmup)
+        total = 0.0
+        n_tok_step = 0
+        for micro in range(tr.grad_accum_steps):
+            # Conversations drawn from (seed, step, micro, rank): resuming replays the same data.
+            rng = random.Random(f"{tr.seed}-{step}-{micro}-{rank}")
+            items = []
+            for _ in range(tr.micro_batch_size):
+                s = samples[rng.randrange(len(samples))]
+                _, q, a = conversation(s, rng, all_phrases, tr.max_phrases)
+                msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+                prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+                ids = tok(a, add_special_tokens=False)["input_ids"] + [im_end]
+                items.append({"prompt": prompt, "image": s.image, "response_ids": ids})
+            inputs, targets, mask = build_batch(processor, items, tok.pad_token_id, cache)
+            if len(cache) > 4096:
+                cache.clear()
+            logits = engine(**inputs).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            n_tok = mask.sum()
+            # mean over this micro-batch's answer tokens; DeepSpeed averages over accumulation and ranks
+            loss = torch.where(mask, nll, 0.0).sum() / n_tok.clamp(min=1)
+            engine.backward(loss)
+            engine.step()
+            total += float(loss) / tr.grad_accum_steps
+            n_tok_step += int(n_tok)
+        done = step + 1
+        if done % tr.log_every_steps == 0 or done == tr.steps:
+            m = {"sft/loss": total, "sft/lr_llm": optim.param_groups[0]["lr"], "sft/answer_tokens": n_tok_step,
+                 "sft/s_per_step": (time.perf_counter() - t0) / (done - start)}
+            if rank == 0:
+                print(f"sft step {done}/{tr.steps} loss {total:.4f} ({m['sft/s_per_step']:.2f} s/step)", flush=True)
+            if tracker:
+                tracker.log(m, step=done)
+        if done % tr.checkpoint_every_steps == 0 or done == tr.steps:
+            with tempfile.TemporaryDirectory() as d:
+                engine.save_checkpoint(os.path.join(d, "ds"), tag="state")
+                Path(d, "state.json").write_text(json.dumps({"step": done}))
+                if done == tr.steps and rank == 0:
+                    engine.module.save_pretrained(os.path.join(d, "hf"), safe_serialization=True)
+                    processor.save_pretrained(os.path.join(d, "hf"))
+                ray.train.report({"step": done, "loss": total}, checkpoint=ray.train.Checkpoint.from_directory(d))
+    if tracker:
+        tracker.finish()
+
+
+def run(cfg: SFTConfig) -> Path:
+    """Run the Ray Train job; returns the final Hugging Face directory."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from rlsys.prepare import prepare_data_path, prepare_model_dir
+
+    out = Path(cfg.run.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_model_dir(cfg.model, out, None)
+    train_path = prepare_data_path(cfg.data, out)
+
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        repo = str(Path(__file__).resolve().parent.parent)
+        ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"],
+                                           "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}})
+    wandb_cfg = None
+    if cfg.tracking.mode != "disabled":
+        mode = cfg.tracking.mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        wandb_cfg = {"project": cfg.tracking.project, "name": cfg.tracking.run_name or out.name + "-sft", "dir": str(out),
+                     "mode": mode, "config": cfg.model_dump()}
+    name = "sft"
+    storage = out / "ray_train"
+    trainer_kwargs = dict(
+        train_loop_per_worker=train_loop,
+        train_loop_config={"cfg": cfg.model_dump(), "model_dir": model_dir, "train_path": str(train_path), "wandb": wandb_cfg},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    # Ray Train (v2) resumes by itself: a run with the same name and storage path hands the
+    # latest checkpoint to the workers (ray.train.get_checkpoint()); resume=false starts afresh.
+    if not cfg.run.resume:
+        shutil.rmtree(storage / name, ignore_errors=True)
+    trainer = TorchTrainer(**trainer_kwargs)
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"SFT failed: {result.error}")
+    final = out / "final"
+    with result.checkpoint.as_directory() as d:
+        src = Path(d) / "hf"
+        if not src.is_dir():
+            raise RuntimeError(f"the last SFT checkpoint ({result.checkpoint.path}) has no Hugging Face model")
+        tmp = out / "final.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    print(f"SFT done: {final}", flush=True)
+    return final
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rlsys.sft", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(DEFAULT_SFT_CONFIG))
+    p.add_argument("--help-config", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.help_config:
+        print("\n".join(describe(SFTConfig)))
+        return 0
+    try:
+        cfg = load_config(a.config, a.overrides, schema=SFTConfig)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    print("rlsys SFT:", json.dumps(cfg.totals()), flush=True)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
