@@ -116,7 +116,7 @@ class LearnerWorker:
             for name in ("kl", "clip_fraction", "ratio_mean"):
                 sums[name] = sums.get(name, 0.0) + float(m[name]) * k
             sums["entropy"] = sums.get("entropy", 0.0) + float(entropy[mask].sum())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         out = {k: (v / max(n_tok, 1) if k != "loss" else v) for k, v in sums.items()}
         out.update(tokens=n_tok, learn_s=time.perf_counter() - t0,
                    lr=self.engine.get_lr()[0] if self.engine.get_lr() else self.cfg["lr"])

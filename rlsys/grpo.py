@@ -334,6 +334,7 @@ class Trainer:
             by_task.setdefault(self.samples[i].task, []).extend(s["reward"] for s in scores[g])
         metrics.update({f"reward/{t}": sum(v) / len(v) for t, v in by_task.items()})
         metrics.update({f"time/{k}_s": v for k, v in times.items()})
+        metrics["prompt_ids"] = [self.samples[i].id for i in idx]
         self.last_examples = [(self.samples[idx[g]], answers[g][0]["text"], scores[g][0]["reward"]) for g in range(min(4, len(idx)))]
         return metrics
 
@@ -432,6 +433,10 @@ def run(cfg: GRPOConfig) -> dict:
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model(cfg)
+    if cfg.model.path is None and cfg.run.init_checkpoint is None:
+        log.warning("starting GRPO from the random-weight tiny model: it cannot write the output format yet, so "
+                    "rewards stay near 0. Run SFT first (python -m rlsys.sft) and pass "
+                    "run.init_checkpoint=runs/sft-tiny/final, or run the whole demo: python -m rlsys.demo")
     samples = prepare_data(cfg)
     import ray
 
@@ -460,7 +465,11 @@ def run(cfg: GRPOConfig) -> dict:
                 for img, cap, text in draw_examples(trainer.last_examples):
                     table.add_data(wandb.Image(img), cap, text)
                 log_payload["examples"] = table
+            log_payload.pop("prompt_ids")
             tracker.log(log_payload, step=s)
+            # A plain per-step record beside W&B: greppable, and what resume tests compare.
+            with (out / "steps.jsonl").open("a") as f:
+                f.write(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list))}) + "\n")
             if s % cfg.run.checkpoint_every_steps == 0 or s == cfg.run.steps:
                 metrics["checkpoint"] = str(trainer.save(final=s == cfg.run.steps))
         if trainer.step_no % cfg.run.sync_every_steps:

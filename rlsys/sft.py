@@ -126,7 +126,7 @@ def train_loop(config: dict) -> None:
             loss = torch.where(mask, nll, 0.0).sum() / n_tok.clamp(min=1)
             engine.backward(loss)
             engine.step()
-            total += float(loss) / tr.grad_accum_steps
+            total += float(loss.detach()) / tr.grad_accum_steps
             n_tok_step += int(n_tok)
         done = step + 1
         if done % tr.log_every_steps == 0 or done == tr.steps:

@@ -1,0 +1,137 @@
+"""The embedded demo: ``python -m rlsys.demo`` (the README's main-job command, ``make run``).
+
+On one CPU machine: SFT of the tiny model on the synthetic data (Ray Train), GRPO from that
+checkpoint (Ray actors: vLLM, rewards, DeepSpeed), evaluation of both on the same held-out
+images, and a markdown report with the paper's table (SFT vs GRPO, as tables 2, 13 and 14), the
+reward curve and the F1-over-steps curve. Every stage is a resumable step: a second run reuses
+finished stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rlsys.config import DEFAULT_CONFIG, load_config
+from rlsys.sft import DEFAULT_SFT_CONFIG
+
+
+def _eval(checkpoint: Path, data: Path, out: Path, tasks: str, max_new_tokens: int) -> dict:
+    """Evaluate in a fresh process: each vLLM engine gets its own memory and is gone after."""
+    if not (out / "metrics.json").is_file():
+        cmd = [sys.executable, "-m", "rlsys.eval", "--checkpoint", str(checkpoint), "--data", str(data),
+               "--out", str(out), "--tasks", tasks, "--max-new-tokens", str(max_new_tokens)]
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _plot(steps: list[dict], f1_points: list[tuple[int, float]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in steps], [r["reward/mean"] for r in steps], marker=".")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean reward of rollouts")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "reward_curve.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([s for s, _ in f1_points], [f for _, f in f1_points], marker="o")
+    ax.set_xlabel("GRPO step (0 = SFT)")
+    ax.set_ylabel("held-out F1@mIoU")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "f1_over_steps.png", dpi=100)
+    plt.close(fig)
+
+
+def report(sft_m: dict, grpo_m: dict, steps: list[dict], f1_points, out: Path, commands: list[str]) -> str:
+    def row(name, key, sub="detection", fmt="{:.1f}", scale=100):
+        a, b = sft_m.get(sub, {}).get(key), grpo_m.get(sub, {}).get(key)
+        if a is None or b is None:
+            return None
+        return f"| {name} | {fmt.format(a * scale)} | {fmt.format(b * scale)} | {b * scale - a * scale:+.1f} |"
+
+    rows = [row(n, k) for n, k in (("F1@0.50", "F1@0.50"), ("F1@0.95", "F1@0.95"), ("F1@mIoU", "F1@mIoU"),
+                                  ("R@mIoU", "R@mIoU"), ("P@mIoU", "P@mIoU"),
+                                  ("duplicate rate (%)", "duplicate_rate"), ("large-box rate (%)", "large_box_rate"))]
+    rows += [row("pointing F1", "F1", "pointing"), row("GUI accuracy", "accuracy", "gui"),
+             f"| mean reward (x100) | {sft_m['mean_reward'] * 100:.1f} | {grpo_m['mean_reward'] * 100:.1f} | {(grpo_m['mean_reward'] - sft_m['mean_reward']) * 100:+.1f} |",
+             f"| predictions per image | {sft_m['detection']['predictions_per_image']:.2f} | {grpo_m['detection']['predictions_per_image']:.2f} | |"
+             if "detection" in sft_m and "detection" in grpo_m else None]
+    n = sft_m.get("detection", {}).get("num_images", 0)
+    text = "\n".join([
+        "# rlsys demo: SFT vs GRPO on the synthetic held-out set",
+        "",
+        f"Held-out images: {sft_m['num_samples']} samples ({n} box-task images). Metrics as the paper's section 5.1 "
+        "(F1 at IoU 0.50, 0.95 and the mean over 0.50:0.95), 5.6 (pointing), 5.7 (GUI) and 6.1.2 (duplicate, large box).",
+        "",
+        "| metric | SFT | GRPO | change |",
+        "|---|---|---|---|",
+        *[r for r in rows if r],
+        "",
+        "![reward](reward_curve.png) ![f1](f1_over_steps.png)",
+        "",
+        "F1@mIoU over GRPO steps: " + ", ".join(f"step {s}: {f * 100:.1f}" for s, f in f1_points),
+        "",
+        "Commands:",
+        "",
+        *[f"    {c}" for c in commands],
+    ])
+    (out / "report.md").write_text(text + "\n")
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rlsys.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--sft-config", default=str(DEFAULT_SFT_CONFIG))
+    p.add_argument("--grpo-config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--sft", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for SFT")
+    p.add_argument("--grpo", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for GRPO")
+    p.add_argument("--eval-every-steps", type=int, default=0, help="also evaluate GRPO checkpoints every N steps (0: only the checkpoints GRPO writes)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(a.out).resolve()
+    # Validate both configs before anything starts.
+    sft_cfg = load_config(a.sft_config, [f"run.out_dir={out / 'sft'}", *a.sft], schema=__import__("rlsys.config", fromlist=["SFTConfig"]).SFTConfig)
+    sft_final = out / "sft" / "final"
+    grpo_cfg = load_config(a.grpo_config, [f"run.out_dir={out / 'grpo'}", f"run.init_checkpoint={sft_final}",
+                                           f"data.train={out / 'sft' / 'data' / 'train.jsonl'}", *a.grpo])
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from rlsys import grpo, sft
+    from rlsys.prepare import prepare_data_path
+
+    if not (sft_final / "config.json").is_file():
+        sft.run(sft_cfg)
+    if not (out / "grpo" / "checkpoints" / "latest").is_file() or json.loads(
+            (out / "grpo" / "checkpoints" / (out / "grpo" / "checkpoints" / "latest").read_text().strip() / "trainer_state.json").read_text())["step"] < grpo_cfg.run.steps:
+        grpo.run(grpo_cfg)
+    val = prepare_data_path(sft_cfg.data, out / "sft", "val")
+    tasks = ",".join(sft_cfg.data.tasks or ["detection", "referring", "pointing", "gui", "visual_prompt"])
+    sft_m = _eval(sft_final, val, out / "eval" / "sft", tasks, a.max_new_tokens)
+    ckpts = sorted((out / "grpo" / "checkpoints").glob("step_*[0-9]"))
+    f1_points = [(0, sft_m.get("detection", {}).get("F1@mIoU", 0.0))]
+    grpo_m = sft_m
+    for c in ckpts:
+        s = int(c.name.split("_")[1])
+        m = _eval(c / "hf", val, out / "eval" / c.name, tasks, a.max_new_tokens)
+        f1_points.append((s, m.get("detection", {}).get("F1@mIoU", 0.0)))
+        grpo_m = m
+    steps = [json.loads(l) for l in (out / "grpo" / "steps.jsonl").read_text().splitlines()]
+    _plot(steps, f1_points, out)
+    cmds = [f"python -m rlsys.demo --out {a.out}" + (f" --sft {' '.join(a.sft)}" if a.sft else "") + (f" --grpo {' '.join(a.grpo)}" if a.grpo else "")]
+    print(report(sft_m, grpo_m, steps, f1_points, out, cmds))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""Evaluate a checkpoint on held-out data: ``python -m rlsys.eval --checkpoint DIR [--data FILE]``.
+
+Runs the model through vLLM (greedy decoding) on every sample, then the paper's metrics
+(section 5.1 F1@IoU table, 5.6 pointing F1, 5.7 GUI accuracy, 6.1.2 duplicate and large-box
+rates) from :mod:`rewards.metrics`. Writes ``metrics.json``, ``predictions.jsonl`` and a PNG grid
+of predictions drawn on images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+BOX_TASKS = ("detection", "referring", "visual_prompt", "layout")
+
+
+def generate_answers(model_dir: str, samples, *, max_new_tokens: int = 128, max_model_len: int = 1024,
+                     gpu_memory_utilization: float = 0.1, dtype: str = "float32") -> list[str]:
+    """Greedy answers for the samples' canonical questions (the first template)."""
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    from rlsys.models import load_processor
+    from rlsys.prompts import question_for_sample
+
+    proc = load_processor(model_dir)
+    llm = LLM(model=model_dir, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+              enforce_eager=True, dtype=dtype, limit_mm_per_prompt={"image": 1, "video": 0}, seed=0)
+    inputs = []
+    for s in samples:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question_for_sample(s)}]}]
+        with Image.open(s.image) as im:
+            inputs.append({"prompt": proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+                           "multi_modal_data": {"image": im.convert("RGB")}})
+    outs = llm.generate(inputs, SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=False), use_tqdm=False)
+    del llm
+    return [o.outputs[0].text for o in outs]
+
+
+def predictions_in_pixels(text: str, sample) -> list[tuple[str, str, tuple[float, ...]]]:
+    """``(phrase, kind, coords in pixels)`` per predicted instance."""
+    from rlsys.coords import decode_xy
+    from rlsys.format import parse
+
+    out = []
+    for p in parse(text):
+        for c in p.coords:
+            out.append((p.phrase, p.kind, tuple(float(v) for v in decode_xy(c, sample.width, sample.height))))
+    return out
+
+
+def compute_metrics(samples, answers) -> dict:
+    """The paper's metrics over the samples, by task family."""
+    import numpy as np
+
+    from rewards.metrics import detection_f1, duplicate_rate, gui_accuracy, large_box_rate, pointing_f1
+    from rewards.scorer import score
+
+    det, point_imgs, gui_pts, gui_boxes = [], [], [], []
+    for s, text in zip(samples, answers):
+        preds = predictions_in_pixels(text, s)
+        if s.task in BOX_TASKS and s.output == "box":
+            det.append({"gt": [(i.phrase, i.box) for i in s.instances],
+                        "pred": [(ph, c) for ph, k, c in preds if k == "box"],
+                        "width": s.width, "height": s.height})
+        elif s.task == "pointing" and all(i.mask is not None for i in s.instances):
+            point_imgs.append({"gt": [(i.phrase, i.mask) for i in s.instances],
+                               "pred": [(ph, c) for ph, k, c in preds if k == "point"]})
+        elif s.task == "gui" and s.output == "point":
+            pts = [c for _, k, c in preds if k == "point"]
+            gui_pts.append(pts[0] if pts else None)
+            gui_boxes.append(s.instances[0].box)
+    out: dict = {"num_samples": len(samples)}
+    if det:
+        out["detection"] = detection_f1(det)
+        out["detection"]["duplicate_rate"] = duplicate_rate(det)
+        out["detection"]["large_box_rate"] = large_box_rate(det)
+        out["detection"]["num_images"] = len(det)
+        out["detection"]["predictions_per_image"] = float(np.mean([len(d["pred"]) for d in det]))
+    if point_imgs:
+        out["pointing"] = {**pointing_f1(point_imgs), "num_images": len(point_imgs)}
+    if gui_pts:
+        out["gui"] = {"accuracy": gui_accuracy(gui_pts, gui_boxes), "num_queries": len(gui_pts)}
+    rewards = [score(t, s).reward for s, t in zip(samples, answers)]
+    out["mean_reward"] = float(np.mean(rewards))
+    return out
+
+
+def draw_grid(samples, answers, path, cols: int = 4, max_images: int = 16) -> None:
+    """PNG grid: ground-truth boxes green, predictions red, the question's task on top."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for s, text in list(zip(samples, answers))[:max_images]:
+        with Image.open(s.image) as im:
+            img = im.convert("RGB")
+        d = ImageDraw.Draw(img)
+        for i in s.instances:
+            if i.box:
+                d.rectangle(i.box, outline=(0, 170, 0), width=2)
+        for _, kind, c in predictions_in_pixels(text, s):
+            if kind == "box" and c[2] > c[0] and c[3] > c[1]:
+                d.rectangle(c, outline=(230, 0, 0), width=1)
+            elif kind == "point":
+                d.ellipse([c[0] - 3, c[1] - 3, c[0] + 3, c[1] + 3], fill=(230, 0, 0))
+        d.text((3, 3), s.task, fill=(0, 0, 0))
+        tiles.append(img)
+    if not tiles:
+        return
+    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
+    rows = -(-len(tiles) // cols)
+    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for k, t in enumerate(tiles):
+        grid.paste(t, ((k % cols) * w, (k // cols) * h))
+    grid.save(path)
+
+
+def evaluate(checkpoint, samples, out_dir, *, max_new_tokens: int = 128) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    answers = generate_answers(str(checkpoint), samples, max_new_tokens=max_new_tokens)
+    metrics = compute_metrics(samples, answers)
+    metrics["checkpoint"] = str(checkpoint)
+    with (out / "predictions.jsonl").open("w") as f:
+        for s, a in zip(samples, answers):
+            f.write(json.dumps({"id": s.id, "task": s.task, "answer": a}) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    draw_grid(samples, answers, out / "predictions.png")
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    d = metrics.get("detection", {})
+    rows = ["| metric | value |", "|---|---|"]
+    for k in ("F1@0.50", "F1@0.95", "F1@mIoU", "R@mIoU", "P@mIoU", "duplicate_rate", "large_box_rate"):
+        if k in d:
+            rows.append(f"| {k} | {d[k]:.3f} |")
+    if "pointing" in metrics:
+        rows.append(f"| pointing F1 | {metrics['pointing']['F1']:.3f} |")
+    if "gui" in metrics:
+        rows.append(f"| GUI accuracy | {metrics['gui']['accuracy']:.3f} |")
+    rows.append(f"| mean reward | {metrics['mean_reward']:.3f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rlsys.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="Hugging Face model directory")
+    p.add_argument("--data", help="held-out .jsonl or COCO .json (default: a fresh synthetic validation split)")
+    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks to keep")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if not (Path(a.checkpoint) / "config.json").is_file():
+        print(f"error: {a.checkpoint} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
+        return 2
+    from rlsys.data import load_dataset
+
+    if a.data:
+        samples = load_dataset(a.data)
+    else:
+        from rlsys import synthetic
+
+        samples = load_dataset(synthetic.generate(Path(a.out) / "data", num_images=200, seed=1234, split="val"))
+    if a.tasks:
+        keep = set(a.tasks.split(","))
+        samples = [s for s in samples if s.task in keep]
+    samples = samples[: a.limit] if a.limit else samples
+    m = evaluate(a.checkpoint, samples, a.out, max_new_tokens=a.max_new_tokens)
+    print(format_table(m))
+    print(json.dumps(m))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
