@@ -142,6 +142,10 @@ class LearnerWorker:
         lps = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
         return ids.tolist(), lps.cpu().tolist()
 
+    def state_dict_cpu(self) -> dict:
+        """The full state dict as CPU tensors (for the benchmark's naive per-tensor sync)."""
+        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+
     def checksum(self) -> dict:
         from actors.weight_sync import params_checksum
 

@@ -39,13 +39,13 @@ class RolloutWorker:
         return self.start_s
 
     def generate(self, requests: list[dict], *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int) -> list[list[dict]]:
+                 max_new_tokens: int, seed: int, min_new_tokens: int = 0) -> list[list[dict]]:
         """``requests``: ``{"prompt": chat text, "image": path}``; returns per request ``n`` answers."""
         from PIL import Image
         from vllm import SamplingParams
 
         sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                            logprobs=0, skip_special_tokens=False, seed=seed)
+                            min_tokens=min_new_tokens, logprobs=0, skip_special_tokens=False, seed=seed)
         inputs = []
         for r in requests:
             with Image.open(r["image"]) as im:
@@ -93,6 +93,17 @@ class RolloutWorker:
         ids = list(out.prompt_token_ids)
         lps = [d[t].logprob for t, d in zip(ids[1:], out.prompt_logprobs[1:])]
         return ids, lps
+
+    # The naive transport the benchmark compares against: one Ray call per tensor, then one reload.
+    def stage_tensor(self, name: str, tensor) -> None:
+        self._staged = getattr(self, "_staged", {})
+        self._staged[name] = tensor
+
+    def load_staged(self) -> int:
+        from safetensors.torch import save
+
+        staged, self._staged = getattr(self, "_staged", {}), {}
+        return self.load_weight_buckets(save(staged))
 
     def checksum(self) -> dict:
         return self.llm.collective_rpc("rlsys_checksum")[0]

@@ -27,6 +27,28 @@ class ModelConfig(_Section):
     coord_tokens: Literal["add", "map_last"] = Field("add", description="For a base Qwen2.5-VL without <0>..<999>: add them to the vocabulary, or map them onto the last 1,000 embedding rows as Rex-Omni did.")
     trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code. Off: our loaders need only the Qwen2.5-VL classes in transformers.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Learner parameter dtype (float32 on CPUs).")
+    tiny_hidden_size: int = Field(128, ge=64, description="Tiny model (path None): LLM width; head_dim is fixed at 64, so heads = width / 64.")
+    tiny_num_layers: int = Field(2, ge=1, le=64, description="Tiny model: LLM layers.")
+    tiny_intermediate_size: int = Field(384, ge=64, description="Tiny model: LLM MLP width.")
+    tiny_vision_hidden_size: int = Field(64, ge=32, description="Tiny model: vision encoder width (one head per 64).")
+    tiny_vision_depth: int = Field(2, ge=1, le=64, description="Tiny model: vision encoder layers.")
+    tiny_max_pixels: int = Field(224 * 224, ge=56 * 56, description="Tiny model's image processor budget in pixels (28 x 28 px per image token).")
+
+    @model_validator(mode="after")
+    def _tiny_heads(self):
+        for name in ("tiny_hidden_size", "tiny_vision_hidden_size"):
+            if getattr(self, name) % 64:
+                raise ValueError(f"model.{name} must be a multiple of 64 (head_dim 64: vLLM's CPU attention rejects smaller heads)")
+        return self
+
+    def tiny_spec(self):
+        from rlsys.models import TinySpec
+
+        return TinySpec(hidden_size=self.tiny_hidden_size, num_layers=self.tiny_num_layers,
+                        num_heads=self.tiny_hidden_size // 64, num_kv_heads=1, intermediate_size=self.tiny_intermediate_size,
+                        vision_hidden_size=self.tiny_vision_hidden_size, vision_depth=self.tiny_vision_depth,
+                        vision_heads=self.tiny_vision_hidden_size // 64, vision_intermediate_size=2 * self.tiny_vision_hidden_size,
+                        max_pixels=self.tiny_max_pixels)
 
 
 class DataConfig(_Section):
@@ -35,6 +57,7 @@ class DataConfig(_Section):
     synthetic_train_images: int = Field(2000, ge=1, description="Images in the synthetic training split (when train is None).")
     synthetic_val_images: int = Field(200, ge=1, description="Images in the synthetic validation split.")
     synthetic_image_size_px: int = Field(224, ge=56, le=2048, description="Side of the synthetic square images, in pixels.")
+    synthetic_max_objects: int = Field(6, ge=1, le=30, description="Most shapes in one synthetic scene.")
     tasks: list[str] | None = Field(None, description="Keep only samples of these tasks (None: all).")
     seed: int = Field(0, description="Seed of the synthetic generator and of the prompt order.")
 

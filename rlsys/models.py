@@ -218,7 +218,8 @@ def build_tiny_model(out_dir, spec: TinySpec = TinySpec(), *, overwrite: bool = 
 def ensure_tiny_model(out_dir, spec: TinySpec = TinySpec()) -> Path:
     """Build the tiny model once; later calls reuse the directory if it is complete."""
     out = Path(out_dir)
-    if (out / "config.json").is_file() and (out / "rlsys_tiny_spec.json").is_file():
+    spec_file = out / "rlsys_tiny_spec.json"
+    if (out / "config.json").is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == asdict(spec):
         return out
     return build_tiny_model(out, spec, overwrite=True)
 

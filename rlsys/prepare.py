@@ -21,7 +21,7 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
     if path is None:
         from rlsys.models import ensure_tiny_model
 
-        return str(ensure_tiny_model(out / "tiny-model").resolve())
+        return str(ensure_tiny_model(out / "tiny-model", model.tiny_spec()).resolve())
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {path}: not a Hugging Face checkpoint directory (no config.json)")
@@ -43,7 +43,8 @@ def _synthetic(data: DataConfig, out_dir, split: str) -> Path:
     path = d / f"{split}.jsonl"
     if not path.is_file():
         n = data.synthetic_train_images if split == "train" else data.synthetic_val_images
-        synthetic.generate(d, num_images=n, seed=data.seed, split=split, image_size=data.synthetic_image_size_px)
+        synthetic.generate(d, num_images=n, seed=data.seed, split=split, image_size=data.synthetic_image_size_px,
+                           max_objects=data.synthetic_max_objects)
     return path
 
 

@@ -1,0 +1,213 @@
+"""Benchmarks: where time goes in a GRPO step, and each part against the obvious alternative.
+
+``python -m rlsys.bench [--config FILE] [--out DIR] [--only NAME ...]`` writes ``bench.json``
+and ``bench.md``. Every figure is a ratio against an alternative run in the same process and
+the same minute (this machine is shared and noisy; absolute times drift), and carries the
+command that produced it.
+
+- rollout: tokens/s of the vLLM rollout actor vs Hugging Face ``generate`` on the same model,
+  prompts, images and sampling settings (both forced to the same answer length);
+- rewards: box-IoU F1 vectorised vs a plain Python loop (``rlsys.bench_rewards``);
+- sync: seconds per weight sync (bucketed) vs one Ray call per tensor, for the tiny model and a
+  larger random model of the same architecture, and the sync's share of step time;
+- step: share of step time in generate, reward, reference, learn, sync and idle;
+- scaling: step time as prompts per step doubles (2, 4, 8, 16);
+- serve: requests/s and p50/p99 latency with and without dynamic batching (``rlsys.bench_serve``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rlsys.config import DEFAULT_CONFIG, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+ALL = ("rewards", "rollout", "step", "sync", "scaling", "serve")
+
+
+def _trainer(cfg):
+    from rlsys.grpo import Trainer, prepare_data, prepare_model
+
+    return Trainer(cfg, prepare_model(cfg), prepare_data(cfg))
+
+
+def _kill(trainer) -> None:
+    import ray
+
+    for a in trainer.learners + trainer.rollouts + trainer.rewards.workers:
+        ray.kill(a, no_restart=True)
+    ray.util.remove_placement_group(trainer.learner_pg)
+    ray.util.remove_placement_group(trainer.rollout_pg)
+
+
+def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32) -> dict:
+    """vLLM actor vs HF generate: same prompts, images, temperature/top-p, forced length."""
+    import random
+
+    import ray
+    import torch
+    from PIL import Image
+
+    from rlsys.grpo import _chat_prompt
+    from rlsys.models import load_model, load_processor
+    from rlsys.prompts import question_for_sample
+
+    t = _trainer(cfg)
+    try:
+        reqs = [{"prompt": _chat_prompt(t.processor, question_for_sample(s)), "image": s.image} for s in t.samples[:prompts]]
+        kw = dict(n=samples, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, seed=0)
+        ray.get(t.rollouts[0].generate.remote(reqs, **kw))  # warm-up
+        t0 = time.perf_counter()
+        out = ray.get(t.rollouts[0].generate.remote(reqs, **kw))
+        vllm_s = time.perf_counter() - t0
+        vllm_tokens = sum(len(a["token_ids"]) for o in out for a in o)
+    finally:
+        _kill(t)
+    proc = load_processor(t.model_dir)
+    model = load_model(t.model_dir).eval()
+    proc.tokenizer.padding_side = "left"
+    images = [Image.open(r["image"]).convert("RGB") for r in reqs]
+    inputs = proc(text=[r["prompt"] for r in reqs], images=images, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    gen = dict(do_sample=True, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=new_tokens,
+               min_new_tokens=new_tokens, num_return_sequences=samples, pad_token_id=proc.tokenizer.pad_token_id)
+    with torch.no_grad():
+        model.generate(**inputs, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        t0 = time.perf_counter()
+        seqs = model.generate(**inputs, **gen)
+        hf_s = time.perf_counter() - t0
+    hf_tokens = (seqs.shape[1] - inputs["input_ids"].shape[1]) * seqs.shape[0]
+    random.seed(0)
+    return {"vllm_tokens_per_s": vllm_tokens / vllm_s, "hf_tokens_per_s": hf_tokens / hf_s,
+            "ratio_vllm_over_hf": (vllm_tokens / vllm_s) / (hf_tokens / hf_s),
+            "prompts": prompts, "samples_per_prompt": samples, "new_tokens": new_tokens}
+
+
+def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
+    """Step breakdown (steady state: the first step is dropped) and sync, bucketed vs naive."""
+    import ray
+
+    t = _trainer(cfg)
+    try:
+        recs = [t.step() for _ in range(steps)][1:]
+        stages = ("generate", "reward", "reference", "learn", "sync", "idle")
+        step_s = statistics.mean(r["time/step_s"] for r in recs)
+        share = {s: statistics.mean(r.get(f"time/{s}_s", 0.0) for r in recs) / step_s for s in stages}
+        bucketed = [t.sync_weights() for _ in range(sync_repeats)]
+        naive = []
+        for _ in range(sync_repeats):
+            t0 = time.perf_counter()
+            sd = ray.get(t.learners[0].state_dict_cpu.remote())
+            ray.get([t.rollouts[0].stage_tensor.remote(k, v) for k, v in sd.items()])
+            ray.get(t.rollouts[0].load_staged.remote())
+            naive.append(time.perf_counter() - t0)
+        in_sync = t.weights_in_sync()
+        n_tensors, n_params = len(sd), sum(v.numel() for v in sd.values())
+    finally:
+        _kill(t)
+    return {"step_s": step_s, "share": share, "sync_bucketed_s": statistics.median(bucketed),
+            "sync_naive_s": statistics.median(naive), "ratio_naive_over_bucketed": statistics.median(naive) / statistics.median(bucketed),
+            "sync_share_of_step": statistics.median(bucketed) / step_s, "tensors": n_tensors, "parameters": n_params,
+            "weights_in_sync_after": in_sync}
+
+
+def bench_scaling(cfg, sizes=(2, 4, 8, 16), steps: int = 2) -> dict:
+    out = {}
+    for n in sizes:
+        c = cfg.model_copy(deep=True)
+        c.run.prompts_per_step = n
+        t = _trainer(c)
+        try:
+            recs = [t.step() for _ in range(steps)]
+        finally:
+            _kill(t)
+        out[n] = recs[-1]["time/step_s"]
+    return {"step_s_by_prompts_per_step": out,
+            "growth_per_doubling": [out[b] / out[a] for a, b in zip(sizes, sizes[1:])]}
+
+
+def _module_json(args: list[str], timeout_s: int) -> dict | None:
+    r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout_s,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    if r.returncode != 0 or not lines:
+        return {"error": (r.stderr or r.stdout)[-800:]}
+    return json.loads(lines[-1])
+
+
+def markdown(res: dict, cmd: str) -> str:
+    rows = ["| part | figure | alternative | ratio | command |", "|---|---|---|---|---|"]
+    if "rewards" in res and "speedup" in res["rewards"]:
+        r = res["rewards"]
+        rows.append(f"| rewards: box-IoU F1, 64 x 100 x 100 | {r['vectorised_s'] * 1e3:.1f} ms | loop {r['reference_s'] * 1e3:.0f} ms | {r['speedup']:.0f}x | `python -m rlsys.bench_rewards` |")
+    if "rollout" in res:
+        r = res["rollout"]
+        rows.append(f"| rollout tokens/s (vLLM actor) | {r['vllm_tokens_per_s']:.0f} | HF generate {r['hf_tokens_per_s']:.0f} | {r['ratio_vllm_over_hf']:.1f}x | `{cmd} --only rollout` |")
+    for key, label in (("sync", "tiny"), ("sync_large", "larger")):
+        if key in res:
+            r = res[key]
+            rows.append(f"| weight sync, {label} model ({r['parameters'] / 1e6:.1f}M params, {r['tensors']} tensors) | {r['sync_bucketed_s'] * 1e3:.0f} ms, {r['sync_share_of_step'] * 100:.1f}% of step | per-tensor calls {r['sync_naive_s'] * 1e3:.0f} ms | {r['ratio_naive_over_bucketed']:.1f}x | `{cmd} --only sync` |")
+    if "sync" in res:
+        sh = res["sync"]["share"]
+        rows.append("| step time shares (tiny default) | " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in sh.items())
+                    + f" of {res['sync']['step_s']:.2f} s | | | `{cmd} --only step` |")
+    if "scaling" in res:
+        s = res["scaling"]["step_s_by_prompts_per_step"]
+        rows.append("| step time vs prompts per step | " + ", ".join(f"{k}: {v:.2f} s" for k, v in s.items())
+                    + " | | x" + ", x".join(f"{g:.2f}" for g in res["scaling"]["growth_per_doubling"]) + f" per doubling | `{cmd} --only scaling` |")
+    if "serve" in res and res["serve"] and "error" not in res["serve"]:
+        rows.append(f"| serve | `{json.dumps(res['serve'])[:200]}` | | | `python -m rlsys.bench_serve` |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rlsys.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--only", nargs="*", choices=ALL, default=list(ALL))
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(a.out)
+    cfg = load_config(a.config, [f"run.out_dir={out / 'run'}", "run.resume=false", "tracking.mode=disabled", *a.overrides])
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cmd = "python -m rlsys.bench" + (f" --config {a.config}" if a.config != str(DEFAULT_CONFIG) else "")
+    res: dict = {"device": "CPU, " + str(os.cpu_count()) + " cores", "config": a.config}
+    if "rewards" in a.only:
+        res["rewards"] = _module_json(["rlsys.bench_rewards"], 600)
+    if set(a.only) & {"rollout", "step", "sync", "scaling"}:
+        import ray
+
+        ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}})
+        if "rollout" in a.only:
+            res["rollout"] = bench_rollout(cfg)
+        if "step" in a.only or "sync" in a.only:
+            res["sync"] = bench_step_and_sync(cfg)
+        if "sync" in a.only:
+            big = cfg.model_copy(deep=True)
+            big.run.out_dir = str(out / "run-large")
+            big.model.tiny_hidden_size, big.model.tiny_num_layers, big.model.tiny_intermediate_size = 512, 8, 1536
+            big.model.tiny_vision_hidden_size, big.model.tiny_vision_depth = 256, 4
+            res["sync_large"] = bench_step_and_sync(big, steps=2)
+        if "scaling" in a.only:
+            res["scaling"] = bench_scaling(cfg)
+    if "serve" in a.only:
+        res["serve"] = _module_json(["rlsys.bench_serve"], 1200)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(res, indent=2))
+    md = markdown(res, cmd)
+    (out / "bench.md").write_text(md + "\n")
+    print(md)
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

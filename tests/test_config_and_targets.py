@@ -1,0 +1,87 @@
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rlsys import synthetic
+from rlsys.config import ConfigError, GRPOConfig, SFTConfig, load_config
+from rlsys.coords import decode_xy
+from rlsys.data import load_jsonl
+from rlsys.format import parse, parse_keypoints
+from rlsys.targets import answer_text, conversation
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_and_totals():
+    cfg = load_config()
+    t = cfg.totals()
+    # 4 prompts x 4 samples per prompt; one rank; micro-batch 8 -> 2 micro-batches
+    assert t["samples_per_step"] == 16 and t["micro_batches_per_rank_per_step"] == 2
+    assert cfg.cpus_requested() <= 2  # the embedded default fits this 2-core machine
+
+
+def test_sft_configs_load():
+    for f in sorted((REPO / "configs").glob("sft_*.yaml")):
+        load_config(f, schema=SFTConfig)
+
+
+def test_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"rollout\.samples_per_prompt: Input should be greater than or equal to 2"):
+        load_config(overrides=["rollout.samples_per_prompt=1"])
+    with pytest.raises(ConfigError, match=r"learner\.bogus"):
+        load_config(overrides=["learner.bogus=3"])
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        load_config(overrides=["model.tiny_hidden_size=96"])
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        load_config(overrides=["learner.micro_batch_size=999"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(overrides=["run.steps"])
+
+
+def test_help_and_config_errors_are_fast_and_need_no_ray():
+    # the entry point validates before importing Ray/vLLM/DeepSpeed
+    code = ("import sys, rlsys.grpo as g; rc = g.main(['run.steps=0']); "
+            "assert rc == 2, rc; assert not any(m in sys.modules for m in ('ray', 'vllm', 'deepspeed')), 'heavy import'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "run.steps" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "rlsys.grpo", "--help-config"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0 and "rollout.samples_per_prompt = 8" in r.stdout
+
+
+def test_sft_targets_decode_back_to_ground_truth(tmp_path):
+    samples = load_jsonl(synthetic.generate(tmp_path, num_images=80, seed=2))
+    for s in samples:
+        text = answer_text(s)
+        if s.output == "keypoint":
+            insts, bad = parse_keypoints(text)
+            assert bad == 0 and len(insts) == len(s.instances)
+            continue
+        p = parse(text)
+        assert p.unreadable == 0
+        assert [x.phrase for x in p] == s.phrases
+        for pred in p:
+            gts = s.instances_of(pred.phrase)
+            if not gts:
+                assert pred.kind == "none"
+                continue
+            key = {"box": "box", "point": "point", "polygon": "polygon"}[pred.kind]
+            got = sorted(tuple(decode_xy(c, s.width, s.height)) for c in pred.coords)
+            want = sorted(tuple(getattr(g, key)) for g in gts)
+            # every coordinate within the codec's bound, size / 1998
+            assert np.allclose(got, want, atol=s.width / 1998 + 1e-9)
+
+
+def test_conversation_sampling_is_seeded_and_keeps_present_phrases(tmp_path):
+    samples = load_jsonl(synthetic.generate(tmp_path, num_images=40, seed=3, tasks=("detection",)))
+    a = [conversation(s, random.Random(7), ["circle", "square", "triangle"])[1:] for s in samples]
+    b = [conversation(s, random.Random(7), ["circle", "square", "triangle"])[1:] for s in samples]
+    assert a == b
+    for s in samples:
+        asked, _, ans = conversation(s, random.Random(1), ["circle", "square", "triangle"])
+        assert any(asked.instances_of(p) for p in asked.phrases)  # never a question whose answer is all None
+        assert all(i.phrase in asked.phrases for i in asked.instances)
