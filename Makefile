@@ -1,16 +1,26 @@
 # The two commands of the README. Both create .venv/ and install everything on first use
 # (scripts/setup_venv.sh; a second run reuses it), then run.
-.PHONY: setup grpo test bench-rewards
+.PHONY: setup run grpo sft test bench bench-rewards
 
 setup:
 	@bash scripts/setup_venv.sh
 
-# The main job on the embedded default (configs/tiny_cpu.yaml); pass ARGS="run.steps=10 ..." for overrides.
+# The main job on the embedded default: SFT -> GRPO -> eval of both -> runs/demo/report.md.
+run: setup
+	.venv/bin/python -m rlsys.demo $(ARGS)
+
+# GRPO alone on configs/tiny_cpu.yaml; pass ARGS="run.init_checkpoint=runs/demo/sft/final run.steps=10" etc.
 grpo: setup
 	.venv/bin/python -m rlsys.grpo $(ARGS)
 
 test: setup
 	.venv/bin/python -m pytest -q tests $(ARGS)
+
+sft: setup
+	.venv/bin/python -m rlsys.sft $(ARGS)
+
+bench: setup
+	.venv/bin/python -m rlsys.bench $(ARGS)
 
 bench-rewards: setup
 	.venv/bin/python -m rlsys.bench_rewards

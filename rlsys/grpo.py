@@ -453,6 +453,9 @@ def run(cfg: GRPOConfig) -> dict:
         while trainer.step_no < cfg.run.steps:
             metrics = trainer.step()
             s = metrics["step"]
+            # A plain per-step record beside W&B: greppable, and what resume tests compare.
+            with (out / "steps.jsonl").open("a") as f:
+                f.write(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list))}) + "\n")
             t = {k[5:-2]: v for k, v in metrics.items() if k.startswith("time/")}
             print(f"step {s}/{cfg.run.steps} reward {metrics['reward/mean']:.3f} kl {metrics['learner/kl']:.4f} "
                   f"len {metrics['answer/length_tokens']:.1f} | " + " ".join(f"{k} {v:.1f}s" for k, v in t.items()), flush=True)
@@ -467,9 +470,6 @@ def run(cfg: GRPOConfig) -> dict:
                 log_payload["examples"] = table
             log_payload.pop("prompt_ids")
             tracker.log(log_payload, step=s)
-            # A plain per-step record beside W&B: greppable, and what resume tests compare.
-            with (out / "steps.jsonl").open("a") as f:
-                f.write(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list))}) + "\n")
             if s % cfg.run.checkpoint_every_steps == 0 or s == cfg.run.steps:
                 metrics["checkpoint"] = str(trainer.save(final=s == cfg.run.steps))
         if trainer.step_no % cfg.run.sync_every_steps:

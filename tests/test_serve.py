@@ -1,0 +1,257 @@
+"""Serving: request validation and bin->pixel mapping alone (fast), then one real Serve app on the
+tiny model, called over HTTP (slow): every task, every class of bad input, a concurrent burst,
+the client and the CLI. The tiny model is random, so answers are checked for shape, not content."""
+
+import base64
+import io
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+from PIL import Image
+
+from rlsys.config import REPO_ROOT
+from rlsys.serve import (AppArgs, DetectRequest, RequestError, ServeConfig, check_request, load_image,
+                         load_serve_config, to_objects)
+
+W, H = 160, 120
+
+
+def _image_bytes(w=W, h=H, fmt="PNG") -> bytes:
+    im = Image.new("RGB", (w, h), (200, 60, 30))
+    im.paste((20, 90, 220), (w // 4, h // 4, w // 2, h // 2))
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _letters(n: int, seed: int) -> str:
+    import random
+    import string
+
+    rng = random.Random(seed)
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast: no Ray, no engine
+# ---------------------------------------------------------------------------------------------
+def test_shipped_serve_configs_load():
+    cfg = load_serve_config(REPO_ROOT / "configs" / "serve_tiny_cpu.yaml")
+    assert cfg.batching.enabled and cfg.deployment.min_replicas <= cfg.deployment.max_replicas
+    # the Serve config file is valid for Serve, points at our builder, and its args fit AppArgs
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((REPO_ROOT / "configs" / "serve_app.yaml").read_text())
+    ServeDeploySchema.model_validate(raw)
+    (app,) = raw["applications"]
+    assert app["import_path"] == "rlsys.serve:app_builder"
+    args = AppArgs.model_validate(app["args"])
+    assert isinstance(load_serve_config(args.config, args.overrides), ServeConfig)
+
+
+def test_to_objects_maps_bins_to_request_pixels():
+    # bin b of 999 on a side of s pixels is b / 999 * s: 0 -> 0, 999 -> s, 333 -> s / 3
+    text = ("<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><333><999><999>,<333><0><666><333><|box_end|>, "
+            "<|object_ref_start|>dog<|object_ref_end|><|box_start|>None<|box_end|>, "
+            "<|object_ref_start|>tip<|object_ref_end|><|box_start|><999><0><|box_end|>")
+    objs, bad = to_objects(text, "detection", 300, 600)
+    assert bad == 0
+    assert objs == [
+        {"phrase": "cat", "box": [0.0, 200.0, 300.0, 600.0]},
+        {"phrase": "cat", "box": [100.0, 0.0, 200.0, 200.0]},
+        {"phrase": "tip", "point": [300.0, 0.0]},  # "dog" is absent: no object
+    ]
+    kp = '{"person1": {"box": <0><0><999><999>, "keypoints": {"nose": <333><666>, "left eye": "unvisible"}}}'
+    objs, bad = to_objects(kp, "keypoint", 300, 600)
+    assert bad == 0 and objs == [{"phrase": "person1", "box": [0.0, 0.0, 300.0, 600.0],
+                                  "keypoints": {"nose": [100.0, 400.0], "left eye": None}}]
+    objs, bad = to_objects("gibberish <12>", "detection", 300, 600)
+    assert objs == [] and bad == 1
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"task": "detection"}, "needs field 'categories'"),
+    ({"task": "detection", "categories": ["a"], "expression": "x"}, "do not apply to task 'detection'"),
+    ({"task": "pointing", "categories": ["a"], "output": "box"}, "not available for task 'pointing'"),
+    ({"task": "detection", "categories": ["a"] * 9}, "too many categories"),
+    ({"task": "detection", "categories": ["<|box_start|>"]}, "special token"),
+    ({"task": "referring", "expression": "x" * 201}, "over the limit"),
+    ({"task": "visual_prompt", "prompt_boxes": [[5, 5, 1, 9]]}, "inverted"),
+    ({"task": "visual_prompt", "prompt_boxes": [[1, 2, 3]]}, "4 finite numbers"),
+])
+def test_check_request_names_the_problem(body, message):
+    limits = ServeConfig().limits.model_copy(update={"max_categories": 8})
+    with pytest.raises(RequestError, match=message) as e:
+        check_request(DetectRequest(image="", **body), limits)
+    assert e.value.status == 422
+
+
+def test_load_image_limits_and_formats():
+    limits = ServeConfig().limits.model_copy(update={"max_image_bytes": 4096, "max_image_pixels": 100_000})
+    assert load_image(_b64(_image_bytes()), limits).size == (W, H)
+    assert load_image("data:image/jpeg;base64," + _b64(_image_bytes(fmt="JPEG")), limits).size == (W, H)
+    cases = [("http://example.com/a.png", 400, "URL"), ("%%%", 400, "base64"), (_b64(b"hello"), 400, "PNG or JPEG"),
+             (_b64(_image_bytes(fmt="GIF")), 400, "PNG or JPEG"), (_b64(os.urandom(5000)), 413, "bytes"),
+             (_b64(_image_bytes(400, 300)), 413, "pixels"), (_b64(_image_bytes(300, 1)), 422, "aspect ratio")]
+    for spec, status, message in cases:
+        with pytest.raises(RequestError, match=message) as e:
+            load_image(spec, limits)
+        assert e.value.status == status, spec[:40]
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow: one Serve app for the module
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    import ray
+    from ray import serve
+
+    from rlsys.serve import build_app
+
+    cfg = load_serve_config(overrides=[
+        "generation.max_new_tokens=24", "limits.max_image_bytes=200000", "limits.max_image_pixels=1000000",
+        "limits.max_categories=8", "deployment.name=detector-test"])
+    port = _free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg, tiny_model_dir), name=cfg.deployment.name, route_prefix="/", blocking=False)
+        yield f"http://127.0.0.1:{port}", cfg
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _post(url: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v1/detect", data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _check_answer(ans: dict, w=W, h=H):
+    assert set(ans) >= {"objects", "raw", "image_size", "latency_ms"}
+    assert ans["image_size"] == [w, h] and isinstance(ans["raw"], str) and ans["latency_ms"] > 0
+    for obj in ans["objects"]:  # whatever the random model wrote, decoded into the image
+        xy = [v for k in ("box", "point", "polygon") for v in obj.get(k, [])]
+        assert isinstance(obj["phrase"], str) and all(0 <= v <= max(w, h) for v in xy)
+
+
+GOOD = {
+    "detection": {"categories": ["red square", "blue square"]},
+    "referring": {"expression": "the blue square on the left"},
+    "pointing": {"categories": ["blue square"]},
+    "visual_prompt": {"prompt_boxes": [[40, 30, 80, 60]]},
+    "ocr": {"output": "polygon"},
+    "gui": {"expression": "the submit button", "output": "box"},
+    "keypoint": {"categories": ["person"], "keypoint_names": ["nose", "left eye"]},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(GOOD))
+def test_every_task_answers(server, task):
+    url, _ = server
+    status, ans = _post(url, {"image": _b64(_image_bytes()), "task": task, **GOOD[task]})
+    assert status == 200, ans
+    _check_answer(ans)
+
+
+@pytest.mark.slow
+def test_health(server):
+    url, _ = server
+    with urllib.request.urlopen(url + "/-/healthz", timeout=30) as r:  # answered by Serve's proxy
+        assert r.status == 200
+    with urllib.request.urlopen(url + "/v1/health", timeout=30) as r:  # answered by the replica
+        assert json.loads(r.read())["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_bad_requests_get_4xx_and_server_stays_up(server):
+    url, cfg = server
+    png = _b64(_image_bytes())
+    det = {"image": png, "task": "detection", "categories": ["a"]}
+    bad = [
+        ("malformed JSON", b'{"image": "abc", "task": ', 400, "malformed JSON"),
+        ("not an object", b"[1, 2]", 422, "JSON object"),
+        ("missing field", {"task": "detection", "categories": ["a"]}, 422, "missing field 'image'"),
+        ("unknown field", {**det, "categorie": ["a"]}, 422, "unknown field 'categorie'"),
+        ("bad task", {**det, "task": "segmentation"}, 422, "task"),
+        ("wrong type", {**det, "categories": [1, 2]}, 422, "categories"),
+        ("bad base64", {**det, "image": "not base64!"}, 400, "base64"),
+        ("non-image", {**det, "image": _b64(b"GIF89a but not really")}, 400, "PNG or JPEG"),
+        ("over byte limit", {**det, "image": _b64(os.urandom(210_000))}, 413, "bytes"),
+        ("over pixel limit", {**det, "image": _b64(_image_bytes(1200, 1000))}, 413, "pixels"),
+        ("body over limit", b"x" * (cfg.limits.max_request_bytes + 1), 413, "request body"),
+        ("too many categories", {**det, "categories": [f"c{i}" for i in range(9)]}, 422, "too many categories"),
+        ("box outside image", {"image": png, "task": "visual_prompt", "prompt_boxes": [[10, 10, 500, 50]]}, 422, "outside"),
+        ("wrong output", {**det, "output": "polygon"}, 422, "not available"),
+        ("field of another task", {**det, "expression": "x"}, 422, "do not apply"),
+        ("URL with fetching off", {**det, "image": "http://127.0.0.1:1/x.png"}, 400, "does not fetch URLs"),
+        # valid fields, but ~1,500 prompt tokens > max_model_len 1024: vLLM refuses, we answer 422
+        ("prompt over the context", {**det, "categories": [_letters(200, seed=i) for i in range(8)]}, 422, "cannot take"),
+    ]
+    for name, body, status, message in bad:
+        got, ans = _post(url, body)
+        assert (got, message in ans.get("error", "")) == (status, True), (name, got, ans)
+    status, ans = _post(url, det)
+    assert status == 200, ans
+    _check_answer(ans)
+
+
+@pytest.mark.slow
+def test_concurrent_burst_all_answered(server):
+    from rlsys.client import DetectClient
+
+    url, _ = server
+    client = DetectClient(url, timeout_s=120)
+    img = Image.open(io.BytesIO(_image_bytes())).convert("RGB")  # loaded: a lazy PIL image is not thread-safe
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: client.detect(img, categories=[f"object {i}"]), range(16)))
+    assert len(answers) == 16
+    for ans in answers:
+        _check_answer(ans)
+
+
+@pytest.mark.slow
+def test_client_error_and_cli(server, tmp_path, capsys):
+    from rlsys import detect
+    from rlsys.client import DetectClient, DetectError
+
+    url, _ = server
+    src = tmp_path / "in.jpg"
+    src.write_bytes(_image_bytes(fmt="JPEG"))
+    with pytest.raises(DetectError, match="not available for task 'pointing'") as e:
+        DetectClient(url).detect(src, "pointing", categories=["a"], output="box")
+    assert e.value.status == 422
+
+    out = tmp_path / "out.png"
+    assert detect.main([str(src), "--url", url, "--categories", "red square,blue square", "--save", str(out)]) == 0
+    _check_answer(json.loads(capsys.readouterr().out))
+    with Image.open(out) as im:
+        assert im.size == (W, H)
+    # drawing handles every geometry
+    objs = [{"phrase": "a", "box": [1, 2, 50, 60]}, {"phrase": "b", "point": [10, 10]},
+            {"phrase": "c", "polygon": [1, 1, 30, 1, 30, 30]},
+            {"phrase": "d", "box": [5, 5, 20, 20], "keypoints": {"nose": [8, 8], "eye": None}}]
+    assert detect.draw_objects(Image.new("RGB", (W, H)), objs).size == (W, H)
