@@ -22,7 +22,11 @@ def _zero(error: str) -> dict:
 
 @ray.remote
 class RewardWorker:
-    def __init__(self, matching: str, sam_checkpoint: str | None = None):
+    def __init__(self, matching: str, sam_checkpoint: str | None = None, scorer: str = "rewards.scorer:score"):
+        import importlib
+
+        module, _, fn = scorer.partition(":")
+        self.score_fn = getattr(importlib.import_module(module), fn)
         self.matching = matching
         self.mask_source = None
         if sam_checkpoint:
@@ -41,13 +45,12 @@ class RewardWorker:
         """``items``: (answer text, sample dict). A sample that raises comes back with ``failed``."""
         from dataclasses import asdict
 
-        from rewards.scorer import score
         from rlsys.data import Sample
 
         out = []
         for text, sd in items:
             try:
-                r = asdict(score(text, Sample.from_dict(sd), mask_source=self.mask_source, matching=self.matching))
+                r = asdict(self.score_fn(text, Sample.from_dict(sd), mask_source=self.mask_source, matching=self.matching))
                 r["failed"] = False
             except Exception as exc:  # reported to the controller, which retries once
                 r = _zero(f"{type(exc).__name__}: {exc}")
@@ -58,8 +61,9 @@ class RewardWorker:
 class RewardGroup:
     """Driver-side handle over ``num_workers`` reward actors."""
 
-    def __init__(self, num_workers: int, matching: str, sample_timeout_s: float, sam_checkpoint=None, cpus_per_worker: float = 0.5):
-        self.matching, self.sam, self.cpus = matching, sam_checkpoint, cpus_per_worker
+    def __init__(self, num_workers: int, matching: str, sample_timeout_s: float, sam_checkpoint=None,
+                 cpus_per_worker: float = 0.5, scorer: str = "rewards.scorer:score"):
+        self.matching, self.sam, self.cpus, self.scorer = matching, sam_checkpoint, cpus_per_worker, scorer
         self.workers = [self._start() for _ in range(num_workers)]
         self.sample_timeout_s = sample_timeout_s
         self.failures = 0
@@ -105,7 +109,7 @@ class RewardGroup:
         return r
 
     def _start(self, start_timeout_s: float = 300.0):
-        w = RewardWorker.options(num_cpus=self.cpus).remote(self.matching, self.sam)
+        w = RewardWorker.options(num_cpus=self.cpus).remote(self.matching, self.sam, self.scorer)
         ready, _ = ray.wait([w.ready.remote()], timeout=start_timeout_s)
         if not ready:
             raise TimeoutError(f"a reward worker did not start within {start_timeout_s:.0f} s")

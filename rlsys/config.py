@@ -82,6 +82,7 @@ class RewardConfig(_Section):
     matching: Literal["paper", "hungarian"] = Field("paper", description="Box reward matching: the paper's equations 3-4, or one-to-one (stricter on duplicates).")
     sample_timeout_s: float = Field(30.0, gt=0, description="Limit for scoring one answer; on timeout or error it is retried once, then scores 0 and is counted.")
     sam_checkpoint: str | None = Field(None, description="Local SAM checkpoint for point-in-mask rewards on data without masks.")
+    scorer: str = Field("rewards.scorer:score", description="module:function scoring (text, Sample, mask_source=, matching=) -> RewardResult; replace it to train on your own reward.")
 
 
 class LearnerConfig(_Section):

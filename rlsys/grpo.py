@@ -170,7 +170,8 @@ class Trainer:
             for r in range(le.num_ranks)
         ]
         self.rollouts = [self._new_engine(i) for i in range(ro.num_engines)]
-        self.rewards = RewardGroup(cfg.reward.num_workers, cfg.reward.matching, cfg.reward.sample_timeout_s, cfg.reward.sam_checkpoint, cfg.reward.cpus_per_worker)
+        self.rewards = RewardGroup(cfg.reward.num_workers, cfg.reward.matching, cfg.reward.sample_timeout_s, cfg.reward.sam_checkpoint,
+                                   cfg.reward.cpus_per_worker, cfg.reward.scorer)
         t0 = time.perf_counter()
         _get([w.ready.remote() for w in self.learners] + [e.ready.remote() for e in self.rollouts], 900, "actor start-up")
         log.info("actors ready in %.1f s", time.perf_counter() - t0)
