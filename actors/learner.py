@@ -10,11 +10,30 @@ import time
 import ray
 
 
+def rendezvous_address() -> tuple[str, int]:
+    """This node's IP and a free port: rank 0's, where the other ranks connect."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
 @ray.remote
 class LearnerWorker:
-    def __init__(self, model_dir: str, learner_cfg: dict, *, rank: int, world_size: int,
-                 master_addr: str, master_port: int, micro_batches_per_step: int, seed: int,
-                 dtype: str = "float32", trust_remote_code: bool = False):
+    """Construct all ranks, ask rank 0 for :meth:`address`, then call :meth:`setup` on every rank
+    with it (rank 0 may sit on any node, so the driver's address would be wrong)."""
+
+    def __init__(self, *, rank: int, world_size: int):
+        self.rank, self.world = rank, world_size
+
+    def address(self) -> tuple[str, int]:
+        return rendezvous_address()
+
+    def setup(self, model_dir: str, learner_cfg: dict, *, master_addr: str, master_port: int,
+              micro_batches_per_step: int, seed: int, dtype: str = "float32", trust_remote_code: bool = False) -> int:
+        rank, world_size = self.rank, self.world
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         import deepspeed
@@ -23,7 +42,6 @@ class LearnerWorker:
         from rlsys.models import load_model, load_processor
 
         self.cfg = learner_cfg
-        self.rank, self.world = rank, world_size
         torch.manual_seed(seed + rank)
         random.seed(seed + rank)
         cuda = torch.cuda.is_available() and learner_cfg["gpus_per_rank"] > 0
@@ -52,8 +70,6 @@ class LearnerWorker:
         if self.ref is not None:
             self.ref.to(self.device)
         self._cache: dict = {}
-
-    def ready(self) -> int:
         return self.rank
 
     def _batches(self, items):

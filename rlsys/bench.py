@@ -177,7 +177,6 @@ def main(argv=None) -> int:
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(a.out)
     cfg = load_config(a.config, [f"run.out_dir={out / 'run'}", "run.resume=false", "tracking.mode=disabled", *a.overrides])
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cmd = "python -m rlsys.bench" + (f" --config {a.config}" if a.config != str(DEFAULT_CONFIG) else "")
     res: dict = {"device": "CPU, " + str(os.cpu_count()) + " cores", "config": a.config}
     if "rewards" in a.only:
@@ -185,7 +184,9 @@ def main(argv=None) -> int:
     if set(a.only) & {"rollout", "step", "sync", "scaling"}:
         import ray
 
-        ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}})
+        from rlsys.grpo import actor_env
+
+        ray.init(runtime_env={"env_vars": actor_env(cpu_only=cfg.learner.gpus_per_rank == 0)})
         if "rollout" in a.only:
             res["rollout"] = bench_rollout(cfg)
         if "step" in a.only or "sync" in a.only:

@@ -119,6 +119,7 @@ class RunConfig(_Section):
     resume: bool = Field(True, description="Continue from the last checkpoint in out_dir when there is one.")
     init_checkpoint: str | None = Field(None, description="Start the policy from this HF directory (an SFT result) instead of model.path.")
     seed: int = Field(0, description="Seed for prompt order, sampling and initialisation.")
+    actor_start_timeout_s: float = Field(900.0, gt=0, description="Limit for placing and starting the actor groups (a cold autoscaled GPU node can take long).")
 
 
 class GRPOConfig(_Section):

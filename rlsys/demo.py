@@ -106,7 +106,6 @@ def main(argv=None) -> int:
     sft_final = out / "sft" / "final"
     grpo_cfg = load_config(a.grpo_config, [f"run.out_dir={out / 'grpo'}", f"run.init_checkpoint={sft_final}",
                                            f"data.train={out / 'sft' / 'data' / 'train.jsonl'}", *a.grpo])
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from rlsys import grpo, sft
     from rlsys.prepare import prepare_data_path
 

@@ -103,14 +103,6 @@ class Checkpoints:
         return final
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def _chat_prompt(processor, question: str) -> str:
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -154,26 +146,27 @@ class Trainer:
         # few nodes. Rollout engines are placed separately so they can sit on other GPU nodes.
         self.learner_pg = placement_group([{"CPU": le.cpus_per_rank, **({"GPU": le.gpus_per_rank} if le.gpus_per_rank else {})}] * le.num_ranks, strategy="PACK")
         self.rollout_pg = placement_group([{"CPU": ro.cpus_per_engine, **({"GPU": ro.gpus_per_engine} if ro.gpus_per_engine else {})}] * ro.num_engines, strategy="SPREAD")
-        _get([self.learner_pg.ready(), self.rollout_pg.ready()], 600, "placement groups (are the cluster's resources enough?)")
+        _get([self.learner_pg.ready(), self.rollout_pg.ready()], cfg.run.actor_start_timeout_s,
+             "placement groups (are the cluster's resources enough? an autoscaler may need longer: run.actor_start_timeout_s)")
 
-        addr = ray.util.get_node_ip_address()
-        port = _free_port()
         per_rank = -(-cfg.samples_per_step // le.num_ranks)
         self.micro_batches = -(-per_rank // le.micro_batch_size)
         self.learners = [
             LearnerWorker.options(
                 num_cpus=le.cpus_per_rank, num_gpus=le.gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.learner_pg, placement_group_bundle_index=r),
-            ).remote(model_dir, le.model_dump(), rank=r, world_size=le.num_ranks, master_addr=addr, master_port=port,
-                     micro_batches_per_step=self.micro_batches, seed=cfg.run.seed, dtype=cfg.model.dtype,
-                     trust_remote_code=cfg.model.trust_remote_code)
+            ).remote(rank=r, world_size=le.num_ranks)
             for r in range(le.num_ranks)
         ]
+        addr, port = _get(self.learners[0].address.remote(), cfg.run.actor_start_timeout_s, "learner rank 0 start")
+        learner_setup = [w.setup.remote(model_dir, le.model_dump(), master_addr=addr, master_port=port,
+                                        micro_batches_per_step=self.micro_batches, seed=cfg.run.seed, dtype=cfg.model.dtype,
+                                        trust_remote_code=cfg.model.trust_remote_code) for w in self.learners]
         self.rollouts = [self._new_engine(i) for i in range(ro.num_engines)]
         self.rewards = RewardGroup(cfg.reward.num_workers, cfg.reward.matching, cfg.reward.sample_timeout_s, cfg.reward.sam_checkpoint,
                                    cfg.reward.cpus_per_worker, cfg.reward.scorer)
         t0 = time.perf_counter()
-        _get([w.ready.remote() for w in self.learners] + [e.ready.remote() for e in self.rollouts], 900, "actor start-up")
+        _get(learner_setup + [e.ready.remote() for e in self.rollouts], cfg.run.actor_start_timeout_s, "actor start-up")
         log.info("actors ready in %.1f s", time.perf_counter() - t0)
 
         last = self.ckpt.latest() if cfg.run.resume else None
@@ -428,9 +421,19 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def actor_env(cpu_only: bool) -> dict:
+    """Environment the actors need that the driver's does not already carry (a local cluster's
+    workers inherit the driver's; under `ray job submit` the job's runtime env provides its own,
+    and Ray refuses a driver that sets a variable the job already sets): the repository on
+    PYTHONPATH, and DeepSpeed's CPU accelerator when no GPU is used."""
+    wanted = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    if cpu_only:
+        wanted["DS_ACCELERATOR"] = "cpu"
+    return {k: v for k, v in wanted.items() if k not in os.environ}
+
+
 def run(cfg: GRPOConfig) -> dict:
     """Run GRPO to ``cfg.run.steps``; returns the last step's metrics and the final checkpoint."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model(cfg)
@@ -441,12 +444,11 @@ def run(cfg: GRPOConfig) -> dict:
     samples = prepare_data(cfg)
     import ray
 
-    repo = str(Path(__file__).resolve().parent.parent)
-    env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "WANDB_MODE", "VLLM_CPU_KVCACHE_SPACE") if k in os.environ}
-    env["PYTHONPATH"] = repo + os.pathsep + os.environ.get("PYTHONPATH", "")
     if not ray.is_initialized():
-        # Joins the cluster when there is one (RAY_ADDRESS is set under `ray job submit`), else starts one here.
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+        # Joins the cluster when there is one (RAY_ADDRESS is set under `ray job submit`), else
+        # starts one here. Only variables the job has not set itself go into the runtime env: Ray
+        # refuses a driver that sets one the job's runtime env already sets.
+        ray.init(runtime_env={"env_vars": actor_env(cpu_only=cfg.learner.gpus_per_rank == 0)}, log_to_driver=True)
     tracker = start_tracking(cfg)
     trainer = Trainer(cfg, model_dir, samples)
     metrics: dict = {}

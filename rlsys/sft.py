@@ -150,7 +150,6 @@ def train_loop(config: dict) -> None:
 
 def run(cfg: SFTConfig) -> Path:
     """Run the Ray Train job; returns the final Hugging Face directory."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from rlsys.prepare import prepare_data_path, prepare_model_dir
 
     out = Path(cfg.run.out_dir).resolve()
@@ -163,9 +162,9 @@ def run(cfg: SFTConfig) -> Path:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        repo = str(Path(__file__).resolve().parent.parent)
-        ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"],
-                                           "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}})
+        from rlsys.grpo import actor_env
+
+        ray.init(runtime_env={"env_vars": actor_env(cpu_only=not cfg.train.use_gpu)})
     wandb_cfg = None
     if cfg.tracking.mode != "disabled":
         mode = cfg.tracking.mode

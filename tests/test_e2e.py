@@ -94,21 +94,23 @@ def test_grpo_end_to_end_kill_and_resume(sft_run, tmp_path):
     sft_out, _ = sft_run
     init = sft_out / "final"
     out = tmp_path / "grpo"
-    # Training data whose rewards are sure to vary after a short SFT: referring samples (always
-    # one box, so the SFT'd policy answers with a box, never None) whose ground truth is the whole
-    # image. Every box then scores IoU = its area / the image's, > 0 and different per answer, so
-    # groups carry signal and the update must move the weights; real data would make that a
+    # Training data whose rewards are sure to vary after a short SFT: visual-prompt samples (the
+    # answer's phrase is always "object1", which a short SFT copies reliably, and there is always a
+    # box, never None) whose ground truth is one box covering the whole image. Every box answer then
+    # scores IoU = its area / the image's: > 0 and different per answer, so groups carry signal
+    # and the update must move the weights. On the real synthetic ground truth that would be a
     # matter of luck after 120 SFT steps.
     recs = [json.loads(l) for l in (sft_out / "data" / "train.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if r["task"] == "referring"]
+    recs = [r for r in recs if r["task"] == "visual_prompt"]
+    assert len(recs) >= 8
     for r in recs:
         r["image"] = str(sft_out / "data" / r["image"])
-        r["instances"] = [{"phrase": r["phrases"][0], "box": [0, 0, r["width"], r["height"]]}]
-    data = tmp_path / "whole_image_referring.jsonl"
+        r["instances"] = [{"phrase": "object1", "box": [0, 0, r["width"], r["height"]]}]
+    data = tmp_path / "whole_image_visual_prompt.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
     args = [sys.executable, "-m", "rlsys.grpo", f"run.out_dir={out}", f"run.init_checkpoint={init}", f"data.train={data}",
             "run.checkpoint_every_steps=2", "tracking.image_table_every_steps=2", "learner.lr=5e-4",
-            "rollout.temperature=1.2"]
+            "data.tasks=[visual_prompt]"]
     # First run: 4 steps asked, killed after step 3 is logged (its last checkpoint is step 2).
     p = subprocess.Popen(args + ["run.steps=4"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -1,0 +1,48 @@
+"""GRPO controller with real actors: a dead rollout engine is restarted and its step retried;
+dynamic sampling draws more prompts when groups carry no signal."""
+
+import os
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    import ray
+
+    from rlsys.config import load_config
+    from rlsys.grpo import Trainer, prepare_data, prepare_model
+
+    out = tmp_path_factory.mktemp("faults")
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    cfg = load_config(overrides=[f"run.out_dir={out}", "run.resume=false", "tracking.mode=disabled",
+                                 "data.synthetic_train_images=40", "rollout.max_new_tokens=16",
+                                 "run.dynamic_sampling=true", "run.max_resample_rounds=1"])
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}})
+    t = Trainer(cfg, prepare_model(cfg), prepare_data(cfg))
+    yield t
+    ray.shutdown()
+
+
+def test_dead_rollout_engine_is_restarted_and_the_step_retried(trainer):
+    import ray
+
+    ray.kill(trainer.rollouts[0], no_restart=True)
+    m = trainer.step()
+    assert m["step"] == 1 and trainer.step_no == 1
+    # the new engine got the learner's weights before it retried the prompts
+    assert trainer.weights_in_sync()
+
+
+def test_dynamic_sampling_draws_more_prompts_for_zero_std_groups(trainer):
+    # The random tiny model never writes the format: every reward is 0, every group has std 0.
+    # With one resample round, a step draws prompts_per_step twice, then keeps what it has.
+    before = trainer.order.position
+    m = trainer.step()
+    assert m["groups/zero_std_fraction"] == 1.0
+    assert trainer.order.position - before == 2 * trainer.cfg.run.prompts_per_step
+    assert len(m["prompt_ids"]) == trainer.cfg.run.prompts_per_step
