@@ -164,7 +164,12 @@ def markdown(res: dict, cmd: str) -> str:
         rows.append("| step time vs prompts per step | " + ", ".join(f"{k}: {v:.2f} s" for k, v in s.items())
                     + " | | x" + ", x".join(f"{g:.2f}" for g in res["scaling"]["growth_per_doubling"]) + f" per doubling | `{cmd} --only scaling` |")
     if "serve" in res and res["serve"] and "error" not in res["serve"]:
-        rows.append(f"| serve | `{json.dumps(res['serve'])[:200]}` | | | `python -m rlsys.bench_serve` |")
+        on, off, ratio = res["serve"]["on"], res["serve"]["off"], res["serve"]["ratio_on_off"]
+        rows.append(f"| serve, dynamic batching on ({res['serve']['concurrency']} concurrent clients) | {on['requests_per_s']} req/s, "
+                    f"p50 {on['p50_ms']} ms, p99 {on['p99_ms']} ms | off: {off['requests_per_s']} req/s, p50 {off['p50_ms']} ms, "
+                    f"p99 {off['p99_ms']} ms | {ratio['requests_per_s']}x req/s | `python -m rlsys.bench_serve` |")
+    elif "serve" in res:
+        rows.append(f"| serve | failed: {str(res['serve'])[:200]} | | | `python -m rlsys.bench_serve` |")
     return "\n".join(rows)
 
 

@@ -24,3 +24,17 @@ def score(text, sample, **kw):
     if "boom" in sample.id and misbehave:
         raise RuntimeError(f"scorer exploded on {sample.id} in pid {os.getpid()}")
     return real_score(text, sample, **kw)
+
+
+def coordinate_count_reward(text, sample, **kw):
+    """A dense, text-only reward for the end-to-end test: the number of coordinate tokens in the
+    answer, over 8, capped at 1. After a short SFT the policy's answers differ in it, so every
+    group carries signal whatever the model's localisation; the geometric rewards are tested on
+    their own."""
+    import re
+
+    from rewards.scorer import RewardResult
+
+    n = len(re.findall(r"<\d+>", text.split("<|im_end|>")[0]))
+    return RewardResult(reward=min(1.0, n / 8), kind="coordinate_count", precision=0.0, recall=0.0,
+                        num_pred=n, num_gt=len(sample.instances), unreadable=0, duplicate=False, large_box=False)

@@ -26,19 +26,22 @@ def _run(args, timeout_s, cwd):
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
-    """SFT of the tiny model for 120 steps: enough to write the output format, so GRPO's rewards vary."""
+    """SFT of the tiny model for 150 steps on the tasks whose answer is always a box (referring,
+    visual prompts: no None targets), so the policy writes boxes and GRPO's rewards vary."""
     out = tmp_path_factory.mktemp("sft")
-    stdout = _run(["rlsys.sft", f"run.out_dir={out}", "train.steps=120", "train.log_every_steps=20",
-                   "train.checkpoint_every_steps=60", "data.synthetic_train_images=300", "tracking.mode=offline"], 900, out)
+    stdout = _run(["rlsys.sft", f"run.out_dir={out}", "train.steps=150", "train.log_every_steps=25",
+                   "train.checkpoint_every_steps=75", "data.synthetic_train_images=400", "tracking.mode=offline",
+                   "data.tasks=[referring,visual_prompt]"], 900, out)
     return out, stdout
 
 
 def test_sft_loss_falls_and_checkpoint_loads_in_vllm(sft_run):
     out, stdout = sft_run
-    losses = [float(x) for x in re.findall(r"sft step \d+/120 loss ([0-9.]+)", stdout)]
+    losses = [float(x) for x in re.findall(r"sft step \d+/150 loss ([0-9.]+)", stdout)]
     assert len(losses) >= 6, stdout[-2000:]
-    # a random model starts near ln(vocab) = ln(1728) = 7.45 nats per token; teacher forcing must cut it a lot
-    assert losses[0] > 4.0 and losses[-1] < 0.6 * losses[0], losses
+    # a random model starts near ln(vocab) = ln(1728) = 7.45 nats per token; by the first log
+    # (step 25) it has learnt the fixed parts of the format; the coordinates must then keep improving
+    assert losses[0] > 2.5 and losses[-1] < 0.6 * losses[0], losses
     final = out / "final"
     assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
     # the SFT result loads and generates in vLLM, through the evaluation entry point
@@ -94,23 +97,14 @@ def test_grpo_end_to_end_kill_and_resume(sft_run, tmp_path):
     sft_out, _ = sft_run
     init = sft_out / "final"
     out = tmp_path / "grpo"
-    # Training data whose rewards are sure to vary after a short SFT: visual-prompt samples (the
-    # answer's phrase is always "object1", which a short SFT copies reliably, and there is always a
-    # box, never None) whose ground truth is one box covering the whole image. Every box answer then
-    # scores IoU = its area / the image's: > 0 and different per answer, so groups carry signal
-    # and the update must move the weights. On the real synthetic ground truth that would be a
-    # matter of luck after 120 SFT steps.
-    recs = [json.loads(l) for l in (sft_out / "data" / "train.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if r["task"] == "visual_prompt"]
-    assert len(recs) >= 8
-    for r in recs:
-        r["image"] = str(sft_out / "data" / r["image"])
-        r["instances"] = [{"phrase": "object1", "box": [0, 0, r["width"], r["height"]]}]
-    data = tmp_path / "whole_image_visual_prompt.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    args = [sys.executable, "-m", "rlsys.grpo", f"run.out_dir={out}", f"run.init_checkpoint={init}", f"data.train={data}",
+    # A short SFT teaches the format, not localisation (see the demo's report), so on geometric
+    # rewards every group of this tiny policy would score 0 and nothing would be learnt. The
+    # system test plugs in a dense text reward instead (reward.scorer); the geometry is tested in
+    # test_rewards/test_scorer, and GRPO with the real scorer runs in test_job_submit and
+    # test_grpo_faults.
+    args = [sys.executable, "-m", "rlsys.grpo", f"run.out_dir={out}", f"run.init_checkpoint={init}",
             "run.checkpoint_every_steps=2", "tracking.image_table_every_steps=2", "learner.lr=5e-4",
-            "data.tasks=[visual_prompt]"]
+            "reward.scorer=tests.scorers_for_tests:coordinate_count_reward"]
     # First run: 4 steps asked, killed after step 3 is logged (its last checkpoint is step 2).
     p = subprocess.Popen(args + ["run.steps=4"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
