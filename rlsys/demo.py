@@ -29,28 +29,27 @@ def _eval(checkpoint: Path, data: Path, out: Path, tasks: str, max_new_tokens: i
     return json.loads((out / "metrics.json").read_text())
 
 
-def _plot(steps: list[dict], f1_points: list[tuple[int, float]], out: Path) -> None:
+def _line_plot(xs, ys, xlabel: str, ylabel: str, path: Path, marker: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in steps], [r["reward/mean"] for r in steps], marker=".")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("mean reward of rollouts")
+    ax.plot(xs, ys, marker=marker)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "reward_curve.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([s for s, _ in f1_points], [f for _, f in f1_points], marker="o")
-    ax.set_xlabel("GRPO step (0 = SFT)")
-    ax.set_ylabel("held-out F1@mIoU")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "f1_over_steps.png", dpi=100)
-    plt.close(fig)
+
+
+def _plot(steps: list[dict], f1_points: list[tuple[int, float]], out: Path) -> None:
+    _line_plot([r["step"] for r in steps], [r["reward/mean"] for r in steps], "GRPO step", "mean reward of rollouts",
+               out / "reward_curve.png", ".")
+    _line_plot([s for s, _ in f1_points], [f for _, f in f1_points], "GRPO step (0 = SFT)", "held-out F1@mIoU",
+               out / "f1_over_steps.png", "o")
 
 
 def report(sft_m: dict, grpo_m: dict, steps: list[dict], f1_points, out: Path, commands: list[str]) -> str:

@@ -1,0 +1,36 @@
+"""The demo's report: the SFT-vs-GRPO table and both curves, from metrics dicts as rlsys.eval writes them."""
+
+from rlsys.demo import _plot, report
+
+
+def _metrics(f1, dup, reward):
+    det = {"F1@0.50": f1 + 0.1, "F1@0.95": f1 - 0.1, "F1@mIoU": f1, "R@mIoU": f1, "P@mIoU": f1,
+           "duplicate_rate": dup, "large_box_rate": 0.0, "predictions_per_image": 2.5, "num_images": 10}
+    return {"num_samples": 20, "detection": det, "pointing": {"F1": 0.3}, "gui": {"accuracy": 0.5}, "mean_reward": reward}
+
+
+def test_report_table_change_column_and_curves(tmp_path):
+    sft, grpo = _metrics(0.40, 0.20, 0.30), _metrics(0.45, 0.05, 0.41)
+    steps = [{"step": 1, "reward/mean": 0.3}, {"step": 2, "reward/mean": 0.35}]
+    f1_points = [(0, 0.40), (2, 0.45)]
+    _plot(steps, f1_points, tmp_path)
+    text = report(sft, grpo, steps, f1_points, tmp_path, ["python -m rlsys.demo --out X"])
+    lines = text.splitlines()
+    # values in percent, change = GRPO - SFT
+    assert "| F1@mIoU | 40.0 | 45.0 | +5.0 |" in lines
+    assert "| F1@0.50 | 50.0 | 55.0 | +5.0 |" in lines
+    assert "| duplicate rate (%) | 20.0 | 5.0 | -15.0 |" in lines
+    assert "| mean reward (x100) | 30.0 | 41.0 | +11.0 |" in lines
+    assert "| pointing F1 | 30.0 | 30.0 | +0.0 |" in lines
+    assert "F1@mIoU over GRPO steps: step 0: 40.0, step 2: 45.0" in text
+    assert "    python -m rlsys.demo --out X" in lines
+    assert (tmp_path / "report.md").read_text() == text + "\n"
+    for png in ("reward_curve.png", "f1_over_steps.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_leaves_out_rows_a_run_did_not_measure(tmp_path):
+    sft, grpo = _metrics(0.4, 0.2, 0.3), _metrics(0.4, 0.2, 0.3)
+    del sft["gui"], grpo["gui"]
+    text = report(sft, grpo, [], [(0, 0.4)], tmp_path, [])
+    assert "GUI accuracy" not in text and "| F1@mIoU |" in text
