@@ -131,7 +131,7 @@ class LearnerWorker:
             n_tok += k
             for name in ("kl", "clip_fraction", "ratio_mean"):
                 sums[name] = sums.get(name, 0.0) + float(m[name]) * k
-            sums["entropy"] = sums.get("entropy", 0.0) + float(entropy[mask].sum())
+            sums["entropy"] = sums.get("entropy", 0.0) + float(entropy.detach()[mask].sum())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         out = {k: (v / max(n_tok, 1) if k != "loss" else v) for k, v in sums.items()}
         out.update(tokens=n_tok, learn_s=time.perf_counter() - t0,
@@ -159,8 +159,12 @@ class LearnerWorker:
         return ids.tolist(), lps.cpu().tolist()
 
     def state_dict_cpu(self) -> dict:
-        """The full state dict as CPU tensors (for the benchmark's naive per-tensor sync)."""
-        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
+        """The full state dict as CPU tensors (for the benchmark's naive per-tensor sync).
+
+        Cloned: under ZeRO the parameters are views into one flat buffer, and pickling a view
+        writes its whole storage, so without the copy each tensor would carry the whole model
+        (28.7M parameters x 153 tensors came to 17 GB and Ray's OOM killer stopped the learner)."""
+        return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
 
     def checksum(self) -> dict:
         from actors.weight_sync import params_checksum
