@@ -44,8 +44,15 @@ class RolloutWorker:
         from PIL import Image
         from vllm import SamplingParams
 
+        from vllm.platforms import current_platform
+
+        # A per-request seed makes vLLM keep a torch.Generator per request and rewind its offset
+        # when a step's sample is discarded (a prompt prefilled in chunks). CPU generators have
+        # no offset: the engine dies with "CPU Generator does not use offset" once a batch's
+        # prompts exceed one prefill chunk. On CPU the engine's own seed (set at start) is used.
+        req_seed = None if current_platform.is_cpu() else seed
         sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                            min_tokens=min_new_tokens, logprobs=0, skip_special_tokens=False, seed=seed)
+                            min_tokens=min_new_tokens, logprobs=0, skip_special_tokens=False, seed=req_seed)
         inputs = []
         for r in requests:
             with Image.open(r["image"]) as im:

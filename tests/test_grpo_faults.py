@@ -46,3 +46,19 @@ def test_dynamic_sampling_draws_more_prompts_for_zero_std_groups(trainer):
     assert m["groups/zero_std_fraction"] == 1.0
     assert trainer.order.position - before == 2 * trainer.cfg.run.prompts_per_step
     assert len(m["prompt_ids"]) == trainer.cfg.run.prompts_per_step
+
+
+def test_rollout_batch_larger_than_one_prefill_chunk(trainer):
+    # 16 prompts x 4 samples with images: more prompt tokens than one prefill chunk, so vLLM
+    # splits prefills and discards the partial steps' samples. With a per-request seed on CPU
+    # that killed the engine ("CPU Generator does not use offset"; found by the benchmark).
+    import ray
+
+    from rlsys.grpo import _chat_prompt
+    from rlsys.prompts import question_for_sample
+
+    reqs = [{"prompt": _chat_prompt(trainer.processor, question_for_sample(s)), "image": s.image} for s in trainer.samples[:16]]
+    out = ray.get(trainer.rollouts[0].generate.remote(reqs, n=4, temperature=1.0, top_p=1.0, max_new_tokens=8,
+                                                      min_new_tokens=8, seed=0), timeout=600)
+    assert len(out) == 16 and all(len(o) == 4 for o in out)
+    assert all(len(a["token_ids"]) == 8 and len(a["logprobs"]) == 8 for o in out for a in o)
