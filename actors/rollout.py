@@ -12,6 +12,7 @@ import time
 
 import ray
 
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 @ray.remote
 class RolloutWorker:
@@ -34,6 +35,13 @@ class RolloutWorker:
             trust_remote_code=False,
         )
         self.start_s = time.perf_counter() - t0
+        # Vision placeholders must never be sampled: the learner re-reads prompt + answer through
+        # the processor, and an <|image_pad|> in an answer is taken for an image slot with no
+        # features ("Image features and image tokens do not match"; a random tiny model samples
+        # one in a few hundred tokens). A bias of -100 (vLLM's floor) removes them.
+        tok = self.llm.get_tokenizer()
+        ids = [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+        self.banned = {i: -100.0 for i in ids if isinstance(i, int) and i != tok.unk_token_id}
 
     def ready(self) -> float:
         return self.start_s
@@ -52,7 +60,8 @@ class RolloutWorker:
         # prompts exceed one prefill chunk. On CPU the engine's own seed (set at start) is used.
         req_seed = None if current_platform.is_cpu() else seed
         sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                            min_tokens=min_new_tokens, logprobs=0, skip_special_tokens=False, seed=req_seed)
+                            min_tokens=min_new_tokens, logprobs=0, skip_special_tokens=False, seed=req_seed,
+                            logit_bias=self.banned or None)
         inputs = []
         for r in requests:
             with Image.open(r["image"]) as im:

@@ -62,3 +62,6 @@ def test_rollout_batch_larger_than_one_prefill_chunk(trainer):
                                                       min_new_tokens=8, seed=0), timeout=600)
     assert len(out) == 16 and all(len(o) == 4 for o in out)
     assert all(len(a["token_ids"]) == 8 and len(a["logprobs"]) == 8 for o in out for a in o)
+    # vision placeholders are never sampled (the learner would read one as an image slot)
+    vision = {trainer.processor.image_token_id, trainer.processor.video_token_id}
+    assert not any(set(a["token_ids"]) & vision for o in out for a in o)
