@@ -82,6 +82,7 @@ class TinySpec:
     min_pixels: int = 56 * 56
     max_pixels: int = 224 * 224
     max_position_embeddings: int = 4096
+    rope_theta: float = 1000000.0
     seed: int = 0
 
 
@@ -165,7 +166,7 @@ def build_tiny_model(out_dir, spec: TinySpec = TinySpec(), *, overwrite: bool = 
             num_attention_heads=spec.num_heads,
             num_key_value_heads=spec.num_kv_heads,
             max_position_embeddings=spec.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+            rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta, "mrope_section": mrope},
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
