@@ -232,6 +232,7 @@ class SFTTrainConfig(_Section):
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     max_phrases: int = Field(4, ge=1, description="Most phrases sampled into one multi-phrase question.")
+    coord_label_sigma_bins: float = Field(0.0, ge=0, le=100, description="Soft targets for coordinate tokens: a Gaussian of this width in bins over <0>..<999> instead of a one-hot (SimCC-style). 0: plain cross-entropy, as the paper.")
     checkpoint_every_steps: int = Field(100, ge=1, description="Ray Train checkpoint every N steps (resumable).")
     log_every_steps: int = Field(10, ge=1, description="Progress line and W&B log every N steps.")
     seed: int = Field(0, description="Seed for conversation sampling and initialisation.")

@@ -58,7 +58,8 @@ def train_loop(config: dict) -> None:
     import torch
 
     from rlsys.data import load_dataset
-    from rlsys.models import load_model, load_processor
+    from rlsys.losses import answer_token_loss
+    from rlsys.models import coordinate_token_ids, load_model, load_processor
     from rlsys.sequences import build_batch
     from rlsys.targets import conversation
 
@@ -93,6 +94,7 @@ def train_loop(config: dict) -> None:
             start = json.loads(Path(d, "state.json").read_text())["step"]
     warmup = int(tr.warmup_fraction * tr.steps)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    coord_ids = torch.tensor(coordinate_token_ids(tok)) if tr.coord_label_sigma_bins > 0 else None
     cache: dict = {}
     tracker = None
     if rank == 0 and config.get("wandb"):
@@ -119,11 +121,10 @@ def train_loop(config: dict) -> None:
             inputs, targets, mask = build_batch(processor, items, tok.pad_token_id, cache)
             if len(cache) > 4096:
                 cache.clear()
-            logits = engine(**inputs).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            n_tok = mask.sum()
+            logits = engine(**inputs).logits[:, :-1]
+            per_token, n_tok = answer_token_loss(logits, targets, mask, coord_ids, tr.coord_label_sigma_bins)
             # mean over this micro-batch's answer tokens; DeepSpeed averages over accumulation and ranks
-            loss = torch.where(mask, nll, 0.0).sum() / n_tok.clamp(min=1)
+            loss = per_token.sum() / n_tok.clamp(min=1)
             engine.backward(loss)
             engine.step()
             total += float(loss.detach()) / tr.grad_accum_steps

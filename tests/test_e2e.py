@@ -56,6 +56,18 @@ def test_sft_loss_falls_and_checkpoint_loads_in_vllm(sft_run):
     assert "F1@0.50" in ev
 
 
+def test_sft_with_soft_coordinate_targets(tmp_path):
+    """The soft-target loss (train.coord_label_sigma_bins) through Ray Train and DeepSpeed: it
+    runs, the loss falls, and the final model is written."""
+    stdout = _run(["rlsys.sft", f"run.out_dir={tmp_path}", "train.steps=30", "train.log_every_steps=10",
+                   "train.checkpoint_every_steps=30", "train.coord_label_sigma_bins=5", "data.synthetic_train_images=60",
+                   "tracking.mode=disabled", "data.tasks=[referring,visual_prompt]"], 600, tmp_path)
+    losses = [float(x) for x in re.findall(r"sft step \d+/30 loss ([0-9.]+)", stdout)]
+    assert len(losses) >= 3, stdout[-2000:]
+    assert losses[-1] < losses[0], losses
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
 def _kill_tree(proc):
     """SIGKILL the run and everything it started (its local Ray cluster, vLLM processes), and
     nothing else: `ray stop` would also stop other Ray clusters on this machine."""
