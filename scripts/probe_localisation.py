@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--size-px", type=int, default=112, help="image side; 28 px per image token")
     ap.add_argument("--rope-theta", type=float, default=1e6, help="the LLM's M-RoPE base (Qwen2.5-VL: 1e6)")
     ap.add_argument("--sigma-bins", type=float, default=0.0, help="soft coordinate targets (rlsys.losses)")
-    ap.add_argument("--overlay", type=float, default=0.0, help="add a left-right ramp of this many levels to red and a top-bottom ramp to green")
+    ap.add_argument("--overlay", type=float, default=0.0, help="paint positions into the pixels: a left-right ramp of this many levels in red, top-bottom in green")
     ap.add_argument("--blank", action="store_true", help="train on blank images: what the text alone gives")
     ap.add_argument("--eval-every", type=int, default=100)
     a = ap.parse_args()
@@ -61,9 +61,11 @@ def main() -> None:
         _, question, answer = conversation(sample, rng, list(synthetic.SHAPES), 1)
         arr = np.asarray(img, dtype=np.float32).copy()
         if a.overlay:
+            # compress the colours first so the ramp is never clipped away at 0 or 255
             yy, xx = np.mgrid[0 : a.size_px, 0 : a.size_px] / a.size_px
-            arr[..., 0] += a.overlay * (xx - 0.5)
-            arr[..., 1] += a.overlay * (yy - 0.5)
+            arr *= 1 - a.overlay / 255
+            arr[..., 0] += a.overlay * xx
+            arr[..., 1] += a.overlay * yy
         if a.blank:
             arr[:] = 240
         path = work / f"{next(counter)}.png"
