@@ -7,6 +7,7 @@ coordinate tokens get them added (``model.coord_tokens``) into ``out_dir/prepare
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -41,10 +42,21 @@ def _synthetic(data: DataConfig, out_dir, split: str) -> Path:
 
     d = Path(out_dir) / "data"
     path = d / f"{split}.jsonl"
-    if not path.is_file():
-        n = data.synthetic_train_images if split == "train" else data.synthetic_val_images
-        synthetic.generate(d, num_images=n, seed=data.seed, split=split, image_size=data.synthetic_image_size_px,
-                           max_objects=data.synthetic_max_objects)
+    n = data.synthetic_train_images if split == "train" else data.synthetic_val_images
+    params = {"num_images": n, "seed": data.seed, "split": split, "image_size": data.synthetic_image_size_px,
+              "max_objects": data.synthetic_max_objects, "position_ramp_levels": data.synthetic_position_ramp_levels,
+              # only the tasks the run trains on: every image is used (detection twice as often by default)
+              "tasks": list(data.tasks) if data.tasks else list(synthetic.TASK_MIX)}
+    # The parameters are stamped next to the data: a run with other settings regenerates it
+    # instead of silently training on the old set.
+    stamp = d / f"{split}.params.json"
+    if not (path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == params):
+        if path.is_file():
+            log.info("synthetic %s data in %s was made with other settings: regenerating", split, d)
+        synthetic.generate(d, **params)
+        tmp = stamp.with_suffix(".tmp")
+        tmp.write_text(json.dumps(params))
+        tmp.replace(stamp)
     return path
 
 

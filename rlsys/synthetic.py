@@ -187,12 +187,37 @@ def _gui_sample(rng, image_name, size, buttons, task) -> Sample:
     raise ValueError(task)
 
 
+def paint_position_ramp(img, levels: int):
+    """Write each pixel's position into its colour: red rises by ``levels`` from left to right,
+    green from top to bottom; the colours are first compressed by ``1 - levels/255`` so nothing
+    clips. Returns a new image.
+
+    Why: Qwen2.5-VL's vision tower has no absolute position embedding (2-D rotary only), so a
+    small model trained from random weights can tell what an image token shows but not where it
+    sits: the tiny model learns an object's size to ~1% and its position not at all
+    (scripts/probe_localisation.py). Painting the coordinates in, as CoordConv adds coordinate
+    channels to a CNN, puts position into the tokens' contents. A pretrained model does not need
+    it; real data never has it.
+    """
+    from PIL import Image
+
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) * (1 - levels / 255)
+    h, w = arr.shape[:2]
+    arr[..., 0] += levels * (np.arange(w, dtype=np.float32) / w)[None, :]
+    arr[..., 1] += levels * (np.arange(h, dtype=np.float32) / h)[:, None]
+    return Image.fromarray(np.rint(arr).clip(0, 255).astype(np.uint8))
+
+
 def generate(out_dir, *, num_images: int, seed: int, split: str = "train", image_size: int = 224,
-             max_objects: int = 6, tasks=TASK_MIX) -> Path:
+             max_objects: int = 6, tasks=TASK_MIX, position_ramp_levels: int = 0) -> Path:
     """Write ``num_images`` images and ``<split>.jsonl`` (+ ``<split>_coco.json``) to ``out_dir``.
 
     Each image yields one sample of a task drawn from ``tasks``. Same seed, same bytes.
+    ``position_ramp_levels > 0`` paints positions into every image (:func:`paint_position_ramp`).
     """
+    unknown = sorted(set(tasks) - set(TASK_MIX))
+    if unknown:
+        raise ValueError(f"synthetic data has no task {unknown}; it makes {sorted(set(TASK_MIX))}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{seed}-{split}")
@@ -220,6 +245,8 @@ def generate(out_dir, *, num_images: int, seed: int, split: str = "train", image
                     "bbox": [x0, y0, x1 - x0, y1 - y0], "area": o["area"], "iscrowd": 0,
                     "segmentation": _rle(o["mask"]),
                 })
+        if position_ramp_levels:
+            img = paint_position_ramp(img, position_ramp_levels)
         img.save(out / name, format="PNG", optimize=False)
     write_jsonl(samples, out / f"{split}.jsonl")
     tmp = out / f"{split}_coco.json.tmp"
@@ -237,9 +264,11 @@ def main(argv=None) -> int:
     p.add_argument("--val-images", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--position-ramp", type=int, default=0, help="paint positions into the pixels (levels; 0: off)")
     a = p.parse_args(argv)
     for split, n in (("train", a.train_images), ("val", a.val_images)):
-        print(generate(a.out, num_images=n, seed=a.seed, split=split, image_size=a.image_size))
+        print(generate(a.out, num_images=n, seed=a.seed, split=split, image_size=a.image_size,
+                       position_ramp_levels=a.position_ramp))
     return 0
 
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +147,56 @@ def test_sample_dict_round_trip():
     s = Sample.from_dict(_rec(instances=[{"phrase": "cat", "box": [1, 2, 3, 4], "keypoints": {"nose": [2, 3, 2]}}]))
     assert Sample.from_dict(s.to_dict()).instances == s.instances
     assert data.TASKS[0] == "detection"
+
+
+def test_position_ramp_hand_worked():
+    from PIL import Image
+
+    # 4x2 image, one colour (100, 200, 50); 51 levels: colours x (1 - 51/255) = x 0.8 -> (80, 160, 40),
+    # then red += 51 * col/4 (0, 12.75, 25.5, 38.25), green += 51 * row/2 (0, 25.5); rounded
+    img = Image.new("RGB", (4, 2), (100, 200, 50))
+    a = np.asarray(synthetic.paint_position_ramp(img, 51)).astype(int)
+    assert a[0, :, 0].tolist() == [80, 93, 106, 118]
+    assert a[:, 0, 1].tolist() == [160, 186]
+    assert a[:, :, 2].tolist() == [[40] * 4, [40] * 4]
+    # white and black never clip: the ramp survives everywhere
+    for c in (0, 255):
+        r = np.asarray(synthetic.paint_position_ramp(Image.new("RGB", (64, 64), (c, c, c)), 100)).astype(int)
+        assert (np.diff(r[0, :, 0]) >= 0).all() and r[0, -1, 0] - r[0, 0, 0] >= 97
+        assert (np.diff(r[:, 0, 1]) >= 0).all() and r[-1, 0, 1] - r[0, 0, 1] >= 97
+
+
+def test_synthetic_with_ramp_keeps_the_ground_truth(tmp_path):
+    plain = synthetic.generate(tmp_path / "a", num_images=6, seed=3, split="val", image_size=64)
+    ramp = synthetic.generate(tmp_path / "b", num_images=6, seed=3, split="val", image_size=64, position_ramp_levels=80)
+    assert plain.read_text() == ramp.read_text()  # same scenes, same boxes and masks
+    from PIL import Image
+
+    s = load_jsonl(plain)[0]
+    rel = Path(s.image).relative_to(plain.parent)  # the loader resolves image paths
+    a = np.asarray(Image.open(plain.parent / rel)).astype(float)
+    b = np.asarray(Image.open(ramp.parent / rel)).astype(float)
+    assert not np.array_equal(a, b)
+    assert (b[:, -1, 0] - b[:, 0, 0]).mean() > 50  # red rises left to right
+
+
+def test_synthetic_rejects_unknown_task(tmp_path):
+    with pytest.raises(ValueError, match="no task \\['layout'\\]"):
+        synthetic.generate(tmp_path, num_images=1, seed=0, tasks=("detection", "layout"))
+
+
+def test_prepared_synthetic_data_follows_the_config(tmp_path):
+    from rlsys.config import DataConfig
+    from rlsys.prepare import prepare_data_path
+
+    cfg = DataConfig(synthetic_train_images=5, synthetic_image_size_px=64, tasks=["detection"])
+    p = prepare_data_path(cfg, tmp_path)
+    first = p.read_text()
+    assert {json.loads(l)["task"] for l in first.splitlines()} == {"detection"}
+    assert prepare_data_path(cfg, tmp_path).read_text() == first  # same settings: reused
+    mtime = p.stat().st_mtime_ns
+    prepare_data_path(cfg, tmp_path)
+    assert p.stat().st_mtime_ns == mtime
+    # other settings: regenerated, not silently reused
+    p2 = prepare_data_path(cfg.model_copy(update={"synthetic_train_images": 7}), tmp_path)
+    assert len(p2.read_text().splitlines()) == 7
