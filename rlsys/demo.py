@@ -16,8 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlsys.config import DEFAULT_CONFIG, load_config
+from rlsys.config import REPO_ROOT, load_config
 from rlsys.sft import DEFAULT_SFT_CONFIG
+
+DEMO_GRPO_CONFIG = REPO_ROOT / "configs" / "demo_grpo_tiny_cpu.yaml"
 
 
 def _eval(checkpoint: Path, data: Path, out: Path, tasks: str, max_new_tokens: int) -> dict:
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsys.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--sft-config", default=str(DEFAULT_SFT_CONFIG))
-    p.add_argument("--grpo-config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--grpo-config", default=str(DEMO_GRPO_CONFIG))
     p.add_argument("--sft", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for SFT")
     p.add_argument("--grpo", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for GRPO")
     p.add_argument("--eval-every-steps", type=int, default=0, help="also evaluate GRPO checkpoints every N steps (0: only the checkpoints GRPO writes)")

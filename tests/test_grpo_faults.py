@@ -20,6 +20,8 @@ def trainer(tmp_path_factory):
     os.environ["DS_ACCELERATOR"] = "cpu"
     cfg = load_config(overrides=[f"run.out_dir={out}", "run.resume=false", "tracking.mode=disabled",
                                  "data.synthetic_train_images=40", "rollout.max_new_tokens=16",
+                                 # 224 px images (64 tokens each) whatever the default: the prefill test needs long prompts
+                                 "data.synthetic_image_size_px=224", f"model.tiny_max_pixels={224 * 224}",
                                  "run.dynamic_sampling=true", "run.max_resample_rounds=1"])
     ray.init(num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}})
