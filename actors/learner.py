@@ -32,7 +32,8 @@ class LearnerWorker:
         return rendezvous_address()
 
     def setup(self, model_dir: str, learner_cfg: dict, *, master_addr: str, master_port: int,
-              micro_batches_per_step: int, seed: int, dtype: str = "float32", trust_remote_code: bool = False) -> int:
+              micro_batches_per_step: int, seed: int, dtype: str = "float32", trust_remote_code: bool = False,
+              sampling_temperature: float = 1.0) -> int:
         rank, world_size = self.rank, self.world
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
@@ -42,6 +43,7 @@ class LearnerWorker:
         from rlsys.models import load_model, load_processor
 
         self.cfg = learner_cfg
+        self.temperature = sampling_temperature  # the rollout's; log-probs are taken under it
         torch.manual_seed(seed + rank)
         random.seed(seed + rank)
         cuda = torch.cuda.is_available() and learner_cfg["gpus_per_rank"] > 0
@@ -90,8 +92,8 @@ class LearnerWorker:
         self.engine.eval()
         with torch.no_grad():
             for _, inputs, targets, mask in self._batches(items):
-                old, _ = token_logprobs(self.engine.module, inputs, targets)
-                ref = token_logprobs(self.ref, inputs, targets)[0] if self.ref is not None else old
+                old, _ = token_logprobs(self.engine.module, inputs, targets, self.temperature)
+                ref = token_logprobs(self.ref, inputs, targets, self.temperature)[0] if self.ref is not None else old
                 for b in range(mask.shape[0]):
                     olds.append(old[b][mask[b]].cpu())
                     refs.append(ref[b][mask[b]].cpu())
@@ -112,7 +114,7 @@ class LearnerWorker:
         n_tok = 0
         for i, inputs, targets, mask in self._batches(items):
             chunk = items[i : i + mask.shape[0]]
-            logp, entropy = token_logprobs(self.engine, inputs, targets)
+            logp, entropy = token_logprobs(self.engine, inputs, targets, self.temperature)
             old = torch.zeros_like(logp)
             ref = torch.zeros_like(logp)
             for b, it in enumerate(chunk):

@@ -161,7 +161,8 @@ class Trainer:
         addr, port = _get(self.learners[0].address.remote(), cfg.run.actor_start_timeout_s, "learner rank 0 start")
         learner_setup = [w.setup.remote(model_dir, le.model_dump(), master_addr=addr, master_port=port,
                                         micro_batches_per_step=self.micro_batches, seed=cfg.run.seed, dtype=cfg.model.dtype,
-                                        trust_remote_code=cfg.model.trust_remote_code) for w in self.learners]
+                                        trust_remote_code=cfg.model.trust_remote_code,
+                                        sampling_temperature=ro.temperature) for w in self.learners]
         self.rollouts = [self._new_engine(i) for i in range(ro.num_engines)]
         self.rewards = RewardGroup(cfg.reward.num_workers, cfg.reward.matching, cfg.reward.sample_timeout_s, cfg.reward.sam_checkpoint,
                                    cfg.reward.cpus_per_worker, cfg.reward.scorer)

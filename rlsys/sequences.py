@@ -72,9 +72,18 @@ def build_batch(processor, items, pad_id: int, cache: dict | None = None):
     return inputs, input_ids[:, 1:].clone(), mask
 
 
-def token_logprobs(model, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each target token and the logits' entropy, both ``[B, L-1]``, float32."""
+def token_logprobs(model, inputs, targets, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target token and the logits' entropy, both ``[B, L-1]``, float32.
+
+    ``temperature`` is the one the answers were sampled at: the policy GRPO optimises is the
+    one that produced the samples, ``softmax(logits / T)``, so the ratio, the KL term and the
+    entropy are all taken under it (at T = 1 this is the model's own distribution).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
     logits = model(**inputs).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)

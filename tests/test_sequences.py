@@ -38,3 +38,50 @@ def test_answer_with_an_image_placeholder_is_refused_by_name(tiny_model_dir, syn
     assert s.image in str(e.value)
     with pytest.raises(ValueError, match="no tokens"):
         build_batch(proc, [_item(proc, s, [])], proc.tokenizer.pad_token_id)
+
+
+class _FixedLogits(torch.nn.Module):
+    """A model whose every position scores two tokens ``[0, ln 3]``: hand-checkable log-probs."""
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, 2)
+        logits[..., 1] = torch.log(torch.tensor(3.0))
+        return type("Out", (), {"logits": logits})()
+
+
+def test_token_logprobs_are_taken_under_the_sampling_temperature():
+    from rlsys.sequences import token_logprobs
+
+    ids = torch.tensor([[0, 1, 0]])
+    targets = ids[:, 1:]
+    # T = 1: p(1) = 3 / (1 + 3) = 0.75, p(0) = 0.25
+    logp, ent = token_logprobs(_FixedLogits(), {"input_ids": ids}, targets)
+    assert torch.allclose(logp, torch.log(torch.tensor([[0.75, 0.25]])))
+    # T = 0.5 doubles the logits: [0, ln 9] -> p(1) = 9 / 10, p(0) = 1 / 10
+    logp_half, ent_half = token_logprobs(_FixedLogits(), {"input_ids": ids}, targets, temperature=0.5)
+    assert torch.allclose(logp_half, torch.log(torch.tensor([[0.9, 0.1]])))
+    # entropy under T: -(0.9 ln 0.9 + 0.1 ln 0.1) = 0.3251 nats, lower than at T = 1 (0.5623)
+    assert torch.allclose(ent_half, torch.full((1, 2), 0.325083), atol=1e-5)
+    assert torch.allclose(ent, torch.full((1, 2), 0.562335), atol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(_FixedLogits(), {"input_ids": ids}, targets, temperature=0.0)
+
+
+def test_token_logprobs_of_the_real_model_follow_the_temperature(tiny_model_dir, synthetic_dir):
+    from rlsys.data import load_dataset
+    from rlsys.models import load_model, load_processor
+    from rlsys.sequences import build_batch, token_logprobs
+
+    proc = load_processor(tiny_model_dir)
+    model = load_model(tiny_model_dir, dtype="float32").eval()
+    s = load_dataset(synthetic_dir / "train.jsonl")[0]
+    inputs, targets, mask = build_batch(proc, [_item(proc, s, [5, 6, 7])], proc.tokenizer.pad_token_id)
+    with torch.no_grad():
+        raw = model(**inputs).logits[:, :-1].float()
+        at_07, _ = token_logprobs(model, inputs, targets, temperature=0.7)
+        at_1, _ = token_logprobs(model, inputs, targets)
+    want_07 = torch.log_softmax(raw / 0.7, -1).gather(-1, targets[..., None])[..., 0]
+    want_1 = torch.log_softmax(raw, -1).gather(-1, targets[..., None])[..., 0]
+    assert torch.allclose(at_07[mask], want_07[mask], atol=1e-5)
+    assert torch.allclose(at_1[mask], want_1[mask], atol=1e-5)
+    assert not torch.allclose(at_07[mask], at_1[mask], atol=1e-3)
