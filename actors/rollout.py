@@ -33,6 +33,9 @@ class RolloutWorker:
             dtype=dtype,
             worker_extension_cls="actors.weight_sync.VllmWorkerExtension",
             trust_remote_code=False,
+            # log-probs of the distribution tokens were drawn from (after temperature, top-p and
+            # the logit bias below), so the controller can compare them with the learner's
+            logprobs_mode="processed_logprobs",
         )
         self.start_s = time.perf_counter() - t0
         # Vision placeholders must never be sampled: the learner re-reads prompt + answer through

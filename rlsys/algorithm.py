@@ -290,3 +290,27 @@ def policy_loss(
             "num_tokens": local_count.to(dtype),
         }
     return loss, metrics
+
+
+def engine_learner_logprob_gap(items) -> float:
+    """Mean |engine log-prob - learner log-prob| over the sampled answer tokens of ``items``.
+
+    Each item carries ``engine_logp`` (what the generator reported for its sampled tokens, a list;
+    NaN where it reported none) and ``old_logp`` (the learner's, a tensor of the same length).
+    Both are of the sampling distribution, so on-policy they differ only by numerics (~1e-6 in
+    float32); a large value means the two sides disagree on the policy. NaN when no token has
+    both values.
+    """
+    total, count = 0.0, 0
+    for it in items:
+        eng = it.get("engine_logp")
+        if eng is None:
+            continue
+        eng_t = torch.as_tensor(eng, dtype=torch.float64)
+        old = torch.as_tensor(it["old_logp"], dtype=torch.float64)
+        if eng_t.shape != old.shape:
+            raise ValueError(f"engine reported {eng_t.numel()} log-probs for an answer the learner scored with {old.numel()}")
+        ok = torch.isfinite(eng_t) & torch.isfinite(old)
+        total += float((eng_t[ok] - old[ok]).abs().sum())
+        count += int(ok.sum())
+    return total / count if count else float("nan")

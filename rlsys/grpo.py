@@ -240,7 +240,7 @@ class Trainer:
     def step(self) -> dict:
         import torch
 
-        from rlsys.algorithm import group_advantages, group_reward_std
+        from rlsys.algorithm import engine_learner_logprob_gap, group_advantages, group_reward_std
 
         cfg, G = self.cfg, self.cfg.rollout.samples_per_prompt
         times: dict[str, float] = {}
@@ -281,7 +281,7 @@ class Trainer:
                 if not a["token_ids"]:
                     continue  # an empty answer has no tokens to learn from; its group still normalised it
                 items.append({"prompt": None, "image": self.samples[i].image, "response_ids": a["token_ids"],
-                              "advantage": float(adv[g * G + k]), "q": (g, k)})
+                              "advantage": float(adv[g * G + k]), "q": (g, k), "engine_logp": a.get("logprobs")})
         # prompts are re-rendered here so the learner sees exactly what the engine saw
         from rlsys.prompts import question_for_sample
         for it in items:
@@ -294,6 +294,12 @@ class Trainer:
         for sh, (olds, refs) in zip(shards, lps):
             for it, o, rf in zip(sh, olds, refs):
                 it["old_logp"], it["ref_logp"] = o, rf
+        # The engine's and the learner's log-probs of the same sampled tokens should agree; a
+        # growing gap means the learner optimises a different policy than the one that sampled
+        # (stale weights, another image resolution, a temperature mismatch).
+        logprob_gap = engine_learner_logprob_gap(items)
+        for it in items:
+            it.pop("engine_logp", None)
         num_tokens = sum(len(it["response_ids"]) for it in items)
         with timed(times, "learn"):
             learn = _get([w.train.remote(sh, num_tokens) for w, sh in zip(self.learners, shards)], cfg.learner.timeout_s, "learner update")
@@ -318,6 +324,7 @@ class Trainer:
             "reward/failures": sum(bool(s.get("failed")) for s in flat),
             "groups/zero_std_fraction": zero_std_groups / max(drawn_groups, 1),
             "answer/length_tokens": sum(lens) / len(lens),
+            "rollout/logprob_gap": logprob_gap,
             "learner/kl": sum(m["kl"] * m["tokens"] for m in learn) / max(sum(m["tokens"] for m in learn), 1),
             "learner/clip_fraction": sum(m["clip_fraction"] * m["tokens"] for m in learn) / max(sum(m["tokens"] for m in learn), 1),
             "learner/entropy": sum(m["entropy"] * m["tokens"] for m in learn) / max(sum(m["tokens"] for m in learn), 1),

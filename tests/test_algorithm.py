@@ -365,3 +365,19 @@ def test_masked_mean():
     assert masked_mean(x, torch.zeros(2, 2, dtype=torch.bool)).item() == 0.0
     with pytest.raises(ValueError, match="same shape"):
         masked_mean(x, torch.ones(2))
+
+
+def test_engine_learner_logprob_gap_hand_worked():
+    from rlsys.algorithm import engine_learner_logprob_gap
+
+    items = [
+        # |-1.0 - -1.5| = 0.5, |-2.0 - -2.0| = 0
+        {"engine_logp": [-1.0, -2.0], "old_logp": torch.tensor([-1.5, -2.0])},
+        # NaN (the engine reported nothing for that token) is skipped; |-0.1 - -0.4| = 0.3
+        {"engine_logp": [float("nan"), -0.1], "old_logp": torch.tensor([-3.0, -0.4])},
+        {"engine_logp": None, "old_logp": torch.tensor([-9.0])},  # no engine values: not counted
+    ]
+    assert engine_learner_logprob_gap(items) == pytest.approx((0.5 + 0.0 + 0.3) / 3)
+    assert math.isnan(engine_learner_logprob_gap([{"engine_logp": None, "old_logp": torch.tensor([-1.0])}]))
+    with pytest.raises(ValueError, match="2 log-probs .* 3"):
+        engine_learner_logprob_gap([{"engine_logp": [-1.0, -1.0], "old_logp": torch.tensor([-1.0, -1.0, -1.0])}])
