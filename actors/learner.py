@@ -56,7 +56,17 @@ class LearnerWorker:
             self.ref = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code).eval()
             for p in self.ref.parameters():
                 p.requires_grad_(False)
-        optim = torch.optim.AdamW(model.parameters(), lr=learner_cfg["lr"], weight_decay=learner_cfg["weight_decay"])
+        if learner_cfg.get("freeze_vision"):
+            from rlsys.models import param_part
+
+            for name, p in model.named_parameters():
+                if param_part(name) == "vision":
+                    p.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("learner: no trainable parameters (freeze_vision left nothing to train?)")
+        self.trainable_params = sum(p.numel() for p in trainable)
+        optim = torch.optim.AdamW(trainable, lr=learner_cfg["lr"], weight_decay=learner_cfg["weight_decay"])
         ds_config = {
             "train_micro_batch_size_per_gpu": learner_cfg["micro_batch_size"],
             "gradient_accumulation_steps": micro_batches_per_step,

@@ -98,6 +98,7 @@ class LearnerConfig(_Section):
     clip_low: float = Field(0.2, ge=0, lt=1, description="PPO ratio clip below 1 (epsilon_low).")
     clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above 1 (epsilon_high; DAPO raises it).")
     kl_coef: float = Field(0.01, ge=0, description="Weight of the k3 KL penalty to the reference policy (paper: 0.01).")
+    freeze_vision: bool = Field(False, description="Keep the vision encoder fixed during GRPO; the projector and the LLM still learn.")
     ref_colocated: bool = Field(True, description="Keep the frozen reference policy inside each learner rank (else its own actor).")
     timeout_s: float = Field(1800.0, gt=0, description="Limit for one learner call (update, save).")
 

@@ -334,6 +334,16 @@ def _map_last_rows(tj: dict, vocab_rows: int) -> None:
     log.info("mapped coordinate tokens onto ids %d..%d (%d BPE entries removed)", first, vocab_rows - 1, len(dropped))
 
 
+def param_part(name: str) -> str:
+    """Which part of a Qwen2.5-VL-style model a parameter belongs to: ``"vision"`` (the ViT),
+    ``"projector"`` (the merger that maps vision features into the LLM) or ``"llm"``."""
+    if ".merger." in name or name.startswith("merger."):
+        return "projector"
+    if ".visual." in name or name.startswith("visual."):
+        return "vision"
+    return "llm"
+
+
 def load_processor(path, *, trust_remote_code: bool = False):
     from transformers import AutoProcessor
 

@@ -30,11 +30,13 @@ DEFAULT_SFT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_t
 def param_groups(model, lrs: dict, weight_decay: float) -> list[dict]:
     """Vision encoder / projector (merger) / LLM parameter groups, each with its own lr.
     Norms and biases take no weight decay."""
+    from rlsys.models import param_part
+
     groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = "projector" if ".merger." in name else "vision" if ".visual." in name or name.startswith("visual.") else "llm"
+        part = param_part(name)
         decay = p.ndim >= 2
         groups.setdefault((part, decay), []).append(p)
     return [{"params": ps, "lr": lrs[part], "initial_lr": lrs[part], "weight_decay": weight_decay if decay else 0.0, "name": f"{part}{'' if decay else '_nodecay'}"}

@@ -133,3 +133,16 @@ def test_prepare_checkpoint_add(tiny_model_dir, tmp_path):
     model = load_model(out)
     assert max(ids) < model.get_input_embeddings().weight.shape[0]
     assert max(ids) < model.get_output_embeddings().weight.shape[0]
+
+
+def test_param_part_sorts_qwen2_5_vl_parameter_names():
+    from rlsys.models import param_part
+
+    # both the checkpoint layout (visual.*) and transformers' newer in-memory one (model.visual.*)
+    assert param_part("visual.blocks.0.attn.qkv.weight") == "vision"
+    assert param_part("model.visual.patch_embed.proj.weight") == "vision"
+    assert param_part("visual.merger.mlp.0.weight") == "projector"
+    assert param_part("model.visual.merger.ln_q.weight") == "projector"
+    assert param_part("model.language_model.layers.0.mlp.up_proj.weight") == "llm"
+    assert param_part("model.layers.1.self_attn.q_proj.bias") == "llm"
+    assert param_part("lm_head.weight") == "llm"
