@@ -3,7 +3,8 @@
 Pure functions on numpy arrays in pixels: nothing here imports Ray, vLLM or DeepSpeed (a test
 checks), so reward workers, evaluation and notebooks share one implementation.
 
-- :func:`score` (``rewards.scorer``): model text + :class:`rlsys.data.Sample` -> :class:`RewardResult`.
+- :func:`score` (``rewards.scorer``): model text + :class:`rlsys.data.Sample` -> :class:`RewardResult`;
+  :func:`score_coco_thresholds` credits boxes at IoU 0.50:0.95 instead of by IoU.
 - Rewards, each -> :class:`F1Result` (``.f1`` is the reward): :func:`box_iou_f1`,
   :func:`polygon_iou_f1`, :func:`point_in_mask_f1`, :func:`point_in_box_f1`, :func:`keypoint_oks_f1`.
 - Metrics over a set (``rewards.metrics``): :func:`detection_f1`, :func:`pointing_f1`,
@@ -14,7 +15,7 @@ checks), so reward workers, evaluation and notebooks share one implementation.
 """
 
 from rewards.behaviour import is_duplicate, is_large_box
-from rewards.box import box_iou_f1, polygon_iou_f1
+from rewards.box import COCO_IOU_THRESHOLDS, box_iou_f1, polygon_iou_f1, threshold_credit
 from rewards.f1 import F1Result, f1_from_sum
 from rewards.keypoint import keypoint_oks_f1
 from rewards.metrics import (
@@ -27,11 +28,11 @@ from rewards.metrics import (
     pointing_f1,
 )
 from rewards.point import point_in_box, point_in_box_f1, point_in_mask_f1
-from rewards.scorer import RewardResult, score
+from rewards.scorer import RewardResult, score, score_coco_thresholds
 
 __all__ = [
     "F1Result", "RewardResult", "box_iou_f1", "detection_f1", "duplicate_flags", "duplicate_rate",
     "f1_from_sum", "gui_accuracy", "is_duplicate", "is_large_box", "keypoint_oks_f1", "large_box_flags",
     "large_box_rate", "point_in_box", "point_in_box_f1", "point_in_mask_f1", "pointing_f1",
-    "polygon_iou_f1", "score",
+    "polygon_iou_f1", "score", "score_coco_thresholds", "threshold_credit", "COCO_IOU_THRESHOLDS",
 ]

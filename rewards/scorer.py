@@ -40,7 +40,7 @@ import numpy as np
 
 from rewards import behaviour
 from rewards import geometry as geo
-from rewards.box import box_iou_f1, polygon_iou_f1
+from rewards.box import COCO_IOU_THRESHOLDS, box_iou_f1, polygon_iou_f1
 from rewards.f1 import MATCHINGS, F1Result, f1_from_sum
 from rewards.keypoint import keypoint_oks_f1
 from rewards.point import point_in_box_f1, point_in_mask_f1
@@ -72,20 +72,30 @@ class RewardResult:
     error: str | None = None
 
 
-def score(text: str, sample, *, mask_source: MaskSource | None = None, matching: str = "paper") -> RewardResult:
-    """Reward of ``text`` for ``sample``; see the module docstring for the rules."""
+def score(text: str, sample, *, mask_source: MaskSource | None = None, matching: str = "paper",
+          box_iou_thresholds=None) -> RewardResult:
+    """Reward of ``text`` for ``sample``; see the module docstring for the rules.
+
+    ``box_iou_thresholds``: score box answers by the fraction of these IoU thresholds each
+    matched box reaches (:func:`rewards.box.threshold_credit`) instead of by its IoU."""
     if matching not in MATCHINGS:
         raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
     _check_sample(sample)
     try:
         if sample.output == "keypoint":
             return _score_keypoints(text, sample, matching)
-        return _score_parsed(text, sample, mask_source, matching)
+        return _score_parsed(text, sample, mask_source, matching, box_iou_thresholds)
     except ValueError as exc:  # only the sample's (or mask source's) data can raise here
         raise ValueError(f"sample {sample.id!r} ({getattr(sample, 'source', '<memory>')}): {exc}") from exc
 
 
-def _score_parsed(text, sample, mask_source, matching) -> RewardResult:
+def score_coco_thresholds(text: str, sample, **kw) -> RewardResult:
+    """:func:`score` with box answers credited at COCO's IoU thresholds 0.50:0.95 (what F1@mIoU
+    counts). For ``reward.scorer=rewards.scorer:score_coco_thresholds``; other kinds unchanged."""
+    return score(text, sample, box_iou_thresholds=COCO_IOU_THRESHOLDS, **kw)
+
+
+def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None) -> RewardResult:
     w, h = sample.width, sample.height
     parsed = parse(text)
     unreadable, notes = parsed.unreadable, list(parsed.errors[:3])
@@ -112,7 +122,7 @@ def _score_parsed(text, sample, mask_source, matching) -> RewardResult:
     gt_labels = [i.phrase for i in insts]
     if want == "box":
         kind = "box_iou"
-        res = box_iou_f1(coords, labels, [i.box for i in insts], gt_labels, matching)
+        res = box_iou_f1(coords, labels, [i.box for i in insts], gt_labels, matching, box_iou_thresholds)
     elif want == "polygon":
         kind = "polygon_iou"
         res = polygon_iou_f1(coords, labels, [i.polygon for i in insts], gt_labels, height=h, width=w, matching=matching)

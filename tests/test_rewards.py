@@ -384,3 +384,44 @@ def test_import_is_pure():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_threshold_credit_hand_worked():
+    from rewards import COCO_IOU_THRESHOLDS, threshold_credit
+
+    assert COCO_IOU_THRESHOLDS == (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+    # 0.7 reaches 0.50, 0.55, 0.60, 0.65, 0.70: 5 of 10; 0.49 none; 1.0 all; 0.95 all ten
+    assert threshold_credit([0.7, 0.49, 1.0, 0.95]).tolist() == [0.5, 0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="thresholds"):
+        threshold_credit([0.5], thresholds=[])
+    with pytest.raises(ValueError, match="thresholds"):
+        threshold_credit([0.5], thresholds=[0.0, 0.5])
+
+
+def test_box_reward_at_iou_thresholds_does_not_pay_for_a_grown_box():
+    gt = [[0, 0, 10, 10]]
+    exact, grown, off = [[0, 0, 10, 10]], [[0, 0, 12, 12]], [[3, 0, 13, 10]]
+    # plain IoU: grown box 100 / 144 = 0.694; shifted box 70 / 130 = 0.538
+    assert box_iou_f1(grown, None, gt, None).f1 == pytest.approx(100 / 144)
+    assert box_iou_f1(off, None, gt, None).f1 == pytest.approx(70 / 130)
+    # at the thresholds: 0.694 reaches 0.50..0.65 (4 of 10), 0.538 reaches 0.50 (1 of 10)
+    from rewards import COCO_IOU_THRESHOLDS as t
+    assert box_iou_f1(exact, None, gt, None, iou_thresholds=t).f1 == 1.0
+    assert box_iou_f1(grown, None, gt, None, iou_thresholds=t).f1 == pytest.approx(0.4)
+    assert box_iou_f1(off, None, gt, None, iou_thresholds=t).f1 == pytest.approx(0.1)
+    # two predictions on one GT: P = 0.4 / 2, R = 0.4 -> F1 = 2 * 0.2 * 0.4 / 0.6
+    r = box_iou_f1(grown + [[50, 50, 60, 60]], None, gt, None, iou_thresholds=t)
+    assert r.f1 == pytest.approx(2 * 0.2 * 0.4 / 0.6)
+
+
+def test_score_coco_thresholds_scores_boxes_at_thresholds_and_points_as_before():
+    from rewards import score, score_coco_thresholds
+    from rlsys.data import Instance, Sample
+
+    s = Sample("s", "img.png", 999, 999, "detection", ["cat"], [Instance("cat", box=(0, 0, 100, 100))], "box")
+    text = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><120><120><|box_end|>"
+    assert score(text, s).reward == pytest.approx(100 * 100 / (120 * 120))  # 0.694
+    assert score_coco_thresholds(text, s).reward == pytest.approx(0.4)
+    p = Sample("p", "img.png", 999, 999, "pointing", ["cat"], [Instance("cat", box=(0, 0, 100, 100))], "point")
+    pt = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><50><50><|box_end|>"
+    assert score_coco_thresholds(pt, p).reward == score(pt, p).reward == 1.0
