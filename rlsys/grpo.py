@@ -296,7 +296,8 @@ class Trainer:
                 it["old_logp"], it["ref_logp"] = o, rf
         # The engine's and the learner's log-probs of the same sampled tokens should agree; a
         # growing gap means the learner optimises a different policy than the one that sampled
-        # (stale weights, another image resolution, a temperature mismatch).
+        # (stale weights, another image resolution, a temperature mismatch). With top_p < 1 it
+        # also holds the nucleus renormalisation, which the learner does not apply.
         logprob_gap = engine_learner_logprob_gap(items)
         for it in items:
             it.pop("engine_logp", None)
