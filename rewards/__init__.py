@@ -8,7 +8,7 @@ checks), so reward workers, evaluation and notebooks share one implementation.
 - Rewards, each -> :class:`F1Result` (``.f1`` is the reward): :func:`box_iou_f1`,
   :func:`polygon_iou_f1`, :func:`point_in_mask_f1`, :func:`point_in_box_f1`, :func:`keypoint_oks_f1`.
 - Metrics over a set (``rewards.metrics``): :func:`detection_f1`, :func:`pointing_f1`,
-  :func:`gui_accuracy`, :func:`duplicate_rate`, :func:`large_box_rate`.
+  :func:`gui_accuracy`, :func:`duplicate_rate`, :func:`large_box_rate`, :func:`count_rates`.
 - ``rewards.geometry``: the vectorised IoU / point / mask / polygon / OKS primitives;
   ``rewards.reference``: slow loop references for tests and the bench;
   ``rewards.sam``: a SAM mask source (``mask_source(sample)``) for point-in-mask.
@@ -19,6 +19,7 @@ from rewards.box import COCO_IOU_THRESHOLDS, box_iou_f1, polygon_iou_f1, thresho
 from rewards.f1 import F1Result, f1_from_sum
 from rewards.keypoint import keypoint_oks_f1
 from rewards.metrics import (
+    count_rates,
     detection_f1,
     duplicate_flags,
     duplicate_rate,

@@ -194,6 +194,29 @@ def duplicate_rate(images) -> float:
     return float(np.mean(duplicate_flags(images)))
 
 
+def count_rates(images) -> dict[str, float]:
+    """How often an answer writes the right number of boxes for a phrase.
+
+    Over every (image, label) pair with GT or predictions: ``exact_count_rate`` (as many boxes
+    as GT objects), ``over_count_rate`` (more: duplicates, boxes on nothing) and
+    ``under_count_rate`` (fewer: missed objects, or one box over several); they sum to 1. The
+    failures the paper's GRPO stage targets (section 6.1) show up here before their strict
+    definitions (:func:`duplicate_rate`, :func:`large_box_rate`) fire; whether the boxes are
+    in the right place is F1's business, not this.
+    """
+    exact = over = under = 0
+    for k, im in enumerate(_images(images)):
+        gl, _ = _split(im["gt"], k, "gt")
+        pl, _ = _split(im["pred"], k, "pred")
+        for c in set(gl) | set(pl):
+            d = pl.count(c) - gl.count(c)
+            exact, over, under = exact + (d == 0), over + (d > 0), under + (d < 0)
+    n = exact + over + under
+    if n == 0:  # no GT and no prediction anywhere: every answer was right to be empty
+        return {"exact_count_rate": 1.0, "over_count_rate": 0.0, "under_count_rate": 0.0}
+    return {"exact_count_rate": exact / n, "over_count_rate": over / n, "under_count_rate": under / n}
+
+
 def large_box_flags(images) -> list[bool]:
     """Per image (needs ``"width"``, ``"height"``): exactly one box predicted, covering more
     than 95% of the image (paper 6.1.2)."""

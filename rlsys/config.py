@@ -58,6 +58,7 @@ class DataConfig(_Section):
     synthetic_val_images: int = Field(200, ge=1, description="Images in the synthetic validation split.")
     synthetic_image_size_px: int = Field(224, ge=56, le=2048, description="Side of the synthetic square images, in pixels.")
     synthetic_max_objects: int = Field(6, ge=1, le=30, description="Most shapes in one synthetic scene.")
+    synthetic_one_kind_per_scene: bool = Field(False, description="All shapes in a synthetic scene are of one kind (colours vary), so a detection answer lists every object: counting and enumeration without telling kinds apart.")
     synthetic_position_ramp_levels: int = Field(0, ge=0, le=200, description="Paint each pixel's position into its colour (red ramps left-right, green top-bottom, by this many levels) so a model trained from random weights can localise; see rlsys.synthetic.paint_position_ramp. 0: off.")
     tasks: list[str] | None = Field(None, description="Keep only samples of these tasks (None: all).")
     seed: int = Field(0, description="Seed of the synthetic generator and of the prompt order.")

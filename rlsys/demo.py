@@ -1,10 +1,11 @@
 """The embedded demo: ``python -m rlsys.demo`` (the README's main-job command, ``make run``).
 
-On one CPU machine: SFT of the tiny model on the synthetic data (Ray Train), GRPO from that
-checkpoint (Ray actors: vLLM, rewards, DeepSpeed), evaluation of both on the same held-out
-images, and a markdown report with the paper's table (SFT vs GRPO, as tables 2, 13 and 14), the
-reward curve and the F1-over-steps curve. Every stage is a resumable step: a second run reuses
-finished stages.
+On one CPU machine: SFT of the tiny model on the synthetic data in two Ray Train stages (one
+shape per image, where it learns to localise; then scenes of 1-3 shapes, started from the first
+stage's model), GRPO from that checkpoint (Ray actors: vLLM, rewards, DeepSpeed), evaluation of
+both on the same held-out scenes, and a markdown report with the paper's table (SFT vs GRPO, as
+tables 2, 13 and 14), the reward curve and the F1-over-steps curve. Every stage is a resumable
+step: a second run reuses finished stages.
 """
 
 from __future__ import annotations
@@ -16,10 +17,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlsys.config import REPO_ROOT, load_config
+from rlsys.config import REPO_ROOT, ConfigError, GRPOConfig, SFTConfig, load_config
 from rlsys.sft import DEFAULT_SFT_CONFIG
 
 DEMO_GRPO_CONFIG = REPO_ROOT / "configs" / "demo_grpo_tiny_cpu.yaml"
+# The tiny model learns to localise one shape first; from random weights straight onto scenes of
+# several shapes it does not (issue 5's note), so the demo's SFT is a two-stage curriculum.
+DEMO_SFT_CONFIGS = (DEFAULT_SFT_CONFIG, REPO_ROOT / "configs" / "sft_tiny_cpu_multi.yaml")
+
+
+def plan(out: Path, sft_configs, sft_overrides, grpo_config, grpo_overrides) -> tuple[list[SFTConfig], GRPOConfig]:
+    """Validate every stage's config before anything starts, and chain them: SFT stage k writes
+    ``out/sft<k>`` and starts from stage k-1's final model; GRPO starts from the last stage's
+    model and trains on its training data (the held-out set is the last stage's, too)."""
+    if not sft_configs:
+        raise ValueError("the demo needs at least one SFT config")
+    stages: list[SFTConfig] = []
+    for k, path in enumerate(sft_configs, start=1):
+        chain = [f"model.path={out / f'sft{k - 1}' / 'final'}"] if k > 1 else []
+        stages.append(load_config(path, [f"run.out_dir={out / f'sft{k}'}", *chain, *sft_overrides], schema=SFTConfig))
+    last = Path(stages[-1].run.out_dir)
+    grpo_cfg = load_config(grpo_config, [f"run.out_dir={out / 'grpo'}", f"run.init_checkpoint={last / 'final'}",
+                                         f"data.train={last / 'data' / 'train.jsonl'}", *grpo_overrides])
+    return stages, grpo_cfg
 
 
 def _eval(checkpoint: Path, data: Path, out: Path, tasks: str, max_new_tokens: int) -> dict:
@@ -61,9 +81,12 @@ def report(sft_m: dict, grpo_m: dict, steps: list[dict], f1_points, out: Path, c
             return None
         return f"| {name} | {fmt.format(a * scale)} | {fmt.format(b * scale)} | {b * scale - a * scale:+.1f} |"
 
-    rows = [row(n, k) for n, k in (("F1@0.50", "F1@0.50"), ("F1@0.95", "F1@0.95"), ("F1@mIoU", "F1@mIoU"),
+    rows = [row(n, k) for n, k in (("F1@0.50", "F1@0.50"), ("R@0.50", "R@0.50"), ("P@0.50", "P@0.50"),
+                                  ("F1@0.95", "F1@0.95"), ("F1@mIoU", "F1@mIoU"),
                                   ("R@mIoU", "R@mIoU"), ("P@mIoU", "P@mIoU"),
-                                  ("duplicate rate (%)", "duplicate_rate"), ("large-box rate (%)", "large_box_rate"))]
+                                  ("duplicate rate (%)", "duplicate_rate"), ("large-box rate (%)", "large_box_rate"),
+                                  ("right box count (%)", "exact_count_rate"), ("too many boxes (%)", "over_count_rate"),
+                                  ("too few boxes (%)", "under_count_rate"))]
     rows += [row("pointing F1", "F1", "pointing"), row("GUI accuracy", "accuracy", "gui"),
              f"| mean reward (x100) | {sft_m['mean_reward'] * 100:.1f} | {grpo_m['mean_reward'] * 100:.1f} | {(grpo_m['mean_reward'] - sft_m['mean_reward']) * 100:+.1f} |",
              f"| predictions per image | {sft_m['detection']['predictions_per_image']:.2f} | {grpo_m['detection']['predictions_per_image']:.2f} | |"
@@ -94,28 +117,31 @@ def report(sft_m: dict, grpo_m: dict, steps: list[dict], f1_points, out: Path, c
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsys.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--sft-config", default=str(DEFAULT_SFT_CONFIG))
+    p.add_argument("--sft-configs", nargs="+", default=[str(c) for c in DEMO_SFT_CONFIGS], metavar="FILE",
+                   help="the SFT stages in order; each starts from the previous one's model")
     p.add_argument("--grpo-config", default=str(DEMO_GRPO_CONFIG))
-    p.add_argument("--sft", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for SFT")
+    p.add_argument("--sft", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every SFT stage")
     p.add_argument("--grpo", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for GRPO")
-    p.add_argument("--eval-every-steps", type=int, default=0, help="also evaluate GRPO checkpoints every N steps (0: only the checkpoints GRPO writes)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(a.out).resolve()
-    # Validate both configs before anything starts.
-    sft_cfg = load_config(a.sft_config, [f"run.out_dir={out / 'sft'}", *a.sft], schema=__import__("rlsys.config", fromlist=["SFTConfig"]).SFTConfig)
-    sft_final = out / "sft" / "final"
-    grpo_cfg = load_config(a.grpo_config, [f"run.out_dir={out / 'grpo'}", f"run.init_checkpoint={sft_final}",
-                                           f"data.train={out / 'sft' / 'data' / 'train.jsonl'}", *a.grpo])
+    try:  # every stage's config is checked before Ray starts
+        stages, grpo_cfg = plan(out, a.sft_configs, a.sft, a.grpo_config, a.grpo)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     from rlsys import grpo, sft
     from rlsys.prepare import prepare_data_path
 
-    if not (sft_final / "config.json").is_file():
-        sft.run(sft_cfg)
+    for stage in stages:
+        if not (Path(stage.run.out_dir) / "final" / "config.json").is_file():
+            sft.run(stage)
+    sft_cfg = stages[-1]
+    sft_final = Path(sft_cfg.run.out_dir) / "final"
     if not (out / "grpo" / "checkpoints" / "latest").is_file() or json.loads(
             (out / "grpo" / "checkpoints" / (out / "grpo" / "checkpoints" / "latest").read_text().strip() / "trainer_state.json").read_text())["step"] < grpo_cfg.run.steps:
         grpo.run(grpo_cfg)
-    val = prepare_data_path(sft_cfg.data, out / "sft", "val")
+    val = prepare_data_path(sft_cfg.data, sft_cfg.run.out_dir, "val")
     tasks = ",".join(sft_cfg.data.tasks or ["detection", "referring", "pointing", "gui", "visual_prompt"])
     sft_m = _eval(sft_final, val, out / "eval" / "sft", tasks, a.max_new_tokens)
     ckpts = sorted((out / "grpo" / "checkpoints").glob("step_*[0-9]"))
@@ -128,7 +154,9 @@ def main(argv=None) -> int:
         grpo_m = m
     steps = [json.loads(l) for l in (out / "grpo" / "steps.jsonl").read_text().splitlines()]
     _plot(steps, f1_points, out)
-    cmds = [f"python -m rlsys.demo --out {a.out}" + (f" --sft {' '.join(a.sft)}" if a.sft else "") + (f" --grpo {' '.join(a.grpo)}" if a.grpo else "")]
+    cmds = [f"python -m rlsys.demo --out {a.out}"
+            + (f" --sft-configs {' '.join(a.sft_configs)}" if [str(c) for c in DEMO_SFT_CONFIGS] != a.sft_configs else "")
+            + (f" --sft {' '.join(a.sft)}" if a.sft else "") + (f" --grpo {' '.join(a.grpo)}" if a.grpo else "")]
     print(report(sft_m, grpo_m, steps, f1_points, out, cmds))
     return 0
 

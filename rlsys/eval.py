@@ -57,7 +57,7 @@ def compute_metrics(samples, answers) -> dict:
     """The paper's metrics over the samples, by task family."""
     import numpy as np
 
-    from rewards.metrics import detection_f1, duplicate_rate, gui_accuracy, large_box_rate, pointing_f1
+    from rewards.metrics import count_rates, detection_f1, duplicate_rate, gui_accuracy, large_box_rate, pointing_f1
     from rewards.scorer import score
 
     det, point_imgs, gui_pts, gui_boxes = [], [], [], []
@@ -79,6 +79,7 @@ def compute_metrics(samples, answers) -> dict:
         out["detection"] = detection_f1(det)
         out["detection"]["duplicate_rate"] = duplicate_rate(det)
         out["detection"]["large_box_rate"] = large_box_rate(det)
+        out["detection"].update(count_rates(det))
         out["detection"]["num_images"] = len(det)
         out["detection"]["predictions_per_image"] = float(np.mean([len(d["pred"]) for d in det]))
     if point_imgs:
@@ -136,7 +137,8 @@ def evaluate(checkpoint, samples, out_dir, *, max_new_tokens: int = 128) -> dict
 def format_table(metrics: dict) -> str:
     d = metrics.get("detection", {})
     rows = ["| metric | value |", "|---|---|"]
-    for k in ("F1@0.50", "F1@0.95", "F1@mIoU", "R@mIoU", "P@mIoU", "duplicate_rate", "large_box_rate"):
+    for k in ("F1@0.50", "F1@0.95", "F1@mIoU", "R@mIoU", "P@mIoU", "duplicate_rate", "large_box_rate",
+              "exact_count_rate", "over_count_rate", "under_count_rate"):
         if k in d:
             rows.append(f"| {k} | {d[k]:.3f} |")
     if "pointing" in metrics:

@@ -45,6 +45,7 @@ def _synthetic(data: DataConfig, out_dir, split: str) -> Path:
     n = data.synthetic_train_images if split == "train" else data.synthetic_val_images
     params = {"num_images": n, "seed": data.seed, "split": split, "image_size": data.synthetic_image_size_px,
               "max_objects": data.synthetic_max_objects, "position_ramp_levels": data.synthetic_position_ramp_levels,
+              "one_kind_per_scene": data.synthetic_one_kind_per_scene,
               # only the tasks the run trains on: every image is used (detection twice as often by default)
               "tasks": list(data.tasks) if data.tasks else list(synthetic.TASK_MIX)}
     # The parameters are stamped next to the data: a run with other settings regenerates it

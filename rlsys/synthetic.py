@@ -72,8 +72,12 @@ def _draw_shape(draw, mask_draw, shape, cx, cy, r, color):
         mask_draw.polygon(poly, fill=1)
 
 
-def _shape_scene(rng: random.Random, size: int, max_objects: int):
-    """Draw non-overlapping shapes; returns the image and a list of object dicts."""
+def _shape_scene(rng: random.Random, size: int, max_objects: int, one_kind: bool = False):
+    """Draw non-overlapping shapes; returns the image and a list of object dicts.
+
+    ``one_kind``: every shape in the scene is of one kind (colours still vary), so a detection
+    answer lists every object in the image: counting and enumerating without telling kinds apart.
+    """
     from PIL import Image, ImageDraw
 
     bg = tuple(rng.randint(225, 255) for _ in range(3))
@@ -81,6 +85,7 @@ def _shape_scene(rng: random.Random, size: int, max_objects: int):
     draw = ImageDraw.Draw(img)
     objects: list[dict] = []
     n = rng.randint(1, max_objects)
+    kind = rng.choice(SHAPES) if one_kind else None  # drawn only when asked: old seeds keep their images
     for _ in range(n * 20):
         if len(objects) == n:
             break
@@ -88,7 +93,8 @@ def _shape_scene(rng: random.Random, size: int, max_objects: int):
         cx, cy = rng.uniform(r + 1, size - r - 1), rng.uniform(r + 1, size - r - 1)
         if any((cx - o["cx"]) ** 2 + (cy - o["cy"]) ** 2 < (r + o["r"] + 3) ** 2 for o in objects):
             continue
-        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        shape = kind if kind is not None else rng.choice(SHAPES)
+        color = rng.choice(list(COLORS))
         m = Image.new("L", (size, size), 0)
         _draw_shape(draw, ImageDraw.Draw(m), shape, cx, cy, r, COLORS[color])
         mask = np.array(m, dtype=bool)
@@ -209,11 +215,13 @@ def paint_position_ramp(img, levels: int):
 
 
 def generate(out_dir, *, num_images: int, seed: int, split: str = "train", image_size: int = 224,
-             max_objects: int = 6, tasks=TASK_MIX, position_ramp_levels: int = 0) -> Path:
+             max_objects: int = 6, tasks=TASK_MIX, position_ramp_levels: int = 0,
+             one_kind_per_scene: bool = False) -> Path:
     """Write ``num_images`` images and ``<split>.jsonl`` (+ ``<split>_coco.json``) to ``out_dir``.
 
     Each image yields one sample of a task drawn from ``tasks``. Same seed, same bytes.
     ``position_ramp_levels > 0`` paints positions into every image (:func:`paint_position_ramp`).
+    ``one_kind_per_scene``: all shapes of a scene are of one kind (:func:`_shape_scene`).
     """
     unknown = sorted(set(tasks) - set(TASK_MIX))
     if unknown:
@@ -232,7 +240,7 @@ def generate(out_dir, *, num_images: int, seed: int, split: str = "train", image
             img, buttons = _gui_screen(rng, image_size)
             samples.append(_gui_sample(rng, name, image_size, buttons, task))
         else:
-            img, objects = _shape_scene(rng, image_size, max_objects)
+            img, objects = _shape_scene(rng, image_size, max_objects, one_kind_per_scene)
             if task == "keypoint" and not any(o["shape"] == "triangle" for o in objects):
                 task = "detection"
             samples.append(_shape_samples(rng, name, image_size, objects, task))

@@ -180,6 +180,22 @@ def test_synthetic_with_ramp_keeps_the_ground_truth(tmp_path):
     assert (b[:, -1, 0] - b[:, 0, 0]).mean() > 50  # red rises left to right
 
 
+def test_synthetic_one_kind_scenes(tmp_path):
+    mixed = load_jsonl(synthetic.generate(tmp_path / "a", num_images=60, seed=4, image_size=112, max_objects=3,
+                                          tasks=("detection",)))
+    one = load_jsonl(synthetic.generate(tmp_path / "b", num_images=60, seed=4, image_size=112, max_objects=3,
+                                        tasks=("detection",), one_kind_per_scene=True))
+    kinds = lambda s: {i.phrase for i in s.instances}  # noqa: E731
+    assert all(len(kinds(s)) == 1 for s in one)
+    assert any(len(kinds(s)) > 1 for s in mixed)  # the default still mixes kinds
+    # scenes of 1, 2 and 3 objects all occur, and each detection question asks for the one kind
+    # present (plus, sometimes, an absent kind), so its answer lists every object in the image
+    assert {len(s.instances) for s in one} == {1, 2, 3}
+    for s in one:
+        present = [p for p in s.phrases if s.instances_of(p)]
+        assert len(present) == 1 and len(s.instances_of(present[0])) == len(s.instances)
+
+
 def test_synthetic_rejects_unknown_task(tmp_path):
     with pytest.raises(ValueError, match="no task \\['layout'\\]"):
         synthetic.generate(tmp_path, num_images=1, seed=0, tasks=("detection", "layout"))

@@ -9,6 +9,7 @@ from rewards import geometry as geo
 from rewards.behaviour import is_duplicate, is_large_box, longest_repeat_run
 from rewards.metrics import (
     DEFAULT_IOU_THRESHOLDS,
+    count_rates,
     detection_f1,
     duplicate_flags,
     duplicate_rate,
@@ -161,6 +162,22 @@ def test_duplicate_definition():
     assert longest_repeat_run([(12, k, 100, 100 + k) for k in range(11)]) == 11
     assert longest_repeat_run([(7, 7, 7, 7)] * 3) == 12
     assert longest_repeat_run([]) == 0
+
+
+def test_count_rates_hand_worked():
+    B = (0, 0, 10, 10)
+    images = [
+        {"gt": [("cat", B)] * 2, "pred": [("cat", B)] * 2},                       # cat: exact
+        {"gt": [("cat", B)], "pred": [("cat", B)] * 3},                           # cat: over
+        {"gt": [("cat", B)] * 3 + [("dog", B)], "pred": [("cat", B)]},            # cat: under, dog: under
+        {"gt": [], "pred": [("dog", B)]},                                         # dog on nothing: over
+        {"gt": [], "pred": []},                                                   # no pair at all
+    ]
+    # 5 (image, label) pairs: 1 exact, 2 over, 2 under; the empty image adds none
+    assert count_rates(images) == {"exact_count_rate": 0.2, "over_count_rate": 0.4, "under_count_rate": 0.4}
+    assert count_rates([{"gt": [], "pred": []}]) == {"exact_count_rate": 1.0, "over_count_rate": 0.0, "under_count_rate": 0.0}
+    with pytest.raises(ValueError, match=r"images\[0\]\['pred'\]\[0\]"):
+        count_rates([{"gt": [], "pred": [("cat",)]}])
 
 
 def test_duplicate_and_large_box_rates():
