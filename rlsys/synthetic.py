@@ -273,10 +273,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--position-ramp", type=int, default=0, help="paint positions into the pixels (levels; 0: off)")
+    p.add_argument("--max-objects", type=int, default=6, help="most shapes in one scene")
+    p.add_argument("--one-kind-per-scene", action="store_true", help="all shapes of a scene are of one kind")
     a = p.parse_args(argv)
     for split, n in (("train", a.train_images), ("val", a.val_images)):
         print(generate(a.out, num_images=n, seed=a.seed, split=split, image_size=a.image_size,
-                       position_ramp_levels=a.position_ramp))
+                       max_objects=a.max_objects, position_ramp_levels=a.position_ramp,
+                       one_kind_per_scene=a.one_kind_per_scene))
     return 0
 
 

@@ -36,7 +36,10 @@ def _metrics(f1, dup, reward):
     det = {"F1@0.50": f1 + 0.1, "R@0.50": f1 + 0.2, "P@0.50": f1, "F1@0.95": f1 - 0.1, "F1@mIoU": f1, "R@mIoU": f1, "P@mIoU": f1,
            "duplicate_rate": dup, "large_box_rate": 0.0, "predictions_per_image": 2.5, "num_images": 10,
            "exact_count_rate": 0.5 + dup, "over_count_rate": 0.5 - dup, "under_count_rate": 0.0}
-    return {"num_samples": 20, "detection": det, "pointing": {"F1": 0.3}, "gui": {"accuracy": 0.5}, "mean_reward": reward}
+    by_task = {"detection": {"F1@0.50": f1, "F1@mIoU": f1 / 2, "exact_count_rate": 0.9},
+               "referring": {"F1@0.50": 2 * f1, "F1@mIoU": f1, "exact_count_rate": 1.0}}
+    return {"num_samples": 20, "detection": det, "box_tasks": by_task, "pointing": {"F1": 0.3}, "gui": {"accuracy": 0.5},
+            "mean_reward": reward}
 
 
 def test_report_table_change_column_and_curves(tmp_path):
@@ -53,6 +56,9 @@ def test_report_table_change_column_and_curves(tmp_path):
     assert "| duplicate rate (%) | 20.0 | 5.0 | -15.0 |" in lines
     assert "| mean reward (x100) | 30.0 | 41.0 | +11.0 |" in lines
     assert "| too many boxes (%) | 30.0 | 45.0 | +15.0 |" in lines
+    assert "| detection: F1@mIoU | 20.0 | 22.5 | +2.5 |" in lines
+    assert "| referring: F1@0.50 | 80.0 | 90.0 | +10.0 |" in lines
+    assert "| referring: right box count (%) | 100.0 | 100.0 | +0.0 |" in lines
     assert "| pointing F1 | 30.0 | 30.0 | +0.0 |" in lines
     assert "F1@mIoU over GRPO steps: step 0: 40.0, step 2: 45.0" in text
     assert "    python -m rlsys.demo --out X" in lines
