@@ -27,10 +27,12 @@ import numpy as np
 
 from rewards import behaviour
 from rewards import geometry as geo
+from rewards.box import COCO_IOU_THRESHOLDS
 
-DEFAULT_IOU_THRESHOLDS = np.arange(0.5, 0.96, 0.05)
-# Thresholds like 0.7 are 0.7000000000000001 after np.arange; an IoU that is 0.7 up to rounding
-# must still count at 0.7.
+# 0.50, 0.55, ..., 0.95: the same thresholds the box reward can credit (rewards.box).
+DEFAULT_IOU_THRESHOLDS = np.asarray(COCO_IOU_THRESHOLDS)
+# An IoU that is 0.7 up to floating-point rounding (0.6999999999999999 from the areas) must still
+# count at 0.7.
 _TOL = 1e-9
 
 
