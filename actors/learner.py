@@ -31,8 +31,11 @@ class LearnerWorker:
     def address(self) -> tuple[str, int]:
         return rendezvous_address()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def setup(self, model_dir: str, learner_cfg: dict, *, master_addr: str, master_port: int,
-              micro_batches_per_step: int, seed: int, dtype: str = "float32", trust_remote_code: bool = False,
+              seed: int, dtype: str = "float32", trust_remote_code: bool = False,
               sampling_temperature: float = 1.0) -> int:
         rank, world_size = self.rank, self.world
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
@@ -69,7 +72,11 @@ class LearnerWorker:
         optim = torch.optim.AdamW(trainable, lr=learner_cfg["lr"], weight_decay=learner_cfg["weight_decay"])
         ds_config = {
             "train_micro_batch_size_per_gpu": learner_cfg["micro_batch_size"],
-            "gradient_accumulation_steps": micro_batches_per_step,
+            # One optimizer step per GRPO step whatever the shard: train() marks the last
+            # micro-batch as the accumulation boundary itself (set_gradient_accumulation_boundary),
+            # so a step with more or fewer micro-batches than the last one cannot move the
+            # optimizer step into the next GRPO step.
+            "gradient_accumulation_steps": 1,
             "gradient_clipping": learner_cfg["grad_clip"],
             "zero_optimization": {"stage": learner_cfg["zero_stage"]},
             # A torch AdamW, not DeepSpeed's fused CPU Adam: that one compiles a C++ op at first start.
@@ -84,13 +91,16 @@ class LearnerWorker:
         self._cache: dict = {}
         return self.rank
 
-    def _batches(self, items):
+    def _batch(self, chunk):
         from rlsys.sequences import build_batch
 
+        inputs, targets, mask = build_batch(self.processor, chunk, self.pad_id, self._cache)
+        return {k: v.to(self.device) for k, v in inputs.items()}, targets.to(self.device), mask.to(self.device)
+
+    def _batches(self, items):
         mb = self.cfg["micro_batch_size"]
         for i in range(0, len(items), mb):
-            inputs, targets, mask = build_batch(self.processor, items[i : i + mb], self.pad_id, self._cache)
-            yield i, {k: v.to(self.device) for k, v in inputs.items()}, targets.to(self.device), mask.to(self.device)
+            yield i, *self._batch(items[i : i + mb])
 
     def logprobs(self, items) -> tuple[list, list]:
         """Per item, the current policy's (``old``) and the reference's log-probs of its answer."""
@@ -107,23 +117,38 @@ class LearnerWorker:
                 for b in range(mask.shape[0]):
                     olds.append(old[b][mask[b]].cpu())
                     refs.append(ref[b][mask[b]].cpu())
-        self._cache.clear()
+        # the processor's outputs stay cached for train() on the same items (it clears them)
         return olds, refs
 
-    def train(self, items, num_tokens_global: int) -> dict:
-        """One optimizer step over ``items`` (this rank's shard). Each item carries
-        ``advantage``, ``old_logp`` and ``ref_logp`` (per answer token)."""
+    def train(self, items, num_tokens_global: int, num_micro_batches: int | None = None, pad_item: dict | None = None) -> dict:
+        """One optimizer step over ``items`` (this rank's shard, possibly empty). Each item carries
+        ``advantage``, ``old_logp`` and ``ref_logp`` (per answer token).
+
+        ``num_micro_batches``: how many forward/backward passes every rank runs this step (the
+        same on all ranks: ZeRO-2 reduces gradients on every backward). A rank whose shard needs
+        fewer runs the rest on ``pad_item`` with weight 0: the same collectives, no gradient.
+        ``num_tokens_global``: answer tokens over all ranks, the loss's normaliser."""
         import torch
 
         from rlsys.algorithm import policy_loss
         from rlsys.sequences import token_logprobs
 
+        mb = self.cfg["micro_batch_size"]
+        need = -(-len(items) // mb)
+        M = need if num_micro_batches is None else num_micro_batches
+        if M < max(need, 1):
+            raise ValueError(f"learner rank {self.rank}: {len(items)} items need {need} micro-batches of "
+                             f"{mb}, but the step plans {M}")
+        if need < M and pad_item is None and not items:
+            raise ValueError(f"learner rank {self.rank}: an empty shard needs a pad_item to run its zero-weight micro-batches")
+        pad = pad_item if pad_item is not None else items[0]
+        chunks = [(items[k * mb : (k + 1) * mb], 1.0) for k in range(need)] + [([pad], 0.0)] * (M - need)
         self.engine.train()
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         n_tok = 0
-        for i, inputs, targets, mask in self._batches(items):
-            chunk = items[i : i + mask.shape[0]]
+        for k, (chunk, weight) in enumerate(chunks):
+            inputs, targets, mask = self._batch(chunk)
             logp, entropy = token_logprobs(self.engine, inputs, targets, self.temperature)
             old = torch.zeros_like(logp)
             ref = torch.zeros_like(logp)
@@ -134,27 +159,50 @@ class LearnerWorker:
             loss, m = policy_loss(logp, old, ref, adv, mask, clip_low=self.cfg["clip_low"],
                                   clip_high=self.cfg["clip_high"], kl_coef=self.cfg["kl_coef"],
                                   num_tokens=num_tokens_global)
-            # The loss is normalised by the global answer-token count, so micro-batch losses
-            # add up to the step's loss; DeepSpeed must neither divide by the accumulation steps
+            # The loss is normalised by the global answer-token count, so micro-batch losses add
+            # up to the step's loss; DeepSpeed must neither divide by the accumulation steps
             # (scale_wrt_gas=False) nor, net, by the world size it averages gradients over.
-            self.engine.backward(loss * self.world, scale_wrt_gas=False)
-            self.engine.step()
-            k = int(m["num_tokens"])
-            n_tok += k
+            self.engine.set_gradient_accumulation_boundary(k == M - 1)
+            self.engine.backward(loss * (self.world * weight), scale_wrt_gas=False)
+            if weight == 0.0:
+                continue
+            n = int(m["num_tokens"])
+            n_tok += n
             for name in ("kl", "clip_fraction", "ratio_mean"):
-                sums[name] = sums.get(name, 0.0) + float(m[name]) * k
+                sums[name] = sums.get(name, 0.0) + float(m[name]) * n
             sums["entropy"] = sums.get("entropy", 0.0) + float(entropy.detach()[mask].sum())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        self.engine.step()  # the one optimizer step of this GRPO step (the boundary was the last backward)
+        self._cache.clear()
         out = {k: (v / max(n_tok, 1) if k != "loss" else v) for k, v in sums.items()}
-        out.update(tokens=n_tok, learn_s=time.perf_counter() - t0,
+        out.update(tokens=n_tok, micro_batches=M, padded_micro_batches=M - need, learn_s=time.perf_counter() - t0,
+                   optimizer_steps=self.engine.global_steps,
+                   grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
                    lr=self.engine.get_lr()[0] if self.engine.get_lr() else self.cfg["lr"])
         return out
 
+    # -- weights out (rank 0) --------------------------------------------------------------------
+    def weights_connect(self, engines: list, workers_per_engine: int, backend: str, bucket_bytes: int, timeout_s: float) -> float:
+        """Open the weight-transfer group with ``engines`` (vLLM's protocol; this rank is its
+        rank 0 and hosts the rendezvous on a free port of its node). Returns seconds taken."""
+        from actors.weight_sync import LearnerWeightSender
+
+        if getattr(self, "sender", None) is None or self.sender.backend != backend:
+            self.sender = LearnerWeightSender(self.engine.module, backend)
+        addr, port = rendezvous_address()
+        return self.sender.connect(engines, workers_per_engine, master_address=addr, master_port=port,
+                                   bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+
+    def weights_send(self) -> float:
+        """One round of the protocol: start, update (buckets broadcast), finish on every engine."""
+        return self.sender.send()
+
     def weight_buckets(self, bucket_bytes: int) -> list:
-        """The policy's weights as safetensors buckets in the object store (rank 0)."""
+        """The fallback: the policy's weights as safetensors buckets in the object store, the
+        same tensors the protocol sends (``named_parameters``, a tied embedding once)."""
         from actors.weight_sync import state_dict_buckets
 
-        return [ray.put(b) for b in state_dict_buckets(self.engine.module.state_dict(), bucket_bytes)]
+        return [ray.put(b) for b in state_dict_buckets(self.engine.module.named_parameters(), bucket_bytes)]
 
     def prompt_logprobs(self, prompt: str, image: str) -> tuple[list[int], list[float]]:
         """Log-prob of every prompt token after the first, as :meth:`RolloutWorker.prompt_logprobs`."""
@@ -179,9 +227,14 @@ class LearnerWorker:
         return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
 
     def checksum(self) -> dict:
+        """Digest of exactly what a weight sync sends (see :meth:`weights_connect`)."""
         from actors.weight_sync import params_checksum
 
         return params_checksum(self.engine.module.named_parameters())
+
+    def parameters_cpu(self) -> dict:
+        """Every parameter, cloned to CPU (tests compare ranks and runs with it)."""
+        return {k: v.detach().cpu().clone() for k, v in self.engine.module.named_parameters()}
 
     def save(self, path: str, hf: bool) -> None:
         """DeepSpeed state (model, optimizer, per-rank) under path/ds; rank 0 also writes a Hugging
@@ -201,3 +254,112 @@ class LearnerWorker:
         if client:
             torch.set_rng_state(client["torch_rng"])
             random.setstate(client["py_rng"])
+
+
+class LearnerGroup:
+    """Driver-side handle over ``num_ranks`` DeepSpeed ranks (one placement group, PACK: ranks on
+    as few nodes as hold them, NCCL inside a node).
+
+    Sharding: answers are dealt to the ranks in turn; every rank then runs the same number of
+    micro-batches (:func:`actors.group.micro_batch_plan`), padding with zero-weight ones, and
+    takes exactly one optimizer step per call, so uneven shards, dropped empty answers or a rank
+    with no data cannot desynchronise ZeRO's collectives. The loss is normalised by the global
+    token count, so N ranks give the one-rank update.
+
+    Every call has ``learner.timeout_s``. A dead rank cannot be replaced inside a running
+    torch.distributed group: the error names the rank and the call, and the run resumes from its
+    last checkpoint (``run.resume``)."""
+
+    name = "learner"
+
+    def __init__(self, cfg, model_dir: str, start_timeout_s: float):
+        from actors.group import bundle, call, in_bundle, placement_group
+
+        self.cfg = cfg
+        le = cfg.learner
+        self.timeout_s = le.timeout_s
+        self.pg = placement_group("learner", [bundle(le.cpus_per_rank, le.gpus_per_rank, le.resources_per_rank)] * le.num_ranks,
+                                  "PACK", start_timeout_s)
+        self.ranks = [LearnerWorker.options(num_cpus=le.cpus_per_rank, num_gpus=le.gpus_per_rank,
+                                            scheduling_strategy=in_bundle(self.pg, r)).remote(rank=r, world_size=le.num_ranks)
+                      for r in range(le.num_ranks)]
+        addr, port = call(self.ranks[0].address.remote(), start_timeout_s, "learner rank 0 start")
+        self._setup = [w.setup.remote(model_dir, le.model_dump(), master_addr=addr, master_port=port, seed=cfg.run.seed,
+                                      dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                      sampling_temperature=cfg.rollout.temperature) for w in self.ranks]
+
+    def ready_refs(self) -> list:
+        return self._setup
+
+    def _each(self, refs, what: str, timeout_s: float | None = None) -> list:
+        from actors.group import MemberFailed, call_each
+
+        try:
+            return call_each(self.name, refs, timeout_s or self.timeout_s, what)
+        except MemberFailed as exc:
+            raise RuntimeError(f"{exc}. A learner rank cannot be replaced inside a running group: restart the run; "
+                               "it resumes from the last checkpoint (run.resume)") from exc
+
+    def shard(self, items: list) -> list[list]:
+        from actors.group import round_robin
+
+        return [[items[i] for i in idx] for idx in round_robin(len(items), len(self.ranks))]
+
+    def logprobs(self, items: list) -> None:
+        """Fill each item's ``old_logp`` and ``ref_logp`` (current and reference policy)."""
+        shards = self.shard(items)
+        res = self._each([w.logprobs.remote(sh) for w, sh in zip(self.ranks, shards)], "old/reference log-probs")
+        for sh, (olds, refs) in zip(shards, res):
+            for it, o, r in zip(sh, olds, refs):
+                it["old_logp"], it["ref_logp"] = o, r
+
+    def train(self, items: list) -> list[dict]:
+        """One optimizer step on every rank over ``items``; per-rank metrics."""
+        from actors.group import micro_batch_plan
+
+        if not items:
+            raise ValueError("learner update with no answers to learn from")
+        shards = self.shard(items)
+        M = micro_batch_plan([len(sh) for sh in shards], self.cfg.learner.micro_batch_size)
+        num_tokens = sum(len(it["response_ids"]) for it in items)
+        pad = items[0]
+        return self._each([w.train.remote(sh, num_tokens, M, None if sh else pad) for w, sh in zip(self.ranks, shards)],
+                          "learner update")
+
+    def save(self, path: str) -> None:
+        self._each([w.save.remote(path, True) for w in self.ranks], "checkpoint save")
+
+    def load(self, path: str) -> None:
+        self._each([w.load.remote(path) for w in self.ranks], "learner resume")
+
+    def checksum(self) -> dict:
+        return self._each([self.ranks[0].checksum.remote()], "learner checksum", 600)[0]
+
+    def parameters(self) -> list[dict]:
+        return self._each([w.parameters_cpu.remote() for w in self.ranks], "parameter export", 600)
+
+    def prompt_logprobs(self, prompt: str, image: str):
+        return self._each([self.ranks[0].prompt_logprobs.remote(prompt, image)], "learner log-probs", 600)[0]
+
+    # weights out: rank 0 holds the whole model under ZeRO <= 2
+    def connect_weights(self, engines: list, workers_per_engine: int, backend: str, bucket_bytes: int, timeout_s: float) -> float:
+        return self._each([self.ranks[0].weights_connect.remote(engines, workers_per_engine, backend, bucket_bytes, timeout_s)],
+                          "weight-transfer connect", timeout_s)[0]
+
+    def send_weights(self, timeout_s: float) -> float:
+        return self._each([self.ranks[0].weights_send.remote()], "weight send", timeout_s)[0]
+
+    def weight_buckets(self, bucket_bytes: int) -> list:
+        return self._each([self.ranks[0].weight_buckets.remote(bucket_bytes)], "weight export")[0]
+
+    def node_ids(self) -> list[str]:
+        from actors.group import call
+
+        return call([w.node_id.remote() for w in self.ranks], 60, "learner node ids")
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.ranks:
+            ray.kill(w, no_restart=True)
+        remove_placement_group(self.pg)

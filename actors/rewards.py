@@ -59,14 +59,61 @@ class RewardWorker:
 
 
 class RewardGroup:
-    """Driver-side handle over ``num_workers`` reward actors."""
+    """Driver-side handle over ``num_workers`` reward actors (one placement group, SPREAD).
+
+    Sharding: by prompt group: a group's G answers go to one worker (per-image state such as a
+    SAM embedding is computed once), groups dealt to the workers in turn. Each worker's share has
+    ``sample_timeout_s`` per answer; a dead or stuck worker is replaced in its bundle and its
+    answers retried one by one; an answer that fails twice scores 0, is flagged ``failed`` and
+    counted."""
+
+    name = "reward"
 
     def __init__(self, num_workers: int, matching: str, sample_timeout_s: float, sam_checkpoint=None,
-                 cpus_per_worker: float = 0.5, scorer: str = "rewards.scorer:score"):
+                 cpus_per_worker: float = 0.5, scorer: str = "rewards.scorer:score", resources_per_worker: dict | None = None,
+                 start_timeout_s: float = 300.0):
+        from actors.group import bundle, placement_group
+
         self.matching, self.sam, self.cpus, self.scorer = matching, sam_checkpoint, cpus_per_worker, scorer
-        self.workers = [self._start() for _ in range(num_workers)]
+        self.start_timeout_s = start_timeout_s
+        self.pg = placement_group("reward", [bundle(cpus_per_worker, 0, resources_per_worker)] * num_workers, "SPREAD",
+                                  start_timeout_s)
+        self.workers = [self._create(k) for k in range(num_workers)]
+        self._wait_ready(list(range(num_workers)))
         self.sample_timeout_s = sample_timeout_s
         self.failures = 0
+        self.replaced = 0
+        self.last_shards: list[list[int]] = []
+
+    def score(self, items: list[tuple[str, dict]], group_size: int = 1) -> list[dict]:
+        """Score ``items`` (answer text, sample dict), consecutive runs of ``group_size`` being one
+        prompt's answers; results in the same order."""
+        from actors.group import by_group, round_robin
+
+        n = len(self.workers)
+        if group_size > 1 and len(items) % group_size == 0:
+            chunks = by_group(len(items) // group_size, group_size, n)
+        else:
+            chunks = round_robin(len(items), n)
+        self.last_shards = chunks
+        results: list[dict | None] = [None] * len(items)
+        refs = {k: (idx, self.workers[k].score_batch.remote([items[i] for i in idx])) for k, idx in enumerate(chunks) if idx}
+        deadline = time.monotonic() + self.sample_timeout_s * max((len(c) for c in chunks), default=1)
+        for k, (idx, ref) in refs.items():
+            ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                if not ready:
+                    raise TimeoutError("chunk timed out")
+                for i, r in zip(idx, ray.get(ref)):
+                    results[i] = r
+            except Exception as exc:  # a dead or stuck worker: its samples are retried below
+                log.warning("reward worker %d failed on %d samples (%s); replacing it and retrying them one by one",
+                            k, len(idx), str(exc).splitlines()[0])
+                self._replace(k)
+        for i, r in enumerate(results):
+            if r is None or r.get("failed"):
+                results[i] = self._retry(items[i], first_error=r["error"] if r else "worker failed")
+        return results  # type: ignore[return-value]
 
     def _call(self, worker, items, timeout_s):
         ref = worker.score_batch.remote(items)
@@ -75,48 +122,41 @@ class RewardGroup:
             raise TimeoutError(f"reward worker gave no answer for {len(items)} samples in {timeout_s:.0f} s")
         return ray.get(ref)
 
-    def score(self, items: list[tuple[str, dict]]) -> list[dict]:
-        n = len(self.workers)
-        chunks = [list(range(i, len(items), n)) for i in range(n)]
-        results: list[dict | None] = [None] * len(items)
-        refs = {w: (idx, w.score_batch.remote([items[i] for i in idx])) for w, idx in zip(self.workers, chunks) if idx}
-        deadline = time.monotonic() + self.sample_timeout_s * max(len(c) for c in chunks)
-        for w, (idx, ref) in refs.items():
-            ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
-            try:
-                if not ready:
-                    raise TimeoutError("chunk timed out")
-                for i, r in zip(idx, ray.get(ref)):
-                    results[i] = r
-            except Exception as exc:  # a dead or stuck worker: its samples are retried below
-                log.warning("reward worker failed on %d samples (%s); retrying them one by one", len(idx), exc)
-                self._replace(w)
-        for i, r in enumerate(results):
-            if r is None or r.get("failed"):
-                results[i] = self._retry(items[i], first_error=r["error"] if r else "worker failed")
-        return results  # type: ignore[return-value]
-
     def _retry(self, item, first_error: str) -> dict:
-        worker = self.workers[0]
         try:
-            r = self._call(worker, [item], self.sample_timeout_s)[0]
+            r = self._call(self.workers[0], [item], self.sample_timeout_s)[0]
         except Exception as exc:
-            self._replace(worker)
+            self._replace(0)
             r = _zero(f"{first_error}; retry: {exc}")
         if r.get("failed"):
             self.failures += 1
             log.error("reward for sample %s failed twice, scored 0: %s", item[1].get("id"), r["error"])
         return r
 
-    def _start(self, start_timeout_s: float = 300.0):
-        w = RewardWorker.options(num_cpus=self.cpus).remote(self.matching, self.sam, self.scorer)
-        ready, _ = ray.wait([w.ready.remote()], timeout=start_timeout_s)
-        if not ready:
-            raise TimeoutError(f"a reward worker did not start within {start_timeout_s:.0f} s")
-        return w
+    def _create(self, k: int):
+        from actors.group import in_bundle
 
-    def _replace(self, worker) -> None:
-        """Kill a stuck or dead worker (its running task dies with it) and start a fresh one."""
-        k = self.workers.index(worker)
-        ray.kill(worker, no_restart=True)
-        self.workers[k] = self._start()
+        return RewardWorker.options(num_cpus=self.cpus, scheduling_strategy=in_bundle(self.pg, k)).remote(
+            self.matching, self.sam, self.scorer)
+
+    def _wait_ready(self, ks: list[int]) -> None:
+        refs = [self.workers[k].ready.remote() for k in ks]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout_s)
+        if len(ready) < len(refs):
+            raise TimeoutError(f"reward worker(s) {[k for k, r in zip(ks, refs) if r not in ready]} did not start "
+                               f"within {self.start_timeout_s:.0f} s")
+
+    def _replace(self, k: int) -> None:
+        """Kill a stuck or dead worker (its running task dies with it) and start a fresh one in its bundle."""
+        ray.kill(self.workers[k], no_restart=True)
+        self.workers[k] = self._create(k)
+        self._wait_ready([k])
+        self.replaced += 1
+
+    def shutdown(self) -> None:
+        """Kill the workers and free the placement group."""
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        remove_placement_group(self.pg)

@@ -7,19 +7,30 @@ them). It loads new weights from the learner through :mod:`actors.weight_sync`.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 import ray
+
+log = logging.getLogger(__name__)
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 @ray.remote
 class RolloutWorker:
     def __init__(self, model_dir: str, *, max_model_len: int, gpu_memory_utilization: float,
-                 enforce_eager: bool, seed: int, dtype: str = "float32"):
+                 enforce_eager: bool, seed: int, dtype: str = "float32", weight_transfer: str = "rlsys_gloo"):
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         from vllm import LLM
+
+        import actors.weight_sync  # noqa: F401  registers rlsys_gloo in vLLM's factories (here and in the workers)
+
+        extra = {}
+        if weight_transfer != "object_store":
+            from vllm.config import WeightTransferConfig
+
+            extra["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
 
         t0 = time.perf_counter()
         self.llm = LLM(
@@ -36,6 +47,7 @@ class RolloutWorker:
             # log-probs of the distribution tokens were drawn from (after temperature, top-p and
             # the logit bias below), so the controller can compare them with the learner's
             logprobs_mode="processed_logprobs",
+            **extra,
         )
         self.start_s = time.perf_counter() - t0
         # Vision placeholders must never be sampled: the learner re-reads prompt + answer through
@@ -48,6 +60,9 @@ class RolloutWorker:
 
     def ready(self) -> float:
         return self.start_s
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def generate(self, requests: list[dict], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int, min_new_tokens: int = 0) -> list[list[dict]]:
@@ -80,6 +95,38 @@ class RolloutWorker:
             result.append(answers)
         return result
 
+    # -- vLLM's weight-transfer protocol (driven by the learner's EngineGroupClient) ------------
+    def transfer_workers(self) -> int:
+        """Workers of this engine that join the transfer group (tensor x pipeline parallel)."""
+        return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.llm.finish_weight_update(weight_version)
+        self.llm.collective_rpc("rlsys_after_weight_update")
+        self._reset_caches()
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
+
+    def _reset_caches(self) -> None:
+        # The engine's scheduler and the front end keep their own view of the encoder and
+        # multi-modal caches, which must be cleared too, or the next image request refers to a
+        # vision embedding the worker no longer has ("Encoder cache miss"). Cached prefixes
+        # were computed with the old weights as well.
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+        self.llm.reset_prefix_cache()
+
+    # -- the fallback transport (object store + /dev/shm) --------------------------------------
     def load_weight_buckets(self, *bucket_refs) -> int:
         """Load safetensors buckets (passed as object refs, resolved by Ray) into the engine."""
         from actors.weight_sync import write_shm
@@ -91,13 +138,7 @@ class RolloutWorker:
         finally:
             for p in paths:
                 os.unlink(p)
-        # The reload clears the workers' encoder and multi-modal caches; the engine's scheduler
-        # and the front end keep their own view of them, which must be cleared too, or the next
-        # image request refers to a vision embedding the worker no longer has ("Encoder cache
-        # miss"). Cached prefixes were computed with the old weights as well.
-        self.llm.llm_engine.reset_encoder_cache()
-        self.llm.reset_mm_cache()
-        self.llm.reset_prefix_cache()
+        self._reset_caches()
         return loaded
 
     def prompt_logprobs(self, prompt: str, image: str) -> tuple[list[int], list[float]]:
@@ -126,3 +167,117 @@ class RolloutWorker:
 
     def checksum(self) -> dict:
         return self.llm.collective_rpc("rlsys_checksum")[0]
+
+
+class RolloutGroup:
+    """Driver-side handle over ``num_engines`` engine actors (one placement group, SPREAD).
+
+    Sharding: prompts are dealt to the engines in turn. Per call: ``rollout.timeout_s``. A dead or
+    stuck engine is killed and restarted in its own bundle, given the current weights
+    (``on_restart``, set by the controller to its weight sync) and only its prompts are retried,
+    once; the answers of the engines that succeeded are kept. A second failure is an error naming
+    the engine and the step. ``generation`` counts restarts, so a weight transfer group that
+    includes the dead engine's workers knows to reconnect."""
+
+    name = "rollout"
+
+    def __init__(self, cfg, model_dir: str, start_timeout_s: float):
+        from actors.group import bundle, placement_group
+
+        self.cfg, self.model_dir = cfg, model_dir
+        ro = cfg.rollout
+        self.pg = placement_group("rollout", [bundle(ro.cpus_per_engine, ro.gpus_per_engine, ro.resources_per_engine)] * ro.num_engines,
+                                  "SPREAD", start_timeout_s)
+        self.engines = [self._start(i) for i in range(ro.num_engines)]
+        self.generation = 0
+        self.restarts = 0
+        self.retried: list[tuple[int, int, list[int]]] = []  # (step, engine, request indices) per retry
+        self.on_restart = None  # callable(engine indices) -> None: brings restarted engines to the current weights
+
+    def _start(self, i: int):
+        from actors.group import in_bundle
+
+        ro = self.cfg.rollout
+        return RolloutWorker.options(num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine,
+                                     scheduling_strategy=in_bundle(self.pg, i)).remote(
+            self.model_dir, max_model_len=ro.max_model_len_tokens, gpu_memory_utilization=ro.gpu_memory_utilization,
+            enforce_eager=ro.enforce_eager, seed=self.cfg.run.seed + i, dtype=self.cfg.model.dtype,
+            weight_transfer=self.cfg.weight_transfer_backend)
+
+    def ready_refs(self) -> list:
+        return [e.ready.remote() for e in self.engines]
+
+    def restart(self, k: int) -> None:
+        import ray
+
+        ray.kill(self.engines[k], no_restart=True)
+        self.engines[k] = self._start(k)
+        self.generation += 1
+        self.restarts += 1
+
+    def generate(self, requests: list[dict], *, step: int) -> list[list[dict]]:
+        """``samples_per_prompt`` answers per request, requests spread over the engines."""
+        import ray
+
+        from actors.group import call, round_robin
+
+        ro, seed = self.cfg.rollout, self.cfg.run.seed
+        shards = round_robin(len(requests), len(self.engines))
+        out: list = [None] * len(requests)
+        todo = [k for k, sh in enumerate(shards) if sh]
+        for attempt in (0, 1):
+            calls = {k: self.engines[k].generate.remote([requests[j] for j in shards[k]], n=ro.samples_per_prompt,
+                                                        temperature=ro.temperature, top_p=ro.top_p,
+                                                        max_new_tokens=ro.max_new_tokens,
+                                                        seed=seed * 100003 + step * 101 + k + attempt)
+                     for k in todo}
+            failed = []
+            for k, ref in calls.items():
+                try:
+                    for j, ans in zip(shards[k], call(ref, ro.timeout_s, f"rollout engine {k}")):
+                        out[j] = ans
+                except (TimeoutError, ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                    if attempt == 1:
+                        raise RuntimeError(f"rollout engine {k} failed twice in step {step}: {exc}") from exc
+                    log.warning("rollout engine %d failed in step %d (%s); restarting it and retrying its %d prompts",
+                                k, step, str(exc).splitlines()[0], len(shards[k]))
+                    self.restart(k)
+                    failed.append(k)
+            if not failed:
+                break
+            call([self.engines[k].ready.remote() for k in failed], self.cfg.run.actor_start_timeout_s, "restarted rollout engine start-up")
+            if self.on_restart is not None:
+                self.on_restart(failed)
+            self.retried += [(step, k, list(shards[k])) for k in failed]
+            todo = failed
+        return out
+
+    def transfer_workers(self) -> int:
+        from actors.group import call
+
+        per = call([e.transfer_workers.remote() for e in self.engines], self.cfg.rollout.timeout_s, "engine transfer workers")
+        if len(set(per)) != 1:
+            raise RuntimeError(f"engines of one rollout group differ in their worker counts: {per}")
+        return per[0]
+
+    def checksums(self) -> list[dict | None]:
+        from actors.group import call
+
+        return call([e.checksum.remote() for e in self.engines], 600, "engine checksum")
+
+    def prompt_logprobs(self, prompt: str, image: str) -> list[tuple[list[int], list[float]]]:
+        from actors.group import call
+
+        return call([e.prompt_logprobs.remote(prompt, image) for e in self.engines], 600, "engine log-probs")
+
+    def node_ids(self) -> list[str]:
+        from actors.group import call
+
+        return call([e.node_id.remote() for e in self.engines], 60, "engine node ids")
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for e in self.engines:
+            ray.kill(e, no_restart=True)
+        remove_placement_group(self.pg)

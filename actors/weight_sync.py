@@ -1,35 +1,443 @@
-"""Weight transport from the learner to the vLLM generators, bucketed.
+"""Weight transfer from the learner to the vLLM generators: vLLM's own four-phase protocol.
 
-CPU / one node (and any Ray cluster): the learner serialises its full state dict into a few
-safetensors buckets of at most ``bucket_bytes`` each and puts them in the Ray object store; each
-generator actor fetches the buckets, writes each to shared memory (/dev/shm) and asks its vLLM
-workers (``collective_rpc``) to load it with the model's own ``load_weights``. One RPC per bucket,
-never one per tensor. Files, not tensors, cross the RPC because tensors passed as
-``collective_rpc`` arguments did not arrive as tensors (GUIDE section 2).
+vLLM 0.32 ships RL weight transfer as a protocol (``vllm.distributed.weight_transfer``): the
+engine is started with ``weight_transfer_config=WeightTransferConfig(backend=...)``; its workers
+then take ``init_weight_transfer_engine(init_info)`` once, and per update
+``start_weight_update()`` -> ``update_weights(update_info)`` (concurrently with the trainer's
+send) -> ``finish_weight_update()``. The trainer side is a ``TrainerWeightTransferEngine`` made by
+``WeightTransferTrainerFactory.trainer_init(init_info, client=..., source=...)`` whose
+``send_weights()`` drives that round trip through a client. rlsys uses it as is:
 
-GPUs: vLLM 0.32's weight-transfer API (``vllm.distributed.weight_transfer``, NCCL engine) moves
-tensors device to device; :class:`VllmWorkerExtension` is where that hook lives on the worker
-side. It is written against the documented API and has not run here (no GPU on CI).
+- GPUs: the built-in ``nccl`` backend. Learner rank 0 is NCCL rank 0 and broadcasts packed
+  buckets (``packed_buffer_size_bytes``) to every worker of every engine in one group.
+- CPUs: ``rlsys_gloo``, defined here and registered in both factories: the same shape over a
+  gloo process group of its own (a TCPStore rendezvous, not the default group, which DeepSpeed
+  and vLLM each hold), packed uint8 buckets broadcast from rank 0 and loaded through vLLM's
+  layerwise reload exactly as the NCCL engine does. The controller's sync code is one path; only
+  the backend name changes.
 
-The extension's methods are prefixed ``rlsys_`` because vLLM's worker already defines
-``update_weights``.
+:class:`EngineGroupClient` is the trainer's client over a rollout group: it gives engine ``k``
+the rank offset ``1 + k x workers_per_engine`` (vLLM's own Ray client gives every actor the same
+offset, which suits data-parallel replicas of one engine, not independent engines), runs each
+phase on all engines at once and bounds every phase with a timeout.
+
+The equality check (:func:`compare_digests`) compares the same tensors on both sides: the learner
+digests what its ``WeightSource`` yields (``named_parameters``: a tied embedding once), the
+worker what it received, name by name.
+
+``object_store`` stays as a named fallback, for an engine started without a weight-transfer
+config (an older vLLM, a backend that cannot join the learner's network): safetensors buckets
+through Ray's object store into /dev/shm, one RPC per bucket. It is what the benchmark compares
+the protocol against.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 256 << 20
+GLOO_BACKEND = "rlsys_gloo"
+BACKENDS = ("nccl", GLOO_BACKEND, "object_store")
 
 
-def state_dict_buckets(state_dict, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[bytes]:
-    """Serialise ``name -> tensor`` into safetensors blobs of at most ~``bucket_bytes`` each."""
+# ----------------------------------------------------------------------------------------------
+# Digests: what both sides compare
+# ----------------------------------------------------------------------------------------------
+def tensor_digest(t) -> tuple[int, float, float]:
+    """(numel, float64 sum, float64 sum of squares) of one tensor."""
+    import torch
+
+    x = t.detach().to(torch.float64)
+    return int(x.numel()), float(x.sum()), float((x * x).sum())
+
+
+def params_checksum(named_params) -> dict:
+    """Order-independent totals over ``(name, tensor)`` pairs plus a digest per name."""
+    per_name = {name: tensor_digest(t) for name, t in named_params}
+    return {"numel": sum(v[0] for v in per_name.values()), "sum": sum(v[1] for v in per_name.values()),
+            "sum_sq": sum(v[2] for v in per_name.values()), "per_name": per_name}
+
+
+def compare_digests(learner: dict, engine: dict | None, rel_tol: float = 1e-9) -> list[str]:
+    """Differences between two :func:`params_checksum` results, as readable lines (empty: same).
+    Names must match exactly, then each tensor's element count, sum and sum of squares."""
+    if engine is None:
+        return ["the engine has received no weights through the protocol yet"]
+    a, b = learner["per_name"], engine["per_name"]
+    out = [f"sent but not received: {n}" for n in sorted(set(a) - set(b))]
+    out += [f"received but not sent: {n}" for n in sorted(set(b) - set(a))]
+    for n in sorted(set(a) & set(b)):
+        (na, sa, qa), (nb, sb, qb) = a[n], b[n]
+        if na != nb or abs(sa - sb) > rel_tol * max(1.0, abs(sa)) or abs(qa - qb) > rel_tol * max(1.0, qa):
+            out.append(f"{n}: learner (numel {na}, sum {sa:.9g}, sum_sq {qa:.9g}) vs engine (numel {nb}, sum {sb:.9g}, sum_sq {qb:.9g})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing (pure torch): named tensors <-> uint8 buckets of about bucket_bytes
+# ----------------------------------------------------------------------------------------------
+def plan_buckets(meta: list[tuple[str, Any, tuple[int, ...]]], bucket_bytes: int) -> list[list[int]]:
+    """Indices of ``meta`` ((name, dtype, shape)) per bucket: consecutive tensors until the next
+    would pass ``bucket_bytes``; a tensor larger than that is a bucket of its own. Both sides run
+    this on the same metadata, so they cut the stream at the same places."""
+    import torch
+
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    buckets: list[list[int]] = []
+    cur: list[int] = []
+    size = 0
+    for i, (_, dtype, shape) in enumerate(meta):
+        n = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        if cur and size + n > bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += n
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def pack(tensors) -> Any:
+    """One contiguous uint8 tensor holding ``tensors`` back to back."""
+    import torch
+
+    flat = [t.detach().contiguous().view(-1).view(torch.uint8) for t in tensors]
+    return torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
+
+
+def unpack(buf, meta: list[tuple[str, Any, tuple[int, ...]]]) -> list[tuple[str, Any]]:
+    """Inverse of :func:`pack` for ``meta`` ((name, dtype, shape) per tensor, in order)."""
+    import torch
+
+    sizes = [_numel(shape) * torch.empty((), dtype=dtype).element_size() for _, dtype, shape in meta]
+    if sum(sizes) != buf.numel():
+        raise ValueError(f"bucket holds {buf.numel()} bytes but its metadata describes {sum(sizes)}")
+    out, off = [], 0
+    for (name, dtype, shape), n in zip(meta, sizes):
+        out.append((name, buf[off : off + n].view(dtype).reshape(tuple(shape))))
+        off += n
+    return out
+
+
+def _dtype(name: str):
+    import torch
+
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype name in weight update metadata: {name!r}")
+    return dt
+
+
+def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: float):
+    """A gloo process group of its own over a TCPStore (rank 0 hosts the store). Independent of
+    ``torch.distributed``'s default group, which DeepSpeed (learner) and vLLM (worker) own."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s))
+    return dist.ProcessGroupGloo(store, rank, world_size, timedelta(seconds=timeout_s))
+
+
+def _broadcast(pg, tensor) -> None:
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    pg.broadcast([tensor], opts).wait()
+
+
+# ----------------------------------------------------------------------------------------------
+# The rlsys_gloo backend, in vLLM's protocol (worker side and trainer side)
+# ----------------------------------------------------------------------------------------------
+def _vllm_base():
+    from vllm.distributed.weight_transfer.base import (TrainerInitInfo, TrainerWeightTransferEngine,
+                                                       WeightTransferEngine, WeightTransferInitInfo,
+                                                       WeightTransferUpdateInfo)
+
+    return TrainerInitInfo, TrainerWeightTransferEngine, WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
+
+
+try:  # vLLM is an optional import for the pure helpers above (tests of packing need no vLLM)
+    (_TrainerInitInfo, _TrainerEngine, _WorkerEngine, _WorkerInitInfo, _UpdateInfo) = _vllm_base()
+except ImportError:  # pragma: no cover - vLLM is installed everywhere rlsys runs actors
+    _TrainerInitInfo = _TrainerEngine = _WorkerEngine = _WorkerInitInfo = _UpdateInfo = None  # type: ignore
+
+
+if _WorkerEngine is not None:
+
+    @dataclass
+    class GlooWorkerInitInfo(_WorkerInitInfo):
+        master_address: str
+        master_port: int
+        rank_offset: int
+        world_size: int
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES
+        timeout_s: float = 600.0
+
+    @dataclass
+    class GlooUpdateInfo(_UpdateInfo):
+        names: list[str]
+        dtype_names: list[str]
+        shapes: list[list[int]]
+
+        def __post_init__(self):
+            if not (len(self.names) == len(self.dtype_names) == len(self.shapes)):
+                raise ValueError(f"update_info lists differ in length: names {len(self.names)}, "
+                                 f"dtype_names {len(self.dtype_names)}, shapes {len(self.shapes)}")
+
+    class GlooWeightTransferEngine(_WorkerEngine):
+        """Worker side of ``rlsys_gloo``: receive packed buckets by gloo broadcast from the
+        trainer (rank 0) and load them through vLLM's layerwise reload, as the NCCL engine does."""
+
+        init_info_cls = GlooWorkerInitInfo
+        update_info_cls = GlooUpdateInfo
+        supports_draft_weight_update = False
+
+        def __init__(self, config, vllm_config, device, model):
+            super().__init__(config, vllm_config, device, model)
+            self.group = None
+            self.bucket_bytes = DEFAULT_BUCKET_BYTES
+            self.received: dict | None = None  # digest of the last complete update
+
+        def init_transfer_engine(self, init_info) -> None:
+            pc = self.parallel_config
+            rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
+            self.bucket_bytes = init_info.bucket_bytes
+            self.group = gloo_group(init_info.master_address, init_info.master_port, rank, init_info.world_size,
+                                    init_info.timeout_s)
+
+        def start_weight_update(self) -> None:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+            self._pending: list = []
+            initialize_layerwise_reload(self.model)
+
+        def receive_weights(self, update_info) -> None:
+            import torch
+
+            if self.group is None:
+                raise RuntimeError("rlsys_gloo weight transfer not initialised: call init_weight_transfer_engine first")
+            meta = [(n, _dtype(d), tuple(s)) for n, d, s in zip(update_info.names, update_info.dtype_names, update_info.shapes)]
+            for idx in plan_buckets(meta, self.bucket_bytes):
+                part = [meta[i] for i in idx]
+                buf = torch.empty(sum(_numel(s) * torch.empty((), dtype=d).element_size() for _, d, s in part), dtype=torch.uint8)
+                _broadcast(self.group, buf)
+                pairs = unpack(buf, part)
+                self._pending.extend((n, tensor_digest(t)) for n, t in pairs)
+                self.model.load_weights(pairs)
+
+        def finish_weight_update(self) -> None:
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+            finalize_layerwise_reload(self.model, self.model_config)
+            per_name = dict(self._pending)
+            self.received = {"numel": sum(v[0] for v in per_name.values()), "sum": sum(v[1] for v in per_name.values()),
+                             "sum_sq": sum(v[2] for v in per_name.values()), "per_name": per_name}
+            self._pending = []
+
+        def update_weights(self, update_info: dict) -> None:
+            # the base class synchronises the accelerator afterwards, which a CPU-only torch lacks
+            self.receive_weights(self.parse_update_info(update_info))
+
+        def shutdown(self) -> None:
+            self.group = None  # the store and the gloo context close with their last reference
+
+    @dataclass
+    class GlooTrainerInitInfo(_TrainerInitInfo):
+        backend: ClassVar[str] = GLOO_BACKEND
+        master_address: str
+        master_port: int
+        world_size: int
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES
+        timeout_s: float = 600.0
+
+    class GlooTrainerWeightTransferEngine(_TrainerEngine):
+        """Trainer side of ``rlsys_gloo``: rank 0 hosts the rendezvous and broadcasts buckets."""
+
+        init_info_cls = GlooTrainerInitInfo
+
+        def __init__(self, *, client, source, is_sender=True, bucket_bytes=DEFAULT_BUCKET_BYTES):
+            super().__init__(client=client, source=source, is_sender=is_sender)
+            self.bucket_bytes = bucket_bytes
+            self.group = None
+
+        @classmethod
+        def trainer_init(cls, init_info, *, client, source=None):
+            from concurrent.futures import ThreadPoolExecutor
+
+            if source is None:
+                raise ValueError("rlsys_gloo trainer weight transfer needs a WeightSource")
+            engine = cls(client=client, source=source, is_sender=init_info.is_sender, bucket_bytes=init_info.bucket_bytes)
+            if not engine.is_sender:
+                return engine
+            worker_info = {"master_address": init_info.master_address, "master_port": init_info.master_port,
+                           "rank_offset": 1, "world_size": init_info.world_size, "bucket_bytes": init_info.bucket_bytes,
+                           "timeout_s": init_info.timeout_s}
+            # the workers block in the rendezvous inside init_weight_transfer_engine: join concurrently
+            with ThreadPoolExecutor(max_workers=1) as exe:
+                fut = exe.submit(client.init_weight_transfer_engine, worker_info)
+                engine.group = gloo_group(init_info.master_address, init_info.master_port, 0, init_info.world_size,
+                                          init_info.timeout_s)
+                fut.result()
+            return engine
+
+        def send_weights(self) -> None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            meta = [(m.name, m.dtype, tuple(m.shape)) for m in self.source.metadata()]
+            if not self.is_sender:
+                return
+            update_info = {"names": [m[0] for m in meta], "dtype_names": [str(m[1]).split(".")[-1] for m in meta],
+                           "shapes": [list(m[2]) for m in meta]}
+            self.client.start_weight_update()
+            exe = ThreadPoolExecutor(max_workers=1)
+            try:
+                fut = exe.submit(self.client.update_weights, update_info)
+                tensors = dict(iter(self.source))
+                for idx in plan_buckets(meta, self.bucket_bytes):
+                    if fut.done():  # the workers refused the update: do not wait in a broadcast for them
+                        fut.result()
+                    _broadcast(self.group, pack([tensors[meta[i][0]] for i in idx]))
+                fut.result()
+            finally:
+                exe.shutdown(wait=False)  # a failed broadcast leaves the RPC thread blocked; never join it
+            self.client.finish_weight_update()
+
+        def shutdown(self) -> None:
+            self.group = None
+
+
+def register_backends() -> None:
+    """Register ``rlsys_gloo`` in vLLM's two factories (idempotent). Runs on import of this
+    module, which vLLM's workers import for the worker extension before they load the model."""
+    try:
+        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+    except ImportError:  # pragma: no cover
+        return
+    if GLOO_BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(GLOO_BACKEND, __name__, "GlooWeightTransferEngine")
+    if GLOO_BACKEND not in WeightTransferTrainerFactory._registry:
+        WeightTransferTrainerFactory.register_engine(GLOO_BACKEND, __name__, "GlooTrainerWeightTransferEngine")
+
+
+register_backends()
+
+
+def trainer_init_info(backend: str, *, master_address: str, master_port: int, world_size: int,
+                      bucket_bytes: int, timeout_s: float, rank: int = 0):
+    """The trainer-side init info of ``backend`` (vLLM's dataclass for ``nccl``)."""
+    if backend == GLOO_BACKEND:
+        return GlooTrainerInitInfo(master_address=master_address, master_port=master_port, world_size=world_size,
+                                   bucket_bytes=bucket_bytes, timeout_s=timeout_s, rank=rank)
+    if backend == "nccl":  # pragma: no cover - GPU only
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+        return NCCLTrainerInitInfo(master_address=master_address, master_port=master_port, world_size=world_size,
+                                   packed=True, packed_buffer_size_bytes=bucket_bytes, rank=rank)
+    raise ValueError(f"weight transfer backend {backend!r} has no trainer side (choose one of {BACKENDS[:2]})")
+
+
+class EngineGroupClient:
+    """``VLLMWeightSyncClient`` over several independent engine actors (a rollout group).
+
+    Each phase runs on every engine at once and waits at most ``timeout_s``; engine ``k``'s
+    workers take transfer ranks ``1 + k * workers_per_engine ...`` (rank 0 is the trainer)."""
+
+    def __init__(self, handles: list, workers_per_engine: int, timeout_s: float):
+        self.handles, self.per, self.timeout_s = list(handles), workers_per_engine, timeout_s
+
+    def _all(self, what: str, refs):
+        import ray
+
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            late = [k for k, r in enumerate(refs) if r in pending]
+            raise TimeoutError(f"weight transfer: {what} did not finish on engine(s) {late} within {self.timeout_s:.0f} s")
+        for k, r in enumerate(refs):
+            try:
+                ray.get(r)
+            except Exception as exc:
+                raise RuntimeError(f"weight transfer: {what} failed on engine {k}: {exc}") from exc
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._all("init_weight_transfer_engine",
+                  [h.init_weight_transfer_engine.remote({**init_info, "rank_offset": init_info["rank_offset"] + k * self.per})
+                   for k, h in enumerate(self.handles)])
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update", [h.start_weight_update.remote() for h in self.handles])
+
+    def update_weights(self, update_info) -> None:
+        self._all("update_weights", [h.update_weights.remote(update_info) for h in self.handles])
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("finish_weight_update", [h.finish_weight_update.remote(weight_version) for h in self.handles])
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._all("shutdown_weight_transfer_engine", [h.shutdown_weight_transfer_engine.remote() for h in self.handles])
+
+
+class LearnerWeightSender:
+    """Lives in learner rank 0: the trainer-side engine over ``named_parameters`` (a tied
+    embedding is one parameter, sent once; vLLM's loader ties it on the other side)."""
+
+    def __init__(self, module, backend: str):
+        self.module, self.backend, self.engine = module, backend, None
+
+    def connect(self, handles: list, workers_per_engine: int, *, master_address: str, master_port: int,
+                bucket_bytes: int, timeout_s: float) -> float:
+        from vllm.distributed.weight_transfer.base import ModuleSource
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        self.close()
+        t0 = time.perf_counter()
+        info = trainer_init_info(self.backend, master_address=master_address, master_port=master_port,
+                                 world_size=1 + len(handles) * workers_per_engine, bucket_bytes=bucket_bytes,
+                                 timeout_s=timeout_s)
+        client = EngineGroupClient(handles, workers_per_engine, timeout_s)
+        self.engine = WeightTransferTrainerFactory.trainer_init(info, client=client, source=ModuleSource(self.module))
+        return time.perf_counter() - t0
+
+    def send(self) -> float:
+        if self.engine is None:
+            raise RuntimeError("weight transfer: send before connect")
+        t0 = time.perf_counter()
+        self.engine.send_weights()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Fallback transport (object store + /dev/shm) and the worker extension
+# ----------------------------------------------------------------------------------------------
+def state_dict_buckets(named_tensors, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[bytes]:
+    """Serialise ``(name, tensor)`` pairs into safetensors blobs of at most ~``bucket_bytes`` each."""
     from safetensors.torch import save
 
     buckets, cur, size = [], {}, 0
-    for name, t in state_dict.items():
+    for name, t in named_tensors:
         t = t.detach().contiguous().cpu()
         nbytes = t.numel() * t.element_size()
         if cur and size + nbytes > bucket_bytes:
@@ -42,23 +450,6 @@ def state_dict_buckets(state_dict, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> 
     return buckets
 
 
-def params_checksum(named_params) -> dict:
-    """Order-independent checksum: float64 sum, sum of squares and element count over all
-    parameters. vLLM fuses q/k/v and gate/up projections into single tensors, so per-name
-    hashes cannot match the learner's; sums over concatenations do."""
-    import torch
-
-    total = torch.zeros((), dtype=torch.float64)
-    sq = torch.zeros((), dtype=torch.float64)
-    n = 0
-    for _, p in named_params:
-        p64 = p.detach().to(torch.float64)
-        total += p64.sum()
-        sq += (p64 * p64).sum()
-        n += p.numel()
-    return {"sum": float(total), "sum_sq": float(sq), "numel": int(n)}
-
-
 def write_shm(blob: bytes) -> str:
     """Write a blob to shared memory (falls back to the temp dir) and return its path."""
     d = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -69,12 +460,13 @@ def write_shm(blob: bytes) -> str:
 
 
 class VllmWorkerExtension:
-    """Mixed into vLLM's worker (``worker_extension_cls``); runs in the worker process."""
+    """Mixed into vLLM's worker (``worker_extension_cls``); runs in the worker process. Its
+    methods are prefixed ``rlsys_`` because vLLM's worker already defines ``update_weights``."""
 
     def rlsys_load_weights_files(self, paths: list[str]) -> int:
-        """Load every bucket in one in-place reload. vLLM's layerwise reload finalises a layer
-        once its weights have arrived and expects the full set in one call, so the buckets are
-        chained into one iterator rather than loaded call by call."""
+        """The fallback: load every safetensors bucket in one in-place reload (vLLM's layerwise
+        reload finalises a layer once its weights have arrived, so the buckets are chained into
+        one iterator)."""
         from safetensors import safe_open
 
         received = []
@@ -91,22 +483,20 @@ class VllmWorkerExtension:
         self._rlsys_received = params_checksum(received)
         return len(received)
 
+    def rlsys_after_weight_update(self) -> None:
+        """After the protocol's finish: clear state computed from the old weights (the finish
+        does not reset the model runner's encoder and multi-modal caches; reload_weights does)
+        and keep the digest of what arrived."""
+        self.model_runner.reset_encoder_cache()
+        self.model_runner.reset_mm_cache()
+        self._rlsys_received = getattr(self.weight_transfer_engine, "received", None)
+
     def rlsys_checksum(self) -> dict | None:
-        """Checksum of the weights this worker last loaded, as received (None before any sync).
-        The engine's own parameters cannot be summed instead: on CPUs vLLM repacks linear
-        weights into oneDNN buffers and leaves the ``weight`` parameters empty; that the
-        engine *computes* with the new weights is checked by comparing log-probs
-        (:meth:`actors.rollout.RolloutWorker.prompt_logprobs`)."""
+        """Digest of the weights this worker last received, per name (None before any). The
+        engine's own parameters cannot be summed instead: on CPUs vLLM repacks linear weights
+        into oneDNN buffers and leaves the ``weight`` parameters empty; that the engine
+        *computes* with the new weights is checked by comparing log-probs."""
         return getattr(self, "_rlsys_received", None)
-
-    # GPU path: vLLM's NCCL weight-transfer engine. The learner's rank 0 joins a process group
-    # with every engine's workers and broadcasts bucket by bucket; see vLLM's
-    # ``vllm.distributed.weight_transfer`` (start_weight_update / finish_weight_update).
-    def rlsys_start_nccl_update(self, init_info: dict) -> None:  # pragma: no cover - GPU only
-        self.start_weight_update(init_info)
-
-    def rlsys_finish_nccl_update(self) -> None:  # pragma: no cover - GPU only
-        self.finish_weight_update()
 
 
 def digest(blobs) -> str:
@@ -114,3 +504,52 @@ def digest(blobs) -> str:
     for b in blobs:
         h.update(b)
     return h.hexdigest()[:16]
+
+
+class WeightSync:
+    """Driver side of a sync: the learner group's rank 0 sends, the rollout group's engines
+    receive. With the protocol, the transfer group is opened once and reopened only when an
+    engine was restarted (its workers were members); ``object_store`` is the fallback."""
+
+    def __init__(self, learners, rollouts, backend: str, bucket_bytes: int, timeout_s: float):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown weight transfer backend {backend!r}; choose one of {BACKENDS}")
+        self.learners, self.rollouts, self.backend = learners, rollouts, backend
+        self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
+        self._members: list | None = None  # engine handles of the open transfer group
+        self.connects = 0
+        self.last: dict = {}
+
+    def push(self) -> float:
+        """The learner's current weights into every engine; returns seconds."""
+        from actors.group import call
+
+        t0 = time.perf_counter()
+        if self.backend == "object_store":
+            buckets = self.learners.weight_buckets(self.bucket_bytes)
+            call([e.load_weight_buckets.remote(*buckets) for e in self.rollouts.engines], self.timeout_s, "weight load into vLLM")
+            self.last = {"connect_s": 0.0, "send_s": time.perf_counter() - t0}
+            return self.last["send_s"]
+        engines = list(self.rollouts.engines)
+        connect_s = 0.0
+        if self._members is None or any(a is not b for a, b in zip(self._members, engines)):
+            self._close_survivors(engines)
+            connect_s = self.learners.connect_weights(engines, self.rollouts.transfer_workers(), self.backend,
+                                                      self.bucket_bytes, self.timeout_s)
+            self._members = engines
+            self.connects += 1
+        send_s = self.learners.send_weights(self.timeout_s)
+        self.last = {"connect_s": connect_s, "send_s": send_s}
+        return time.perf_counter() - t0
+
+    def _close_survivors(self, engines: list) -> None:
+        """Engines still alive from the previous group leave it before the new one opens."""
+        import ray
+
+        if self._members is None:
+            return
+        alive = [a for a, b in zip(self._members, engines) if a is b]
+        refs = [e.shutdown_weight_transfer_engine.remote() for e in alive]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(self.timeout_s, 60.0))
+        if len(ready) < len(refs):
+            log.warning("weight transfer: %d engine(s) did not leave the old transfer group in time", len(refs) - len(ready))

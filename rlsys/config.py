@@ -76,6 +76,9 @@ class RolloutConfig(_Section):
     gpu_memory_utilization: float = Field(0.1, gt=0, le=0.95, description="vLLM KV-cache share of device memory; on the CPU backend, of RAM (0.1 works on 24 GB).")
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / torch.compile in vLLM (faster start, required on CPU).")
     timeout_s: float = Field(600.0, gt=0, description="Limit for one generate call; past it the engine is restarted and the step retried.")
+    resources_per_engine: dict[str, float] = Field(default_factory=dict, description="Custom Ray node resources each engine bundle asks for, e.g. {rollout_node: 1} to keep engines on the nodes that advertise it.")
+    weight_transfer: Literal["auto", "nccl", "rlsys_gloo", "object_store"] = Field("auto", description="How the learner's weights reach the engines: vLLM's weight-transfer protocol with its NCCL backend (GPUs) or rlsys's gloo backend (CPUs); object_store is the fallback (safetensors through Ray's object store). auto: nccl when engines and learner use GPUs, else rlsys_gloo.")
+    weight_bucket_mib: int = Field(256, ge=1, le=65536, description="Size of one packed weight-transfer bucket, in MiB.")
 
 
 class RewardConfig(_Section):
@@ -84,6 +87,7 @@ class RewardConfig(_Section):
     matching: Literal["paper", "hungarian"] = Field("paper", description="Box reward matching: the paper's equations 3-4, or one-to-one (stricter on duplicates).")
     sample_timeout_s: float = Field(30.0, gt=0, description="Limit for scoring one answer; on timeout or error it is retried once, then scores 0 and is counted.")
     sam_checkpoint: str | None = Field(None, description="Local SAM checkpoint for point-in-mask rewards on data without masks.")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom Ray node resources each reward worker bundle asks for.")
     scorer: str = Field("rewards.scorer:score", description="module:function scoring (text, Sample, mask_source=, matching=) -> RewardResult; replace it to train on your own reward.")
 
 
@@ -91,7 +95,7 @@ class LearnerConfig(_Section):
     num_ranks: int = Field(1, ge=1, le=4096, description="DeepSpeed data-parallel ranks (one Ray actor each).")
     gpus_per_rank: float = Field(0.0, ge=0, description="GPUs each learner rank requests (0: CPU with gloo).")
     cpus_per_rank: float = Field(1.0, gt=0, description="CPUs each learner rank requests from Ray.")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-2; 3 is refused: see _no_zero3).")
     lr: float = Field(1e-5, gt=0, le=1.0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
@@ -102,6 +106,19 @@ class LearnerConfig(_Section):
     freeze_vision: bool = Field(False, description="Keep the vision encoder fixed during GRPO; the projector and the LLM still learn.")
     ref_colocated: bool = Field(True, description="Keep the frozen reference policy inside each learner rank (else its own actor).")
     timeout_s: float = Field(1800.0, gt=0, description="Limit for one learner call (update, save).")
+    resources_per_rank: dict[str, float] = Field(default_factory=dict, description="Custom Ray node resources each learner bundle asks for, e.g. {learner_node: 1}.")
+
+    @model_validator(mode="after")
+    def _no_zero3(self):
+        # ZeRO-3 partitions the parameters themselves: every rank holds a shard and
+        # named_parameters()/state_dict() return empty placeholders outside a gather, so the
+        # weight export, the Hugging Face checkpoint and the checksum would see empty tensors.
+        # rlsys does not gather them (GatheredParameters around each), so it refuses stage 3.
+        if self.zero_stage == 3:
+            raise ValueError("zero_stage 3 is not supported: ZeRO-3 partitions the parameters, so weight export, "
+                             "checkpoints and checksums would read empty tensors; use 2 (gradients and optimizer "
+                             "state partitioned, parameters whole on every rank)")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -141,7 +158,18 @@ class GRPOConfig(_Section):
                 f"learner.micro_batch_size ({self.learner.micro_batch_size}) exceeds the samples per step "
                 f"({self.samples_per_step} = run.prompts_per_step x rollout.samples_per_prompt)"
             )
+        if self.rollout.weight_transfer == "nccl" and not (self.rollout.gpus_per_engine > 0 and self.learner.gpus_per_rank > 0):
+            raise ValueError("rollout.weight_transfer nccl needs GPUs on both sides (rollout.gpus_per_engine and "
+                             "learner.gpus_per_rank > 0); on CPUs use rlsys_gloo or auto")
         return self
+
+    @property
+    def weight_transfer_backend(self) -> str:
+        """``rollout.weight_transfer`` with auto resolved."""
+        wt = self.rollout.weight_transfer
+        if wt != "auto":
+            return wt
+        return "nccl" if self.rollout.gpus_per_engine > 0 and self.learner.gpus_per_rank > 0 else "rlsys_gloo"
 
     def cpus_requested(self) -> float:
         """Logical CPUs the actor groups ask Ray for (a cluster smaller than this waits forever
@@ -233,12 +261,24 @@ class SFTTrainConfig(_Section):
     warmup_fraction: float = Field(0.03, ge=0, lt=1, description="Linear warm-up share of the steps (paper: 3%), then cosine decay.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (paper: 0.01).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-2; 3 is refused: see _no_zero3).")
     max_phrases: int = Field(4, ge=1, description="Most phrases sampled into one multi-phrase question.")
     coord_label_sigma_bins: float = Field(0.0, ge=0, le=100, description="Soft targets for coordinate tokens: a Gaussian of this width in bins over <0>..<999> instead of a one-hot (SimCC-style). 0: plain cross-entropy, as the paper.")
     checkpoint_every_steps: int = Field(100, ge=1, description="Ray Train checkpoint every N steps (resumable).")
     log_every_steps: int = Field(10, ge=1, description="Progress line and W&B log every N steps.")
     seed: int = Field(0, description="Seed for conversation sampling and initialisation.")
+
+    @model_validator(mode="after")
+    def _no_zero3(self):
+        # ZeRO-3 partitions the parameters themselves: every rank holds a shard and
+        # named_parameters()/state_dict() return empty placeholders outside a gather, so the
+        # weight export, the Hugging Face checkpoint and the checksum would see empty tensors.
+        # rlsys does not gather them (GatheredParameters around each), so it refuses stage 3.
+        if self.zero_stage == 3:
+            raise ValueError("zero_stage 3 is not supported: ZeRO-3 partitions the parameters, so weight export, "
+                             "checkpoints and checksums would read empty tensors; use 2 (gradients and optimizer "
+                             "state partitioned, parameters whole on every rank)")
+        return self
 
 
 class SFTRunConfig(_Section):

@@ -58,6 +58,12 @@ class PromptOrder:
         return out
 
 
+def torch_tensor(values):
+    import torch
+
+    return torch.tensor(values, dtype=torch.float32)
+
+
 @contextmanager
 def timed(times: dict, name: str):
     t0 = time.perf_counter()
@@ -108,25 +114,19 @@ def _chat_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
-def _get(refs, timeout_s: float, what: str):
-    import ray
-
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"{what} did not finish within {timeout_s:.0f} s") from None
-
-
 class Trainer:
-    """Holds the actor groups; :meth:`step` is one GRPO step."""
+    """Holds the three actor groups; :meth:`step` is one GRPO step. The groups own placement,
+    sharding, timeouts and what a dead member costs (actors/); the controller never touches a
+    single actor."""
 
     def __init__(self, cfg: GRPOConfig, model_dir: str, samples):
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from actors.learner import LearnerWorker
+        from actors.group import call
+        from actors.learner import LearnerGroup
         from actors.rewards import RewardGroup
+        from actors.rollout import RolloutGroup
+        from actors.weight_sync import WeightSync
         from rlsys.models import load_processor
 
         self.cfg, self.model_dir, self.samples = cfg, model_dir, samples
@@ -135,165 +135,68 @@ class Trainer:
         self.ckpt = Checkpoints(self.out)
         self.step_no = 0
         self.order = PromptOrder(len(samples), cfg.run.seed)
-        ro, le = cfg.rollout, cfg.learner
         have = ray.cluster_resources().get("CPU", 0)
         if cfg.cpus_requested() > have:
             log.warning("the actor groups ask for %.1f CPUs but the cluster has %.1f now: they start only if an "
                         "autoscaler adds nodes (lower rollout.cpus_per_engine / learner.cpus_per_rank / "
                         "reward.cpus_per_worker on a small machine)", cfg.cpus_requested(), have)
-
-        # Learner ranks are gang-scheduled (torch.distributed needs them all); PACK keeps them on
-        # few nodes. Rollout engines are placed separately so they can sit on other GPU nodes.
-        self.learner_pg = placement_group([{"CPU": le.cpus_per_rank, **({"GPU": le.gpus_per_rank} if le.gpus_per_rank else {})}] * le.num_ranks, strategy="PACK")
-        self.rollout_pg = placement_group([{"CPU": ro.cpus_per_engine, **({"GPU": ro.gpus_per_engine} if ro.gpus_per_engine else {})}] * ro.num_engines, strategy="SPREAD")
-        _get([self.learner_pg.ready(), self.rollout_pg.ready()], cfg.run.actor_start_timeout_s,
-             "placement groups (are the cluster's resources enough? an autoscaler may need longer: run.actor_start_timeout_s)")
-
-        per_rank = -(-cfg.samples_per_step // le.num_ranks)
-        self.micro_batches = -(-per_rank // le.micro_batch_size)
-        self.learners = [
-            LearnerWorker.options(
-                num_cpus=le.cpus_per_rank, num_gpus=le.gpus_per_rank,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.learner_pg, placement_group_bundle_index=r),
-            ).remote(rank=r, world_size=le.num_ranks)
-            for r in range(le.num_ranks)
-        ]
-        addr, port = _get(self.learners[0].address.remote(), cfg.run.actor_start_timeout_s, "learner rank 0 start")
-        learner_setup = [w.setup.remote(model_dir, le.model_dump(), master_addr=addr, master_port=port,
-                                        micro_batches_per_step=self.micro_batches, seed=cfg.run.seed, dtype=cfg.model.dtype,
-                                        trust_remote_code=cfg.model.trust_remote_code,
-                                        sampling_temperature=ro.temperature) for w in self.learners]
-        self.rollouts = [self._new_engine(i) for i in range(ro.num_engines)]
-        self.rewards = RewardGroup(cfg.reward.num_workers, cfg.reward.matching, cfg.reward.sample_timeout_s, cfg.reward.sam_checkpoint,
-                                   cfg.reward.cpus_per_worker, cfg.reward.scorer)
+        start = cfg.run.actor_start_timeout_s
         t0 = time.perf_counter()
-        _get(learner_setup + [e.ready.remote() for e in self.rollouts], cfg.run.actor_start_timeout_s, "actor start-up")
+        self.learners = LearnerGroup(cfg, model_dir, start)
+        self.rollouts = RolloutGroup(cfg, model_dir, start)
+        self.rewards = RewardGroup(cfg.reward.num_workers, cfg.reward.matching, cfg.reward.sample_timeout_s, cfg.reward.sam_checkpoint,
+                                   cfg.reward.cpus_per_worker, cfg.reward.scorer, cfg.reward.resources_per_worker, start)
+        call(self.learners.ready_refs() + self.rollouts.ready_refs(), start, "actor start-up")
         log.info("actors ready in %.1f s", time.perf_counter() - t0)
+        self.weights = WeightSync(self.learners, self.rollouts, cfg.weight_transfer_backend,
+                                  cfg.rollout.weight_bucket_mib << 20, cfg.rollout.timeout_s)
+        # a restarted engine gets the current weights before its prompts are retried
+        self.rollouts.on_restart = lambda engines: self.weights.push()
 
         last = self.ckpt.latest() if cfg.run.resume else None
         if last is not None:
             state = json.loads((last / "trainer_state.json").read_text())
-            _get([w.load.remote(str(last)) for w in self.learners], le.timeout_s, "learner resume")
+            self.learners.load(str(last))
             self.step_no = state["step"]
             self.order = PromptOrder(len(samples), cfg.run.seed, state["data_position"])
-            self.sync_weights()
             log.info("resumed from %s at step %d", last, self.step_no)
+        # Engines start from model_dir; the first push also opens the transfer group, so its
+        # cost is paid here rather than inside step 1's timing.
+        self.sync_weights()
 
-    def _new_engine(self, i: int):
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    def _prompt(self, i: int) -> str:
+        """The chat prompt of sample ``i`` at this step (its question is drawn per step)."""
+        from rlsys.prompts import question_for_sample
 
-        from actors.rollout import RolloutWorker
-
-        ro = self.cfg.rollout
-        return RolloutWorker.options(
-            num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.rollout_pg, placement_group_bundle_index=i),
-        ).remote(self.model_dir, max_model_len=ro.max_model_len_tokens, gpu_memory_utilization=ro.gpu_memory_utilization,
-                 enforce_eager=ro.enforce_eager, seed=self.cfg.run.seed + i, dtype=self.cfg.model.dtype)
+        q = question_for_sample(self.samples[i], random.Random(f"{self.cfg.run.seed}-{self.step_no}-{i}"))
+        return _chat_prompt(self.processor, q)
 
     # -- stages ------------------------------------------------------------------------------
     def generate(self, idx: list[int]) -> list[list[dict]]:
-        """G answers per prompt, prompts spread over the engines; a dead or stuck engine is
-        restarted (with the current weights) and its share retried once."""
-        import ray
+        """G answers per prompt (the rollout group spreads them and survives a dead engine)."""
+        reqs = [{"prompt": self._prompt(i), "image": self.samples[i].image} for i in idx]
+        return self.rollouts.generate(reqs, step=self.step_no)
 
-        from rlsys.prompts import question_for_sample
-
-        ro = self.cfg.rollout
-        reqs = []
-        for i in idx:
-            s = self.samples[i]
-            q = question_for_sample(s, random.Random(f"{self.cfg.run.seed}-{self.step_no}-{i}"))
-            reqs.append({"prompt": _chat_prompt(self.processor, q), "image": s.image})
-        shards = [list(range(k, len(reqs), len(self.rollouts))) for k in range(len(self.rollouts))]
-        out: list = [None] * len(reqs)
-        for attempt in (0, 1):
-            calls = {k: self.rollouts[k].generate.remote([reqs[j] for j in sh], n=ro.samples_per_prompt, temperature=ro.temperature,
-                                                          top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
-                                                          seed=self.cfg.run.seed * 100003 + self.step_no * 101 + k + attempt)
-                     for k, sh in enumerate(shards) if sh and out[sh[0]] is None}
-            failed = []
-            for k, ref in calls.items():
-                try:
-                    for j, ans in zip(shards[k], _get(ref, ro.timeout_s, f"rollout engine {k}")):
-                        out[j] = ans
-                except (TimeoutError, ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                    if attempt == 1:
-                        raise RuntimeError(f"rollout engine {k} failed twice in step {self.step_no}: {exc}") from exc
-                    log.warning("rollout engine %d failed (%s); restarting it and retrying its prompts", k, exc)
-                    ray.kill(self.rollouts[k], no_restart=True)
-                    self.rollouts[k] = self._new_engine(k)
-                    failed.append(k)
-            if not failed:
-                break
-            self.sync_weights(engines=failed)
-        return out
-
-    def sync_weights(self, engines=None) -> float:
-        """Push rank 0's weights to the engines (all by default), bucketed through the object store."""
-        t0 = time.perf_counter()
-        targets = [self.rollouts[k] for k in (engines if engines is not None else range(len(self.rollouts)))]
-        buckets = _get(self.learners[0].weight_buckets.remote(256 << 20), self.cfg.learner.timeout_s, "weight export")
-        _get([e.load_weight_buckets.remote(*buckets) for e in targets], self.cfg.rollout.timeout_s, "weight load into vLLM")
-        return time.perf_counter() - t0
+    def sync_weights(self) -> float:
+        """The learner's weights into every engine (vLLM's weight-transfer protocol)."""
+        return self.weights.push()
 
     def step(self) -> dict:
-        import torch
+        """One GRPO step (the paper's section 4.2), each stage timed."""
+        from rlsys.algorithm import engine_learner_logprob_gap, group_advantages
 
-        from rlsys.algorithm import engine_learner_logprob_gap, group_advantages, group_reward_std
-
-        cfg, G = self.cfg, self.cfg.rollout.samples_per_prompt
         times: dict[str, float] = {}
         t_step = time.perf_counter()
-        want = cfg.run.prompts_per_step
-        idx, answers, scores = [], [], []
-        zero_std_groups, drawn_groups = 0, 0
-        for round_ in range(1 + (cfg.run.max_resample_rounds if cfg.run.dynamic_sampling else 0)):
-            need = want - len(idx)
-            if need <= 0:
-                break
-            new_idx = self.order.take(need)
-            with timed(times, "generate"):
-                new_answers = self.generate(new_idx)
-            with timed(times, "reward"):
-                items = [(a["text"], self.samples[i].to_dict()) for i, ans in zip(new_idx, new_answers) for a in ans]
-                new_scores = self.rewards.score(items)
-            r = torch.tensor([s["reward"] for s in new_scores], dtype=torch.float32)
-            std = group_reward_std(r, G)
-            drawn_groups += len(new_idx)
-            zero_std_groups += int((std == 0).sum())
-            for g, i in enumerate(new_idx):
-                # Dynamic sampling drops groups with no reward spread (DAPO): they carry no signal.
-                # Filter on std, not mean: rewards are continuous. Past the last round, keep them.
-                last_round = round_ == cfg.run.max_resample_rounds or not cfg.run.dynamic_sampling
-                if cfg.run.dynamic_sampling and std[g] == 0 and not last_round:
-                    continue
-                if len(idx) < want:
-                    idx.append(i)
-                    answers.append(new_answers[g])
-                    scores.append(new_scores[g * G : (g + 1) * G])
-
-        rewards = torch.tensor([s["reward"] for grp in scores for s in grp], dtype=torch.float32)
+        G = self.cfg.rollout.samples_per_prompt
+        # 1-2. prompts -> G answers each -> rewards against each image's ground truth
+        idx, answers, scores, signal = self._sample_groups(times)
+        # 3. group-normalised advantages
+        rewards = torch_tensor([s["reward"] for grp in scores for s in grp])
         adv = group_advantages(rewards, G)
-        items = []
-        for g, i in enumerate(idx):
-            for k, a in enumerate(answers[g]):
-                if not a["token_ids"]:
-                    continue  # an empty answer has no tokens to learn from; its group still normalised it
-                items.append({"prompt": None, "image": self.samples[i].image, "response_ids": a["token_ids"],
-                              "advantage": float(adv[g * G + k]), "q": (g, k), "engine_logp": a.get("logprobs")})
-        # prompts are re-rendered here so the learner sees exactly what the engine saw
-        from rlsys.prompts import question_for_sample
-        for it in items:
-            i = idx[it["q"][0]]
-            it["prompt"] = _chat_prompt(self.processor, question_for_sample(self.samples[i], random.Random(f"{cfg.run.seed}-{self.step_no}-{i}")))
-        R = len(self.learners)
-        shards = [items[r::R] for r in range(R)]
+        items = self._learner_items(idx, answers, adv)
+        # 4. old and reference log-probs of the sampled tokens
         with timed(times, "reference"):
-            lps = _get([w.logprobs.remote(sh) for w, sh in zip(self.learners, shards)], cfg.learner.timeout_s, "old/reference log-probs")
-        for sh, (olds, refs) in zip(shards, lps):
-            for it, o, rf in zip(sh, olds, refs):
-                it["old_logp"], it["ref_logp"] = o, rf
+            self.learners.logprobs(items)
         # The engine's and the learner's log-probs of the same sampled tokens should agree; a
         # growing gap means the learner optimises a different policy than the one that sampled
         # (stale weights, another image resolution, a temperature mismatch). With top_p < 1 it
@@ -301,18 +204,71 @@ class Trainer:
         logprob_gap = engine_learner_logprob_gap(items)
         for it in items:
             it.pop("engine_logp", None)
-        num_tokens = sum(len(it["response_ids"]) for it in items)
+        # 5. the clipped-ratio update with the KL penalty, one optimizer step over all ranks
         with timed(times, "learn"):
-            learn = _get([w.train.remote(sh, num_tokens) for w, sh in zip(self.learners, shards)], cfg.learner.timeout_s, "learner update")
+            learn = self.learners.train(items)
         self.step_no += 1
-        if self.step_no % cfg.run.sync_every_steps == 0:
+        # 6. weight sync to the generators
+        if self.step_no % self.cfg.run.sync_every_steps == 0:
             with timed(times, "sync"):
                 self.sync_weights()
         times["step"] = time.perf_counter() - t_step
         times["idle"] = max(0.0, times["step"] - sum(v for k, v in times.items() if k != "step"))
+        return self._metrics(idx, answers, scores, rewards, signal, learn, logprob_gap, times)
 
+    def _sample_groups(self, times: dict):
+        """Draw prompts, generate and score their groups. With dynamic sampling (DAPO), groups
+        whose rewards have no spread carry no signal: they are dropped and more prompts drawn,
+        up to ``run.max_resample_rounds`` extra rounds; past the last round they are kept.
+        Filtered on std, not mean: rewards are continuous."""
+        from rlsys.algorithm import group_reward_std
+
+        cfg, G = self.cfg, self.cfg.rollout.samples_per_prompt
+        want = cfg.run.prompts_per_step
+        idx, answers, scores = [], [], []
+        zero_std_groups, drawn_groups = 0, 0
+        rounds = 1 + (cfg.run.max_resample_rounds if cfg.run.dynamic_sampling else 0)
+        for round_ in range(rounds):
+            need = want - len(idx)
+            if need <= 0:
+                break
+            new_idx = self.order.take(need)
+            with timed(times, "generate"):
+                new_answers = self.generate(new_idx)
+            with timed(times, "reward"):
+                batch = [(a["text"], self.samples[i].to_dict()) for i, ans in zip(new_idx, new_answers) for a in ans]
+                new_scores = self.rewards.score(batch, group_size=G)
+            std = group_reward_std(torch_tensor([s["reward"] for s in new_scores]), G)
+            drawn_groups += len(new_idx)
+            zero_std_groups += int((std == 0).sum())
+            last_round = round_ == rounds - 1
+            for g, i in enumerate(new_idx):
+                if cfg.run.dynamic_sampling and std[g] == 0 and not last_round:
+                    continue
+                if len(idx) < want:
+                    idx.append(i)
+                    answers.append(new_answers[g])
+                    scores.append(new_scores[g * G : (g + 1) * G])
+        return idx, answers, scores, {"zero_std_groups": zero_std_groups, "drawn_groups": drawn_groups}
+
+    def _learner_items(self, idx, answers, adv) -> list[dict]:
+        """One learner item per non-empty answer: the prompt the engine saw, the sampled token
+        ids (never re-tokenised) and the answer's advantage."""
+        G = self.cfg.rollout.samples_per_prompt
+        items = []
+        for g, i in enumerate(idx):
+            prompt = self._prompt(i)
+            for k, a in enumerate(answers[g]):
+                if not a["token_ids"]:
+                    continue  # an empty answer has no tokens to learn from; its group still normalised it
+                items.append({"prompt": prompt, "image": self.samples[i].image, "response_ids": a["token_ids"],
+                              "advantage": float(adv[g * G + k]), "engine_logp": a.get("logprobs")})
+        return items
+
+    def _metrics(self, idx, answers, scores, rewards, signal, learn, logprob_gap, times) -> dict:
         flat = [s for grp in scores for s in grp]
         lens = [len(a["token_ids"]) for grp in answers for a in grp]
+        tokens = max(sum(m["tokens"] for m in learn), 1)
         metrics = {
             "step": self.step_no,
             "reward/mean": float(rewards.mean()),
@@ -323,13 +279,16 @@ class Trainer:
             "reward/large_box_rate": sum(bool(s["large_box"]) for s in flat) / len(flat),
             "reward/unreadable_per_answer": sum(s["unreadable"] for s in flat) / len(flat),
             "reward/failures": sum(bool(s.get("failed")) for s in flat),
-            "groups/zero_std_fraction": zero_std_groups / max(drawn_groups, 1),
+            "groups/zero_std_fraction": signal["zero_std_groups"] / max(signal["drawn_groups"], 1),
             "answer/length_tokens": sum(lens) / len(lens),
             "rollout/logprob_gap": logprob_gap,
-            "learner/kl": sum(m["kl"] * m["tokens"] for m in learn) / max(sum(m["tokens"] for m in learn), 1),
-            "learner/clip_fraction": sum(m["clip_fraction"] * m["tokens"] for m in learn) / max(sum(m["tokens"] for m in learn), 1),
-            "learner/entropy": sum(m["entropy"] * m["tokens"] for m in learn) / max(sum(m["tokens"] for m in learn), 1),
+            "rollout/engine_restarts": self.rollouts.restarts,
+            "learner/kl": sum(m["kl"] * m["tokens"] for m in learn) / tokens,
+            "learner/clip_fraction": sum(m["clip_fraction"] * m["tokens"] for m in learn) / tokens,
+            "learner/entropy": sum(m["entropy"] * m["tokens"] for m in learn) / tokens,
             "learner/loss": sum(m["loss"] for m in learn),
+            "learner/micro_batches_per_rank": learn[0]["micro_batches"],
+            "learner/padded_micro_batches": sum(m["padded_micro_batches"] for m in learn),
             "throughput/generated_tokens_per_s": sum(lens) / max(times.get("generate", 1e-9), 1e-9),
         }
         by_task: dict[str, list[float]] = {}
@@ -342,35 +301,44 @@ class Trainer:
         return metrics
 
     def checksums(self) -> tuple[dict, list[dict | None]]:
-        """The learner's parameter checksum, and per engine the checksum of the weights it last received."""
-        return (_get(self.learners[0].checksum.remote(), 600, "learner checksum"),
-                _get([e.checksum.remote() for e in self.rollouts], 600, "engine checksum"))
+        """The learner's digest of what a sync sends, and per engine the digest of what it received."""
+        return self.learners.checksum(), self.rollouts.checksums()
 
     def logprob_gap(self, sample_index: int = 0) -> list[float]:
         """Per engine, the largest |engine - learner| log-prob over one prompt's tokens: ~0 when
         the engine computes with the learner's weights."""
-        s = self.samples[sample_index]
         from rlsys.prompts import question_for_sample
 
+        s = self.samples[sample_index]
         prompt = _chat_prompt(self.processor, question_for_sample(s))
-        ids, lp = _get(self.learners[0].prompt_logprobs.remote(prompt, s.image), 600, "learner log-probs")
+        ids, lp = self.learners.prompt_logprobs(prompt, s.image)
         gaps = []
-        for e in self.rollouts:
-            eids, elp = _get(e.prompt_logprobs.remote(prompt, s.image), 600, "engine log-probs")
+        for eids, elp in self.rollouts.prompt_logprobs(prompt, s.image):
             if eids != ids:
                 raise RuntimeError("engine and learner tokenise the prompt differently: cannot compare log-probs")
             gaps.append(max(abs(a - b) for a, b in zip(lp, elp)))
         return gaps
 
     def weights_in_sync(self, tol: float = 1e-3) -> bool:
+        """Every engine received exactly the tensors the learner holds (name by name) and computes
+        the learner's log-probs; differences are logged."""
+        from actors.weight_sync import compare_digests
+
         learner, engines = self.checksums()
-        same = all(e is not None and e["numel"] == learner["numel"] and abs(e["sum"] - learner["sum"]) <= 1e-9 * max(1.0, abs(learner["sum"]))
-                   and abs(e["sum_sq"] - learner["sum_sq"]) <= 1e-9 * max(1.0, learner["sum_sq"]) for e in engines)
-        return same and max(self.logprob_gap()) <= tol
+        ok = True
+        for k, e in enumerate(engines):
+            diff = compare_digests(learner, e)
+            if diff:
+                ok = False
+                log.warning("engine %d differs from the learner in %d tensor(s): %s", k, len(diff), "; ".join(diff[:5]))
+        gaps = self.logprob_gap()
+        if max(gaps) > tol:
+            log.warning("engine log-probs differ from the learner's by up to %s (tolerance %g)", gaps, tol)
+        return ok and max(gaps) <= tol
 
     def save(self, final: bool = False) -> Path:
         part = self.ckpt.partial(self.step_no)
-        _get([w.save.remote(str(part), True) for w in self.learners], self.cfg.learner.timeout_s, "checkpoint save")
+        self.learners.save(str(part))
         state = {"step": self.step_no, "data_position": self.order.position, "config": self.cfg.model_dump(), "final": final}
         path = self.ckpt.commit(part, self.step_no, state)
         log.info("checkpoint written: %s", path)

@@ -33,7 +33,7 @@ def trainer(tmp_path_factory):
 def test_dead_rollout_engine_is_restarted_and_the_step_retried(trainer):
     import ray
 
-    ray.kill(trainer.rollouts[0], no_restart=True)
+    ray.kill(trainer.rollouts.engines[0], no_restart=True)
     m = trainer.step()
     assert m["step"] == 1 and trainer.step_no == 1
     # the new engine got the learner's weights before it retried the prompts
@@ -60,7 +60,7 @@ def test_rollout_batch_larger_than_one_prefill_chunk(trainer):
     from rlsys.prompts import question_for_sample
 
     reqs = [{"prompt": _chat_prompt(trainer.processor, question_for_sample(s)), "image": s.image} for s in trainer.samples[:16]]
-    out = ray.get(trainer.rollouts[0].generate.remote(reqs, n=4, temperature=1.0, top_p=1.0, max_new_tokens=8,
+    out = ray.get(trainer.rollouts.engines[0].generate.remote(reqs, n=4, temperature=1.0, top_p=1.0, max_new_tokens=8,
                                                       min_new_tokens=8, seed=0), timeout=600)
     assert len(out) == 16 and all(len(o) == 4 for o in out)
     assert all(len(a["token_ids"]) == 8 and len(a["logprobs"]) == 8 for o in out for a in o)

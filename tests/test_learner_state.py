@@ -16,7 +16,7 @@ from actors.learner import LearnerWorker
 w = LearnerWorker.__ray_actor_class__(rank=0, world_size=1)
 cfg = dict(lr=1e-4, weight_decay=0.0, micro_batch_size=1, grad_clip=1.0, zero_stage=2, kl_coef=0.0,
            gpus_per_rank=0, clip_low=0.2, clip_high=0.28)
-w.setup(sys.argv[1], cfg, master_addr="127.0.0.1", master_port=int(sys.argv[2]), micro_batches_per_step=1, seed=0)
+w.setup(sys.argv[1], cfg, master_addr="127.0.0.1", master_port=int(sys.argv[2]), seed=0)
 flat_views = sum(p.untyped_storage().nbytes() > p.numel() * p.element_size() for p in w.engine.module.parameters())
 sd = w.state_dict_cpu()
 print(json.dumps({"pickled": sum(len(pickle.dumps(t)) for t in sd.values()),
@@ -50,7 +50,7 @@ from rlsys.models import param_part
 w = LearnerWorker.__ray_actor_class__(rank=0, world_size=1)
 cfg = dict(lr=1e-2, weight_decay=0.0, micro_batch_size=2, grad_clip=1.0, zero_stage=2, kl_coef=0.0,
            gpus_per_rank=0, clip_low=0.2, clip_high=0.28, freeze_vision=True)
-w.setup(sys.argv[1], cfg, master_addr="127.0.0.1", master_port=int(sys.argv[2]), micro_batches_per_step=1, seed=0)
+w.setup(sys.argv[1], cfg, master_addr="127.0.0.1", master_port=int(sys.argv[2]), seed=0)
 before = {n: p.detach().clone() for n, p in w.engine.module.named_parameters()}
 s = load_dataset(sys.argv[3])[0]
 prompt = _chat_prompt(w.processor, "Detect circle.")

@@ -35,6 +35,7 @@ def test_scores_in_order_and_match_the_scorer(ray_local):
     assert res[0]["reward"] > 0.99 and res[2]["reward"] > 0.99
     assert res[1]["reward"] == 0.0 and res[1]["unreadable"] == 1 and not res[1]["failed"]
     assert g.failures == 0
+    g.shutdown()
 
 
 def test_error_is_retried_once_then_zero_and_counted(ray_local):
@@ -46,6 +47,7 @@ def test_error_is_retried_once_then_zero_and_counted(ray_local):
     assert res[1]["reward"] > 0.99 and not res[1]["failed"]  # the retry succeeded
     assert res[2]["reward"] > 0.99
     assert g.failures == 1
+    g.shutdown()
 
 
 def test_a_hanging_sample_times_out_and_the_step_goes_on(ray_local):
@@ -61,3 +63,17 @@ def test_a_hanging_sample_times_out_and_the_step_goes_on(ray_local):
     assert g.failures == 1
     # chunk deadline (2 x 3 s) + one retry per sample (3 s each) + worker restarts: bounded, no hang
     assert took < 120
+    g.shutdown()
+
+
+def test_a_prompts_answers_go_to_one_worker(ray_local):
+    # 3 prompt groups of 4 answers over 2 workers: groups 0 and 2 on worker 0, group 1 on worker
+    # 1; never one group split (round-robin over answers would send each group to both)
+    from actors.rewards import RewardGroup
+
+    g = RewardGroup(2, "paper", sample_timeout_s=30)
+    items = [(GOOD, _sample(f"g{k // 4}")) for k in range(12)]
+    res = g.score(items, group_size=4)
+    assert g.last_shards == [[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7]]
+    assert [r["reward"] > 0.99 for r in res] == [True] * 12
+    g.shutdown()

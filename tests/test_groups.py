@@ -1,0 +1,68 @@
+"""The actor groups' pure parts: sharding, micro-batch plans, weight packing and the digest
+comparison. Hand-worked values; no Ray."""
+
+import pytest
+import torch
+
+from actors.group import by_group, micro_batch_plan, round_robin
+from actors.weight_sync import compare_digests, pack, params_checksum, plan_buckets, unpack
+
+
+def test_round_robin_deals_items_in_turn():
+    # 9 items over 2 members: 0,2,4,6,8 and 1,3,5,7 (sizes 5 and 4)
+    assert round_robin(9, 2) == [[0, 2, 4, 6, 8], [1, 3, 5, 7]]
+    assert round_robin(1, 3) == [[0], [], []]
+
+
+def test_by_group_keeps_each_group_on_one_member():
+    # 3 groups of G = 2 over 2 members: groups 0 and 2 on member 0, group 1 on member 1
+    assert by_group(3, 2, 2) == [[0, 1, 4, 5], [2, 3]]
+    shards = by_group(7, 8, 3)
+    for g in range(7):
+        owners = {k for k, sh in enumerate(shards) if set(range(g * 8, g * 8 + 8)) & set(sh)}
+        assert len(owners) == 1
+    assert sorted(i for sh in shards for i in sh) == list(range(56))
+
+
+def test_micro_batch_plan_takes_the_largest_shard():
+    # shards of 5 and 4 with micro-batch 4: ceil(5/4) = 2 on both ranks (the second pads one)
+    assert micro_batch_plan([5, 4], 4) == 2
+    # a rank with nothing still runs one (zero-weight) micro-batch: every rank joins the reduce
+    assert micro_batch_plan([1, 0], 8) == 1
+    assert micro_batch_plan([16, 16], 8) == 2
+    with pytest.raises(ValueError):
+        micro_batch_plan([1], 0)
+
+
+def test_buckets_cut_at_the_byte_limit_and_round_trip():
+    meta = [("a", torch.float32, (2, 3)), ("b", torch.bfloat16, (4,)), ("c", torch.float32, ()), ("d", torch.float32, (10,))]
+    # bytes: a 24, b 8, c 4, d 40. Limit 32: [a, b] (32), [c] (4 + 40 > 32), [d] (alone, over the limit)
+    assert plan_buckets(meta, 32) == [[0, 1], [2], [3]]
+    assert plan_buckets(meta, 10**6) == [[0, 1, 2, 3]]
+    ts = {"a": torch.arange(6.0).view(2, 3), "b": torch.tensor([1.0, -2.0, 3.5, 0.25], dtype=torch.bfloat16),
+          "c": torch.tensor(7.0), "d": torch.linspace(-1, 1, 10)}
+    got = {}
+    for idx in plan_buckets(meta, 32):
+        part = [meta[i] for i in idx]
+        got.update(unpack(pack([ts[m[0]] for m in part]), part))
+    for name, t in ts.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t)
+    with pytest.raises(ValueError, match="bytes"):
+        unpack(torch.zeros(5, dtype=torch.uint8), [("a", torch.float32, (2,))])
+
+
+def test_digest_comparison_is_name_by_name_and_counts_a_tied_embedding_once():
+    emb = torch.nn.Embedding(5, 3)
+    head = torch.nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight  # tied, as Qwen2.5-VL-3B ties lm_head to embed_tokens
+    model = torch.nn.ModuleDict({"embed": emb, "lm_head": head})
+    sent = params_checksum(model.named_parameters())
+    # named_parameters yields a shared tensor once: that is what the learner sends
+    assert list(sent["per_name"]) == ["embed.weight"] and sent["numel"] == 15
+    assert compare_digests(sent, params_checksum(list(model.named_parameters()))) == []
+    # a state dict has both names: comparing it with what was sent would report the extra name
+    both = params_checksum(model.state_dict().items())
+    assert compare_digests(sent, both) == ["received but not sent: lm_head.weight"]
+    changed = {"embed.weight": emb.weight.detach() + 1e-3}
+    assert compare_digests(sent, params_checksum(changed.items()))[0].startswith("embed.weight: learner")
+    assert compare_digests(sent, None) == ["the engine has received no weights through the protocol yet"]
