@@ -24,3 +24,24 @@ def synthetic_dir(tmp_path_factory):
     synthetic.generate(out, num_images=48, seed=0, split="train")
     synthetic.generate(out, num_images=16, seed=0, split="val")
     return out
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """SFT of the tiny model for 150 steps through Ray Train, as a user runs it (its own
+    process), on the tasks whose answer is always a box (referring, visual prompts: no None
+    targets), so the policy writes boxes and GRPO's rewards vary. Shared by the end-to-end and
+    the distributed GRPO tests. Returns (out_dir, stdout)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONPATH": str(repo)}
+    out = tmp_path_factory.mktemp("sft")
+    args = ["rlsys.sft", f"run.out_dir={out}", "train.steps=150", "train.log_every_steps=25",
+            "train.checkpoint_every_steps=75", "data.synthetic_train_images=400", "tracking.mode=offline",
+            "data.tasks=[referring,visual_prompt]"]
+    r = subprocess.run([sys.executable, "-m", *args], cwd=out, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"rlsys.sft failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return out, r.stdout

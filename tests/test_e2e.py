@@ -24,17 +24,6 @@ def _run(args, timeout_s, cwd):
     return r.stdout
 
 
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    """SFT of the tiny model for 150 steps on the tasks whose answer is always a box (referring,
-    visual prompts: no None targets), so the policy writes boxes and GRPO's rewards vary."""
-    out = tmp_path_factory.mktemp("sft")
-    stdout = _run(["rlsys.sft", f"run.out_dir={out}", "train.steps=150", "train.log_every_steps=25",
-                   "train.checkpoint_every_steps=75", "data.synthetic_train_images=400", "tracking.mode=offline",
-                   "data.tasks=[referring,visual_prompt]"], 900, out)
-    return out, stdout
-
-
 def test_sft_loss_falls_and_checkpoint_loads_in_vllm(sft_run):
     out, stdout = sft_run
     losses = [float(x) for x in re.findall(r"sft step \d+/150 loss ([0-9.]+)", stdout)]

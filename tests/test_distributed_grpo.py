@@ -1,0 +1,88 @@
+"""GRPO distributed for real, on one machine: a Ray cluster of two nodes started in the test
+(Ray's own ``ray.cluster_utils.Cluster``: two raylets, each with its own resources), 2 learner
+ranks on one node, 2 vLLM engines and 3 reward workers on the other, learner rank 0 away from the
+driver's node. The real geometric scorer on the SFT'd tiny model's box answers, one engine killed
+mid-run, the weights moved by vLLM's weight-transfer protocol (rlsys_gloo) and checked at the end.
+
+The step's 3 prompts x 3 answers = 9 samples are shards of 5 and 4 with micro-batch 4 (2 and 1
+micro-batches): the configuration that hung before every rank ran the same number."""
+
+import os
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    # Logical CPUs: the head (the driver's node) holds the engines and the reward workers, the
+    # second node the learner ranks; custom resources pin each group to its node.
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"rollout_node": 8}, "include_dashboard": False})
+    c.add_node(num_cpus=2, resources={"learner_node": 8})
+    c.wait_for_nodes()
+    ray.init(address=c.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}})
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_two_nodes_two_ranks_two_engines_three_reward_workers(cluster, sft_run, tmp_path):
+    import ray
+
+    from rlsys.config import load_config
+    from rlsys.grpo import Trainer, prepare_data, prepare_model
+
+    sft_out, _ = sft_run
+    cfg = load_config(overrides=[
+        f"run.out_dir={tmp_path}", f"run.init_checkpoint={sft_out / 'final'}", "run.resume=false", "tracking.mode=disabled",
+        "data.tasks=[referring,visual_prompt]", "data.synthetic_train_images=60",
+        "run.prompts_per_step=3", "rollout.samples_per_prompt=3", "rollout.max_new_tokens=32",
+        "learner.num_ranks=2", "learner.micro_batch_size=4", "learner.lr=5e-4", "learner.cpus_per_rank=0.5",
+        "learner.resources_per_rank={learner_node: 1}",
+        "rollout.num_engines=2", "rollout.cpus_per_engine=0.5", "rollout.resources_per_engine={rollout_node: 1}",
+        "reward.num_workers=3", "reward.cpus_per_worker=0.25", "reward.resources_per_worker={rollout_node: 1}",
+        "reward.scorer=rewards.scorer:score",
+    ])
+    t = Trainer(cfg, prepare_model(cfg), prepare_data(cfg))
+    driver = ray.get_runtime_context().get_node_id()
+    learner_nodes, engine_nodes = t.learners.node_ids(), t.rollouts.node_ids()
+    # learner ranks packed on one node, rank 0 not the driver's; engines on the other node
+    assert len(set(learner_nodes)) == 1 and learner_nodes[0] != driver
+    assert set(engine_nodes) == {driver}
+    assert t.weights.backend == "rlsys_gloo" and t.weights.connects == 1
+
+    m1 = t.step()
+    # shards of 5 and 4 answers: every rank ran 2 micro-batches, rank 1 one of them padded
+    assert m1["learner/micro_batches_per_rank"] == 2 and m1["learner/padded_micro_batches"] >= 1
+
+    # kill engine 1 mid-run: step 2 restarts it, syncs it and retries its prompts only
+    ray.kill(t.rollouts.engines[1], no_restart=True)
+    m2 = t.step()
+    assert t.rollouts.restarts == 1 and m2["rollout/engine_restarts"] == 1
+    # prompts 0 and 2 went to engine 0 and were kept; prompt 1 was engine 1's and retried
+    assert t.rollouts.retried == [(1, 1, [1])]
+    assert t.weights.connects == 2  # the transfer group reopened with the new engine's worker
+
+    m3 = t.step()
+    steps = [m1, m2, m3]
+    # the real geometric scorer gave groups with reward spread: the update had signal
+    assert any(m["groups/zero_std_fraction"] < 1.0 for m in steps), [m["groups/zero_std_fraction"] for m in steps]
+    assert all(m["reward/failures"] == 0 for m in steps)
+    # both engines hold the learner's tensors name by name and compute its log-probs
+    learner, engines = t.checksums()
+    from actors.weight_sync import compare_digests
+
+    assert [compare_digests(learner, e) for e in engines] == [[], []]
+    assert t.weights_in_sync()
+    # the policy moved: the learner's weights are not the SFT start's
+    from safetensors.torch import load_file
+
+    start = load_file(sft_out / "final" / "model.safetensors")
+    now = t.learners.parameters()[0]
+    assert any(not bool((now[k] == start[k]).all()) for k in now if k in start)
