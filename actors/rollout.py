@@ -50,6 +50,7 @@ class RolloutWorker:
             **extra,
         )
         self.start_s = time.perf_counter() - t0
+        self.llm.collective_rpc("rlsys_track_received")
         # Vision placeholders must never be sampled: the learner re-reads prompt + answer through
         # the processor, and an <|image_pad|> in an answer is taken for an image slot with no
         # features ("Image features and image tokens do not match"; a random tiny model samples

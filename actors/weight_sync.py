@@ -215,7 +215,6 @@ if _WorkerEngine is not None:
             super().__init__(config, vllm_config, device, model)
             self.group = None
             self.bucket_bytes = DEFAULT_BUCKET_BYTES
-            self.received: dict | None = None  # digest of the last complete update
 
         def init_transfer_engine(self, init_info) -> None:
             pc = self.parallel_config
@@ -227,7 +226,6 @@ if _WorkerEngine is not None:
         def start_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-            self._pending: list = []
             initialize_layerwise_reload(self.model)
 
         def receive_weights(self, update_info) -> None:
@@ -240,18 +238,12 @@ if _WorkerEngine is not None:
                 part = [meta[i] for i in idx]
                 buf = torch.empty(sum(_numel(s) * torch.empty((), dtype=d).element_size() for _, d, s in part), dtype=torch.uint8)
                 _broadcast(self.group, buf)
-                pairs = unpack(buf, part)
-                self._pending.extend((n, tensor_digest(t)) for n, t in pairs)
-                self.model.load_weights(pairs)
+                self.model.load_weights(unpack(buf, part))
 
         def finish_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
             finalize_layerwise_reload(self.model, self.model_config)
-            per_name = dict(self._pending)
-            self.received = {"numel": sum(v[0] for v in per_name.values()), "sum": sum(v[1] for v in per_name.values()),
-                             "sum_sq": sum(v[2] for v in per_name.values()), "per_name": per_name}
-            self._pending = []
 
         def update_weights(self, update_info: dict) -> None:
             # the base class synchronises the accelerator afterwards, which a CPU-only torch lacks
@@ -463,25 +455,49 @@ class VllmWorkerExtension:
     """Mixed into vLLM's worker (``worker_extension_cls``); runs in the worker process. Its
     methods are prefixed ``rlsys_`` because vLLM's worker already defines ``update_weights``."""
 
+    def rlsys_track_received(self) -> None:
+        """Digest every tensor the model's ``load_weights`` is given, whichever path gives it
+        (the protocol's backends, nccl included, and the fallback's reload all load through it),
+        so the equality check reads what arrived. Installed once, after the model is loaded."""
+        model = self.model_runner.get_model()
+        if getattr(model, "_rlsys_tracked", False):
+            return
+        original = model.load_weights
+        self._rlsys_pending = []
+
+        def load_weights(weights, *args, **kwargs):
+            def seen():
+                for name, t in weights:
+                    self._rlsys_pending.append((name, tensor_digest(t)))
+                    yield name, t
+
+            return original(seen(), *args, **kwargs)
+
+        model.load_weights = load_weights
+        model._rlsys_tracked = True
+
+    def _rlsys_commit_received(self) -> None:
+        per_name = dict(getattr(self, "_rlsys_pending", []))
+        self._rlsys_received = {"numel": sum(v[0] for v in per_name.values()), "sum": sum(v[1] for v in per_name.values()),
+                                "sum_sq": sum(v[2] for v in per_name.values()), "per_name": per_name}
+        self._rlsys_pending = []
+
     def rlsys_load_weights_files(self, paths: list[str]) -> int:
         """The fallback: load every safetensors bucket in one in-place reload (vLLM's layerwise
         reload finalises a layer once its weights have arrived, so the buckets are chained into
         one iterator)."""
         from safetensors import safe_open
 
-        received = []
-
         def weights():
             for path in paths:
                 with safe_open(path, framework="pt") as f:
                     for name in f.keys():
-                        t = f.get_tensor(name)
-                        received.append((name, t))
-                        yield name, t
+                        yield name, f.get_tensor(name)
 
+        self._rlsys_pending = []
         self.model_runner.reload_weights(weights_iterator=weights())
-        self._rlsys_received = params_checksum(received)
-        return len(received)
+        self._rlsys_commit_received()
+        return len(self._rlsys_received["per_name"])
 
     def rlsys_after_weight_update(self) -> None:
         """After the protocol's finish: clear state computed from the old weights (the finish
@@ -489,7 +505,7 @@ class VllmWorkerExtension:
         and keep the digest of what arrived."""
         self.model_runner.reset_encoder_cache()
         self.model_runner.reset_mm_cache()
-        self._rlsys_received = getattr(self.weight_transfer_engine, "received", None)
+        self._rlsys_commit_received()
 
     def rlsys_checksum(self) -> dict | None:
         """Digest of the weights this worker last received, per name (None before any). The

@@ -8,8 +8,10 @@ command that produced it.
 - rollout: tokens/s of the vLLM rollout actor vs Hugging Face ``generate`` on the same model,
   prompts, images and sampling settings (both forced to the same answer length);
 - rewards: box-IoU F1 vectorised vs a plain Python loop (``rlsys.bench_rewards``);
-- sync: seconds per weight sync (bucketed) vs one Ray call per tensor, for the tiny model and a
-  larger random model of the same architecture, and the sync's share of step time;
+- sync: seconds per weight sync through vLLM's weight-transfer protocol (rlsys_gloo here, nccl on
+  GPUs) vs the object-store fallback vs one Ray call per tensor, for the tiny model and a larger
+  random model of the same architecture, and the sync's share of step time;
+- distributed: step time with 1 vs 2 learner ranks and 1 vs 2 rollout engines, same batch;
 - step: share of step time in generate, reward, reference, learn, sync and idle;
 - scaling: step time as prompts per step doubles (2, 4, 8, 16);
 - serve: requests/s and p50/p99 latency with and without dynamic batching (``rlsys.bench_serve``).
@@ -29,7 +31,7 @@ from pathlib import Path
 from rlsys.config import DEFAULT_CONFIG, load_config
 
 REPO = Path(__file__).resolve().parent.parent
-ALL = ("rewards", "rollout", "step", "sync", "scaling", "serve")
+ALL = ("rewards", "rollout", "step", "sync", "distributed", "scaling", "serve")
 
 
 def _trainer(cfg):
@@ -39,12 +41,9 @@ def _trainer(cfg):
 
 
 def _kill(trainer) -> None:
-    import ray
-
-    for a in trainer.learners + trainer.rollouts + trainer.rewards.workers:
-        ray.kill(a, no_restart=True)
-    ray.util.remove_placement_group(trainer.learner_pg)
-    ray.util.remove_placement_group(trainer.rollout_pg)
+    trainer.learners.shutdown()
+    trainer.rollouts.shutdown()
+    trainer.rewards.shutdown()
 
 
 def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32) -> dict:
@@ -64,9 +63,9 @@ def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32)
         reqs = [{"prompt": _chat_prompt(t.processor, question_for_sample(s)), "image": s.image} for s in t.samples[:prompts]]
         kw = dict(n=samples, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens, seed=0)
-        ray.get(t.rollouts[0].generate.remote(reqs, **kw))  # warm-up
+        ray.get(t.rollouts.engines[0].generate.remote(reqs, **kw))  # warm-up
         t0 = time.perf_counter()
-        out = ray.get(t.rollouts[0].generate.remote(reqs, **kw))
+        out = ray.get(t.rollouts.engines[0].generate.remote(reqs, **kw))
         vllm_s = time.perf_counter() - t0
         vllm_tokens = sum(len(a["token_ids"]) for o in out for a in o)
     finally:
@@ -92,8 +91,11 @@ def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32)
 
 
 def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
-    """Step breakdown (steady state: the first step is dropped) and sync, bucketed vs naive."""
+    """Step breakdown (steady state: the first step is dropped) and one sync three ways, on the
+    same learner and engines: vLLM's protocol, the object-store fallback, one call per tensor."""
     import ray
+
+    from actors.weight_sync import WeightSync
 
     t = _trainer(cfg)
     try:
@@ -101,22 +103,46 @@ def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
         stages = ("generate", "reward", "reference", "learn", "sync", "idle")
         step_s = statistics.mean(r["time/step_s"] for r in recs)
         share = {s: statistics.mean(r.get(f"time/{s}_s", 0.0) for r in recs) / step_s for s in stages}
-        bucketed = [t.sync_weights() for _ in range(sync_repeats)]
+        protocol = [t.weights.push() for _ in range(sync_repeats)]
+        in_sync = t.weights_in_sync()
+        store = WeightSync(t.learners, t.rollouts, "object_store", cfg.rollout.weight_bucket_mib << 20, cfg.rollout.timeout_s)
+        object_store = [store.push() for _ in range(sync_repeats)]
         naive = []
+        engine, learner = t.rollouts.engines[0], t.learners.ranks[0]
         for _ in range(sync_repeats):
             t0 = time.perf_counter()
-            sd = ray.get(t.learners[0].state_dict_cpu.remote())
-            ray.get([t.rollouts[0].stage_tensor.remote(k, v) for k, v in sd.items()])
-            ray.get(t.rollouts[0].load_staged.remote())
-            naive.append(time.perf_counter() - t0)
-        in_sync = t.weights_in_sync()
+            sd = ray.get(learner.state_dict_cpu.remote())
+            ray.get([engine.stage_tensor.remote(k, v) for k, v in sd.items()])
+            ray.get(engine.load_staged.remote())
+            naive.append((time.perf_counter() - t0) * len(t.rollouts.engines))  # one engine timed; each costs the same
         n_tensors, n_params = len(sd), sum(v.numel() for v in sd.values())
+        n_bytes = sum(v.numel() * v.element_size() for v in sd.values())
     finally:
         _kill(t)
-    return {"step_s": step_s, "share": share, "sync_bucketed_s": statistics.median(bucketed),
-            "sync_naive_s": statistics.median(naive), "ratio_naive_over_bucketed": statistics.median(naive) / statistics.median(bucketed),
-            "sync_share_of_step": statistics.median(bucketed) / step_s, "tensors": n_tensors, "parameters": n_params,
+    p, o, n = (statistics.median(x) for x in (protocol, object_store, naive))
+    return {"step_s": step_s, "share": share, "sync_protocol_s": p, "sync_object_store_s": o, "sync_per_tensor_s": n,
+            "ratio_object_store_over_protocol": o / p, "ratio_per_tensor_over_protocol": n / p,
+            "sync_share_of_step": p / step_s, "tensors": n_tensors, "parameters": n_params, "bytes": n_bytes,
+            "backend": cfg.weight_transfer_backend, "bucket_mib": cfg.rollout.weight_bucket_mib,
             "weights_in_sync_after": in_sync}
+
+
+def bench_distributed(cfg, steps: int = 3) -> dict:
+    """Step time (steady state) with 1 vs 2 learner ranks and 1 vs 2 engines, same batch size."""
+    out = {}
+    for ranks, engines in ((1, 1), (2, 1), (1, 2)):
+        c = cfg.model_copy(deep=True)
+        c.learner.num_ranks, c.rollout.num_engines = ranks, engines
+        c.learner.cpus_per_rank = c.rollout.cpus_per_engine = 0.25
+        t = _trainer(c)
+        try:
+            recs = [t.step() for _ in range(steps)][1:]
+        finally:
+            _kill(t)
+        out[f"{ranks}x{engines}"] = {k: statistics.mean(r[f"time/{k}_s"] for r in recs) for k in ("step", "generate", "learn", "sync")}
+    base = out["1x1"]["step"]
+    return {"by_ranks_x_engines": out, "ratio_2_ranks": out["2x1"]["step"] / base, "ratio_2_engines": out["1x2"]["step"] / base,
+            "cores": os.cpu_count()}
 
 
 def bench_scaling(cfg, sizes=(2, 4, 8, 16), steps: int = 2) -> dict:
@@ -154,11 +180,19 @@ def markdown(res: dict, cmd: str) -> str:
     for key, label in (("sync", "tiny"), ("sync_large", "larger")):
         if key in res:
             r = res[key]
-            rows.append(f"| weight sync, {label} model ({r['parameters'] / 1e6:.1f}M params, {r['tensors']} tensors) | {r['sync_bucketed_s'] * 1e3:.0f} ms, {r['sync_share_of_step'] * 100:.1f}% of step | per-tensor calls {r['sync_naive_s'] * 1e3:.0f} ms | {r['ratio_naive_over_bucketed']:.1f}x | `{cmd} --only sync` |")
+            rows.append(f"| weight sync, {label} model ({r['parameters'] / 1e6:.1f}M params, {r['bytes'] / 2**20:.0f} MiB, {r['tensors']} tensors), "
+                        f"{r['backend']} | {r['sync_protocol_s'] * 1e3:.0f} ms, {r['sync_share_of_step'] * 100:.1f}% of a {r['step_s']:.2f} s step "
+                        f"| object store {r['sync_object_store_s'] * 1e3:.0f} ms; per-tensor calls {r['sync_per_tensor_s'] * 1e3:.0f} ms "
+                        f"| {r['ratio_object_store_over_protocol']:.1f}x; {r['ratio_per_tensor_over_protocol']:.1f}x | `{cmd} --only sync` |")
     if "sync" in res:
         sh = res["sync"]["share"]
         rows.append("| step time shares (tiny default) | " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in sh.items())
                     + f" of {res['sync']['step_s']:.2f} s | | | `{cmd} --only step` |")
+    if "distributed" in res:
+        d = res["distributed"]["by_ranks_x_engines"]
+        rows.append("| step time, learner ranks x engines | " + ", ".join(f"{k}: {v['step']:.2f} s (learn {v['learn']:.2f}, generate {v['generate']:.2f})" for k, v in d.items())
+                    + f" | 1x1 | 2 ranks x{res['distributed']['ratio_2_ranks']:.2f}, 2 engines x{res['distributed']['ratio_2_engines']:.2f} "
+                    f"({res['distributed']['cores']} cores) | `{cmd} --only distributed` |")
     if "scaling" in res:
         s = res["scaling"]["step_s_by_prompts_per_step"]
         rows.append("| step time vs prompts per step | " + ", ".join(f"{k}: {v:.2f} s" for k, v in s.items())
@@ -186,7 +220,7 @@ def main(argv=None) -> int:
     res: dict = {"device": "CPU, " + str(os.cpu_count()) + " cores", "config": a.config}
     if "rewards" in a.only:
         res["rewards"] = _module_json(["rlsys.bench_rewards"], 600)
-    if set(a.only) & {"rollout", "step", "sync", "scaling"}:
+    if set(a.only) & {"rollout", "step", "sync", "distributed", "scaling"}:
         import ray
 
         from rlsys.grpo import actor_env
@@ -201,7 +235,11 @@ def main(argv=None) -> int:
             big.run.out_dir = str(out / "run-large")
             big.model.tiny_hidden_size, big.model.tiny_num_layers, big.model.tiny_intermediate_size = 512, 8, 1536
             big.model.tiny_vision_hidden_size, big.model.tiny_vision_depth = 256, 4
+            # vLLM's CPU budget covers weights and activations too: 0.1 of RAM leaves no KV cache for this model
+            big.rollout.gpu_memory_utilization = 0.2
             res["sync_large"] = bench_step_and_sync(big, steps=2)
+        if "distributed" in a.only:
+            res["distributed"] = bench_distributed(cfg)
         if "scaling" in a.only:
             res["scaling"] = bench_scaling(cfg)
     if "serve" in a.only:

@@ -32,6 +32,7 @@ class ModelConfig(_Section):
     tiny_intermediate_size: int = Field(384, ge=64, description="Tiny model: LLM MLP width.")
     tiny_vision_hidden_size: int = Field(64, ge=32, description="Tiny model: vision encoder width (one head per 64).")
     tiny_vision_depth: int = Field(2, ge=1, le=64, description="Tiny model: vision encoder layers.")
+    tiny_tie_word_embeddings: bool = Field(False, description="Tiny model: tie the output projection to the input embedding, as Qwen2.5-VL-3B does.")
     tiny_max_pixels: int = Field(224 * 224, ge=56 * 56, description="Tiny model's image processor budget in pixels (28 x 28 px per image token).")
 
     @model_validator(mode="after")
@@ -48,7 +49,7 @@ class ModelConfig(_Section):
                         num_heads=self.tiny_hidden_size // 64, num_kv_heads=1, intermediate_size=self.tiny_intermediate_size,
                         vision_hidden_size=self.tiny_vision_hidden_size, vision_depth=self.tiny_vision_depth,
                         vision_heads=self.tiny_vision_hidden_size // 64, vision_intermediate_size=2 * self.tiny_vision_hidden_size,
-                        max_pixels=self.tiny_max_pixels)
+                        max_pixels=self.tiny_max_pixels, tie_word_embeddings=self.tiny_tie_word_embeddings)
 
 
 class DataConfig(_Section):

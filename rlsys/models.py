@@ -83,6 +83,9 @@ class TinySpec:
     max_pixels: int = 224 * 224
     max_position_embeddings: int = 4096
     rope_theta: float = 1000000.0
+    # Qwen2.5-VL-3B ties lm_head to the input embedding (7B does not); a tied tiny model checks
+    # that weight sync and checkpoints handle one tensor under two names
+    tie_word_embeddings: bool = False
     seed: int = 0
 
 
@@ -170,7 +173,7 @@ def build_tiny_model(out_dir, spec: TinySpec = TinySpec(), *, overwrite: bool = 
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=False,
+            tie_word_embeddings=spec.tie_word_embeddings,
         ),
         vision_config=dict(
             depth=spec.vision_depth,
@@ -188,7 +191,7 @@ def build_tiny_model(out_dir, spec: TinySpec = TinySpec(), *, overwrite: bool = 
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_word_embeddings,
     )
     config.bos_token_id = ids["<|endoftext|>"]
     config.eos_token_id = ids["<|im_end|>"]

@@ -22,7 +22,9 @@ def trainer(tmp_path_factory):
                                  "data.synthetic_train_images=40", "rollout.max_new_tokens=16",
                                  # 224 px images (64 tokens each) whatever the default: the prefill test needs long prompts
                                  "data.synthetic_image_size_px=224", f"model.tiny_max_pixels={224 * 224}",
-                                 "run.dynamic_sampling=true", "run.max_resample_rounds=1"])
+                                 "run.dynamic_sampling=true", "run.max_resample_rounds=1",
+                                 # tied embeddings, as Qwen2.5-VL-3B: one tensor under two names in sync and checks
+                                 "model.tiny_tie_word_embeddings=true"])
     ray.init(num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}})
     t = Trainer(cfg, prepare_model(cfg), prepare_data(cfg))
@@ -38,6 +40,14 @@ def test_dead_rollout_engine_is_restarted_and_the_step_retried(trainer):
     assert m["step"] == 1 and trainer.step_no == 1
     # the new engine got the learner's weights before it retried the prompts
     assert trainer.weights_in_sync()
+    # tied embeddings: the learner sends the shared tensor once, under the embedding's name;
+    # the engine received exactly those names (no lm_head.weight) and ties it itself
+    from actors.weight_sync import compare_digests
+
+    learner, engines = trainer.checksums()
+    names = set(learner["per_name"])
+    assert not any(n.endswith("lm_head.weight") for n in names) and any("embed_tokens" in n for n in names)
+    assert [compare_digests(learner, e) for e in engines] == [[]]
 
 
 def test_dynamic_sampling_draws_more_prompts_for_zero_std_groups(trainer):
