@@ -47,6 +47,16 @@ def placement_group(name: str, bundles: list[dict], strategy: str, timeout_s: fl
     return pg
 
 
+def tear_down(members: list, pg) -> None:
+    """Kill a group's members and free its placement group."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for m in members:
+        ray.kill(m, no_restart=True)
+    remove_placement_group(pg)
+
+
 def in_bundle(pg, index: int):
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

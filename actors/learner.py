@@ -358,8 +358,7 @@ class LearnerGroup:
         return call([w.node_id.remote() for w in self.ranks], 60, "learner node ids")
 
     def shutdown(self) -> None:
-        from ray.util.placement_group import remove_placement_group
+        """Kill the members and free the placement group."""
+        from actors.group import tear_down
 
-        for w in self.ranks:
-            ray.kill(w, no_restart=True)
-        remove_placement_group(self.pg)
+        tear_down(self.ranks, self.pg)

@@ -154,9 +154,7 @@ class RewardGroup:
         self.replaced += 1
 
     def shutdown(self) -> None:
-        """Kill the workers and free the placement group."""
-        from ray.util.placement_group import remove_placement_group
+        """Kill the members and free the placement group."""
+        from actors.group import tear_down
 
-        for w in self.workers:
-            ray.kill(w, no_restart=True)
-        remove_placement_group(self.pg)
+        tear_down(self.workers, self.pg)

@@ -277,8 +277,7 @@ class RolloutGroup:
         return call([e.node_id.remote() for e in self.engines], 60, "engine node ids")
 
     def shutdown(self) -> None:
-        from ray.util.placement_group import remove_placement_group
+        """Kill the members and free the placement group."""
+        from actors.group import tear_down
 
-        for e in self.engines:
-            ray.kill(e, no_restart=True)
-        remove_placement_group(self.pg)
+        tear_down(self.engines, self.pg)

@@ -9,13 +9,30 @@ importing Ray, vLLM or DeepSpeed, so a bad value fails in a second with the fiel
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
+
+
+def _zero_stage_supported(stage: int) -> int:
+    # ZeRO-3 partitions the parameters themselves: every rank holds a shard and
+    # named_parameters()/state_dict() return empty placeholders outside a gather, so the weight
+    # export, the Hugging Face checkpoint and the checksum would see empty tensors. rlsys does not
+    # gather them (GatheredParameters around each), so it refuses stage 3.
+    if stage == 3:
+        raise ValueError("zero_stage 3 is not supported: ZeRO-3 partitions the parameters, so weight export, "
+                         "checkpoints and checksums would read empty tensors; use 2 (gradients and optimizer "
+                         "state partitioned, parameters whole on every rank)")
+    if not 0 <= stage <= 2:
+        raise ValueError(f"zero_stage must be 0, 1 or 2, got {stage}")
+    return stage
+
+
+ZeroStage = Annotated[int, AfterValidator(_zero_stage_supported)]
 
 
 class _Section(BaseModel):
@@ -96,7 +113,7 @@ class LearnerConfig(_Section):
     num_ranks: int = Field(1, ge=1, le=4096, description="DeepSpeed data-parallel ranks (one Ray actor each).")
     gpus_per_rank: float = Field(0.0, ge=0, description="GPUs each learner rank requests (0: CPU with gloo).")
     cpus_per_rank: float = Field(1.0, gt=0, description="CPUs each learner rank requests from Ray.")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-2; 3 is refused: see _no_zero3).")
+    zero_stage: ZeroStage = Field(2, description="DeepSpeed ZeRO stage, 0-2 (3 is refused: see _zero_stage_supported).")
     lr: float = Field(1e-5, gt=0, le=1.0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
@@ -108,18 +125,6 @@ class LearnerConfig(_Section):
     ref_colocated: bool = Field(True, description="Keep the frozen reference policy inside each learner rank (else its own actor).")
     timeout_s: float = Field(1800.0, gt=0, description="Limit for one learner call (update, save).")
     resources_per_rank: dict[str, float] = Field(default_factory=dict, description="Custom Ray node resources each learner bundle asks for, e.g. {learner_node: 1}.")
-
-    @model_validator(mode="after")
-    def _no_zero3(self):
-        # ZeRO-3 partitions the parameters themselves: every rank holds a shard and
-        # named_parameters()/state_dict() return empty placeholders outside a gather, so the
-        # weight export, the Hugging Face checkpoint and the checksum would see empty tensors.
-        # rlsys does not gather them (GatheredParameters around each), so it refuses stage 3.
-        if self.zero_stage == 3:
-            raise ValueError("zero_stage 3 is not supported: ZeRO-3 partitions the parameters, so weight export, "
-                             "checkpoints and checksums would read empty tensors; use 2 (gradients and optimizer "
-                             "state partitioned, parameters whole on every rank)")
-        return self
 
 
 class TrackingConfig(_Section):
@@ -262,24 +267,12 @@ class SFTTrainConfig(_Section):
     warmup_fraction: float = Field(0.03, ge=0, lt=1, description="Linear warm-up share of the steps (paper: 3%), then cosine decay.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (paper: 0.01).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (0-2; 3 is refused: see _no_zero3).")
+    zero_stage: ZeroStage = Field(2, description="DeepSpeed ZeRO stage, 0-2 (3 is refused: see _zero_stage_supported).")
     max_phrases: int = Field(4, ge=1, description="Most phrases sampled into one multi-phrase question.")
     coord_label_sigma_bins: float = Field(0.0, ge=0, le=100, description="Soft targets for coordinate tokens: a Gaussian of this width in bins over <0>..<999> instead of a one-hot (SimCC-style). 0: plain cross-entropy, as the paper.")
     checkpoint_every_steps: int = Field(100, ge=1, description="Ray Train checkpoint every N steps (resumable).")
     log_every_steps: int = Field(10, ge=1, description="Progress line and W&B log every N steps.")
     seed: int = Field(0, description="Seed for conversation sampling and initialisation.")
-
-    @model_validator(mode="after")
-    def _no_zero3(self):
-        # ZeRO-3 partitions the parameters themselves: every rank holds a shard and
-        # named_parameters()/state_dict() return empty placeholders outside a gather, so the
-        # weight export, the Hugging Face checkpoint and the checksum would see empty tensors.
-        # rlsys does not gather them (GatheredParameters around each), so it refuses stage 3.
-        if self.zero_stage == 3:
-            raise ValueError("zero_stage 3 is not supported: ZeRO-3 partitions the parameters, so weight export, "
-                             "checkpoints and checksums would read empty tensors; use 2 (gradients and optimizer "
-                             "state partitioned, parameters whole on every rank)")
-        return self
 
 
 class SFTRunConfig(_Section):

@@ -101,23 +101,11 @@ def compute_metrics(samples, answers) -> dict:
 
 def draw_grid(samples, answers, path, cols: int = 4, max_images: int = 16) -> None:
     """PNG grid: ground-truth boxes green, predictions red, the question's task on top."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
-    tiles = []
-    for s, text in list(zip(samples, answers))[:max_images]:
-        with Image.open(s.image) as im:
-            img = im.convert("RGB")
-        d = ImageDraw.Draw(img)
-        for i in s.instances:
-            if i.box:
-                d.rectangle(i.box, outline=(0, 170, 0), width=2)
-        for _, kind, c in predictions_in_pixels(text, s):
-            if kind == "box" and c[2] > c[0] and c[3] > c[1]:
-                d.rectangle(c, outline=(230, 0, 0), width=1)
-            elif kind == "point":
-                d.ellipse([c[0] - 3, c[1] - 3, c[0] + 3, c[1] + 3], fill=(230, 0, 0))
-        d.text((3, 3), s.task, fill=(0, 0, 0))
-        tiles.append(img)
+    from rlsys.tracking import draw_predictions
+
+    tiles = [draw_predictions(s, text, label=s.task) for s, text in list(zip(samples, answers))[:max_images]]
     if not tiles:
         return
     w, h = max(t.width for t in tiles), max(t.height for t in tiles)

@@ -14,13 +14,14 @@ import json
 import logging
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from rlsys.checkpoints import Checkpoints
 from rlsys.config import ConfigError, GRPOConfig, describe, load_config
+from rlsys.tracking import example_table, start_tracking
 
 log = logging.getLogger("rlsys.grpo")
 
@@ -76,39 +77,6 @@ def timed(times: dict, name: str):
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
-class Checkpoints:
-    """``out_dir/checkpoints/step_NNNNNN`` directories, each renamed into place when complete,
-    and a ``latest`` file replaced atomically: a killed run never leaves a half checkpoint that
-    resume would read."""
-
-    def __init__(self, out_dir: Path):
-        self.root = out_dir / "checkpoints"
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def latest(self) -> Path | None:
-        f = self.root / "latest"
-        if not f.is_file():
-            return None
-        p = self.root / f.read_text().strip()
-        return p if (p / "trainer_state.json").is_file() else None
-
-    def partial(self, step: int) -> Path:
-        p = self.root / f"step_{step:06d}.partial"
-        shutil.rmtree(p, ignore_errors=True)
-        p.mkdir(parents=True)
-        return p
-
-    def commit(self, partial: Path, step: int, state: dict) -> Path:
-        (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        final = self.root / f"step_{step:06d}"
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        tmp = self.root / "latest.tmp"
-        tmp.write_text(final.name)
-        tmp.replace(self.root / "latest")
-        return final
-
-
 def _chat_prompt(processor, question: str) -> str:
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -346,47 +314,6 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tracking
-# ----------------------------------------------------------------------------------------------
-def start_tracking(cfg: GRPOConfig):
-    import wandb
-
-    mode = cfg.tracking.mode
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return wandb.init(project=cfg.tracking.project, name=cfg.tracking.run_name or Path(cfg.run.out_dir).name,
-                      dir=str(Path(cfg.run.out_dir).resolve()), mode=mode, config=cfg.model_dump(), resume="allow")
-
-
-def draw_examples(examples):
-    """Images with the parsed predictions drawn (boxes and points, in pixels)."""
-    from PIL import Image, ImageDraw
-
-    from rlsys.coords import decode_xy
-    from rlsys.format import parse
-
-    out = []
-    for sample, text, reward in examples:
-        with Image.open(sample.image) as im:
-            img = im.convert("RGB")
-        d = ImageDraw.Draw(img)
-        for inst in sample.instances:
-            if inst.box:
-                d.rectangle(inst.box, outline=(0, 200, 0))
-        for p in parse(text):
-            for c in p.coords:
-                xy = decode_xy(c, sample.width, sample.height)
-                if p.kind == "box":
-                    x0, y0, x1, y1 = xy
-                    if x1 > x0 and y1 > y0:
-                        d.rectangle([x0, y0, x1, y1], outline=(220, 0, 0))
-                elif p.kind == "point":
-                    d.ellipse([xy[0] - 3, xy[1] - 3, xy[0] + 3, xy[1] + 3], outline=(220, 0, 0))
-        out.append((img, f"{sample.task}: reward {reward:.2f}", text))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv):
@@ -442,12 +369,7 @@ def run(cfg: GRPOConfig) -> dict:
             log_payload = dict(metrics)
             every = cfg.tracking.image_table_every_steps
             if every and s % every == 0:
-                import wandb
-
-                table = wandb.Table(columns=["image", "caption", "answer"])
-                for img, cap, text in draw_examples(trainer.last_examples):
-                    table.add_data(wandb.Image(img), cap, text)
-                log_payload["examples"] = table
+                log_payload["examples"] = example_table(trainer.last_examples)
             log_payload.pop("prompt_ids")
             tracker.log(log_payload, step=s)
             if s % cfg.run.checkpoint_every_steps == 0 or s == cfg.run.steps:

@@ -5,7 +5,11 @@ It mirrors what rlsys asks of Ray (rlsys/grpo.py) and how Ray's autoscaler answe
 - the learner ranks are one placement group, strategy PACK: all ranks on one node when a node can
   hold them (NCCL inside a node), spilling over several nodes only when none can (PACK is soft);
 - the rollout engines are one placement group, strategy SPREAD (soft: spread where there is room);
-- the reward workers are plain actors of ``cpus_per_worker`` CPUs each, created after both groups.
+- the reward workers are one placement group too, strategy SPREAD, one ``cpus_per_worker``
+  bundle each, created after both groups.
+
+Custom resources (``*.resources_per_*``, which pin groups to labelled nodes) are not modelled here:
+the plan answers for CPUs and GPUs.
 
 The autoscaler flattens PACK/SPREAD groups into bundle demands, first fits them into nodes that
 already exist, then launches new nodes, avoiding GPU node types for CPU-only demand

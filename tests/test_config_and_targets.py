@@ -85,3 +85,22 @@ def test_conversation_sampling_is_seeded_and_keeps_present_phrases(tmp_path):
         asked, _, ans = conversation(s, random.Random(1), ["circle", "square", "triangle"])
         assert any(asked.instances_of(p) for p in asked.phrases)  # never a question whose answer is all None
         assert all(i.phrase in asked.phrases for i in asked.instances)
+
+
+def test_zero3_is_refused_with_the_reason_for_grpo_and_sft():
+    # ZeRO-3 would leave export, checkpoints and checksums reading empty partitioned parameters
+    for path, key, schema in ((None, "learner.zero_stage", GRPOConfig), ("configs/sft_tiny_cpu.yaml", "train.zero_stage", SFTConfig)):
+        with pytest.raises(ConfigError, match=r"zero_stage 3 is not supported: ZeRO-3 partitions the parameters"):
+            load_config(path, [f"{key}=3"], schema=schema)
+        for ok in (0, 1, 2):
+            load_config(path, [f"{key}={ok}"], schema=schema)
+
+
+def test_weight_transfer_backend_follows_the_devices():
+    cfg = load_config()
+    assert cfg.rollout.weight_transfer == "auto" and cfg.weight_transfer_backend == "rlsys_gloo"
+    gpu = load_config(overrides=["rollout.gpus_per_engine=1", "learner.gpus_per_rank=1"])
+    assert gpu.weight_transfer_backend == "nccl"
+    assert load_config(overrides=["rollout.weight_transfer=object_store"]).weight_transfer_backend == "object_store"
+    with pytest.raises(ConfigError, match="nccl needs GPUs on both sides"):
+        load_config(overrides=["rollout.weight_transfer=nccl", "rollout.gpus_per_engine=1"])
