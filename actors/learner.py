@@ -197,6 +197,10 @@ class LearnerWorker:
         """One round of the protocol: start, update (buckets broadcast), finish on every engine."""
         return self.sender.send()
 
+    def weights_timing(self) -> dict:
+        """Seconds per phase of the last send (backends that record them)."""
+        return dict(getattr(self.sender.engine, "timing", {}))
+
     def weight_buckets(self, bucket_bytes: int) -> list:
         """The fallback: the policy's weights as safetensors buckets in the object store, the
         same tensors the protocol sends (``named_parameters``, a tied embedding once)."""
@@ -348,6 +352,9 @@ class LearnerGroup:
 
     def send_weights(self, timeout_s: float) -> float:
         return self._each([self.ranks[0].weights_send.remote()], "weight send", timeout_s)[0]
+
+    def weights_timing(self) -> dict:
+        return self._each([self.ranks[0].weights_timing.remote()], "weight-transfer timing", 60)[0]
 
     def weight_buckets(self, bucket_bytes: int) -> list:
         return self._each([self.ranks[0].weight_buckets.remote(bucket_bytes)], "weight export")[0]

@@ -299,7 +299,9 @@ if _WorkerEngine is not None:
                 return
             update_info = {"names": [m[0] for m in meta], "dtype_names": [str(m[1]).split(".")[-1] for m in meta],
                            "shapes": [list(m[2]) for m in meta]}
+            t = {"t0": time.perf_counter()}
             self.client.start_weight_update()
+            t["start"] = time.perf_counter()
             exe = ThreadPoolExecutor(max_workers=1)
             try:
                 fut = exe.submit(self.client.update_weights, update_info)
@@ -308,10 +310,15 @@ if _WorkerEngine is not None:
                     if fut.done():  # the workers refused the update: do not wait in a broadcast for them
                         fut.result()
                     _broadcast(self.group, pack([tensors[meta[i][0]] for i in idx]))
+                t["broadcast"] = time.perf_counter()
                 fut.result()
+                t["update"] = time.perf_counter()
             finally:
                 exe.shutdown(wait=False)  # a failed broadcast leaves the RPC thread blocked; never join it
             self.client.finish_weight_update()
+            t["finish"] = time.perf_counter()
+            keys = ["t0", "start", "broadcast", "update", "finish"]
+            self.timing = {f"{b}_s": t[b] - t[a] for a, b in zip(keys, keys[1:])}
 
         def shutdown(self) -> None:
             self.group = None

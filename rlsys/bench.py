@@ -103,7 +103,10 @@ def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
         stages = ("generate", "reward", "reference", "learn", "sync", "idle")
         step_s = statistics.mean(r["time/step_s"] for r in recs)
         share = {s: statistics.mean(r.get(f"time/{s}_s", 0.0) for r in recs) / step_s for s in stages}
-        protocol = [t.weights.push() for _ in range(sync_repeats)]
+        protocol, phases = [], []
+        for _ in range(sync_repeats):
+            protocol.append(t.weights.push())
+            phases.append(t.learners.weights_timing())
         in_sync = t.weights_in_sync()
         store = WeightSync(t.learners, t.rollouts, "object_store", cfg.rollout.weight_bucket_mib << 20, cfg.rollout.timeout_s)
         object_store = [store.push() for _ in range(sync_repeats)]
@@ -124,6 +127,9 @@ def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
             "ratio_object_store_over_protocol": o / p, "ratio_per_tensor_over_protocol": n / p,
             "sync_share_of_step": p / step_s, "tensors": n_tensors, "parameters": n_params, "bytes": n_bytes,
             "backend": cfg.weight_transfer_backend, "bucket_mib": cfg.rollout.weight_bucket_mib,
+            # the protocol's phases (median): start and finish are RPCs to every engine's workers;
+            # update waits for the workers to load what the broadcast delivered
+            "protocol_phases_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]} if phases and phases[0] else {},
             "weights_in_sync_after": in_sync}
 
 
@@ -184,6 +190,9 @@ def markdown(res: dict, cmd: str) -> str:
                         f"{r['backend']} | {r['sync_protocol_s'] * 1e3:.0f} ms, {r['sync_share_of_step'] * 100:.1f}% of a {r['step_s']:.2f} s step "
                         f"| object store {r['sync_object_store_s'] * 1e3:.0f} ms; per-tensor calls {r['sync_per_tensor_s'] * 1e3:.0f} ms "
                         f"| {r['ratio_object_store_over_protocol']:.1f}x; {r['ratio_per_tensor_over_protocol']:.1f}x | `{cmd} --only sync` |")
+            if r.get("protocol_phases_s"):
+                rows.append(f"| protocol phases, {label} model | " + ", ".join(f"{k[:-2]} {v * 1e3:.0f} ms" for k, v in r["protocol_phases_s"].items())
+                            + " | | | |")
     if "sync" in res:
         sh = res["sync"]["share"]
         rows.append("| step time shares (tiny default) | " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in sh.items())

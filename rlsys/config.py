@@ -122,9 +122,16 @@ class LearnerConfig(_Section):
     clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above 1 (epsilon_high; DAPO raises it).")
     kl_coef: float = Field(0.01, ge=0, description="Weight of the k3 KL penalty to the reference policy (paper: 0.01).")
     freeze_vision: bool = Field(False, description="Keep the vision encoder fixed during GRPO; the projector and the LLM still learn.")
-    ref_colocated: bool = Field(True, description="Keep the frozen reference policy inside each learner rank (else its own actor).")
+    ref_colocated: bool = Field(True, description="Keep the frozen reference policy inside each learner rank. Only true is implemented (a separate reference actor group is not); false is refused.")
     timeout_s: float = Field(1800.0, gt=0, description="Limit for one learner call (update, save).")
     resources_per_rank: dict[str, float] = Field(default_factory=dict, description="Custom Ray node resources each learner bundle asks for, e.g. {learner_node: 1}.")
+
+    @model_validator(mode="after")
+    def _reference_in_rank(self):
+        if not self.ref_colocated:
+            raise ValueError("ref_colocated false is not implemented: the reference policy runs inside each learner "
+                             "rank (a separate reference actor group does not exist yet); set it true or kl_coef 0")
+        return self
 
 
 class TrackingConfig(_Section):
