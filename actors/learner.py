@@ -175,7 +175,7 @@ class LearnerWorker:
         self.engine.step()  # the one optimizer step of this GRPO step (the boundary was the last backward)
         self._cache.clear()
         out = {k: (v / max(n_tok, 1) if k != "loss" else v) for k, v in sums.items()}
-        out.update(tokens=n_tok, micro_batches=M, padded_micro_batches=M - need, learn_s=time.perf_counter() - t0,
+        out.update(tokens=n_tok, answers=len(items), micro_batches=M, padded_micro_batches=M - need, learn_s=time.perf_counter() - t0,
                    optimizer_steps=self.engine.global_steps,
                    grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
                    lr=self.engine.get_lr()[0] if self.engine.get_lr() else self.cfg["lr"])

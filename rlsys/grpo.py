@@ -255,6 +255,7 @@ class Trainer:
             "learner/clip_fraction": sum(m["clip_fraction"] * m["tokens"] for m in learn) / tokens,
             "learner/entropy": sum(m["entropy"] * m["tokens"] for m in learn) / tokens,
             "learner/loss": sum(m["loss"] for m in learn),
+            "learner/answers": sum(m["answers"] for m in learn),
             "learner/micro_batches_per_rank": learn[0]["micro_batches"],
             "learner/padded_micro_batches": sum(m["padded_micro_batches"] for m in learn),
             "throughput/generated_tokens_per_s": sum(lens) / max(times.get("generate", 1e-9), 1e-9),

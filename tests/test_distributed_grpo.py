@@ -4,8 +4,10 @@ ranks on one node, 2 vLLM engines and 3 reward workers on the other, learner ran
 driver's node. The real geometric scorer on the SFT'd tiny model's box answers, one engine killed
 mid-run, the weights moved by vLLM's weight-transfer protocol (rlsys_gloo) and checked at the end.
 
-The step's 3 prompts x 3 answers = 9 samples are shards of 5 and 4 with micro-batch 4 (2 and 1
-micro-batches): the configuration that hung before every rank ran the same number."""
+A step's 5 prompts x 3 answers = 15 samples are shards of 8 and 7 with micro-batch 7 (2 and 1
+micro-batches): uneven counts, which hung ZeRO-2 before every rank ran the same number. (The
+issue's 3 x 3 with micro-batch 4 is the same case; 15 groups a step instead of 3 make a step
+without any reward spread improbable: with 3 x 3, one run in two saw none in 3 steps.)"""
 
 import os
 import sys
@@ -42,8 +44,8 @@ def test_two_nodes_two_ranks_two_engines_three_reward_workers(cluster, sft_run, 
     cfg = load_config(overrides=[
         f"run.out_dir={tmp_path}", f"run.init_checkpoint={sft_out / 'final'}", "run.resume=false", "tracking.mode=disabled",
         "data.tasks=[referring,visual_prompt]", "data.synthetic_train_images=60",
-        "run.prompts_per_step=3", "rollout.samples_per_prompt=3", "rollout.max_new_tokens=32",
-        "learner.num_ranks=2", "learner.micro_batch_size=4", "learner.lr=5e-4", "learner.cpus_per_rank=0.5",
+        "run.prompts_per_step=5", "rollout.samples_per_prompt=3", "rollout.max_new_tokens=32",
+        "learner.num_ranks=2", "learner.micro_batch_size=7", "learner.lr=5e-4", "learner.cpus_per_rank=0.5",
         "learner.resources_per_rank={learner_node: 1}",
         "rollout.num_engines=2", "rollout.cpus_per_engine=0.5", "rollout.resources_per_engine={rollout_node: 1}",
         "reward.num_workers=3", "reward.cpus_per_worker=0.25", "reward.resources_per_worker={rollout_node: 1}",
@@ -57,20 +59,32 @@ def test_two_nodes_two_ranks_two_engines_three_reward_workers(cluster, sft_run, 
     assert set(engine_nodes) == {driver}
     assert t.weights.backend == "rlsys_gloo" and t.weights.connects == 1
 
+    from actors.group import micro_batch_plan
+
+    def check_plan(m):
+        # every rank ran the micro-batches of the larger shard; the smaller padded the difference
+        n = m["learner/answers"]  # non-empty answers (empty ones are not learnt from)
+        shards = [(n + 1) // 2, n // 2]
+        assert m["learner/micro_batches_per_rank"] == micro_batch_plan(shards, 7)
+        assert m["learner/padded_micro_batches"] == sum(micro_batch_plan(shards, 7) - -(-s // 7) for s in shards)
+
     m1 = t.step()
-    # shards of 5 and 4 answers: every rank ran 2 micro-batches, rank 1 one of them padded
-    assert m1["learner/micro_batches_per_rank"] == 2 and m1["learner/padded_micro_batches"] >= 1
+    check_plan(m1)
+    if m1["learner/answers"] == 15:  # shards of 8 and 7: 2 micro-batches each, rank 1 pads one
+        assert m1["learner/micro_batches_per_rank"] == 2 and m1["learner/padded_micro_batches"] == 1
 
     # kill engine 1 mid-run: step 2 restarts it, syncs it and retries its prompts only
     ray.kill(t.rollouts.engines[1], no_restart=True)
     m2 = t.step()
     assert t.rollouts.restarts == 1 and m2["rollout/engine_restarts"] == 1
-    # prompts 0 and 2 went to engine 0 and were kept; prompt 1 was engine 1's and retried
-    assert t.rollouts.retried == [(1, 1, [1])]
+    # prompts 0, 2, 4 went to engine 0 and were kept; prompts 1 and 3 were engine 1's and retried
+    assert t.rollouts.retried == [(1, 1, [1, 3])]
     assert t.weights.connects == 2  # the transfer group reopened with the new engine's worker
 
     m3 = t.step()
     steps = [m1, m2, m3]
+    for m in steps[1:]:
+        check_plan(m)
     # the real geometric scorer gave groups with reward spread: the update had signal
     assert any(m["groups/zero_std_fraction"] < 1.0 for m in steps), [m["groups/zero_std_fraction"] for m in steps]
     assert all(m["reward/failures"] == 0 for m in steps)
