@@ -82,6 +82,58 @@ def _check_phrase(phrase: str) -> None:
         raise ValueError(f"phrase {phrase!r} contains a coordinate token")
 
 
+# A token the tokenizer treats as added is refused in a phrase when it is markup, not text: every
+# special token, and every added token written as <...> (coordinate bins <0>..<999>, <tool_call>,
+# <|image_pad|>, a vocabulary's grid or index tokens). HF tokenizers cut added tokens out of the
+# text by exact match before BPE, so a phrase containing one would put that control token into
+# the prompt (a second image slot, a forged turn, an end of text). Text that only looks similar
+# (``< 5 >``, ``<|image pad|>``, ``<b>`` when no such token exists) matches nothing and passes.
+# An added token that is plain text (a word added to the vocabulary) stays allowed.
+_MARKUP = re.compile(r"^<.+>$", re.S)
+
+
+def control_tokens(tokenizer) -> frozenset[str]:
+    """The contents a phrase may not contain, read from ``tokenizer``: its special tokens and
+    its added tokens that are markup (see the rule above)."""
+    out = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        content = getattr(tok, "content", str(tok))
+        if getattr(tok, "special", False) or _MARKUP.match(content):
+            out.add(content)
+    return frozenset(t for t in out if t)
+
+
+def find_control_token(phrase: str, tokens: frozenset[str]) -> str | None:
+    """The first (leftmost, then longest) of ``tokens`` inside ``phrase``, or None."""
+    best = None
+    for t in tokens:
+        i = phrase.find(t)
+        if i >= 0 and (best is None or (i, -len(t)) < (best[0], -len(best[1]))):
+            best = (i, t)
+    return None if best is None else best[1]
+
+
+def check_phrase_tokens(phrase: str, tokens: frozenset[str], where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` and the token when ``phrase`` contains one of ``tokens``."""
+    tok = find_control_token(phrase, tokens)
+    if tok is not None:
+        raise ValueError(f"{where}: {phrase[:80]!r} contains the tokenizer's control token {tok} (phrases are plain text)")
+
+
+def check_sample_phrases(samples, tokenizer) -> None:
+    """Every phrase, instance phrase and keypoint name of ``samples`` is plain text for
+    ``tokenizer``; the first that is not raises, naming the record's source, id and field."""
+    tokens = control_tokens(tokenizer)
+    for s in samples:
+        where = f"{getattr(s, 'source', '<memory>')} (sample {s.id!r})"
+        for i, ph in enumerate(s.phrases):
+            check_phrase_tokens(ph, tokens, f"{where} field phrases[{i}]")
+        for i, inst in enumerate(s.instances):
+            check_phrase_tokens(inst.phrase, tokens, f"{where} field instances[{i}].phrase")
+            for name in (inst.keypoints or {}):
+                check_phrase_tokens(name, tokens, f"{where} field instances[{i}].keypoints name")
+
+
 def render_instance(bins) -> str:
     """``(12, 42, 512, 612)`` -> ``"<12><42><512><612>"`` (bins must be ints in 0..999)."""
     out = []

@@ -347,6 +347,9 @@ def run(cfg: GRPOConfig) -> dict:
                     "rewards stay near 0. Run SFT first (python -m rlsys.sft) and pass "
                     "run.init_checkpoint=runs/sft-tiny/final, or run the whole demo: python -m rlsys.demo")
     samples = prepare_data(cfg)
+    from rlsys.prepare import check_phrases
+
+    check_phrases(samples, model_dir, cfg.model.trust_remote_code)
     import ray
 
     if not ray.is_initialized():

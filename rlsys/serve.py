@@ -21,6 +21,7 @@ import base64
 import binascii
 import functools
 import io
+import logging
 import math
 import os
 import re
@@ -35,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rlsys.config import REPO_ROOT, ConfigError, describe, load_config
 
+log = logging.getLogger("rlsys.serve")
 DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "serve_tiny_cpu.yaml"
 
 
@@ -209,6 +211,8 @@ def parse_request(body: bytes) -> DetectRequest:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"malformed JSON body: {exc}") from None
+    except RecursionError:  # the parser recurses per nesting level ("[[[[..." a few thousand deep)
+        raise RequestError(400, "malformed JSON body: nested too deeply") from None
     if not isinstance(obj, dict):
         raise RequestError(422, f"the body must be a JSON object, got {type(obj).__name__}")
     try:
@@ -217,14 +221,18 @@ def parse_request(body: bytes) -> DetectRequest:
         raise RequestError(422, _pydantic_message(exc)) from None
 
 
-def _check_phrase(what: str, phrase: str, limits: LimitsConfig) -> str:
+def _check_phrase(what: str, phrase: str, limits: LimitsConfig, control: frozenset[str] = frozenset()) -> str:
     from rlsys.format import _check_phrase as check_output_phrase
+    from rlsys.format import find_control_token
 
     phrase = phrase.strip()
     if not phrase:
         raise RequestError(422, f"{what} is empty")
     if len(phrase) > limits.max_phrase_chars:
         raise RequestError(422, f"{what} has {len(phrase)} characters, over the limit of {limits.max_phrase_chars}")
+    tok = find_control_token(phrase, control)  # the checkpoint tokenizer's own control tokens
+    if tok is not None:
+        raise RequestError(422, f"{what} contains the tokenizer's control token {tok}: phrases are plain text")
     try:  # the output language's rules: no special or coordinate tokens smuggled into the prompt
         check_output_phrase(phrase)
     except ValueError as exc:
@@ -232,8 +240,10 @@ def _check_phrase(what: str, phrase: str, limits: LimitsConfig) -> str:
     return phrase
 
 
-def check_request(req: DetectRequest, limits: LimitsConfig) -> tuple[str, list[str]]:
-    """Task-specific rules that need no image. Returns ``(output, phrases)`` for the prompt."""
+def check_request(req: DetectRequest, limits: LimitsConfig, control: frozenset[str] = frozenset()) -> tuple[str, list[str]]:
+    """Task-specific rules that need no image. Returns ``(output, phrases)`` for the prompt.
+    ``control``: the tokenizer's control tokens (:func:`rlsys.format.control_tokens`), refused in
+    every phrase."""
     required, optional, outputs = TASK_RULES[req.task]
     given = {f for f in _TASK_FIELDS if getattr(req, f) is not None}
     if required and required not in given:
@@ -250,11 +260,11 @@ def check_request(req: DetectRequest, limits: LimitsConfig) -> tuple[str, list[s
             raise RequestError(422, "categories is empty")
         if len(req.categories) > limits.max_categories:
             raise RequestError(422, f"too many categories: {len(req.categories)}, the limit is {limits.max_categories}")
-        phrases = [_check_phrase(f"categories[{i}]", c, limits) for i, c in enumerate(req.categories)]
+        phrases = [_check_phrase(f"categories[{i}]", c, limits, control) for i, c in enumerate(req.categories)]
     if req.expression is not None:
-        phrases = [_check_phrase("expression", req.expression, limits)]
+        phrases = [_check_phrase("expression", req.expression, limits, control)]
     for i, k in enumerate(req.keypoint_names or ()):
-        _check_phrase(f"keypoint_names[{i}]", k, limits)
+        _check_phrase(f"keypoint_names[{i}]", k, limits, control)
     if req.prompt_boxes is not None:
         if not req.prompt_boxes:
             raise RequestError(422, "prompt_boxes is empty")
@@ -428,6 +438,9 @@ def _detector_class(max_concurrent_batches: int):
             self.model_dir = model_dir
             e, g = self.cfg.engine, self.cfg.generation
             self.processor = load_processor(model_dir, trust_remote_code=self.cfg.model.trust_remote_code)
+            from rlsys.format import control_tokens
+
+            self.control = control_tokens(self.processor.tokenizer)
             t0 = time.perf_counter()
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
                 model=model_dir, max_model_len=e.max_model_len_tokens, max_num_seqs=e.max_num_seqs,
@@ -476,13 +489,16 @@ def _detector_class(max_concurrent_batches: int):
             limits = self.cfg.limits
             try:
                 req = parse_request(await read_body(request, limits.max_request_bytes))
-                output, phrases = check_request(req, limits)
+                output, phrases = check_request(req, limits, self.control)
                 image = await asyncio.to_thread(load_image, req.image, limits)  # decode/fetch off the event loop
                 w, h = image.size
                 check_boxes_inside(req, w, h)
                 question = question_for(req, output, phrases, w, h)
             except RequestError as exc:
                 return error(exc.status, exc.message)
+            except Exception as exc:  # a request that broke a check instead of failing it: still the client's input
+                log.exception("request validation raised instead of refusing")
+                return error(400, f"the request could not be read: {type(exc).__name__}: {exc}")
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             prompt = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             try:
@@ -494,6 +510,9 @@ def _detector_class(max_concurrent_batches: int):
                     text = await self._generate(prompt, image)
             except VLLMClientError as exc:  # e.g. the prompt does not fit the context length
                 return error(422, f"the model cannot take this request: {exc}")
+            except Exception as exc:  # the engine itself failed: 503, and this replica goes on serving
+                log.exception("engine failed on a request")
+                return error(503, f"the engine failed on this request ({type(exc).__name__}: {exc}); try again")
             objects, unreadable = to_objects(text, req.task, w, h)
             return {"objects": objects, "raw": text, "image_size": [w, h],
                     "latency_ms": round((time.perf_counter() - t0) * 1000, 2), "unreadable": unreadable}

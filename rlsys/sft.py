@@ -159,6 +159,11 @@ def run(cfg: SFTConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(cfg.model, out, None)
     train_path = prepare_data_path(cfg.data, out)
+    from rlsys.data import load_dataset
+    from rlsys.prepare import check_phrases
+
+    # the workers read the file themselves; a phrase with a control token is refused here, before Ray starts
+    check_phrases(load_dataset(train_path), model_dir, cfg.model.trust_remote_code)
 
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
