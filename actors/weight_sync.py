@@ -61,7 +61,11 @@ def tensor_digest(t) -> tuple[int, float, float]:
 
 def params_checksum(named_params) -> dict:
     """Order-independent totals over ``(name, tensor)`` pairs plus a digest per name."""
-    per_name = {name: tensor_digest(t) for name, t in named_params}
+    return checksum_of({name: tensor_digest(t) for name, t in named_params})
+
+
+def checksum_of(per_name: dict) -> dict:
+    """The :func:`params_checksum` record of per-name digests already taken."""
     return {"numel": sum(v[0] for v in per_name.values()), "sum": sum(v[1] for v in per_name.values()),
             "sum_sq": sum(v[2] for v in per_name.values()), "per_name": per_name}
 
@@ -484,9 +488,7 @@ class VllmWorkerExtension:
         model._rlsys_tracked = True
 
     def _rlsys_commit_received(self) -> None:
-        per_name = dict(getattr(self, "_rlsys_pending", []))
-        self._rlsys_received = {"numel": sum(v[0] for v in per_name.values()), "sum": sum(v[1] for v in per_name.values()),
-                                "sum_sq": sum(v[2] for v in per_name.values()), "per_name": per_name}
+        self._rlsys_received = checksum_of(dict(getattr(self, "_rlsys_pending", [])))
         self._rlsys_pending = []
 
     def rlsys_load_weights_files(self, paths: list[str]) -> int:
