@@ -14,7 +14,7 @@ command that produced it.
 - distributed: step time with 1 vs 2 learner ranks and 1 vs 2 rollout engines, same batch;
 - step: share of step time in generate, reward, reference, learn, sync and idle;
 - scaling: step time as prompts per step doubles (2, 4, 8, 16);
-- serve: requests/s and p50/p99 latency with and without dynamic batching (``rlsys.bench_serve``).
+- serve: requests/s and p50/p99 latency at 1-64 clients against vLLM's offline ``LLM.generate`` on the same requests, and autoscaling (``rlsys.bench_serve``).
 """
 
 from __future__ import annotations
@@ -207,10 +207,10 @@ def markdown(res: dict, cmd: str) -> str:
         rows.append("| step time vs prompts per step | " + ", ".join(f"{k}: {v:.2f} s" for k, v in s.items())
                     + " | | x" + ", x".join(f"{g:.2f}" for g in res["scaling"]["growth_per_doubling"]) + f" per doubling | `{cmd} --only scaling` |")
     if "serve" in res and res["serve"] and "error" not in res["serve"]:
-        on, off, ratio = res["serve"]["on"], res["serve"]["off"], res["serve"]["ratio_on_off"]
-        rows.append(f"| serve, dynamic batching on ({res['serve']['concurrency']} concurrent clients) | {on['requests_per_s']} req/s, "
-                    f"p50 {on['p50_ms']} ms, p99 {on['p99_ms']} ms | off: {off['requests_per_s']} req/s, p50 {off['p50_ms']} ms, "
-                    f"p99 {off['p99_ms']} ms | {ratio['requests_per_s']}x req/s | `python -m rlsys.bench_serve` |")
+        off = res["serve"]["offline"]
+        for c, r in res["serve"]["served"].items():
+            rows.append(f"| serve, 1 replica, {c} concurrent clients | {r['requests_per_s']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms "
+                        f"| offline LLM.generate {off['requests_per_s']} req/s | {r['share_of_offline']:.2f} of offline | `python -m rlsys.bench_serve` |")
     elif "serve" in res:
         rows.append(f"| serve | failed: {str(res['serve'])[:200]} | | | `python -m rlsys.bench_serve` |")
     return "\n".join(rows)

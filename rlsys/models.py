@@ -42,6 +42,15 @@ QWEN_SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 
+# Qwen2.5-VL's tokenizer layout (GUIDE section 2): byte-level BPE ids 0..151642, then these 22
+# added tokens at 151643..151664 (True: a "special" token, skipped when detokenising with
+# skip_special_tokens), and embedding rows up to 151935 that no token uses.
+QWEN2_5_VL_BPE_ENTRIES = 151643
+QWEN2_5_VL_VOCAB_ROWS = 151936
+QWEN2_5_VL_ADDED_TOKENS = tuple((t, True) for t in QWEN_SPECIAL_TOKENS) + tuple((t, False) for t in (
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>"))
+
 # Written here (not copied): the Qwen2.5-VL conversation layout, so our prompts tokenise the way
 # the real model was trained to read them. Images become <|vision_start|><|image_pad|><|vision_end|>,
 # which the processor expands to one pad token per merged vision patch.
@@ -65,8 +74,14 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of the tiny model. head_dim = hidden_size / num_heads must be 64: vLLM's CPU
-    attention rejects smaller heads (GUIDE section 2)."""
+    """Sizes of a built random-weight model. head_dim = hidden_size / num_heads must be at least
+    64: vLLM's CPU attention rejects smaller heads (GUIDE section 2).
+
+    ``tokenizer_layout="tiny"``: a small BPE trained here with Qwen's special tokens and the
+    coordinate tokens after it. ``"qwen2_5_vl"``: Qwen2.5-VL's real id layout (151,643 BPE
+    entries, its 22 added tokens at their ids, ``vocab_rows`` embedding rows) and no coordinate
+    tokens, as a base checkpoint has none: :func:`prepare_checkpoint` adds or maps them.
+    """
 
     hidden_size: int = 128
     num_layers: int = 2
@@ -86,7 +101,20 @@ class TinySpec:
     # Qwen2.5-VL-3B ties lm_head to the input embedding (7B does not); a tied tiny model checks
     # that weight sync and checkpoints handle one tensor under two names
     tie_word_embeddings: bool = False
+    tokenizer_layout: str = "tiny"
+    vocab_rows: int | None = None  # None: the tokenizer's length rounded up to 64
     seed: int = 0
+
+
+def qwen2_5_vl_3b_shaped(num_layers: int = 2, vision_depth: int = 2, **kw) -> TinySpec:
+    """Qwen2.5-VL-3B-Instruct's shapes (GUIDE section 2: LLM 2048 wide, 16 heads, 2 KV heads,
+    MLP 11008, 151,936 vocabulary rows, tied embeddings; vision 1280 wide, 16 heads, MLP 3420,
+    window attention with the last block full, merger to 2048) and its tokenizer layout, with
+    the layer counts cut (36 and 32 in the real model) so it trains on a CPU."""
+    return TinySpec(hidden_size=2048, num_layers=num_layers, num_heads=16, num_kv_heads=2, intermediate_size=11008,
+                    vision_hidden_size=1280, vision_depth=vision_depth, vision_heads=16, vision_intermediate_size=3420,
+                    tie_word_embeddings=True, tokenizer_layout="qwen2_5_vl", vocab_rows=QWEN2_5_VL_VOCAB_ROWS,
+                    max_position_embeddings=128000, **kw)
 
 
 def _training_corpus() -> list[str]:
@@ -129,6 +157,55 @@ def build_tokenizer(spec: TinySpec):
     return fast
 
 
+def build_qwen_layout_tokenizer(spec: TinySpec):
+    """A byte-level BPE with Qwen2.5-VL's id layout: exactly 151,643 BPE entries (the 256 byte
+    symbols, the merges learnt here on the prompt corpus, then filler merges of byte pairs and
+    triples up to the count, so the highest ids are real merges as in Qwen's vocabulary), then
+    Qwen's 22 added tokens at 151643..151664 with their special flags. No coordinate tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_training_corpus(), trainer=trainers.BpeTrainer(
+        vocab_size=spec.bpe_vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tj = json.loads(tok.to_str())
+    vocab, merges = tj["model"]["vocab"], [list(m.split(" ", 1)) if isinstance(m, str) else list(m) for m in tj["model"]["merges"]]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+
+    def fillers():
+        pairs = [(a, b) for a in alphabet for b in alphabet]
+        yield from pairs
+        for a, b in pairs:
+            for c in alphabet:
+                yield a + b, c
+
+    for a, b in fillers():
+        if len(vocab) >= QWEN2_5_VL_BPE_ENTRIES:
+            break
+        if a + b not in vocab and a in vocab and b in vocab:
+            vocab[a + b] = len(vocab)
+            merges.append([a, b])
+    if len(vocab) != QWEN2_5_VL_BPE_ENTRIES or sorted(vocab.values()) != list(range(QWEN2_5_VL_BPE_ENTRIES)):
+        raise AssertionError(f"built {len(vocab)} BPE entries with gaps; expected ids 0..{QWEN2_5_VL_BPE_ENTRIES - 1}")
+    tj["model"]["merges"] = merges
+    tok = Tokenizer.from_str(json.dumps(tj))
+    for content, special in QWEN2_5_VL_ADDED_TOKENS:
+        at = AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special)
+        (tok.add_special_tokens if special else tok.add_tokens)([at])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, model_max_length=spec.max_position_embeddings)
+    # as Qwen's tokenizer_config lists them (they exist already: no id moves)
+    fast.add_special_tokens({"additional_special_tokens": [t for t, sp in QWEN2_5_VL_ADDED_TOKENS if sp and t != "<|endoftext|>"]})
+    want = {t: QWEN2_5_VL_BPE_ENTRIES + k for k, (t, _) in enumerate(QWEN2_5_VL_ADDED_TOKENS)}
+    got = {t: fast.convert_tokens_to_ids(t) for t in want}
+    if got != want:
+        raise AssertionError(f"added tokens landed at other ids than Qwen2.5-VL's: {got}")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
 def build_tiny_model(out_dir, spec: TinySpec = TinySpec(), *, overwrite: bool = False) -> Path:
     """Write a random-weight Qwen2.5-VL directory to ``out_dir`` and return its path.
 
@@ -149,13 +226,16 @@ def build_tiny_model(out_dir, spec: TinySpec = TinySpec(), *, overwrite: bool = 
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
         shutil.rmtree(out)
-    if spec.hidden_size // spec.num_heads != 64:
-        raise ValueError(f"head_dim must be 64 for vLLM's CPU attention, got {spec.hidden_size // spec.num_heads}")
+    if spec.hidden_size % spec.num_heads or spec.hidden_size // spec.num_heads < 64:
+        raise ValueError(f"head_dim must be at least 64 for vLLM's CPU attention, got {spec.hidden_size / spec.num_heads:g}")
+    if spec.tokenizer_layout not in ("tiny", "qwen2_5_vl"):
+        raise ValueError(f"tokenizer_layout must be 'tiny' or 'qwen2_5_vl', got {spec.tokenizer_layout!r}")
 
-    tokenizer = build_tokenizer(spec)
+    tokenizer = build_tokenizer(spec) if spec.tokenizer_layout == "tiny" else build_qwen_layout_tokenizer(spec)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    vocab_size = len(tokenizer)
-    vocab_size = (vocab_size + 63) // 64 * 64  # padded, as real checkpoints are
+    vocab_size = spec.vocab_rows or (len(tokenizer) + 63) // 64 * 64  # padded, as real checkpoints are
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_rows {vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     head_dim = spec.hidden_size // spec.num_heads
     # M-RoPE splits head_dim/2 rotary frequencies over (time, height, width); Qwen2.5-VL uses
     # [16, 24, 24] for head_dim 128, scaled here to 64.
@@ -186,6 +266,7 @@ def build_tiny_model(out_dir, spec: TinySpec = TinySpec(), *, overwrite: bool = 
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
+            tokens_per_second=2,
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -250,9 +331,9 @@ def prepare_checkpoint(src, dst, mode: str = "add") -> Path:
 
     ``mode="add"`` appends ``<0>``..``<999>`` to the vocabulary and grows the embedding and
     output matrices (new rows initialised to the mean of the existing ones).
-    ``mode="map_last"`` reuses the last 1,000 rows of the existing embedding, as Rex-Omni did
-    (section 2.4): no parameters are added; the BPE entries at those ids, if any, are removed
-    from the tokenizer so each id has one meaning.
+    ``mode="map_last"`` reuses 1,000 rows of the existing embedding, as Rex-Omni did (section
+    2.4): the highest rows that hold no added token (:func:`map_last_ids`). No parameters are
+    added; the BPE entries at those ids are removed from the tokenizer so each id has one meaning.
     A checkpoint whose tokenizer already has the tokens (Rex-Omni) is copied unchanged.
     """
     import torch
@@ -281,60 +362,74 @@ def prepare_checkpoint(src, dst, mode: str = "add") -> Path:
         model.save_pretrained(dst, safe_serialization=True)
         processor.save_pretrained(dst)
         return dst
-    # map_last: rewrite tokenizer.json so ids V-1000..V-1 are the coordinate tokens.
+    # map_last: rewrite tokenizer.json so the chosen rows are the coordinate tokens.
     vocab_rows = AutoConfig.from_pretrained(src).get_text_config().vocab_size
     for f in src.iterdir():
         if f.is_file():
             shutil.copy2(f, dst / f.name)
     tj = json.loads((src / "tokenizer.json").read_text())
-    _map_last_rows(tj, vocab_rows)
+    ids = _map_last_rows(tj, vocab_rows)
     (dst / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
-    for name in ("tokenizer_config.json",):
-        p = dst / name
-        if p.is_file():
-            cfg = json.loads(p.read_text())
-            decoder = cfg.get("added_tokens_decoder", {})
-            for k in list(decoder):
-                if int(k) >= vocab_rows - NUM_BINS:
-                    del decoder[k]
-            for k, t in enumerate(COORD_TOKENS):
-                decoder[str(vocab_rows - NUM_BINS + k)] = {
-                    "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                    "single_word": False, "special": False,
-                }
-            p.write_text(json.dumps(cfg, ensure_ascii=False, indent=2))
+    p = dst / "tokenizer_config.json"
+    if p.is_file():
+        cfg = json.loads(p.read_text())
+        decoder = cfg.setdefault("added_tokens_decoder", {})
+        for k, t in zip(ids, COORD_TOKENS):
+            decoder[str(k)] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                               "single_word": False, "special": False}
+        p.write_text(json.dumps(cfg, ensure_ascii=False, indent=2))
     return dst
 
 
-def _map_last_rows(tj: dict, vocab_rows: int) -> None:
-    """Edit a tokenizers JSON in place: coordinate token k gets id ``vocab_rows - 1000 + k``."""
-    first = vocab_rows - NUM_BINS
-    taken = {t["id"]: t for t in tj.get("added_tokens", [])}
-    clash = [t["content"] for i, t in taken.items() if i >= first and t.get("special")]
-    if clash:
-        raise ValueError(f"cannot map coordinate tokens onto ids {first}..{vocab_rows - 1}: special tokens {clash[:3]} live there")
+def map_last_ids(added_ids, vocab_rows: int) -> list[int]:
+    """The embedding rows ``map_last`` gives ``<0>``..``<999>``, ascending: the 1,000 highest
+    rows ``< vocab_rows`` that hold no added token (special or not).
+
+    On Qwen2.5-VL (BPE 0..151642, 22 added tokens at 151643..151664, 151,936 rows) these are the
+    271 unused rows 151665..151935 and the 729 highest BPE rows 150914..151642, so ``<0>`` is
+    row 150914 and ``<999>`` row 151935; the added tokens keep their ids. On a vocabulary whose
+    added tokens sit below the last 1,000 rows this is Rex-Omni's rule: rows V-1000..V-1.
+    """
+    taken = set(added_ids)
+    out = []
+    for i in range(vocab_rows - 1, -1, -1):
+        if i not in taken:
+            out.append(i)
+            if len(out) == NUM_BINS:
+                return out[::-1]
+    raise ValueError(f"a vocabulary of {vocab_rows} rows with {len(taken)} added tokens has fewer than {NUM_BINS} rows for the coordinate tokens")
+
+
+def _map_last_rows(tj: dict, vocab_rows: int) -> list[int]:
+    """Edit a tokenizers JSON in place so coordinate token k has id ``map_last_ids(...)[k]``;
+    returns those ids. The BPE entries at those rows are removed, with every merge that makes
+    or uses them, so each id has one meaning and the BPE never produces a coordinate token."""
+    added = tj.get("added_tokens", [])
+    ids = map_last_ids([t["id"] for t in added], vocab_rows)
+    chosen = set(ids)
     vocab = tj["model"]["vocab"]
-    dropped = {tok for tok, i in vocab.items() if i >= first}
+    dropped = {tok for tok, i in vocab.items() if i in chosen}
     for tok in dropped:
         del vocab[tok]
     if dropped and isinstance(tj["model"].get("merges"), list):
-        def merged(m):
+        def parts(m):
             a, b = m.split(" ", 1) if isinstance(m, str) else m
-            return a + b
-        tj["model"]["merges"] = [m for m in tj["model"]["merges"] if merged(m) not in dropped]
-    tj["added_tokens"] = [t for t in tj.get("added_tokens", []) if t["id"] < first]
-    for k, t in enumerate(COORD_TOKENS):
-        tj["added_tokens"].append({
-            "id": first + k, "content": t, "single_word": False, "lstrip": False,
-            "rstrip": False, "normalized": False, "special": False,
-        })
+            return a, b, a + b
+
+        tj["model"]["merges"] = [m for m in tj["model"]["merges"] if not dropped.intersection(parts(m))]
+    for k, t in zip(ids, COORD_TOKENS):
+        added.append({"id": k, "content": t, "single_word": False, "lstrip": False,
+                      "rstrip": False, "normalized": False, "special": False})
+    tj["added_tokens"] = sorted(added, key=lambda t: t["id"])
     # The tokenizers library ignores the ids stored with added tokens and numbers them after the
     # model vocabulary, unless the model vocabulary already holds the token: then it keeps that
     # id. So every added token (special ones included, whose ids must not move) is also entered
     # in the BPE vocabulary at its id. BPE never produces them itself (no merge leads to them).
     for t in tj["added_tokens"]:
         vocab[t["content"]] = t["id"]
-    log.info("mapped coordinate tokens onto ids %d..%d (%d BPE entries removed)", first, vocab_rows - 1, len(dropped))
+    log.info("mapped coordinate tokens onto rows %d..%d (%d BPE entries removed; added tokens kept at their ids)",
+             ids[0], ids[-1], len(dropped))
+    return ids
 
 
 def param_part(name: str) -> str:

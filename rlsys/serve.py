@@ -430,6 +430,7 @@ def _detector_class(max_concurrent_batches: int):
             # vLLM's engine core is a child process; fork inside a Ray worker is unsafe
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
             from vllm import AsyncEngineArgs, SamplingParams
+            from vllm.sampling_params import RequestOutputKind
             from vllm.v1.engine.async_llm import AsyncLLM
 
             from rlsys.models import load_processor
@@ -448,9 +449,11 @@ def _detector_class(max_concurrent_batches: int):
                 dtype=self.cfg.model.dtype, limit_mm_per_prompt={"image": 1, "video": 0},
                 trust_remote_code=self.cfg.model.trust_remote_code))
             self.engine_start_s = time.perf_counter() - t0
-            # special tokens kept: the output language is made of them
+            # special tokens kept: the output language is made of them. FINAL_ONLY: the answer is
+            # returned whole, so the engine need not wake this coroutine (and build a cumulative
+            # output) at every token of every request in the batch
             self.sampling = SamplingParams(max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                                           skip_special_tokens=False)
+                                           skip_special_tokens=False, output_kind=RequestOutputKind.FINAL_ONLY)
             b = self.cfg.batching
             self._generate_batch.set_max_batch_size(b.max_batch_size)
             self._generate_batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s)

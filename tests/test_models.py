@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlsys.coords import COORD_TOKENS
-from rlsys.models import QWEN_SPECIAL_TOKENS, coordinate_token_ids, load_model, load_processor, prepare_checkpoint
+from rlsys.models import QWEN_SPECIAL_TOKENS, coordinate_token_ids, load_model, load_processor, map_last_ids, prepare_checkpoint
 
 
 def _inputs(proc, image_path, question="Detect circle."):
@@ -146,3 +146,69 @@ def test_param_part_sorts_qwen2_5_vl_parameter_names():
     assert param_part("model.language_model.layers.0.mlp.up_proj.weight") == "llm"
     assert param_part("model.layers.1.self_attn.q_proj.bias") == "llm"
     assert param_part("lm_head.weight") == "llm"
+
+
+@pytest.fixture(scope="module")
+def qwen_layout_base(tmp_path_factory):
+    """A base checkpoint with Qwen2.5-VL's real tokenizer layout and vocabulary rows (151,643 BPE
+    entries, its 22 added tokens at 151643..151664, 151,936 rows) at the tiny model's widths."""
+    from rlsys.models import QWEN2_5_VL_VOCAB_ROWS, TinySpec, build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("qwen-layout") / "base",
+                            TinySpec(tokenizer_layout="qwen2_5_vl", vocab_rows=QWEN2_5_VL_VOCAB_ROWS))
+
+
+def test_qwen_layout_tokenizer_has_the_real_ids(qwen_layout_base):
+    from transformers import AutoTokenizer
+
+    from rlsys.models import QWEN2_5_VL_ADDED_TOKENS
+
+    tok = AutoTokenizer.from_pretrained(qwen_layout_base)
+    assert len(tok) == 151643 + 22
+    assert [tok.convert_tokens_to_ids(t) for t, _ in QWEN2_5_VL_ADDED_TOKENS] == list(range(151643, 151665))
+    assert tok.convert_ids_to_tokens(151642) is not None and not tok.convert_ids_to_tokens(151642).startswith("<|")
+    special = {t for t, sp in QWEN2_5_VL_ADDED_TOKENS if sp}
+    assert set(tok.all_special_tokens) >= special and "<tool_call>" not in tok.all_special_tokens
+    assert json.loads((qwen_layout_base / "config.json").read_text())["text_config"]["vocab_size"] == 151936
+    with pytest.raises(ValueError, match="lacks 1000 coordinate tokens"):
+        load_processor(qwen_layout_base)
+
+
+def test_map_last_on_qwen_layout_skips_the_added_tokens(qwen_layout_base, tmp_path):
+    """Today's Qwen2.5-VL layout puts 22 added tokens inside the last 1,000 rows: map_last takes
+    the 1,000 highest rows that hold none (the 271 unused rows and the 729 highest BPE rows)."""
+    from rlsys.models import QWEN2_5_VL_ADDED_TOKENS
+
+    before = {t: i for i, (t, _) in enumerate(QWEN2_5_VL_ADDED_TOKENS, start=151643)}
+    tj = json.loads((qwen_layout_base / "tokenizer.json").read_text())
+    id_to_bpe = {i: t for t, i in tj["model"]["vocab"].items()}
+    out = prepare_checkpoint(qwen_layout_base, tmp_path / "mapped", mode="map_last")
+    tok = load_processor(out).tokenizer
+    ids = coordinate_token_ids(tok)
+    assert ids == list(range(150914, 151643)) + list(range(151665, 151936))
+    assert ids == map_last_ids(before.values(), 151936)
+    # every added token keeps its id, special or not
+    assert {t: tok.convert_tokens_to_ids(t) for t in before} == before
+    assert len(tok) == 151936  # every row holds one token now; the 729 highest BPE rows became coordinates
+    # coordinates encode to one id each and decode back, in the middle of text and specials
+    text = "<|box_start|><5><999><0><|box_end|>"
+    enc = tok(text, add_special_tokens=False)["input_ids"]
+    assert enc == [151648, ids[5], ids[999], ids[0], 151649]
+    assert tok.decode(enc) == text
+    # the BPE entries that gave their rows no longer come out of the BPE: their text still
+    # tokenises (into smaller pieces) and decodes back, with no coordinate id among its tokens
+    for old_id in (150914, 151000, 151642):
+        piece = tok.convert_tokens_to_string([id_to_bpe[old_id]])
+        enc = tok(piece, add_special_tokens=False)["input_ids"]
+        assert not set(enc) & set(ids) and tok.decode(enc) == piece, (old_id, piece, enc)
+    # the checkpoint's shapes are unchanged
+    assert load_model(out).get_input_embeddings().weight.shape[0] == 151936
+
+
+def test_map_last_ids_rule():
+    # added tokens below the last 1,000 rows: Rex-Omni's rows V-1000..V-1
+    assert map_last_ids([0, 1, 5], 2000) == list(range(1000, 2000))
+    # added tokens inside: skipped, the rule reaches lower
+    assert map_last_ids([1999, 1500], 2000) == list(range(998, 1500)) + list(range(1501, 1999))
+    with pytest.raises(ValueError, match="fewer than 1000 rows"):
+        map_last_ids(range(100), 1050)
