@@ -20,7 +20,8 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 @ray.remote
 class RolloutWorker:
     def __init__(self, model_dir: str, *, max_model_len: int, gpu_memory_utilization: float,
-                 enforce_eager: bool, seed: int, dtype: str = "float32", weight_transfer: str = "rlsys_gloo"):
+                 enforce_eager: bool, seed: int, dtype: str = "float32", weight_transfer: str = "rlsys_gloo",
+                 pixels: dict | None = None):
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         from vllm import LLM
 
@@ -39,6 +40,8 @@ class RolloutWorker:
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
             limit_mm_per_prompt={"image": 1, "video": 0},
+            # the config's pixel budget, as the learner's processor uses it
+            mm_processor_kwargs=pixels or None,
             seed=seed,
             # the learner's dtype: after a sync the engine's weights equal the learner's bit for bit
             dtype=dtype,
@@ -67,10 +70,11 @@ class RolloutWorker:
 
     def generate(self, requests: list[dict], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int, min_new_tokens: int = 0) -> list[list[dict]]:
-        """``requests``: ``{"prompt": chat text, "image": path}``; returns per request ``n`` answers."""
+        """``requests``: ``{"prompt": chat text, "image": path}``; returns per request ``n`` answers,
+        or ``{"refused": reason}`` for a request the engine would not take (the others still run)."""
         from PIL import Image
         from vllm import SamplingParams
-
+        from vllm.exceptions import VLLMClientError
         from vllm.platforms import current_platform
 
         # A per-request seed makes vLLM keep a torch.Generator per request and rewind its offset
@@ -85,9 +89,27 @@ class RolloutWorker:
         for r in requests:
             with Image.open(r["image"]) as im:
                 inputs.append({"prompt": r["prompt"], "multi_modal_data": {"image": im.convert("RGB")}})
-        outs = self.llm.generate(inputs, sp, use_tqdm=False)
+        refused: dict[int, str] = {}
+        try:
+            outs = self.llm.generate(inputs, sp, use_tqdm=False)
+        except (ValueError, VLLMClientError) as exc:
+            # vLLM refused a request before running the batch (longer than the context, say):
+            # that request fails, not the engine. Find which ones, then run the others.
+            log.warning("the engine refused a request of this batch (%s); checking them one by one", exc)
+            probe = SamplingParams(n=1, max_tokens=1, logit_bias=self.banned or None)
+            for k, inp in enumerate(inputs):
+                try:
+                    self.llm.generate([inp], probe, use_tqdm=False)
+                except (ValueError, VLLMClientError) as e:
+                    refused[k] = f"{type(e).__name__}: {e}"
+            ok = [k for k in range(len(inputs)) if k not in refused]
+            got = iter(self.llm.generate([inputs[k] for k in ok], sp, use_tqdm=False) if ok else [])
+            outs = [None if k in refused else next(got) for k in range(len(inputs))]
         result = []
-        for o in outs:
+        for k, o in enumerate(outs):
+            if o is None:
+                result.append({"refused": refused[k]})
+                continue
             answers = []
             for c in o.outputs:
                 lps = [d[t].logprob if d and t in d else float("nan") for t, d in zip(c.token_ids, c.logprobs or [])]
@@ -203,7 +225,7 @@ class RolloutGroup:
                                      scheduling_strategy=in_bundle(self.pg, i)).remote(
             self.model_dir, max_model_len=ro.max_model_len_tokens, gpu_memory_utilization=ro.gpu_memory_utilization,
             enforce_eager=ro.enforce_eager, seed=self.cfg.run.seed + i, dtype=self.cfg.model.dtype,
-            weight_transfer=self.cfg.weight_transfer_backend)
+            weight_transfer=self.cfg.weight_transfer_backend, pixels=self.cfg.model.pixel_budget())
 
     def ready_refs(self) -> list:
         return [e.ready.remote() for e in self.engines]

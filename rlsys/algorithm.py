@@ -39,12 +39,17 @@ __all__ = [
 # ----------------------------------------------------------------------------- group statistics
 
 
-def _grouped(rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Validate ``rewards`` ``[B]`` and return ``(r [G, n], mean [G, 1], std [G, 1])``.
+def _grouped(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Validate ``rewards`` ``[B]`` and return ``(r [n, G], mean [n, 1], std [n, 1], valid [n, G])``.
 
     ``std`` is ``torch.std`` (unbiased), except that a group whose rewards are all equal gets
     exactly 0: the float mean of equal values can differ from them by an ulp, which would leave
     a tiny non-zero std and let such a group slip past a ``std > 0`` filter.
+
+    ``valid`` ``[B]`` (bool, default all True) leaves samples out of their group's statistics:
+    a sample whose reward could not be computed (the scorer failed twice) would otherwise
+    enter the mean and std as a 0 and shift every advantage of its group. The mean and std
+    are then over the valid members only (std 0 with fewer than 2 of them).
     """
     if not isinstance(rewards, Tensor):
         raise ValueError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
@@ -61,40 +66,58 @@ def _grouped(rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(
             f"number of rewards ({rewards.numel()}) is not divisible by group_size ({group_size})"
         )
+    if valid is None:
+        valid = torch.ones(rewards.shape, dtype=torch.bool)
+    elif valid.shape != rewards.shape:
+        raise ValueError(f"valid must have the rewards' shape {tuple(rewards.shape)}, got {tuple(valid.shape)}")
+    v = valid.bool().reshape(-1, group_size)
     r = rewards if rewards.is_floating_point() else rewards.float()
+    # an invalid sample's reward is never read (it may be anything, nan included)
+    r = torch.where(valid.bool(), r, torch.zeros_like(r))
     if not bool(torch.isfinite(r).all()):
         # One nan reward would silently poison its whole group's advantages.
         raise ValueError("rewards must be finite (got nan or inf)")
     r = r.reshape(-1, group_size)
-    mean = r.mean(dim=1, keepdim=True)
-    std = r.std(dim=1, keepdim=True)  # correction=1
-    constant = (r == r[:, :1]).all(dim=1, keepdim=True)
+    if bool(v.all()):
+        mean = r.mean(dim=1, keepdim=True)
+        std = r.std(dim=1, keepdim=True)  # correction=1
+        constant = (r == r[:, :1]).all(dim=1, keepdim=True)
+    else:
+        n = v.sum(dim=1, keepdim=True)
+        mean = torch.where(v, r, 0.0).sum(dim=1, keepdim=True) / n.clamp(min=1)
+        var = torch.where(v, (r - mean) ** 2, 0.0).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+        std = var.sqrt()
+        # equal valid rewards (or fewer than 2): exactly 0, as above
+        first = torch.where(v, r, float("inf")).min(dim=1, keepdim=True).values
+        constant = (torch.where(v, r == first, True)).all(dim=1, keepdim=True) | (n < 2)
     std = torch.where(constant, torch.zeros_like(std), std)
-    return r, mean, std
+    return r, mean, std, v
 
 
-def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, valid: Tensor | None = None) -> Tensor:
     """GRPO advantages ``(r - group mean) / (group std + eps)``, shape ``[B]``.
 
     ``rewards`` ``[B]``: consecutive groups of ``group_size`` samples of one prompt. The std is
     unbiased (``torch.std``, correction=1), as in DeepSeekMath's GRPO. ``eps`` only guards the
     division for near-constant groups; a group whose rewards are all equal gets advantage
     exactly 0 (not ``0 / eps`` noise), so it contributes no policy gradient, only KL.
+    ``valid`` (see :func:`_grouped`): invalid samples get advantage 0 and are not in the group
+    statistics; the caller also leaves them out of the loss.
     """
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    r, mean, std = _grouped(rewards, group_size)
-    adv = torch.where(std > 0, (r - mean) / (std + eps), torch.zeros_like(r))
+    r, mean, std, v = _grouped(rewards, group_size, valid)
+    adv = torch.where((std > 0) & v, (r - mean) / (std + eps), torch.zeros_like(r))
     return adv.reshape(-1)
 
 
-def group_reward_std(rewards: Tensor, group_size: int) -> Tensor:
+def group_reward_std(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
     """Unbiased std of each group's rewards, shape ``[num_groups]``; exactly 0 for equal rewards.
 
     This is the quantity dynamic sampling looks at: a group's policy gradient is proportional
     to its spread, not its level.
     """
-    return _grouped(rewards, group_size)[2].reshape(-1)
+    return _grouped(rewards, group_size, valid)[2].reshape(-1)
 
 
 def zero_std_groups_mask(rewards: Tensor, group_size: int, tol: float = 0.0) -> Tensor:

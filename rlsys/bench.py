@@ -209,8 +209,10 @@ def markdown(res: dict, cmd: str) -> str:
     if "serve" in res and res["serve"] and "error" not in res["serve"]:
         off = res["serve"]["offline"]
         for c, r in res["serve"]["served"].items():
+            same = off["at_concurrency"][str(c)]["requests_per_s"]
             rows.append(f"| serve, 1 replica, {c} concurrent clients | {r['requests_per_s']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms "
-                        f"| offline LLM.generate {off['requests_per_s']} req/s | {r['share_of_offline']:.2f} of offline | `python -m rlsys.bench_serve` |")
+                        f"| offline LLM.generate, {c} at a time: {same} req/s | {r['share_of_offline_same_concurrency']:.2f} of offline "
+                        f"| `python -m rlsys.bench_serve` |")
     elif "serve" in res:
         rows.append(f"| serve | failed: {str(res['serve'])[:200]} | | | `python -m rlsys.bench_serve` |")
     return "\n".join(rows)

@@ -124,19 +124,21 @@ def offline_rate(cfg, model_dir: str, n_at: dict[int, int]) -> dict:
     from vllm import LLM, SamplingParams
 
     from rlsys.models import load_processor
+    from rlsys.prompts import chat_prompt
     from rlsys.serve import DetectRequest, check_request, question_for
 
     e, g = cfg.engine, cfg.generation
-    processor = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    pixels = cfg.model.pixel_budget()  # the server's budget, so both paths see the same image tokens
+    processor = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=pixels)
     image = Image.open(io.BytesIO(_image_png())).convert("RGB")
     req = DetectRequest(image="", task="detection", categories=CATEGORIES)
     output, phrases = check_request(req, cfg.limits)
     question = question_for(req, output, phrases, *image.size)
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    prompt = chat_prompt(processor, question)
     llm = LLM(model=model_dir, max_model_len=e.max_model_len_tokens, max_num_seqs=e.max_num_seqs,
               gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager, seed=e.seed,
-              dtype=cfg.model.dtype, limit_mm_per_prompt={"image": 1, "video": 0}, trust_remote_code=cfg.model.trust_remote_code)
+              dtype=cfg.model.dtype, limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_kwargs=pixels or None,
+              trust_remote_code=cfg.model.trust_remote_code)
     sp = SamplingParams(max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, skip_special_tokens=False)
 
     def run(n: int, chunk: int) -> tuple[float, int]:
@@ -243,11 +245,19 @@ def main(argv=None) -> int:
     from rlsys.serve import build_app
 
     image = _image_png()
-    port = _free_port()
     ray.init(address=a.address, include_dashboard=False, log_to_driver=False)
     served, scaling = {}, None
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for attempt in range(3):  # a free port can be taken between the probe and the proxy's bind
+            port = _free_port()
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                break
+            except Exception as exc:  # noqa: BLE001 - ray wraps the bind error in its own types
+                if attempt == 2 or "bind" not in str(exc):
+                    raise
+                print(f"port {port} taken ({exc.__class__.__name__}); trying another", file=sys.stderr, flush=True)
+                serve.shutdown()
         cfg = base.model_copy(deep=True)
         cfg.deployment.name = "bench-serve"
         cfg.deployment.min_replicas = cfg.deployment.max_replicas = 1

@@ -34,6 +34,20 @@ def _zero_stage_supported(stage: int) -> int:
 
 ZeroStage = Annotated[int, AfterValidator(_zero_stage_supported)]
 
+# The one pixel budget of a config (GRPO's and SFT's model section, Serve's): the image
+# processor resizes every image into [min_pixels, max_pixels] (Qwen2.5-VL: one image token per
+# 28 x 28 px), and SFT, the learner, the vLLM engines and Serve all use the same budget, so
+# the image tokens the engine saw are the ones the learner scores.
+MinPixels = Annotated[int | None, Field(ge=28 * 28, description="Smallest image area after resizing, in pixels (28 x 28 px per image token). None: the checkpoint's processor setting (Qwen2.5-VL: 3,136).")]
+MaxPixels = Annotated[int | None, Field(ge=28 * 28, description="Largest image area after resizing, in pixels: caps an image at max_pixels / 784 tokens (Rex-Omni: 2,560 tokens = 2,007,040 px). None: the checkpoint's processor setting (Qwen2.5-VL: 12,845,056, i.e. 16,384 tokens).")]
+
+
+def pixel_budget(min_pixels: int | None, max_pixels: int | None) -> dict:
+    """The processor keyword arguments (and vLLM ``mm_processor_kwargs``) of a pixel budget."""
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ValueError(f"min_pixels ({min_pixels}) exceeds max_pixels ({max_pixels})")
+    return {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -51,16 +65,27 @@ class ModelConfig(_Section):
     tiny_vision_depth: int = Field(2, ge=1, le=64, description="Tiny model: vision encoder layers.")
     tiny_tie_word_embeddings: bool = Field(False, description="Tiny model: tie the output projection to the input embedding, as Qwen2.5-VL-3B does.")
     tiny_max_pixels: int = Field(224 * 224, ge=56 * 56, description="Tiny model's image processor budget in pixels (28 x 28 px per image token).")
+    tiny_shape: Literal["tiny", "qwen2_5_vl_3b"] = Field("tiny", description="Built model (path None): tiny (the tiny_* widths) or qwen2_5_vl_3b (Qwen2.5-VL-3B's real widths, 151,936-row vocabulary, tied embeddings and tokenizer id layout, with tiny_num_layers LLM layers and tiny_vision_depth vision blocks; its coordinate tokens come from coord_tokens, as for a real base checkpoint).")
+    min_pixels: MinPixels = None
+    max_pixels: MaxPixels = None
+
+    def pixel_budget(self) -> dict:
+        return pixel_budget(self.min_pixels, self.max_pixels)
 
     @model_validator(mode="after")
     def _tiny_heads(self):
+        self.pixel_budget()  # min <= max
         for name in ("tiny_hidden_size", "tiny_vision_hidden_size"):
             if getattr(self, name) % 64:
                 raise ValueError(f"model.{name} must be a multiple of 64 (head_dim 64: vLLM's CPU attention rejects smaller heads)")
         return self
 
     def tiny_spec(self):
-        from rlsys.models import TinySpec
+        from rlsys.models import TinySpec, qwen2_5_vl_3b_shaped
+
+        if self.tiny_shape == "qwen2_5_vl_3b":
+            return qwen2_5_vl_3b_shaped(num_layers=self.tiny_num_layers, vision_depth=self.tiny_vision_depth,
+                                        max_pixels=self.tiny_max_pixels)
 
         return TinySpec(hidden_size=self.tiny_hidden_size, num_layers=self.tiny_num_layers,
                         num_heads=self.tiny_hidden_size // 64, num_kv_heads=1, intermediate_size=self.tiny_intermediate_size,
@@ -79,6 +104,7 @@ class DataConfig(_Section):
     synthetic_one_kind_per_scene: bool = Field(False, description="All shapes in a synthetic scene are of one kind (colours vary), so a detection answer lists every object: counting and enumeration without telling kinds apart.")
     synthetic_position_ramp_levels: int = Field(0, ge=0, le=200, description="Paint each pixel's position into its colour (red ramps left-right, green top-bottom, by this many levels) so a model trained from random weights can localise; see rlsys.synthetic.paint_position_ramp. 0: off.")
     tasks: list[str] | None = Field(None, description="Keep only samples of these tasks (None: all).")
+    too_long: Literal["refuse", "skip"] = Field("refuse", description="A sample whose prompt (image tokens under the pixel budget included) plus rollout.max_new_tokens cannot fit rollout.max_model_len_tokens: refuse the data at load, naming the sample and the numbers, or skip such samples and count them.")
     seed: int = Field(0, description="Seed of the synthetic generator and of the prompt order.")
 
 
@@ -105,6 +131,7 @@ class RewardConfig(_Section):
     matching: Literal["paper", "hungarian"] = Field("paper", description="Box reward matching: the paper's equations 3-4, or one-to-one (stricter on duplicates).")
     sample_timeout_s: float = Field(30.0, gt=0, description="Limit for scoring one answer; on timeout or error it is retried once, then scores 0 and is counted.")
     sam_checkpoint: str | None = Field(None, description="Local SAM checkpoint for point-in-mask rewards on data without masks.")
+    points_without_masks: Literal["refuse", "box"] = Field("refuse", description="Pointing samples (point output, task other than gui) that have no masks while sam_checkpoint is unset: refuse them at start (their reward would be point-in-box, not the point-in-mask the run names), or score them point-in-box, counted per step as reward/kind/point_in_box_fallback.")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom Ray node resources each reward worker bundle asks for.")
     scorer: str = Field("rewards.scorer:score", description="module:function scoring (text, Sample, mask_source=, matching=) -> RewardResult; replace it to train on your own reward.")
 
@@ -149,6 +176,7 @@ class RunConfig(_Section):
     max_resample_rounds: int = Field(3, ge=0, description="Extra prompt draws per step when dynamic sampling refills.")
     sync_every_steps: int = Field(1, ge=1, description="Push the learner's weights to the generators every N updates.")
     checkpoint_every_steps: int = Field(10, ge=1, description="Write a checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(0, ge=0, description="Keep the newest N step checkpoints and the final one, deleting older ones after each save (a 3B checkpoint with optimizer state is ~60 GB). 0: keep all.")
     resume: bool = Field(True, description="Continue from the last checkpoint in out_dir when there is one.")
     init_checkpoint: str | None = Field(None, description="Start the policy from this HF directory (an SFT result) instead of model.path.")
     seed: int = Field(0, description="Seed for prompt order, sampling and initialisation.")

@@ -42,11 +42,12 @@ def plan(out: Path, sft_configs, sft_overrides, grpo_config, grpo_overrides) -> 
     return stages, grpo_cfg
 
 
-def _eval(checkpoint: Path, data: Path, out: Path, tasks: str, max_new_tokens: int) -> dict:
-    """Evaluate in a fresh process: each vLLM engine gets its own memory and is gone after."""
+def _eval(checkpoint: Path, data: Path, out: Path, tasks: str, max_new_tokens: int, engine: list[str]) -> dict:
+    """Evaluate in a fresh process: each vLLM engine gets its own memory and is gone after.
+    ``engine``: ``--config FILE`` and overrides giving the GRPO run's engine settings."""
     if not (out / "metrics.json").is_file():
         cmd = [sys.executable, "-m", "rlsys.eval", "--checkpoint", str(checkpoint), "--data", str(data),
-               "--out", str(out), "--tasks", tasks, "--max-new-tokens", str(max_new_tokens)]
+               "--out", str(out), "--tasks", tasks, "--max-new-tokens", str(max_new_tokens), *engine]
         subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     return json.loads((out / "metrics.json").read_text())
 
@@ -147,13 +148,15 @@ def main(argv=None) -> int:
         grpo.run(grpo_cfg)
     val = prepare_data_path(sft_cfg.data, sft_cfg.run.out_dir, "val")
     tasks = ",".join(sft_cfg.data.tasks or ["detection", "referring", "pointing", "gui", "visual_prompt"])
-    sft_m = _eval(sft_final, val, out / "eval" / "sft", tasks, a.max_new_tokens)
+    # the GRPO config's engine settings (dtype, context, memory share, eager, pixels) for every eval
+    engine = ["--config", a.grpo_config, *a.grpo]
+    sft_m = _eval(sft_final, val, out / "eval" / "sft", tasks, a.max_new_tokens, engine)
     ckpts = sorted((out / "grpo" / "checkpoints").glob("step_*[0-9]"))
     f1_points = [(0, sft_m.get("detection", {}).get("F1@mIoU", 0.0))]
     grpo_m = sft_m
     for c in ckpts:
         s = int(c.name.split("_")[1])
-        m = _eval(c / "hf", val, out / "eval" / c.name, tasks, a.max_new_tokens)
+        m = _eval(c / "hf", val, out / "eval" / c.name, tasks, a.max_new_tokens, engine)
         f1_points.append((s, m.get("detection", {}).get("F1@mIoU", 0.0)))
         grpo_m = m
     steps = [json.loads(l) for l in (out / "grpo" / "steps.jsonl").read_text().splitlines()]

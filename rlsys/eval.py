@@ -17,25 +17,27 @@ from pathlib import Path
 BOX_TASKS = ("detection", "referring", "visual_prompt", "layout")
 
 
-def generate_answers(model_dir: str, samples, *, max_new_tokens: int = 128, max_model_len: int = 1024,
-                     gpu_memory_utilization: float = 0.1, dtype: str = "float32") -> list[str]:
-    """Greedy answers for the samples' canonical questions (the first template)."""
+def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers for the samples' canonical questions (the first template). The engine's
+    settings (dtype, context length, memory share, eager mode, pixel budget) are the GRPO
+    config's (``model`` and ``rollout``), so a 3B config evaluates on its GPU settings."""
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from PIL import Image
     from vllm import LLM, SamplingParams
 
     from rlsys.models import load_processor
-    from rlsys.prompts import question_for_sample
+    from rlsys.prompts import chat_prompt, question_for_sample
 
-    proc = load_processor(model_dir)
-    llm = LLM(model=model_dir, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-              enforce_eager=True, dtype=dtype, limit_mm_per_prompt={"image": 1, "video": 0}, seed=0)
+    r, pixels = cfg.rollout, cfg.model.pixel_budget()
+    max_new_tokens = max_new_tokens or r.max_new_tokens
+    proc = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=pixels)
+    llm = LLM(model=model_dir, max_model_len=r.max_model_len_tokens, gpu_memory_utilization=r.gpu_memory_utilization,
+              enforce_eager=r.enforce_eager, dtype=cfg.model.dtype, limit_mm_per_prompt={"image": 1, "video": 0},
+              mm_processor_kwargs=pixels or None, seed=0, trust_remote_code=cfg.model.trust_remote_code)
     inputs = []
     for s in samples:
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question_for_sample(s)}]}]
         with Image.open(s.image) as im:
-            inputs.append({"prompt": proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
-                           "multi_modal_data": {"image": im.convert("RGB")}})
+            inputs.append({"prompt": chat_prompt(proc, question_for_sample(s)), "multi_modal_data": {"image": im.convert("RGB")}})
     outs = llm.generate(inputs, SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=False), use_tqdm=False)
     del llm
     return [o.outputs[0].text for o in outs]
@@ -116,10 +118,13 @@ def draw_grid(samples, answers, path, cols: int = 4, max_images: int = 16) -> No
     grid.save(path)
 
 
-def evaluate(checkpoint, samples, out_dir, *, max_new_tokens: int = 128) -> dict:
+def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | None = None) -> dict:
+    """``cfg``: the GRPO config whose engine settings to use (default: configs/tiny_cpu.yaml)."""
+    from rlsys.config import load_config
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    answers = generate_answers(str(checkpoint), samples, max_new_tokens=max_new_tokens)
+    answers = generate_answers(str(checkpoint), samples, cfg or load_config(), max_new_tokens=max_new_tokens)
     metrics = compute_metrics(samples, answers)
     metrics["checkpoint"] = str(checkpoint)
     with (out / "predictions.jsonl").open("w") as f:
@@ -154,10 +159,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/eval")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
     p.add_argument("--tasks", default=None, help="comma-separated tasks to keep")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the config's rollout.max_new_tokens)")
+    p.add_argument("--config", help="GRPO config whose model and rollout sections set the engine (dtype, context length, "
+                                    "memory share, eager mode, pixel budget); default configs/tiny_cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="config key=value, e.g. rollout.gpu_memory_utilization=0.8")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not (Path(a.checkpoint) / "config.json").is_file():
         print(f"error: {a.checkpoint} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
+        return 2
+    from rlsys.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
         return 2
     from rlsys.data import load_dataset
 
@@ -171,7 +186,7 @@ def main(argv=None) -> int:
         keep = set(a.tasks.split(","))
         samples = [s for s in samples if s.task in keep]
     samples = samples[: a.limit] if a.limit else samples
-    m = evaluate(a.checkpoint, samples, a.out, max_new_tokens=a.max_new_tokens)
+    m = evaluate(a.checkpoint, samples, a.out, cfg, max_new_tokens=a.max_new_tokens)
     print(format_table(m))
     print(json.dumps(m))
     return 0

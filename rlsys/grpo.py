@@ -16,12 +16,13 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 from rlsys.checkpoints import Checkpoints
 from rlsys.config import ConfigError, GRPOConfig, describe, load_config
-from rlsys.tracking import example_table, start_tracking
+from rlsys.tracking import example_table, start_tracking, wandb_init_args
 
 log = logging.getLogger("rlsys.grpo")
 
@@ -65,6 +66,30 @@ def torch_tensor(values):
     return torch.tensor(values, dtype=torch.float32)
 
 
+def keep_step_records(path: Path, last_step: int) -> int:
+    """Rewrite ``steps.jsonl`` (atomically) with only the records of steps ``<= last_step``: a
+    resumed run redoes the steps after its checkpoint, and each step appears once. Returns the
+    number of records dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        tmp.replace(path)
+        log.info("%s: dropped %d records of steps after %d (redone after the resume)", path, len(lines) - len(kept), last_step)
+    return len(lines) - len(kept)
+
+
+def _rewards_and_valid(scores: list[list[dict]]):
+    """Rewards ``[B]`` and whether each was computed (False: the scorer failed twice)."""
+    import torch
+
+    flat = [s for grp in scores for s in grp]
+    return torch_tensor([s["reward"] for s in flat]), torch.tensor([not s.get("failed") for s in flat])
+
+
 @contextmanager
 def timed(times: dict, name: str):
     t0 = time.perf_counter()
@@ -78,8 +103,9 @@ def timed(times: dict, name: str):
 # The run
 # ----------------------------------------------------------------------------------------------
 def _chat_prompt(processor, question: str) -> str:
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    from rlsys.prompts import chat_prompt
+
+    return chat_prompt(processor, question)
 
 
 class Trainer:
@@ -99,9 +125,10 @@ class Trainer:
 
         self.cfg, self.model_dir, self.samples = cfg, model_dir, samples
         self.out = Path(cfg.run.out_dir)
-        self.processor = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-        self.ckpt = Checkpoints(self.out)
+        self.processor = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=cfg.model.pixel_budget())
+        self.ckpt = Checkpoints(self.out, keep=cfg.run.keep_checkpoints)
         self.step_no = 0
+        self.refused_requests = 0  # prompts the engines would not take, over the run
         self.order = PromptOrder(len(samples), cfg.run.seed)
         have = ray.cluster_resources().get("CPU", 0)
         if cfg.cpus_requested() > have:
@@ -159,9 +186,9 @@ class Trainer:
         # 1-2. prompts -> G answers each -> rewards against each image's ground truth
         idx, answers, scores, signal = self._sample_groups(times)
         # 3. group-normalised advantages
-        rewards = torch_tensor([s["reward"] for grp in scores for s in grp])
-        adv = group_advantages(rewards, G)
-        items = self._learner_items(idx, answers, adv)
+        rewards, valid = _rewards_and_valid(scores)
+        adv = group_advantages(rewards, G, valid=valid)  # failed scores are out of the group statistics
+        items = self._learner_items(idx, answers, adv, valid)
         # 4. old and reference log-probs of the sampled tokens
         with timed(times, "reference"):
             self.learners.logprobs(items)
@@ -203,10 +230,21 @@ class Trainer:
             new_idx = self.order.take(need)
             with timed(times, "generate"):
                 new_answers = self.generate(new_idx)
+            # a request the engine refused (e.g. longer than its context) fails alone: its group
+            # is left out of this step and counted, the engine and the other groups go on
+            for i, a in zip(new_idx, new_answers):
+                if isinstance(a, dict):
+                    log.error("step %d: the engine refused sample %r (%s), left out of the step: %s",
+                              self.step_no + 1, self.samples[i].id, self.samples[i].source, a["refused"])
+                    self.refused_requests += 1
+            kept = [(i, a) for i, a in zip(new_idx, new_answers) if not isinstance(a, dict)]
+            new_idx, new_answers = [i for i, _ in kept], [a for _, a in kept]
+            if not new_idx:
+                continue
             with timed(times, "reward"):
                 batch = [(a["text"], self.samples[i].to_dict()) for i, ans in zip(new_idx, new_answers) for a in ans]
                 new_scores = self.rewards.score(batch, group_size=G)
-            std = group_reward_std(torch_tensor([s["reward"] for s in new_scores]), G)
+            std = group_reward_std(*_rewards_and_valid([new_scores]), G)
             drawn_groups += len(new_idx)
             zero_std_groups += int((std == 0).sum())
             last_round = round_ == rounds - 1
@@ -219,9 +257,9 @@ class Trainer:
                     scores.append(new_scores[g * G : (g + 1) * G])
         return idx, answers, scores, {"zero_std_groups": zero_std_groups, "drawn_groups": drawn_groups}
 
-    def _learner_items(self, idx, answers, adv) -> list[dict]:
-        """One learner item per non-empty answer: the prompt the engine saw, the sampled token
-        ids (never re-tokenised) and the answer's advantage."""
+    def _learner_items(self, idx, answers, adv, valid) -> list[dict]:
+        """One learner item per non-empty answer with a reward: the prompt the engine saw, the
+        sampled token ids (never re-tokenised) and the answer's advantage."""
         G = self.cfg.rollout.samples_per_prompt
         items = []
         for g, i in enumerate(idx):
@@ -229,12 +267,16 @@ class Trainer:
             for k, a in enumerate(answers[g]):
                 if not a["token_ids"]:
                     continue  # an empty answer has no tokens to learn from; its group still normalised it
+                if not valid[g * G + k]:
+                    continue  # its reward failed (counted in reward/failures): no advantage to learn
                 items.append({"prompt": prompt, "image": self.samples[i].image, "response_ids": a["token_ids"],
                               "advantage": float(adv[g * G + k]), "engine_logp": a.get("logprobs")})
         return items
 
     def _metrics(self, idx, answers, scores, rewards, signal, learn, logprob_gap, times) -> dict:
-        flat = [s for grp in scores for s in grp]
+        # reward statistics over the answers that were scored (a failed score is not a 0)
+        flat = [s for grp in scores for s in grp if not s.get("failed")] or [s for grp in scores for s in grp]
+        rewards = torch_tensor([s["reward"] for s in flat])
         lens = [len(a["token_ids"]) for grp in answers for a in grp]
         tokens = max(sum(m["tokens"] for m in learn), 1)
         metrics = {
@@ -246,11 +288,14 @@ class Trainer:
             "reward/duplicate_rate": sum(bool(s["duplicate"]) for s in flat) / len(flat),
             "reward/large_box_rate": sum(bool(s["large_box"]) for s in flat) / len(flat),
             "reward/unreadable_per_answer": sum(s["unreadable"] for s in flat) / len(flat),
-            "reward/failures": sum(bool(s.get("failed")) for s in flat),
+            "reward/failures": sum(bool(s.get("failed")) for grp in scores for s in grp),
+            # which reward scored each answer (box_iou, point_in_mask, point_in_box_fallback, ...)
+            **{f"reward/kind/{k}": n for k, n in sorted(Counter(s["kind"] for s in flat).items())},
             "groups/zero_std_fraction": signal["zero_std_groups"] / max(signal["drawn_groups"], 1),
             "answer/length_tokens": sum(lens) / len(lens),
             "rollout/logprob_gap": logprob_gap,
             "rollout/engine_restarts": self.rollouts.restarts,
+            "rollout/refused_requests": self.refused_requests,
             "learner/kl": sum(m["kl"] * m["tokens"] for m in learn) / tokens,
             "learner/clip_fraction": sum(m["clip_fraction"] * m["tokens"] for m in learn) / tokens,
             "learner/entropy": sum(m["entropy"] * m["tokens"] for m in learn) / tokens,
@@ -347,9 +392,18 @@ def run(cfg: GRPOConfig) -> dict:
                     "rewards stay near 0. Run SFT first (python -m rlsys.sft) and pass "
                     "run.init_checkpoint=runs/sft-tiny/final, or run the whole demo: python -m rlsys.demo")
     samples = prepare_data(cfg)
-    from rlsys.prepare import check_phrases
+    from rlsys.models import load_processor
+    from rlsys.prepare import check_fit, check_phrases, check_point_masks
 
     check_phrases(samples, model_dir, cfg.model.trust_remote_code)
+    check_point_masks(samples, cfg.reward)
+    # every prompt fits the engines' context under the pixel budget (else refused here, by name)
+    samples, too_long = check_fit(samples, load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code,
+                                                          pixels=cfg.model.pixel_budget()),
+                                  cfg.rollout.max_model_len_tokens, cfg.rollout.max_new_tokens, cfg.data.too_long)
+    if not samples:
+        raise ConfigError(f"no training sample fits rollout.max_model_len_tokens {cfg.rollout.max_model_len_tokens} "
+                          f"({too_long} skipped)")
     import ray
 
     if not ray.is_initialized():
@@ -357,8 +411,16 @@ def run(cfg: GRPOConfig) -> dict:
         # starts one here. Only variables the job has not set itself go into the runtime env: Ray
         # refuses a driver that sets one the job's runtime env already sets.
         ray.init(runtime_env={"env_vars": actor_env(cpu_only=cfg.learner.gpus_per_rank == 0)}, log_to_driver=True)
-    tracker = start_tracking(cfg)
     trainer = Trainer(cfg, model_dir, samples)
+    resumed = trainer.step_no > 0
+    # steps after the checkpoint resumed from are redone: their old records go
+    keep_step_records(out / "steps.jsonl", trainer.step_no)
+    tracker = start_tracking(wandb_init_args(cfg.tracking, out, out.name, cfg.model_dump(), continue_run=resumed))
+    wandb_last = int(getattr(tracker, "step", 0) or 0) if resumed else 0
+    if wandb_last > trainer.step_no:
+        log.warning("the W&B run already holds steps up to %d, logged before the checkpoint of step %d this run resumed "
+                    "from; W&B keeps those first values for steps %d..%d (it refuses earlier steps), steps.jsonl holds "
+                    "the redone ones", wandb_last, trainer.step_no, trainer.step_no + 1, wandb_last)
     metrics: dict = {}
     try:
         while trainer.step_no < cfg.run.steps:
@@ -375,7 +437,8 @@ def run(cfg: GRPOConfig) -> dict:
             if every and s % every == 0:
                 log_payload["examples"] = example_table(trainer.last_examples)
             log_payload.pop("prompt_ids")
-            tracker.log(log_payload, step=s)
+            if s > wandb_last:
+                tracker.log(log_payload, step=s)
             if s % cfg.run.checkpoint_every_steps == 0 or s == cfg.run.steps:
                 metrics["checkpoint"] = str(trainer.save(final=s == cfg.run.steps))
         if trainer.step_no % cfg.run.sync_every_steps:
@@ -398,7 +461,11 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print("rlsys GRPO:", json.dumps(cfg.totals()), flush=True)
-    m = run(cfg)
+    try:
+        m = run(cfg)
+    except ConfigError as exc:  # the data or model did not fit the config (named in the message)
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     print("final:", json.dumps({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}), flush=True)
     return 0
 

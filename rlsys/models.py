@@ -442,10 +442,12 @@ def param_part(name: str) -> str:
     return "llm"
 
 
-def load_processor(path, *, trust_remote_code: bool = False):
+def load_processor(path, *, trust_remote_code: bool = False, pixels: dict | None = None):
+    """The checkpoint's processor; ``pixels`` (``min_pixels``/``max_pixels``, see
+    :func:`rlsys.config.pixel_budget`) overrides its image budget."""
     from transformers import AutoProcessor
 
-    proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **(pixels or {}))
     coordinate_token_ids(proc.tokenizer)
     return proc
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from rlsys.config import ConfigError, DataConfig, ModelConfig
@@ -22,7 +23,10 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
     if path is None:
         from rlsys.models import ensure_tiny_model
 
-        return str(ensure_tiny_model(out / "tiny-model", model.tiny_spec()).resolve())
+        built = ensure_tiny_model(out / "tiny-model", model.tiny_spec())
+        if model.tiny_shape == "tiny":
+            return str(built.resolve())
+        path = built  # a Qwen-layout base has no coordinate tokens: prepared below, as a real one
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {path}: not a Hugging Face checkpoint directory (no config.json)")
@@ -32,8 +36,19 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
         load_processor(path, trust_remote_code=model.trust_remote_code)
     except ValueError:
         prepared = out / "prepared-model"
+        stamp = prepared / "rlsys_prepared_from.json"
+        source = {"source": str(path.resolve()), "coord_tokens": model.coord_tokens,
+                  "source_config_mtime_ns": (path / "config.json").stat().st_mtime_ns}
+        if stamp.is_file() and json.loads(stamp.read_text()) == source:
+            return str(prepared.resolve())  # prepared by an earlier start of this run
         log.info("adding coordinate tokens to %s (%s) -> %s", path, model.coord_tokens, prepared)
-        path = prepare_checkpoint(path, prepared, model.coord_tokens)
+        tmp = out / "prepared-model.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        prepare_checkpoint(path, tmp, model.coord_tokens)
+        (tmp / stamp.name).write_text(json.dumps(source))
+        shutil.rmtree(prepared, ignore_errors=True)
+        tmp.rename(prepared)
+        path = prepared
     return str(path.resolve())
 
 
@@ -90,3 +105,88 @@ def check_phrases(samples, model_dir: str, trust_remote_code: bool = False) -> N
     from rlsys.models import load_processor
 
     check_sample_phrases(samples, load_processor(model_dir, trust_remote_code=trust_remote_code).tokenizer)
+
+
+def check_point_masks(samples, reward) -> int:
+    """Pointing samples whose reward needs masks they lack (point output, any task but gui; the
+    scorer's rule): with no ``reward.sam_checkpoint`` to make them, the scorer falls back to
+    point-in-box. Refused (``ConfigError`` naming the count and the first sample) unless
+    ``reward.points_without_masks`` is ``box``; returns how many there are."""
+    lacking = [s for s in samples if s.output == "point" and s.task != "gui" and any(i.mask is None for i in s.instances)]
+    if not lacking or reward.sam_checkpoint:
+        return len(lacking) if not reward.sam_checkpoint else 0
+    first = lacking[0]
+    if reward.points_without_masks == "refuse":
+        raise ConfigError(
+            f"{len(lacking)} pointing sample(s) have no masks (first: {first.id!r} at {first.source}) and "
+            "reward.sam_checkpoint is not set: they would be scored point-in-box, not point-in-mask. Add masks to "
+            "the data, set reward.sam_checkpoint to a local SAM checkpoint, or accept point-in-box with "
+            "reward.points_without_masks=box")
+    log.warning("%d pointing samples have no masks and no SAM checkpoint is set: they are scored point-in-box "
+                "(reward.points_without_masks=box; counted per step as reward/kind/point_in_box_fallback)", len(lacking))
+    return len(lacking)
+
+
+def image_tokens(processor, width: int, height: int) -> tuple[int, int, int]:
+    """``(tokens, resized width, resized height)`` of one image under the processor's pixel
+    budget: Qwen2.5-VL resizes to multiples of patch x merge (28 px) within
+    [min_pixels, max_pixels], one token per 28 x 28 px."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    ip = processor.image_processor
+    factor = ip.patch_size * ip.merge_size
+    h, w = smart_resize(height, width, factor=factor, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+    return (h // factor) * (w // factor), w, h
+
+
+def check_fit(samples, processor, max_model_len: int, max_new_tokens: int, too_long: str = "refuse") -> tuple[list, int]:
+    """Keep only samples whose longest prompt (every question template of its task, the chat
+    markup, its image tokens under the pixel budget) plus ``max_new_tokens`` fits the engines'
+    context; such a request would be refused by vLLM at generation time. ``too_long="refuse"``
+    raises ``ConfigError`` on the first one, naming it and the numbers; ``"skip"`` leaves them
+    out and returns how many. Returns ``(kept samples, skipped count)``."""
+    from rlsys.prompts import build_question, templates_for
+
+    from rlsys.prompts import chat_prompt
+
+    tok = processor.tokenizer
+    # the chat markup with an empty question; its one <|image_pad|> becomes the image's tokens
+    markup = len(tok(chat_prompt(processor, ""), add_special_tokens=False)["input_ids"]) - 1
+
+    class _Pick:  # build_question's rng, fixed on template k
+        def __init__(self, k):
+            self.k = k
+
+        def randrange(self, n):
+            return self.k
+
+    questions, owner = [], []
+    for j, s in enumerate(samples):
+        kp = list(dict.fromkeys(n for i in s.instances for n in (i.keypoints or {})))
+        for k in range(len(templates_for(s.task, s.output))):
+            questions.append(build_question(s.task, s.output, s.phrases, width=s.width, height=s.height,
+                                            prompt_boxes=s.prompt_boxes, keypoint_names=kp, rng=_Pick(k)))
+            owner.append(j)
+    longest = [0] * len(samples)
+    # tokenised apart from the markup: never fewer tokens than inside it (a merge across the
+    # boundary only removes tokens), so the count is an upper bound
+    for j, ids in zip(owner, tok(questions, add_special_tokens=False)["input_ids"] if questions else []):
+        longest[j] = max(longest[j], len(ids))
+    kept, skipped = [], 0
+    for s, q in zip(samples, longest):
+        img, w, h = image_tokens(processor, s.width, s.height)
+        total = markup + q + img + max_new_tokens
+        if total <= max_model_len:
+            kept.append(s)
+            continue
+        if too_long == "refuse":
+            raise ConfigError(
+                f"{s.source} sample {s.id!r}: prompt {markup + q} tokens + {img} image tokens ({s.width}x{s.height} px "
+                f"resized to {w}x{h}) + rollout.max_new_tokens {max_new_tokens} = {total} > rollout.max_model_len_tokens "
+                f"{max_model_len}; lower model.max_pixels, raise rollout.max_model_len_tokens, or skip such samples with "
+                "data.too_long=skip")
+        skipped += 1
+    if skipped:
+        log.warning("skipped %d of %d samples whose prompt and answer cannot fit rollout.max_model_len_tokens %d (data.too_long=skip)",
+                    skipped, len(samples), max_model_len)
+    return kept, skipped

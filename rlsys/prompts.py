@@ -130,3 +130,10 @@ def question_for_sample(sample, rng: random.Random | None = None) -> str:
         keypoint_names=kp_names,
         rng=rng,
     )
+
+
+def chat_prompt(processor, question: str) -> str:
+    """The one chat prompt: a user turn with the image, then ``question``, and the assistant's
+    turn opened (SFT, the rollout engines, the learner, eval and Serve all send this)."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)

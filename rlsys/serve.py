@@ -34,7 +34,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rlsys.config import REPO_ROOT, ConfigError, describe, load_config
+from rlsys.config import REPO_ROOT, ConfigError, MaxPixels, MinPixels, describe, load_config, pixel_budget
+from rlsys.prompts import chat_prompt
 
 log = logging.getLogger("rlsys.serve")
 DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "serve_tiny_cpu.yaml"
@@ -52,6 +53,11 @@ class ServeModelConfig(_Section):
     tiny_model_dir: str = Field("runs/serve-tiny/tiny-model", description="Where the tiny model is built when model.checkpoint is None.")
     trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code (off: the Qwen2.5-VL classes in transformers/vLLM suffice).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Engine weight dtype (float32 on CPUs, bfloat16 on GPUs).")
+    min_pixels: MinPixels = None
+    max_pixels: MaxPixels = None
+
+    def pixel_budget(self) -> dict:
+        return pixel_budget(self.min_pixels, self.max_pixels)
 
 
 class EngineConfig(_Section):
@@ -438,7 +444,8 @@ def _detector_class(max_concurrent_batches: int):
             self.cfg = ServeConfig.model_validate(cfg)
             self.model_dir = model_dir
             e, g = self.cfg.engine, self.cfg.generation
-            self.processor = load_processor(model_dir, trust_remote_code=self.cfg.model.trust_remote_code)
+            pixels = self.cfg.model.pixel_budget()
+            self.processor = load_processor(model_dir, trust_remote_code=self.cfg.model.trust_remote_code, pixels=pixels)
             from rlsys.format import control_tokens
 
             self.control = control_tokens(self.processor.tokenizer)
@@ -447,7 +454,7 @@ def _detector_class(max_concurrent_batches: int):
                 model=model_dir, max_model_len=e.max_model_len_tokens, max_num_seqs=e.max_num_seqs,
                 gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager, seed=e.seed,
                 dtype=self.cfg.model.dtype, limit_mm_per_prompt={"image": 1, "video": 0},
-                trust_remote_code=self.cfg.model.trust_remote_code))
+                mm_processor_kwargs=pixels or None, trust_remote_code=self.cfg.model.trust_remote_code))
             self.engine_start_s = time.perf_counter() - t0
             # special tokens kept: the output language is made of them. FINAL_ONLY: the answer is
             # returned whole, so the engine need not wake this coroutine (and build a cumulative
@@ -502,8 +509,7 @@ def _detector_class(max_concurrent_batches: int):
             except Exception as exc:  # a request that broke a check instead of failing it: still the client's input
                 log.exception("request validation raised instead of refusing")
                 return error(400, f"the request could not be read: {type(exc).__name__}: {exc}")
-            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            prompt = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            prompt = chat_prompt(self.processor, question)
             try:
                 if self.cfg.batching.enabled:
                     text = await self._generate_batch((prompt, image))

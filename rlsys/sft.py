@@ -63,6 +63,7 @@ def train_loop(config: dict) -> None:
     from rlsys.losses import answer_token_loss
     from rlsys.models import coordinate_token_ids, load_model, load_processor
     from rlsys.sequences import build_batch
+    from rlsys.prompts import chat_prompt
     from rlsys.targets import conversation
 
     cfg = SFTConfig.model_validate(config["cfg"])
@@ -70,7 +71,7 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(tr.seed + rank)
-    processor = load_processor(config["model_dir"], trust_remote_code=cfg.model.trust_remote_code)
+    processor = load_processor(config["model_dir"], trust_remote_code=cfg.model.trust_remote_code, pixels=cfg.model.pixel_budget())
     tok = processor.tokenizer
     model = load_model(config["model_dir"], dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     lrs = {"vision": tr.lr_vision, "projector": tr.lr_projector, "llm": tr.lr_llm}
@@ -100,9 +101,9 @@ def train_loop(config: dict) -> None:
     cache: dict = {}
     tracker = None
     if rank == 0 and config.get("wandb"):
-        import wandb
+        from rlsys.tracking import start_tracking
 
-        tracker = wandb.init(**config["wandb"])
+        tracker = start_tracking(config["wandb"])
     t0 = time.perf_counter()
     for step in range(start, tr.steps):
         for g in engine.optimizer.param_groups:
@@ -116,8 +117,7 @@ def train_loop(config: dict) -> None:
             for _ in range(tr.micro_batch_size):
                 s = samples[rng.randrange(len(samples))]
                 _, q, a = conversation(s, rng, all_phrases, tr.max_phrases)
-                msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
-                prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+                prompt = chat_prompt(processor, q)
                 ids = tok(a, add_special_tokens=False)["input_ids"] + [im_end]
                 items.append({"prompt": prompt, "image": s.image, "response_ids": ids})
             inputs, targets, mask = build_batch(processor, items, tok.pad_token_id, cache)
@@ -133,8 +133,9 @@ def train_loop(config: dict) -> None:
             n_tok_step += int(n_tok)
         done = step + 1
         if done % tr.log_every_steps == 0 or done == tr.steps:
-            m = {"sft/loss": total, "sft/lr_llm": optim.param_groups[0]["lr"], "sft/answer_tokens": n_tok_step,
-                 "sft/s_per_step": (time.perf_counter() - t0) / (done - start)}
+            m = {"sft/loss": total, "sft/answer_tokens": n_tok_step, "sft/s_per_step": (time.perf_counter() - t0) / (done - start),
+                 # each part's own rate (vision, projector, llm; its no-decay group has the same)
+                 **{f"sft/lr_{g['name'].removesuffix('_nodecay')}": g["lr"] for g in engine.optimizer.param_groups}}
             if rank == 0:
                 print(f"sft step {done}/{tr.steps} loss {total:.4f} ({m['sft/s_per_step']:.2f} s/step)", flush=True)
             if tracker:
@@ -175,11 +176,11 @@ def run(cfg: SFTConfig) -> Path:
         ray.init(runtime_env={"env_vars": actor_env(cpu_only=not cfg.train.use_gpu)})
     wandb_cfg = None
     if cfg.tracking.mode != "disabled":
-        mode = cfg.tracking.mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        wandb_cfg = {"project": cfg.tracking.project, "name": cfg.tracking.run_name or out.name + "-sft", "dir": str(out),
-                     "mode": mode, "config": cfg.model_dump()}
+        from rlsys.tracking import wandb_init_args
+
+        # Ray Train resumes from its latest checkpoint in storage: then the W&B run continues too
+        resuming = cfg.run.resume and any((out / "ray_train" / "sft").glob("checkpoint_*"))
+        wandb_cfg = wandb_init_args(cfg.tracking, out, out.name + "-sft", cfg.model_dump(), continue_run=resuming)
     name = "sft"
     storage = out / "ray_train"
     trainer_kwargs = dict(

@@ -81,6 +81,29 @@ def test_equal_rewards_give_exactly_zero_advantage():
     assert group_reward_std(r, 4)[1].item() == 0.0
 
 
+def test_failed_samples_are_out_of_their_groups_statistics():
+    # Group [1, 0, 0.5, (failed)]: the valid three have mean 0.5, deviations +0.5, -0.5, 0,
+    # unbiased var (0.25 + 0.25 + 0) / 2 = 0.25, std 0.5; A = +1, -1, 0 and 0 for the failed one.
+    # Scored as a 0 instead, the failed sample would have made the mean 0.375 and shifted all.
+    # Group [0.3, (failed), 0.3, 0.9]: mean 0.5, var (0.04 + 0.04 + 0.16) / 2 = 0.12.
+    r = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.3, float("nan"), 0.3, 0.9], dtype=torch.float64)
+    valid = torch.tensor([True, True, True, False, True, False, True, True])
+    s2 = math.sqrt(0.12)
+    want = torch.tensor([1.0, -1.0, 0.0, 0.0, -0.2 / s2, 0.0, -0.2 / s2, 0.4 / s2], dtype=torch.float64)
+    torch.testing.assert_close(group_advantages(r, 4, eps=0.0, valid=valid), want)
+    torch.testing.assert_close(group_reward_std(r, 4, valid=valid), torch.tensor([0.5, s2], dtype=torch.float64))
+    # one valid member, or equal valid members: no spread, advantage exactly 0
+    r3 = torch.tensor([0.2, 0.0, 0.7, 0.7, 0.1])
+    v3 = torch.tensor([True, False, True, True, False])
+    assert torch.equal(group_advantages(r3[:2], 2, valid=v3[:2]), torch.zeros(2))
+    assert group_reward_std(torch.tensor([0.7, 0.0, 0.7]), 3, valid=torch.tensor([True, False, True])).item() == 0.0
+    # all valid: exactly the unmasked result
+    r4 = torch.rand(24)
+    assert torch.equal(group_advantages(r4, 8, valid=torch.ones(24, dtype=torch.bool)), group_advantages(r4, 8))
+    with pytest.raises(ValueError, match="valid must have the rewards' shape"):
+        group_advantages(r4, 8, valid=torch.ones(8, dtype=torch.bool))
+
+
 def test_hand_worked_advantages():
     # Group [1, 0, 0, 1]: mean 0.5, deviations +-0.5, sum of squares 4 * 0.25 = 1,
     # unbiased var 1 / (4 - 1) = 1/3, std = sqrt(1/3) = 0.57735;

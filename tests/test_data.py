@@ -216,3 +216,26 @@ def test_prepared_synthetic_data_follows_the_config(tmp_path):
     # other settings: regenerated, not silently reused
     p2 = prepare_data_path(cfg.model_copy(update={"synthetic_train_images": 7}), tmp_path)
     assert len(p2.read_text().splitlines()) == 7
+
+
+def test_pointing_without_masks_is_refused_unless_point_in_box_is_chosen(tmp_path):
+    import dataclasses
+
+    from rlsys.config import ConfigError, RewardConfig
+    from rlsys.prepare import check_point_masks
+
+    samples = load_jsonl(synthetic.generate(tmp_path, num_images=30, seed=2, tasks=("pointing", "gui", "detection")))
+    pointing = [k for k, s in enumerate(samples) if s.task == "pointing"]
+    assert pointing and all(i.mask is not None for k in pointing for i in samples[k].instances)
+    assert check_point_masks(samples, RewardConfig()) == 0  # every pointing sample has its masks
+    k = pointing[1]
+    s = samples[k]
+    samples[k] = dataclasses.replace(s, instances=[dataclasses.replace(i, mask=None) for i in s.instances])
+    with pytest.raises(ConfigError, match=rf"1 pointing sample\(s\) have no masks \(first: '{s.id}' at .*train.jsonl:\d+\).*points_without_masks=box"):
+        check_point_masks(samples, RewardConfig())
+    assert check_point_masks(samples, RewardConfig(points_without_masks="box")) == 1
+    assert check_point_masks(samples, RewardConfig(sam_checkpoint="/models/sam.pth")) == 0  # SAM makes the masks
+    # gui samples are point-in-box by definition: never refused
+    gui = [dataclasses.replace(s, instances=[dataclasses.replace(i, mask=None) for i in s.instances])
+           for s in samples if s.task == "gui"]
+    assert gui and check_point_masks(gui, RewardConfig()) == 0

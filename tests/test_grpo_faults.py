@@ -1,5 +1,6 @@
 """GRPO controller with real actors: a dead rollout engine is restarted and its step retried;
-dynamic sampling draws more prompts when groups carry no signal."""
+dynamic sampling draws more prompts when groups carry no signal; answers whose reward failed are
+left out of the group statistics and the loss."""
 
 import os
 import sys
@@ -24,7 +25,9 @@ def trainer(tmp_path_factory):
                                  "data.synthetic_image_size_px=224", f"model.tiny_max_pixels={224 * 224}",
                                  "run.dynamic_sampling=true", "run.max_resample_rounds=1",
                                  # tied embeddings, as Qwen2.5-VL-3B: one tensor under two names in sync and checks
-                                 "model.tiny_tie_word_embeddings=true"])
+                                 "model.tiny_tie_word_embeddings=true",
+                                 # the real scorer, except on samples whose id says "boom" (it raises there)
+                                 "reward.scorer=tests.scorers_for_tests:score"])
     ray.init(num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}})
     t = Trainer(cfg, prepare_model(cfg), prepare_data(cfg))
@@ -77,3 +80,44 @@ def test_rollout_batch_larger_than_one_prefill_chunk(trainer):
     # vision placeholders are never sampled (the learner would read one as an image slot)
     vision = {trainer.processor.image_token_id, trainer.processor.video_token_id}
     assert not any(set(a["token_ids"]) & vision for o in out for a in o)
+
+
+def test_failed_rewards_are_left_out_of_the_loss_and_counted(trainer):
+    import dataclasses
+
+    # every other training sample makes the scorer raise (twice: the retry fails too)
+    trainer.samples[:] = [dataclasses.replace(s, id=f"boom-{s.id}") if k % 2 == 0 else s for k, s in enumerate(trainer.samples)]
+    drawn, generate = [], trainer.generate
+    trainer.generate = lambda idx: drawn.extend(idx) or generate(idx)
+    trainer.cfg.run.dynamic_sampling = False  # one draw, so what was drawn is what was learnt from
+    try:
+        m = trainer.step()
+    finally:
+        trainer.generate = generate
+        trainer.cfg.run.dynamic_sampling = True
+    G = trainer.cfg.rollout.samples_per_prompt
+    boom = sum(1 for i in drawn if trainer.samples[i].id.startswith("boom-"))
+    assert 0 < boom < len(drawn), drawn  # the test needs both kinds in the step
+    assert m["reward/failures"] == boom * G
+    # only the answers of the prompts whose rewards were computed reach the learner
+    assert 0 < m["learner/answers"] <= (len(drawn) - boom) * G
+
+
+def test_a_request_the_engine_refuses_fails_alone(trainer):
+    # A prompt longer than the engine's context (the data check at load keeps such samples out
+    # of a run; this is what happens if one gets through): that request comes back refused,
+    # the other requests of the batch are answered, the engine stays up.
+    import ray
+
+    from rlsys.grpo import _chat_prompt
+    from rlsys.prompts import question_for_sample
+
+    s = trainer.samples[1]
+    good = {"prompt": _chat_prompt(trainer.processor, question_for_sample(s)), "image": s.image}
+    too_long = {"prompt": _chat_prompt(trainer.processor, "circle " * 1500), "image": s.image}
+    engine = trainer.rollouts.engines[0]
+    kw = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0)
+    out = ray.get(engine.generate.remote([good, too_long, good], **kw), timeout=600)
+    assert isinstance(out[1], dict) and "maximum model length" in out[1]["refused"], out[1]
+    assert [len(out[0]), len(out[2])] == [2, 2] and all(len(a["token_ids"]) == 4 for a in out[0] + out[2])
+    assert len(ray.get(engine.generate.remote([good], **kw), timeout=600)[0]) == 2

@@ -1,9 +1,11 @@
 """The tiny model directory loads in transformers and in vLLM; real-checkpoint token handling."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,21 +71,31 @@ def test_vllm_generates_from_same_directory(tiny_model_dir, synthetic_dir, tmp_p
         from PIL import Image
         from transformers import AutoProcessor
         from vllm import LLM, SamplingParams
+        from rlsys.models import load_processor
         if __name__ == "__main__":
-            proc = AutoProcessor.from_pretrained({str(tiny_model_dir)!r})
+            # a pixel budget below the checkpoint's (224 x 224): the processor and vLLM both take it
+            pixels = {{"max_pixels": 112 * 112}}
+            proc = load_processor({str(tiny_model_dir)!r}, pixels=pixels)
             msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Detect circle."}}]}}]
             text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             llm = LLM(model={str(tiny_model_dir)!r}, gpu_memory_utilization=0.1, max_model_len=1024,
-                      limit_mm_per_prompt={{"image": 1}}, enforce_eager=True, seed=0)
+                      limit_mm_per_prompt={{"image": 1}}, enforce_eager=True, seed=0, mm_processor_kwargs=pixels)
             sp = SamplingParams(n=4, temperature=1.0, max_tokens=12, logprobs=0, skip_special_tokens=False, seed=0)
             img = Image.open({str(synthetic_dir / "images/train_00000.png")!r})
             out = llm.generate([{{"prompt": text, "multi_modal_data": {{"image": img}}}}], sp)[0]
-            print("RESULT " + json.dumps([{{"ids": list(c.token_ids), "lp": [next(iter(d.values())).logprob for d in c.logprobs]}} for c in out.outputs]))
+            hf_ids = proc(text=[text], images=[img], return_tensors="pt")["input_ids"][0].tolist()
+            print("RESULT " + json.dumps({{"prompt": list(out.prompt_token_ids), "hf_prompt": hf_ids, "image_pad": proc.image_token_id,
+                                           "answers": [{{"ids": list(c.token_ids), "lp": [next(iter(d.values())).logprob for d in c.logprobs]}} for c in out.outputs]}}))
     """))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=540)
+    repo = str(Path(__file__).resolve().parent.parent)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=540,
+                       env={**os.environ, "PYTHONPATH": repo}, cwd=repo)
     line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stderr[-3000:]
-    outs = json.loads(line[0][7:])
+    res = json.loads(line[0][7:])
+    # the same prompt ids in both: 112 x 112 px under the budget = 4 x 4 = 16 image tokens (64 without it)
+    assert res["prompt"] == res["hf_prompt"] and res["prompt"].count(res["image_pad"]) == 16
+    outs = res["answers"]
     assert len(outs) == 4
     for o in outs:
         assert len(o["ids"]) == 12 == len(o["lp"])

@@ -1,0 +1,108 @@
+"""The shape users run: a Qwen2.5-VL-3B-shaped model (the real widths, heads, 151,936-row
+vocabulary, tied embeddings, vision tower with window attention and merger, and Qwen's
+tokenizer id layout) with its layers cut to 2 + 2 so it runs on a CPU. Built as a base without
+coordinate tokens, it goes the way a real checkpoint goes: map_last, one SFT step through Ray
+Train, one GRPO step (rollout, weight transfer and its equality check), a checkpoint that loads
+in transformers and in vLLM."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPE = ["model.tiny_shape=qwen2_5_vl_3b", "model.coord_tokens=map_last", "model.tiny_num_layers=2", "model.tiny_vision_depth=2",
+         "tracking.mode=disabled", "data.synthetic_image_size_px=112", "model.tiny_max_pixels=12544"]
+
+
+def _run(module: str, args: list[str], cwd: Path, timeout: int = 1500) -> str:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{module} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen3b")
+    _run("rlsys.sft", [f"run.out_dir={out / 'sft'}", "train.steps=1", "train.micro_batch_size=2", "train.log_every_steps=1",
+                       "train.checkpoint_every_steps=1", "data.synthetic_train_images=8", "data.synthetic_val_images=4", *SHAPE], out)
+    stdout = _run("rlsys.grpo", [f"run.out_dir={out / 'grpo'}", f"run.init_checkpoint={out / 'sft' / 'final'}", "run.steps=1",
+                                 "run.prompts_per_step=1", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8",
+                                 "learner.micro_batch_size=2", "reward.num_workers=1", "run.checkpoint_every_steps=1",
+                                 "data.synthetic_train_images=8", "data.synthetic_val_images=4", *SHAPE], out)
+    final = json.loads(next(l for l in stdout.splitlines() if l.startswith("final: "))[7:])
+    return out, final
+
+
+def test_the_model_has_qwen2_5_vl_3b_shapes_and_layout(runs):
+    from rlsys.models import QWEN2_5_VL_ADDED_TOKENS, coordinate_token_ids, load_processor
+
+    out, _ = runs
+    cfg = json.loads((out / "sft" / "final" / "config.json").read_text())
+    t, v = cfg["text_config"], cfg["vision_config"]
+    assert (t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"], t["intermediate_size"], t["vocab_size"]) == \
+        (2048, 16, 2, 11008, 151936)
+    assert cfg["tie_word_embeddings"] and t["num_hidden_layers"] == 2
+    assert (v["hidden_size"], v["num_heads"], v["intermediate_size"], v["out_hidden_size"], v["window_size"]) == (1280, 16, 3420, 2048, 112)
+    assert v["depth"] == 2 and v["fullatt_block_indexes"] == [1]  # block 0 windowed, block 1 full attention
+    tok = load_processor(out / "sft" / "final").tokenizer
+    assert [tok.convert_tokens_to_ids(t) for t, _ in QWEN2_5_VL_ADDED_TOKENS] == list(range(151643, 151665))
+    assert coordinate_token_ids(tok) == list(range(150914, 151643)) + list(range(151665, 151936))
+
+
+def test_one_sft_and_one_grpo_step_with_weight_transfer(runs):
+    out, final = runs
+    assert final["step"] == 1 and final["weights_in_sync"] is True
+    steps = [json.loads(l) for l in (out / "grpo" / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1] and steps[0]["learner/answers"] >= 1
+    assert steps[0]["time/sync_s"] > 0
+
+
+def test_the_checkpoint_reloads_in_transformers_and_vllm(runs, tmp_path):
+    """The GRPO checkpoint loads in transformers (one tensor for the tied embedding and output)
+    and in vLLM, and both give the same log-probs for the same prompt and image."""
+    out, _ = runs
+    ckpt = out / "grpo" / "checkpoints" / "step_000001" / "hf"
+    image = sorted((out / "grpo" / "data" / "images").glob("*.png"))[0]
+    script = tmp_path / "both.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, torch
+        from PIL import Image
+        from vllm import LLM, SamplingParams
+        from rlsys.models import load_model, load_processor
+        from rlsys.prompts import chat_prompt
+        if __name__ == "__main__":
+            ckpt, image = {str(ckpt)!r}, Image.open({str(image)!r}).convert("RGB")
+            proc = load_processor(ckpt)
+            text = chat_prompt(proc, "Detect red circle.") + "<|box_start|><12><500><999><0>"
+            llm = LLM(model=ckpt, max_model_len=1024, gpu_memory_utilization=0.1, enforce_eager=True, dtype="float32",
+                      limit_mm_per_prompt={{"image": 1, "video": 0}}, seed=0)
+            o = llm.generate([{{"prompt": text, "multi_modal_data": {{"image": image}}}}],
+                             SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)[0]
+            ids = list(o.prompt_token_ids)
+            v = [None] + [d[t].logprob for t, d in zip(ids[1:], o.prompt_logprobs[1:])]
+            del llm
+            model = load_model(ckpt)
+            tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+            inp = proc(text=[text], images=[image], return_tensors="pt")
+            with torch.no_grad():
+                lp = torch.log_softmax(model(**inp).logits[0].float(), -1)
+            hf = [None] + [float(lp[i - 1, t]) for i, t in enumerate(ids) if i > 0]
+            print("RESULT " + json.dumps({{"same_ids": inp["input_ids"][0].tolist() == ids, "tied": tied,
+                                           "vllm": v[-8:], "hf": hf[-8:]}}))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    assert r.returncode == 0 and line, r.stderr[-3000:]
+    res = json.loads(line[0][7:])
+    assert res["same_ids"] and res["tied"]
+    # the answer's last tokens, coordinate tokens on remapped rows included
+    assert all(abs(a - b) < 2e-3 for a, b in zip(res["vllm"], res["hf"])), res
