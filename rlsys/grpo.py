@@ -244,7 +244,8 @@ class Trainer:
             with timed(times, "reward"):
                 batch = [(a["text"], self.samples[i].to_dict()) for i, ans in zip(new_idx, new_answers) for a in ans]
                 new_scores = self.rewards.score(batch, group_size=G)
-            std = group_reward_std(*_rewards_and_valid([new_scores]), G)
+            new_rewards, new_valid = _rewards_and_valid([new_scores])
+            std = group_reward_std(new_rewards, G, valid=new_valid)
             drawn_groups += len(new_idx)
             zero_std_groups += int((std == 0).sum())
             last_round = round_ == rounds - 1

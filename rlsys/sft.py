@@ -43,6 +43,15 @@ def param_groups(model, lrs: dict, weight_decay: float) -> list[dict]:
             for (part, decay), ps in groups.items()]
 
 
+def lr_metrics(groups) -> dict[str, float]:
+    """``sft/lr_<part>`` for each part's optimizer groups (vision, projector, llm; a part's
+    no-decay group runs at the same rate), so each rate is logged under its own name."""
+    out: dict[str, float] = {}
+    for g in groups:
+        out.setdefault(f"sft/lr_{g['name'].removesuffix('_nodecay')}", g["lr"])
+    return out
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% (a multiplier of each group's lr)."""
     if warmup and step < warmup:
@@ -134,8 +143,7 @@ def train_loop(config: dict) -> None:
         done = step + 1
         if done % tr.log_every_steps == 0 or done == tr.steps:
             m = {"sft/loss": total, "sft/answer_tokens": n_tok_step, "sft/s_per_step": (time.perf_counter() - t0) / (done - start),
-                 # each part's own rate (vision, projector, llm; its no-decay group has the same)
-                 **{f"sft/lr_{g['name'].removesuffix('_nodecay')}": g["lr"] for g in engine.optimizer.param_groups}}
+                 **lr_metrics(engine.optimizer.param_groups)}
             if rank == 0:
                 print(f"sft step {done}/{tr.steps} loss {total:.4f} ({m['sft/s_per_step']:.2f} s/step)", flush=True)
             if tracker:

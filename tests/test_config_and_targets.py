@@ -104,3 +104,18 @@ def test_weight_transfer_backend_follows_the_devices():
     assert load_config(overrides=["rollout.weight_transfer=object_store"]).weight_transfer_backend == "object_store"
     with pytest.raises(ConfigError, match="nccl needs GPUs on both sides"):
         load_config(overrides=["rollout.weight_transfer=nccl", "rollout.gpus_per_engine=1"])
+
+
+def test_sft_logs_each_parts_learning_rate_under_its_own_name(tiny_model_dir):
+    """The vision encoder, the merger and the LLM train at different rates (paper: 2e-6, 2e-5,
+    2e-5); each is logged under its own name, not the first group's rate as sft/lr_llm."""
+    from rlsys.models import load_model
+    from rlsys.sft import lr_factor, lr_metrics, param_groups
+
+    groups = param_groups(load_model(tiny_model_dir), {"vision": 2e-6, "projector": 3e-5, "llm": 1e-5}, 0.01)
+    assert {g["name"] for g in groups} == {"vision", "vision_nodecay", "projector", "projector_nodecay", "llm", "llm_nodecay"}
+    assert lr_metrics(groups) == {"sft/lr_vision": 2e-6, "sft/lr_projector": 3e-5, "sft/lr_llm": 1e-5}
+    f = lr_factor(5, 100, 10)  # in warm-up: every rate scaled alike
+    for g in groups:
+        g["lr"] = g["initial_lr"] * f
+    assert lr_metrics(groups) == pytest.approx({"sft/lr_vision": 2e-6 * f, "sft/lr_projector": 3e-5 * f, "sft/lr_llm": 1e-5 * f})

@@ -122,15 +122,20 @@ def test_grpo_end_to_end_kill_and_resume(sft_run, tmp_path):
     assert all(r["groups/zero_std_fraction"] < 1.0 for r in first), first
     assert all(r["reward/mean"] > 0 for r in first), first
 
-    # Second run resumes from step 2 and finishes step 3 (again) and 4.
-    r = subprocess.run(args + ["run.steps=4"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    # Second run resumes from step 2 and finishes step 3 (again) and 4, keeping one checkpoint.
+    r = subprocess.run(args + ["run.steps=4", "run.keep_checkpoints=1"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "resumed from" in r.stdout + r.stderr and "at step 2" in r.stdout + r.stderr
     steps = [int(m) for m in re.findall(r"^step (\d+)/4", r.stdout, re.M)]
     assert steps == [3, 4], r.stdout[-3000:]
     records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
+    # each step once: the killed run's step 3 (after its last checkpoint) was dropped and redone
+    assert [rec["step"] for rec in records] == [1, 2, 3, 4]
     # same data order after resume: step 3 draws the same prompts as in the killed run
-    assert records[3]["step"] == 3 and records[3]["prompt_ids"] == first[2]["prompt_ids"]
+    assert records[2]["prompt_ids"] == first[2]["prompt_ids"]
+    assert all(rec["reward/kind/coordinate_count"] == 4 * 4 for rec in records)  # which reward scored, per step
+    # run.keep_checkpoints=1: the newest (also the final) stays, step 2 was pruned
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000004"]
     final = json.loads(r.stdout.split("final: ", 1)[1].splitlines()[0])
     assert final["step"] == 4 and final["weights_in_sync"] is True
     for stage in ("generate", "reward", "reference", "learn", "sync"):
@@ -147,3 +152,6 @@ def test_grpo_end_to_end_kill_and_resume(sft_run, tmp_path):
     # metrics went to an offline W&B run
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert runs and all(f.stat().st_size > 0 for f in runs)
+    # the resumed run continued the killed run's W&B run (one id, kept in out_dir)
+    run_id = (out / "wandb_run_id").read_text().strip()
+    assert len(runs) == 2 and all(f.name == f"run-{run_id}.wandb" for f in runs), runs
