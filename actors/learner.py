@@ -65,6 +65,12 @@ class LearnerWorker:
             for name, p in model.named_parameters():
                 if param_part(name) == "vision":
                     p.requires_grad_(False)
+        if learner_cfg.get("gradient_checkpointing"):
+            # activations of each decoder layer are recomputed in backward instead of kept: the
+            # memory of a long VLM sequence for about one more forward. Non-reentrant, so frozen
+            # parts (freeze_vision) and inputs without grad still backpropagate.
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("learner: no trainable parameters (freeze_vision left nothing to train?)")
@@ -89,12 +95,15 @@ class LearnerWorker:
         if self.ref is not None:
             self.ref.to(self.device)
         self._cache: dict = {}
+        self._encoded = 0
         return self.rank
 
     def _batch(self, chunk):
         from rlsys.sequences import build_batch
 
+        before = len(self._cache)
         inputs, targets, mask = build_batch(self.processor, chunk, self.pad_id, self._cache)
+        self._encoded += len(self._cache) - before  # processor runs this step (once per prompt)
         return {k: v.to(self.device) for k, v in inputs.items()}, targets.to(self.device), mask.to(self.device)
 
     def _batches(self, items):
@@ -102,27 +111,32 @@ class LearnerWorker:
         for i in range(0, len(items), mb):
             yield i, *self._batch(items[i : i + mb])
 
-    def logprobs(self, items) -> tuple[list, list]:
-        """Per item, the current policy's (``old``) and the reference's log-probs of its answer."""
+    def reference(self, items) -> list:
+        """Per item, the frozen reference policy's log-probs of its answer (the step's only extra
+        forward; there is none with ``kl_coef`` 0). No "old" log-prob pass: with one optimizer
+        step per batch the proximal policy is the weights :meth:`train` starts from, so its own
+        forward, detached, gives them."""
         import torch
 
         from rlsys.sequences import token_logprobs
 
-        olds, refs = [], []
-        self.engine.eval()
+        if self.ref is None:
+            raise ValueError("learner: reference log-probs asked for, but kl_coef is 0 (no reference model loaded)")
+        self._cache.clear()
+        self._encoded = 0
+        refs = []
         with torch.no_grad():
             for _, inputs, targets, mask in self._batches(items):
-                old, _ = token_logprobs(self.engine.module, inputs, targets, self.temperature)
-                ref = token_logprobs(self.ref, inputs, targets, self.temperature)[0] if self.ref is not None else old
-                for b in range(mask.shape[0]):
-                    olds.append(old[b][mask[b]].cpu())
-                    refs.append(ref[b][mask[b]].cpu())
+                ref, _ = token_logprobs(self.ref, inputs, targets, self.temperature, mask=mask, entropy=False)
+                refs.extend(ref[b][mask[b]].cpu() for b in range(mask.shape[0]))
         # the processor's outputs stay cached for train() on the same items (it clears them)
-        return olds, refs
+        return refs
 
     def train(self, items, num_tokens_global: int, num_micro_batches: int | None = None, pad_item: dict | None = None) -> dict:
         """One optimizer step over ``items`` (this rank's shard, possibly empty). Each item carries
-        ``advantage``, ``old_logp`` and ``ref_logp`` (per answer token).
+        ``advantage``, ``ref_logp`` (per answer token, when ``kl_coef`` > 0), ``engine_logp`` (the
+        behaviour policy's, as the engine reported them) and ``correct`` (apply the off-policy
+        correction: its answers came from older weights, see :func:`rlsys.algorithm.policy_loss`).
 
         ``num_micro_batches``: how many forward/backward passes every rank runs this step (the
         same on all ranks: ZeRO-2 reduces gradients on every backward). A rank whose shard needs
@@ -147,18 +161,48 @@ class LearnerWorker:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         n_tok = 0
+        gap = {"sum": 0.0, "n": 0}  # |engine - learner| log-prob on on-policy answers
+        beh = {"w_sum": 0.0, "w_max": 0.0, "abs_log": 0.0, "truncated": 0, "n": 0}  # corrected answers
+        cap = self.cfg["is_cap"]
         for k, (chunk, weight) in enumerate(chunks):
             inputs, targets, mask = self._batch(chunk)
-            logp, entropy = token_logprobs(self.engine, inputs, targets, self.temperature)
-            old = torch.zeros_like(logp)
-            ref = torch.zeros_like(logp)
+            logp, entropy = token_logprobs(self.engine, inputs, targets, self.temperature, mask=mask)
+            # the proximal ("old") policy: these weights, before this step's one update
+            old = logp.detach()
+            ref = None
+            if self.ref is not None:
+                ref = torch.zeros_like(old)
+                for b, it in enumerate(chunk):
+                    ref[b][mask[b]] = it["ref_logp"].to(ref)
+            behaviour = None
             for b, it in enumerate(chunk):
-                old[b][mask[b]] = it["old_logp"].to(old)
-                ref[b][mask[b]] = it["ref_logp"].to(ref)
+                eng = it.get("engine_logp")
+                if eng is None or weight == 0.0:
+                    continue
+                eng = torch.as_tensor(eng, dtype=old.dtype, device=old.device)
+                mine = old[b][mask[b]]
+                if eng.shape != mine.shape:
+                    raise ValueError(f"learner rank {self.rank}: the engine reported {eng.numel()} log-probs for an answer "
+                                     f"of {mine.numel()} tokens ({it['image']})")
+                ok = torch.isfinite(eng)
+                if it.get("correct"):
+                    if behaviour is None:
+                        behaviour = old.clone()  # weight exp(0) = 1 exactly for the answers not corrected
+                    behaviour[b][mask[b]] = eng
+                    d = (mine - eng)[ok]
+                    w = d.exp()
+                    beh["w_sum"] += float(w.sum())
+                    beh["w_max"] = max(beh["w_max"], float(w.max()) if w.numel() else 0.0)
+                    beh["abs_log"] += float(d.abs().sum())
+                    beh["truncated"] += int((w > cap).sum())
+                    beh["n"] += int(ok.sum())
+                else:
+                    gap["sum"] += float((mine - eng)[ok].abs().sum())
+                    gap["n"] += int(ok.sum())
             adv = torch.tensor([it["advantage"] for it in chunk], dtype=torch.float32, device=logp.device)
             loss, m = policy_loss(logp, old, ref, adv, mask, clip_low=self.cfg["clip_low"],
                                   clip_high=self.cfg["clip_high"], kl_coef=self.cfg["kl_coef"],
-                                  num_tokens=num_tokens_global)
+                                  num_tokens=num_tokens_global, behaviour_logp=behaviour, is_cap=cap)
             # The loss is normalised by the global answer-token count, so micro-batch losses add
             # up to the step's loss; DeepSpeed must neither divide by the accumulation steps
             # (scale_wrt_gas=False) nor, net, by the world size it averages gradients over.
@@ -170,7 +214,7 @@ class LearnerWorker:
             n_tok += n
             for name in ("kl", "clip_fraction", "ratio_mean"):
                 sums[name] = sums.get(name, 0.0) + float(m[name]) * n
-            sums["entropy"] = sums.get("entropy", 0.0) + float(entropy.detach()[mask].sum())
+            sums["entropy"] = sums.get("entropy", 0.0) + float(entropy[mask].sum())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
         self.engine.step()  # the one optimizer step of this GRPO step (the boundary was the last backward)
         self._cache.clear()
@@ -178,7 +222,11 @@ class LearnerWorker:
         out.update(tokens=n_tok, answers=len(items), micro_batches=M, padded_micro_batches=M - need, learn_s=time.perf_counter() - t0,
                    optimizer_steps=self.engine.global_steps,
                    grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
-                   lr=self.engine.get_lr()[0] if self.engine.get_lr() else self.cfg["lr"])
+                   lr=self.engine.get_lr()[0] if self.engine.get_lr() else self.cfg["lr"],
+                   encoded_prompts=self._encoded, gap_sum=gap["sum"], gap_tokens=gap["n"],
+                   behaviour_w_sum=beh["w_sum"], behaviour_w_max=beh["w_max"], behaviour_abs_log_sum=beh["abs_log"],
+                   behaviour_truncated=beh["truncated"], behaviour_tokens=beh["n"])
+        self._encoded = 0
         return out
 
     # -- weights out (rank 0) --------------------------------------------------------------------
@@ -310,13 +358,14 @@ class LearnerGroup:
 
         return [[items[i] for i in idx] for idx in round_robin(len(items), len(self.ranks))]
 
-    def logprobs(self, items: list) -> None:
-        """Fill each item's ``old_logp`` and ``ref_logp`` (current and reference policy)."""
+    def reference(self, items: list) -> None:
+        """Fill each item's ``ref_logp`` (the frozen reference policy), sharded as :meth:`train`
+        will shard them, so each rank's processor outputs are reused by its update."""
         shards = self.shard(items)
-        res = self._each([w.logprobs.remote(sh) for w, sh in zip(self.ranks, shards)], "old/reference log-probs")
-        for sh, (olds, refs) in zip(shards, res):
-            for it, o, r in zip(sh, olds, refs):
-                it["old_logp"], it["ref_logp"] = o, r
+        res = self._each([w.reference.remote(sh) for w, sh in zip(self.ranks, shards)], "reference log-probs")
+        for sh, refs in zip(shards, res):
+            for it, r in zip(sh, refs):
+                it["ref_logp"] = r
 
     def train(self, items: list) -> list[dict]:
         """One optimizer step on every rank over ``items``; per-rank metrics."""

@@ -19,7 +19,7 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, model_dir: str, *, max_model_len: int, gpu_memory_utilization: float,
+    def __init__(self, model_dir: str, *, max_model_len: int, memory: dict,
                  enforce_eager: bool, seed: int, dtype: str = "float32", weight_transfer: str = "rlsys_gloo",
                  pixels: dict | None = None):
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -37,7 +37,7 @@ class RolloutWorker:
         self.llm = LLM(
             model=model_dir,
             max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
+            **memory,  # rlsys.config.engine_memory: the KV cache's size
             enforce_eager=enforce_eager,
             limit_mm_per_prompt={"image": 1, "video": 0},
             # the config's pixel budget, as the learner's processor uses it
@@ -114,7 +114,10 @@ class RolloutWorker:
             for c in o.outputs:
                 lps = [d[t].logprob if d and t in d else float("nan") for t, d in zip(c.token_ids, c.logprobs or [])]
                 answers.append({"token_ids": list(c.token_ids), "logprobs": lps, "text": c.text,
-                                "finish_reason": c.finish_reason})
+                                "finish_reason": c.finish_reason,
+                                # the prompt as the engine tokenised it (image placeholders
+                                # expanded): the learner checks its own rendering against it
+                                "prompt_ids": list(o.prompt_token_ids)})
             result.append(answers)
         return result
 
@@ -219,11 +222,12 @@ class RolloutGroup:
 
     def _start(self, i: int):
         from actors.group import in_bundle
+        from rlsys.config import engine_memory
 
         ro = self.cfg.rollout
         return RolloutWorker.options(num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine,
                                      scheduling_strategy=in_bundle(self.pg, i)).remote(
-            self.model_dir, max_model_len=ro.max_model_len_tokens, gpu_memory_utilization=ro.gpu_memory_utilization,
+            self.model_dir, max_model_len=ro.max_model_len_tokens, memory=engine_memory(ro.gpu_memory_utilization, ro.kv_cache_mib),
             enforce_eager=ro.enforce_eager, seed=self.cfg.run.seed + i, dtype=self.cfg.model.dtype,
             weight_transfer=self.cfg.weight_transfer_backend, pixels=self.cfg.model.pixel_budget())
 
@@ -240,39 +244,66 @@ class RolloutGroup:
 
     def generate(self, requests: list[dict], *, step: int) -> list[list[dict]]:
         """``samples_per_prompt`` answers per request, requests spread over the engines."""
+        return self.collect(self.submit(requests, step=step))
+
+    def submit(self, requests: list[dict], *, step: int) -> dict:
+        """Start generating (returns at once); :meth:`collect` waits for the answers. An engine
+        runs its calls in the order they were submitted, so a weight push submitted after this
+        reaches that engine between this batch and the next."""
+        from actors.group import round_robin
+
+        shards = round_robin(len(requests), len(self.engines))
+        job = {"requests": requests, "step": step, "shards": shards, "calls": {}}
+        job["calls"] = {k: self._call(job, k, attempt=0) for k, sh in enumerate(shards) if sh}
+        return job
+
+    def _call(self, job: dict, k: int, attempt: int):
+        ro, seed = self.cfg.rollout, self.cfg.run.seed
+        engine = self.engines[k]
+        ref = engine.generate.remote([job["requests"][j] for j in job["shards"][k]], n=ro.samples_per_prompt,
+                                     temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
+                                     seed=seed * 100003 + job["step"] * 101 + k + attempt)
+        return engine, ref
+
+    def collect(self, job: dict) -> list[list[dict]]:
+        """The answers of a :meth:`submit`: a dead or stuck engine is restarted (unless another
+        batch's collect already replaced it) and its prompts retried once."""
         import ray
 
-        from actors.group import call, round_robin
+        from actors.group import call
 
-        ro, seed = self.cfg.rollout, self.cfg.run.seed
-        shards = round_robin(len(requests), len(self.engines))
-        out: list = [None] * len(requests)
-        todo = [k for k, sh in enumerate(shards) if sh]
+        ro, step, shards = self.cfg.rollout, job["step"], job["shards"]
+        out: list = [None] * len(job["requests"])
+        calls = job["calls"]
         for attempt in (0, 1):
-            calls = {k: self.engines[k].generate.remote([requests[j] for j in shards[k]], n=ro.samples_per_prompt,
-                                                        temperature=ro.temperature, top_p=ro.top_p,
-                                                        max_new_tokens=ro.max_new_tokens,
-                                                        seed=seed * 100003 + step * 101 + k + attempt)
-                     for k in todo}
-            failed = []
-            for k, ref in calls.items():
+            failed, restarted = [], []
+            for k, (engine, ref) in calls.items():
                 try:
                     for j, ans in zip(shards[k], call(ref, ro.timeout_s, f"rollout engine {k}")):
                         out[j] = ans
                 except (TimeoutError, ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                     if attempt == 1:
                         raise RuntimeError(f"rollout engine {k} failed twice in step {step}: {exc}") from exc
+                    failed.append(k)
+                    if self.engines[k] is not engine:
+                        # a batch submitted before this one found the engine dead and replaced it
+                        # (with the current weights): only this batch's prompts are retried
+                        log.warning("rollout engine %d was replaced while this batch waited (step %d); retrying its %d prompts",
+                                    k, step, len(shards[k]))
+                        continue
                     log.warning("rollout engine %d failed in step %d (%s); restarting it and retrying its %d prompts",
                                 k, step, str(exc).splitlines()[0], len(shards[k]))
                     self.restart(k)
-                    failed.append(k)
+                    restarted.append(k)
             if not failed:
                 break
-            call([self.engines[k].ready.remote() for k in failed], self.cfg.run.actor_start_timeout_s, "restarted rollout engine start-up")
-            if self.on_restart is not None:
-                self.on_restart(failed)
+            if restarted:
+                call([self.engines[k].ready.remote() for k in restarted], self.cfg.run.actor_start_timeout_s,
+                     "restarted rollout engine start-up")
+                if self.on_restart is not None:
+                    self.on_restart(restarted)
             self.retried += [(step, k, list(shards[k])) for k in failed]
-            todo = failed
+            calls = {k: self._call(job, k, attempt=1) for k in failed}
         return out
 
     def transfer_workers(self) -> int:

@@ -31,6 +31,7 @@ __all__ = [
     "select_groups_with_signal",
     "kl_k3",
     "policy_loss",
+    "behaviour_weights",
     "token_entropy",
     "masked_mean",
 ]
@@ -199,15 +200,35 @@ def token_entropy(logits: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- the loss
 
 
-def _check_token_shapes(logp, old_logp, ref_logp, advantages, mask) -> None:
+def _check_token_shapes(logp, old_logp, ref_logp, advantages, mask, behaviour_logp=None) -> None:
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
     shape = tuple(logp.shape)
-    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("behaviour_logp", behaviour_logp)):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have the shape of logp {shape}, got {tuple(t.shape)}")
     if tuple(advantages.shape) != shape[:1]:
         raise ValueError(f"advantages must be [B] = ({shape[0]},), got {tuple(advantages.shape)}")
+
+
+def behaviour_weights(old_logp: Tensor, behaviour_logp: Tensor, mask: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """Truncated importance weights ``min(exp(old - behaviour), cap)`` per token, and whether
+    each was truncated; both ``[B, T]``, detached.
+
+    ``behaviour_logp`` are the log-probs the rollout engine reported for the tokens it sampled
+    (the behaviour policy, possibly some weight versions behind), ``old_logp`` the proximal
+    policy's (here: the learner's weights before this update). A token whose behaviour log-prob
+    is missing (nan) or masked gets weight 1. Truncation at ``cap`` bounds the variance a token
+    the behaviour policy found unlikely would otherwise bring (AReaL caps these weights, verl and
+    slime's truncated importance sampling uses the same ``min(w, C)``).
+    """
+    if not cap >= 1.0:
+        raise ValueError(f"the importance-weight cap must be >= 1, got {cap}")
+    m = (mask if mask.dtype == torch.bool else mask != 0) & torch.isfinite(behaviour_logp)
+    dtype = torch.promote_types(old_logp.dtype, torch.float32)
+    d = torch.where(m, old_logp.detach().to(dtype) - behaviour_logp.detach().to(dtype), torch.zeros((), dtype=dtype, device=old_logp.device))
+    w = torch.exp(d)
+    return w.clamp(max=cap), w > cap
 
 
 def policy_loss(
@@ -221,6 +242,8 @@ def policy_loss(
     clip_high: float = 0.2,
     kl_coef: float = 0.01,
     num_tokens: Union[int, float, Tensor, None] = None,
+    behaviour_logp: Optional[Tensor] = None,
+    is_cap: float = 2.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss: clipped surrogate plus ``kl_coef`` * k3, averaged over tokens.
 
@@ -234,6 +257,24 @@ def policy_loss(
     Only ``logp`` carries gradient: ``old_logp``, ``ref_logp`` and ``advantages`` are detached,
     they are constants of the objective. Separate ``clip_low``/``clip_high`` allow DAPO's
     clip-higher. ``ref_logp`` may be None when ``kl_coef == 0`` (no reference model).
+
+    Off-policy correction (``behaviour_logp`` given): the decoupled objective of AReaL
+    (Fu et al., 2025). The answers were sampled by a behaviour policy (the engines' weights, up
+    to ``run.max_staleness_steps`` versions behind, or numerically different from the learner);
+    ``old_logp`` is the proximal policy the update is clipped around. Per token::
+
+        w    = min(exp(old_logp - behaviour_logp), is_cap)      (detached)
+        loss = -w * min(ratio * A, clamp(ratio, 1 - clip_low, 1 + clip_high) * A) + kl term
+
+    so the clip keeps the step near the proximal policy and ``w`` corrects for where the samples
+    came from; the KL term is not weighted (it is a penalty on the current policy, not an
+    expectation over the samples). Why this and not plain truncated IS (``ratio`` taken against
+    the behaviour policy directly, as verl's and slime's TIS): with stale samples that ratio is
+    far from 1 before the update starts and the clip would zero the gradient of most tokens,
+    while here the clip only acts on how far this update moves. With one optimizer step per
+    batch the proximal policy is the learner's weights before the step, i.e. the training
+    forward's own detached log-probs, so the correction costs no extra forward. Without
+    ``behaviour_logp`` the loss is exactly the on-policy one above.
 
     The token sum is divided by ``num_tokens``, the GLOBAL count of unmasked tokens across all
     micro-batches and data-parallel ranks (token-level averaging, as DAPO, rather than a mean of
@@ -254,9 +295,11 @@ def policy_loss(
       smaller, i.e. the clip changed the objective (and zeroed the token's gradient);
     * ``ratio_mean``, ``ratio_max``: over unmasked tokens (0 when there are none);
     * ``num_tokens``: this call's unmasked token count, the weight for averaging the
-      per-call means above across micro-batches.
+      per-call means above across micro-batches;
+    * with ``behaviour_logp``: ``behaviour_ratio_mean`` / ``behaviour_ratio_max`` (the
+      importance weights before truncation) and ``is_truncated_fraction``.
     """
-    _check_token_shapes(logp, old_logp, ref_logp, advantages, mask)
+    _check_token_shapes(logp, old_logp, ref_logp, advantages, mask, behaviour_logp)
     if not 0.0 <= clip_low <= 1.0:
         raise ValueError(f"clip_low must be in [0, 1], got {clip_low}")
     if clip_high < 0.0:
@@ -284,6 +327,9 @@ def policy_loss(
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
     pg_tok = -torch.minimum(unclipped, clipped)
+    if behaviour_logp is not None:
+        w, truncated = behaviour_weights(old, behaviour_logp, m, is_cap)
+        pg_tok = w * pg_tok
 
     k3 = kl_k3(lp, clean(ref_logp.detach())) if ref_logp is not None else None
     tok = pg_tok + kl_coef * k3 if (k3 is not None and kl_coef != 0.0) else pg_tok
@@ -312,28 +358,9 @@ def policy_loss(
             "ratio_max": torch.where(m, r, zero).max() if r.numel() else zero.clone(),
             "num_tokens": local_count.to(dtype),
         }
+        if behaviour_logp is not None:
+            raw = torch.exp(torch.where(m & torch.isfinite(behaviour_logp), old - behaviour_logp.detach().to(dtype), zero))
+            metrics["behaviour_ratio_mean"] = masked_mean(raw, m)
+            metrics["behaviour_ratio_max"] = torch.where(m, raw, zero).max() if raw.numel() else zero.clone()
+            metrics["is_truncated_fraction"] = masked_mean(truncated.to(dtype), m)
     return loss, metrics
-
-
-def engine_learner_logprob_gap(items) -> float:
-    """Mean |engine log-prob - learner log-prob| over the sampled answer tokens of ``items``.
-
-    Each item carries ``engine_logp`` (what the generator reported for its sampled tokens, a list;
-    NaN where it reported none) and ``old_logp`` (the learner's, a tensor of the same length).
-    Both are of the sampling distribution, so on-policy they differ only by numerics (~1e-6 in
-    float32); a large value means the two sides disagree on the policy. NaN when no token has
-    both values.
-    """
-    total, count = 0.0, 0
-    for it in items:
-        eng = it.get("engine_logp")
-        if eng is None:
-            continue
-        eng_t = torch.as_tensor(eng, dtype=torch.float64)
-        old = torch.as_tensor(it["old_logp"], dtype=torch.float64)
-        if eng_t.shape != old.shape:
-            raise ValueError(f"engine reported {eng_t.numel()} log-probs for an answer the learner scored with {old.numel()}")
-        ok = torch.isfinite(eng_t) & torch.isfinite(old)
-        total += float((eng_t[ok] - old[ok]).abs().sum())
-        count += int(ok.sum())
-    return total / count if count else float("nan")

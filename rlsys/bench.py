@@ -246,8 +246,6 @@ def main(argv=None) -> int:
             big.run.out_dir = str(out / "run-large")
             big.model.tiny_hidden_size, big.model.tiny_num_layers, big.model.tiny_intermediate_size = 512, 8, 1536
             big.model.tiny_vision_hidden_size, big.model.tiny_vision_depth = 256, 4
-            # vLLM's CPU budget covers weights and activations too: 0.1 of RAM leaves no KV cache for this model
-            big.rollout.gpu_memory_utilization = 0.2
             res["sync_large"] = bench_step_and_sync(big, steps=2)
         if "distributed" in a.only:
             res["distributed"] = bench_distributed(cfg)

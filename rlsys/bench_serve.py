@@ -123,6 +123,7 @@ def offline_rate(cfg, model_dir: str, n_at: dict[int, int]) -> dict:
     from PIL import Image
     from vllm import LLM, SamplingParams
 
+    from rlsys.config import engine_memory
     from rlsys.models import load_processor
     from rlsys.prompts import chat_prompt
     from rlsys.serve import DetectRequest, check_request, question_for
@@ -136,7 +137,7 @@ def offline_rate(cfg, model_dir: str, n_at: dict[int, int]) -> dict:
     question = question_for(req, output, phrases, *image.size)
     prompt = chat_prompt(processor, question)
     llm = LLM(model=model_dir, max_model_len=e.max_model_len_tokens, max_num_seqs=e.max_num_seqs,
-              gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager, seed=e.seed,
+              **engine_memory(e.gpu_memory_utilization, e.kv_cache_mib), enforce_eager=e.enforce_eager, seed=e.seed,
               dtype=cfg.model.dtype, limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_kwargs=pixels or None,
               trust_remote_code=cfg.model.trust_remote_code)
     sp = SamplingParams(max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, skip_special_tokens=False)

@@ -42,6 +42,22 @@ MinPixels = Annotated[int | None, Field(ge=28 * 28, description="Smallest image 
 MaxPixels = Annotated[int | None, Field(ge=28 * 28, description="Largest image area after resizing, in pixels: caps an image at max_pixels / 784 tokens (Rex-Omni: 2,560 tokens = 2,007,040 px). None: the checkpoint's processor setting (Qwen2.5-VL: 12,845,056, i.e. 16,384 tokens).")]
 
 
+# vLLM's KV cache. On GPUs a share of device memory is the usual knob. On the CPU backend
+# gpu_memory_utilization is a share of the RAM of the engine's NUMA node (weights and
+# activations included), which is fragile: on a 24 GB VM whose node 0 reports 12 GB, 0.1 leaves
+# nothing once the worker's own 1.2 GB are counted, and the engine refuses to start. A size in
+# MiB is what CPU configs set.
+KvCacheMiB = Annotated[int | None, Field(ge=16, description="vLLM KV-cache size in MiB (vLLM's kv_cache_memory_bytes); when set, gpu_memory_utilization no longer sizes the cache. Set it on CPU machines (the tiny configs use 256: the tiny model needs ~1 KiB per token). None: gpu_memory_utilization decides.")]
+
+
+def engine_memory(gpu_memory_utilization: float, kv_cache_mib: int | None) -> dict:
+    """The vLLM engine arguments that size its memory (one rule for rollout, eval and Serve)."""
+    out = {"gpu_memory_utilization": gpu_memory_utilization}
+    if kv_cache_mib is not None:
+        out["kv_cache_memory_bytes"] = kv_cache_mib << 20
+    return out
+
+
 def pixel_budget(min_pixels: int | None, max_pixels: int | None) -> dict:
     """The processor keyword arguments (and vLLM ``mm_processor_kwargs``) of a pixel budget."""
     if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
@@ -117,7 +133,8 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1.0, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(128, ge=1, le=32768, description="Answer length limit, in tokens.")
     max_model_len_tokens: int = Field(1024, ge=64, description="vLLM context length (prompt with image tokens + answer).")
-    gpu_memory_utilization: float = Field(0.1, gt=0, le=0.95, description="vLLM KV-cache share of device memory; on the CPU backend, of RAM (0.1 works on 24 GB).")
+    gpu_memory_utilization: float = Field(0.1, gt=0, le=0.95, description="vLLM's share of device memory (weights, activations, KV cache); on the CPU backend, of the RAM of the engine's NUMA node. Ignored for the KV cache when kv_cache_mib is set.")
+    kv_cache_mib: KvCacheMiB = None
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / torch.compile in vLLM (faster start, required on CPU).")
     timeout_s: float = Field(600.0, gt=0, description="Limit for one generate call; past it the engine is restarted and the step retried.")
     resources_per_engine: dict[str, float] = Field(default_factory=dict, description="Custom Ray node resources each engine bundle asks for, e.g. {rollout_node: 1} to keep engines on the nodes that advertise it.")
@@ -149,6 +166,9 @@ class LearnerConfig(_Section):
     clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above 1 (epsilon_high; DAPO raises it).")
     kl_coef: float = Field(0.01, ge=0, description="Weight of the k3 KL penalty to the reference policy (paper: 0.01).")
     freeze_vision: bool = Field(False, description="Keep the vision encoder fixed during GRPO; the projector and the LLM still learn.")
+    off_policy_correction: Literal["stale", "always", "off"] = Field("stale", description="Importance-weight the loss by the engines' log-probs (the behaviour policy; rlsys.algorithm.policy_loss): stale: answers made by older weights than the learner's (run.max_staleness_steps, sync_every_steps > 1); always: every answer, also correcting engine/learner numeric differences (bf16 engines); off: never.")
+    is_cap: float = Field(2.0, ge=1.0, description="Truncation of the off-policy importance weights, min(w, is_cap).")
+    gradient_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in backward instead of keeping them (less memory for long VLM sequences, about one more forward of time).")
     ref_colocated: bool = Field(True, description="Keep the frozen reference policy inside each learner rank. Only true is implemented (a separate reference actor group is not); false is refused.")
     timeout_s: float = Field(1800.0, gt=0, description="Limit for one learner call (update, save).")
     resources_per_rank: dict[str, float] = Field(default_factory=dict, description="Custom Ray node resources each learner bundle asks for, e.g. {learner_node: 1}.")
@@ -175,6 +195,7 @@ class RunConfig(_Section):
     dynamic_sampling: bool = Field(False, description="Drop groups whose reward std is 0 and draw more prompts to refill the step.")
     max_resample_rounds: int = Field(3, ge=0, description="Extra prompt draws per step when dynamic sampling refills.")
     sync_every_steps: int = Field(1, ge=1, description="Push the learner's weights to the generators every N updates.")
+    max_staleness_steps: int = Field(0, ge=0, le=16, description="Asynchronous rollouts: generation of the next batches runs while the learner trains on this one, and no answer is learnt from more than N policy versions after the weights that made it (0: the synchronous loop). Stale answers are importance-weighted (learner.off_policy_correction).")
     checkpoint_every_steps: int = Field(10, ge=1, description="Write a checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(0, ge=0, description="Keep the newest N step checkpoints and the final one, deleting older ones after each save (a 3B checkpoint with optimizer state is ~60 GB). 0: keep all.")
     resume: bool = Field(True, description="Continue from the last checkpoint in out_dir when there is one.")
@@ -199,6 +220,10 @@ class GRPOConfig(_Section):
                 f"learner.micro_batch_size ({self.learner.micro_batch_size}) exceeds the samples per step "
                 f"({self.samples_per_step} = run.prompts_per_step x rollout.samples_per_prompt)"
             )
+        if self.run.sync_every_steps - 1 > self.run.max_staleness_steps:
+            raise ValueError(f"run.sync_every_steps {self.run.sync_every_steps} trains on answers up to "
+                             f"{self.run.sync_every_steps - 1} versions old, past run.max_staleness_steps "
+                             f"{self.run.max_staleness_steps}: set run.max_staleness_steps >= {self.run.sync_every_steps - 1}")
         if self.rollout.weight_transfer == "nccl" and not (self.rollout.gpus_per_engine > 0 and self.learner.gpus_per_rank > 0):
             raise ValueError("rollout.weight_transfer nccl needs GPUs on both sides (rollout.gpus_per_engine and "
                              "learner.gpus_per_rank > 0); on CPUs use rlsys_gloo or auto")

@@ -31,7 +31,9 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
     r, pixels = cfg.rollout, cfg.model.pixel_budget()
     max_new_tokens = max_new_tokens or r.max_new_tokens
     proc = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=pixels)
-    llm = LLM(model=model_dir, max_model_len=r.max_model_len_tokens, gpu_memory_utilization=r.gpu_memory_utilization,
+    from rlsys.config import engine_memory
+
+    llm = LLM(model=model_dir, max_model_len=r.max_model_len_tokens, **engine_memory(r.gpu_memory_utilization, r.kv_cache_mib),
               enforce_eager=r.enforce_eager, dtype=cfg.model.dtype, limit_mm_per_prompt={"image": 1, "video": 0},
               mm_processor_kwargs=pixels or None, seed=0, trust_remote_code=cfg.model.trust_remote_code)
     inputs = []

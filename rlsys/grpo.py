@@ -2,8 +2,10 @@
 
 One step, as in the paper's section 4.2: sample prompts -> the rollout group samples G answers
 each -> the reward group scores them against the image's ground truth -> group-normalised
-advantages -> old and reference log-probs -> learner update -> weight sync to the generators.
-Each stage is timed and logged. With no arguments it runs ``configs/tiny_cpu.yaml``: the tiny
+advantages -> reference log-probs -> learner update -> weight sync to the generators. Each stage
+is timed and logged. With ``run.max_staleness_steps`` N > 0 the next batches are generated while
+the learner trains on this one (asynchronous rollouts), never more than N policy versions behind
+the learner, and the loss importance-weights them by the engines' log-probs. With no arguments it runs ``configs/tiny_cpu.yaml``: the tiny
 model on synthetic data, on this machine; under ``ray job submit`` it joins that cluster.
 """
 
@@ -17,7 +19,9 @@ import random
 import sys
 import time
 from collections import Counter
+from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlsys.checkpoints import Checkpoints
@@ -58,6 +62,20 @@ class PromptOrder:
             out.append(perm[i])
             self.position += 1
         return out
+
+
+@dataclass
+class Batch:
+    """Prompts drawn for one step and, once generated, their answers. ``version`` is the number
+    of learner updates in the weights the engines held when it was submitted: it is learnt from
+    ``learner updates then - version`` versions later (its staleness)."""
+
+    step: int  # the step it was drawn for (its questions are drawn with this step's seed)
+    idx: list[int]
+    prompts: list[str]
+    version: int
+    job: dict | None = None  # the rollout group's job while generating
+    answers: list | None = None
 
 
 def torch_tensor(values):
@@ -113,7 +131,7 @@ class Trainer:
     sharding, timeouts and what a dead member costs (actors/); the controller never touches a
     single actor."""
 
-    def __init__(self, cfg: GRPOConfig, model_dir: str, samples):
+    def __init__(self, cfg: GRPOConfig, model_dir: str, samples, processor=None):
         import ray
 
         from actors.group import call
@@ -125,11 +143,17 @@ class Trainer:
 
         self.cfg, self.model_dir, self.samples = cfg, model_dir, samples
         self.out = Path(cfg.run.out_dir)
-        self.processor = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=cfg.model.pixel_budget())
+        self.processor = processor or load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code,
+                                                     pixels=cfg.model.pixel_budget())
         self.ckpt = Checkpoints(self.out, keep=cfg.run.keep_checkpoints)
-        self.step_no = 0
+        self.step_no = 0  # learner updates so far: the learner's policy version
+        self.engine_version = 0  # the learner version the engines hold (set by every push)
         self.refused_requests = 0  # prompts the engines would not take, over the run
         self.order = PromptOrder(len(samples), cfg.run.seed)
+        # batches generating ahead of the learner (run.max_staleness_steps > 0), oldest first
+        self.inflight: deque[Batch] = deque()
+        self.staleness = Counter()  # answers learnt from, by staleness, over the run
+        self._last_step_end: float | None = None
         have = ray.cluster_resources().get("CPU", 0)
         if cfg.cpus_requested() > have:
             log.warning("the actor groups ask for %.1f CPUs but the cluster has %.1f now: they start only if an "
@@ -149,57 +173,93 @@ class Trainer:
         self.rollouts.on_restart = lambda engines: self.weights.push()
 
         last = self.ckpt.latest() if cfg.run.resume else None
+        pending: list = []
         if last is not None:
             state = json.loads((last / "trainer_state.json").read_text())
             self.learners.load(str(last))
             self.step_no = state["step"]
             self.order = PromptOrder(len(samples), cfg.run.seed, state["data_position"])
+            pending = state.get("pending_batches", [])
             log.info("resumed from %s at step %d", last, self.step_no)
         # Engines start from model_dir; the first push also opens the transfer group, so its
         # cost is paid here rather than inside step 1's timing.
         self.sync_weights()
+        # prompts drawn ahead before the checkpoint (asynchronous rollouts) are generated again,
+        # with the same questions: none is lost, none is drawn twice
+        for b in pending:
+            self.inflight.append(self._submit(b["step"], b["idx"]))
 
-    def _prompt(self, i: int) -> str:
-        """The chat prompt of sample ``i`` at this step (its question is drawn per step)."""
+    def _prompt(self, i: int, step: int) -> str:
+        """The chat prompt of sample ``i`` drawn for ``step`` (its question is drawn per step)."""
         from rlsys.prompts import question_for_sample
 
-        q = question_for_sample(self.samples[i], random.Random(f"{self.cfg.run.seed}-{self.step_no}-{i}"))
+        q = question_for_sample(self.samples[i], random.Random(f"{self.cfg.run.seed}-{step - 1}-{i}"))
         return _chat_prompt(self.processor, q)
 
     # -- stages ------------------------------------------------------------------------------
+    def _submit(self, step: int, idx: list[int]) -> Batch:
+        """Start generating G answers for each of ``idx`` (returns at once)."""
+        prompts = [self._prompt(i, step) for i in idx]
+        reqs = [{"prompt": p, "image": self.samples[i].image} for i, p in zip(idx, prompts)]
+        return Batch(step, list(idx), prompts, self.engine_version, job=self.rollouts.submit(reqs, step=step))
+
+    def _answers(self, b: Batch, times: dict) -> list:
+        """The batch's answers, waiting for them if they are still being generated."""
+        if b.answers is None:
+            with timed(times, "generate"):
+                b.answers = self.rollouts.collect(b.job)
+            b.job = None
+        return b.answers
+
     def generate(self, idx: list[int]) -> list[list[dict]]:
-        """G answers per prompt (the rollout group spreads them and survives a dead engine)."""
-        reqs = [{"prompt": self._prompt(i), "image": self.samples[i].image} for i in idx]
-        return self.rollouts.generate(reqs, step=self.step_no)
+        """G answers per prompt for this step, now (the rollout group spreads them and survives a dead engine)."""
+        return self._answers(self._submit(self.step_no + 1, idx), {})
+
+    def _next_batch(self, times: dict) -> Batch:
+        """This step's batch: the oldest one generating ahead, or one drawn now. Then the pipeline
+        is topped up so the engines work on the next batches while this one is scored and learnt."""
+        want = self.cfg.run.prompts_per_step
+        b = self.inflight.popleft() if self.inflight else self._submit(self.step_no + 1, self.order.take(want))
+        N = self.cfg.run.max_staleness_steps
+        while len(self.inflight) < N:
+            step = self.step_no + 2 + len(self.inflight)
+            # it will be learnt at learner version step - 1; past the bound (or the run) it waits
+            if step > self.cfg.run.steps or (step - 1) - self.engine_version > N:
+                break
+            self.inflight.append(self._submit(step, self.order.take(want)))
+        return b
 
     def sync_weights(self) -> float:
-        """The learner's weights into every engine (vLLM's weight-transfer protocol)."""
-        return self.weights.push()
+        """The learner's weights into every engine (vLLM's weight-transfer protocol), between
+        requests: generation already submitted finishes on the old weights first."""
+        for b in self.inflight:
+            self._answers(b, {})
+        t = self.weights.push()
+        self.engine_version = self.step_no
+        return t
 
     def step(self) -> dict:
         """One GRPO step (the paper's section 4.2), each stage timed."""
-        from rlsys.algorithm import engine_learner_logprob_gap, group_advantages
+        from rlsys.algorithm import group_advantages
 
         times: dict[str, float] = {}
         t_step = time.perf_counter()
         G = self.cfg.rollout.samples_per_prompt
-        # 1-2. prompts -> G answers each -> rewards against each image's ground truth
-        idx, answers, scores, signal = self._sample_groups(times)
+        # 1-2. prompts -> G answers each (generated ahead when asynchronous) -> rewards against
+        #      each image's ground truth
+        groups, signal = self._sample_groups(times)
         # 3. group-normalised advantages
+        scores = [g["scores"] for g in groups]
         rewards, valid = _rewards_and_valid(scores)
         adv = group_advantages(rewards, G, valid=valid)  # failed scores are out of the group statistics
-        items = self._learner_items(idx, answers, adv, valid)
-        # 4. old and reference log-probs of the sampled tokens
-        with timed(times, "reference"):
-            self.learners.logprobs(items)
-        # The engine's and the learner's log-probs of the same sampled tokens should agree; a
-        # growing gap means the learner optimises a different policy than the one that sampled
-        # (stale weights, another image resolution, a temperature mismatch). With top_p < 1 it
-        # also holds the nucleus renormalisation, which the learner does not apply.
-        logprob_gap = engine_learner_logprob_gap(items)
-        for it in items:
-            it.pop("engine_logp", None)
-        # 5. the clipped-ratio update with the KL penalty, one optimizer step over all ranks
+        items = self._learner_items(groups, adv, valid)
+        # 4. reference log-probs of the sampled tokens (the only extra forward; none without KL).
+        #    The "old" policy is the learner's weights before this update: its training forward gives them.
+        if self.cfg.learner.kl_coef > 0:
+            with timed(times, "reference"):
+                self.learners.reference(items)
+        # 5. the clipped-ratio update with the KL penalty, one optimizer step over all ranks;
+        #    answers from older weights are importance-weighted by the engines' log-probs
         with timed(times, "learn"):
             learn = self.learners.train(items)
         self.step_no += 1
@@ -207,12 +267,17 @@ class Trainer:
         if self.step_no % self.cfg.run.sync_every_steps == 0:
             with timed(times, "sync"):
                 self.sync_weights()
-        times["step"] = time.perf_counter() - t_step
+        now = time.perf_counter()
+        times["step"] = now - t_step
         times["idle"] = max(0.0, times["step"] - sum(v for k, v in times.items() if k != "step"))
-        return self._metrics(idx, answers, scores, rewards, signal, learn, logprob_gap, times)
+        # wall time between consecutive step ends (checkpoints and logging included), so the
+        # synchronous and the asynchronous loop compare
+        times["step"] = now - (self._last_step_end if self._last_step_end is not None else t_step)
+        self._last_step_end = now
+        return self._metrics(groups, rewards, signal, learn, times)
 
     def _sample_groups(self, times: dict):
-        """Draw prompts, generate and score their groups. With dynamic sampling (DAPO), groups
+        """This step's groups with their answers and rewards. With dynamic sampling (DAPO), groups
         whose rewards have no spread carry no signal: they are dropped and more prompts drawn,
         up to ``run.max_resample_rounds`` extra rounds; past the last round they are kept.
         Filtered on std, not mean: rewards are continuous."""
@@ -220,66 +285,80 @@ class Trainer:
 
         cfg, G = self.cfg, self.cfg.rollout.samples_per_prompt
         want = cfg.run.prompts_per_step
-        idx, answers, scores = [], [], []
+        groups: list[dict] = []
         zero_std_groups, drawn_groups = 0, 0
         rounds = 1 + (cfg.run.max_resample_rounds if cfg.run.dynamic_sampling else 0)
         for round_ in range(rounds):
-            need = want - len(idx)
+            need = want - len(groups)
             if need <= 0:
                 break
-            new_idx = self.order.take(need)
-            with timed(times, "generate"):
-                new_answers = self.generate(new_idx)
+            b = self._next_batch(times) if round_ == 0 else self._submit(self.step_no + 1, self.order.take(need))
+            staleness = self.step_no - b.version
+            if staleness > cfg.run.max_staleness_steps:  # the pipeline's invariant; never expected
+                raise RuntimeError(f"step {self.step_no + 1}: a batch from learner version {b.version} is {staleness} versions "
+                                   f"old, past run.max_staleness_steps {cfg.run.max_staleness_steps}")
+            answers = self._answers(b, times)
             # a request the engine refused (e.g. longer than its context) fails alone: its group
             # is left out of this step and counted, the engine and the other groups go on
-            for i, a in zip(new_idx, new_answers):
+            new = []
+            for i, p, a in zip(b.idx, b.prompts, answers):
                 if isinstance(a, dict):
                     log.error("step %d: the engine refused sample %r (%s), left out of the step: %s",
                               self.step_no + 1, self.samples[i].id, self.samples[i].source, a["refused"])
                     self.refused_requests += 1
-            kept = [(i, a) for i, a in zip(new_idx, new_answers) if not isinstance(a, dict)]
-            new_idx, new_answers = [i for i, _ in kept], [a for _, a in kept]
-            if not new_idx:
+                else:
+                    new.append({"idx": i, "prompt": p, "answers": a, "staleness": staleness})
+            if not new:
                 continue
             with timed(times, "reward"):
-                batch = [(a["text"], self.samples[i].to_dict()) for i, ans in zip(new_idx, new_answers) for a in ans]
+                batch = [(a["text"], self.samples[g["idx"]].to_dict()) for g in new for a in g["answers"]]
                 new_scores = self.rewards.score(batch, group_size=G)
             new_rewards, new_valid = _rewards_and_valid([new_scores])
             std = group_reward_std(new_rewards, G, valid=new_valid)
-            drawn_groups += len(new_idx)
+            drawn_groups += len(new)
             zero_std_groups += int((std == 0).sum())
             last_round = round_ == rounds - 1
-            for g, i in enumerate(new_idx):
-                if cfg.run.dynamic_sampling and std[g] == 0 and not last_round:
+            for k, g in enumerate(new):
+                if cfg.run.dynamic_sampling and std[k] == 0 and not last_round:
                     continue
-                if len(idx) < want:
-                    idx.append(i)
-                    answers.append(new_answers[g])
-                    scores.append(new_scores[g * G : (g + 1) * G])
-        return idx, answers, scores, {"zero_std_groups": zero_std_groups, "drawn_groups": drawn_groups}
+                if len(groups) < want:
+                    groups.append({**g, "scores": new_scores[k * G : (k + 1) * G]})
+        return groups, {"zero_std_groups": zero_std_groups, "drawn_groups": drawn_groups}
 
-    def _learner_items(self, idx, answers, adv, valid) -> list[dict]:
-        """One learner item per non-empty answer with a reward: the prompt the engine saw, the
-        sampled token ids (never re-tokenised) and the answer's advantage."""
+    def _learner_items(self, groups, adv, valid) -> list[dict]:
+        """One learner item per non-empty answer with a reward: the prompt as sent to the engine
+        (not rendered again) with the engine's token ids for it, the sampled token ids (never
+        re-tokenised), their behaviour log-probs and the answer's advantage."""
         G = self.cfg.rollout.samples_per_prompt
+        mode = self.cfg.learner.off_policy_correction
         items = []
-        for g, i in enumerate(idx):
-            prompt = self._prompt(i)
-            for k, a in enumerate(answers[g]):
+        for g, grp in enumerate(groups):
+            correct = mode == "always" or (mode == "stale" and grp["staleness"] > 0)
+            for k, a in enumerate(grp["answers"]):
                 if not a["token_ids"]:
                     continue  # an empty answer has no tokens to learn from; its group still normalised it
                 if not valid[g * G + k]:
                     continue  # its reward failed (counted in reward/failures): no advantage to learn
-                items.append({"prompt": prompt, "image": self.samples[i].image, "response_ids": a["token_ids"],
-                              "advantage": float(adv[g * G + k]), "engine_logp": a.get("logprobs")})
+                items.append({"prompt": grp["prompt"], "image": self.samples[grp["idx"]].image, "response_ids": a["token_ids"],
+                              "prompt_ids": a.get("prompt_ids"), "advantage": float(adv[g * G + k]),
+                              "engine_logp": a.get("logprobs"), "correct": correct})
         return items
 
-    def _metrics(self, idx, answers, scores, rewards, signal, learn, logprob_gap, times) -> dict:
+    def _metrics(self, groups, rewards, signal, learn, times) -> dict:
+        scores = [g["scores"] for g in groups]
+        answers = [g["answers"] for g in groups]
+        idx = [g["idx"] for g in groups]
         # reward statistics over the answers that were scored (a failed score is not a 0)
         flat = [s for grp in scores for s in grp if not s.get("failed")] or [s for grp in scores for s in grp]
         rewards = torch_tensor([s["reward"] for s in flat])
         lens = [len(a["token_ids"]) for grp in answers for a in grp]
         tokens = max(sum(m["tokens"] for m in learn), 1)
+        stale = Counter()
+        for g in groups:
+            stale[g["staleness"]] += len(g["answers"])
+        self.staleness.update(stale)
+        beh_tokens = sum(m["behaviour_tokens"] for m in learn)
+        gap_tokens = sum(m["gap_tokens"] for m in learn)
         metrics = {
             "step": self.step_no,
             "reward/mean": float(rewards.mean()),
@@ -294,9 +373,18 @@ class Trainer:
             **{f"reward/kind/{k}": n for k, n in sorted(Counter(s["kind"] for s in flat).items())},
             "groups/zero_std_fraction": signal["zero_std_groups"] / max(signal["drawn_groups"], 1),
             "answer/length_tokens": sum(lens) / len(lens),
-            "rollout/logprob_gap": logprob_gap,
+            # The engine's and the learner's log-probs of the same sampled tokens, on answers made
+            # by the learner's current weights, should agree; a growing gap means the learner
+            # optimises another policy than the one that sampled (another image resolution, a
+            # temperature mismatch; with top_p < 1 it also holds the nucleus renormalisation).
+            "rollout/logprob_gap": sum(m["gap_sum"] for m in learn) / gap_tokens if gap_tokens else float("nan"),
             "rollout/engine_restarts": self.rollouts.restarts,
             "rollout/refused_requests": self.refused_requests,
+            # how many learner versions behind the weights that made each answer were
+            "rollout/staleness_mean": sum(k * n for k, n in stale.items()) / max(sum(stale.values()), 1),
+            "rollout/staleness_max": max(stale) if stale else 0,
+            **{f"rollout/staleness/{k}": n for k, n in sorted(stale.items())},
+            "rollout/inflight_batches": len(self.inflight),
             "learner/kl": sum(m["kl"] * m["tokens"] for m in learn) / tokens,
             "learner/clip_fraction": sum(m["clip_fraction"] * m["tokens"] for m in learn) / tokens,
             "learner/entropy": sum(m["entropy"] * m["tokens"] for m in learn) / tokens,
@@ -304,6 +392,13 @@ class Trainer:
             "learner/answers": sum(m["answers"] for m in learn),
             "learner/micro_batches_per_rank": learn[0]["micro_batches"],
             "learner/padded_micro_batches": sum(m["padded_micro_batches"] for m in learn),
+            "learner/encoded_prompts": sum(m["encoded_prompts"] for m in learn),
+            # off-policy correction over the answers it applied to (exp(learner - engine) per token)
+            "learner/corrected_tokens": beh_tokens,
+            "learner/behaviour_ratio_mean": sum(m["behaviour_w_sum"] for m in learn) / beh_tokens if beh_tokens else 1.0,
+            "learner/behaviour_ratio_max": max(m["behaviour_w_max"] for m in learn) if beh_tokens else 1.0,
+            "learner/behaviour_abs_log_ratio": sum(m["behaviour_abs_log_sum"] for m in learn) / beh_tokens if beh_tokens else 0.0,
+            "learner/is_truncated_fraction": sum(m["behaviour_truncated"] for m in learn) / beh_tokens if beh_tokens else 0.0,
             "throughput/generated_tokens_per_s": sum(lens) / max(times.get("generate", 1e-9), 1e-9),
         }
         by_task: dict[str, list[float]] = {}
@@ -354,7 +449,9 @@ class Trainer:
     def save(self, final: bool = False) -> Path:
         part = self.ckpt.partial(self.step_no)
         self.learners.save(str(part))
-        state = {"step": self.step_no, "data_position": self.order.position, "config": self.cfg.model_dump(), "final": final}
+        state = {"step": self.step_no, "data_position": self.order.position, "config": self.cfg.model_dump(), "final": final,
+                 # drawn ahead, not yet learnt from: a resumed run generates these first
+                 "pending_batches": [{"step": b.step, "idx": b.idx} for b in self.inflight]}
         path = self.ckpt.commit(part, self.step_no, state)
         log.info("checkpoint written: %s", path)
         return path
@@ -396,12 +493,12 @@ def run(cfg: GRPOConfig) -> dict:
     from rlsys.models import load_processor
     from rlsys.prepare import check_fit, check_phrases, check_point_masks
 
-    check_phrases(samples, model_dir, cfg.model.trust_remote_code)
+    processor = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=cfg.model.pixel_budget())
+    check_phrases(samples, processor.tokenizer)
     check_point_masks(samples, cfg.reward)
     # every prompt fits the engines' context under the pixel budget (else refused here, by name)
-    samples, too_long = check_fit(samples, load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code,
-                                                          pixels=cfg.model.pixel_budget()),
-                                  cfg.rollout.max_model_len_tokens, cfg.rollout.max_new_tokens, cfg.data.too_long)
+    samples, too_long = check_fit(samples, processor, cfg.rollout.max_model_len_tokens, cfg.rollout.max_new_tokens,
+                                  cfg.data.too_long)
     if not samples:
         raise ConfigError(f"no training sample fits rollout.max_model_len_tokens {cfg.rollout.max_model_len_tokens} "
                           f"({too_long} skipped)")
@@ -412,7 +509,7 @@ def run(cfg: GRPOConfig) -> dict:
         # starts one here. Only variables the job has not set itself go into the runtime env: Ray
         # refuses a driver that sets one the job's runtime env already sets.
         ray.init(runtime_env={"env_vars": actor_env(cpu_only=cfg.learner.gpus_per_rank == 0)}, log_to_driver=True)
-    trainer = Trainer(cfg, model_dir, samples)
+    trainer = Trainer(cfg, model_dir, samples, processor)
     resumed = trainer.step_no > 0
     # steps after the checkpoint resumed from are redone: their old records go
     keep_step_records(out / "steps.jsonl", trainer.step_no)

@@ -97,14 +97,13 @@ def load_samples(data: DataConfig, out_dir, split: str = "train"):
     return samples
 
 
-def check_phrases(samples, model_dir: str, trust_remote_code: bool = False) -> None:
+def check_phrases(samples, tokenizer) -> None:
     """No phrase of ``samples`` carries a control token of the model's tokenizer (an
     ``<|image_pad|>`` in a category would add an image slot to the prompt); the first that does
     raises ``ValueError`` naming the file, line, record and field."""
     from rlsys.format import check_sample_phrases
-    from rlsys.models import load_processor
 
-    check_sample_phrases(samples, load_processor(model_dir, trust_remote_code=trust_remote_code).tokenizer)
+    check_sample_phrases(samples, tokenizer)
 
 
 def check_point_masks(samples, reward) -> int:

@@ -29,6 +29,19 @@ def encode_prompts(processor, items, cache: dict | None = None) -> list[dict]:
     return out
 
 
+def check_prompt_ids(engine_ids, learner_ids: torch.Tensor, where: str) -> None:
+    """Raise if the engine's prompt token ids differ from the learner's processor output, naming
+    the first differing position (a different chat template, pixel budget or tokenizer)."""
+    mine = learner_ids.tolist()
+    theirs = list(engine_ids)
+    if mine == theirs:
+        return
+    k = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    raise ValueError(f"the learner's prompt for {where} differs from the engine's at token {k} "
+                     f"(learner {mine[k:k + 5]}, engine {theirs[k:k + 5]}; lengths {len(mine)} and {len(theirs)}): "
+                     "the engines and the learner must share the processor, chat template and model.min_pixels/max_pixels")
+
+
 def build_batch(processor, items, pad_id: int, cache: dict | None = None):
     """Right-padded inputs for ``items`` (dicts with prompt, image, response_ids).
 
@@ -48,6 +61,10 @@ def build_batch(processor, items, pad_id: int, cache: dict | None = None):
             raise ValueError(f"an answer to {it['image']} contains an image/video placeholder token {placeholders}: the model "
                              "would read it as an image slot; the rollout engine must not sample these tokens")
         prompt = enc["input_ids"][0]
+        if it.get("prompt_ids") is not None:
+            # the engine's token ids for this prompt (image placeholders expanded): the learner
+            # must score the sequence the engine sampled from, so its own rendering has to agree
+            check_prompt_ids(it["prompt_ids"], prompt, it["image"])
         seqs.append(torch.cat([prompt, resp]))
         starts.append(prompt.numel())
     L = max(s.numel() for s in seqs)
@@ -72,19 +89,57 @@ def build_batch(processor, items, pad_id: int, cache: dict | None = None):
     return inputs, input_ids[:, 1:].clone(), mask
 
 
-def token_logprobs(model, inputs, targets, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _decoder_and_head(model):
+    """The decoder (returns hidden states after the final norm) and the output projection of a
+    causal VLM, looking through a DeepSpeed engine's ``module``."""
+    m = getattr(model, "module", model)
+    decoder, head = getattr(m, "model", None), getattr(m, "lm_head", None)
+    if decoder is None or head is None:
+        raise TypeError(f"{type(m).__name__} has no .model / .lm_head: cannot take logits at answer positions only")
+    return decoder, head
+
+
+def token_logprobs(model, inputs, targets, temperature: float = 1.0, mask: torch.Tensor | None = None,
+                   entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each target token and the logits' entropy, both ``[B, L-1]``, float32.
 
     ``temperature`` is the one the answers were sampled at: the policy GRPO optimises is the
     one that produced the samples, ``softmax(logits / T)``, so the ratio, the KL term and the
     entropy are all taken under it (at T = 1 this is the model's own distribution).
+
+    With ``mask`` (``[B, L-1]``, the answer positions of :func:`build_batch`) only those rows of
+    the decoder's last hidden state go through the output projection: the image and prompt
+    positions, most of a VLM sequence, never become vocabulary-wide logits. A Qwen2.5-VL-3B
+    sequence of 5,000 tokens would otherwise hold 5,000 x 151,936 float32 logits (3 GB) per
+    copy, and log-softmax, exp and the entropy product each make another. Positions outside
+    ``mask`` are 0 in both outputs. The entropy is a metric: it is computed without a graph
+    (``entropy=False`` skips it, e.g. for the reference policy), so backward keeps only what
+    the log-probs need.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    logits = model(**inputs).logits[:, :-1].float()
+    if mask is None:  # every position (prompt log-probs, checks): the plain forward
+        logits = model(**inputs).logits[:, :-1].float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1) if entropy else None
+        return logp, ent
+    if mask.shape != targets.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} must have the targets' shape {tuple(targets.shape)}")
+    decoder, head = _decoder_and_head(model)
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]  # [B, L-1, H]: position t predicts token t+1
+    logits = head(hidden[mask]).float()  # [N, V], N = answer tokens in the batch
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    picked = logp_all.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    logp = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            e = -(logp_all.exp() * logp_all).sum(-1)
+            ent = torch.zeros(targets.shape, dtype=e.dtype, device=e.device).masked_scatter(mask, e)
+    return logp, ent

@@ -34,7 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rlsys.config import REPO_ROOT, ConfigError, MaxPixels, MinPixels, describe, load_config, pixel_budget
+from rlsys.config import REPO_ROOT, ConfigError, KvCacheMiB, MaxPixels, MinPixels, describe, engine_memory, load_config, pixel_budget
 from rlsys.prompts import chat_prompt
 
 log = logging.getLogger("rlsys.serve")
@@ -63,7 +63,8 @@ class ServeModelConfig(_Section):
 class EngineConfig(_Section):
     max_model_len_tokens: int = Field(1024, ge=64, description="vLLM context length: prompt (image tokens included) + answer.")
     max_num_seqs: int = Field(32, ge=1, le=4096, description="Sequences vLLM runs in one continuous batch per replica.")
-    gpu_memory_utilization: float = Field(0.1, gt=0, le=0.95, description="vLLM KV-cache share of device memory; on the CPU backend, of RAM (0.1 works on 24 GB).")
+    gpu_memory_utilization: float = Field(0.1, gt=0, le=0.95, description="vLLM's share of device memory (weights, activations, KV cache); on the CPU backend, of the RAM of the engine's NUMA node. Ignored for the KV cache when kv_cache_mib is set.")
+    kv_cache_mib: KvCacheMiB = None
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / torch.compile (faster start; required on CPU).")
     seed: int = Field(0, description="Engine seed (answers are greedy unless generation.temperature > 0).")
 
@@ -452,7 +453,7 @@ def _detector_class(max_concurrent_batches: int):
             t0 = time.perf_counter()
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
                 model=model_dir, max_model_len=e.max_model_len_tokens, max_num_seqs=e.max_num_seqs,
-                gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager, seed=e.seed,
+                **engine_memory(e.gpu_memory_utilization, e.kv_cache_mib), enforce_eager=e.enforce_eager, seed=e.seed,
                 dtype=self.cfg.model.dtype, limit_mm_per_prompt={"image": 1, "video": 0},
                 mm_processor_kwargs=pixels or None, trust_remote_code=self.cfg.model.trust_remote_code))
             self.engine_start_s = time.perf_counter() - t0

@@ -169,10 +169,11 @@ def run(cfg: SFTConfig) -> Path:
     model_dir = prepare_model_dir(cfg.model, out, None)
     train_path = prepare_data_path(cfg.data, out)
     from rlsys.data import load_dataset
+    from rlsys.models import load_processor
     from rlsys.prepare import check_phrases
 
     # the workers read the file themselves; a phrase with a control token is refused here, before Ray starts
-    check_phrases(load_dataset(train_path), model_dir, cfg.model.trust_remote_code)
+    check_phrases(load_dataset(train_path), load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code).tokenizer)
 
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig

@@ -390,17 +390,69 @@ def test_masked_mean():
         masked_mean(x, torch.ones(2))
 
 
-def test_engine_learner_logprob_gap_hand_worked():
-    from rlsys.algorithm import engine_learner_logprob_gap
+def test_behaviour_weights_hand_worked():
+    from rlsys.algorithm import behaviour_weights
 
-    items = [
-        # |-1.0 - -1.5| = 0.5, |-2.0 - -2.0| = 0
-        {"engine_logp": [-1.0, -2.0], "old_logp": torch.tensor([-1.5, -2.0])},
-        # NaN (the engine reported nothing for that token) is skipped; |-0.1 - -0.4| = 0.3
-        {"engine_logp": [float("nan"), -0.1], "old_logp": torch.tensor([-3.0, -0.4])},
-        {"engine_logp": None, "old_logp": torch.tensor([-9.0])},  # no engine values: not counted
-    ]
-    assert engine_learner_logprob_gap(items) == pytest.approx((0.5 + 0.0 + 0.3) / 3)
-    assert math.isnan(engine_learner_logprob_gap([{"engine_logp": None, "old_logp": torch.tensor([-1.0])}]))
-    with pytest.raises(ValueError, match="2 log-probs .* 3"):
-        engine_learner_logprob_gap([{"engine_logp": [-1.0, -1.0], "old_logp": torch.tensor([-1.0, -1.0, -1.0])}])
+    old = torch.tensor([[-1.0, -2.0, -0.5, -1.0]])
+    beh = torch.tensor([[-1.5, -2.0, -3.0, float("nan")]])
+    mask = torch.tensor([[True, True, True, True]])
+    w, truncated = behaviour_weights(old, beh, mask, cap=2.0)
+    # exp(0.5) = 1.6487 (kept), exp(0) = 1, exp(2.5) = 12.18 -> cap 2, nan (not reported) -> 1
+    torch.testing.assert_close(w, torch.tensor([[math.exp(0.5), 1.0, 2.0, 1.0]]))
+    assert truncated.tolist() == [[False, False, True, False]]
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        behaviour_weights(old, beh, mask, cap=0.5)
+
+
+def test_off_policy_loss_equals_the_on_policy_loss_when_the_behaviour_is_the_proximal_policy():
+    # staleness 0: behaviour == old gives weights exp(0) = 1, the loss and gradient bit for bit
+    torch.manual_seed(0)
+    lp0 = torch.randn(3, 5) - 2
+    old = lp0.detach() + 0.1 * torch.randn(3, 5)
+    ref = lp0.detach() + 0.05 * torch.randn(3, 5)
+    adv = torch.tensor([1.0, -0.5, 0.25])
+    mask = torch.rand(3, 5) > 0.3
+    grads = []
+    for beh in (None, old.clone()):
+        lp = lp0.clone().requires_grad_(True)
+        loss, m = policy_loss(lp, old, ref, adv, mask, kl_coef=0.01, behaviour_logp=beh)
+        loss.backward()
+        grads.append((loss.detach(), lp.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_off_policy_loss_hand_worked():
+    # one token, advantage 1, proximal = current (ratio 1, the clip inactive): loss = -w,
+    # w = exp(old - behaviour) = exp(-1.0 - -1.2) = exp(0.2) = 1.2214; d loss / d logp = -w * ratio = -1.2214
+    lp = torch.tensor([[-1.0]], requires_grad=True)
+    old = torch.tensor([[-1.0]])
+    beh = torch.tensor([[-1.2]])
+    loss, m = policy_loss(lp, old, None, torch.tensor([1.0]), torch.tensor([[True]]), kl_coef=0.0,
+                          behaviour_logp=beh, is_cap=2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(-math.exp(0.2))
+    assert lp.grad.item() == pytest.approx(-math.exp(0.2))
+    assert m["behaviour_ratio_mean"].item() == pytest.approx(math.exp(0.2))
+    assert m["is_truncated_fraction"].item() == 0.0
+    # a token the behaviour policy found far less likely: the weight is truncated at the cap
+    loss, m = policy_loss(lp, old, None, torch.tensor([1.0]), torch.tensor([[True]]), kl_coef=0.0,
+                          behaviour_logp=torch.tensor([[-4.0]]), is_cap=2.0)
+    assert loss.item() == pytest.approx(-2.0) and m["is_truncated_fraction"].item() == 1.0
+    assert m["behaviour_ratio_max"].item() == pytest.approx(math.exp(3.0))
+    # the KL term is not weighted: with advantage 0 the loss is the KL penalty alone, whatever w
+    ref = torch.tensor([[-1.5]])
+    a, _ = policy_loss(lp, old, ref, torch.tensor([0.0]), torch.tensor([[True]]), kl_coef=0.1, behaviour_logp=beh)
+    b, _ = policy_loss(lp, old, ref, torch.tensor([0.0]), torch.tensor([[True]]), kl_coef=0.1)
+    assert a.item() == pytest.approx(b.item()) and a.item() == pytest.approx(0.1 * (math.exp(-0.5) + 0.5 - 1))
+
+
+def test_off_policy_loss_with_the_clip_active():
+    # ratio exp(-0.3 - -1.0) = 2.0138 > 1.2 with A = 2: the clipped term 1.2 * 2 = 2.4 wins,
+    # weighted by w = exp(-1.0 - -0.9) = 0.9048: loss -2.4 * 0.9048, no gradient through the clip
+    lp = torch.tensor([[-0.3]], requires_grad=True)
+    loss, m = policy_loss(lp, torch.tensor([[-1.0]]), None, torch.tensor([2.0]), torch.tensor([[True]]), kl_coef=0.0,
+                          behaviour_logp=torch.tensor([[-0.9]]))
+    loss.backward()
+    assert loss.item() == pytest.approx(-2.4 * math.exp(-0.1))
+    assert lp.grad.item() == 0.0 and m["clip_fraction"].item() == 1.0
+

@@ -78,7 +78,7 @@ def test_vllm_generates_from_same_directory(tiny_model_dir, synthetic_dir, tmp_p
             proc = load_processor({str(tiny_model_dir)!r}, pixels=pixels)
             msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Detect circle."}}]}}]
             text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            llm = LLM(model={str(tiny_model_dir)!r}, gpu_memory_utilization=0.1, max_model_len=1024,
+            llm = LLM(model={str(tiny_model_dir)!r}, gpu_memory_utilization=0.1, kv_cache_memory_bytes=256 << 20, max_model_len=1024,
                       limit_mm_per_prompt={{"image": 1}}, enforce_eager=True, seed=0, mm_processor_kwargs=pixels)
             sp = SamplingParams(n=4, temperature=1.0, max_tokens=12, logprobs=0, skip_special_tokens=False, seed=0)
             img = Image.open({str(synthetic_dir / "images/train_00000.png")!r})

@@ -74,7 +74,7 @@ def test_the_checkpoint_reloads_in_transformers_and_vllm(sft_final, tmp_path):
             ckpt, image = {str(ckpt)!r}, Image.open({str(image)!r}).convert("RGB")
             proc = load_processor(ckpt)
             text = chat_prompt(proc, "Detect red circle.") + "<|box_start|><12><500><999><0>"
-            llm = LLM(model=ckpt, max_model_len=512, gpu_memory_utilization=0.3, enforce_eager=True, dtype="float32",
+            llm = LLM(model=ckpt, max_model_len=512, kv_cache_memory_bytes=256 << 20, enforce_eager=True, dtype="float32",
                       limit_mm_per_prompt={{"image": 1, "video": 0}}, seed=0)
             o = llm.generate([{{"prompt": text, "multi_modal_data": {{"image": image}}}}],
                              SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)[0]

@@ -85,3 +85,52 @@ def test_token_logprobs_of_the_real_model_follow_the_temperature(tiny_model_dir,
     assert torch.allclose(at_07[mask], want_07[mask], atol=1e-5)
     assert torch.allclose(at_1[mask], want_1[mask], atol=1e-5)
     assert not torch.allclose(at_07[mask], at_1[mask], atol=1e-3)
+
+
+def test_answer_positions_only_give_the_full_forwards_log_probs_and_gradients(tiny_model_dir, synthetic_dir):
+    """The lean path (decoder hidden states at the answer positions through lm_head) against the
+    plain one (logits at every position): the same log-probs, entropies and parameter gradients,
+    on a batch of two answers of different lengths (right padding) to two prompts."""
+    from rlsys.data import load_dataset
+    from rlsys.models import load_model, load_processor
+    from rlsys.sequences import build_batch, token_logprobs
+
+    proc = load_processor(tiny_model_dir)
+    model = load_model(tiny_model_dir, dtype="float32").train()
+    samples = load_dataset(synthetic_dir / "train.jsonl")
+    from rlsys.grpo import _chat_prompt
+
+    items = [_item(proc, samples[0], [5, 6, 7, 8]),
+             {"prompt": _chat_prompt(proc, "Point to the square."), "image": samples[1].image, "response_ids": [9, 10]}]
+    inputs, targets, mask = build_batch(proc, items, proc.tokenizer.pad_token_id)
+    out = {}
+    for lean in (False, True):
+        model.zero_grad()
+        logp, ent = token_logprobs(model, inputs, targets, temperature=0.7, mask=mask if lean else None)
+        (logp * mask).sum().backward()
+        out[lean] = (logp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (lp0, e0, g0), (lp1, e1, g1) = out[False], out[True]
+    assert torch.allclose(lp0[mask], lp1[mask], atol=1e-5) and torch.allclose(e0[mask], e1[mask], atol=1e-4)
+    assert (lp1[~mask] == 0).all() and (e1[~mask] == 0).all()
+    assert not e1.requires_grad  # the entropy is a metric: no graph kept for it
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_the_engines_prompt_ids_are_checked_against_the_learners(tiny_model_dir, synthetic_dir):
+    from rlsys.data import load_dataset
+    from rlsys.models import load_processor
+    from rlsys.sequences import build_batch, encode_prompts
+
+    proc = load_processor(tiny_model_dir)
+    s = load_dataset(synthetic_dir / "train.jsonl")[0]
+    it = _item(proc, s, [5, 6])
+    ids = encode_prompts(proc, [it])[0]["input_ids"][0].tolist()
+    build_batch(proc, [{**it, "prompt_ids": ids}], proc.tokenizer.pad_token_id)  # the same: accepted
+    wrong = ids[:10] + [ids[10] + 1] + ids[11:]
+    with pytest.raises(ValueError, match="differs from the engine's at token 10") as e:
+        build_batch(proc, [{**it, "prompt_ids": wrong}], proc.tokenizer.pad_token_id)
+    assert s.image in str(e.value)
+    with pytest.raises(ValueError, match="lengths"):
+        build_batch(proc, [{**it, "prompt_ids": ids[:-3]}], proc.tokenizer.pad_token_id)
