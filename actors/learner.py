@@ -53,6 +53,9 @@ class LearnerWorker:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         self.processor = load_processor(model_dir, trust_remote_code=trust_remote_code, pixels=pixels)
         self.pad_id = self.processor.tokenizer.pad_token_id
+        from rlsys.sequences import banned_token_ids
+
+        self.banned = banned_token_ids(self.processor.tokenizer)  # biased as the engines bias them
         model = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
         self.ref = None
         if learner_cfg["kl_coef"] > 0:
@@ -127,7 +130,8 @@ class LearnerWorker:
         refs = []
         with torch.no_grad():
             for _, inputs, targets, mask in self._batches(items):
-                ref, _ = token_logprobs(self.ref, inputs, targets, self.temperature, mask=mask, entropy=False)
+                ref, _ = token_logprobs(self.ref, inputs, targets, self.temperature, mask=mask, entropy=False,
+                                        banned_ids=self.banned)
                 refs.extend(ref[b][mask[b]].cpu() for b in range(mask.shape[0]))
         # the processor's outputs stay cached for train() on the same items (it clears them)
         return refs
@@ -166,7 +170,7 @@ class LearnerWorker:
         cap = self.cfg["is_cap"]
         for k, (chunk, weight) in enumerate(chunks):
             inputs, targets, mask = self._batch(chunk)
-            logp, entropy = token_logprobs(self.engine, inputs, targets, self.temperature, mask=mask)
+            logp, entropy = token_logprobs(self.engine, inputs, targets, self.temperature, mask=mask, banned_ids=self.banned)
             # the proximal ("old") policy: these weights, before this step's one update
             old = logp.detach()
             ref = None

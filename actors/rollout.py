@@ -15,7 +15,6 @@ import ray
 
 log = logging.getLogger(__name__)
 
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 @ray.remote
 class RolloutWorker:
@@ -58,9 +57,9 @@ class RolloutWorker:
         # the processor, and an <|image_pad|> in an answer is taken for an image slot with no
         # features ("Image features and image tokens do not match"; a random tiny model samples
         # one in a few hundred tokens). A bias of -100 (vLLM's floor) removes them.
-        tok = self.llm.get_tokenizer()
-        ids = [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-        self.banned = {i: -100.0 for i in ids if isinstance(i, int) and i != tok.unk_token_id}
+        from rlsys.sequences import BANNED_LOGIT_BIAS, banned_token_ids
+
+        self.banned = {i: BANNED_LOGIT_BIAS for i in banned_token_ids(self.llm.get_tokenizer())}
 
     def ready(self) -> float:
         return self.start_s

@@ -219,8 +219,15 @@ class Trainer:
         """This step's batch: the oldest one generating ahead, or one drawn now. Then the pipeline
         is topped up so the engines work on the next batches while this one is scored and learnt."""
         want = self.cfg.run.prompts_per_step
-        b = self.inflight.popleft() if self.inflight else self._submit(self.step_no + 1, self.order.take(want))
         N = self.cfg.run.max_staleness_steps
+        b = self.inflight.popleft() if self.inflight else self._submit(self.step_no + 1, self.order.take(want))
+        if self.step_no - b.version > N:
+            # drawn under a looser bound (max_staleness_steps lowered since): the same prompts
+            # are generated again with the current weights, not dropped
+            log.warning("step %d: the batch drawn ahead is %d versions old, past run.max_staleness_steps %d: "
+                        "generating its prompts again", self.step_no + 1, self.step_no - b.version, N)
+            self._answers(b, {})
+            b = self._submit(b.step, b.idx)
         while len(self.inflight) < N:
             step = self.step_no + 2 + len(self.inflight)
             # it will be learnt at learner version step - 1; past the bound (or the run) it waits

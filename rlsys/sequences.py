@@ -9,6 +9,21 @@ from __future__ import annotations
 
 import torch
 
+# Vision placeholders must never be sampled: the learner re-reads prompt + answer through the
+# processor, and an <|image_pad|> in an answer is taken for an image slot with no features. The
+# engines add this bias (vLLM's floor) to their logits, and the learner adds the same, so both
+# take log-probs of the one distribution the answers were drawn from; without it the learner's
+# log-probs sit below the engine's by log(1 - p(banned)), 3e-3 nats per token on a random model.
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+BANNED_LOGIT_BIAS = -100.0
+
+
+def banned_token_ids(tokenizer) -> list[int]:
+    """Ids of the vision placeholder tokens this tokenizer has (the ones no answer may hold)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    return sorted({i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id})
+
+
 # Keys the Qwen2.5-VL processor returns per token (padded to the batch), vs per image patch (concatenated).
 _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
 
@@ -99,13 +114,24 @@ def _decoder_and_head(model):
     return decoder, head
 
 
+def _sampling_logits(logits: torch.Tensor, temperature: float, banned_ids) -> torch.Tensor:
+    """The engine's processed logits: the banned tokens' bias first, then the temperature (vLLM's order)."""
+    logits = logits.float()
+    if banned_ids is not None and len(banned_ids):
+        bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        bias[torch.as_tensor(banned_ids, device=logits.device)] = BANNED_LOGIT_BIAS
+        logits = logits + bias
+    return logits / temperature if temperature != 1.0 else logits
+
+
 def token_logprobs(model, inputs, targets, temperature: float = 1.0, mask: torch.Tensor | None = None,
-                   entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   entropy: bool = True, banned_ids=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each target token and the logits' entropy, both ``[B, L-1]``, float32.
 
     ``temperature`` is the one the answers were sampled at: the policy GRPO optimises is the
     one that produced the samples, ``softmax(logits / T)``, so the ratio, the KL term and the
     entropy are all taken under it (at T = 1 this is the model's own distribution).
+    ``banned_ids`` get the engines' logit bias (:data:`BANNED_LOGIT_BIAS`), for the same reason.
 
     With ``mask`` (``[B, L-1]``, the answer positions of :func:`build_batch`) only those rows of
     the decoder's last hidden state go through the output projection: the image and prompt
@@ -119,9 +145,7 @@ def token_logprobs(model, inputs, targets, temperature: float = 1.0, mask: torch
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if mask is None:  # every position (prompt log-probs, checks): the plain forward
-        logits = model(**inputs).logits[:, :-1].float()
-        if temperature != 1.0:
-            logits = logits / temperature
+        logits = _sampling_logits(model(**inputs).logits[:, :-1], temperature, banned_ids)
         logp_all = torch.log_softmax(logits, dim=-1)
         logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
@@ -131,9 +155,7 @@ def token_logprobs(model, inputs, targets, temperature: float = 1.0, mask: torch
         raise ValueError(f"mask {tuple(mask.shape)} must have the targets' shape {tuple(targets.shape)}")
     decoder, head = _decoder_and_head(model)
     hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]  # [B, L-1, H]: position t predicts token t+1
-    logits = head(hidden[mask]).float()  # [N, V], N = answer tokens in the batch
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = _sampling_logits(head(hidden[mask]), temperature, banned_ids)  # [N, V], N = answer tokens in the batch
     logp_all = torch.log_softmax(logits, dim=-1)
     picked = logp_all.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
     logp = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)

@@ -120,3 +120,46 @@ def test_a_request_the_engine_refuses_fails_alone(trainer):
     assert isinstance(out[1], dict) and re.search(r"maximum (model|context) length", out[1]["refused"]), out[1]
     assert [len(out[0]), len(out[2])] == [2, 2] and all(len(a["token_ids"]) == 4 for a in out[0] + out[2])
     assert len(ray.get(engine.generate.remote([good], **kw), timeout=600)[0]) == 2
+
+
+def test_asynchronous_rollouts_respect_the_staleness_bound_and_weight_stale_answers(trainer):
+    # max_staleness_steps 1: after the first step, each step learns from answers generated
+    # while the previous step trained, i.e. by weights one update behind. Their importance
+    # weights exp(learner - engine) are then not 1, while on-policy answers (step 1, and every
+    # step of the synchronous loop) match the engine to float32 rounding.
+    cfg = trainer.cfg.run
+    cfg.max_staleness_steps, cfg.dynamic_sampling = 1, False
+    cfg.steps = trainer.step_no + 4
+    P, G = cfg.prompts_per_step, trainer.cfg.rollout.samples_per_prompt
+    # The random model scores 0 everywhere, so no advantage and no update: the answers' lengths
+    # (which vary) stand in for the reward, so each step moves the policy.
+    score = trainer.rewards.score
+    trainer.rewards.score = lambda batch, group_size: [dict(r, reward=min(1.0, len(text) / 60))
+                                                       for r, (text, _) in zip(score(batch, group_size=group_size), batch)]
+    try:
+        start = trainer.order.position
+        recs = [trainer.step() for _ in range(3)]
+    finally:
+        cfg.max_staleness_steps, cfg.dynamic_sampling = 0, True
+        trainer.rewards.score = score
+    assert [r["rollout/staleness_max"] for r in recs] == [0, 1, 1]
+    assert recs[0]["rollout/staleness/0"] == P * G and recs[1]["rollout/staleness/1"] == P * G
+    # one batch generating ahead while a step learns (none past run.steps)
+    assert [r["rollout/inflight_batches"] for r in recs] == [1, 1, 1]
+    assert trainer.order.position - start == 4 * P
+    # the stale steps were corrected, the on-policy one was not
+    assert recs[0]["learner/corrected_tokens"] == 0 and recs[1]["learner/corrected_tokens"] > 0
+    on_policy_gap = recs[0]["rollout/logprob_gap"]
+    assert on_policy_gap < 1e-4, recs[0]
+    assert recs[1]["learner/behaviour_abs_log_ratio"] > 20 * on_policy_gap, recs[1]
+    assert recs[1]["learner/behaviour_ratio_mean"] != 1.0
+    # the pending batch is in the checkpoint state; the synchronous loop resumes cleanly after it
+    assert len(trainer.inflight) == 1
+    pending = trainer.inflight[0]
+    cfg.dynamic_sampling = False  # one draw: what was pending is what is learnt
+    try:
+        m = trainer.step()  # staleness 0 again: the pending batch is past the bound, so its prompts are generated again
+    finally:
+        cfg.dynamic_sampling = True
+    assert m["rollout/staleness_max"] == 0 and m["prompt_ids"] == [trainer.samples[i].id for i in pending.idx]
+    assert not trainer.inflight

@@ -134,3 +134,14 @@ def test_the_engines_prompt_ids_are_checked_against_the_learners(tiny_model_dir,
     assert s.image in str(e.value)
     with pytest.raises(ValueError, match="lengths"):
         build_batch(proc, [{**it, "prompt_ids": ids[:-3]}], proc.tokenizer.pad_token_id)
+
+
+def test_banned_tokens_get_the_engines_bias_before_the_temperature():
+    # logits [0, ln 3]; token 0 banned: [-100, ln 3], then / T = 0.5: [-200, 2 ln 3]
+    from rlsys.sequences import token_logprobs
+
+    ids = torch.tensor([[0, 1, 0]])
+    logp, _ = token_logprobs(_FixedLogits(), {"input_ids": ids}, ids[:, 1:], temperature=0.5, banned_ids=[0])
+    want = torch.log_softmax(torch.tensor([-200.0, 2 * torch.log(torch.tensor(3.0))]), -1)
+    assert torch.allclose(logp, want[[1, 0]][None], atol=1e-5)
+    assert logp[0, 1] < -100  # the banned token is all but impossible, as in the engine
