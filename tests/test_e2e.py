@@ -155,3 +155,43 @@ def test_grpo_end_to_end_kill_and_resume(sft_run, tmp_path):
     # the resumed run continued the killed run's W&B run (one id, kept in out_dir)
     run_id = (out / "wandb_run_id").read_text().strip()
     assert len(runs) == 2 and all(f.name == f"run-{run_id}.wandb" for f in runs), runs
+
+
+def test_grpo_asynchronous_rollouts_train_and_resume_without_losing_or_repeating_prompts(sft_run, tmp_path):
+    """run.max_staleness_steps=1 as a user runs it: the reward rises on the dense test reward,
+    no answer is more than one version old, and a run killed with a batch generating ahead
+    resumes with that batch's prompts: over the run each prompt is drawn once, none is lost."""
+    sft_out, _ = sft_run
+    out = tmp_path / "grpo-async"
+    steps = 10
+    args = [sys.executable, "-m", "rlsys.grpo", f"run.out_dir={out}", f"run.init_checkpoint={sft_out / 'final'}",
+            "run.max_staleness_steps=1", "run.checkpoint_every_steps=3", "learner.lr=5e-4", "tracking.mode=disabled",
+            "reward.scorer=tests.scorers_for_tests:coordinate_count_reward", f"run.steps={steps}"]
+    p = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        _wait_for(p, rf"^step 4/{steps}", 900)
+    finally:
+        _kill_tree(p)
+    first = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
+    state = json.loads((out / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    # the checkpoint after step 3 holds the batch drawn for step 4, generating when it was written
+    assert [b["step"] for b in state["pending_batches"]] == [4] and len(state["pending_batches"][0]["idx"]) == 4
+    assert state["data_position"] == 4 * 4
+
+    r = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == list(range(1, steps + 1))
+    # the pending batch was generated again after the resume: the same prompts at step 4
+    assert records[3]["prompt_ids"] == first[3]["prompt_ids"]
+    ids = [i for rec in records for i in rec["prompt_ids"]]
+    assert len(ids) == steps * 4 and len(set(ids)) == len(ids), "a prompt was drawn twice"  # 40 of 400: one epoch
+    # staleness: 0 for the first batch and the one regenerated after the resume, else 1
+    assert [rec["rollout/staleness_max"] for rec in records] == [0, 1, 1, 0] + [1] * (steps - 4)
+    assert all(rec["learner/corrected_tokens"] > 0 for rec in records if rec["rollout/staleness_max"] == 1)
+    # it learns: the dense reward of the last three steps is above the first three's
+    rewards = [rec["reward/mean"] for rec in records]
+    assert sum(rewards[-3:]) > sum(rewards[:3]), rewards
+    final = json.loads(r.stdout.split("final: ", 1)[1].splitlines()[0])
+    assert final["weights_in_sync"] is True
