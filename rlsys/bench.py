@@ -14,6 +14,11 @@ command that produced it.
 - distributed: step time with 1 vs 2 learner ranks and 1 vs 2 rollout engines, same batch;
 - step: share of step time in generate, reward, reference, learn, sync and idle;
 - scaling: step time as prompts per step doubles (2, 4, 8, 16);
+- async: steps per second with asynchronous rollouts (run.max_staleness_steps 1) vs the
+  synchronous loop (0) on the demo's GRPO config, and the staleness of what was learnt;
+- learner: seconds and peak memory per answer of one learner step before and after it was made
+  lean (no old log-prob pass, logits at answer positions only), tiny, ~30M and Qwen2.5-VL-3B-shaped
+  models (``rlsys.bench_learner``);
 - serve: requests/s and p50/p99 latency at 1-64 clients against vLLM's offline ``LLM.generate`` on the same requests, and autoscaling (``rlsys.bench_serve``).
 """
 
@@ -26,12 +31,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from rlsys.config import DEFAULT_CONFIG, load_config
 
 REPO = Path(__file__).resolve().parent.parent
-ALL = ("rewards", "rollout", "step", "sync", "distributed", "scaling", "serve")
+ALL = ("rewards", "rollout", "step", "sync", "distributed", "scaling", "async", "learner", "serve")
+DEMO_GRPO_CONFIG = REPO / "configs" / "demo_grpo_tiny_cpu.yaml"
 
 
 def _trainer(cfg):
@@ -88,6 +95,29 @@ def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32)
     return {"vllm_tokens_per_s": vllm_tokens / vllm_s, "hf_tokens_per_s": hf_tokens / hf_s,
             "ratio_vllm_over_hf": (vllm_tokens / vllm_s) / (hf_tokens / hf_s),
             "prompts": prompts, "samples_per_prompt": samples, "new_tokens": new_tokens}
+
+
+def bench_async(out: Path, steps: int = 5, overrides=()) -> dict:
+    """Steps per second, synchronous (staleness 0) vs asynchronous (staleness 1), on the demo's
+    GRPO config (32 prompts x 8 answers) from the same random start; the first step of each
+    (no batch generated ahead yet) is dropped. ``time/step_s`` is the wall time between step ends."""
+    res: dict = {}
+    for n in (0, 1):
+        cfg = load_config(DEMO_GRPO_CONFIG, [f"run.out_dir={out / 'run-async'}", "run.resume=false", "tracking.mode=disabled",
+                                             f"run.steps={steps}", f"run.max_staleness_steps={n}", *overrides])
+        t = _trainer(cfg)
+        try:
+            recs = [t.step() for _ in range(steps)][1:]
+        finally:
+            _kill(t)
+        step_s = statistics.mean(r["time/step_s"] for r in recs)
+        res[n] = {"step_s": step_s, "steps_per_s": 1 / step_s,
+                  "stage_s": {k: statistics.mean(r.get(f"time/{k}_s", 0.0) for r in recs)
+                              for k in ("generate", "reward", "reference", "learn", "sync", "idle")},
+                  "staleness_hist": dict(sum((Counter({int(k.rsplit("/", 1)[1]): v for k, v in r.items()
+                                                       if k.startswith("rollout/staleness/")}) for r in recs), Counter()))}
+    return {"by_staleness": res, "speedup_staleness_1": res[0]["step_s"] / res[1]["step_s"], "steps": steps,
+            "cores": os.cpu_count()}
 
 
 def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
@@ -180,9 +210,28 @@ def markdown(res: dict, cmd: str) -> str:
     if "rewards" in res and "speedup" in res["rewards"]:
         r = res["rewards"]
         rows.append(f"| rewards: box-IoU F1, 64 x 100 x 100 | {r['vectorised_s'] * 1e3:.1f} ms | loop {r['reference_s'] * 1e3:.0f} ms | {r['speedup']:.0f}x | `python -m rlsys.bench_rewards` |")
-    if "rollout" in res:
-        r = res["rollout"]
-        rows.append(f"| rollout tokens/s (vLLM actor) | {r['vllm_tokens_per_s']:.0f} | HF generate {r['hf_tokens_per_s']:.0f} | {r['ratio_vllm_over_hf']:.1f}x | `{cmd} --only rollout` |")
+    for key in ("rollout", "rollout_demo_batch"):
+        if key in res:
+            r = res[key]
+            rows.append(f"| rollout tokens/s (vLLM actor), {r['prompts']} prompts x {r['samples_per_prompt']} | {r['vllm_tokens_per_s']:.0f} "
+                        f"| HF generate {r['hf_tokens_per_s']:.0f} | {r['ratio_vllm_over_hf']:.1f}x | `{cmd} --only rollout` |")
+    if "async" in res:
+        r = res["async"]
+        s0, s1 = r["by_staleness"][0], r["by_staleness"][1]
+        stage = lambda s: ", ".join(f"{k} {v:.1f}" for k, v in s["stage_s"].items() if v)  # noqa: E731
+        rows.append(f"| GRPO step, demo config, asynchronous (staleness 1) | {s1['step_s']:.1f} s ({stage(s1)}); staleness "
+                    f"{s1['staleness_hist']} | synchronous {s0['step_s']:.1f} s ({stage(s0)}) | {r['speedup_staleness_1']:.2f}x steps/s "
+                    f"({r['cores']} cores) | `{cmd} --only async` |")
+    for name, r in res.get("learner", {}).items():
+        b, a = r.get("before", {}), r.get("after", {})
+        if "time_ratio_after_over_before" in r:
+            rows.append(f"| learner step, {name} ({a['parameters'] / 1e6:.0f}M params, {a['vocab_rows']} vocab rows, "
+                        f"{a['prompt_tokens']} prompt + {a['answer_tokens']} answer tokens, {a['answers']} answers) | "
+                        f"{a['step_s']:.2f} s, {a['peak_mib_per_answer']:.0f} MiB peak per answer | before: {b['step_s']:.2f} s, "
+                        f"{b['peak_mib_per_answer']:.0f} MiB | time x{r['time_ratio_after_over_before']:.2f}, memory "
+                        f"{r['memory_ratio_before_over_after']:.1f}x lower | `python -m rlsys.bench --only learner` |")
+        else:
+            rows.append(f"| learner step, {name} | failed: {str(r)[:200]} | | | `python -m rlsys.bench --only learner` |")
     for key, label in (("sync", "tiny"), ("sync_large", "larger")):
         if key in res:
             r = res[key]
@@ -231,7 +280,7 @@ def main(argv=None) -> int:
     res: dict = {"device": "CPU, " + str(os.cpu_count()) + " cores", "config": a.config}
     if "rewards" in a.only:
         res["rewards"] = _module_json(["rlsys.bench_rewards"], 600)
-    if set(a.only) & {"rollout", "step", "sync", "distributed", "scaling"}:
+    if set(a.only) & {"rollout", "step", "sync", "distributed", "scaling", "async"}:
         import ray
 
         from rlsys.grpo import actor_env
@@ -239,6 +288,8 @@ def main(argv=None) -> int:
         ray.init(runtime_env={"env_vars": actor_env(cpu_only=cfg.learner.gpus_per_rank == 0)})
         if "rollout" in a.only:
             res["rollout"] = bench_rollout(cfg)
+            # and at the demo's batch: 32 prompts x 8 answers
+            res["rollout_demo_batch"] = bench_rollout(cfg, prompts=32, samples=8)
         if "step" in a.only or "sync" in a.only:
             res["sync"] = bench_step_and_sync(cfg)
         if "sync" in a.only:
@@ -251,6 +302,12 @@ def main(argv=None) -> int:
             res["distributed"] = bench_distributed(cfg)
         if "scaling" in a.only:
             res["scaling"] = bench_scaling(cfg)
+        if "async" in a.only:
+            res["async"] = bench_async(out)
+    if "learner" in a.only:
+        from rlsys.bench_learner import compare
+
+        res["learner"] = compare(out / "learner")
     if "serve" in a.only:
         res["serve"] = _module_json(["rlsys.bench_serve"], 1200)
     out.mkdir(parents=True, exist_ok=True)

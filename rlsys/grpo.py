@@ -211,10 +211,6 @@ class Trainer:
             b.job = None
         return b.answers
 
-    def generate(self, idx: list[int]) -> list[list[dict]]:
-        """G answers per prompt for this step, now (the rollout group spreads them and survives a dead engine)."""
-        return self._answers(self._submit(self.step_no + 1, idx), {})
-
     def _next_batch(self, times: dict) -> Batch:
         """This step's batch: the oldest one generating ahead, or one drawn now. Then the pipeline
         is topped up so the engines work on the next batches while this one is scored and learnt."""
@@ -236,11 +232,16 @@ class Trainer:
             self.inflight.append(self._submit(step, self.order.take(want)))
         return b
 
+    def _finish_inflight(self, times: dict) -> None:
+        """Wait for the batches generating ahead: they were submitted on the engines' current
+        weights and finish on them, so a push lands between requests."""
+        for b in self.inflight:
+            self._answers(b, times)
+
     def sync_weights(self) -> float:
         """The learner's weights into every engine (vLLM's weight-transfer protocol), between
         requests: generation already submitted finishes on the old weights first."""
-        for b in self.inflight:
-            self._answers(b, {})
+        self._finish_inflight({})
         t = self.weights.push()
         self.engine_version = self.step_no
         return t
@@ -272,6 +273,7 @@ class Trainer:
         self.step_no += 1
         # 6. weight sync to the generators
         if self.step_no % self.cfg.run.sync_every_steps == 0:
+            self._finish_inflight(times)  # counted as generate: the wait for the batch generating ahead
             with timed(times, "sync"):
                 self.sync_weights()
         now = time.perf_counter()
@@ -527,6 +529,7 @@ def run(cfg: GRPOConfig) -> dict:
                     "from; W&B keeps those first values for steps %d..%d (it refuses earlier steps), steps.jsonl holds "
                     "the redone ones", wandb_last, trainer.step_no, trainer.step_no + 1, wandb_last)
     metrics: dict = {}
+    recent: deque[float] = deque(maxlen=5)  # step times, for the time left
     try:
         while trainer.step_no < cfg.run.steps:
             metrics = trainer.step()
@@ -535,8 +538,12 @@ def run(cfg: GRPOConfig) -> dict:
             with (out / "steps.jsonl").open("a") as f:
                 f.write(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list))}) + "\n")
             t = {k[5:-2]: v for k, v in metrics.items() if k.startswith("time/")}
+            recent.append(t["step"])
+            left_s = (cfg.run.steps - s) * sum(recent) / len(recent)
+            stale = f" staleness {metrics['rollout/staleness_mean']:.2f}" if cfg.run.max_staleness_steps else ""
             print(f"step {s}/{cfg.run.steps} reward {metrics['reward/mean']:.3f} kl {metrics['learner/kl']:.4f} "
-                  f"len {metrics['answer/length_tokens']:.1f} | " + " ".join(f"{k} {v:.1f}s" for k, v in t.items()), flush=True)
+                  f"len {metrics['answer/length_tokens']:.1f}{stale} | {t['step']:.1f} s/step, {left_s / 60:.1f} min left | "
+                  + " ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "step"), flush=True)
             log_payload = dict(metrics)
             every = cfg.tracking.image_table_every_steps
             if every and s % every == 0:
