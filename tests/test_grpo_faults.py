@@ -147,6 +147,8 @@ def test_asynchronous_rollouts_respect_the_staleness_bound_and_weight_stale_answ
     # one batch generating ahead while a step learns (none past run.steps)
     assert [r["rollout/inflight_batches"] for r in recs] == [1, 1, 1]
     assert trainer.order.position - start == 4 * P
+    # the processor ran once per prompt per step: the reference pass's encodings served the update
+    assert [r["learner/encoded_prompts"] for r in recs] == [P, P, P]
     # the stale steps were corrected, the on-policy one was not
     assert recs[0]["learner/corrected_tokens"] == 0 and recs[1]["learner/corrected_tokens"] > 0
     on_policy_gap = recs[0]["rollout/logprob_gap"]

@@ -145,3 +145,28 @@ def test_banned_tokens_get_the_engines_bias_before_the_temperature():
     want = torch.log_softmax(torch.tensor([-200.0, 2 * torch.log(torch.tensor(3.0))]), -1)
     assert torch.allclose(logp, want[[1, 0]][None], atol=1e-5)
     assert logp[0, 1] < -100  # the banned token is all but impossible, as in the engine
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, synthetic_dir):
+    """learner.gradient_checkpointing recomputes each decoder layer in backward: the same
+    log-probs and parameter gradients as keeping the activations."""
+    from rlsys.data import load_dataset
+    from rlsys.models import load_model, load_processor
+    from rlsys.sequences import build_batch, token_logprobs
+
+    proc = load_processor(tiny_model_dir)
+    s = load_dataset(synthetic_dir / "train.jsonl")[0]
+    inputs, targets, mask = build_batch(proc, [_item(proc, s, [5, 6, 7, 8]), _item(proc, s, [9])], proc.tokenizer.pad_token_id)
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(tiny_model_dir, dtype="float32").train()
+        if checkpointing:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert model.is_gradient_checkpointing
+        logp, _ = token_logprobs(model, inputs, targets, mask=mask)
+        (logp * mask).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n
