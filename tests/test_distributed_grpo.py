@@ -78,8 +78,8 @@ def test_two_nodes_two_ranks_two_engines_three_reward_workers(cluster, sft_run, 
     ray.kill(t.rollouts.engines[1], no_restart=True)
     m2 = t.step()
     assert t.rollouts.restarts == 1 and m2["rollout/engine_restarts"] == 1
-    # prompts 0, 2, 4 went to engine 0 and were kept; prompts 1 and 3 were engine 1's and retried
-    assert t.rollouts.retried == [(1, 1, [1, 3])]
+    # prompts 0, 2, 4 went to engine 0 and were kept; prompts 1 and 3 were engine 1's and retried (in step 2)
+    assert t.rollouts.retried == [(2, 1, [1, 3])]
     assert t.weights.connects == 2  # the transfer group reopened with the new engine's worker
 
     steps = [m1, m2, t.step()]

@@ -136,19 +136,27 @@ def test_asynchronous_rollouts_respect_the_staleness_bound_and_weight_stale_answ
     score = trainer.rewards.score
     trainer.rewards.score = lambda batch, group_size: [dict(r, reward=min(1.0, len(text) / 60))
                                                        for r, (text, _) in zip(score(batch, group_size=group_size), batch)]
+    # the items each step hands the learner (answers with a failed reward or no tokens are not among them)
+    made, learner_items = [], trainer._learner_items
+    trainer._learner_items = lambda *a: made.append(learner_items(*a)) or made[-1]
     try:
         start = trainer.order.position
         recs = [trainer.step() for _ in range(3)]
     finally:
         cfg.max_staleness_steps, cfg.dynamic_sampling = 0, True
         trainer.rewards.score = score
+        del trainer._learner_items
     assert [r["rollout/staleness_max"] for r in recs] == [0, 1, 1]
     assert recs[0]["rollout/staleness/0"] == P * G and recs[1]["rollout/staleness/1"] == P * G
     # one batch generating ahead while a step learns (none past run.steps)
     assert [r["rollout/inflight_batches"] for r in recs] == [1, 1, 1]
     assert trainer.order.position - start == 4 * P
-    # the processor ran once per prompt per step: the reference pass's encodings served the update
-    assert [r["learner/encoded_prompts"] for r in recs] == [P, P, P]
+    # the processor ran once per prompt per step (one learner rank here): the reference pass's
+    # encodings served the update
+    assert trainer.cfg.learner.num_ranks == 1 and trainer.cfg.learner.kl_coef > 0
+    prompts = [len({(it["prompt"], it["image"]) for it in items}) for items in made]
+    assert all(0 < n <= P for n in prompts), prompts
+    assert [r["learner/encoded_prompts"] for r in recs] == prompts
     # the stale steps were corrected, the on-policy one was not
     assert recs[0]["learner/corrected_tokens"] == 0 and recs[1]["learner/corrected_tokens"] > 0
     on_policy_gap = recs[0]["rollout/logprob_gap"]
