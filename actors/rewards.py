@@ -22,12 +22,16 @@ def _zero(error: str) -> dict:
 
 @ray.remote
 class RewardWorker:
-    def __init__(self, matching: str, sam_checkpoint: str | None = None, scorer: str = "rewards.scorer:score"):
+    def __init__(self, matching: str, sam_checkpoint: str | None = None, scorer: str = "rewards.scorer:score",
+                 vocabulary=None):
         import importlib
 
         module, _, fn = scorer.partition(":")
         self.score_fn = getattr(importlib.import_module(module), fn)
         self.matching = matching
+        # the model's vocabulary reaches the scorer as ``vocabulary=``; a custom scorer without
+        # that argument reads the default bins only
+        self.extra = {"vocabulary": vocabulary} if vocabulary is not None else {}
         self.mask_source = None
         if sam_checkpoint:
             from rewards.sam import SamMaskSource
@@ -50,12 +54,32 @@ class RewardWorker:
         out = []
         for text, sd in items:
             try:
-                r = asdict(self.score_fn(text, Sample.from_dict(sd), mask_source=self.mask_source, matching=self.matching))
+                r = asdict(self.score_fn(text, Sample.from_dict(sd), mask_source=self.mask_source, matching=self.matching,
+                                         **self.extra))
                 r["failed"] = False
             except Exception as exc:  # reported to the controller, which retries once
                 r = _zero(f"{type(exc).__name__}: {exc}")
             out.append(r)
         return out
+
+
+def scorer_vocabulary(scorer: str, vocabulary):
+    """What to hand ``scorer`` as ``vocabulary=``: ``vocabulary`` when the scorer takes it (or
+    ``**kwargs``); None (not passed) for one that does not, which is refused unless the
+    vocabulary is the default bins: such a scorer would read another language than the model's."""
+    import importlib
+    import inspect
+
+    if vocabulary is None:
+        return None
+    module, _, fn = scorer.partition(":")
+    params = inspect.signature(getattr(importlib.import_module(module), fn)).parameters
+    if "vocabulary" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return vocabulary
+    if vocabulary.name != "rex_bins":
+        raise ValueError(f"reward.scorer {scorer} takes no vocabulary= argument, so it cannot read model.vocabulary "
+                         f"{vocabulary.name}; add the argument (see rewards.scorer.score)")
+    return None
 
 
 class RewardGroup:
@@ -71,10 +95,11 @@ class RewardGroup:
 
     def __init__(self, num_workers: int, matching: str, sample_timeout_s: float, sam_checkpoint=None,
                  cpus_per_worker: float = 0.5, scorer: str = "rewards.scorer:score", resources_per_worker: dict | None = None,
-                 start_timeout_s: float = 300.0):
+                 start_timeout_s: float = 300.0, vocabulary=None):
         from actors.group import bundle, placement_group
 
         self.matching, self.sam, self.cpus, self.scorer = matching, sam_checkpoint, cpus_per_worker, scorer
+        self.vocabulary = scorer_vocabulary(scorer, vocabulary)
         self.start_timeout_s = start_timeout_s
         self.pg = placement_group("reward", [bundle(cpus_per_worker, 0, resources_per_worker)] * num_workers, "SPREAD",
                                   start_timeout_s)
@@ -137,7 +162,7 @@ class RewardGroup:
         from actors.group import in_bundle
 
         return RewardWorker.options(num_cpus=self.cpus, scheduling_strategy=in_bundle(self.pg, k)).remote(
-            self.matching, self.sam, self.scorer)
+            self.matching, self.sam, self.scorer, self.vocabulary)
 
     def _wait_ready(self, ks: list[int]) -> None:
         refs = [self.workers[k].ready.remote() for k in ks]

@@ -1,8 +1,8 @@
 """Score one model answer against one :class:`rlsys.data.Sample`: the reward workers' entry point.
 
-``score(text, sample)`` parses the text (:func:`rlsys.format.parse`, which never raises),
-decodes bins to pixels with the sample's size (:func:`rlsys.coords.decode_xy`) and picks the
-reward from the sample's output (paper section 4.2.3):
+``score(text, sample)`` reads the text into geometry in the sample's pixels through the model's
+vocabulary (``vocabulary``, :mod:`rlsys.vocab`; Rex-Omni's bins by default; parsing never
+raises) and picks the reward from the sample's output (paper section 4.2.3):
 
 ====================  ===========================================  =====================
 output                reward                                       ``kind``
@@ -44,9 +44,8 @@ from rewards.box import COCO_IOU_THRESHOLDS, box_iou_f1, polygon_iou_f1
 from rewards.f1 import MATCHINGS, F1Result, f1_from_sum
 from rewards.keypoint import keypoint_oks_f1
 from rewards.point import point_in_box_f1, point_in_mask_f1
-from rlsys.coords import decode_xy
 from rlsys.data import OUTPUTS, TASKS
-from rlsys.format import parse, parse_keypoints
+from rlsys.vocab import REX_BINS
 
 MaskSource = Callable[..., Sequence]  # mask_source(sample) -> one HxW mask or COCO RLE per instance
 
@@ -73,8 +72,9 @@ class RewardResult:
 
 
 def score(text: str, sample, *, mask_source: MaskSource | None = None, matching: str = "paper",
-          box_iou_thresholds=None) -> RewardResult:
-    """Reward of ``text`` for ``sample``; see the module docstring for the rules.
+          box_iou_thresholds=None, vocabulary=REX_BINS) -> RewardResult:
+    """Reward of ``text`` for ``sample``; see the module docstring for the rules. ``vocabulary``
+    is the one the model writes in (:func:`rlsys.vocab.make_vocabulary`).
 
     ``box_iou_thresholds``: score box answers by the fraction of these IoU thresholds each
     matched box reaches (:func:`rewards.box.threshold_credit`) instead of by its IoU."""
@@ -83,8 +83,8 @@ def score(text: str, sample, *, mask_source: MaskSource | None = None, matching:
     _check_sample(sample)
     try:
         if sample.output == "keypoint":
-            return _score_keypoints(text, sample, matching)
-        return _score_parsed(text, sample, mask_source, matching, box_iou_thresholds)
+            return _score_keypoints(text, sample, matching, vocabulary)
+        return _score_parsed(text, sample, mask_source, matching, box_iou_thresholds, vocabulary)
     except ValueError as exc:  # only the sample's (or mask source's) data can raise here
         raise ValueError(f"sample {sample.id!r} ({getattr(sample, 'source', '<memory>')}): {exc}") from exc
 
@@ -95,26 +95,25 @@ def score_coco_thresholds(text: str, sample, **kw) -> RewardResult:
     return score(text, sample, box_iou_thresholds=COCO_IOU_THRESHOLDS, **kw)
 
 
-def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None) -> RewardResult:
+def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None, vocabulary=REX_BINS) -> RewardResult:
     w, h = sample.width, sample.height
-    parsed = parse(text)
+    parsed = vocabulary.parse(text, w, h)  # predictions in the sample's pixels
     unreadable, notes = parsed.unreadable, list(parsed.errors[:3])
-    if not parsed and not unreadable:
+    if not parsed.answered and not unreadable:
         unreadable = 1
         notes.append("empty answer (a phrase absent from the image is answered None)")
     want = sample.output
-    labels, coords, wrong, written, boxes = [], [], 0, [], []
+    labels, coords, wrong, boxes = [], [], 0, []
     for p in parsed:
-        written.extend(p.coords)
         if p.kind == "box":
-            boxes.extend(decode_xy(c, w, h) for c in p.coords)
+            boxes.extend(p.coords)
         if p.kind == "none":
             continue
         if p.kind != want:
             wrong += len(p.coords)
             continue
         labels.extend([p.phrase] * len(p.coords))
-        coords.extend(decode_xy(c, w, h) for c in p.coords)
+        coords.extend(p.coords)
     if wrong:
         notes.append(f"{wrong} instance(s) of another kind than the {want} asked for")
 
@@ -137,26 +136,26 @@ def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None) 
         else:
             kind = "point_in_mask"
             res = point_in_mask_f1(coords, labels, masks, gt_labels, height=h, width=w, matching=matching)
-    return _result(res, kind, wrong + unreadable, unreadable, behaviour.is_duplicate(written, len(insts)),
+    # the duplicate test reads the values as written (bins, or the resized image's pixels)
+    return _result(res, kind, wrong + unreadable, unreadable, behaviour.is_duplicate(parsed.written, len(insts)),
                    behaviour.is_large_box(boxes, w, h), notes)
 
 
-def _score_keypoints(text, sample, matching) -> RewardResult:
+def _score_keypoints(text, sample, matching, vocabulary=REX_BINS) -> RewardResult:
     w, h = sample.width, sample.height
-    preds, unreadable = parse_keypoints(text)
+    preds, unreadable = vocabulary.parse_keypoints(text, w, h)  # in the sample's pixels
     notes = [f"{unreadable} unreadable keypoint fragment(s)"] if unreadable else []
     # The paper's instance names are numbered phrases ("person1", "person2"): the label is the
     # name without its number.
     labels = [re.sub(r"\s*\d+$", "", p.name).strip() or p.name for p in preds]
-    pred_boxes = [decode_xy(p.box, w, h) for p in preds]
-    pred_kps = [{k: None if xy is None else decode_xy(xy, w, h) for k, xy in p.keypoints.items()} for p in preds]
+    pred_boxes = [p.box for p in preds]
+    pred_kps = [dict(p.keypoints) for p in preds]
     insts = sample.instances
     gt_boxes = [i.box for i in insts] if all(i.box is not None for i in insts) else None
     res = keypoint_oks_f1(pred_kps, labels, [i.keypoints for i in insts], [i.phrase for i in insts],
                           [_instance_area(i, h, w) for i in insts], pred_boxes=pred_boxes, gt_boxes=gt_boxes,
                           matching=matching)
-    written = [tuple(p.box) for p in preds]
-    return _result(res, "keypoint_oks", unreadable, unreadable, behaviour.is_duplicate(written, len(insts)),
+    return _result(res, "keypoint_oks", unreadable, unreadable, behaviour.is_duplicate(preds.written, len(insts)),
                    behaviour.is_large_box(pred_boxes, w, h), notes)
 
 

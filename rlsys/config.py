@@ -71,6 +71,7 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: str | None = Field(None, description="Local Hugging Face checkpoint directory. None: build (once) the tiny random-weight Qwen2.5-VL under run.out_dir/tiny-model.")
+    vocabulary: Literal["rex_bins", "qwen_json"] = Field("rex_bins", description="How the model writes geometry (rlsys.vocab): rex_bins, Rex-Omni's coordinate tokens <0>..<999>; qwen_json, Qwen2.5-VL's own grounding JSON (bbox_2d / point_2d in pixels of the resized image), what a base Qwen2.5-VL already answers. Used by SFT targets, questions, rewards, eval and Serve.")
     coord_tokens: Literal["add", "map_last"] = Field("add", description="For a base Qwen2.5-VL without <0>..<999>: add them to the vocabulary, or map them onto the last 1,000 embedding rows as Rex-Omni did.")
     trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code. Off: our loaders need only the Qwen2.5-VL classes in transformers.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Learner parameter dtype (float32 on CPUs).")

@@ -17,7 +17,7 @@ from pathlib import Path
 BOX_TASKS = ("detection", "referring", "visual_prompt", "layout")
 
 
-def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None = None) -> list[str]:
+def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None = None, vocabulary=None) -> list[str]:
     """Greedy answers for the samples' canonical questions (the first template). The engine's
     settings (dtype, context length, memory share, eager mode, pixel budget) are the GRPO
     config's (``model`` and ``rollout``), so a 3B config evaluates on its GPU settings."""
@@ -27,10 +27,12 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
 
     from rlsys.models import load_processor
     from rlsys.prompts import chat_prompt, question_for_sample
+    from rlsys.vocab import vocabulary_for
 
     r, pixels = cfg.rollout, cfg.model.pixel_budget()
     max_new_tokens = max_new_tokens or r.max_new_tokens
     proc = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=pixels)
+    vocabulary = vocabulary or vocabulary_for(cfg.model.vocabulary, proc)
     from rlsys.config import engine_memory
 
     llm = LLM(model=model_dir, max_model_len=r.max_model_len_tokens, **engine_memory(r.gpu_memory_utilization, r.kv_cache_mib),
@@ -39,26 +41,24 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
     inputs = []
     for s in samples:
         with Image.open(s.image) as im:
-            inputs.append({"prompt": chat_prompt(proc, question_for_sample(s)), "multi_modal_data": {"image": im.convert("RGB")}})
+            inputs.append({"prompt": chat_prompt(proc, question_for_sample(s, vocabulary=vocabulary)), "multi_modal_data": {"image": im.convert("RGB")}})
     outs = llm.generate(inputs, SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=False), use_tqdm=False)
     del llm
     return [o.outputs[0].text for o in outs]
 
 
-def predictions_in_pixels(text: str, sample) -> list[tuple[str, str, tuple[float, ...]]]:
-    """``(phrase, kind, coords in pixels)`` per predicted instance."""
-    from rlsys.coords import decode_xy
-    from rlsys.format import parse
+def predictions_in_pixels(text: str, sample, vocabulary=None) -> list[tuple[str, str, tuple[float, ...]]]:
+    """``(phrase, kind, coords in pixels)`` per predicted instance, read by ``vocabulary``
+    (default: the bins)."""
+    from rlsys.vocab import REX_BINS
 
-    out = []
-    for p in parse(text):
-        for c in p.coords:
-            out.append((p.phrase, p.kind, tuple(float(v) for v in decode_xy(c, sample.width, sample.height))))
-    return out
+    return [(p.phrase, p.kind, tuple(c)) for p in (vocabulary or REX_BINS).parse(text, sample.width, sample.height)
+            for c in p.coords]
 
 
-def compute_metrics(samples, answers) -> dict:
-    """The paper's metrics over the samples, by task family."""
+def compute_metrics(samples, answers, vocabulary=None) -> dict:
+    """The paper's metrics over the samples, by task family; answers read by ``vocabulary``
+    (default: the bins)."""
     import numpy as np
 
     from rewards.metrics import count_rates, detection_f1, duplicate_rate, gui_accuracy, large_box_rate, pointing_f1
@@ -66,7 +66,7 @@ def compute_metrics(samples, answers) -> dict:
 
     det, det_tasks, point_imgs, gui_pts, gui_boxes = [], [], [], [], []
     for s, text in zip(samples, answers):
-        preds = predictions_in_pixels(text, s)
+        preds = predictions_in_pixels(text, s, vocabulary)
         if s.task in BOX_TASKS and s.output == "box":
             det.append({"gt": [(i.phrase, i.box) for i in s.instances],
                         "pred": [(ph, c) for ph, k, c in preds if k == "box"],
@@ -98,18 +98,20 @@ def compute_metrics(samples, answers) -> dict:
         out["pointing"] = {**pointing_f1(point_imgs), "num_images": len(point_imgs)}
     if gui_pts:
         out["gui"] = {"accuracy": gui_accuracy(gui_pts, gui_boxes), "num_queries": len(gui_pts)}
-    rewards = [score(t, s).reward for s, t in zip(samples, answers)]
+    from rlsys.vocab import REX_BINS
+
+    rewards = [score(t, s, vocabulary=vocabulary or REX_BINS).reward for s, t in zip(samples, answers)]
     out["mean_reward"] = float(np.mean(rewards))
     return out
 
 
-def draw_grid(samples, answers, path, cols: int = 4, max_images: int = 16) -> None:
+def draw_grid(samples, answers, path, cols: int = 4, max_images: int = 16, vocabulary=None) -> None:
     """PNG grid: ground-truth boxes green, predictions red, the question's task on top."""
     from PIL import Image
 
     from rlsys.tracking import draw_predictions
 
-    tiles = [draw_predictions(s, text, label=s.task) for s, text in list(zip(samples, answers))[:max_images]]
+    tiles = [draw_predictions(s, text, label=s.task, vocabulary=vocabulary) for s, text in list(zip(samples, answers))[:max_images]]
     if not tiles:
         return
     w, h = max(t.width for t in tiles), max(t.height for t in tiles)
@@ -124,16 +126,23 @@ def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | No
     """``cfg``: the GRPO config whose engine settings to use (default: configs/tiny_cpu.yaml)."""
     from rlsys.config import load_config
 
+    from rlsys.models import load_processor
+    from rlsys.vocab import vocabulary_for
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    answers = generate_answers(str(checkpoint), samples, cfg or load_config(), max_new_tokens=max_new_tokens)
-    metrics = compute_metrics(samples, answers)
+    cfg = cfg or load_config()
+    vocabulary = vocabulary_for(cfg.model.vocabulary, load_processor(str(checkpoint), trust_remote_code=cfg.model.trust_remote_code,
+                                                                    pixels=cfg.model.pixel_budget()))
+    answers = generate_answers(str(checkpoint), samples, cfg, max_new_tokens=max_new_tokens, vocabulary=vocabulary)
+    metrics = compute_metrics(samples, answers, vocabulary)
+    metrics["vocabulary"] = vocabulary.name
     metrics["checkpoint"] = str(checkpoint)
     with (out / "predictions.jsonl").open("w") as f:
         for s, a in zip(samples, answers):
             f.write(json.dumps({"id": s.id, "task": s.task, "answer": a}) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    draw_grid(samples, answers, out / "predictions.png")
+    draw_grid(samples, answers, out / "predictions.png", vocabulary=vocabulary)
     return metrics
 
 

@@ -145,6 +145,9 @@ class Trainer:
         self.out = Path(cfg.run.out_dir)
         self.processor = processor or load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code,
                                                      pixels=cfg.model.pixel_budget())
+        from rlsys.vocab import vocabulary_for
+
+        self.vocabulary = vocabulary_for(cfg.model.vocabulary, self.processor)  # questions and rewards speak it
         self.ckpt = Checkpoints(self.out, keep=cfg.run.keep_checkpoints)
         self.step_no = 0  # learner updates so far: the learner's policy version
         self.engine_version = 0  # the learner version the engines hold (set by every push)
@@ -164,7 +167,8 @@ class Trainer:
         self.learners = LearnerGroup(cfg, model_dir, start)
         self.rollouts = RolloutGroup(cfg, model_dir, start)
         self.rewards = RewardGroup(cfg.reward.num_workers, cfg.reward.matching, cfg.reward.sample_timeout_s, cfg.reward.sam_checkpoint,
-                                   cfg.reward.cpus_per_worker, cfg.reward.scorer, cfg.reward.resources_per_worker, start)
+                                   cfg.reward.cpus_per_worker, cfg.reward.scorer, cfg.reward.resources_per_worker, start,
+                                   vocabulary=self.vocabulary)
         call(self.learners.ready_refs() + self.rollouts.ready_refs(), start, "actor start-up")
         log.info("actors ready in %.1f s", time.perf_counter() - t0)
         self.weights = WeightSync(self.learners, self.rollouts, cfg.weight_transfer_backend,
@@ -193,7 +197,7 @@ class Trainer:
         """The chat prompt of sample ``i`` drawn for ``step`` (its question is drawn per step)."""
         from rlsys.prompts import question_for_sample
 
-        q = question_for_sample(self.samples[i], random.Random(f"{self.cfg.run.seed}-{step - 1}-{i}"))
+        q = question_for_sample(self.samples[i], random.Random(f"{self.cfg.run.seed}-{step - 1}-{i}"), self.vocabulary)
         return _chat_prompt(self.processor, q)
 
     # -- stages ------------------------------------------------------------------------------
@@ -429,7 +433,7 @@ class Trainer:
         from rlsys.prompts import question_for_sample
 
         s = self.samples[sample_index]
-        prompt = _chat_prompt(self.processor, question_for_sample(s))
+        prompt = _chat_prompt(self.processor, question_for_sample(s, vocabulary=self.vocabulary))
         ids, lp = self.learners.prompt_logprobs(prompt, s.image)
         gaps = []
         for eids, elp in self.rollouts.prompt_logprobs(prompt, s.image):
@@ -506,8 +510,10 @@ def run(cfg: GRPOConfig) -> dict:
     check_phrases(samples, processor.tokenizer)
     check_point_masks(samples, cfg.reward)
     # every prompt fits the engines' context under the pixel budget (else refused here, by name)
+    from rlsys.vocab import vocabulary_for
+
     samples, too_long = check_fit(samples, processor, cfg.rollout.max_model_len_tokens, cfg.rollout.max_new_tokens,
-                                  cfg.data.too_long)
+                                  cfg.data.too_long, vocabulary_for(cfg.model.vocabulary, processor))
     if not samples:
         raise ConfigError(f"no training sample fits rollout.max_model_len_tokens {cfg.rollout.max_model_len_tokens} "
                           f"({too_long} skipped)")
@@ -547,7 +553,7 @@ def run(cfg: GRPOConfig) -> dict:
             log_payload = dict(metrics)
             every = cfg.tracking.image_table_every_steps
             if every and s % every == 0:
-                log_payload["examples"] = example_table(trainer.last_examples)
+                log_payload["examples"] = example_table(trainer.last_examples, trainer.vocabulary)
             log_payload.pop("prompt_ids")
             if s > wandb_last:
                 tracker.log(log_payload, step=s)

@@ -138,13 +138,15 @@ def image_tokens(processor, width: int, height: int) -> tuple[int, int, int]:
     return (h // factor) * (w // factor), w, h
 
 
-def check_fit(samples, processor, max_model_len: int, max_new_tokens: int, too_long: str = "refuse") -> tuple[list, int]:
+def check_fit(samples, processor, max_model_len: int, max_new_tokens: int, too_long: str = "refuse",
+              vocabulary=None) -> tuple[list, int]:
     """Keep only samples whose longest prompt (every question template of its task, the chat
     markup, its image tokens under the pixel budget) plus ``max_new_tokens`` fits the engines'
     context; such a request would be refused by vLLM at generation time. ``too_long="refuse"``
     raises ``ConfigError`` on the first one, naming it and the numbers; ``"skip"`` leaves them
     out and returns how many. Returns ``(kept samples, skipped count)``."""
     from rlsys.prompts import build_question, templates_for
+    from rlsys.vocab import REX_BINS
 
     from rlsys.prompts import chat_prompt
 
@@ -164,7 +166,8 @@ def check_fit(samples, processor, max_model_len: int, max_new_tokens: int, too_l
         kp = list(dict.fromkeys(n for i in s.instances for n in (i.keypoints or {})))
         for k in range(len(templates_for(s.task, s.output))):
             questions.append(build_question(s.task, s.output, s.phrases, width=s.width, height=s.height,
-                                            prompt_boxes=s.prompt_boxes, keypoint_names=kp, rng=_Pick(k)))
+                                            prompt_boxes=s.prompt_boxes, keypoint_names=kp, rng=_Pick(k),
+                                            vocabulary=vocabulary or REX_BINS))
             owner.append(j)
     longest = [0] * len(samples)
     # tokenised apart from the markup: never fewer tokens than inside it (a merge across the

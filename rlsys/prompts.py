@@ -2,16 +2,16 @@
 
 Several phrasings per task so a model does not learn one sentence; training draws one at random
 (seeded), evaluation and Serve use the first. Multiple phrases are joined with ", " as in the
-paper's multi-object example. Visual prompts write their example boxes as coordinate tokens,
-through :mod:`rlsys.coords`, so the model reads boxes in the same language it writes them.
+paper's multi-object example. Visual prompts write their example boxes in the vocabulary the
+model answers in (:mod:`rlsys.vocab`; coordinate tokens by default), so the model reads boxes in
+the same language it writes them; a vocabulary may append wording (qwen_json: the JSON keys).
 """
 
 from __future__ import annotations
 
 import random
 
-from rlsys import coords
-from rlsys.format import render_instance
+from rlsys.vocab import REX_BINS
 
 # {phrases} is filled with the comma-joined phrases, {boxes} with the visual prompt's boxes.
 TEMPLATES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -82,9 +82,9 @@ def templates_for(task: str, output: str) -> tuple[str, ...]:
         raise ValueError(f"no prompt template for task {task!r} with output {output!r}; known: {known}") from None
 
 
-def visual_prompt_boxes(boxes, width: int, height: int) -> str:
-    """Example boxes as quoted coordinate-token strings: ``"<12><412><339><568>", ...``."""
-    return ", ".join(f'"{render_instance(coords.encode_xy(b, width, height))}"' for b in boxes)
+def visual_prompt_boxes(boxes, width: int, height: int, vocabulary=REX_BINS) -> str:
+    """Example boxes in ``vocabulary``: ``"<12><412><339><568>", ...`` for the bins."""
+    return vocabulary.prompt_boxes(boxes, width, height)
 
 
 def build_question(
@@ -97,6 +97,7 @@ def build_question(
     prompt_boxes=(),
     keypoint_names=(),
     rng: random.Random | None = None,
+    vocabulary=REX_BINS,
 ) -> str:
     """The user question for one sample. ``rng`` picks a template; without it, the first."""
     options = templates_for(task, output)
@@ -105,15 +106,15 @@ def build_question(
     if "{boxes}" in template:
         if not prompt_boxes or width is None or height is None:
             raise ValueError("a visual prompt needs prompt_boxes and the image width and height")
-        boxes = visual_prompt_boxes(prompt_boxes, width, height)
+        boxes = visual_prompt_boxes(prompt_boxes, width, height, vocabulary)
     return template.format(
         phrases=", ".join(phrases),
         boxes=boxes,
         keypoints=", ".join(keypoint_names) or "keypoints",
-    )
+    ) + vocabulary.question_hint(output)
 
 
-def question_for_sample(sample, rng: random.Random | None = None) -> str:
+def question_for_sample(sample, rng: random.Random | None = None, vocabulary=REX_BINS) -> str:
     """The question for a :class:`rlsys.data.Sample`."""
     kp_names: list[str] = []
     for inst in sample.instances:
@@ -129,6 +130,7 @@ def question_for_sample(sample, rng: random.Random | None = None) -> str:
         prompt_boxes=sample.prompt_boxes,
         keypoint_names=kp_names,
         rng=rng,
+        vocabulary=vocabulary,
     )
 
 

@@ -53,6 +53,7 @@ class ServeModelConfig(_Section):
     tiny_model_dir: str = Field("runs/serve-tiny/tiny-model", description="Where the tiny model is built when model.checkpoint is None.")
     trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code (off: the Qwen2.5-VL classes in transformers/vLLM suffice).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Engine weight dtype (float32 on CPUs, bfloat16 on GPUs).")
+    vocabulary: Literal["rex_bins", "qwen_json"] = Field("rex_bins", description="The vocabulary the checkpoint was trained to answer in (model.vocabulary of its SFT/GRPO config; rlsys.vocab). Answers are returned in the request image's pixels whatever it is.")
     min_pixels: MinPixels = None
     max_pixels: MaxPixels = None
 
@@ -370,32 +371,34 @@ def load_image(spec: str, limits: LimitsConfig):
         raise RequestError(400, f"image could not be decoded ({exc})") from None
 
 
-def question_for(req: DetectRequest, output: str, phrases: list[str], width: int, height: int) -> str:
+def question_for(req: DetectRequest, output: str, phrases: list[str], width: int, height: int, vocabulary=None) -> str:
     from rlsys.prompts import build_question
+    from rlsys.vocab import REX_BINS
 
     if req.task == "ocr" and not phrases:
         phrases = ["text"]
     return build_question(req.task, output, phrases, width=width, height=height,
-                          prompt_boxes=req.prompt_boxes or (), keypoint_names=req.keypoint_names or ())
+                          prompt_boxes=req.prompt_boxes or (), keypoint_names=req.keypoint_names or (),
+                          vocabulary=vocabulary or REX_BINS)
 
 
-def _px(bins, width: int, height: int) -> list[float]:
-    from rlsys.coords import decode_xy
-
-    return [round(float(v), 2) for v in decode_xy(bins, width, height)]
+def _px(c) -> list[float]:
+    return [round(float(v), 2) for v in c]
 
 
-def to_objects(text: str, task: str, width: int, height: int) -> tuple[list[dict], int]:
-    """Model text -> objects in the request image's pixels, and how much could not be read."""
-    from rlsys.format import parse, parse_keypoints
+def to_objects(text: str, task: str, width: int, height: int, vocabulary=None) -> tuple[list[dict], int]:
+    """Model text -> objects in the request image's pixels, and how much could not be read
+    (``vocabulary``: the one the model answers in; default the bins)."""
+    from rlsys.vocab import REX_BINS
 
+    vocabulary = vocabulary or REX_BINS
     if task == "keypoint":
-        insts, bad = parse_keypoints(text)
-        return [{"phrase": i.name, "box": _px(i.box, width, height),
-                 "keypoints": {k: (_px(v, width, height) if v is not None else None) for k, v in i.keypoints.items()}}
+        insts, bad = vocabulary.parse_keypoints(text, width, height)
+        return [{"phrase": i.name, "box": _px(i.box),
+                 "keypoints": {k: (_px(v) if v is not None else None) for k, v in i.keypoints.items()}}
                 for i in insts], bad
-    parsed = parse(text)
-    objects = [{"phrase": p.phrase, p.kind: _px(c, width, height)} for p in parsed for c in p.coords]
+    parsed = vocabulary.parse(text, width, height)
+    objects = [{"phrase": p.phrase, p.kind: _px(c)} for p in parsed for c in p.coords]
     return objects, parsed.unreadable
 
 
@@ -448,8 +451,10 @@ def _detector_class(max_concurrent_batches: int):
             pixels = self.cfg.model.pixel_budget()
             self.processor = load_processor(model_dir, trust_remote_code=self.cfg.model.trust_remote_code, pixels=pixels)
             from rlsys.format import control_tokens
+            from rlsys.vocab import vocabulary_for
 
             self.control = control_tokens(self.processor.tokenizer)
+            self.vocabulary = vocabulary_for(self.cfg.model.vocabulary, self.processor)
             t0 = time.perf_counter()
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
                 model=model_dir, max_model_len=e.max_model_len_tokens, max_num_seqs=e.max_num_seqs,
@@ -504,7 +509,7 @@ def _detector_class(max_concurrent_batches: int):
                 image = await asyncio.to_thread(load_image, req.image, limits)  # decode/fetch off the event loop
                 w, h = image.size
                 check_boxes_inside(req, w, h)
-                question = question_for(req, output, phrases, w, h)
+                question = question_for(req, output, phrases, w, h, self.vocabulary)
             except RequestError as exc:
                 return error(exc.status, exc.message)
             except Exception as exc:  # a request that broke a check instead of failing it: still the client's input
@@ -523,7 +528,7 @@ def _detector_class(max_concurrent_batches: int):
             except Exception as exc:  # the engine itself failed: 503, and this replica goes on serving
                 log.exception("engine failed on a request")
                 return error(503, f"the engine failed on this request ({type(exc).__name__}: {exc}); try again")
-            objects, unreadable = to_objects(text, req.task, w, h)
+            objects, unreadable = to_objects(text, req.task, w, h, self.vocabulary)
             return {"objects": objects, "raw": text, "image_size": [w, h],
                     "latency_ms": round((time.perf_counter() - t0) * 1000, 2), "unreadable": unreadable}
 

@@ -98,6 +98,9 @@ def train_loop(config: dict) -> None:
     if cfg.data.tasks:
         samples = [s for s in samples if s.task in cfg.data.tasks]
     all_phrases = sorted({p for s in samples for p in s.phrases})
+    from rlsys.vocab import vocabulary_for
+
+    vocabulary = vocabulary_for(cfg.model.vocabulary, processor)  # the targets' language
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -125,7 +128,7 @@ def train_loop(config: dict) -> None:
             items = []
             for _ in range(tr.micro_batch_size):
                 s = samples[rng.randrange(len(samples))]
-                _, q, a = conversation(s, rng, all_phrases, tr.max_phrases)
+                _, q, a = conversation(s, rng, all_phrases, tr.max_phrases, vocabulary)
                 prompt = chat_prompt(processor, q)
                 ids = tok(a, add_special_tokens=False)["input_ids"] + [im_end]
                 items.append({"prompt": prompt, "image": s.image, "response_ids": ids})

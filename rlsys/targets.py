@@ -2,8 +2,9 @@
 
 Each call draws a fresh question for a sample: a random template, for detection a random subset
 of 1..N of the image's phrases (plus, sometimes, an absent category whose answer is ``None``),
-for visual prompts a random 1..N of a category's boxes. The answer is rendered with
-:mod:`rlsys.format` from bins made by :mod:`rlsys.coords`, boxes sorted by x0 (section 2.3).
+for visual prompts a random 1..N of a category's boxes. The answer is the sample's geometry in
+pixels, written by the vocabulary (:mod:`rlsys.vocab`; Rex-Omni's bins by default, boxes sorted
+by x0 as in section 2.3).
 """
 
 from __future__ import annotations
@@ -11,22 +12,21 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from rlsys import coords, prompts
-from rlsys.format import KeypointInstance, Prediction, render, render_keypoints, sort_boxes
+from rlsys import prompts
+from rlsys.format import KeypointInstance, Prediction
+from rlsys.vocab import REX_BINS
 
 
-def _bins(values, sample) -> tuple[int, ...]:
-    return tuple(int(b) for b in coords.encode_xy(values, sample.width, sample.height))
-
-
-def answer_text(sample) -> str:
-    """The target answer for a sample as it stands (phrases in the sample's order)."""
+def answer_text(sample, vocabulary=REX_BINS) -> str:
+    """The target answer for a sample as it stands (phrases in the sample's order), written in
+    ``vocabulary``."""
+    w, h = sample.width, sample.height
     if sample.output == "keypoint":
         insts = []
         for k, inst in enumerate(sample.instances):
-            kps = {n: (None if v == 0 else _bins((x, y), sample)) for n, (x, y, v) in (inst.keypoints or {}).items()}
-            insts.append(KeypointInstance(f"{inst.phrase}{k + 1}", _bins(inst.box, sample), kps))
-        return render_keypoints(insts)
+            kps = {n: (None if v == 0 else (x, y)) for n, (x, y, v) in (inst.keypoints or {}).items()}
+            insts.append(KeypointInstance(f"{inst.phrase}{k + 1}", tuple(inst.box), kps))
+        return vocabulary.render_keypoints(insts, w, h)
     preds = []
     for phrase in sample.phrases:
         insts = sample.instances_of(phrase)
@@ -34,13 +34,13 @@ def answer_text(sample) -> str:
             preds.append(Prediction(phrase, "none", ()))
             continue
         if sample.output == "box":
-            geo = [_bins(i.box, sample) for i in insts]
+            geo = [tuple(i.box) for i in insts]
         elif sample.output == "point":
-            geo = [_bins(i.point if i.point is not None else _box_centre(i.box), sample) for i in insts]
+            geo = [tuple(i.point if i.point is not None else _box_centre(i.box)) for i in insts]
         else:  # polygon
-            geo = [_bins(i.polygon, sample) for i in insts]
-        preds.append(Prediction(phrase, sample.output, sort_boxes(geo)))
-    return render(preds)
+            geo = [tuple(i.polygon) for i in insts]
+        preds.append(Prediction(phrase, sample.output, tuple(geo)))
+    return vocabulary.render(preds, w, h)
 
 
 def _box_centre(box):
@@ -67,8 +67,9 @@ def augment(sample, rng: random.Random, all_phrases=(), max_phrases: int = 4):
     return sample
 
 
-def conversation(sample, rng: random.Random | None = None, all_phrases=(), max_phrases: int = 4) -> tuple:
+def conversation(sample, rng: random.Random | None = None, all_phrases=(), max_phrases: int = 4,
+                 vocabulary=REX_BINS) -> tuple:
     """``(sample_as_asked, question, answer)``; with ``rng``, randomised as for SFT."""
     if rng is not None:
         sample = augment(sample, rng, all_phrases, max_phrases)
-    return sample, prompts.question_for_sample(sample, rng), answer_text(sample)
+    return sample, prompts.question_for_sample(sample, rng, vocabulary), answer_text(sample, vocabulary)

@@ -36,9 +36,10 @@ def start_tracking(args: dict):
     return wandb.init(**args)
 
 
-def draw_predictions(sample, text: str, label: str | None = None):
+def draw_predictions(sample, text: str, label: str | None = None, vocabulary=None):
     """The sample's image with its ground-truth boxes (green) and the answer's boxes and points
-    (red), parsed from ``text`` into pixels; ``label`` written in the corner."""
+    (red), parsed from ``text`` into pixels by ``vocabulary`` (default: the bins); ``label``
+    written in the corner."""
     from PIL import Image, ImageDraw
 
     from rlsys.eval import predictions_in_pixels
@@ -49,7 +50,7 @@ def draw_predictions(sample, text: str, label: str | None = None):
     for inst in sample.instances:
         if inst.box:
             d.rectangle(inst.box, outline=(0, 170, 0), width=2)
-    for _, kind, c in predictions_in_pixels(text, sample):
+    for _, kind, c in predictions_in_pixels(text, sample, vocabulary):
         if kind == "box" and c[2] > c[0] and c[3] > c[1]:
             d.rectangle(c, outline=(230, 0, 0), width=1)
         elif kind == "point":
@@ -59,11 +60,11 @@ def draw_predictions(sample, text: str, label: str | None = None):
     return img
 
 
-def example_table(examples):
+def example_table(examples, vocabulary=None):
     """A W&B table of (sample, answer, reward) examples, each drawn."""
     import wandb
 
     table = wandb.Table(columns=["image", "caption", "answer"])
     for sample, text, reward in examples:
-        table.add_data(wandb.Image(draw_predictions(sample, text)), f"{sample.task}: reward {reward:.2f}", text)
+        table.add_data(wandb.Image(draw_predictions(sample, text, vocabulary=vocabulary)), f"{sample.task}: reward {reward:.2f}", text)
     return table

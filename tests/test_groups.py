@@ -66,3 +66,30 @@ def test_digest_comparison_is_name_by_name_and_counts_a_tied_embedding_once():
     changed = {"embed.weight": emb.weight.detach() + 1e-3}
     assert compare_digests(sent, params_checksum(changed.items()))[0].startswith("embed.weight: learner")
     assert compare_digests(sent, None) == ["the engine has received no weights through the protocol yet"]
+
+
+def test_vllm_reload_warnings_for_buffer_only_layers_are_dropped_and_others_kept():
+    """vLLM warns '<Layer>: Failed to load weights' on each push for layers that hold only computed
+    buffers (rotary caches, image normalisation) or the tied output head; rlsys drops those on
+    vLLM's own logger and lets any other layer's warning through."""
+    import logging
+
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    import actors.weight_sync  # noqa: F401  (installs the filter on import, as in vLLM's workers)
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    h = Keep()
+    layerwise.logger.addHandler(h)
+    try:
+        for name in ("MRotaryEmbedding", "ParallelLMHead", "FusedMMInputNorm", "QKVParallelLinear"):
+            layerwise.logger.warning("%s: Failed to load weights", name)
+        layerwise.logger.warning("Allocating %.1f MB", 3.0)
+    finally:
+        layerwise.logger.removeHandler(h)
+    assert seen == ["QKVParallelLinear: Failed to load weights", "Allocating 3.0 MB"]

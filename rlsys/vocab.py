@@ -1,0 +1,442 @@
+"""Spatial vocabularies: the languages a model can write geometry in, behind one interface.
+
+A vocabulary says how geometry becomes text and back. Everything else (the F1 rewards, the
+metrics, Serve's JSON) works in the sample image's pixels, so a vocabulary only converts:
+
+- ``render(preds, width, height)``: SFT targets. ``preds`` are :class:`rlsys.format.Prediction`
+  with coordinates in pixels of a ``width`` x ``height`` image; raises on a bad target.
+- ``parse(text, width, height)``: a model answer -> :class:`rlsys.format.Parsed` of
+  predictions in pixels. Never raises; counts what it cannot read (``unreadable``) and says why
+  (``errors``). ``answered`` is False when nothing readable was written at all (an empty answer
+  is a format failure, not "nothing here").
+  ``written`` holds each instance's coordinates as the model wrote them (bins, or the resized
+  image's pixels), in reading order: the paper's duplicate test reads runs of written values.
+- ``render_keypoints`` / ``parse_keypoints``: the same for keypoint instances (the list has
+  ``written`` too: each instance's box as written).
+- ``prompt_boxes(boxes, width, height)``: visual-prompt boxes written in the vocabulary, so the
+  model reads boxes in the language it writes them.
+- ``question_hint(output)``: wording appended to the task's question ("" for none).
+- ``added_tokens()``: the tokens the vocabulary needs in the tokenizer (created by
+  ``model.coord_tokens`` for ``rex_bins``; none for ``qwen_json``).
+
+Chosen by ``model.vocabulary`` (:func:`make_vocabulary`):
+
+``rex_bins`` (default): Rex-Omni's 1,000 quantised bins ``<0>``..``<999>`` in
+:mod:`rlsys.format`'s markup; bins are relative to the image, so the pixel budget does not enter.
+
+``qwen_json``: what a base Qwen2.5-VL already answers for grounding: JSON in a code fence,
+``[{"bbox_2d": [x0, y0, x1, y1], "label": "cat"}]`` (``point_2d`` for points; ``polygon`` as a
+list of ``[x, y]`` for OCR outlines; keypoint instances add ``"keypoints": {"nose": [x, y] or
+"unvisible"}``), integer coordinates in the pixels of the image *as the processor resized it*
+(Qwen2.5-VL's grounding convention). The processor's resize is needed to map back:
+:func:`resized_size` is its rule (sides rounded to multiples of 28, area kept in [min_pixels,
+max_pixels]). A phrase absent from the image has no entry; ``[]`` is a readable answer (no
+object). Parsing takes fenced or bare JSON, a single object for a list, and a list cut short
+by the token limit (the objects before the cut are kept, the cut counts as unreadable).
+
+Pure Python, no Ray, vLLM or torch; tested in ``tests/test_vocab.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from rlsys import coords
+from rlsys.format import (
+    IM_END,
+    INVISIBLE,
+    KeypointInstance,
+    Parsed,
+    Prediction,
+    _check_phrase,
+    kind_of,
+    parse as parse_bins,
+    parse_keypoints as parse_keypoint_bins,
+    render as render_bins,
+    render_instance,
+    render_keypoints as render_keypoint_bins,
+    sort_boxes,
+)
+
+VOCABULARIES = ("rex_bins", "qwen_json")
+_MAX_ERRORS = 8
+
+
+def _note(errors: list[str], msg: str) -> None:
+    if len(errors) < _MAX_ERRORS:
+        errors.append(msg)
+
+
+def resized_size(width: int, height: int, min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
+    """``(width, height)`` of an image after Qwen2-VL's processor resize: each side rounded to a
+    multiple of ``factor``, then scaled (keeping the aspect ratio) so the area lies in
+    [min_pixels, max_pixels], sides floored (too large) or ceiled (too small) to the factor."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if max(width, height) / min(width, height) > 200:
+        raise ValueError(f"image {width}x{height}: aspect ratio over 200, which the processor refuses")
+    h = round(height / factor) * factor  # Python's round (half to even), as the processor's
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return w, h
+
+
+def _group(items: list[tuple[str, str, tuple]]) -> list[Prediction]:
+    """(phrase, kind, coords) in reading order -> one Prediction per (phrase, kind), in order of
+    first appearance (as :func:`rlsys.format.parse` groups a phrase's instances)."""
+    out: dict[tuple[str, str], list[tuple]] = {}
+    for phrase, kind, c in items:
+        out.setdefault((phrase, kind), []).append(c)
+    return [Prediction(p, k, tuple(cs)) for (p, k), cs in out.items()]
+
+
+def _parsed(preds, unreadable: int, errors: list[str], answered: bool, written) -> Parsed:
+    p = Parsed(preds, unreadable, errors)
+    p.answered, p.written = answered, [tuple(c) for c in written]
+    return p
+
+
+class _Instances(list):
+    """Keypoint instances in pixels, with ``written``: each one's box as the model wrote it."""
+
+    def __init__(self, items=(), written=()):
+        super().__init__(items)
+        self.written = [tuple(c) for c in written]
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RexBins:
+    """Rex-Omni's coordinate bins (see :mod:`rlsys.format` and :mod:`rlsys.coords`)."""
+
+    name: str = "rex_bins"
+
+    def added_tokens(self) -> tuple[str, ...]:
+        return coords.COORD_TOKENS
+
+    def _bins(self, c, width, height) -> tuple[int, ...]:
+        return tuple(int(b) for b in coords.encode_xy(c, width, height))
+
+    def render(self, preds, width: int, height: int) -> str:
+        out = []
+        for p in preds:
+            if p.kind == "none":
+                out.append(p)
+                continue
+            # boxes sorted by x0 then y0 in bins, as the paper's targets are (section 2.3)
+            out.append(Prediction(p.phrase, p.kind, sort_boxes(self._bins(c, width, height) for c in p.coords)))
+        return render_bins(out)
+
+    def parse(self, text, width: int, height: int) -> Parsed:
+        b = parse_bins(text)
+        preds = [Prediction(p.phrase, p.kind, tuple(tuple(float(v) for v in coords.decode_xy(c, width, height)) for c in p.coords))
+                 for p in b]
+        return _parsed(preds, b.unreadable, b.errors, bool(b), [c for p in b for c in p.coords])
+
+    def render_keypoints(self, instances, width: int, height: int) -> str:
+        return render_keypoint_bins([KeypointInstance(i.name, self._bins(i.box, width, height),
+                                                      {k: None if v is None else self._bins(v, width, height)
+                                                       for k, v in i.keypoints.items()}) for i in instances])
+
+    def parse_keypoints(self, text, width: int, height: int) -> tuple[list[KeypointInstance], int]:
+        insts, bad = parse_keypoint_bins(text)
+
+        def px(c):
+            return tuple(float(v) for v in coords.decode_xy(c, width, height))
+
+        return _Instances([KeypointInstance(i.name, px(i.box), {k: None if v is None else px(v) for k, v in i.keypoints.items()})
+                           for i in insts], [i.box for i in insts]), bad
+
+    def prompt_boxes(self, boxes, width: int, height: int) -> str:
+        """``"<12><412><339><568>", ...`` (quoted coordinate-token strings)."""
+        return ", ".join(f'"{render_instance(self._bins(b, width, height))}"' for b in boxes)
+
+    def question_hint(self, output: str) -> str:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
+_JSON_KEY = {"box": "bbox_2d", "point": "point_2d", "polygon": "polygon"}
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?")
+
+
+@dataclass(frozen=True)
+class QwenJson:
+    """Qwen2.5-VL's native grounding JSON, in pixels of the processor-resized image."""
+
+    min_pixels: int
+    max_pixels: int
+    factor: int = 28
+    name: str = "qwen_json"
+
+    def __post_init__(self):
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"qwen_json: need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+
+    def added_tokens(self) -> tuple[str, ...]:
+        return ()
+
+    # pixels of the sample <-> pixels of the resized image the model sees
+    def _scale(self, width, height) -> tuple[float, float, int, int]:
+        rw, rh = resized_size(width, height, self.min_pixels, self.max_pixels, self.factor)
+        return rw / width, rh / height, rw, rh
+
+    def _to_model(self, c, width, height) -> list[int]:
+        sx, sy, rw, rh = self._scale(width, height)
+        out = []
+        for k, v in enumerate(c):
+            v = float(v)
+            if math.isnan(v):
+                raise ValueError(f"cannot render NaN coordinate in {tuple(c)}")
+            lim, s = (rw, sx) if k % 2 == 0 else (rh, sy)
+            out.append(int(min(max(round(v * s), 0), lim)))
+        return out
+
+    def _to_pixels(self, c, width, height) -> tuple[float, ...]:
+        sx, sy, rw, rh = self._scale(width, height)
+        return tuple(min(max(float(v), 0.0), lim) / s for v, (lim, s) in
+                     zip(c, [(rw, sx), (rh, sy)] * (len(c) // 2)))
+
+    def _entry(self, kind, c, width, height) -> list:
+        xy = self._to_model(c, width, height)
+        if kind == "polygon":
+            return [xy[i : i + 2] for i in range(0, len(xy), 2)]
+        return xy
+
+    def _dump(self, objs) -> str:
+        return "```json\n" + json.dumps(objs, ensure_ascii=False) + "\n```"
+
+    def render(self, preds, width: int, height: int) -> str:
+        objs = []
+        for p in preds:
+            _check_phrase(p.phrase)
+            if p.kind == "none":
+                if p.coords:
+                    raise ValueError(f"phrase {p.phrase!r}: kind 'none' cannot carry coordinates")
+                continue  # absent: no entry
+            if p.kind not in _JSON_KEY:
+                raise ValueError(f"phrase {p.phrase!r}: unknown kind {p.kind!r}")
+            if not p.coords:
+                raise ValueError(f"phrase {p.phrase!r}: kind {p.kind!r} needs at least one instance (use kind 'none')")
+            entries = []
+            for c in p.coords:
+                if kind_of(len(c)) != p.kind:
+                    raise ValueError(f"phrase {p.phrase!r}: instance {tuple(c)} has {len(c)} values, not a {p.kind}")
+                entries.append(self._entry(p.kind, c, width, height))
+            # left to right, then top to bottom, as the bins' targets are ordered
+            for e in sorted(entries, key=lambda e: (e[0], e[1]) if p.kind != "polygon" else tuple(e[0])):
+                objs.append({_JSON_KEY[p.kind]: e, "label": p.phrase.strip()})
+        return self._dump(objs)
+
+    # -- parsing -----------------------------------------------------------------------------
+    def _objects(self, text, errors: list[str]) -> tuple[list, int, bool]:
+        """The JSON objects of an answer: ``(objects, unreadable, answered)``. Never raises."""
+        if not isinstance(text, str):
+            return [], 1, False
+        text = text.split(IM_END, 1)[0]
+        bad = 0
+        start = min((i for i in (text.find("["), text.find("{")) if i >= 0), default=-1)
+        if start < 0:
+            if text.strip():
+                _note(errors, f"no JSON in {text.strip()[:40]!r}")
+                return [], 1, False
+            return [], 0, False
+        before = _FENCE.sub("", text[:start]).strip()
+        if before:
+            bad += 1
+            _note(errors, f"stray text {before[:40]!r}")
+        dec = json.JSONDecoder()
+        try:
+            value, end = dec.raw_decode(text, start)
+            rest = _FENCE.sub("", text[end:]).replace("`", "").strip()
+            if rest:
+                bad += 1
+                _note(errors, f"stray text at the end {rest[:40]!r}")
+            return (value if isinstance(value, list) else [value]), bad, True
+        except ValueError:
+            pass
+        # Not one JSON value: most often a list cut off by the token limit. Keep each complete
+        # object of it, then count the unfinished rest as one unreadable fragment.
+        objs, pos = [], start + 1 if text[start] == "[" else start
+        while True:
+            while pos < len(text) and text[pos] in " \t\n\r,":
+                pos += 1
+            if pos >= len(text) or text[pos] == "`":
+                bad += 1
+                _note(errors, "the JSON list is not closed")
+                break
+            if text[pos] == "]":
+                break
+            try:
+                value, pos = dec.raw_decode(text, pos)
+            except ValueError:
+                bad += 1
+                _note(errors, f"unfinished or unreadable JSON {text[pos:pos + 40]!r}")
+                break
+            objs.append(value)
+        return objs, bad, bool(objs) or bad == 0
+
+    @staticmethod
+    def _numbers(v, n: int | None = None) -> list[float] | None:
+        if not isinstance(v, list) or (n is not None and len(v) != n):
+            return None
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+            return None
+        return [float(x) for x in v]
+
+    def _geometry(self, obj) -> tuple[str, tuple[float, ...]] | str:
+        """``(kind, flat coords in model pixels)`` of one object, or why it cannot be read."""
+        if "bbox_2d" in obj:
+            b = self._numbers(obj["bbox_2d"], 4)
+            if b is None:
+                return f"bbox_2d {str(obj['bbox_2d'])[:40]} is not 4 numbers"
+            if b[2] < b[0] or b[3] < b[1] or min(b) < 0:
+                return f"bbox_2d {b} is not [x0, y0, x1, y1] with x0 <= x1, y0 <= y1 and no negative value"
+            return "box", tuple(b)
+        if "point_2d" in obj:
+            p = self._numbers(obj["point_2d"], 2)
+            if p is None or min(p) < 0:
+                return f"point_2d {str(obj['point_2d'])[:40]} is not 2 non-negative numbers"
+            return "point", tuple(p)
+        if "polygon" in obj:
+            pts = obj["polygon"]
+            flat = [v for pt in pts for v in pt] if isinstance(pts, list) and all(isinstance(pt, list) and len(pt) == 2 for pt in pts) else None
+            flat = self._numbers(flat) if flat is not None else None
+            if flat is None or len(flat) < 6 or min(flat) < 0:
+                return f"polygon {str(pts)[:40]} is not 3 or more [x, y] points"
+            return "polygon", tuple(flat)
+        return f"object with keys {sorted(obj)[:4]} has no bbox_2d, point_2d or polygon"
+
+    @staticmethod
+    def _label(obj) -> str | None:
+        label = obj.get("label")
+        if not isinstance(label, str) or not label.strip():
+            return None
+        try:
+            _check_phrase(label)
+        except ValueError:
+            return None
+        return label.strip()
+
+    def parse(self, text, width: int, height: int) -> Parsed:
+        errors: list[str] = []
+        try:
+            objs, bad, answered = self._objects(text, errors)
+            items, written = [], []
+            for obj in objs:
+                if not isinstance(obj, dict):
+                    bad += 1
+                    _note(errors, f"{str(obj)[:40]!r} is not an object")
+                    continue
+                label = self._label(obj)
+                if label is None:
+                    bad += 1
+                    _note(errors, f"object {str(obj)[:40]!r} has no usable label")
+                    continue
+                g = self._geometry(obj)
+                if isinstance(g, str):
+                    bad += 1
+                    _note(errors, f"{label!r}: {g}")
+                    continue
+                kind, c = g
+                items.append((label, kind, self._to_pixels(c, width, height)))
+                written.append(c)
+            return _parsed(_group(items), bad, errors, answered, written)
+        except Exception as exc:  # pragma: no cover - defensive: parse must never take a worker down
+            return _parsed([], 1, [f"parser error: {exc!r}"], False, [])
+
+    def render_keypoints(self, instances, width: int, height: int) -> str:
+        objs = []
+        for i in instances:
+            if len(i.box) != 4:
+                raise ValueError(f"keypoint instance {i.name!r}: box needs 4 values, got {i.box}")
+            kps = {}
+            for k, v in i.keypoints.items():
+                if v is not None and len(v) != 2:
+                    raise ValueError(f"keypoint {k!r} of {i.name!r}: needs 2 values, got {v}")
+                kps[k] = INVISIBLE if v is None else self._to_model(v, width, height)
+            objs.append({"bbox_2d": self._to_model(i.box, width, height), "label": i.name, "keypoints": kps})
+        return self._dump(objs)
+
+    def parse_keypoints(self, text, width: int, height: int) -> tuple[list[KeypointInstance], int]:
+        errors: list[str] = []
+        try:
+            objs, bad, _ = self._objects(text, errors)
+            out, written = [], []
+            for obj in objs:
+                label = self._label(obj) if isinstance(obj, dict) else None
+                g = self._geometry(obj) if label is not None else "no label"
+                if isinstance(g, str) or g[0] != "box":
+                    bad += 1
+                    continue
+                kps, raw = {}, obj.get("keypoints") or {}
+                if not isinstance(raw, dict):
+                    bad += 1
+                    continue
+                for k, v in raw.items():
+                    if v == INVISIBLE or v is None:
+                        kps[str(k)] = None
+                        continue
+                    xy = self._numbers(v, 2)
+                    if xy is None or min(xy) < 0:
+                        bad += 1
+                        continue
+                    kps[str(k)] = self._to_pixels(xy, width, height)
+                out.append(KeypointInstance(label, self._to_pixels(g[1], width, height), kps))
+                written.append(g[1])
+            return _Instances(out, written), bad
+        except Exception:  # pragma: no cover - defensive
+            return _Instances(), 1
+
+    def prompt_boxes(self, boxes, width: int, height: int) -> str:
+        """``[x0, y0, x1, y1], ...`` in the resized image's pixels."""
+        return ", ".join(json.dumps(self._to_model(b, width, height)) for b in boxes)
+
+    def question_hint(self, output: str) -> str:
+        if output == "keypoint":
+            return ""  # the keypoint question already asks for JSON
+        key = _JSON_KEY.get(output)
+        if key is None:
+            return ""
+        example = {"box": "[x0, y0, x1, y1]", "point": "[x, y]", "polygon": "[[x, y], ...]"}[output]
+        return f' Answer in JSON as [{{"{key}": {example}, "label": "..."}}].'
+
+
+Vocabulary = RexBins | QwenJson
+REX_BINS = RexBins()
+
+
+def make_vocabulary(name: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Vocabulary:
+    """The vocabulary ``name`` (``model.vocabulary``). ``qwen_json`` needs the processor's pixel
+    budget (its coordinates are pixels of the resized image)."""
+    if name == "rex_bins":
+        return REX_BINS
+    if name == "qwen_json":
+        if min_pixels is None or max_pixels is None:
+            raise ValueError("vocabulary qwen_json needs the processor's min_pixels and max_pixels")
+        return QwenJson(int(min_pixels), int(max_pixels))
+    raise ValueError(f"unknown vocabulary {name!r}; known: {', '.join(VOCABULARIES)}")
+
+
+def vocabulary_for(name: str, processor) -> Vocabulary:
+    """The vocabulary ``name`` with the pixel budget of ``processor`` (a Qwen2-VL processor: its
+    image processor's ``size`` holds ``shortest_edge``/``longest_edge`` = min/max pixels)."""
+    if name != "qwen_json":
+        return make_vocabulary(name)
+    ip = getattr(processor, "image_processor", processor)
+    size = getattr(ip, "size", None) or {}
+    lo = size.get("shortest_edge", getattr(ip, "min_pixels", None))
+    hi = size.get("longest_edge", getattr(ip, "max_pixels", None))
+    factor = getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)
+    v = make_vocabulary(name, lo, hi)
+    return QwenJson(v.min_pixels, v.max_pixels, factor)

@@ -1,0 +1,256 @@
+"""rlsys.vocab: every vocabulary renders pixel geometry to text and reads it back into pixels,
+never raises on garbage, and scores through the one reward implementation."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rewards.scorer import score
+from rlsys.data import Instance, Sample
+from rlsys.format import KeypointInstance, Prediction
+from rlsys.format import render as render_bins_markup
+from rlsys.vocab import REX_BINS, QwenJson, make_vocabulary, resized_size, vocabulary_for
+
+# 640x480 under a 56*56..224*224 budget is resized to 252x168 (scale 0.39375 x 0.35)
+QJ = QwenJson(56 * 56, 224 * 224)
+VOCABS = [REX_BINS, QJ]
+
+
+def _tolerance(v, width, height):
+    """Largest round-trip error per axis: half a bin (rex_bins) or half a resized pixel, mapped
+    back (qwen_json)."""
+    if v is REX_BINS:
+        return width / 1998 + 1e-9, height / 1998 + 1e-9
+    rw, rh = resized_size(width, height, v.min_pixels, v.max_pixels)
+    return 0.5 * width / rw + 1e-9, 0.5 * height / rh + 1e-9
+
+
+def test_resized_size_is_the_processors_rule():
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        w, h = rng.randint(1, 5000), rng.randint(1, 5000)
+        if max(w, h) / min(w, h) > 200:
+            continue
+        lo, hi = rng.choice([(3136, 50176), (3136, 12845056), (200704, 1003520), (100, 12544)])
+        rh, rw = smart_resize(h, w, factor=28, min_pixels=lo, max_pixels=hi)
+        assert resized_size(w, h, lo, hi) == (rw, rh), (w, h, lo, hi)
+    assert resized_size(640, 480, 56 * 56, 224 * 224) == (252, 168)
+
+
+def test_qwen_json_hand_worked_box_and_point():
+    text = QJ.render([Prediction("cat", "box", ((100, 50, 300, 400),)), Prediction("dog", "none", ()),
+                      Prediction("cup", "point", ((320, 240),))], 640, 480)
+    # 100 * 0.39375 = 39.4 -> 39; 50 * 0.35 = 17.5 -> 18 (half to even); 300 -> 118.1 -> 118; 400 -> 140
+    # the absent phrase has no entry; the point 320, 240 -> 126, 84
+    assert text == ('```json\n[{"bbox_2d": [39, 18, 118, 140], "label": "cat"}, '
+                    '{"point_2d": [126, 84], "label": "cup"}]\n```')
+    p = QJ.parse(text, 640, 480)
+    assert p.unreadable == 0 and p.answered
+    (cat,), (cup,) = p[0].coords, p[1].coords
+    assert [p[0].phrase, p[0].kind, p[1].phrase, p[1].kind] == ["cat", "box", "cup", "point"]
+    assert cat == pytest.approx((39 / 0.39375, 18 / 0.35, 118 / 0.39375, 140 / 0.35))
+    assert cup == pytest.approx((320, 240))
+    assert p.written == [(39, 18, 118, 140), (126, 84)]
+
+
+boxes = st.tuples(st.floats(0, 639), st.floats(0, 479), st.floats(0, 639), st.floats(0, 479)).map(
+    lambda b: (min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])))
+points = st.tuples(st.floats(0, 640), st.floats(0, 480))
+polygons = st.lists(points, min_size=3, max_size=6).map(lambda pts: tuple(v for p in pts for v in p))
+phrases = st.sampled_from(["cat", "red circle", "text", "a dog's ear", "数字"])
+
+
+@st.composite
+def answers(draw):
+    out, used = [], set()
+    for _ in range(draw(st.integers(0, 4))):
+        phrase = draw(phrases)
+        if phrase in used:
+            continue
+        used.add(phrase)
+        kind = draw(st.sampled_from(["box", "point", "polygon", "none"]))
+        geo = {"box": boxes, "point": points, "polygon": polygons}.get(kind)
+        coords = () if geo is None else tuple(draw(st.lists(geo, min_size=1, max_size=4)))
+        out.append(Prediction(phrase, kind, coords))
+    return out
+
+
+@pytest.mark.parametrize("v", VOCABS, ids=lambda v: v.name)
+@settings(max_examples=150, deadline=None)
+@given(preds=answers())
+def test_render_then_parse_gives_the_pixels_back(v, preds):
+    w, h = 640, 480
+    tx, ty = _tolerance(v, w, h)
+    got = v.parse(v.render(preds, w, h), w, h)
+    assert got.unreadable == 0, got.errors
+    want = {(p.phrase, p.kind): p.coords for p in preds if v is REX_BINS or p.kind != "none"}
+    assert {(p.phrase, p.kind) for p in got} == set(want)
+    for p in got:
+        # instances come back sorted (left to right), each within the vocabulary's resolution
+        sent, back = want[(p.phrase, p.kind)], p.coords
+        assert len(back) == len(sent)
+        for b in back:  # (near-ties may swap places after rounding: matched as sets)
+            assert any(all(abs(x - y) <= (tx if k % 2 == 0 else ty) for k, (x, y) in enumerate(zip(a, b)))
+                       for a in sent), (b, sent)
+
+
+@pytest.mark.parametrize("v", VOCABS, ids=lambda v: v.name)
+def test_keypoints_round_trip(v):
+    insts = [KeypointInstance("person1", (10.0, 20.0, 300.0, 400.0), {"nose": (100.0, 120.0), "left eye": None}),
+             KeypointInstance("person2", (320.0, 20.0, 600.0, 470.0), {"nose": (400.0, 100.0)})]
+    tx, ty = _tolerance(v, 640, 480)
+    back, bad = v.parse_keypoints(v.render_keypoints(insts, 640, 480), 640, 480)
+    assert bad == 0 and [i.name for i in back] == ["person1", "person2"]
+    for a, b in zip(insts, back):
+        assert all(abs(x - y) <= t for x, y, t in zip(a.box, b.box, (tx, ty, tx, ty)))
+        assert a.keypoints.keys() == b.keypoints.keys() and b.keypoints["nose"] is not None
+        assert abs(a.keypoints["nose"][0] - b.keypoints["nose"][0]) <= tx
+    assert back[0].keypoints["left eye"] is None
+    assert len(back.written) == 2
+
+
+@pytest.mark.parametrize("v", VOCABS, ids=lambda v: v.name)
+@settings(max_examples=400, deadline=None)
+@given(text=st.one_of(st.text(), st.text(alphabet='[]{}",:0123456789.-e bbox_2dpointlabel`json<>|'),
+                      st.none(), st.integers(), st.lists(st.integers())))
+def test_garbage_never_raises(v, text):
+    p = v.parse(text, 640, 480)
+    assert p.unreadable >= 0 and isinstance(p.errors, list)
+    for pred in p:
+        assert all(0 <= x <= 640 for c in pred.coords for x in c[0::2])
+        assert all(0 <= y <= 480 for c in pred.coords for y in c[1::2])
+    insts, bad = v.parse_keypoints(text, 640, 480)
+    assert bad >= 0
+
+
+@pytest.mark.parametrize("v", VOCABS, ids=lambda v: v.name)
+def test_every_prefix_of_an_answer_parses(v):
+    """A policy's answer is cut by the token limit anywhere: each prefix parses without raising,
+    and what it keeps is a prefix of the full answer's instances."""
+    preds = [Prediction("cat", "box", ((10, 20, 300, 400), (320, 30, 600, 470))), Prediction("cup", "point", ((50, 60),))]
+    text = v.render(preds, 640, 480)
+    full = [(p.phrase, c) for p in v.parse(text, 640, 480) for c in p.coords]
+    for n in range(len(text) + 1):
+        got = [(p.phrase, c) for p in v.parse(text[:n], 640, 480) for c in p.coords]
+        assert all(g in full for g in got), (n, text[:n])
+
+
+def test_qwen_json_reads_what_models_write():
+    w, h = 640, 480
+    assert QJ.parse("```json\n[]\n```", w, h).answered  # no object: a readable answer
+    bare = QJ.parse('[{"bbox_2d": [39, 18, 118, 140], "label": "cat"}]', w, h)
+    assert bare.unreadable == 0 and bare[0].kind == "box"
+    single = QJ.parse('{"point_2d": [126, 84], "label": "cup"}', w, h)
+    assert single.unreadable == 0 and single[0].coords[0] == pytest.approx((320, 240))
+    cut = QJ.parse('```json\n[{"bbox_2d": [39, 18, 118, 140], "label": "cat"}, {"bbox_2d": [40, 1', w, h)
+    assert len(cut[0].coords) == 1 and cut.unreadable == 1 and "unfinished" in cut.errors[0]
+    bad = QJ.parse('[{"bbox_2d": [39, 18], "label": "cat"}, {"bbox_2d": [5, 5, 9, 9]}, {"bbox_2d": [9, 9, 5, 5], "label": "x"},'
+                   ' {"point_2d": [1, 2], "label": "ok"}, 7] trailing', w, h)
+    assert bad.unreadable == 5 and [p.phrase for p in bad] == ["ok"]  # 4 bad entries and the trailing text
+    assert not QJ.parse("", w, h).answered and QJ.parse("I cannot see it", w, h).unreadable == 1
+    # off the image: clamped to the resized image, then mapped back
+    off = QJ.parse('[{"bbox_2d": [200, 100, 900, 900], "label": "cat"}]', w, h)
+    assert off[0].coords[0] == pytest.approx((200 / 0.39375, 100 / 0.35, 640, 480))
+
+
+def test_rex_bins_are_todays_markup():
+    preds = [Prediction("person", "box", ((0, 35, 980, 987), (646, 0, 999, 940)))]
+    assert REX_BINS.render(preds, 999, 999) == render_bins_markup(
+        [Prediction("person", "box", ((0, 35, 980, 987), (646, 0, 999, 940)))])
+    assert REX_BINS.prompt_boxes([(0, 0, 999, 999)], 999, 999) == '"<0><0><999><999>"'
+    assert REX_BINS.question_hint("box") == "" and len(REX_BINS.added_tokens()) == 1000 and QJ.added_tokens() == ()
+
+
+def _sample(instances, phrases=("cat",), output="box", task="detection", w=280, h=280):
+    return Sample("s", "img.png", w, h, task, list(phrases), list(instances), output)
+
+
+# 280x280 inside a 56*56..280*280 budget stays 280x280: model pixels are image pixels
+SAME = QwenJson(56 * 56, 280 * 280)
+
+
+def test_qwen_json_rewards_are_the_box_f1():
+    smp = _sample([Instance("cat", box=(28, 28, 140, 140))])
+    exact = score('[{"bbox_2d": [28, 28, 140, 140], "label": "cat"}]', smp, vocabulary=SAME)
+    assert exact.reward == pytest.approx(1.0) and exact.kind == "box_iou"
+    # one exact box and one that misses: precision 1/2, recall 1, F1 2/3
+    two = score('[{"bbox_2d": [28, 28, 140, 140], "label": "cat"}, {"bbox_2d": [200, 200, 250, 250], "label": "cat"}]',
+                smp, vocabulary=SAME)
+    assert two.reward == pytest.approx(2 / 3) and (two.num_pred, two.num_gt) == (2, 1)
+    # half the width: IoU 0.5
+    half = score('[{"bbox_2d": [28, 28, 84, 140], "label": "cat"}]', smp, vocabulary=SAME)
+    assert half.reward == pytest.approx(0.5)
+    # nothing to find: "[]" is right, an empty or unreadable answer is not
+    absent = _sample([], phrases=("dog",))
+    assert score("```json\n[]\n```", absent, vocabulary=SAME).reward == 1.0
+    assert score("", absent, vocabulary=SAME).reward == 0.0
+    assert score("no idea", absent, vocabulary=SAME).unreadable == 1
+    # the same answer in bins scores the same through the same reward
+    bins = score(REX_BINS.render([Prediction("cat", "box", ((28, 28, 140, 140),))], 280, 280), smp)
+    assert bins.reward == pytest.approx(1.0, abs=0.01)
+
+
+def test_qwen_json_points_and_keypoints_score():
+    gui = _sample([Instance("ok button", box=(10, 10, 60, 40))], phrases=("ok button",), output="point", task="gui")
+    assert score('[{"point_2d": [30, 20], "label": "ok button"}]', gui, vocabulary=SAME).reward == 1.0
+    assert score('[{"point_2d": [100, 100], "label": "ok button"}]', gui, vocabulary=SAME).reward == 0.0
+    kp = _sample([Instance("person", box=(10, 10, 200, 250), keypoints={"nose": (100, 50, 2), "left eye": (90, 40, 2)})],
+                 phrases=("person",), output="keypoint", task="keypoint")
+    text = SAME.render_keypoints([KeypointInstance("person1", (10, 10, 200, 250), {"nose": (100, 50), "left eye": (90, 40)})], 280, 280)
+    assert json.loads(text.strip("`json\n"))[0]["keypoints"] == {"nose": [100, 50], "left eye": [90, 40]}
+    assert score(text, kp, vocabulary=SAME).reward == pytest.approx(1.0)
+
+
+def test_sft_targets_and_questions_speak_the_vocabulary():
+    from rlsys.prompts import question_for_sample
+    from rlsys.targets import answer_text
+
+    smp = _sample([Instance("cat", box=(28, 28, 140, 140)), Instance("cat", box=(0, 0, 20, 20))], phrases=("cat", "dog"))
+    assert json.loads(answer_text(smp, SAME).strip("`json\n")) == [{"bbox_2d": [0, 0, 20, 20], "label": "cat"},
+                                                                   {"bbox_2d": [28, 28, 140, 140], "label": "cat"}]
+    assert answer_text(smp).endswith("<|object_ref_start|>dog<|object_ref_end|><|box_start|>None<|box_end|>")
+    assert question_for_sample(smp, vocabulary=SAME).endswith('Answer in JSON as [{"bbox_2d": [x0, y0, x1, y1], "label": "..."}].')
+    vp = Sample("v", "img.png", 280, 280, "visual_prompt", ["cat"], [Instance("cat", box=(28, 28, 140, 140))], "box",
+                prompt_boxes=[(28, 28, 140, 140)])
+    assert "[28, 28, 140, 140]" in question_for_sample(vp, vocabulary=SAME)
+    assert '"<100><100><500><500>"' in question_for_sample(vp)
+
+
+def test_serve_answers_in_request_pixels_whatever_the_vocabulary():
+    from rlsys.serve import to_objects
+
+    objs, bad = to_objects('```json\n[{"bbox_2d": [39, 18, 118, 140], "label": "cat"}]\n```', "detection", 640, 480, QJ)
+    assert bad == 0 and objs == [{"phrase": "cat", "box": [round(39 / 0.39375, 2), round(18 / 0.35, 2), round(118 / 0.39375, 2), 400.0]}]
+
+
+def test_vocabulary_from_config_and_processor(tiny_model_dir):
+    from rlsys.models import load_processor
+
+    assert make_vocabulary("rex_bins") is REX_BINS
+    with pytest.raises(ValueError, match="min_pixels"):
+        make_vocabulary("qwen_json")
+    with pytest.raises(ValueError, match="unknown vocabulary"):
+        make_vocabulary("getok")
+    v = vocabulary_for("qwen_json", load_processor(tiny_model_dir, pixels={"min_pixels": 3136, "max_pixels": 50176}))
+    assert (v.min_pixels, v.max_pixels, v.factor) == (3136, 50176, 28)
+
+
+def test_a_custom_scorer_without_the_argument_is_refused_for_another_vocabulary():
+    from actors.rewards import scorer_vocabulary
+
+    assert scorer_vocabulary("rewards.scorer:score", QJ) is QJ
+    assert scorer_vocabulary("tests.scorers_for_tests:score", QJ) is QJ  # takes **kw
+    assert scorer_vocabulary("tests.test_vocab:_plain_scorer", REX_BINS) is None  # the default: not passed
+    with pytest.raises(ValueError, match="takes no vocabulary"):
+        scorer_vocabulary("tests.test_vocab:_plain_scorer", QJ)
+
+
+def _plain_scorer(text, sample, *, mask_source=None, matching="paper"):
+    return score(text, sample, mask_source=mask_source, matching=matching)
