@@ -19,6 +19,9 @@ command that produced it.
 - learner: seconds and peak memory per answer of one learner step before and after it was made
   lean (no old log-prob pass, logits at answer positions only), tiny, ~30M and Qwen2.5-VL-3B-shaped
   models (``rlsys.bench_learner``);
+- vocab: answer tokens per box for each spatial vocabulary (``rlsys.vocab``) on the same
+  answers (the SFT targets of the same samples), with the model's tokenizer (Rex-Omni's table 17:
+  7.6 tokens per box for its bins);
 - serve: requests/s and p50/p99 latency at 1-64 clients against vLLM's offline ``LLM.generate`` on the same requests, and autoscaling (``rlsys.bench_serve``).
 """
 
@@ -37,7 +40,7 @@ from pathlib import Path
 from rlsys.config import DEFAULT_CONFIG, load_config
 
 REPO = Path(__file__).resolve().parent.parent
-ALL = ("rewards", "rollout", "step", "sync", "distributed", "scaling", "async", "learner", "serve")
+ALL = ("rewards", "rollout", "step", "sync", "distributed", "scaling", "async", "learner", "vocab", "serve")
 DEMO_GRPO_CONFIG = REPO / "configs" / "demo_grpo_tiny_cpu.yaml"
 
 
@@ -196,6 +199,29 @@ def bench_scaling(cfg, sizes=(2, 4, 8, 16), steps: int = 2) -> dict:
             "growth_per_doubling": [out[b] / out[a] for a, b in zip(sizes, sizes[1:])]}
 
 
+def bench_vocab(cfg, max_samples: int = 500) -> dict:
+    """Answer tokens per box and per point for each vocabulary on the same samples' targets."""
+    from rlsys.grpo import prepare_data, prepare_model
+    from rlsys.models import load_processor
+    from rlsys.targets import answer_text
+    from rlsys.vocab import VOCABULARIES, vocabulary_for
+
+    proc = load_processor(prepare_model(cfg), pixels=cfg.model.pixel_budget())
+    tok = proc.tokenizer
+    samples = [s for s in prepare_data(cfg) if s.output in ("box", "point") and s.instances][:max_samples]
+    res = {"samples": len(samples), "tokenizer_vocabulary": len(tok)}
+    for name in VOCABULARIES:
+        v = vocabulary_for(name, proc)
+        per: dict[str, list[int]] = {"box": [0, 0], "point": [0, 0]}
+        for s in samples:
+            n = len(tok(answer_text(s, v), add_special_tokens=False)["input_ids"])
+            per[s.output][0] += n
+            per[s.output][1] += len(s.instances)
+        res[name] = {f"tokens_per_{k}": round(t / max(c, 1), 2) for k, (t, c) in per.items()}
+    res["ratio_qwen_json_over_rex_bins_per_box"] = round(res["qwen_json"]["tokens_per_box"] / res["rex_bins"]["tokens_per_box"], 2)
+    return res
+
+
 def _module_json(args: list[str], timeout_s: int) -> dict | None:
     r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout_s,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -255,6 +281,11 @@ def markdown(res: dict, cmd: str) -> str:
         s = res["scaling"]["step_s_by_prompts_per_step"]
         rows.append("| step time vs prompts per step | " + ", ".join(f"{k}: {v:.2f} s" for k, v in s.items())
                     + " | | x" + ", x".join(f"{g:.2f}" for g in res["scaling"]["growth_per_doubling"]) + f" per doubling | `{cmd} --only scaling` |")
+    if "vocab" in res:
+        v = res["vocab"]
+        rows.append(f"| answer tokens per box / per point, rex_bins | {v['rex_bins']['tokens_per_box']} / {v['rex_bins']['tokens_per_point']} "
+                    f"| qwen_json {v['qwen_json']['tokens_per_box']} / {v['qwen_json']['tokens_per_point']} "
+                    f"| {v['ratio_qwen_json_over_rex_bins_per_box']}x per box | `{cmd} --only vocab` |")
     if "serve" in res and res["serve"] and "error" not in res["serve"]:
         off = res["serve"]["offline"]
         for c, r in res["serve"]["served"].items():
@@ -308,6 +339,8 @@ def main(argv=None) -> int:
         from rlsys.bench_learner import compare
 
         res["learner"] = compare(out / "learner")
+    if "vocab" in a.only:
+        res["vocab"] = bench_vocab(cfg)
     if "serve" in a.only:
         res["serve"] = _module_json(["rlsys.bench_serve"], 1200)
     out.mkdir(parents=True, exist_ok=True)

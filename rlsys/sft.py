@@ -148,19 +148,55 @@ def train_loop(config: dict) -> None:
             m = {"sft/loss": total, "sft/answer_tokens": n_tok_step, "sft/s_per_step": (time.perf_counter() - t0) / (done - start),
                  **lr_metrics(engine.optimizer.param_groups)}
             if rank == 0:
-                print(f"sft step {done}/{tr.steps} loss {total:.4f} ({m['sft/s_per_step']:.2f} s/step)", flush=True)
+                left_min = (tr.steps - done) * m["sft/s_per_step"] / 60
+                # to the process's own stdout: Ray Train routes a plain print through its logger
+                # and, while W&B wraps sys.stdout, also through W&B's copy: every line came twice
+                print(f"sft step {done}/{tr.steps} loss {total:.4f} ({m['sft/s_per_step']:.2f} s/step, {left_min:.1f} min left)",
+                      file=sys.__stdout__, flush=True)
             if tracker:
                 tracker.log(m, step=done)
         if done % tr.checkpoint_every_steps == 0 or done == tr.steps:
-            with tempfile.TemporaryDirectory() as d:
-                engine.save_checkpoint(os.path.join(d, "ds"), tag="state")
-                Path(d, "state.json").write_text(json.dumps({"step": done}))
-                if done == tr.steps and rank == 0:
-                    engine.module.save_pretrained(os.path.join(d, "hf"), safe_serialization=True)
-                    processor.save_pretrained(os.path.join(d, "hf"))
-                ray.train.report({"step": done, "loss": total}, checkpoint=ray.train.Checkpoint.from_directory(d))
+            save_checkpoint(engine, processor, rank, done, final=done == tr.steps, metrics={"step": done, "loss": total})
     if tracker:
         tracker.finish()
+
+
+def save_checkpoint(engine, processor, rank: int, step: int, *, final: bool, metrics: dict) -> None:
+    """Write this rank's part of the step-``step`` checkpoint (DeepSpeed state; on the last step
+    rank 0 adds the Hugging Face model) and report it to Ray Train.
+
+    With storage on a local or shared filesystem (the default ``run.out_dir/ray_train``), each
+    rank writes straight into the checkpoint's directory in storage and reports it with
+    ``NO_UPLOAD``: a 3B checkpoint with its optimizer state is tens of GB, and writing it to a
+    temporary directory first made it exist twice while Ray copied it. Ray registers the
+    checkpoint only when every rank has reported, so a crash mid-write leaves an unregistered
+    directory that a resume ignores (and the redone step overwrites). Other storage (s3://, gs://)
+    is staged in a temporary directory and uploaded, as Ray Train does by default."""
+    import pyarrow.fs
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    storage = ray.train.get_context().get_storage()
+
+    def write(d: str) -> None:
+        engine.save_checkpoint(os.path.join(d, "ds"), tag="state")
+        if rank == 0:
+            Path(d, "state.json").write_text(json.dumps({"step": step}))
+            if final:
+                engine.module.save_pretrained(os.path.join(d, "hf"), safe_serialization=True)
+                processor.save_pretrained(os.path.join(d, "hf"))
+
+    if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        name = f"checkpoint_step_{step:07d}"
+        d = storage.build_checkpoint_path_from_name(name)
+        os.makedirs(d, exist_ok=True)
+        write(d)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        write(d)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def run(cfg: SFTConfig) -> Path:
