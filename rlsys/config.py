@@ -348,6 +348,13 @@ class SFTConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     run: SFTRunConfig = SFTRunConfig()
 
+    @model_validator(mode="after")
+    def _soft_targets_need_bins(self):
+        if self.train.coord_label_sigma_bins > 0 and self.model.vocabulary != "rex_bins":
+            raise ValueError(f"train.coord_label_sigma_bins spreads targets over neighbouring coordinate bins; "
+                             f"model.vocabulary {self.model.vocabulary} writes no bins (set it to 0)")
+        return self
+
     def totals(self) -> dict:
         g = self.train.micro_batch_size * self.train.grad_accum_steps * self.train.num_workers
         return {"global_batch": g, "conversations_seen": g * self.train.steps,

@@ -27,11 +27,12 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
 
     from rlsys.models import load_processor
     from rlsys.prompts import chat_prompt, question_for_sample
-    from rlsys.vocab import vocabulary_for
+    from rlsys.vocab import needs_coordinate_tokens, vocabulary_for
 
     r, pixels = cfg.rollout, cfg.model.pixel_budget()
     max_new_tokens = max_new_tokens or r.max_new_tokens
-    proc = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=pixels)
+    proc = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=pixels,
+                          coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary))
     vocabulary = vocabulary or vocabulary_for(cfg.model.vocabulary, proc)
     from rlsys.config import engine_memory
 
@@ -127,13 +128,14 @@ def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | No
     from rlsys.config import load_config
 
     from rlsys.models import load_processor
-    from rlsys.vocab import vocabulary_for
+    from rlsys.vocab import needs_coordinate_tokens, vocabulary_for
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg or load_config()
-    vocabulary = vocabulary_for(cfg.model.vocabulary, load_processor(str(checkpoint), trust_remote_code=cfg.model.trust_remote_code,
-                                                                    pixels=cfg.model.pixel_budget()))
+    proc = load_processor(str(checkpoint), trust_remote_code=cfg.model.trust_remote_code, pixels=cfg.model.pixel_budget(),
+                          coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary))
+    vocabulary = vocabulary_for(cfg.model.vocabulary, proc)
     answers = generate_answers(str(checkpoint), samples, cfg, max_new_tokens=max_new_tokens, vocabulary=vocabulary)
     metrics = compute_metrics(samples, answers, vocabulary)
     metrics["vocabulary"] = vocabulary.name

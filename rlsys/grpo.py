@@ -143,9 +143,11 @@ class Trainer:
 
         self.cfg, self.model_dir, self.samples = cfg, model_dir, samples
         self.out = Path(cfg.run.out_dir)
+        from rlsys.vocab import needs_coordinate_tokens, vocabulary_for
+
         self.processor = processor or load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code,
-                                                     pixels=cfg.model.pixel_budget())
-        from rlsys.vocab import vocabulary_for
+                                                     pixels=cfg.model.pixel_budget(),
+                                                     coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary))
 
         self.vocabulary = vocabulary_for(cfg.model.vocabulary, self.processor)  # questions and rewards speak it
         self.ckpt = Checkpoints(self.out, keep=cfg.run.keep_checkpoints)
@@ -506,7 +508,10 @@ def run(cfg: GRPOConfig) -> dict:
     from rlsys.models import load_processor
     from rlsys.prepare import check_fit, check_phrases, check_point_masks
 
-    processor = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=cfg.model.pixel_budget())
+    from rlsys.vocab import needs_coordinate_tokens
+
+    processor = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=cfg.model.pixel_budget(),
+                               coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary))
     check_phrases(samples, processor.tokenizer)
     check_point_masks(samples, cfg.reward)
     # every prompt fits the engines' context under the pixel budget (else refused here, by name)

@@ -442,13 +442,16 @@ def param_part(name: str) -> str:
     return "llm"
 
 
-def load_processor(path, *, trust_remote_code: bool = False, pixels: dict | None = None):
+def load_processor(path, *, trust_remote_code: bool = False, pixels: dict | None = None, coordinate_tokens: bool = True):
     """The checkpoint's processor; ``pixels`` (``min_pixels``/``max_pixels``, see
-    :func:`rlsys.config.pixel_budget`) overrides its image budget."""
+    :func:`rlsys.config.pixel_budget`) overrides its image budget. ``coordinate_tokens``: refuse a
+    tokenizer without ``<0>``..``<999>`` (what ``rex_bins`` writes; other vocabularies run on a
+    base checkpoint as it is, :func:`rlsys.vocab.needs_coordinate_tokens`)."""
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **(pixels or {}))
-    coordinate_token_ids(proc.tokenizer)
+    if coordinate_tokens:
+        coordinate_token_ids(proc.tokenizer)
     return proc
 
 

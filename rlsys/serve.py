@@ -449,7 +449,10 @@ def _detector_class(max_concurrent_batches: int):
             self.model_dir = model_dir
             e, g = self.cfg.engine, self.cfg.generation
             pixels = self.cfg.model.pixel_budget()
-            self.processor = load_processor(model_dir, trust_remote_code=self.cfg.model.trust_remote_code, pixels=pixels)
+            from rlsys.vocab import needs_coordinate_tokens
+
+            self.processor = load_processor(model_dir, trust_remote_code=self.cfg.model.trust_remote_code, pixels=pixels,
+                                            coordinate_tokens=needs_coordinate_tokens(self.cfg.model.vocabulary))
             from rlsys.format import control_tokens
             from rlsys.vocab import vocabulary_for
 

@@ -80,7 +80,10 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(tr.seed + rank)
-    processor = load_processor(config["model_dir"], trust_remote_code=cfg.model.trust_remote_code, pixels=cfg.model.pixel_budget())
+    from rlsys.vocab import needs_coordinate_tokens
+
+    processor = load_processor(config["model_dir"], trust_remote_code=cfg.model.trust_remote_code, pixels=cfg.model.pixel_budget(),
+                               coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary))
     tok = processor.tokenizer
     model = load_model(config["model_dir"], dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     lrs = {"vision": tr.lr_vision, "projector": tr.lr_projector, "llm": tr.lr_llm}
@@ -212,7 +215,10 @@ def run(cfg: SFTConfig) -> Path:
     from rlsys.prepare import check_phrases
 
     # the workers read the file themselves; a phrase with a control token is refused here, before Ray starts
-    check_phrases(load_dataset(train_path), load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code).tokenizer)
+    from rlsys.vocab import needs_coordinate_tokens
+
+    check_phrases(load_dataset(train_path), load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code,
+                                                           coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary)).tokenizer)
 
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig

@@ -416,6 +416,12 @@ Vocabulary = RexBins | QwenJson
 REX_BINS = RexBins()
 
 
+def needs_coordinate_tokens(name: str) -> bool:
+    """Whether vocabulary ``name`` writes ``<0>``..``<999>``, so that a base checkpoint must be
+    prepared with them (``model.coord_tokens``) first. ``qwen_json`` uses the checkpoint as it is."""
+    return name == "rex_bins"
+
+
 def make_vocabulary(name: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Vocabulary:
     """The vocabulary ``name`` (``model.vocabulary``). ``qwen_json`` needs the processor's pixel
     budget (its coordinates are pixels of the resized image)."""

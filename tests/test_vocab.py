@@ -254,3 +254,20 @@ def test_a_custom_scorer_without_the_argument_is_refused_for_another_vocabulary(
 
 def _plain_scorer(text, sample, *, mask_source=None, matching="paper"):
     return score(text, sample, mask_source=mask_source, matching=matching)
+
+
+def test_qwen_json_takes_a_base_checkpoint_as_it_is(tiny_model_dir, tmp_path):
+    """A base checkpoint without <0>..<999> is prepared (tokens added) for rex_bins and used
+    unchanged for qwen_json; soft coordinate targets are refused without bins."""
+    from rlsys.config import ConfigError, load_config
+    from rlsys.prepare import prepare_model_dir
+    from rlsys.sft import SFTConfig
+    from tests.test_models import _tiny_base_without_coords
+
+    base = _tiny_base_without_coords(tiny_model_dir, tmp_path)
+    cfg = load_config(overrides=[f"model.path={base}", "model.vocabulary=qwen_json"])
+    assert prepare_model_dir(cfg.model, tmp_path / "run-json") == str(base.resolve())
+    cfg = load_config(overrides=[f"model.path={base}"])
+    assert prepare_model_dir(cfg.model, tmp_path / "run-bins") == str((tmp_path / "run-bins" / "prepared-model").resolve())
+    with pytest.raises((ConfigError, ValueError), match="writes no bins"):
+        SFTConfig.model_validate({"model": {"vocabulary": "qwen_json"}, "train": {"coord_label_sigma_bins": 2}})
