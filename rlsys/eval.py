@@ -17,7 +17,7 @@ from pathlib import Path
 BOX_TASKS = ("detection", "referring", "visual_prompt", "layout")
 
 
-def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None = None, vocabulary=None) -> list[str]:
+def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None = None, processor=None) -> list[str]:
     """Greedy answers for the samples' canonical questions (the first template). The engine's
     settings (dtype, context length, memory share, eager mode, pixel budget) are the GRPO
     config's (``model`` and ``rollout``), so a 3B config evaluates on its GPU settings."""
@@ -25,15 +25,14 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    from rlsys.models import load_processor
+    from rlsys.models import processor_for
     from rlsys.prompts import chat_prompt, question_for_sample
-    from rlsys.vocab import needs_coordinate_tokens, vocabulary_for
+    from rlsys.vocab import vocabulary_for
 
     r, pixels = cfg.rollout, cfg.model.pixel_budget()
     max_new_tokens = max_new_tokens or r.max_new_tokens
-    proc = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=pixels,
-                          coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary))
-    vocabulary = vocabulary or vocabulary_for(cfg.model.vocabulary, proc)
+    proc = processor or processor_for(cfg.model, model_dir)
+    vocabulary = vocabulary_for(cfg.model.vocabulary, proc)
     from rlsys.config import engine_memory
 
     llm = LLM(model=model_dir, max_model_len=r.max_model_len_tokens, **engine_memory(r.gpu_memory_utilization, r.kv_cache_mib),
@@ -127,16 +126,15 @@ def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | No
     """``cfg``: the GRPO config whose engine settings to use (default: configs/tiny_cpu.yaml)."""
     from rlsys.config import load_config
 
-    from rlsys.models import load_processor
-    from rlsys.vocab import needs_coordinate_tokens, vocabulary_for
+    from rlsys.models import processor_for
+    from rlsys.vocab import vocabulary_for
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg or load_config()
-    proc = load_processor(str(checkpoint), trust_remote_code=cfg.model.trust_remote_code, pixels=cfg.model.pixel_budget(),
-                          coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary))
+    proc = processor_for(cfg.model, str(checkpoint))
     vocabulary = vocabulary_for(cfg.model.vocabulary, proc)
-    answers = generate_answers(str(checkpoint), samples, cfg, max_new_tokens=max_new_tokens, vocabulary=vocabulary)
+    answers = generate_answers(str(checkpoint), samples, cfg, max_new_tokens=max_new_tokens, processor=proc)
     metrics = compute_metrics(samples, answers, vocabulary)
     metrics["vocabulary"] = vocabulary.name
     metrics["checkpoint"] = str(checkpoint)

@@ -139,16 +139,12 @@ class Trainer:
         from actors.rewards import RewardGroup
         from actors.rollout import RolloutGroup
         from actors.weight_sync import WeightSync
-        from rlsys.models import load_processor
+        from rlsys.models import processor_for
+        from rlsys.vocab import vocabulary_for
 
         self.cfg, self.model_dir, self.samples = cfg, model_dir, samples
         self.out = Path(cfg.run.out_dir)
-        from rlsys.vocab import needs_coordinate_tokens, vocabulary_for
-
-        self.processor = processor or load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code,
-                                                     pixels=cfg.model.pixel_budget(),
-                                                     coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary))
-
+        self.processor = processor or processor_for(cfg.model, model_dir)
         self.vocabulary = vocabulary_for(cfg.model.vocabulary, self.processor)  # questions and rewards speak it
         self.ckpt = Checkpoints(self.out, keep=cfg.run.keep_checkpoints)
         self.step_no = 0  # learner updates so far: the learner's policy version
@@ -505,18 +501,14 @@ def run(cfg: GRPOConfig) -> dict:
                     "rewards stay near 0. Run SFT first (python -m rlsys.sft) and pass "
                     "run.init_checkpoint=runs/sft-tiny/final, or run the whole demo: python -m rlsys.demo")
     samples = prepare_data(cfg)
-    from rlsys.models import load_processor
+    from rlsys.models import processor_for
     from rlsys.prepare import check_fit, check_phrases, check_point_masks
+    from rlsys.vocab import vocabulary_for
 
-    from rlsys.vocab import needs_coordinate_tokens
-
-    processor = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=cfg.model.pixel_budget(),
-                               coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary))
+    processor = processor_for(cfg.model, model_dir)
     check_phrases(samples, processor.tokenizer)
     check_point_masks(samples, cfg.reward)
     # every prompt fits the engines' context under the pixel budget (else refused here, by name)
-    from rlsys.vocab import vocabulary_for
-
     samples, too_long = check_fit(samples, processor, cfg.rollout.max_model_len_tokens, cfg.rollout.max_new_tokens,
                                   cfg.data.too_long, vocabulary_for(cfg.model.vocabulary, processor))
     if not samples:

@@ -455,6 +455,17 @@ def load_processor(path, *, trust_remote_code: bool = False, pixels: dict | None
     return proc
 
 
+def processor_for(model_cfg, path, *, pixels: bool = True):
+    """:func:`load_processor` with a config's model section (``rlsys.config.ModelConfig`` or
+    Serve's): its remote-code setting, its pixel budget (``pixels=False``: the checkpoint's, for
+    tokenizer-only checks) and whether its vocabulary needs the coordinate tokens."""
+    from rlsys.vocab import needs_coordinate_tokens
+
+    return load_processor(path, trust_remote_code=model_cfg.trust_remote_code,
+                          pixels=model_cfg.pixel_budget() if pixels else None,
+                          coordinate_tokens=needs_coordinate_tokens(model_cfg.vocabulary))
+
+
 def load_model(path, *, dtype: str = "float32", trust_remote_code: bool = False):
     """Load a Qwen2.5-VL-architecture checkpoint for training (weights from safetensors only)."""
     import torch

@@ -30,12 +30,11 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {path}: not a Hugging Face checkpoint directory (no config.json)")
-    from rlsys.models import load_processor, prepare_checkpoint
-    from rlsys.vocab import needs_coordinate_tokens
+    from rlsys.models import prepare_checkpoint, processor_for
 
     try:
         # a vocabulary without coordinate tokens (qwen_json) takes a base checkpoint as it is
-        load_processor(path, trust_remote_code=model.trust_remote_code, coordinate_tokens=needs_coordinate_tokens(model.vocabulary))
+        processor_for(model, path, pixels=False)
     except ValueError:
         prepared = out / "prepared-model"
         stamp = prepared / "rlsys_prepared_from.json"

@@ -443,16 +443,13 @@ def _detector_class(max_concurrent_batches: int):
             from vllm.sampling_params import RequestOutputKind
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            from rlsys.models import load_processor
+            from rlsys.models import processor_for
 
             self.cfg = ServeConfig.model_validate(cfg)
             self.model_dir = model_dir
             e, g = self.cfg.engine, self.cfg.generation
             pixels = self.cfg.model.pixel_budget()
-            from rlsys.vocab import needs_coordinate_tokens
-
-            self.processor = load_processor(model_dir, trust_remote_code=self.cfg.model.trust_remote_code, pixels=pixels,
-                                            coordinate_tokens=needs_coordinate_tokens(self.cfg.model.vocabulary))
+            self.processor = processor_for(self.cfg.model, model_dir)
             from rlsys.format import control_tokens
             from rlsys.vocab import vocabulary_for
 

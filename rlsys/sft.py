@@ -70,7 +70,7 @@ def train_loop(config: dict) -> None:
 
     from rlsys.data import load_dataset
     from rlsys.losses import answer_token_loss
-    from rlsys.models import coordinate_token_ids, load_model, load_processor
+    from rlsys.models import coordinate_token_ids, load_model, processor_for
     from rlsys.sequences import build_batch
     from rlsys.prompts import chat_prompt
     from rlsys.targets import conversation
@@ -80,10 +80,7 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(tr.seed + rank)
-    from rlsys.vocab import needs_coordinate_tokens
-
-    processor = load_processor(config["model_dir"], trust_remote_code=cfg.model.trust_remote_code, pixels=cfg.model.pixel_budget(),
-                               coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary))
+    processor = processor_for(cfg.model, config["model_dir"])
     tok = processor.tokenizer
     model = load_model(config["model_dir"], dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     lrs = {"vision": tr.lr_vision, "projector": tr.lr_projector, "llm": tr.lr_llm}
@@ -211,14 +208,11 @@ def run(cfg: SFTConfig) -> Path:
     model_dir = prepare_model_dir(cfg.model, out, None)
     train_path = prepare_data_path(cfg.data, out)
     from rlsys.data import load_dataset
-    from rlsys.models import load_processor
+    from rlsys.models import processor_for
     from rlsys.prepare import check_phrases
 
     # the workers read the file themselves; a phrase with a control token is refused here, before Ray starts
-    from rlsys.vocab import needs_coordinate_tokens
-
-    check_phrases(load_dataset(train_path), load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code,
-                                                           coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary)).tokenizer)
+    check_phrases(load_dataset(train_path), processor_for(cfg.model, model_dir, pixels=False).tokenizer)
 
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig

@@ -52,6 +52,7 @@ from rlsys.format import (
     Parsed,
     Prediction,
     _check_phrase,
+    _note,
     kind_of,
     parse as parse_bins,
     parse_keypoints as parse_keypoint_bins,
@@ -62,12 +63,6 @@ from rlsys.format import (
 )
 
 VOCABULARIES = ("rex_bins", "qwen_json")
-_MAX_ERRORS = 8
-
-
-def _note(errors: list[str], msg: str) -> None:
-    if len(errors) < _MAX_ERRORS:
-        errors.append(msg)
 
 
 def resized_size(width: int, height: int, min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
@@ -422,15 +417,15 @@ def needs_coordinate_tokens(name: str) -> bool:
     return name == "rex_bins"
 
 
-def make_vocabulary(name: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Vocabulary:
+def make_vocabulary(name: str, min_pixels: int | None = None, max_pixels: int | None = None, factor: int = 28) -> Vocabulary:
     """The vocabulary ``name`` (``model.vocabulary``). ``qwen_json`` needs the processor's pixel
-    budget (its coordinates are pixels of the resized image)."""
+    budget and patch factor (its coordinates are pixels of the resized image)."""
     if name == "rex_bins":
         return REX_BINS
     if name == "qwen_json":
         if min_pixels is None or max_pixels is None:
             raise ValueError("vocabulary qwen_json needs the processor's min_pixels and max_pixels")
-        return QwenJson(int(min_pixels), int(max_pixels))
+        return QwenJson(int(min_pixels), int(max_pixels), int(factor))
     raise ValueError(f"unknown vocabulary {name!r}; known: {', '.join(VOCABULARIES)}")
 
 
@@ -443,6 +438,4 @@ def vocabulary_for(name: str, processor) -> Vocabulary:
     size = getattr(ip, "size", None) or {}
     lo = size.get("shortest_edge", getattr(ip, "min_pixels", None))
     hi = size.get("longest_edge", getattr(ip, "max_pixels", None))
-    factor = getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)
-    v = make_vocabulary(name, lo, hi)
-    return QwenJson(v.min_pixels, v.max_pixels, factor)
+    return make_vocabulary(name, lo, hi, getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2))
