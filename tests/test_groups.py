@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from actors.group import by_group, micro_batch_plan, round_robin
-from actors.weight_sync import compare_digests, pack, params_checksum, plan_buckets, unpack
+from actors.weight_sync import compare_digests, pack, params_checksum, plan_buckets, tensor_digest, unpack
 
 
 def test_round_robin_deals_items_in_turn():
@@ -49,6 +49,22 @@ def test_buckets_cut_at_the_byte_limit_and_round_trip():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t)
     with pytest.raises(ValueError, match="bytes"):
         unpack(torch.zeros(5, dtype=torch.uint8), [("a", torch.float32, (2,))])
+
+
+def test_tensor_digest_in_chunks_equals_the_whole_float64_sums():
+    # the digest is taken in chunks (no float64 copy of a whole embedding); any chunk size gives
+    # numel, sum and sum of squares equal to the one-shot float64 values, for bf16 and float32,
+    # including a last partial chunk and a 0-d tensor
+    g = torch.Generator().manual_seed(0)
+    for t in (torch.randn(1001, 7, generator=g).to(torch.bfloat16), torch.randn(33, generator=g), torch.tensor(2.5)):
+        x = t.to(torch.float64)
+        want = (x.numel(), float(x.sum()), float((x * x).sum()))
+        for chunk in (1, 5, 64, 10**6):
+            n, s, sq = tensor_digest(t, chunk_elements=chunk)
+            assert n == want[0]
+            assert s == pytest.approx(want[1], rel=1e-12, abs=1e-9) and sq == pytest.approx(want[2], rel=1e-12)
+    # hand-worked: [1, -2, 3] -> (3, 2, 14)
+    assert tensor_digest(torch.tensor([1.0, -2.0, 3.0]), chunk_elements=2) == (3, 2.0, 14.0)
 
 
 def test_digest_comparison_is_name_by_name_and_counts_a_tied_embedding_once():
