@@ -36,7 +36,7 @@ class LearnerWorker:
 
     def setup(self, model_dir: str, learner_cfg: dict, *, master_addr: str, master_port: int,
               seed: int, dtype: str = "float32", trust_remote_code: bool = False,
-              sampling_temperature: float = 1.0, pixels: dict | None = None, coordinate_tokens: bool = True) -> int:
+              sampling_temperature: float = 1.0, pixels: dict | None = None, tokens: tuple = ()) -> int:
         rank, world_size = self.rank, self.world
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
@@ -52,7 +52,7 @@ class LearnerWorker:
         cuda = torch.cuda.is_available() and learner_cfg["gpus_per_rank"] > 0
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         self.processor = load_processor(model_dir, trust_remote_code=trust_remote_code, pixels=pixels,
-                                        coordinate_tokens=coordinate_tokens)
+                                        tokens=tokens)
         self.pad_id = self.processor.tokenizer.pad_token_id
         from rlsys.sequences import banned_token_ids
 
@@ -332,7 +332,7 @@ class LearnerGroup:
     def __init__(self, cfg, model_dir: str, start_timeout_s: float):
         from actors.group import bundle, call, in_bundle, placement_group
 
-        from rlsys.vocab import needs_coordinate_tokens
+        from rlsys.vocab import model_tokens
 
         self.cfg = cfg
         le = cfg.learner
@@ -346,7 +346,7 @@ class LearnerGroup:
         self._setup = [w.setup.remote(model_dir, le.model_dump(), master_addr=addr, master_port=port, seed=cfg.run.seed,
                                       dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                                       sampling_temperature=cfg.rollout.temperature, pixels=cfg.model.pixel_budget(),
-                                      coordinate_tokens=needs_coordinate_tokens(cfg.model.vocabulary))
+                                      tokens=model_tokens(cfg.model))
                        for w in self.ranks]
 
     def ready_refs(self) -> list:

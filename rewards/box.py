@@ -54,6 +54,32 @@ def box_iou_f1(pred_boxes, pred_labels, gt_boxes, gt_labels, matching: str = "pa
     return f1_from_matrix(sim, geo.same_label(pl, gl), matching)
 
 
+def corner_similarity(pred_boxes, gt_boxes) -> np.ndarray:
+    """``[N, M]`` L1 corner term in [0, 1]: ``1 - (|dx0| + |dy0| + |dx1| + |dy1|) / (2 (w + h))``
+    with ``w``, ``h`` the GT box's sides, floored at 0. 1 for the same box; corners each half a
+    side off give 0.5. Unlike IoU it still grades boxes that do not overlap, by how far off they
+    are (GETok's box reward pairs IoU with such an L1 corner distance, appendix C.3)."""
+    pb = geo.as_array(pred_boxes, 4, "pred_boxes")
+    gb = geo.check_gt_boxes(gt_boxes)
+    if len(pb) == 0 or len(gb) == 0:
+        return np.zeros((len(pb), len(gb)))
+    l1 = np.abs(pb[:, None, :] - gb[None, :, :]).sum(-1)
+    scale = 2.0 * ((gb[:, 2] - gb[:, 0]) + (gb[:, 3] - gb[:, 1]))
+    out = 1.0 - l1 / scale[None, :]
+    return np.where(np.isfinite(out), np.clip(out, 0.0, 1.0), 0.0)
+
+
+def box_iou_l1_f1(pred_boxes, pred_labels, gt_boxes, gt_labels, matching: str = "paper") -> F1Result:
+    """Equations 3-4 with the pair similarity ``(IoU + corner) / 2`` (:func:`corner_similarity`)
+    in place of the IoU: the box part of GETok's grid-stage reward."""
+    pb = geo.as_array(pred_boxes, 4, "pred_boxes")
+    gb = geo.check_gt_boxes(gt_boxes)
+    pl = geo.check_labels(pred_labels, len(pb), "pred_labels")
+    gl = geo.check_labels(gt_labels, len(gb), "gt_labels")
+    sim = 0.5 * (geo.box_iou(pb, gb) + corner_similarity(pb, gb))
+    return f1_from_matrix(sim, geo.same_label(pl, gl), matching)
+
+
 def polygon_iou_f1(pred_polygons, pred_labels, gt_polygons, gt_labels, *, height: int, width: int,
                    matching: str = "paper") -> F1Result:
     """Polygon IoU F1 (OCR polygons): equations 3-4 with mask IoU of rasterised polygons.

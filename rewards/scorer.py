@@ -8,6 +8,8 @@ raises) and picks the reward from the sample's output (paper section 4.2.3):
 output                reward                                       ``kind``
 ====================  ===========================================  =====================
 box (any task)        box IoU F1 (eq. 3-4)                         ``box_iou``
+                      ... ``box_corner_term``: (IoU + L1 corner)   ``box_iou_l1``
+                      / 2 as the pair similarity (GETok)
 polygon (OCR)         polygon IoU F1                               ``polygon_iou``
 point, task ``gui``   point-in-box F1                              ``point_in_box``
 point, other tasks    point-in-mask F1 (eq. 5), masks from the     ``point_in_mask``
@@ -40,7 +42,7 @@ import numpy as np
 
 from rewards import behaviour
 from rewards import geometry as geo
-from rewards.box import COCO_IOU_THRESHOLDS, box_iou_f1, polygon_iou_f1
+from rewards.box import COCO_IOU_THRESHOLDS, box_iou_f1, box_iou_l1_f1, polygon_iou_f1
 from rewards.f1 import MATCHINGS, F1Result, f1_from_sum
 from rewards.keypoint import keypoint_oks_f1
 from rewards.point import point_in_box_f1, point_in_mask_f1
@@ -72,19 +74,23 @@ class RewardResult:
 
 
 def score(text: str, sample, *, mask_source: MaskSource | None = None, matching: str = "paper",
-          box_iou_thresholds=None, vocabulary=REX_BINS) -> RewardResult:
+          box_iou_thresholds=None, vocabulary=REX_BINS, box_corner_term: bool = False) -> RewardResult:
     """Reward of ``text`` for ``sample``; see the module docstring for the rules. ``vocabulary``
     is the one the model writes in (:func:`rlsys.vocab.make_vocabulary`).
 
     ``box_iou_thresholds``: score box answers by the fraction of these IoU thresholds each
-    matched box reaches (:func:`rewards.box.threshold_credit`) instead of by its IoU."""
+    matched box reaches (:func:`rewards.box.threshold_credit`) instead of by its IoU.
+    ``box_corner_term``: pair similarity ``(IoU + L1 corner term) / 2``
+    (:func:`rewards.box.box_iou_l1_f1`, kind ``box_iou_l1``)."""
     if matching not in MATCHINGS:
         raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+    if box_corner_term and box_iou_thresholds is not None:
+        raise ValueError("box_corner_term and box_iou_thresholds are two box rewards; choose one")
     _check_sample(sample)
     try:
         if sample.output == "keypoint":
             return _score_keypoints(text, sample, matching, vocabulary)
-        return _score_parsed(text, sample, mask_source, matching, box_iou_thresholds, vocabulary)
+        return _score_parsed(text, sample, mask_source, matching, box_iou_thresholds, vocabulary, box_corner_term)
     except ValueError as exc:  # only the sample's (or mask source's) data can raise here
         raise ValueError(f"sample {sample.id!r} ({getattr(sample, 'source', '<memory>')}): {exc}") from exc
 
@@ -95,7 +101,28 @@ def score_coco_thresholds(text: str, sample, **kw) -> RewardResult:
     return score(text, sample, box_iou_thresholds=COCO_IOU_THRESHOLDS, **kw)
 
 
-def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None, vocabulary=REX_BINS) -> RewardResult:
+# GETok's grid-stage reward (section 3.3.1): format, non-repeat and box terms. The paper gives no
+# weights in its text; the geometric term carries the reward and the other two shape it.
+GRID_STAGE_WEIGHTS = {"geometry": 0.8, "format": 0.1, "non_repeat": 0.1}
+
+
+def score_getok_grid_stage(text: str, sample, **kw) -> RewardResult:
+    """GETok's first-stage reward for ``reward.scorer=rewards.scorer:score_getok_grid_stage``:
+    ``0.8 * geometry + 0.1 * format + 0.1 * non_repeat``, where geometry is :func:`score` with the
+    box IoU + L1 corner similarity (other outputs: their usual reward), format is 1 when nothing
+    in the answer was unreadable, and non-repeat is 0 when the answer repeats itself (the paper's
+    duplicate test, :func:`rewards.behaviour.is_duplicate`), else 1. Any vocabulary: it scores
+    pixels. The mask and semantic-critical-points terms need a mask output kind, which the
+    tasks here do not have."""
+    r = score(text, sample, box_corner_term=True, **kw)
+    w = GRID_STAGE_WEIGHTS
+    reward = w["geometry"] * r.reward + w["format"] * float(r.unreadable == 0) + w["non_repeat"] * float(not r.duplicate)
+    return RewardResult(reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate,
+                        r.large_box, r.error)
+
+
+def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None, vocabulary=REX_BINS,
+                  box_corner_term=False) -> RewardResult:
     w, h = sample.width, sample.height
     parsed = vocabulary.parse(text, w, h)  # predictions in the sample's pixels
     unreadable, notes = parsed.unreadable, list(parsed.errors[:3])
@@ -119,7 +146,10 @@ def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None, 
 
     insts = sample.instances
     gt_labels = [i.phrase for i in insts]
-    if want == "box":
+    if want == "box" and box_corner_term:
+        kind = "box_iou_l1"
+        res = box_iou_l1_f1(coords, labels, [i.box for i in insts], gt_labels, matching)
+    elif want == "box":
         kind = "box_iou"
         res = box_iou_f1(coords, labels, [i.box for i in insts], gt_labels, matching, box_iou_thresholds)
     elif want == "polygon":

@@ -28,6 +28,7 @@ command that produced it.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -204,21 +205,27 @@ def bench_vocab(cfg, max_samples: int = 500) -> dict:
     from rlsys.grpo import prepare_data, prepare_model
     from rlsys.models import load_processor
     from rlsys.targets import answer_text
-    from rlsys.vocab import VOCABULARIES, vocabulary_for
+    from rlsys.vocab import VOCABULARIES, make_vocabulary, vocabulary_for
 
     proc = load_processor(prepare_model(cfg), pixels=cfg.model.pixel_budget())
-    tok = proc.tokenizer
     samples = [s for s in prepare_data(cfg) if s.output in ("box", "point") and s.instances][:max_samples]
-    res = {"samples": len(samples), "tokenizer_vocabulary": len(tok)}
+    res = {"samples": len(samples), "tokenizer_vocabulary": len(proc.tokenizer)}
     for name in VOCABULARIES:
-        v = vocabulary_for(name, proc)
+        tok = proc.tokenizer
+        if name == "getok":  # the tokenizer as rlsys.prepare leaves it for getok: its grid tokens added
+            v = make_vocabulary(name, getok_grid=cfg.model.getok_grid, getok_offsets=cfg.model.getok_offsets)
+            tok = copy.deepcopy(tok)
+            tok.add_tokens([t for t in v.added_tokens() if t not in tok.get_vocab()])
+        else:
+            v = vocabulary_for(name, proc)
         per: dict[str, list[int]] = {"box": [0, 0], "point": [0, 0]}
         for s in samples:
             n = len(tok(answer_text(s, v), add_special_tokens=False)["input_ids"])
             per[s.output][0] += n
             per[s.output][1] += len(s.instances)
         res[name] = {f"tokens_per_{k}": round(t / max(c, 1), 2) for k, (t, c) in per.items()}
-    res["ratio_qwen_json_over_rex_bins_per_box"] = round(res["qwen_json"]["tokens_per_box"] / res["rex_bins"]["tokens_per_box"], 2)
+    for name in VOCABULARIES[1:]:
+        res[f"ratio_{name}_over_rex_bins_per_box"] = round(res[name]["tokens_per_box"] / res["rex_bins"]["tokens_per_box"], 2)
     return res
 
 
@@ -286,6 +293,10 @@ def markdown(res: dict, cmd: str) -> str:
         rows.append(f"| answer tokens per box / per point, rex_bins | {v['rex_bins']['tokens_per_box']} / {v['rex_bins']['tokens_per_point']} "
                     f"| qwen_json {v['qwen_json']['tokens_per_box']} / {v['qwen_json']['tokens_per_point']} "
                     f"| {v['ratio_qwen_json_over_rex_bins_per_box']}x per box | `{cmd} --only vocab` |")
+        if "getok" in v:
+            rows.append(f"| answer tokens per box / per point, getok | {v['getok']['tokens_per_box']} / {v['getok']['tokens_per_point']} "
+                        f"| rex_bins {v['rex_bins']['tokens_per_box']} / {v['rex_bins']['tokens_per_point']} "
+                        f"| {v['ratio_getok_over_rex_bins_per_box']}x per box | `{cmd} --only vocab` |")
     if "serve" in res and res["serve"] and "error" not in res["serve"]:
         off = res["serve"]["offline"]
         for c, r in res["serve"]["served"].items():

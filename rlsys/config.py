@@ -71,8 +71,10 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: str | None = Field(None, description="Local Hugging Face checkpoint directory. None: build (once) the tiny random-weight Qwen2.5-VL under run.out_dir/tiny-model.")
-    vocabulary: Literal["rex_bins", "qwen_json"] = Field("rex_bins", description="How the model writes geometry (rlsys.vocab): rex_bins, Rex-Omni's coordinate tokens <0>..<999>; qwen_json, Qwen2.5-VL's own grounding JSON (bbox_2d / point_2d in pixels of the resized image), what a base Qwen2.5-VL already answers. Used by SFT targets, questions, rewards, eval and Serve.")
-    coord_tokens: Literal["add", "map_last"] = Field("add", description="For a base Qwen2.5-VL without <0>..<999>: add them to the vocabulary, or map them onto the last 1,000 embedding rows as Rex-Omni did.")
+    vocabulary: Literal["rex_bins", "qwen_json", "getok"] = Field("rex_bins", description="How the model writes geometry (rlsys.vocab): rex_bins, Rex-Omni's coordinate tokens <0>..<999>; qwen_json, Qwen2.5-VL's own grounding JSON (bbox_2d / point_2d in pixels of the resized image), what a base Qwen2.5-VL already answers; getok, GETok's grid tokens <gridX_Y> with offset tokens <OFFdx_dy> and <DELETE>. Used by SFT targets, questions, rewards, eval and Serve.")
+    getok_grid: int = Field(32, ge=2, le=256, description="vocabulary=getok: cells per image side (the paper's 32); getok_grid² + 10 tokens are added to a base checkpoint.")
+    getok_offsets: bool = Field(True, description="vocabulary=getok: SFT targets put an offset token after every grid token (a 3·getok_grid lattice); off: grid tokens alone, the paper's first stage. Answers are read either way.")
+    coord_tokens: Literal["add", "map_last"] = Field("add", description="For a base Qwen2.5-VL without its vocabulary's tokens: add them to the vocabulary, or (rex_bins only) map <0>..<999> onto the last 1,000 embedding rows as Rex-Omni did.")
     trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code. Off: our loaders need only the Qwen2.5-VL classes in transformers.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Learner parameter dtype (float32 on CPUs).")
     tiny_hidden_size: int = Field(128, ge=64, description="Tiny model (path None): LLM width; head_dim is fixed at 64, so heads = width / 64.")

@@ -32,7 +32,7 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
     r, pixels = cfg.rollout, cfg.model.pixel_budget()
     max_new_tokens = max_new_tokens or r.max_new_tokens
     proc = processor or processor_for(cfg.model, model_dir)
-    vocabulary = vocabulary_for(cfg.model.vocabulary, proc)
+    vocabulary = vocabulary_for(cfg.model, proc)
     from rlsys.config import engine_memory
 
     llm = LLM(model=model_dir, max_model_len=r.max_model_len_tokens, **engine_memory(r.gpu_memory_utilization, r.kv_cache_mib),
@@ -133,7 +133,7 @@ def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | No
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg or load_config()
     proc = processor_for(cfg.model, str(checkpoint))
-    vocabulary = vocabulary_for(cfg.model.vocabulary, proc)
+    vocabulary = vocabulary_for(cfg.model, proc)
     answers = generate_answers(str(checkpoint), samples, cfg, max_new_tokens=max_new_tokens, processor=proc)
     metrics = compute_metrics(samples, answers, vocabulary)
     metrics["vocabulary"] = vocabulary.name

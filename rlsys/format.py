@@ -144,7 +144,9 @@ def render_instance(bins) -> str:
     return "".join(out)
 
 
-def render_prediction(pred: Prediction) -> str:
+def render_prediction(pred: Prediction, write=render_instance) -> str:
+    """One phrase in the markup; ``write`` turns one instance's values into its tokens (the
+    bins by default; a vocabulary with other coordinate tokens passes its own)."""
     _check_phrase(pred.phrase)
     if pred.kind == "none":
         if pred.coords:
@@ -160,13 +162,13 @@ def render_prediction(pred: Prediction) -> str:
                 raise ValueError(
                     f"phrase {pred.phrase!r}: instance {tuple(inst)} has {len(inst)} values, not a {pred.kind}"
                 )
-        body = ",".join(render_instance(inst) for inst in pred.coords)
+        body = ",".join(write(inst) for inst in pred.coords)
     return f"{REF_START}{pred.phrase.strip()}{REF_END}{BOX_START}{body}{BOX_END}"
 
 
-def render(preds) -> str:
+def render(preds, write=render_instance) -> str:
     """Render predictions as the model should write them; phrases joined by ``", "``."""
-    return ", ".join(render_prediction(p) for p in preds)
+    return ", ".join(render_prediction(p, write) for p in preds)
 
 
 def sort_boxes(instances):
@@ -191,7 +193,22 @@ def _note(errors: list[str], msg: str) -> None:
         errors.append(msg)
 
 
-def _parse_coords(phrase: str, body: str, out: list, errors: list[str]) -> int:
+def read_bins(raw: str) -> tuple[int, ...]:
+    """One instance's text -> its bins; raises ``ValueError`` saying why it is unreadable."""
+    if not isinstance(raw, str) or not _INSTANCE.fullmatch(raw):
+        raise ValueError(f"instance {str(raw)[:40]!r} is not a run of coordinate tokens")
+    values = tuple(int(v) for v in _BIN.findall(raw))
+    if any(v > MAX_BIN for v in values):
+        raise ValueError(f"bin above {MAX_BIN} in {raw[:40]!r}")
+    return values
+
+
+class Deleted(ValueError):
+    """Raised by an instance reader for an instance the model withdrew (GETok's ``<DELETE>``):
+    not written, so neither a prediction nor an unreadable fragment."""
+
+
+def _parse_coords(phrase: str, body: str, out: list, errors: list[str], read=read_bins) -> int:
     """Parse one COORDS body into ``out``; return the number of unreadable instances."""
     body = body.strip()
     if body == NONE_TEXT:
@@ -204,14 +221,13 @@ def _parse_coords(phrase: str, body: str, out: list, errors: list[str]) -> int:
             bad += 1
             _note(errors, f"{phrase!r}: empty instance")
             continue
-        if not _INSTANCE.fullmatch(raw):
-            bad += 1
-            _note(errors, f"{phrase!r}: instance {raw[:40]!r} is not a run of coordinate tokens")
+        try:
+            values = read(raw)
+        except Deleted:
             continue
-        values = [int(v) for v in _BIN.findall(raw)]
-        if any(v > MAX_BIN for v in values):
+        except ValueError as exc:
             bad += 1
-            _note(errors, f"{phrase!r}: bin above {MAX_BIN} in {raw[:40]!r}")
+            _note(errors, f"{phrase!r}: {exc}")
             continue
         try:
             kind = kind_of(len(values))
@@ -227,8 +243,9 @@ def _parse_coords(phrase: str, body: str, out: list, errors: list[str]) -> int:
     return bad
 
 
-def parse(text) -> Parsed:
-    """Read a model answer into predictions. Text after ``<|im_end|>`` is ignored.
+def parse(text, read=read_bins) -> Parsed:
+    """Read a model answer into predictions. Text after ``<|im_end|>`` is ignored. ``read``
+    turns one instance's text into its values or raises ``ValueError`` (the bins by default).
 
     Never raises: any input, including non-strings, yields a :class:`Parsed` (possibly empty)
     whose ``unreadable`` counts the fragments that could not be read.
@@ -252,7 +269,7 @@ def parse(text) -> Parsed:
                 unreadable += 1
                 _note(errors, f"bad phrase {m.group(1)[:40]!r}")
                 continue
-            unreadable += _parse_coords(phrase, m.group(2), preds, errors)
+            unreadable += _parse_coords(phrase, m.group(2), preds, errors, read)
         tail = text[pos:]
         if tail.strip(" ,\n\t"):
             # Most often a phrase cut off by the token limit.
@@ -277,7 +294,7 @@ class KeypointInstance:
     keypoints: dict[str, tuple[int, int] | None] = field(default_factory=dict)
 
 
-def render_keypoints(instances) -> str:
+def render_keypoints(instances, write=render_instance) -> str:
     parts = []
     for inst in instances:
         if len(inst.box) != 4:
@@ -289,9 +306,9 @@ def render_keypoints(instances) -> str:
             else:
                 if len(xy) != 2:
                     raise ValueError(f"keypoint {kname!r} of {inst.name!r}: needs 2 bins, got {xy}")
-                kps.append(f"{json.dumps(kname)}: {render_instance(xy)}")
+                kps.append(f"{json.dumps(kname)}: {write(xy)}")
         parts.append(
-            f"{json.dumps(inst.name)}: {{\"box\": {render_instance(inst.box)}, \"keypoints\": {{{', '.join(kps)}}}}}"
+            f"{json.dumps(inst.name)}: {{\"box\": {write(inst.box)}, \"keypoints\": {{{', '.join(kps)}}}}}"
         )
     return "{" + ", ".join(parts) + "}"
 
@@ -299,14 +316,15 @@ def render_keypoints(instances) -> str:
 _KP_TOKEN = re.compile(r"((?:<\d+>)+)")
 
 
-def parse_keypoints(text) -> tuple[list[KeypointInstance], int]:
-    """Parse the keypoint form; returns ``(instances, unreadable)``. Never raises."""
+def parse_keypoints(text, read=read_bins, run=_KP_TOKEN) -> tuple[list[KeypointInstance], int]:
+    """Parse the keypoint form; returns ``(instances, unreadable)``. Never raises. ``run``
+    matches a run of coordinate tokens (quoted to make the text JSON), ``read`` reads one."""
     try:
         if not isinstance(text, str):
             return [], 1
         text = text.split(IM_END, 1)[0].strip()
         # Quote the coordinate runs so the text becomes JSON: <1><2> -> "<1><2>".
-        data = json.loads(_KP_TOKEN.sub(lambda m: json.dumps(m.group(1)), text))
+        data = json.loads(run.sub(lambda m: json.dumps(m.group(1)), text))
         if not isinstance(data, dict):
             return [], 1
     except Exception:
@@ -314,16 +332,19 @@ def parse_keypoints(text) -> tuple[list[KeypointInstance], int]:
     out, bad = [], 0
     for name, body in data.items():
         try:
-            box = tuple(int(v) for v in _BIN.findall(body["box"]))
-            if len(box) != 4 or max(box) > MAX_BIN:
+            box = read(body["box"])
+            if len(box) != 4:
                 raise ValueError("box")
             kps: dict[str, tuple[int, int] | None] = {}
             for kname, val in (body.get("keypoints") or {}).items():
                 if val == INVISIBLE or val is None:
                     kps[kname] = None
                     continue
-                xy = tuple(int(v) for v in _BIN.findall(val))
-                if len(xy) != 2 or max(xy) > MAX_BIN:
+                try:
+                    xy = read(val)
+                except ValueError:
+                    xy = ()
+                if len(xy) != 2:
                     bad += 1
                     continue
                 kps[kname] = xy  # type: ignore[assignment]

@@ -145,7 +145,7 @@ class Trainer:
         self.cfg, self.model_dir, self.samples = cfg, model_dir, samples
         self.out = Path(cfg.run.out_dir)
         self.processor = processor or processor_for(cfg.model, model_dir)
-        self.vocabulary = vocabulary_for(cfg.model.vocabulary, self.processor)  # questions and rewards speak it
+        self.vocabulary = vocabulary_for(cfg.model, self.processor)  # questions and rewards speak it
         self.ckpt = Checkpoints(self.out, keep=cfg.run.keep_checkpoints)
         self.step_no = 0  # learner updates so far: the learner's policy version
         self.engine_version = 0  # the learner version the engines hold (set by every push)
@@ -510,7 +510,7 @@ def run(cfg: GRPOConfig) -> dict:
     check_point_masks(samples, cfg.reward)
     # every prompt fits the engines' context under the pixel budget (else refused here, by name)
     samples, too_long = check_fit(samples, processor, cfg.rollout.max_model_len_tokens, cfg.rollout.max_new_tokens,
-                                  cfg.data.too_long, vocabulary_for(cfg.model.vocabulary, processor))
+                                  cfg.data.too_long, vocabulary_for(cfg.model, processor))
     if not samples:
         raise ConfigError(f"no training sample fits rollout.max_model_len_tokens {cfg.rollout.max_model_len_tokens} "
                           f"({too_long} skipped)")

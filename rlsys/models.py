@@ -312,24 +312,32 @@ def ensure_tiny_model(out_dir, spec: TinySpec = TinySpec()) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Real checkpoints
 # ---------------------------------------------------------------------------------------------
-def coordinate_token_ids(tokenizer) -> list[int]:
-    """Ids of ``<0>``..``<999>``; raises if the tokenizer lacks any (the checkpoint needs
-    :func:`prepare_checkpoint` first)."""
-    ids = tokenizer.convert_tokens_to_ids(list(COORD_TOKENS))
+def token_ids(tokenizer, tokens) -> list[int]:
+    """Ids of ``tokens`` (a vocabulary's added tokens, :func:`rlsys.vocab.required_tokens`);
+    raises if the tokenizer lacks any (the checkpoint needs :func:`prepare_checkpoint` first)."""
+    tokens = list(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens) if tokens else []
     unk = getattr(tokenizer, "unk_token_id", None)
-    missing = [t for t, i in zip(COORD_TOKENS, ids) if i is None or (unk is not None and i == unk)]
+    missing = [t for t, i in zip(tokens, ids) if i is None or (unk is not None and i == unk)]
     if missing:
         raise ValueError(
-            f"tokenizer lacks {len(missing)} coordinate tokens (first: {missing[0]}); "
-            "run `python -m rlsys.models prepare --checkpoint DIR --coord-tokens add|map_last` on it"
+            f"tokenizer lacks {len(missing)} of its vocabulary's {len(tokens)} tokens (first: {missing[0]}); "
+            "run `python -m rlsys.models prepare --checkpoint DIR --coord-tokens add|map_last` on it "
+            "(rlsys.sft and rlsys.grpo do this for model.path themselves)"
         )
     return ids
 
 
-def prepare_checkpoint(src, dst, mode: str = "add") -> Path:
-    """Copy a local Qwen2.5-VL checkpoint to ``dst`` with coordinate tokens in its tokenizer.
+def coordinate_token_ids(tokenizer) -> list[int]:
+    """Ids of ``<0>``..``<999>`` (:func:`token_ids` of the bins)."""
+    return token_ids(tokenizer, COORD_TOKENS)
 
-    ``mode="add"`` appends ``<0>``..``<999>`` to the vocabulary and grows the embedding and
+
+def prepare_checkpoint(src, dst, mode: str = "add", tokens=COORD_TOKENS) -> Path:
+    """Copy a local Qwen2.5-VL checkpoint to ``dst`` with a vocabulary's ``tokens`` in its
+    tokenizer (the coordinate bins by default; :func:`rlsys.vocab.required_tokens`).
+
+    ``mode="add"`` appends the missing ones to the vocabulary and grows the embedding and
     output matrices (new rows initialised to the mean of the existing ones).
     ``mode="map_last"`` reuses 1,000 rows of the existing embedding, as Rex-Omni did (section
     2.4): the highest rows that hold no added token (:func:`map_last_ids`). No parameters are
@@ -346,16 +354,19 @@ def prepare_checkpoint(src, dst, mode: str = "add") -> Path:
         raise ValueError(f"coord token mode must be 'add' or 'map_last', got {mode!r}")
     processor = AutoProcessor.from_pretrained(src, trust_remote_code=False)
     tok = processor.tokenizer
-    try:
-        coordinate_token_ids(tok)
+    tokens = tuple(tokens)
+    have = set(tok.get_vocab())
+    missing = [t for t in tokens if t not in have]
+    if not missing:
         shutil.copytree(src, dst, dirs_exist_ok=True)
         return dst
-    except ValueError:
-        pass
+    if mode == "map_last" and (tokens != COORD_TOKENS or len(missing) != len(tokens)):
+        raise ValueError("coord_tokens=map_last maps the 1,000 bins onto a base checkpoint's last rows; "
+                         f"for these {len(missing)} tokens use coord_tokens=add")
     dst.mkdir(parents=True, exist_ok=True)
     if mode == "add":
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=torch.bfloat16)
-        tok.add_tokens(list(COORD_TOKENS))
+        tok.add_tokens(missing)
         old = model.get_input_embeddings().weight.shape[0]
         if len(tok) > old:
             model.resize_token_embeddings(len(tok), mean_resizing=True)
@@ -442,16 +453,15 @@ def param_part(name: str) -> str:
     return "llm"
 
 
-def load_processor(path, *, trust_remote_code: bool = False, pixels: dict | None = None, coordinate_tokens: bool = True):
+def load_processor(path, *, trust_remote_code: bool = False, pixels: dict | None = None, tokens=COORD_TOKENS):
     """The checkpoint's processor; ``pixels`` (``min_pixels``/``max_pixels``, see
-    :func:`rlsys.config.pixel_budget`) overrides its image budget. ``coordinate_tokens``: refuse a
-    tokenizer without ``<0>``..``<999>`` (what ``rex_bins`` writes; other vocabularies run on a
-    base checkpoint as it is, :func:`rlsys.vocab.needs_coordinate_tokens`)."""
+    :func:`rlsys.config.pixel_budget`) overrides its image budget. ``tokens``: refuse a tokenizer
+    without them (the vocabulary's added tokens, :func:`rlsys.vocab.required_tokens`: the bins
+    by default; ``()`` for ``qwen_json``, which runs on a base checkpoint as it is)."""
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **(pixels or {}))
-    if coordinate_tokens:
-        coordinate_token_ids(proc.tokenizer)
+    token_ids(proc.tokenizer, tokens)
     return proc
 
 
@@ -459,11 +469,10 @@ def processor_for(model_cfg, path, *, pixels: bool = True):
     """:func:`load_processor` with a config's model section (``rlsys.config.ModelConfig`` or
     Serve's): its remote-code setting, its pixel budget (``pixels=False``: the checkpoint's, for
     tokenizer-only checks) and whether its vocabulary needs the coordinate tokens."""
-    from rlsys.vocab import needs_coordinate_tokens
+    from rlsys.vocab import model_tokens
 
     return load_processor(path, trust_remote_code=model_cfg.trust_remote_code,
-                          pixels=model_cfg.pixel_budget() if pixels else None,
-                          coordinate_tokens=needs_coordinate_tokens(model_cfg.vocabulary))
+                          pixels=model_cfg.pixel_budget() if pixels else None, tokens=model_tokens(model_cfg))
 
 
 def load_model(path, *, dtype: str = "float32", trust_remote_code: bool = False):
@@ -484,16 +493,20 @@ def main(argv=None) -> int:
     t = sub.add_parser("tiny", help="build the tiny random-weight model")
     t.add_argument("--out", required=True)
     t.add_argument("--overwrite", action="store_true")
-    c = sub.add_parser("prepare", help="add coordinate tokens to a real local checkpoint")
+    c = sub.add_parser("prepare", help="add a vocabulary's tokens (coordinate bins, GETok's grid) to a real local checkpoint")
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--out", required=True)
     c.add_argument("--coord-tokens", choices=("add", "map_last"), default="add")
+    c.add_argument("--vocabulary", choices=("rex_bins", "getok"), default="rex_bins")
+    c.add_argument("--getok-grid", type=int, default=32)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.cmd == "tiny":
         print(build_tiny_model(a.out, overwrite=a.overwrite))
     else:
-        print(prepare_checkpoint(a.checkpoint, a.out, a.coord_tokens))
+        from rlsys.vocab import required_tokens
+
+        print(prepare_checkpoint(a.checkpoint, a.out, a.coord_tokens, required_tokens(a.vocabulary, a.getok_grid)))
     return 0
 
 

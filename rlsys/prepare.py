@@ -2,7 +2,8 @@
 
 With no model path, the tiny random-weight model is built once under the run's folder; with no
 data path, the synthetic set is generated once (train and val splits). Real checkpoints without
-coordinate tokens get them added (``model.coord_tokens``) into ``out_dir/prepared-model``.
+the tokens of their vocabulary (coordinate bins, GETok's grid) get them added
+(``model.coord_tokens``) into ``out_dir/prepared-model``.
 """
 
 from __future__ import annotations
@@ -24,28 +25,35 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
         from rlsys.models import ensure_tiny_model
 
         built = ensure_tiny_model(out / "tiny-model", model.tiny_spec())
-        if model.tiny_shape == "tiny":
+        if model.tiny_shape == "tiny" and model.vocabulary != "getok":
             return str(built.resolve())
-        path = built  # a Qwen-layout base has no coordinate tokens: prepared below, as a real one
+        # a Qwen-layout base has no coordinate tokens, and the tiny one no GETok tokens: prepared
+        # below, as a real base checkpoint is
+        path = built
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {path}: not a Hugging Face checkpoint directory (no config.json)")
     from rlsys.models import prepare_checkpoint, processor_for
+    from rlsys.vocab import model_tokens
 
     try:
-        # a vocabulary without coordinate tokens (qwen_json) takes a base checkpoint as it is
+        # a vocabulary without added tokens (qwen_json) takes a base checkpoint as it is
         processor_for(model, path, pixels=False)
     except ValueError:
         prepared = out / "prepared-model"
         stamp = prepared / "rlsys_prepared_from.json"
-        source = {"source": str(path.resolve()), "coord_tokens": model.coord_tokens,
+        source = {"source": str(path.resolve()), "coord_tokens": model.coord_tokens, "vocabulary": model.vocabulary,
+                  "getok_grid": model.getok_grid if model.vocabulary == "getok" else None,
                   "source_config_mtime_ns": (path / "config.json").stat().st_mtime_ns}
         if stamp.is_file() and json.loads(stamp.read_text()) == source:
             return str(prepared.resolve())  # prepared by an earlier start of this run
-        log.info("adding coordinate tokens to %s (%s) -> %s", path, model.coord_tokens, prepared)
+        log.info("adding the %s tokens to %s (%s) -> %s", model.vocabulary, path, model.coord_tokens, prepared)
         tmp = out / "prepared-model.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        prepare_checkpoint(path, tmp, model.coord_tokens)
+        try:
+            prepare_checkpoint(path, tmp, model.coord_tokens, model_tokens(model))
+        except ValueError as exc:
+            raise ConfigError(f"model {path}: {exc}") from exc
         (tmp / stamp.name).write_text(json.dumps(source))
         shutil.rmtree(prepared, ignore_errors=True)
         tmp.rename(prepared)

@@ -53,7 +53,7 @@ class ServeModelConfig(_Section):
     tiny_model_dir: str = Field("runs/serve-tiny/tiny-model", description="Where the tiny model is built when model.checkpoint is None.")
     trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code (off: the Qwen2.5-VL classes in transformers/vLLM suffice).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Engine weight dtype (float32 on CPUs, bfloat16 on GPUs).")
-    vocabulary: Literal["rex_bins", "qwen_json"] = Field("rex_bins", description="The vocabulary the checkpoint was trained to answer in (model.vocabulary of its SFT/GRPO config; rlsys.vocab). Answers are returned in the request image's pixels whatever it is.")
+    vocabulary: Literal["rex_bins", "qwen_json", "getok"] = Field("rex_bins", description="The vocabulary the checkpoint was trained to answer in (model.vocabulary of its SFT/GRPO config; rlsys.vocab; getok reads its grid size from the checkpoint's tokenizer). Answers are returned in the request image's pixels whatever it is.")
     min_pixels: MinPixels = None
     max_pixels: MaxPixels = None
 
@@ -454,7 +454,7 @@ def _detector_class(max_concurrent_batches: int):
             from rlsys.vocab import vocabulary_for
 
             self.control = control_tokens(self.processor.tokenizer)
-            self.vocabulary = vocabulary_for(self.cfg.model.vocabulary, self.processor)
+            self.vocabulary = vocabulary_for(self.cfg.model, self.processor)
             t0 = time.perf_counter()
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
                 model=model_dir, max_model_len=e.max_model_len_tokens, max_num_seqs=e.max_num_seqs,

@@ -100,7 +100,7 @@ def train_loop(config: dict) -> None:
     all_phrases = sorted({p for s in samples for p in s.phrases})
     from rlsys.vocab import vocabulary_for
 
-    vocabulary = vocabulary_for(cfg.model.vocabulary, processor)  # the targets' language
+    vocabulary = vocabulary_for(cfg.model, processor)  # the targets' language
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:

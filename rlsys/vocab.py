@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from rlsys import coords
 from rlsys.format import (
     IM_END,
+    Deleted,
     INVISIBLE,
     KeypointInstance,
     Parsed,
@@ -58,11 +59,12 @@ from rlsys.format import (
     parse_keypoints as parse_keypoint_bins,
     render as render_bins,
     render_instance,
+    render as render_markup,
     render_keypoints as render_keypoint_bins,
     sort_boxes,
 )
 
-VOCABULARIES = ("rex_bins", "qwen_json")
+VOCABULARIES = ("rex_bins", "qwen_json", "getok")
 
 
 def resized_size(width: int, height: int, min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
@@ -407,21 +409,175 @@ class QwenJson:
         return f' Answer in JSON as [{{"{key}": {example}, "label": "..."}}].'
 
 
-Vocabulary = RexBins | QwenJson
+# ---------------------------------------------------------------------------------------------
+_GRID_TOKEN = re.compile(r"<grid(\d+)_(\d+)>")
+_POINT = re.compile(r"\s*<grid(\d+)_(\d+)>\s*(?:<OFF(-?\d+)_(-?\d+)>|(<DELETE>))?")
+_GETOK_RUN = re.compile(r"((?:<grid\d+_\d+>(?:<OFF-?\d+_-?\d+>|<DELETE>)?)+)")
+OFFSETS = tuple((dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+DELETE = "<DELETE>"
+
+
+def getok_tokens(grid: int) -> tuple[str, ...]:
+    """GETok's added tokens for a ``grid`` x ``grid`` lattice: ``<gridX_Y>`` row by row, the nine
+    offsets ``<OFFdx_dy>`` (dx, dy in -1, 0, 1) and ``<DELETE>``: grid² + 10 tokens. The paper
+    spells them ``<gridX,Y>`` and ``<OFFdx,dy>``; the comma would clash with the markup's
+    instance separator, so an underscore takes its place (the tokens are learned either way)."""
+    return tuple(f"<grid{x}_{y}>" for y in range(grid) for x in range(grid)) + \
+        tuple(f"<OFF{dx}_{dy}>" for dx, dy in OFFSETS) + (DELETE,)
+
+
+@dataclass(frozen=True)
+class GETok:
+    """GETok's grid and offset tokens (``getok-grounding-everything-in-tokens``, section 3.1).
+
+    The image is a ``grid`` x ``grid`` lattice; ``<gridX_Y>`` stands for the centre of cell
+    (X, Y) (X the column, Y the row), so a point is one token and a box two (its top-left and
+    bottom-right corners), a polygon one per vertex, in :mod:`rlsys.format`'s markup. An offset
+    token after a grid token moves that point by a third of a cell in each direction
+    (``<OFF1_-1>``: right and up), which makes the nine positions of a cell a uniform 3·grid
+    lattice: with the paper's grid of 32, points land within 1/192 of the image side, against
+    1/64 for grid tokens alone (and 1/1998 for the 1,000 bins). ``<DELETE>`` after a grid token
+    withdraws that point: a point or box with a withdrawn point is no prediction (not an
+    unreadable one either); a polygon loses the vertex, and is withdrawn below 3 vertices.
+
+    ``offsets`` says whether targets are rendered with an offset after every grid token (the
+    3·grid precision) or grid tokens alone (the paper's first stage); answers are read either
+    way. The paper's second RL stage, multi-turn refinement with offsets and ``<DELETE>``, needs
+    multi-turn rollouts and is not here. ``written`` coordinates are in cells (X + 0.5 + dx/3).
+    """
+
+    grid: int = 32
+    offsets: bool = True
+    name: str = "getok"
+
+    def __post_init__(self):
+        if not 2 <= self.grid <= 256:
+            raise ValueError(f"getok grid must be 2..256 cells per side, got {self.grid}")
+
+    def added_tokens(self) -> tuple[str, ...]:
+        return getok_tokens(self.grid)
+
+    # pixels <-> cells; with offsets the 3·grid sub-lattice
+    def _token(self, v: float, size: float) -> tuple[int, int]:
+        if math.isnan(v):
+            raise ValueError("cannot render a NaN coordinate")
+        sub = 3 if self.offsets else 1
+        k = min(max(math.floor(v / size * self.grid * sub), 0), self.grid * sub - 1)
+        return (k // 3, k % 3 - 1) if self.offsets else (k, 0)
+
+    def write(self, values, width: float, height: float) -> str:
+        """A flat pixel sequence ``[x0, y0, x1, y1, ...]`` -> its tokens."""
+        values = [float(v) for v in values]
+        if len(values) % 2 or not values:
+            raise ValueError(f"an instance needs x, y pairs, got {len(values)} values")
+        out = []
+        for x, y in zip(values[0::2], values[1::2]):
+            (i, dx), (j, dy) = self._token(x, width), self._token(y, height)
+            out.append(f"<grid{i}_{j}>" + (f"<OFF{dx}_{dy}>" if self.offsets else ""))
+        return "".join(out)
+
+    def read(self, raw) -> tuple[float, ...]:
+        """One instance's tokens -> its points in cells; raises ``ValueError`` (unreadable) or
+        :class:`rlsys.format.Deleted` (withdrawn)."""
+        if not isinstance(raw, str):
+            raise ValueError(f"instance {str(raw)[:40]!r} is not text")
+        pos, pts, deleted = 0, [], 0
+        raw = raw.rstrip()
+        while pos < len(raw):
+            m = _POINT.match(raw, pos)
+            if m is None:
+                raise ValueError(f"instance {raw[:40]!r} is not a run of grid tokens")
+            pos = m.end()
+            i, j = int(m.group(1)), int(m.group(2))
+            if i >= self.grid or j >= self.grid:
+                raise ValueError(f"grid token <grid{i}_{j}> outside the {self.grid}x{self.grid} grid")
+            if m.group(5):
+                deleted += 1
+                continue
+            dx, dy = (int(m.group(3)), int(m.group(4))) if m.group(3) is not None else (0, 0)
+            if abs(dx) > 1 or abs(dy) > 1:
+                raise ValueError(f"offset <OFF{dx}_{dy}> is not one of the nine (-1..1 each way)")
+            pts += [i + 0.5 + dx / 3, j + 0.5 + dy / 3]
+        n = len(pts) // 2 + deleted
+        if n == 0:
+            raise ValueError("empty instance")
+        if deleted and (n < 3 or len(pts) < 6):
+            raise Deleted(f"instance withdrawn with {deleted} <DELETE>")
+        return tuple(pts)
+
+    def _pixels(self, c, width, height) -> tuple[float, ...]:
+        return tuple(v / self.grid * (width if k % 2 == 0 else height) for k, v in enumerate(c))
+
+    def render(self, preds, width: int, height: int) -> str:
+        out = []
+        for p in preds:
+            if p.kind != "none":
+                for c in p.coords:
+                    if kind_of(len(c)) != p.kind:
+                        raise ValueError(f"phrase {p.phrase!r}: instance {tuple(c)} has {len(c)} values, not a {p.kind}")
+            # boxes left to right, then top to bottom (ordered by their tokens, as the bins are)
+            key = (lambda c: (self._token(float(c[0]), width), self._token(float(c[1]), height)))
+            out.append(p if p.kind == "none" else Prediction(p.phrase, p.kind, tuple(sorted(p.coords, key=key))))
+        return render_markup(out, lambda c: self.write(c, width, height))
+
+    def parse(self, text, width: int, height: int) -> Parsed:
+        b = parse_bins(text, self.read)
+        preds = [Prediction(p.phrase, p.kind, tuple(self._pixels(c, width, height) for c in p.coords)) for p in b]
+        # a withdrawn instance still is an answer: text with only withdrawn points is not empty
+        answered = bool(b) or bool(isinstance(text, str) and DELETE in text and not b.unreadable)
+        return _parsed(preds, b.unreadable, b.errors, answered, [c for p in b for c in p.coords])
+
+    def render_keypoints(self, instances, width: int, height: int) -> str:
+        return render_keypoint_bins(instances, lambda c: self.write(c, width, height))
+
+    def parse_keypoints(self, text, width: int, height: int) -> tuple[list[KeypointInstance], int]:
+        insts, bad = parse_keypoint_bins(text, self.read, _GETOK_RUN)
+
+        def px(c):
+            return self._pixels(c, width, height)
+
+        return _Instances([KeypointInstance(i.name, px(i.box), {k: None if v is None else px(v) for k, v in i.keypoints.items()})
+                           for i in insts], [i.box for i in insts]), bad
+
+    def prompt_boxes(self, boxes, width: int, height: int) -> str:
+        """``"<grid1_12><OFF0_1><grid10_18><OFF-1_0>", ...`` (quoted, as the bins' are)."""
+        return ", ".join(f'"{self.write(b, width, height)}"' for b in boxes)
+
+    def question_hint(self, output: str) -> str:
+        return ""
+
+
+Vocabulary = RexBins | QwenJson | GETok
 REX_BINS = RexBins()
 
 
-def needs_coordinate_tokens(name: str) -> bool:
-    """Whether vocabulary ``name`` writes ``<0>``..``<999>``, so that a base checkpoint must be
-    prepared with them (``model.coord_tokens``) first. ``qwen_json`` uses the checkpoint as it is."""
-    return name == "rex_bins"
+def required_tokens(name: str, getok_grid: int = 32) -> tuple[str, ...]:
+    """The tokens a checkpoint's tokenizer must hold for vocabulary ``name`` (a base checkpoint
+    gets them from :func:`rlsys.models.prepare_checkpoint`): the bins for ``rex_bins``, the grid,
+    offset and delete tokens for ``getok``, none for ``qwen_json`` (it uses the checkpoint as it is)."""
+    if name == "rex_bins":
+        return coords.COORD_TOKENS
+    if name == "getok":
+        return getok_tokens(getok_grid)
+    if name == "qwen_json":
+        return ()
+    raise ValueError(f"unknown vocabulary {name!r}; known: {', '.join(VOCABULARIES)}")
 
 
-def make_vocabulary(name: str, min_pixels: int | None = None, max_pixels: int | None = None, factor: int = 28) -> Vocabulary:
+def model_tokens(model_cfg) -> tuple[str, ...]:
+    """:func:`required_tokens` of a config's model section (training's or Serve's)."""
+    return required_tokens(model_cfg.vocabulary, getattr(model_cfg, "getok_grid", 32))
+
+
+def make_vocabulary(name: str, min_pixels: int | None = None, max_pixels: int | None = None, factor: int = 28, *,
+                    getok_grid: int = 32, getok_offsets: bool = True) -> Vocabulary:
     """The vocabulary ``name`` (``model.vocabulary``). ``qwen_json`` needs the processor's pixel
-    budget and patch factor (its coordinates are pixels of the resized image)."""
+    budget and patch factor (its coordinates are pixels of the resized image); ``getok`` its grid
+    size and whether targets carry offsets."""
     if name == "rex_bins":
         return REX_BINS
+    if name == "getok":
+        return GETok(int(getok_grid), bool(getok_offsets))
     if name == "qwen_json":
         if min_pixels is None or max_pixels is None:
             raise ValueError("vocabulary qwen_json needs the processor's min_pixels and max_pixels")
@@ -429,9 +585,21 @@ def make_vocabulary(name: str, min_pixels: int | None = None, max_pixels: int | 
     raise ValueError(f"unknown vocabulary {name!r}; known: {', '.join(VOCABULARIES)}")
 
 
-def vocabulary_for(name: str, processor) -> Vocabulary:
-    """The vocabulary ``name`` with the pixel budget of ``processor`` (a Qwen2-VL processor: its
-    image processor's ``size`` holds ``shortest_edge``/``longest_edge`` = min/max pixels)."""
+def vocabulary_for(model_cfg, processor) -> Vocabulary:
+    """The vocabulary of a config's model section (``model.vocabulary``, training's or Serve's;
+    a bare name works too) with what it needs from ``processor``: the pixel budget for
+    ``qwen_json`` (its image processor's ``size`` holds ``shortest_edge``/``longest_edge`` =
+    min/max pixels), the grid size for ``getok`` (read from the tokenizer's grid tokens, so a
+    checkpoint is always read in the grid it was trained on)."""
+    name = model_cfg if isinstance(model_cfg, str) else model_cfg.vocabulary
+    offsets = bool(getattr(model_cfg, "getok_offsets", True))
+    if name == "getok":
+        tok = getattr(processor, "tokenizer", processor)
+        grid = tokenizer_grid(tok)
+        want = getattr(model_cfg, "getok_grid", None)
+        if want is not None and want != grid:
+            raise ValueError(f"model.getok_grid is {want} but the checkpoint's tokenizer has a {grid}x{grid} grid")
+        return make_vocabulary(name, getok_grid=grid, getok_offsets=offsets)
     if name != "qwen_json":
         return make_vocabulary(name)
     ip = getattr(processor, "image_processor", processor)
@@ -439,3 +607,14 @@ def vocabulary_for(name: str, processor) -> Vocabulary:
     lo = size.get("shortest_edge", getattr(ip, "min_pixels", None))
     hi = size.get("longest_edge", getattr(ip, "max_pixels", None))
     return make_vocabulary(name, lo, hi, getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2))
+
+
+def tokenizer_grid(tokenizer) -> int:
+    """The GETok grid size of a tokenizer: n when it holds all of :func:`getok_tokens` (n)."""
+    found = [_GRID_TOKEN.fullmatch(t) for t in (tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else tokenizer)]
+    cells = {(int(m.group(1)), int(m.group(2))) for m in found if m}
+    n = math.isqrt(len(cells))
+    if not cells or n * n != len(cells) or cells != {(x, y) for x in range(n) for y in range(n)}:
+        raise ValueError(f"the tokenizer holds no complete GETok grid ({len(cells)} <gridX_Y> tokens); prepare the "
+                         "checkpoint with model.vocabulary=getok (rlsys.prepare adds them)")
+    return n

@@ -425,3 +425,47 @@ def test_score_coco_thresholds_scores_boxes_at_thresholds_and_points_as_before()
     p = Sample("p", "img.png", 999, 999, "pointing", ["cat"], [Instance("cat", box=(0, 0, 100, 100))], "point")
     pt = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><50><50><|box_end|>"
     assert score_coco_thresholds(pt, p).reward == score(pt, p).reward == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# GETok's box term: IoU with an L1 corner term
+# ---------------------------------------------------------------------------------------------
+def test_corner_similarity_hand_worked():
+    from rewards.box import box_iou_l1_f1, corner_similarity
+
+    gt = [(0, 0, 10, 10)]
+    # scale 2 * (10 + 10) = 40: the same box 1; every corner 5 px off (sum 20) 0.5; a box one
+    # width to the right (sum 20) 0.5 though its IoU is 0; two widths right (sum 40) 0; clipped at 0
+    preds = [(0, 0, 10, 10), (5, 5, 15, 15), (10, 0, 20, 10), (20, 0, 30, 10), (100, 100, 110, 110)]
+    assert corner_similarity(preds, gt)[:, 0] == pytest.approx([1.0, 0.5, 0.5, 0.0, 0.0])
+    assert corner_similarity(np.zeros((0, 4)), gt).shape == (0, 1)
+    # F1 with similarity (IoU + corner) / 2: the shifted box (5, 5, 15, 15) has IoU 25 / 175
+    r = box_iou_l1_f1([(5, 5, 15, 15)], ["a"], gt, ["a"])
+    assert r.f1 == pytest.approx((25 / 175 + 0.5) / 2)
+    # the non-overlapping neighbour still earns its corner half; the wrong label earns nothing
+    assert box_iou_l1_f1([(10, 0, 20, 10)], ["a"], gt, ["a"]).f1 == pytest.approx(0.25)
+    assert box_iou_l1_f1([(0, 0, 10, 10)], ["b"], gt, ["a"]).f1 == 0.0
+    # a NaN prediction scores 0 and counts, as for the IoU reward
+    assert box_iou_l1_f1([(np.nan, 0, 10, 10), (0, 0, 10, 10)], ["a", "a"], gt, ["a"]).f1 == pytest.approx(2 / 3)
+
+
+def test_getok_grid_stage_reward_hand_worked():
+    from rewards.scorer import score, score_getok_grid_stage
+    from rlsys.data import Instance, Sample
+    from rlsys.format import Prediction, render
+
+    smp = Sample("s", "img.png", 999, 999, "detection", ["cat"], [Instance("cat", box=(0, 0, 999, 999))], "box")
+    full = render([Prediction("cat", "box", ((0, 0, 999, 999),))])  # bins = pixels on a 999 px image
+    # exact box, readable, no repeat: 0.8 + 0.1 + 0.1
+    assert score_getok_grid_stage(full, smp).reward == pytest.approx(1.0)
+    assert score_getok_grid_stage(full, smp).kind == "box_iou_l1"
+    # one unreadable fragment: F1 = 2 * (1/2) * 1 / 1.5 = 2/3 and no format point
+    r = score_getok_grid_stage(full + ", junk", smp)
+    assert r.unreadable == 1 and r.reward == pytest.approx(0.8 * 2 / 3 + 0.1)
+    # a box one width off to the right of a 100 px GT: IoU 0, corner 0.5 -> similarity 0.25
+    smp2 = Sample("t", "img.png", 999, 999, "detection", ["cat"], [Instance("cat", box=(0, 0, 100, 100))], "box")
+    shifted = full.replace("<0><0><999><999>", "<100><0><200><100>")
+    assert score(shifted, smp2).reward == 0.0
+    assert score_getok_grid_stage(shifted, smp2).reward == pytest.approx(0.8 * 0.25 + 0.2)
+    with pytest.raises(ValueError, match="choose one"):
+        score(full, smp, box_corner_term=True, box_iou_thresholds=(0.5,))

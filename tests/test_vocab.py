@@ -14,18 +14,27 @@ from rewards.scorer import score
 from rlsys.data import Instance, Sample
 from rlsys.format import KeypointInstance, Prediction
 from rlsys.format import render as render_bins_markup
-from rlsys.vocab import REX_BINS, QwenJson, make_vocabulary, resized_size, vocabulary_for
+from rlsys.vocab import REX_BINS, GETok, QwenJson, getok_tokens, make_vocabulary, resized_size, tokenizer_grid, vocabulary_for
 
 # 640x480 under a 56*56..224*224 budget is resized to 252x168 (scale 0.39375 x 0.35)
 QJ = QwenJson(56 * 56, 224 * 224)
-VOCABS = [REX_BINS, QJ]
+GT32 = GETok(32)  # the paper's grid, with offsets: a 96 x 96 lattice
+GT8 = GETok(8, offsets=False)  # grid tokens alone
+VOCABS = [REX_BINS, QJ, GT32, GT8]
+
+
+def _vid(v):
+    return f"{v.name}{getattr(v, 'grid', '')}{'' if getattr(v, 'offsets', True) else '-grid-only'}"
 
 
 def _tolerance(v, width, height):
-    """Largest round-trip error per axis: half a bin (rex_bins) or half a resized pixel, mapped
-    back (qwen_json)."""
+    """Largest round-trip error per axis: half a bin (rex_bins), half a resized pixel mapped back
+    (qwen_json), half a lattice step (getok: a third of a cell with offsets, a cell without)."""
     if v is REX_BINS:
         return width / 1998 + 1e-9, height / 1998 + 1e-9
+    if isinstance(v, GETok):
+        n = v.grid * (3 if v.offsets else 1)
+        return width / (2 * n) + 1e-9, height / (2 * n) + 1e-9
     rw, rh = resized_size(width, height, v.min_pixels, v.max_pixels)
     return 0.5 * width / rw + 1e-9, 0.5 * height / rh + 1e-9
 
@@ -82,7 +91,7 @@ def answers(draw):
     return out
 
 
-@pytest.mark.parametrize("v", VOCABS, ids=lambda v: v.name)
+@pytest.mark.parametrize("v", VOCABS, ids=_vid)
 @settings(max_examples=150, deadline=None)
 @given(preds=answers())
 def test_render_then_parse_gives_the_pixels_back(v, preds):
@@ -90,7 +99,7 @@ def test_render_then_parse_gives_the_pixels_back(v, preds):
     tx, ty = _tolerance(v, w, h)
     got = v.parse(v.render(preds, w, h), w, h)
     assert got.unreadable == 0, got.errors
-    want = {(p.phrase, p.kind): p.coords for p in preds if v is REX_BINS or p.kind != "none"}
+    want = {(p.phrase, p.kind): p.coords for p in preds if v is not QJ or p.kind != "none"}
     assert {(p.phrase, p.kind) for p in got} == set(want)
     for p in got:
         # instances come back sorted (left to right), each within the vocabulary's resolution
@@ -101,7 +110,7 @@ def test_render_then_parse_gives_the_pixels_back(v, preds):
                        for a in sent), (b, sent)
 
 
-@pytest.mark.parametrize("v", VOCABS, ids=lambda v: v.name)
+@pytest.mark.parametrize("v", VOCABS, ids=_vid)
 def test_keypoints_round_trip(v):
     insts = [KeypointInstance("person1", (10.0, 20.0, 300.0, 400.0), {"nose": (100.0, 120.0), "left eye": None}),
              KeypointInstance("person2", (320.0, 20.0, 600.0, 470.0), {"nose": (400.0, 100.0)})]
@@ -116,9 +125,13 @@ def test_keypoints_round_trip(v):
     assert len(back.written) == 2
 
 
-@pytest.mark.parametrize("v", VOCABS, ids=lambda v: v.name)
+@pytest.mark.parametrize("v", VOCABS, ids=_vid)
 @settings(max_examples=400, deadline=None)
 @given(text=st.one_of(st.text(), st.text(alphabet='[]{}",:0123456789.-e bbox_2dpointlabel`json<>|'),
+                      st.text(alphabet="<>_-,0123456789gridOFDELT |objectrfsabn"),
+                      st.lists(st.sampled_from(["<grid3_4>", "<grid31_0>", "<grid32_1>", "<OFF1_-1>", "<OFF2_0>", "<DELETE>",
+                                                ",", "<|box_start|>", "<|box_end|>", "<|object_ref_start|>cat<|object_ref_end|>",
+                                                "None", "<5>"])).map("".join),
                       st.none(), st.integers(), st.lists(st.integers())))
 def test_garbage_never_raises(v, text):
     p = v.parse(text, 640, 480)
@@ -130,7 +143,7 @@ def test_garbage_never_raises(v, text):
     assert bad >= 0
 
 
-@pytest.mark.parametrize("v", VOCABS, ids=lambda v: v.name)
+@pytest.mark.parametrize("v", VOCABS, ids=_vid)
 def test_every_prefix_of_an_answer_parses(v):
     """A policy's answer is cut by the token limit anywhere: each prefix parses without raising,
     and what it keeps is a prefix of the full answer's instances."""
@@ -237,7 +250,10 @@ def test_vocabulary_from_config_and_processor(tiny_model_dir):
     with pytest.raises(ValueError, match="min_pixels"):
         make_vocabulary("qwen_json")
     with pytest.raises(ValueError, match="unknown vocabulary"):
-        make_vocabulary("getok")
+        make_vocabulary("chatrex")
+    assert make_vocabulary("getok", getok_grid=16, getok_offsets=False) == GETok(16, False)
+    with pytest.raises(ValueError, match="no complete GETok grid"):
+        vocabulary_for("getok", load_processor(tiny_model_dir))
     v = vocabulary_for("qwen_json", load_processor(tiny_model_dir, pixels={"min_pixels": 3136, "max_pixels": 50176}))
     assert (v.min_pixels, v.max_pixels, v.factor) == (3136, 50176, 28)
 
@@ -271,3 +287,66 @@ def test_qwen_json_takes_a_base_checkpoint_as_it_is(tiny_model_dir, tmp_path):
     assert prepare_model_dir(cfg.model, tmp_path / "run-bins") == str((tmp_path / "run-bins" / "prepared-model").resolve())
     with pytest.raises((ConfigError, ValueError), match="writes no bins"):
         SFTConfig.model_validate({"model": {"vocabulary": "qwen_json"}, "train": {"coord_label_sigma_bins": 2}})
+
+
+# ---------------------------------------------------------------------------------------------
+# GETok
+# ---------------------------------------------------------------------------------------------
+def _one(text_body, phrase="cat"):
+    return f"<|object_ref_start|>{phrase}<|object_ref_end|><|box_start|>{text_body}<|box_end|>"
+
+
+def test_getok_hand_worked_point_and_box():
+    # 640 x 480, grid 32 with offsets: a 96-step lattice, 6.67 x 5 px per step.
+    # x = 100: 100 / 640 * 96 = 15 -> cell 5, offset 15 % 3 - 1 = -1; y = 120: 24 -> cell 8, offset -1
+    assert GT32.write((100, 120), 640, 480) == "<grid5_8><OFF-1_-1>"
+    # back: (5 + 0.5 - 1/3) / 32 * 640 = 103.33, (8 + 0.5 - 1/3) / 32 * 480 = 122.5
+    p = GT32.parse(_one("<grid5_8><OFF-1_-1>"), 640, 480)
+    assert p.unreadable == 0 and p[0].kind == "point"
+    assert p[0].coords[0] == pytest.approx((103.3333, 122.5), abs=1e-3)
+    assert p.written == [pytest.approx((5 + 0.5 - 1 / 3, 8 + 0.5 - 1 / 3))]
+    # grid tokens alone (grid 8, 80 x 60 px cells): the box (0, 0, 640, 480) is cells 0 and 7,
+    # whose centres are 40 px (30 px) in from the borders
+    assert GT8.write((0, 0, 640, 480), 640, 480) == "<grid0_0><grid7_7>"
+    assert GT8.parse(_one("<grid0_0><grid7_7>"), 640, 480)[0].coords == ((40.0, 30.0, 600.0, 450.0),)
+    # a grid token without an offset is the cell centre even for the offset vocabulary
+    assert GT32.parse(_one("<grid0_0>"), 640, 480)[0].coords == ((10.0, 7.5),)
+
+
+def test_getok_delete_withdraws_points_and_bad_tokens_are_unreadable():
+    # a box with a withdrawn corner is no prediction, and not an unreadable one; the answer counts
+    p = GT32.parse(_one("<grid3_4><DELETE><grid9_9>,<grid1_1><grid2_2>"), 640, 480)
+    assert p.unreadable == 0 and p.answered and [c for c in p[0].coords] == [(30.0, 22.5, 50.0, 37.5)]
+    only = GT32.parse(_one("<grid3_4><DELETE>"), 640, 480)
+    assert only.unreadable == 0 and only.answered and not list(only)
+    # a polygon loses the vertex; under 3 vertices it is withdrawn
+    quad = GT32.parse(_one("<grid1_1><grid9_1><DELETE><grid9_9><grid1_9>"), 640, 480)
+    assert quad[0].kind == "polygon" and len(quad[0].coords[0]) == 6
+    assert not list(GT32.parse(_one("<grid1_1><grid9_1><DELETE><grid9_9>"), 640, 480))
+    # outside the grid, an offset of 2 steps, bins in a getok answer: unreadable, with the reason
+    for body, why in (("<grid32_0>", "outside the 32x32 grid"), ("<grid3_3><OFF2_0>", "not one of the nine"),
+                      ("<12><40>", "not a run of grid tokens")):
+        bad = GT32.parse(_one(body), 640, 480)
+        assert bad.unreadable == 1 and not list(bad) and why in bad.errors[0]
+
+
+def test_getok_tokens_and_the_grid_read_from_a_tokenizer():
+    toks = getok_tokens(32)
+    assert len(toks) == len(set(toks)) == 32 * 32 + 10
+    assert toks[0] == "<grid0_0>" and toks[1] == "<grid1_0>" and toks[-1] == "<DELETE>" and "<OFF-1_1>" in toks
+    assert GT32.added_tokens() == toks
+    assert tokenizer_grid({t: i for i, t in enumerate(getok_tokens(12))}) == 12
+    with pytest.raises(ValueError, match="no complete GETok grid"):
+        tokenizer_grid({t: i for i, t in enumerate(getok_tokens(12)[:-20])})
+
+
+def test_getok_scores_through_the_one_box_reward():
+    smp = _sample([Instance("cat", box=(100, 100, 300, 300))], phrases=("cat",), w=640, h=480)
+    exact = GT32.render([Prediction("cat", "box", ((100, 100, 300, 300),))], 640, 480)
+    r = score(exact, smp, vocabulary=GT32)
+    # written (103.33, 102.5, 303.33, 302.5): each corner snaps to the lower third of its step;
+    # IoU = 196.67 * 197.5 / (2 * 200² - 196.67 * 197.5) = 0.94371
+    assert r.kind == "box_iou" and r.unreadable == 0
+    assert r.reward == pytest.approx((590 / 3 * 197.5) / (80000 - 590 / 3 * 197.5), rel=1e-9)
+    # the same text read as bins is unreadable: each vocabulary reads only its own tokens
+    assert score(exact, smp).unreadable == 1
