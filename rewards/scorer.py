@@ -88,6 +88,7 @@ def score(text: str, sample, *, mask_source: MaskSource | None = None, matching:
         raise ValueError("box_corner_term and box_iou_thresholds are two box rewards; choose one")
     _check_sample(sample)
     try:
+        vocabulary = vocabulary.for_sample(sample)  # chatrex reads indices into the sample's proposals
         if sample.output == "keypoint":
             return _score_keypoints(text, sample, matching, vocabulary)
         return _score_parsed(text, sample, mask_source, matching, box_iou_thresholds, vocabulary, box_corner_term)

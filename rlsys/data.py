@@ -84,6 +84,9 @@ class Sample:
     output: str = "box"
     prompt_boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
     source: str = "<memory>"
+    # candidate boxes for the chatrex vocabulary (ChatRex's proposals), in pixels; the model
+    # answers with their indices (rlsys.vocab.ChatRex)
+    proposals: list[tuple[float, float, float, float]] = field(default_factory=list)
 
     def instances_of(self, phrase: str) -> list[Instance]:
         return [i for i in self.instances if i.phrase == phrase]
@@ -101,6 +104,8 @@ class Sample:
         }
         if self.prompt_boxes:
             d["prompt_boxes"] = [list(b) for b in self.prompt_boxes]
+        if self.proposals:
+            d["proposals"] = [list(b) for b in self.proposals]
         return d
 
     @classmethod
@@ -135,6 +140,10 @@ class Sample:
         for k, r in enumerate(raw_insts):
             insts.append(_instance_from_dict(r, src, f"instances[{k}]", phrases, w, h))
         pboxes = [_box(b, src, f"prompt_boxes[{k}]", w, h) for k, b in enumerate(d.get("prompt_boxes", []) or [])]
+        raw_props = d.get("proposals", []) or []
+        if not isinstance(raw_props, list):
+            raise DataError(f"{_where(src, 'proposals')}: must be a list of [x0, y0, x1, y1] boxes")
+        props = [_box(b, src, f"proposals[{k}]", w, h) for k, b in enumerate(raw_props)]
         if task == "visual_prompt" and not pboxes:
             raise DataError(f"{_where(src, 'prompt_boxes')}: a visual_prompt sample needs at least one box")
         needed = {"box": "box", "point": None, "polygon": "polygon", "keypoint": "keypoints"}[output]
@@ -143,7 +152,7 @@ class Sample:
                 raise DataError(f"{_where(src, f'instances[{k}].{needed}')}: missing for output {output!r}")
             if output == "point" and inst.point is None and inst.mask is None and inst.box is None:
                 raise DataError(f"{_where(src, f'instances[{k}]')}: a point task needs a point, mask or box")
-        return cls(str(d["id"]), image, w, h, task, list(phrases), insts, output, pboxes, source)
+        return cls(str(d["id"]), image, w, h, task, list(phrases), insts, output, pboxes, source, props)
 
 
 def _box(b, src: str, fname: str, w: int, h: int) -> tuple[float, float, float, float]:

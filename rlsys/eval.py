@@ -52,7 +52,7 @@ def predictions_in_pixels(text: str, sample, vocabulary=None) -> list[tuple[str,
     (default: the bins)."""
     from rlsys.vocab import REX_BINS
 
-    return [(p.phrase, p.kind, tuple(c)) for p in (vocabulary or REX_BINS).parse(text, sample.width, sample.height)
+    return [(p.phrase, p.kind, tuple(c)) for p in (vocabulary or REX_BINS).for_sample(sample).parse(text, sample.width, sample.height)
             for c in p.coords]
 
 

@@ -502,12 +502,13 @@ def run(cfg: GRPOConfig) -> dict:
                     "run.init_checkpoint=runs/sft-tiny/final, or run the whole demo: python -m rlsys.demo")
     samples = prepare_data(cfg)
     from rlsys.models import processor_for
-    from rlsys.prepare import check_fit, check_phrases, check_point_masks
+    from rlsys.prepare import check_fit, check_phrases, check_point_masks, check_targets
     from rlsys.vocab import vocabulary_for
 
     processor = processor_for(cfg.model, model_dir)
     check_phrases(samples, processor.tokenizer)
     check_point_masks(samples, cfg.reward)
+    check_targets(samples, vocabulary_for(cfg.model, processor))  # chatrex: proposals for every sample
     # every prompt fits the engines' context under the pixel budget (else refused here, by name)
     samples, too_long = check_fit(samples, processor, cfg.rollout.max_model_len_tokens, cfg.rollout.max_new_tokens,
                                   cfg.data.too_long, vocabulary_for(cfg.model, processor))

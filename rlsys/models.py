@@ -320,8 +320,9 @@ def token_ids(tokenizer, tokens) -> list[int]:
     unk = getattr(tokenizer, "unk_token_id", None)
     missing = [t for t, i in zip(tokens, ids) if i is None or (unk is not None and i == unk)]
     if missing:
+        what = "coordinate tokens" if tuple(tokens) == COORD_TOKENS else f"of the {len(tokens)} tokens its vocabulary needs"
         raise ValueError(
-            f"tokenizer lacks {len(missing)} of its vocabulary's {len(tokens)} tokens (first: {missing[0]}); "
+            f"tokenizer lacks {len(missing)} {what} (first: {missing[0]}); "
             "run `python -m rlsys.models prepare --checkpoint DIR --coord-tokens add|map_last` on it "
             "(rlsys.sft and rlsys.grpo do this for model.path themselves)"
         )

@@ -24,12 +24,9 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
     if path is None:
         from rlsys.models import ensure_tiny_model
 
-        built = ensure_tiny_model(out / "tiny-model", model.tiny_spec())
-        if model.tiny_shape == "tiny" and model.vocabulary != "getok":
-            return str(built.resolve())
-        # a Qwen-layout base has no coordinate tokens, and the tiny one no GETok tokens: prepared
-        # below, as a real base checkpoint is
-        path = built
+        # the tiny model has the bins; a Qwen-layout base has no coordinate tokens, and neither has
+        # GETok's or ChatRex's tokens: what its vocabulary lacks is added below, as for a real base
+        path = ensure_tiny_model(out / "tiny-model", model.tiny_spec())
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {path}: not a Hugging Face checkpoint directory (no config.json)")
@@ -44,6 +41,7 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
         stamp = prepared / "rlsys_prepared_from.json"
         source = {"source": str(path.resolve()), "coord_tokens": model.coord_tokens, "vocabulary": model.vocabulary,
                   "getok_grid": model.getok_grid if model.vocabulary == "getok" else None,
+                  "chatrex_max_proposals": model.chatrex_max_proposals if model.vocabulary == "chatrex" else None,
                   "source_config_mtime_ns": (path / "config.json").stat().st_mtime_ns}
         if stamp.is_file() and json.loads(stamp.read_text()) == source:
             return str(prepared.resolve())  # prepared by an earlier start of this run
@@ -115,6 +113,21 @@ def check_phrases(samples, tokenizer) -> None:
     check_sample_phrases(samples, tokenizer)
 
 
+def check_targets(samples, vocabulary) -> None:
+    """Every sample can be asked and answered in ``vocabulary``, checked before Ray starts: for
+    chatrex each needs proposals, a box output, and a proposal of IoU >= 0.5 for every GT box
+    (else its answer cannot name it). The first that cannot raises ``ConfigError`` naming it."""
+    if vocabulary.name != "chatrex":
+        return  # the other vocabularies write any valid record's geometry
+    from rlsys.targets import answer_text
+
+    for s in samples:
+        try:
+            answer_text(s, vocabulary)
+        except ValueError as exc:
+            raise ConfigError(f"model.vocabulary=chatrex: sample {s.id!r} ({s.source}): {exc}") from None
+
+
 def check_point_masks(samples, reward) -> int:
     """Pointing samples whose reward needs masks they lack (point output, any task but gui; the
     scorer's rule): with no ``reward.sam_checkpoint`` to make them, the scorer falls back to
@@ -176,7 +189,7 @@ def check_fit(samples, processor, max_model_len: int, max_new_tokens: int, too_l
         for k in range(len(templates_for(s.task, s.output))):
             questions.append(build_question(s.task, s.output, s.phrases, width=s.width, height=s.height,
                                             prompt_boxes=s.prompt_boxes, keypoint_names=kp, rng=_Pick(k),
-                                            vocabulary=vocabulary or REX_BINS))
+                                            vocabulary=(vocabulary or REX_BINS).for_sample(s)))  # chatrex lists its proposals
             owner.append(j)
     longest = [0] * len(samples)
     # tokenised apart from the markup: never fewer tokens than inside it (a merge across the

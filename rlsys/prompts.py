@@ -115,7 +115,8 @@ def build_question(
 
 
 def question_for_sample(sample, rng: random.Random | None = None, vocabulary=REX_BINS) -> str:
-    """The question for a :class:`rlsys.data.Sample`."""
+    """The question for a :class:`rlsys.data.Sample` (for chatrex, with its proposals listed)."""
+    vocabulary = vocabulary.for_sample(sample)
     kp_names: list[str] = []
     for inst in sample.instances:
         for name in inst.keypoints or {}:

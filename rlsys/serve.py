@@ -53,7 +53,7 @@ class ServeModelConfig(_Section):
     tiny_model_dir: str = Field("runs/serve-tiny/tiny-model", description="Where the tiny model is built when model.checkpoint is None.")
     trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code (off: the Qwen2.5-VL classes in transformers/vLLM suffice).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Engine weight dtype (float32 on CPUs, bfloat16 on GPUs).")
-    vocabulary: Literal["rex_bins", "qwen_json", "getok"] = Field("rex_bins", description="The vocabulary the checkpoint was trained to answer in (model.vocabulary of its SFT/GRPO config; rlsys.vocab; getok reads its grid size from the checkpoint's tokenizer). Answers are returned in the request image's pixels whatever it is.")
+    vocabulary: Literal["rex_bins", "qwen_json", "getok", "chatrex"] = Field("rex_bins", description="The vocabulary the checkpoint was trained to answer in (model.vocabulary of its SFT/GRPO config; rlsys.vocab; getok reads its grid size from the checkpoint's tokenizer; chatrex needs the request's 'proposals'). Answers are returned in the request image's pixels whatever it is.")
     min_pixels: MinPixels = None
     max_pixels: MaxPixels = None
 
@@ -183,6 +183,7 @@ class DetectRequest(BaseModel):
     prompt_boxes: list[list[float]] | None = Field(None, description="Example boxes [x0, y0, x1, y1] in image pixels (visual_prompt).")
     output: Literal["box", "point", "polygon", "keypoint"] | None = Field(None, description="Answer geometry; default per task.")
     keypoint_names: list[str] | None = Field(None, description="Keypoints to locate (keypoint; default: the model's own).")
+    proposals: list[list[float]] | None = Field(None, description="Candidate boxes [x0, y0, x1, y1] in image pixels, for a model trained with vocabulary chatrex (which answers with their indices); required there, refused otherwise.")
 
 
 # task -> (required field, optional fields, allowed outputs with the default first)
@@ -371,6 +372,27 @@ def load_image(spec: str, limits: LimitsConfig):
         raise RequestError(400, f"image could not be decoded ({exc})") from None
 
 
+def bind_vocabulary(req: DetectRequest, output: str, width: int, height: int, vocabulary):
+    """The vocabulary that reads this request's answer: for chatrex, bound to the request's
+    proposals (checked: given, boxes inside the image, no more than its index tokens); others as
+    they are. The request body's byte limit bounds the list's length."""
+    if vocabulary is None or vocabulary.name != "chatrex":
+        if req.proposals is not None:
+            raise RequestError(422, "field 'proposals' applies only to a model trained with vocabulary chatrex")
+        return vocabulary
+    if req.proposals is None:
+        raise RequestError(422, "this model answers with proposal indices (vocabulary chatrex): the request needs 'proposals'")
+    if output != "box":
+        raise RequestError(422, f"a chatrex model answers boxes (proposal indices), not output '{output}'")
+    for i, b in enumerate(req.proposals):
+        if len(b) != 4 or not all(math.isfinite(v) for v in b):
+            raise RequestError(422, f"proposals[{i}] must be 4 finite numbers [x0, y0, x1, y1], got {b}")
+    try:
+        return vocabulary.for_proposals(req.proposals, width, height)
+    except ValueError as exc:
+        raise RequestError(422, f"proposals: {exc}") from None
+
+
 def question_for(req: DetectRequest, output: str, phrases: list[str], width: int, height: int, vocabulary=None) -> str:
     from rlsys.prompts import build_question
     from rlsys.vocab import REX_BINS
@@ -509,7 +531,8 @@ def _detector_class(max_concurrent_batches: int):
                 image = await asyncio.to_thread(load_image, req.image, limits)  # decode/fetch off the event loop
                 w, h = image.size
                 check_boxes_inside(req, w, h)
-                question = question_for(req, output, phrases, w, h, self.vocabulary)
+                vocabulary = bind_vocabulary(req, output, w, h, self.vocabulary)
+                question = question_for(req, output, phrases, w, h, vocabulary)
             except RequestError as exc:
                 return error(exc.status, exc.message)
             except Exception as exc:  # a request that broke a check instead of failing it: still the client's input
@@ -528,7 +551,7 @@ def _detector_class(max_concurrent_batches: int):
             except Exception as exc:  # the engine itself failed: 503, and this replica goes on serving
                 log.exception("engine failed on a request")
                 return error(503, f"the engine failed on this request ({type(exc).__name__}: {exc}); try again")
-            objects, unreadable = to_objects(text, req.task, w, h, self.vocabulary)
+            objects, unreadable = to_objects(text, req.task, w, h, vocabulary)
             return {"objects": objects, "raw": text, "image_size": [w, h],
                     "latency_ms": round((time.perf_counter() - t0) * 1000, 2), "unreadable": unreadable}
 

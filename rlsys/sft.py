@@ -211,8 +211,17 @@ def run(cfg: SFTConfig) -> Path:
     from rlsys.models import processor_for
     from rlsys.prepare import check_phrases
 
-    # the workers read the file themselves; a phrase with a control token is refused here, before Ray starts
-    check_phrases(load_dataset(train_path), processor_for(cfg.model, model_dir, pixels=False).tokenizer)
+    from rlsys.prepare import check_targets
+    from rlsys.vocab import vocabulary_for
+
+    # the workers read the file themselves; a phrase with a control token, or a target the
+    # vocabulary cannot write (chatrex without a matching proposal), is refused here, before Ray starts
+    processor = processor_for(cfg.model, model_dir, pixels=False)
+    samples = load_dataset(train_path)
+    if cfg.data.tasks:
+        samples = [s for s in samples if s.task in cfg.data.tasks]
+    check_phrases(samples, processor.tokenizer)
+    check_targets(samples, vocabulary_for(cfg.model, processor))
 
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig

@@ -21,6 +21,7 @@ def answer_text(sample, vocabulary=REX_BINS) -> str:
     """The target answer for a sample as it stands (phrases in the sample's order), written in
     ``vocabulary``."""
     w, h = sample.width, sample.height
+    vocabulary = vocabulary.for_sample(sample)  # chatrex: the sample's proposals
     if sample.output == "keypoint":
         insts = []
         for k, inst in enumerate(sample.instances):

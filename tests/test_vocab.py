@@ -241,6 +241,9 @@ def test_serve_answers_in_request_pixels_whatever_the_vocabulary():
 
     objs, bad = to_objects('```json\n[{"bbox_2d": [39, 18, 118, 140], "label": "cat"}]\n```', "detection", 640, 480, QJ)
     assert bad == 0 and objs == [{"phrase": "cat", "box": [round(39 / 0.39375, 2), round(18 / 0.35, 2), round(118 / 0.39375, 2), 400.0]}]
+    # getok: cells 20 x 15 px at 640 x 480; <grid5_8><OFF-1_-1> is (103.33, 122.5), <grid0_0> (10, 7.5)
+    objs, bad = to_objects(_one("<grid5_8><OFF-1_-1>, <grid0_0>"), "pointing", 640, 480, GT32)
+    assert bad == 0 and objs == [{"phrase": "cat", "point": [103.33, 122.5]}, {"phrase": "cat", "point": [10.0, 7.5]}]
 
 
 def test_vocabulary_from_config_and_processor(tiny_model_dir):
@@ -250,7 +253,7 @@ def test_vocabulary_from_config_and_processor(tiny_model_dir):
     with pytest.raises(ValueError, match="min_pixels"):
         make_vocabulary("qwen_json")
     with pytest.raises(ValueError, match="unknown vocabulary"):
-        make_vocabulary("chatrex")
+        make_vocabulary("nonesuch")
     assert make_vocabulary("getok", getok_grid=16, getok_offsets=False) == GETok(16, False)
     with pytest.raises(ValueError, match="no complete GETok grid"):
         vocabulary_for("getok", load_processor(tiny_model_dir))
@@ -350,3 +353,124 @@ def test_getok_scores_through_the_one_box_reward():
     assert r.reward == pytest.approx((590 / 3 * 197.5) / (80000 - 590 / 3 * 197.5), rel=1e-9)
     # the same text read as bins is unreadable: each vocabulary reads only its own tokens
     assert score(exact, smp).unreadable == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# ChatRex
+# ---------------------------------------------------------------------------------------------
+from rlsys.vocab import ChatRex, chatrex_tokens, required_tokens, synthetic_proposals  # noqa: E402
+
+PROPS = [(10, 10, 50, 50), (100, 20, 150, 80), (0, 0, 20, 20)]
+
+
+def _cr_sample(instances, proposals=PROPS, output="box", sid="s"):
+    return Sample(sid, "img.png", 200, 100, "detection", ["cat", "dog"], list(instances), output, proposals=list(proposals))
+
+
+def test_chatrex_hand_worked_render_parse_and_question():
+    smp = _cr_sample([Instance("cat", box=(101, 20, 150, 79)), Instance("cat", box=(12, 11, 49, 52))])
+    v = ChatRex().for_sample(smp)
+    # each GT box is named by its best-IoU proposal; instances in index order, back to back
+    text = v.render([Prediction("cat", "box", ((101, 20, 150, 79), (12, 11, 49, 52))), Prediction("dog", "none", ())], 200, 100)
+    assert text == ("<|object_ref_start|>cat<|object_ref_end|><|box_start|><obj0><obj1><|box_end|>, "
+                    "<|object_ref_start|>dog<|object_ref_end|><|box_start|>None<|box_end|>")
+    p = v.parse(text, 200, 100)
+    assert p.unreadable == 0 and p[0].coords == ((10.0, 10.0, 50.0, 50.0), (100.0, 20.0, 150.0, 80.0)) and p.written == [(0,), (1,)]
+    # the question lists the proposals in bins: x 10 / 200 * 999 = 49.95 -> 50, y 10 / 100 * 999 -> 100, ...
+    assert v.question_hint("box").startswith(" Candidate boxes: <obj0>: <50><100><250><500>, <obj1>: <500><200><749><799>")
+    # the reward is the box IoU F1 of the chosen proposals' boxes
+    from rewards.box import box_iou_f1
+
+    want = box_iou_f1([PROPS[0], PROPS[1]], ["cat", "cat"], [(101, 20, 150, 79), (12, 11, 49, 52)], ["cat", "cat"]).f1
+    assert score(text, smp, vocabulary=ChatRex()).reward == pytest.approx(want) and want > 0.8
+
+
+def test_chatrex_refuses_what_it_cannot_read_or_write():
+    smp = _cr_sample([Instance("cat", box=(12, 11, 49, 52))])
+    v = ChatRex().for_sample(smp)
+    for body, why in (("<obj3>", "names no proposal (there are 3)"), ("<12><40><100><200>", "not one <objK> token"),
+                      ("<obj1> cat", "not one <objK> token")):
+        bad = v.parse(_one(body), 200, 100)
+        assert bad.unreadable == 1 and not list(bad) and why in bad.errors[0], bad.errors
+    assert ChatRex().parse(_one("<obj0>"), 200, 100).unreadable == 1  # not bound to a sample's proposals
+    with pytest.raises(ValueError, match="no proposal with IoU >= 0.5"):
+        v.render([Prediction("cat", "box", ((150, 0, 200, 15),))], 200, 100)
+    with pytest.raises(ValueError, match="no proposals"):
+        ChatRex().for_sample(_cr_sample([], proposals=()))
+    with pytest.raises(ValueError, match="boxes only"):
+        ChatRex(proposal_source="synthetic").for_sample(_cr_sample([], output="point"))
+    with pytest.raises(ValueError, match="more than the 2 index tokens"):
+        ChatRex(max_proposals=2).for_sample(smp)
+    with pytest.raises(ValueError, match="inside the 200x100 image"):
+        ChatRex().for_proposals([(0, 0, 250, 50)], 200, 100)
+    assert required_tokens("chatrex", chatrex_max_proposals=100)[-1] == "<obj99>" and len(chatrex_tokens(100)) == 100
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(st.text(), st.lists(st.sampled_from(["<obj0>", "<obj2>", "<obj99>", "<obj-1>", ",", " ", "<|box_start|>",
+                                                           "<|box_end|>", "<|object_ref_start|>cat<|object_ref_end|>",
+                                                           "None", "<5>"])).map("".join), st.none()))
+def test_chatrex_garbage_never_raises(text):
+    v = ChatRex().for_sample(_cr_sample([Instance("cat", box=(12, 11, 49, 52))]))
+    p = v.parse(text, 200, 100)
+    assert p.unreadable >= 0 and all(c in [tuple(map(float, b)) for b in PROPS] for q in p for c in q.coords)
+
+
+def test_synthetic_proposals_cover_every_gt_box_and_are_reproducible():
+    rng = random.Random(3)
+    for k in range(50):
+        insts = []
+        for _ in range(rng.randint(1, 4)):
+            x0, y0 = rng.uniform(0, 150), rng.uniform(0, 70)
+            insts.append(Instance("cat", box=(x0, y0, x0 + rng.uniform(5, 50), y0 + rng.uniform(5, 30))))
+        smp = _cr_sample(insts, proposals=(), sid=f"s{k}")
+        props = synthetic_proposals(smp, distractors=4)
+        assert props == synthetic_proposals(smp, distractors=4) and len(props) == len(insts) + 4
+        assert all(0 <= b[0] < b[2] <= 200 and 0 <= b[1] < b[3] <= 100 for b in props)
+        from rlsys.vocab import box_iou
+
+        assert all(max(box_iou(i.box, p) for p in props) >= 0.69 for i in insts)
+        # and the SFT target of every such sample can be written
+        v = ChatRex(proposal_source="synthetic", distractors=4).for_sample(smp)
+        assert v.parse(v.render([Prediction("cat", "box", tuple(i.box for i in insts))], 200, 100), 200, 100).unreadable == 0
+
+
+def test_proposals_merge_tool(tmp_path):
+    from rlsys.data import DataError, load_jsonl
+    from rlsys.proposals import merge
+
+    data = tmp_path / "d.jsonl"
+    recs = [_cr_sample([Instance("cat", box=(12, 11, 49, 52))], proposals=(), sid=f"r{k}").to_dict() for k in range(2)]
+    recs[1]["image"] = "other.png"
+    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    boxes = tmp_path / "b.jsonl"
+    boxes.write_text(json.dumps({"image": "img.png", "boxes": [[10, 10, 50, 50]]}) + "\n" +
+                     json.dumps({"id": "r1", "boxes": [[0, 0, 20, 20], [100, 20, 150, 80]]}) + "\n")
+    assert merge(data, boxes, tmp_path / "out.jsonl") == 2
+    got = load_jsonl(tmp_path / "out.jsonl")
+    assert got[0].proposals == [(10.0, 10.0, 50.0, 50.0)] and got[1].proposals == [(0.0, 0.0, 20.0, 20.0), (100.0, 20.0, 150.0, 80.0)]
+    boxes.write_text(json.dumps({"image": "img.png", "boxes": [[10, 10, 50, 50]]}) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2 \(id 'r1'\): .* no boxes for image 'other.png'"):
+        merge(data, boxes, tmp_path / "out2.jsonl")
+    boxes.write_text(json.dumps({"image": "img.png", "boxes": [[10, 10, 500, 50]]}) + "\n" + json.dumps({"id": "r1", "boxes": []}) + "\n")
+    with pytest.raises(DataError, match=r"proposals\[0\].*outside the 200x100 image"):
+        merge(data, boxes, tmp_path / "out3.jsonl")
+    assert not (tmp_path / "out2.jsonl").exists() and not (tmp_path / "out3.jsonl").exists()
+
+
+def test_serve_binds_the_request_proposals_for_chatrex_only():
+    from rlsys.serve import DetectRequest, RequestError, bind_vocabulary, to_objects
+
+    req = DetectRequest(image="x", task="detection", categories=["cat"], proposals=[[10, 10, 50, 50], [100, 20, 150, 80]])
+    v = bind_vocabulary(req, "box", 200, 100, ChatRex())
+    objs, bad = to_objects(_one("<obj1>"), "detection", 200, 100, v)
+    assert bad == 0 and objs == [{"phrase": "cat", "box": [100.0, 20.0, 150.0, 80.0]}]
+    with pytest.raises(RequestError, match="needs 'proposals'"):
+        bind_vocabulary(DetectRequest(image="x", task="detection", categories=["cat"]), "box", 200, 100, ChatRex())
+    with pytest.raises(RequestError, match="applies only to a model trained with vocabulary chatrex"):
+        bind_vocabulary(req, "box", 200, 100, REX_BINS)
+    with pytest.raises(RequestError, match="not output 'point'"):
+        bind_vocabulary(req, "point", 200, 100, ChatRex())
+    bad_req = DetectRequest(image="x", task="detection", categories=["cat"], proposals=[[10, 10, 500, 50]])
+    with pytest.raises(RequestError, match="inside the 200x100 image"):
+        bind_vocabulary(bad_req, "box", 200, 100, ChatRex())
