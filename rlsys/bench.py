@@ -201,7 +201,8 @@ def bench_scaling(cfg, sizes=(2, 4, 8, 16), steps: int = 2) -> dict:
 
 
 def bench_vocab(cfg, max_samples: int = 500) -> dict:
-    """Answer tokens per box and per point for each vocabulary on the same samples' targets."""
+    """Answer tokens per box and per point for each vocabulary on the same samples' targets
+    (chatrex: boxes only, and the tokens its question spends listing the candidate boxes)."""
     from rlsys.grpo import prepare_data, prepare_model
     from rlsys.models import load_processor
     from rlsys.targets import answer_text
@@ -212,18 +213,28 @@ def bench_vocab(cfg, max_samples: int = 500) -> dict:
     res = {"samples": len(samples), "tokenizer_vocabulary": len(proc.tokenizer)}
     for name in VOCABULARIES:
         tok = proc.tokenizer
-        if name == "getok":  # the tokenizer as rlsys.prepare leaves it for getok: its grid tokens added
-            v = make_vocabulary(name, getok_grid=cfg.model.getok_grid, getok_offsets=cfg.model.getok_offsets)
+        if name in ("getok", "chatrex"):  # the tokenizer as rlsys.prepare leaves it: the vocabulary's tokens added
+            v = make_vocabulary(name, getok_grid=cfg.model.getok_grid, getok_offsets=cfg.model.getok_offsets,
+                                chatrex_max_proposals=cfg.model.chatrex_max_proposals, chatrex_proposals="synthetic",
+                                chatrex_distractors=cfg.model.chatrex_distractors)
             tok = copy.deepcopy(tok)
             tok.add_tokens([t for t in v.added_tokens() if t not in tok.get_vocab()])
         else:
             v = vocabulary_for(name, proc)
         per: dict[str, list[int]] = {"box": [0, 0], "point": [0, 0]}
+        listed = [0, 0]
         for s in samples:
+            if name == "chatrex" and s.output != "box":
+                continue
             n = len(tok(answer_text(s, v), add_special_tokens=False)["input_ids"])
             per[s.output][0] += n
             per[s.output][1] += len(s.instances)
-        res[name] = {f"tokens_per_{k}": round(t / max(c, 1), 2) for k, (t, c) in per.items()}
+            if name == "chatrex":
+                listed[0] += len(tok(v.for_sample(s).question_hint(s.output), add_special_tokens=False)["input_ids"])
+                listed[1] += 1
+        res[name] = {f"tokens_per_{k}": round(t / c, 2) if c else None for k, (t, c) in per.items()}
+        if name == "chatrex":
+            res[name]["question_tokens_listing_proposals"] = round(listed[0] / max(listed[1], 1), 1)
     for name in VOCABULARIES[1:]:
         res[f"ratio_{name}_over_rex_bins_per_box"] = round(res[name]["tokens_per_box"] / res["rex_bins"]["tokens_per_box"], 2)
     return res
@@ -293,6 +304,10 @@ def markdown(res: dict, cmd: str) -> str:
         rows.append(f"| answer tokens per box / per point, rex_bins | {v['rex_bins']['tokens_per_box']} / {v['rex_bins']['tokens_per_point']} "
                     f"| qwen_json {v['qwen_json']['tokens_per_box']} / {v['qwen_json']['tokens_per_point']} "
                     f"| {v['ratio_qwen_json_over_rex_bins_per_box']}x per box | `{cmd} --only vocab` |")
+        if "chatrex" in v:
+            rows.append(f"| answer tokens per box, chatrex (+ question tokens listing the proposals) | {v['chatrex']['tokens_per_box']} "
+                        f"(+{v['chatrex']['question_tokens_listing_proposals']} per question) | rex_bins {v['rex_bins']['tokens_per_box']} "
+                        f"| {v['ratio_chatrex_over_rex_bins_per_box']}x per box | `{cmd} --only vocab` |")
         if "getok" in v:
             rows.append(f"| answer tokens per box / per point, getok | {v['getok']['tokens_per_box']} / {v['getok']['tokens_per_point']} "
                         f"| rex_bins {v['rex_bins']['tokens_per_box']} / {v['rex_bins']['tokens_per_point']} "

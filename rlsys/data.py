@@ -198,22 +198,27 @@ def _instance_from_dict(r, src: str, fname: str, phrases: list[str], w: int, h: 
     return inst
 
 
-def load_jsonl(path) -> list[Sample]:
-    """Load a JSONL dataset; image paths are relative to the file's folder."""
+def jsonl_records(path):
+    """``(source, record)`` for each non-empty line of a JSONL file (``source`` is ``file:line``);
+    a missing file or a line that is not JSON raises :class:`DataError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    out = []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             source = f"{path}:{lineno}"
             try:
-                rec = json.loads(line)
+                yield source, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{source}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            out.append(Sample.from_dict(rec, source, root=path.parent))
+
+
+def load_jsonl(path) -> list[Sample]:
+    """Load a JSONL dataset; image paths are relative to the file's folder."""
+    path = Path(path)
+    out = [Sample.from_dict(rec, source, root=path.parent) for source, rec in jsonl_records(path)]
     if not out:
         raise DataError(f"{path}: holds no records")
     return out

@@ -19,23 +19,13 @@ import argparse
 import json
 from pathlib import Path
 
-from rlsys.data import DataError, Sample
+from rlsys.data import DataError, Sample, jsonl_records
 
 
 def read_boxes(path) -> tuple[dict, dict]:
     """``(by_image, by_id)`` from a boxes file; a bad line raises ``DataError`` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
     by_image, by_id = {}, {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for where, rec in jsonl_records(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("boxes"), list) or not ("image" in rec or "id" in rec):
             raise DataError(f"{where}: expected {{\"image\": ... or \"id\": ..., \"boxes\": [[x0, y0, x1, y1], ...]}}")
         key, table = (str(rec["image"]), by_image) if "image" in rec else (str(rec["id"]), by_id)
@@ -51,14 +41,7 @@ def merge(data_path, boxes_path, out_path) -> int:
     data_path, out_path = Path(data_path), Path(out_path)
     by_image, by_id = read_boxes(boxes_path)
     lines = []
-    for lineno, line in enumerate(data_path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{data_path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for where, rec in jsonl_records(data_path):
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object")
         boxes = by_id.get(str(rec.get("id"))) if str(rec.get("id")) in by_id else by_image.get(str(rec.get("image")))
