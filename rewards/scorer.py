@@ -111,13 +111,18 @@ def score_getok_grid_stage(text: str, sample, **kw) -> RewardResult:
     """GETok's first-stage reward for ``reward.scorer=rewards.scorer:score_getok_grid_stage``:
     ``0.8 * geometry + 0.1 * format + 0.1 * non_repeat``, where geometry is :func:`score` with the
     box IoU + L1 corner similarity (other outputs: their usual reward), format is 1 when nothing
-    in the answer was unreadable, and non-repeat is 0 when the answer repeats itself (the paper's
-    duplicate test, :func:`rewards.behaviour.is_duplicate`), else 1. Any vocabulary: it scores
-    pixels. The mask and semantic-critical-points terms need a mask output kind, which the
-    tasks here do not have."""
+    in the answer was unreadable, and non-repeat is 0 when the answer writes one instance twice
+    (the same tokens: the paper's "identical sentences"; for keypoints, the paper's duplicate test
+    :func:`rewards.behaviour.is_duplicate`), else 1. Any vocabulary: it scores pixels. The mask
+    and semantic-critical-points terms need a mask output kind, which the tasks here do not have."""
     r = score(text, sample, box_corner_term=True, **kw)
+    if sample.output == "keypoint":
+        repeated = r.duplicate
+    else:
+        written = kw.get("vocabulary", REX_BINS).for_sample(sample).parse(text, sample.width, sample.height).written
+        repeated = len(set(written)) < len(written)
     w = GRID_STAGE_WEIGHTS
-    reward = w["geometry"] * r.reward + w["format"] * float(r.unreadable == 0) + w["non_repeat"] * float(not r.duplicate)
+    reward = w["geometry"] * r.reward + w["format"] * float(r.unreadable == 0) + w["non_repeat"] * float(not repeated)
     return RewardResult(reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate,
                         r.large_box, r.error)
 

@@ -467,5 +467,8 @@ def test_getok_grid_stage_reward_hand_worked():
     shifted = full.replace("<0><0><999><999>", "<100><0><200><100>")
     assert score(shifted, smp2).reward == 0.0
     assert score_getok_grid_stage(shifted, smp2).reward == pytest.approx(0.8 * 0.25 + 0.2)
+    # the same box written twice: F1 = 2 * (1/2) * 1 / 1.5 = 2/3 and no non-repeat point
+    twice = full.replace("<0><0><999><999>", "<0><0><999><999>,<0><0><999><999>")
+    assert score_getok_grid_stage(twice, smp).reward == pytest.approx(0.8 * 2 / 3 + 0.1)
     with pytest.raises(ValueError, match="choose one"):
         score(full, smp, box_corner_term=True, box_iou_thresholds=(0.5,))
