@@ -2,7 +2,7 @@
 
 With no model path, the tiny random-weight model is built once under the run's folder; with no
 data path, the synthetic set is generated once (train and val splits). Real checkpoints without
-the tokens of their vocabulary (coordinate bins, GETok's grid) get them added
+the tokens of their vocabulary (coordinate bins, GETok's grid, ChatRex's indices) get them added
 (``model.coord_tokens``) into ``out_dir/prepared-model``.
 """
 
