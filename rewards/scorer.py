@@ -82,6 +82,13 @@ def score(text: str, sample, *, mask_source: MaskSource | None = None, matching:
     matched box reaches (:func:`rewards.box.threshold_credit`) instead of by its IoU.
     ``box_corner_term``: pair similarity ``(IoU + L1 corner term) / 2``
     (:func:`rewards.box.box_iou_l1_f1`, kind ``box_iou_l1``)."""
+    return _score(text, sample, mask_source=mask_source, matching=matching, box_iou_thresholds=box_iou_thresholds,
+                  vocabulary=vocabulary, box_corner_term=box_corner_term)[0]
+
+
+def _score(text, sample, *, mask_source=None, matching="paper", box_iou_thresholds=None, vocabulary=REX_BINS,
+           box_corner_term=False) -> tuple[RewardResult, list]:
+    """:func:`score` and the answer's instances as written (read once, for rewards that look at them)."""
     if matching not in MATCHINGS:
         raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
     if box_corner_term and box_iou_thresholds is not None:
@@ -115,12 +122,8 @@ def score_getok_grid_stage(text: str, sample, **kw) -> RewardResult:
     (the same tokens: the paper's "identical sentences"; for keypoints, the paper's duplicate test
     :func:`rewards.behaviour.is_duplicate`), else 1. Any vocabulary: it scores pixels. The mask
     and semantic-critical-points terms need a mask output kind, which the tasks here do not have."""
-    r = score(text, sample, box_corner_term=True, **kw)
-    if sample.output == "keypoint":
-        repeated = r.duplicate
-    else:
-        written = kw.get("vocabulary", REX_BINS).for_sample(sample).parse(text, sample.width, sample.height).written
-        repeated = len(set(written)) < len(written)
+    r, written = _score(text, sample, box_corner_term=True, **kw)
+    repeated = r.duplicate if sample.output == "keypoint" else len(set(written)) < len(written)
     w = GRID_STAGE_WEIGHTS
     reward = w["geometry"] * r.reward + w["format"] * float(r.unreadable == 0) + w["non_repeat"] * float(not repeated)
     return RewardResult(reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate,
@@ -128,7 +131,7 @@ def score_getok_grid_stage(text: str, sample, **kw) -> RewardResult:
 
 
 def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None, vocabulary=REX_BINS,
-                  box_corner_term=False) -> RewardResult:
+                  box_corner_term=False) -> tuple[RewardResult, list]:
     w, h = sample.width, sample.height
     parsed = vocabulary.parse(text, w, h)  # predictions in the sample's pixels
     unreadable, notes = parsed.unreadable, list(parsed.errors[:3])
@@ -174,10 +177,10 @@ def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None, 
             res = point_in_mask_f1(coords, labels, masks, gt_labels, height=h, width=w, matching=matching)
     # the duplicate test reads the values as written (bins, or the resized image's pixels)
     return _result(res, kind, wrong + unreadable, unreadable, behaviour.is_duplicate(parsed.written, len(insts)),
-                   behaviour.is_large_box(boxes, w, h), notes)
+                   behaviour.is_large_box(boxes, w, h), notes), parsed.written
 
 
-def _score_keypoints(text, sample, matching, vocabulary=REX_BINS) -> RewardResult:
+def _score_keypoints(text, sample, matching, vocabulary=REX_BINS) -> tuple[RewardResult, list]:
     w, h = sample.width, sample.height
     preds, unreadable = vocabulary.parse_keypoints(text, w, h)  # in the sample's pixels
     notes = [f"{unreadable} unreadable keypoint fragment(s)"] if unreadable else []
@@ -192,7 +195,7 @@ def _score_keypoints(text, sample, matching, vocabulary=REX_BINS) -> RewardResul
                           [_instance_area(i, h, w) for i in insts], pred_boxes=pred_boxes, gt_boxes=gt_boxes,
                           matching=matching)
     return _result(res, "keypoint_oks", unreadable, unreadable, behaviour.is_duplicate(preds.written, len(insts)),
-                   behaviour.is_large_box(pred_boxes, w, h), notes)
+                   behaviour.is_large_box(pred_boxes, w, h), notes), preds.written
 
 
 def _result(res: F1Result, kind, extra_pred, unreadable, duplicate, large_box, notes) -> RewardResult:

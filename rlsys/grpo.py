@@ -506,12 +506,13 @@ def run(cfg: GRPOConfig) -> dict:
     from rlsys.vocab import vocabulary_for
 
     processor = processor_for(cfg.model, model_dir)
+    vocabulary = vocabulary_for(cfg.model, processor)
     check_phrases(samples, processor.tokenizer)
     check_point_masks(samples, cfg.reward)
-    check_targets(samples, vocabulary_for(cfg.model, processor))  # chatrex: proposals for every sample
+    check_targets(samples, vocabulary)  # chatrex: proposals for every sample
     # every prompt fits the engines' context under the pixel budget (else refused here, by name)
     samples, too_long = check_fit(samples, processor, cfg.rollout.max_model_len_tokens, cfg.rollout.max_new_tokens,
-                                  cfg.data.too_long, vocabulary_for(cfg.model, processor))
+                                  cfg.data.too_long, vocabulary)
     if not samples:
         raise ConfigError(f"no training sample fits rollout.max_model_len_tokens {cfg.rollout.max_model_len_tokens} "
                           f"({too_long} skipped)")

@@ -469,7 +469,7 @@ def load_processor(path, *, trust_remote_code: bool = False, pixels: dict | None
 def processor_for(model_cfg, path, *, pixels: bool = True):
     """:func:`load_processor` with a config's model section (``rlsys.config.ModelConfig`` or
     Serve's): its remote-code setting, its pixel budget (``pixels=False``: the checkpoint's, for
-    tokenizer-only checks) and whether its vocabulary needs the coordinate tokens."""
+    tokenizer-only checks) and the tokens its vocabulary needs (:func:`rlsys.vocab.model_tokens`)."""
     from rlsys.vocab import model_tokens
 
     return load_processor(path, trust_remote_code=model_cfg.trust_remote_code,
@@ -494,12 +494,13 @@ def main(argv=None) -> int:
     t = sub.add_parser("tiny", help="build the tiny random-weight model")
     t.add_argument("--out", required=True)
     t.add_argument("--overwrite", action="store_true")
-    c = sub.add_parser("prepare", help="add a vocabulary's tokens (coordinate bins, GETok's grid) to a real local checkpoint")
+    c = sub.add_parser("prepare", help="add a vocabulary's tokens (coordinate bins, GETok's grid, ChatRex's indices) to a real local checkpoint")
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--out", required=True)
     c.add_argument("--coord-tokens", choices=("add", "map_last"), default="add")
-    c.add_argument("--vocabulary", choices=("rex_bins", "getok"), default="rex_bins")
+    c.add_argument("--vocabulary", choices=("rex_bins", "getok", "chatrex"), default="rex_bins")
     c.add_argument("--getok-grid", type=int, default=32)
+    c.add_argument("--chatrex-max-proposals", type=int, default=100)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.cmd == "tiny":
@@ -507,7 +508,7 @@ def main(argv=None) -> int:
     else:
         from rlsys.vocab import required_tokens
 
-        print(prepare_checkpoint(a.checkpoint, a.out, a.coord_tokens, required_tokens(a.vocabulary, a.getok_grid)))
+        print(prepare_checkpoint(a.checkpoint, a.out, a.coord_tokens, required_tokens(a.vocabulary, a.getok_grid, a.chatrex_max_proposals)))
     return 0
 
 
