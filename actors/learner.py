@@ -94,7 +94,13 @@ class LearnerWorker:
             "bf16": {"enabled": dtype == "bfloat16"},
             "steps_per_print": 10**9,
         }
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, config=ds_config)
+        from rlsys.algorithm import warmup_factor
+
+        # DeepSpeed steps the schedule with each optimizer step and saves it in its checkpoints,
+        # so a resumed run continues the warm-up where it stopped.
+        warmup = learner_cfg.get("warmup_steps", 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda k: warmup_factor(k, warmup))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, config=ds_config, lr_scheduler=sched)
         self.device = self.engine.device
         if self.ref is not None:
             self.ref.to(self.device)
@@ -221,13 +227,14 @@ class LearnerWorker:
                 sums[name] = sums.get(name, 0.0) + float(m[name]) * n
             sums["entropy"] = sums.get("entropy", 0.0) + float(entropy[mask].sum())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        lr = self.engine.get_lr()[0] if self.engine.get_lr() else self.cfg["lr"]  # the rate this update uses
         self.engine.step()  # the one optimizer step of this GRPO step (the boundary was the last backward)
         self._cache.clear()
         out = {k: (v / max(n_tok, 1) if k != "loss" else v) for k, v in sums.items()}
         out.update(tokens=n_tok, answers=len(items), micro_batches=M, padded_micro_batches=M - need, learn_s=time.perf_counter() - t0,
                    optimizer_steps=self.engine.global_steps,
                    grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
-                   lr=self.engine.get_lr()[0] if self.engine.get_lr() else self.cfg["lr"],
+                   lr=lr,
                    encoded_prompts=self._encoded, gap_sum=gap["sum"], gap_tokens=gap["n"],
                    behaviour_w_sum=beh["w_sum"], behaviour_w_max=beh["w_max"], behaviour_abs_log_sum=beh["abs_log"],
                    behaviour_truncated=beh["truncated"], behaviour_tokens=beh["n"])

@@ -55,6 +55,16 @@ def f1_from_sum(matched: float, num_pred: int, num_gt: int) -> F1Result:
     return F1Result(float(f1), float(p), float(r), int(num_pred), int(num_gt), float(matched))
 
 
+def f_beta(precision: float, recall: float, beta: float) -> float:
+    """``(1 + b^2) P R / (b^2 P + R)``: recall weighted ``beta`` times as much as precision
+    (``beta = 1`` is F1); 0 when both are 0."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    b2 = beta * beta
+    den = b2 * precision + recall
+    return (1.0 + b2) * precision * recall / den if den > 0 else 0.0
+
+
 def gt_scores(sim: np.ndarray, same: np.ndarray, matching: str = "paper") -> np.ndarray:
     """Per-GT rewards ``r_j`` ``[M]`` from ``sim`` ``[N, M]`` (>= 0) and label agreement ``same``.
 

@@ -191,6 +191,24 @@ def mask_areas(masks: np.ndarray) -> np.ndarray:
     return np.asarray(masks, dtype=bool).reshape(len(masks), -1).sum(axis=1).astype(np.float64)
 
 
+def mask_iou(a, b) -> np.ndarray:
+    """Pairwise IoU of bool masks ``a`` ``[N, H, W]`` and ``b`` ``[M, H, W]`` -> ``[N, M]``.
+
+    Pixel counts, exact. A pair whose union is empty (two empty masks) has IoU 0: an empty
+    predicted mask matches nothing. Masks of different sizes raise ``ValueError``.
+    """
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.ndim != 3 or b.ndim != 3 or a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"mask_iou: expected [N, H, W] and [M, H, W] of one image size, got {list(a.shape)} and {list(b.shape)}")
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    fa = a.reshape(len(a), -1).astype(np.float64)
+    fb = b.reshape(len(b), -1).astype(np.float64)
+    inter = fa @ fb.T  # exact: float64 counts up to 2**53 pixels
+    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
 # ------------------------------------------------------------------------------------------
 # Polygons
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""SAM masks from ground-truth boxes, for the point-in-mask reward.
+"""SAM masks from ground-truth boxes, for the point-in-mask reward, and from predicted point
+sets, for GETok's mask answers.
 
 Why: the pointing reward (Rex-Omni paper eq. 5) scores a point 1 when it falls inside the GT
 instance's *mask*; a box is a poor stand-in (a point on the background corner of a tilted
@@ -11,6 +12,10 @@ scorer calls ``mask_source(sample)`` with the whole sample and expects one ``HxW
 instance of ``sample.instances``, in order; it keeps the sample's own mask wherever an instance
 has one. We therefore return the instance's own mask (decoded) for those and run SAM only for
 the others.
+
+``mask_source.masks_from_points(sample, point_sets)`` decodes a GETok mask answer: each
+predicted set of grid points becomes the mask SAM draws from those points as positive prompts
+(GETok paper, section 3.2.1), for the mask IoU reward (:mod:`rewards.mask`).
 
 Cost control, since reward workers score every rollout of a group against the same image:
 
@@ -34,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from rewards import geometry as geo
+from rewards.mask import as_point_set
 
 
 class SamMaskSource:
@@ -100,7 +106,7 @@ class SamMaskSource:
         h, w = int(sample.height), int(sample.width)
         image_key = os.path.abspath(os.fspath(sample.image))
         out: list[np.ndarray | None] = [None] * len(sample.instances)
-        missing: dict[tuple, list[int]] = {}  # cache key -> instance indices (duplicates run once)
+        keys: list[tuple | None] = [None] * len(sample.instances)
         for k, inst in enumerate(sample.instances):
             if inst.mask is not None:
                 # The scorer keeps the sample's own mask here; return it so the list stays one
@@ -111,12 +117,46 @@ class SamMaskSource:
             # would compute (0.1 px is far below what SAM's 1024-px input resolves). The size is
             # in the key so a record declaring another size never reuses a mask of the wrong shape.
             if inst.box is not None:
-                key = (image_key, h, w, "box", tuple(round(float(v), 1) for v in inst.box))
+                keys[k] = (image_key, h, w, "box", tuple(round(float(v), 1) for v in inst.box))
             elif inst.point is not None:
-                key = (image_key, h, w, "point", tuple(round(float(v), 1) for v in inst.point))
+                keys[k] = (image_key, h, w, "point", tuple(round(float(v), 1) for v in inst.point))
             else:
                 raise ValueError(f"sample {sample.id!r}: instances[{k}] has neither a box nor a point "
                                  "to prompt SAM with")
+        return self._masks(sample, keys, out, h, w)
+
+    def masks_from_points(self, sample, point_sets) -> list[np.ndarray]:
+        """One ``(height, width)`` bool mask per point set: SAM prompted with the set's points,
+        all positive, as GETok decodes a predicted set of grid points into a mask (section 3.2.1).
+
+        ``point_sets``: each a flat ``(x0, y0, x1, y1, ...)`` or ``[[x, y], ...]`` in the sample's
+        pixels (predictions: anything goes). A set is a set: its points are rounded to 0.1 px,
+        repeats dropped and sorted before prompting (SAM's prompt tokens carry no order, and
+        the cache key is then the prompt). Points that are not finite or lie outside the image are
+        left out; a set with none left decodes to an empty mask without running SAM. Sets are
+        batched per size through one image encoding (:meth:`_segment`) and cached like boxes."""
+        h, w = int(sample.height), int(sample.width)
+        image_key = os.path.abspath(os.fspath(sample.image))
+        out: list[np.ndarray | None] = [None] * len(point_sets)
+        keys: list[tuple | None] = [None] * len(point_sets)
+        for k, raw in enumerate(point_sets):
+            pts = as_point_set(raw)  # [n, 2]; anything that is not (x, y) pairs: no point
+            with np.errstate(invalid="ignore"):
+                ok = np.isfinite(pts).all(1) & (pts[:, 0] >= 0) & (pts[:, 0] <= w) & (pts[:, 1] >= 0) & (pts[:, 1] <= h)
+            prompt = tuple(sorted({(round(float(x), 1), round(float(y), 1)) for x, y in pts[ok]}))
+            if not prompt:
+                out[k] = np.zeros((h, w), dtype=bool)
+                continue
+            keys[k] = (image_key, h, w, "points", prompt)
+        return self._masks(sample, keys, out, h, w)
+
+    def _masks(self, sample, keys: list, out: list, h: int, w: int) -> list[np.ndarray]:
+        """Fill ``out[k]`` for every ``keys[k]`` that is not None: from the cache, else from one
+        :meth:`_segment` call over the misses (a key asked twice runs once)."""
+        missing: dict[tuple, list[int]] = {}  # cache key -> indices
+        for k, key in enumerate(keys):
+            if key is None:
+                continue
             rle = self._cache.get(key)
             if rle is not None:
                 self._cache.move_to_end(key)
@@ -137,7 +177,9 @@ class SamMaskSource:
 
     def _segment(self, sample, keys: list[tuple], h: int, w: int) -> list[np.ndarray]:
         """One mask per key (all of ``sample``'s image): one image encoding, one decoder pass
-        per prompt kind (boxes and points cannot share a batch: SAM pairs them one to one)."""
+        per prompt kind (boxes and points cannot share a batch: SAM pairs them one to one), and
+        for point sets one per set size (a padded prompt is not the prompt alone, so a set's mask
+        never depends on what else was in its batch, and a cached mask is what its key computes)."""
         torch = self._torch
         image = self._load_image(sample, h, w)
         result: list[np.ndarray | None] = [None] * len(keys)
@@ -148,19 +190,20 @@ class SamMaskSource:
             emb = self.model.get_image_embeddings(enc["pixel_values"].to(self.device))
             self.forward_calls += 1
             # Prompts go into SAM's resized frame, as the processor's own normalisation does.
-            sy = float(reshaped[0, 0]) / h
-            sx = float(reshaped[0, 1]) / w
-            for kind in ("box", "point"):
-                idx = [i for i, key in enumerate(keys) if key[3] == kind]
-                if not idx:
-                    continue
-                coords = torch.tensor([keys[i][4] for i in idx], dtype=torch.float32)
-                coords = coords * torch.tensor([sx, sy] * (coords.shape[1] // 2))
+            scale = torch.tensor([float(reshaped[0, 1]) / w, float(reshaped[0, 0]) / h])  # (x, y)
+            groups: dict[tuple, list[int]] = {}
+            for i, key in enumerate(keys):
+                groups.setdefault((key[3], len(key[4]) if key[3] == "points" else 0), []).append(i)
+            for (kind, _), idx in groups.items():
                 if kind == "box":
-                    prompt = {"input_boxes": coords[None].to(self.device)}  # [1, n, 4]
+                    coords = torch.tensor([keys[i][4] for i in idx], dtype=torch.float32).reshape(len(idx), 2, 2) * scale
+                    prompt = {"input_boxes": coords.reshape(1, len(idx), 4).to(self.device)}  # [1, n, 4]
                 else:
-                    prompt = {"input_points": coords[None, :, None].to(self.device),  # [1, n, 1, 2]
-                              "input_labels": torch.ones(1, len(idx), 1, dtype=torch.long, device=self.device)}
+                    # one positive point ([1, n, 1, 2]) or a set of L of them ([1, n, L, 2])
+                    pts = [[keys[i][4]] if kind == "point" else list(keys[i][4]) for i in idx]
+                    coords = torch.tensor(pts, dtype=torch.float32) * scale
+                    prompt = {"input_points": coords[None].to(self.device),
+                              "input_labels": torch.ones(1, len(idx), coords.shape[1], dtype=torch.long, device=self.device)}
                 res = self.model(image_embeddings=emb, multimask_output=self.multimask, **prompt)
                 self.decoder_calls += 1
                 masks = self.processor.post_process_masks([res.pred_masks[0].float().cpu()], original, reshaped)[0]

@@ -16,7 +16,21 @@ point, other tasks    point-in-mask F1 (eq. 5), masks from the     ``point_in_ma
                       sample or ``mask_source(sample)``
                       ... neither: point-in-box on the GT boxes    ``point_in_box_fallback``
 keypoint              OKS F1 (:mod:`rewards.keypoint`)             ``keypoint_oks``
+mask (GETok)          mask IoU F1, the answer's point sets          ``mask_iou``
+                      decoded by SAM (``mask_source``)
+                      ... ``mask_decoder="grid_cells"``: decoded    ``mask_iou_grid_cells``
+                      as the union of their grid cells
+                      ... ``mask_points_weight=1``: the semantic-   ``mask_points``
+                      critical points reward (no decoding)
+                      ... both, weighted                            ``mask_iou+points``
 ====================  ===========================================  =====================
+
+Mask answers (:mod:`rewards.mask`) are read with ``vocabulary.parse_masks`` (each instance a set
+of points) and matched one to one (Hungarian, GETok appendix C.3) whatever ``matching`` says.
+The decoder is chosen by name, never by what happens to be configured: ``score`` decodes with
+SAM and raises (naming the fix) without a SAM mask source; :func:`score_cell_masks` is the
+SAM-free choice. Each scorer says which decoder it needs in its ``mask_decoder`` attribute
+(None: none), which :func:`rlsys.prepare.check_point_masks` checks against the config at start.
 
 How an answer's parts count (all predictions are per instance, labelled by their phrase):
 
@@ -43,11 +57,12 @@ import numpy as np
 from rewards import behaviour
 from rewards import geometry as geo
 from rewards.box import COCO_IOU_THRESHOLDS, box_iou_f1, box_iou_l1_f1, polygon_iou_f1
-from rewards.f1 import MATCHINGS, F1Result, f1_from_sum
+from rewards.f1 import MATCHINGS, F1Result, f1_from_sum, f_beta
 from rewards.keypoint import keypoint_oks_f1
+from rewards.mask import MASK_DECODERS, decode_point_sets, mask_iou_f1, mask_points_f1, reference_points
 from rewards.point import point_in_box_f1, point_in_mask_f1
 from rlsys.data import OUTPUTS, TASKS
-from rlsys.vocab import REX_BINS
+from rlsys.vocab import REX_BINS, check_writes_masks
 
 MaskSource = Callable[..., Sequence]  # mask_source(sample) -> one HxW mask or COCO RLE per instance
 
@@ -73,61 +88,136 @@ class RewardResult:
     error: str | None = None
 
 
+def _needs_decoder(decoder: str | None):
+    """Mark a scorer with the mask decoder its mask answers need (None: no decoding)."""
+    def mark(fn):
+        fn.mask_decoder = decoder
+        return fn
+    return mark
+
+
+@_needs_decoder("sam")
 def score(text: str, sample, *, mask_source: MaskSource | None = None, matching: str = "paper",
-          box_iou_thresholds=None, vocabulary=REX_BINS, box_corner_term: bool = False) -> RewardResult:
+          box_iou_thresholds=None, vocabulary=REX_BINS, box_corner_term: bool = False, mask_decoder: str = "sam",
+          mask_points_weight: float = 0.0) -> RewardResult:
     """Reward of ``text`` for ``sample``; see the module docstring for the rules. ``vocabulary``
     is the one the model writes in (:func:`rlsys.vocab.make_vocabulary`).
 
     ``box_iou_thresholds``: score box answers by the fraction of these IoU thresholds each
     matched box reaches (:func:`rewards.box.threshold_credit`) instead of by its IoU.
     ``box_corner_term``: pair similarity ``(IoU + L1 corner term) / 2``
-    (:func:`rewards.box.box_iou_l1_f1`, kind ``box_iou_l1``)."""
+    (:func:`rewards.box.box_iou_l1_f1`, kind ``box_iou_l1``).
+    ``mask_decoder``: how mask answers become masks, ``"sam"`` (``mask_source.masks_from_points``)
+    or ``"grid_cells"`` (:func:`rewards.mask.grid_cell_masks`). ``mask_points_weight``: the
+    share of the semantic-critical points reward (:func:`rewards.mask.mask_points_f1`) in a
+    mask answer's reward, the rest being the mask IoU F1 (1: points only, nothing decoded)."""
     return _score(text, sample, mask_source=mask_source, matching=matching, box_iou_thresholds=box_iou_thresholds,
-                  vocabulary=vocabulary, box_corner_term=box_corner_term)[0]
+                  vocabulary=vocabulary, box_corner_term=box_corner_term, mask_decoder=mask_decoder,
+                  mask_points_weight=mask_points_weight)[0]
 
 
 def _score(text, sample, *, mask_source=None, matching="paper", box_iou_thresholds=None, vocabulary=REX_BINS,
-           box_corner_term=False) -> tuple[RewardResult, list]:
+           box_corner_term=False, mask_decoder="sam", mask_points_weight=0.0) -> tuple[RewardResult, list]:
     """:func:`score` and the answer's instances as written (read once, for rewards that look at them)."""
     if matching not in MATCHINGS:
         raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
     if box_corner_term and box_iou_thresholds is not None:
         raise ValueError("box_corner_term and box_iou_thresholds are two box rewards; choose one")
+    if mask_decoder not in MASK_DECODERS:
+        raise ValueError(f"mask_decoder must be one of {MASK_DECODERS}, got {mask_decoder!r}")
+    if not 0.0 <= mask_points_weight <= 1.0:
+        raise ValueError(f"mask_points_weight must be in [0, 1], got {mask_points_weight}")
     _check_sample(sample)
     try:
         vocabulary = vocabulary.for_sample(sample)  # chatrex reads indices into the sample's proposals
         if sample.output == "keypoint":
             return _score_keypoints(text, sample, matching, vocabulary)
+        if sample.output == "mask":
+            return _score_masks(text, sample, mask_source, vocabulary, mask_decoder, mask_points_weight)
         return _score_parsed(text, sample, mask_source, matching, box_iou_thresholds, vocabulary, box_corner_term)
     except ValueError as exc:  # only the sample's (or mask source's) data can raise here
         raise ValueError(f"sample {sample.id!r} ({getattr(sample, 'source', '<memory>')}): {exc}") from exc
 
 
+@_needs_decoder("sam")
 def score_coco_thresholds(text: str, sample, **kw) -> RewardResult:
     """:func:`score` with box answers credited at COCO's IoU thresholds 0.50:0.95 (what F1@mIoU
     counts). For ``reward.scorer=rewards.scorer:score_coco_thresholds``; other kinds unchanged."""
     return score(text, sample, box_iou_thresholds=COCO_IOU_THRESHOLDS, **kw)
 
 
+@_needs_decoder("grid_cells")
+def score_cell_masks(text: str, sample, **kw) -> RewardResult:
+    """:func:`score` with mask answers decoded without SAM, as the union of their points' grid
+    cells (:func:`rewards.mask.grid_cell_masks`, kind ``mask_iou_grid_cells``): for CPU tests and
+    tiny runs, ``reward.scorer=rewards.scorer:score_cell_masks``. Other kinds unchanged."""
+    return score(text, sample, mask_decoder="grid_cells", **kw)
+
+
+@_needs_decoder(None)
+def score_getok_mask_points(text: str, sample, **kw) -> RewardResult:
+    """:func:`score` with mask answers scored by GETok's semantic-critical points reward alone
+    (:func:`rewards.mask.mask_points_f1`, kind ``mask_points``: hit ratio, spacing and point
+    count of each set against its GT mask); nothing is decoded, so no SAM is needed.
+    ``reward.scorer=rewards.scorer:score_getok_mask_points``. Other kinds unchanged."""
+    return score(text, sample, mask_points_weight=1.0, **kw)
+
+
+# Recall weight of score_recall_weighted: F2 (recall counts twice as much as precision).
+RECALL_WEIGHT = 2.0
+
+
+@_needs_decoder("sam")
+def score_recall_weighted(text: str, sample, **kw) -> RewardResult:
+    """:func:`score` with F-beta (beta :data:`RECALL_WEIGHT`) of its precision and recall in place
+    of F1, for ``reward.scorer=rewards.scorer:score_recall_weighted``.
+
+    Why (issue 19): under F1 an uncertain box is about break-even, so GRPO learns to leave it out.
+    Three objects, two found at IoU 0.8; a third box that hits at IoU 0.7 half the time:
+    two boxes give P 0.8, R 1.6/3 = 0.533, F1 0.640; three give F1 0.767 on a hit and
+    0.533 on a miss, 0.650 on average. At IoU 0.6 on a hit it is 0.633: dropping the box wins.
+    Under F2 two boxes give 0.571 and three 0.650 (0.633 at IoU 0.6): writing it wins. A perfect
+    answer still scores 1, an empty answer to an absent phrase too (P = R = 1)."""
+    r = score(text, sample, **kw)
+    if r.num_pred == 0 and r.num_gt == 0:
+        return r
+    reward = f_beta(r.precision, r.recall, RECALL_WEIGHT)
+    return RewardResult(reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate,
+                        r.large_box, r.error)
+
+
 # GETok's grid-stage reward (section 3.3.1): format, non-repeat and box terms. The paper gives no
 # weights in its text; the geometric term carries the reward and the other two shape it.
 GRID_STAGE_WEIGHTS = {"geometry": 0.8, "format": 0.1, "non_repeat": 0.1}
+# Its geometry for a mask answer: the mask reward (IoU of the decoded masks) and the
+# semantic-critical points reward, equally (ours too; the paper's answers also carry a box).
+GRID_STAGE_MASK_POINTS_WEIGHT = 0.5
 
 
+@_needs_decoder("sam")
 def score_getok_grid_stage(text: str, sample, **kw) -> RewardResult:
     """GETok's first-stage reward for ``reward.scorer=rewards.scorer:score_getok_grid_stage``:
     ``0.8 * geometry + 0.1 * format + 0.1 * non_repeat``, where geometry is :func:`score` with the
-    box IoU + L1 corner similarity (other outputs: their usual reward), format is 1 when nothing
-    in the answer was unreadable, and non-repeat is 0 when the answer writes one instance twice
-    (the same tokens: the paper's "identical sentences"; for keypoints, the paper's duplicate test
-    :func:`rewards.behaviour.is_duplicate`), else 1. Any vocabulary: it scores pixels. The mask
-    and semantic-critical-points terms need a mask output kind, which the tasks here do not have."""
+    box IoU + L1 corner similarity (masks: half mask IoU F1 through SAM, half the
+    semantic-critical points reward; other outputs: their usual reward), format is 1 when
+    nothing in the answer was unreadable, and non-repeat is 0 when the answer writes one
+    instance twice (the same tokens: the paper's "identical sentences"; for keypoints, the
+    paper's duplicate test :func:`rewards.behaviour.is_duplicate`), else 1. Any vocabulary: it
+    scores pixels."""
+    kw.setdefault("mask_points_weight", GRID_STAGE_MASK_POINTS_WEIGHT)
     r, written = _score(text, sample, box_corner_term=True, **kw)
     repeated = r.duplicate if sample.output == "keypoint" else len(set(written)) < len(written)
     w = GRID_STAGE_WEIGHTS
     reward = w["geometry"] * r.reward + w["format"] * float(r.unreadable == 0) + w["non_repeat"] * float(not repeated)
     return RewardResult(reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate,
                         r.large_box, r.error)
+
+
+@_needs_decoder("grid_cells")
+def score_getok_grid_stage_cell_masks(text: str, sample, **kw) -> RewardResult:
+    """:func:`score_getok_grid_stage` with mask answers decoded without SAM (the union of their
+    points' grid cells), for CPU tests and tiny runs."""
+    return score_getok_grid_stage(text, sample, mask_decoder="grid_cells", **kw)
 
 
 def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None, vocabulary=REX_BINS,
@@ -180,6 +270,59 @@ def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None, 
                    behaviour.is_large_box(boxes, w, h), notes), parsed.written
 
 
+def _score_masks(text, sample, mask_source, vocabulary, decoder: str, points_weight: float) -> tuple[RewardResult, list]:
+    """A mask answer: each instance a set of points (``vocabulary.parse_masks``), scored against
+    the GT masks by mask IoU F1 after decoding, the point-set reward, or a weighted mix."""
+    check_writes_masks(vocabulary)
+    w, h = sample.width, sample.height
+    parsed = vocabulary.parse_masks(text, w, h)  # point sets in the sample's pixels
+    unreadable, notes = parsed.unreadable, list(parsed.errors[:3])
+    if not parsed.answered and not unreadable:
+        unreadable = 1
+        notes.append("empty answer (a phrase absent from the image is answered None)")
+    labels, sets = [], []
+    for p in parsed:
+        if p.kind == "mask":
+            labels.extend([p.phrase] * len(p.coords))
+            sets.extend(p.coords)
+    insts = sample.instances
+    gt_labels = [i.phrase for i in insts]
+    gt = geo.decode_masks([i.mask for i in insts], h, w, "instance masks")
+    parts, kinds = [], []
+    if points_weight < 1.0:
+        pred = decode_point_sets(sets, sample, decoder=decoder, mask_source=mask_source, grid=getattr(vocabulary, "grid", None))
+        parts.append((1.0 - points_weight, mask_iou_f1(pred, labels, gt, gt_labels, height=h, width=w)))
+        kinds.append("mask_iou" if decoder == "sam" else "mask_iou_grid_cells")
+    if points_weight > 0.0:
+        refs = [_reference_points(i.mask, m, vocabulary.grid, k) for k, (i, m) in enumerate(zip(insts, gt))]
+        parts.append((points_weight, mask_points_f1(sets, labels, gt, gt_labels, grid=vocabulary.grid, height=h, width=w,
+                                                    reference_counts=refs)))
+        kinds.append("points" if kinds else "mask_points")
+    return _result_parts(parts, "+".join(kinds), unreadable, unreadable, behaviour.is_duplicate(parsed.written, len(insts)),
+                         False, notes), parsed.written
+
+
+_REFERENCE_POINTS: dict[tuple, int] = {}
+
+
+def _reference_points(rle, mask: np.ndarray, grid: int, k: int) -> int:
+    """:func:`rewards.mask.reference_points` of a GT mask, remembered per COCO RLE: the G answers
+    of a group, and later epochs, score against the same masks (the greedy cover costs more than
+    the reward). ``mask`` is ``rle`` decoded; ``k`` only names it in errors."""
+    key = (str(rle.get("counts")), mask.shape, grid) if isinstance(rle, dict) else None
+    if key is None or key not in _REFERENCE_POINTS:
+        if len(_REFERENCE_POINTS) >= 4096:
+            _REFERENCE_POINTS.clear()
+        try:
+            n = reference_points(mask, grid)
+        except ValueError as exc:
+            raise ValueError(f"instances[{k}].mask: {exc}") from None
+        if key is None:
+            return n
+        _REFERENCE_POINTS[key] = n
+    return _REFERENCE_POINTS[key]
+
+
 def _score_keypoints(text, sample, matching, vocabulary=REX_BINS) -> tuple[RewardResult, list]:
     w, h = sample.width, sample.height
     preds, unreadable = vocabulary.parse_keypoints(text, w, h)  # in the sample's pixels
@@ -199,10 +342,18 @@ def _score_keypoints(text, sample, matching, vocabulary=REX_BINS) -> tuple[Rewar
 
 
 def _result(res: F1Result, kind, extra_pred, unreadable, duplicate, large_box, notes) -> RewardResult:
+    return _result_parts([(1.0, res)], kind, extra_pred, unreadable, duplicate, large_box, notes)
+
+
+def _result_parts(parts, kind, extra_pred, unreadable, duplicate, large_box, notes) -> RewardResult:
+    """``parts``: ``(weight, F1Result)`` of one answer's rewards (weights summing to 1); the
+    reward, precision and recall are their weighted sums."""
     # Wrong-kind instances and unreadable fragments are predictions scoring 0 (eq. 4's m grows).
     if extra_pred:
-        res = f1_from_sum(res.matched, res.num_pred + extra_pred, res.num_gt)
-    return RewardResult(res.f1, kind, res.precision, res.recall, res.num_pred, res.num_gt, unreadable,
+        parts = [(wt, f1_from_sum(res.matched, res.num_pred + extra_pred, res.num_gt)) for wt, res in parts]
+    f1, p, r = (sum(wt * getattr(res, a) for wt, res in parts) for a in ("f1", "precision", "recall"))
+    first = parts[0][1]
+    return RewardResult(float(f1), kind, float(p), float(r), first.num_pred, first.num_gt, unreadable,
                         bool(duplicate), bool(large_box), "; ".join(notes) or None)
 
 
@@ -254,7 +405,7 @@ def _check_sample(sample) -> None:
         raise ValueError(f"{where}: task {sample.task!r} is not one of {TASKS}")
     if sample.output not in OUTPUTS:
         raise ValueError(f"{where}: output {sample.output!r} is not one of {OUTPUTS}")
-    field = {"box": "box", "polygon": "polygon", "keypoint": "keypoints", "point": None}[sample.output]
+    field = {"box": "box", "polygon": "polygon", "keypoint": "keypoints", "point": None, "mask": "mask"}[sample.output]
     for k, inst in enumerate(sample.instances):
         if inst.phrase not in sample.phrases:
             raise ValueError(f"{where}: instances[{k}].phrase {inst.phrase!r} is not one of {sample.phrases}")

@@ -95,7 +95,8 @@ def _grouped(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> t
     return r, mean, std, v
 
 
-def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, valid: Tensor | None = None) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, valid: Tensor | None = None,
+                     scale: str = "group_std") -> Tensor:
     """GRPO advantages ``(r - group mean) / (group std + eps)``, shape ``[B]``.
 
     ``rewards`` ``[B]``: consecutive groups of ``group_size`` samples of one prompt. The std is
@@ -104,12 +105,30 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, valid:
     exactly 0 (not ``0 / eps`` noise), so it contributes no policy gradient, only KL.
     ``valid`` (see :func:`_grouped`): invalid samples get advantage 0 and are not in the group
     statistics; the caller also leaves them out of the loss.
+
+    ``scale="none"`` (Dr. GRPO, Liu et al. 2025): ``r - group mean`` without the division. With
+    continuous rewards the division is what turns a near-constant group (eight answers whose IoUs
+    differ in the third decimal) into advantages of +-1, as large as a group where half the
+    answers found the object: noise gets the weight of signal.
     """
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    if scale not in ("group_std", "none"):
+        raise ValueError(f"scale must be 'group_std' or 'none', got {scale!r}")
     r, mean, std, v = _grouped(rewards, group_size, valid)
-    adv = torch.where((std > 0) & v, (r - mean) / (std + eps), torch.zeros_like(r))
+    centred = (r - mean) / (std + eps) if scale == "group_std" else r - mean
+    adv = torch.where((std > 0) & v, centred, torch.zeros_like(r))
     return adv.reshape(-1)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (0-based) under a linear warm-up of
+    ``warmup_steps`` steps, then constant: ``(step + 1) / warmup_steps`` up to 1. The first
+    update of a GRPO run moves the SFT model with Adam's full first step (its normalised update
+    is ~lr per weight whatever the gradient's size); the warm-up lets the moment estimates settle first."""
+    if warmup_steps < 0 or step < 0:
+        raise ValueError(f"step and warmup_steps must be >= 0, got {step}, {warmup_steps}")
+    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
 
 
 def group_reward_std(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:

@@ -22,6 +22,8 @@ command that produced it.
 - vocab: answer tokens per box for each spatial vocabulary (``rlsys.vocab``) on the same
   answers (the SFT targets of the same samples), with the model's tokenizer (Rex-Omni's table 17:
   7.6 tokens per box for its bins);
+- learning (on request only): does GRPO learn, on fixed and on fresh prompts, beside TRL's
+  GRPOTrainer on the same model, data, reward and settings (``rlsys.bench_learning``);
 - serve: requests/s and p50/p99 latency at 1-64 clients against vLLM's offline ``LLM.generate`` on the same requests, and autoscaling (``rlsys.bench_serve``).
 """
 
@@ -42,6 +44,8 @@ from rlsys.config import DEFAULT_CONFIG, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 ALL = ("rewards", "rollout", "step", "sync", "distributed", "scaling", "async", "learner", "vocab", "serve")
+# Long (tens of minutes to hours, from the demo's SFT model): only when asked for by name.
+ON_REQUEST = ("learning",)
 DEMO_GRPO_CONFIG = REPO / "configs" / "demo_grpo_tiny_cpu.yaml"
 
 
@@ -328,7 +332,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsys.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--out", default="runs/bench")
-    p.add_argument("--only", nargs="*", choices=ALL, default=list(ALL))
+    p.add_argument("--only", nargs="*", choices=ALL + ON_REQUEST, default=list(ALL),
+                   help="parts to run (default: all but learning, which trains for tens of minutes: rlsys.bench_learning)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(a.out)
@@ -369,6 +374,12 @@ def main(argv=None) -> int:
         res["vocab"] = bench_vocab(cfg)
     if "serve" in a.only:
         res["serve"] = _module_json(["rlsys.bench_serve"], 1200)
+    if "learning" in a.only:
+        from rlsys import bench_learning
+
+        # its own defaults (the demo's SFT model and GRPO config), its own report
+        if bench_learning.main(["--out", str(out / "learning")]) != 0:
+            return 2
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(res, indent=2))
     md = markdown(res, cmd)

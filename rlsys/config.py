@@ -125,6 +125,7 @@ class DataConfig(_Section):
     synthetic_max_objects: int = Field(6, ge=1, le=30, description="Most shapes in one synthetic scene.")
     synthetic_one_kind_per_scene: bool = Field(False, description="All shapes in a synthetic scene are of one kind (colours vary), so a detection answer lists every object: counting and enumeration without telling kinds apart.")
     synthetic_position_ramp_levels: int = Field(0, ge=0, le=200, description="Paint each pixel's position into its colour (red ramps left-right, green top-bottom, by this many levels) so a model trained from random weights can localise; see rlsys.synthetic.paint_position_ramp. 0: off.")
+    synthetic_mask_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of synthetic detection and referring samples that ask for their objects' masks instead of boxes (output mask: each mask written as a set of grid points, GETok section 3.2.1; needs model.vocabulary getok, and a reward that decodes masks: reward.sam_checkpoint, or reward.scorer=rewards.scorer:score_cell_masks on CPUs). 0: none.")
     tasks: list[str] | None = Field(None, description="Keep only samples of these tasks (None: all).")
     too_long: Literal["refuse", "skip"] = Field("refuse", description="A sample whose prompt (image tokens under the pixel budget included) plus rollout.max_new_tokens cannot fit rollout.max_model_len_tokens: refuse the data at load, naming the sample and the numbers, or skip such samples and count them.")
     seed: int = Field(0, description="Seed of the synthetic generator and of the prompt order.")
@@ -153,7 +154,7 @@ class RewardConfig(_Section):
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each reward worker requests from Ray.")
     matching: Literal["paper", "hungarian"] = Field("paper", description="Box reward matching: the paper's equations 3-4, or one-to-one (stricter on duplicates).")
     sample_timeout_s: float = Field(30.0, gt=0, description="Limit for scoring one answer; on timeout or error it is retried once, then scores 0 and is counted.")
-    sam_checkpoint: str | None = Field(None, description="Local SAM checkpoint for point-in-mask rewards on data without masks.")
+    sam_checkpoint: str | None = Field(None, description="Local SAM checkpoint for point-in-mask rewards on data without masks, and to decode GETok's mask answers (sets of points) into masks for the mask IoU reward and metric (the default scorer's decoder; rewards.scorer:score_cell_masks needs none).")
     points_without_masks: Literal["refuse", "box"] = Field("refuse", description="Pointing samples (point output, task other than gui) that have no masks while sam_checkpoint is unset: refuse them at start (their reward would be point-in-box, not the point-in-mask the run names), or score them point-in-box, counted per step as reward/kind/point_in_box_fallback.")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom Ray node resources each reward worker bundle asks for.")
     scorer: str = Field("rewards.scorer:score", description="module:function scoring (text, Sample, mask_source=, matching=) -> RewardResult; replace it to train on your own reward.")
@@ -171,6 +172,8 @@ class LearnerConfig(_Section):
     clip_low: float = Field(0.2, ge=0, lt=1, description="PPO ratio clip below 1 (epsilon_low).")
     clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above 1 (epsilon_high; DAPO raises it).")
     kl_coef: float = Field(0.01, ge=0, description="Weight of the k3 KL penalty to the reference policy (paper: 0.01).")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up over the first N GRPO updates (lr x k/N at update k), then constant.")
+    advantage_scaling: Literal["group_std", "none"] = Field("group_std", description="group_std: advantages (r - group mean) / group std (GRPO); none: r - group mean (Dr. GRPO), which does not blow a near-constant group's reward noise up to +-1.")
     freeze_vision: bool = Field(False, description="Keep the vision encoder fixed during GRPO; the projector and the LLM still learn.")
     off_policy_correction: Literal["stale", "always", "off"] = Field("stale", description="Importance-weight the loss by the engines' log-probs (the behaviour policy; rlsys.algorithm.policy_loss): stale: answers made by older weights than the learner's (run.max_staleness_steps, sync_every_steps > 1); always: every answer, also correcting engine/learner numeric differences (bf16 engines); off: never.")
     is_cap: float = Field(2.0, ge=1.0, description="Truncation of the off-policy importance weights, min(w, is_cap).")
@@ -207,7 +210,19 @@ class RunConfig(_Section):
     resume: bool = Field(True, description="Continue from the last checkpoint in out_dir when there is one.")
     init_checkpoint: str | None = Field(None, description="Start the policy from this HF directory (an SFT result) instead of model.path.")
     seed: int = Field(0, description="Seed for prompt order, sampling and initialisation.")
+    progress_label: str = Field("", description="Put in front of every progress line, e.g. '[demo 3/6 grpo seed 0]' (the demo sets it per stage).")
     actor_start_timeout_s: float = Field(900.0, gt=0, description="Limit for placing and starting the actor groups (a cold autoscaled GPU node can take long).")
+
+
+def _masks_need_a_mask_vocabulary(model: ModelConfig, data: DataConfig) -> None:
+    """Synthetic mask samples asked of a vocabulary that cannot write masks: refused here, in
+    the config, before any data is made (a loaded dataset is checked by rlsys.prepare.check_targets)."""
+    from rlsys.vocab import MASK_VOCABULARIES
+
+    if data.synthetic_mask_fraction > 0 and model.vocabulary not in MASK_VOCABULARIES:
+        raise ValueError(f"data.synthetic_mask_fraction {data.synthetic_mask_fraction} asks for masks, which "
+                         f"model.vocabulary {model.vocabulary} cannot write (only {', '.join(MASK_VOCABULARIES)} does, "
+                         "as sets of grid points): set model.vocabulary=getok or data.synthetic_mask_fraction=0")
 
 
 class GRPOConfig(_Section):
@@ -233,6 +248,7 @@ class GRPOConfig(_Section):
         if self.rollout.weight_transfer == "nccl" and not (self.rollout.gpus_per_engine > 0 and self.learner.gpus_per_rank > 0):
             raise ValueError("rollout.weight_transfer nccl needs GPUs on both sides (rollout.gpus_per_engine and "
                              "learner.gpus_per_rank > 0); on CPUs use rlsys_gloo or auto")
+        _masks_need_a_mask_vocabulary(self.model, self.data)
         return self
 
     @property
@@ -344,6 +360,7 @@ class SFTTrainConfig(_Section):
 class SFTRunConfig(_Section):
     out_dir: str = Field("runs/sft-tiny", description="Ray Train storage, the final model (out_dir/final) and W&B files.")
     resume: bool = Field(True, description="Continue from the latest Ray Train checkpoint in out_dir.")
+    progress_label: str = Field("", description="Put in front of every progress line, e.g. '[demo 2/6 sft-multi]' (the demo sets it per stage).")
 
 
 class SFTConfig(_Section):
@@ -358,6 +375,7 @@ class SFTConfig(_Section):
         if self.train.coord_label_sigma_bins > 0 and self.model.vocabulary != "rex_bins":
             raise ValueError(f"train.coord_label_sigma_bins spreads targets over neighbouring coordinate bins; "
                              f"model.vocabulary {self.model.vocabulary} writes no bins (set it to 0)")
+        _masks_need_a_mask_vocabulary(self.model, self.data)
         return self
 
     def totals(self) -> dict:

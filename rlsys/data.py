@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TASKS = ("detection", "referring", "pointing", "visual_prompt", "ocr", "layout", "gui", "keypoint")
-OUTPUTS = ("box", "point", "polygon", "keypoint")
+# "mask": the instance's GT mask, written as a set of grid points (GETok; model.vocabulary getok only)
+OUTPUTS = ("box", "point", "polygon", "keypoint", "mask")
 
 
 class DataError(ValueError):
@@ -146,13 +147,35 @@ class Sample:
         props = [_box(b, src, f"proposals[{k}]", w, h) for k, b in enumerate(raw_props)]
         if task == "visual_prompt" and not pboxes:
             raise DataError(f"{_where(src, 'prompt_boxes')}: a visual_prompt sample needs at least one box")
-        needed = {"box": "box", "point": None, "polygon": "polygon", "keypoint": "keypoints"}[output]
+        needed = {"box": "box", "point": None, "polygon": "polygon", "keypoint": "keypoints", "mask": "mask"}[output]
         for k, inst in enumerate(insts):
             if needed and getattr(inst, needed) is None:
                 raise DataError(f"{_where(src, f'instances[{k}].{needed}')}: missing for output {output!r}")
+            if output == "mask":
+                _check_mask_area(inst.mask, src, f"instances[{k}].mask")
             if output == "point" and inst.point is None and inst.mask is None and inst.box is None:
                 raise DataError(f"{_where(src, f'instances[{k}]')}: a point task needs a point, mask or box")
         return cls(str(d["id"]), image, w, h, task, list(phrases), insts, output, pboxes, source, props)
+
+
+def _check_mask_area(rle: dict, src: str, fname: str) -> None:
+    """A mask to be written as an answer (output ``mask``) must be readable and hold a pixel."""
+    import warnings
+
+    from pycocotools import mask as mask_utils
+
+    try:
+        h, w = rle["size"]
+        counts = rle["counts"]
+        obj = mask_utils.frPyObjects(rle, h, w) if isinstance(counts, list) else \
+            {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        with warnings.catch_warnings():  # pycocotools 2.0.x under numpy 2 warns on every call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            area = int(mask_utils.area(obj))
+    except Exception as exc:
+        raise DataError(f"{_where(src, fname)}: unreadable COCO RLE ({exc})") from None
+    if area == 0:
+        raise DataError(f"{_where(src, fname)}: the mask is empty, so it has no answer for output 'mask'")
 
 
 def _box(b, src: str, fname: str, w: int, h: int) -> tuple[float, float, float, float]:

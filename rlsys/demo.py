@@ -2,10 +2,12 @@
 
 On one CPU machine: SFT of the tiny model on the synthetic data in two Ray Train stages (one
 shape per image, where it learns to localise; then scenes of 1-3 shapes, started from the first
-stage's model), GRPO from that checkpoint (Ray actors: vLLM, rewards, DeepSpeed), evaluation of
-both on the same held-out scenes, and a markdown report with the paper's table (SFT vs GRPO, as
-tables 2, 13 and 14), the reward curve and the F1-over-steps curve. Every stage is a resumable
-step: a second run reuses finished stages.
+stage's model), GRPO from that checkpoint once per seed (``--seeds``, default 0 1 2; Ray actors:
+vLLM, rewards, DeepSpeed), evaluation of all on the same held-out scenes, and a markdown report
+with the paper's table (SFT vs GRPO: the seeds' mean, range and each seed's change, as tables 2,
+13 and 14), a paired bootstrap over held-out images saying which changes are more than noise,
+the smoothed reward curves and the F1-over-steps curves. Every stage is a resumable step: a
+second run reuses finished stages.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from rlsys.config import REPO_ROOT, ConfigError, GRPOConfig, SFTConfig, load_config
@@ -24,22 +27,35 @@ DEMO_GRPO_CONFIG = REPO_ROOT / "configs" / "demo_grpo_tiny_cpu.yaml"
 # The tiny model learns to localise one shape first; from random weights straight onto scenes of
 # several shapes it does not (issue 5's note), so the demo's SFT is a two-stage curriculum.
 DEMO_SFT_CONFIGS = (DEFAULT_SFT_CONFIG, REPO_ROOT / "configs" / "sft_tiny_cpu_multi.yaml")
+# GRPO runs once per seed from the one SFT model: a single run's change is not a result (issue 19:
+# on one config two seeds moved F1@mIoU by +4.3 and -0.2).
+DEMO_SEEDS = (0, 1, 2)
 
 
-def plan(out: Path, sft_configs, sft_overrides, grpo_config, grpo_overrides) -> tuple[list[SFTConfig], GRPOConfig]:
+def plan(out: Path, sft_configs, sft_overrides, grpo_config, grpo_overrides,
+         seeds=DEMO_SEEDS) -> tuple[list[SFTConfig], list[GRPOConfig]]:
     """Validate every stage's config before anything starts, and chain them: SFT stage k writes
-    ``out/sft<k>`` and starts from stage k-1's final model; GRPO starts from the last stage's
-    model and trains on its training data (the held-out set is the last stage's, too)."""
+    ``out/sft<k>`` and starts from stage k-1's final model; GRPO runs once per seed from the last
+    stage's model, on its training data, into ``out/grpo_seed<s>`` (``run.seed`` set after the
+    overrides: the seeds decide it). Every stage's progress lines carry ``[demo k/n name]``."""
     if not sft_configs:
         raise ValueError("the demo needs at least one SFT config")
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must be distinct and at least one, got {seeds}")
+    n = len(sft_configs) + len(seeds)
     stages: list[SFTConfig] = []
     for k, path in enumerate(sft_configs, start=1):
         chain = [f"model.path={out / f'sft{k - 1}' / 'final'}"] if k > 1 else []
-        stages.append(load_config(path, [f"run.out_dir={out / f'sft{k}'}", *chain, *sft_overrides], schema=SFTConfig))
+        label = f"run.progress_label='[demo {k}/{n} sft{k}]'"
+        stages.append(load_config(path, [f"run.out_dir={out / f'sft{k}'}", *chain, *sft_overrides, label], schema=SFTConfig))
     last = Path(stages[-1].run.out_dir)
-    grpo_cfg = load_config(grpo_config, [f"run.out_dir={out / 'grpo'}", f"run.init_checkpoint={last / 'final'}",
-                                         f"data.train={last / 'data' / 'train.jsonl'}", *grpo_overrides])
-    return stages, grpo_cfg
+    runs = []
+    for j, seed in enumerate(seeds, start=len(stages) + 1):
+        runs.append(load_config(grpo_config, [f"run.out_dir={out / f'grpo_seed{seed}'}", f"run.init_checkpoint={last / 'final'}",
+                                              f"data.train={last / 'data' / 'train.jsonl'}", *grpo_overrides,
+                                              f"run.seed={seed}", f"run.progress_label='[demo {j}/{n} grpo seed {seed}]'"]))
+    return stages, runs
 
 
 def _eval(checkpoint: Path, data: Path, out: Path, tasks: str, max_new_tokens: int, engine: list[str]) -> dict:
@@ -52,64 +68,141 @@ def _eval(checkpoint: Path, data: Path, out: Path, tasks: str, max_new_tokens: i
     return json.loads((out / "metrics.json").read_text())
 
 
-def _line_plot(xs, ys, xlabel: str, ylabel: str, path: Path, marker: str) -> None:
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start): the per-step reward of
+    32 prompts is noisy enough to hide a trend of a few points."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out, acc = [], 0.0
+    for k, v in enumerate(values):
+        acc += v - (values[k - window] if k >= window else 0.0)
+        out.append(acc / min(k + 1, window))
+    return out
+
+
+def _plot(steps_by_seed: dict, f1_by_seed: dict, out: Path, window: int = 10) -> None:
+    """``reward_curve.png``: each seed's per-step rollout reward (faint) and its trailing mean over
+    ``window`` steps; ``f1_over_steps.png``: held-out F1@mIoU at each checkpoint, per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(xs, ys, marker=marker)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    def figure(draw, xlabel: str, ylabel: str, name: str) -> None:
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        draw(ax)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+
+    def rewards(ax):
+        for seed, steps in steps_by_seed.items():
+            xs, ys = [r["step"] for r in steps], [r["reward/mean"] for r in steps]
+            line, = ax.plot(xs, smooth(ys, window), label=f"seed {seed} (mean of {window} steps)")
+            ax.plot(xs, ys, alpha=0.25, color=line.get_color())
+
+    def f1(ax):
+        for seed, pts in f1_by_seed.items():
+            ax.plot([s for s, _ in pts], [f * 100 for _, f in pts], marker="o", label=f"seed {seed}")
+
+    figure(rewards, "GRPO step", "mean reward of rollouts", "reward_curve.png")
+    figure(f1, "GRPO step (0 = SFT)", "held-out F1@mIoU (%)", "f1_over_steps.png")
 
 
-def _plot(steps: list[dict], f1_points: list[tuple[int, float]], out: Path) -> None:
-    _line_plot([r["step"] for r in steps], [r["reward/mean"] for r in steps], "GRPO step", "mean reward of rollouts",
-               out / "reward_curve.png", ".")
-    _line_plot([s for s, _ in f1_points], [f for _, f in f1_points], "GRPO step (0 = SFT)", "held-out F1@mIoU",
-               out / "f1_over_steps.png", "o")
+def _get(m: dict, path: tuple):
+    for k in path:
+        if not isinstance(m, dict) or k not in m:
+            return None
+        m = m[k]
+    return m
 
 
-def report(sft_m: dict, grpo_m: dict, steps: list[dict], f1_points, out: Path, commands: list[str]) -> str:
-    def line(name, a, b):  # fractions in, percent out; None when either run lacks the metric
-        return None if a is None or b is None else f"| {name} | {a * 100:.1f} | {b * 100:.1f} | {(b - a) * 100:+.1f} |"
+# (row name, where in rlsys.eval's metrics, name in rlsys.eval.BOOTSTRAP_METRICS or None)
+ROWS = (("F1@0.50", ("detection", "F1@0.50"), "box F1@0.50"), ("R@0.50", ("detection", "R@0.50"), None),
+        ("P@0.50", ("detection", "P@0.50"), None), ("F1@0.95", ("detection", "F1@0.95"), None),
+        ("F1@mIoU", ("detection", "F1@mIoU"), "box F1@mIoU"), ("R@mIoU", ("detection", "R@mIoU"), None),
+        ("P@mIoU", ("detection", "P@mIoU"), None), ("duplicate rate (%)", ("detection", "duplicate_rate"), None),
+        ("large-box rate (%)", ("detection", "large_box_rate"), None),
+        ("right box count (%)", ("detection", "exact_count_rate"), None),
+        ("too many boxes (%)", ("detection", "over_count_rate"), "too many boxes"),
+        ("too few boxes (%)", ("detection", "under_count_rate"), "too few boxes"))
 
-    def row(name, key, sub="detection"):
-        return line(name, sft_m.get(sub, {}).get(key), grpo_m.get(sub, {}).get(key))
 
-    rows = [row(n, k) for n, k in (("F1@0.50", "F1@0.50"), ("R@0.50", "R@0.50"), ("P@0.50", "P@0.50"),
-                                  ("F1@0.95", "F1@0.95"), ("F1@mIoU", "F1@mIoU"),
-                                  ("R@mIoU", "R@mIoU"), ("P@mIoU", "P@mIoU"),
-                                  ("duplicate rate (%)", "duplicate_rate"), ("large-box rate (%)", "large_box_rate"),
-                                  ("right box count (%)", "exact_count_rate"), ("too many boxes (%)", "over_count_rate"),
-                                  ("too few boxes (%)", "under_count_rate"))]
-    for task in sorted(set(sft_m.get("box_tasks", {})) & set(grpo_m.get("box_tasks", {}))):
-        rows += [line(f"{task}: {name}", sft_m["box_tasks"][task].get(key), grpo_m["box_tasks"][task].get(key))
+def report(sft_m: dict, grpo_ms: list[dict], steps_by_seed: dict, f1_by_seed: dict, out: Path, commands: list[str],
+           intervals: dict | None = None, window: int = 10) -> str:
+    """The report: per metric SFT, the mean and range of the GRPO seeds (``grpo_ms``, one final
+    metrics dict per seed, in the order of ``steps_by_seed``) and the change; then, for the
+    figures in ``intervals`` (name -> :func:`rewards.metrics.paired_bootstrap` result), the 95%
+    interval of the change over held-out images and whether it excludes 0."""
+    seeds = list(steps_by_seed) or list(range(len(grpo_ms)))
+
+    def line(name, a, bs):  # fractions in, percent out; None when a run lacks the metric
+        if a is None or not bs or any(b is None for b in bs):
+            return None
+        mean = sum(bs) / len(bs)
+        return (f"| {name} | {a * 100:.1f} | {mean * 100:.1f} | {min(bs) * 100:.1f} .. {max(bs) * 100:.1f} | "
+                f"{(mean - a) * 100:+.1f} | " + " ".join(f"{(b - a) * 100:+.1f}" for b in bs) + " |")
+
+    def row(name, path):
+        return line(name, _get(sft_m, path), [_get(m, path) for m in grpo_ms])
+
+    rows = [row(n, path) for n, path, _ in ROWS]
+    for task in sorted(set.intersection(set(sft_m.get("box_tasks", {})), *[set(m.get("box_tasks", {})) for m in grpo_ms])):
+        rows += [row(f"{task}: {name}", ("box_tasks", task, key))
                  for name, key in (("F1@0.50", "F1@0.50"), ("F1@mIoU", "F1@mIoU"), ("right box count (%)", "exact_count_rate"))]
-    rows += [row("pointing F1", "F1", "pointing"), row("GUI accuracy", "accuracy", "gui"),
-             line("mean reward (x100)", sft_m["mean_reward"], grpo_m["mean_reward"]),
-             f"| predictions per image | {sft_m['detection']['predictions_per_image']:.2f} | {grpo_m['detection']['predictions_per_image']:.2f} | |"
-             if "detection" in sft_m and "detection" in grpo_m else None]
-    n = sft_m.get("detection", {}).get("num_images", 0)
+    rows += [row("pointing F1", ("pointing", "F1")), row("GUI accuracy", ("gui", "accuracy")),
+             row("mean reward (x100)", ("mean_reward",))]
+    ppi = [_get(m, ("detection", "predictions_per_image")) for m in grpo_ms]
+    if _get(sft_m, ("detection", "predictions_per_image")) is not None and None not in ppi:
+        rows.append(f"| predictions per image | {sft_m['detection']['predictions_per_image']:.2f} | "
+                    f"{sum(ppi) / len(ppi):.2f} | {min(ppi):.2f} .. {max(ppi):.2f} | | |")
+    ci_rows = []
+    for name, iv in (intervals or {}).items():
+        per = " ".join(f"{r['change'] * 100:+.1f} [{r['lo'] * 100:+.1f}, {r['hi'] * 100:+.1f}]" for r in iv["per_run"])
+        verdict = "yes: the interval excludes 0" if iv["excludes_zero"] else "no: within noise"
+        ci_rows.append(f"| {name} | {iv['base'] * 100:.1f} | {iv['change'] * 100:+.1f} | "
+                       f"[{iv['lo'] * 100:+.1f}, {iv['hi'] * 100:+.1f}] | {per} | {verdict} |")
+    n = _get(sft_m, ("detection", "num_images")) or 0
+    curves = []
+    for seed, steps in steps_by_seed.items():
+        sm = smooth([r["reward/mean"] for r in steps], window)
+        marks = [k for k in range(window - 1, len(sm), window)] or ([len(sm) - 1] if sm else [])
+        curves.append(f"- seed {seed}: " + ", ".join(f"step {steps[k]['step']}: {sm[k]:.3f}" for k in marks))
+    f1_lines = [f"- seed {seed}: " + ", ".join(f"step {s}: {f * 100:.1f}" for s, f in pts) for seed, pts in f1_by_seed.items()]
     text = "\n".join([
         "# rlsys demo: SFT vs GRPO on the synthetic held-out set",
         "",
         f"Held-out images: {sft_m['num_samples']} samples ({n} box-task images; the first rows pool the box tasks, "
         "the rows named by task take each on its own). Metrics as the paper's section 5.1 "
-        "(F1 at IoU 0.50, 0.95 and the mean over 0.50:0.95), 5.6 (pointing), 5.7 (GUI) and 6.1.2 (duplicate, large box).",
+        "(F1 at IoU 0.50, 0.95 and the mean over 0.50:0.95), 5.6 (pointing), 5.7 (GUI) and 6.1.2 (duplicate, large box). "
+        f"GRPO ran {len(grpo_ms)} time(s) from the same SFT model, seeds {', '.join(map(str, seeds))}: the columns give "
+        "the mean over seeds, their range, the mean change, and each seed's change.",
         "",
-        "| metric | SFT | GRPO | change |",
-        "|---|---|---|---|",
+        "| metric | SFT | GRPO (mean) | GRPO (range) | change | change per seed |",
+        "|---|---|---|---|---|---|",
         *[r for r in rows if r],
         "",
+        *(["## Is the change more than noise?",
+           "",
+           f"Paired bootstrap over held-out images ({next(iter(intervals.values()))['n_resamples']} resamples; an image "
+           "asked several questions is drawn with all of them; every model scored on the same draw): the 95% interval of "
+           "the change of the seed-averaged model, and each seed's change with its own interval. The interval covers "
+           "which images were held out, not which seeds were run: the seeds' spread is the range above.",
+           "",
+           "| metric | SFT | change | 95% interval | per seed [95% interval] | distinguishable from noise |",
+           "|---|---|---|---|---|---|",
+           *ci_rows,
+           ""] if ci_rows else []),
         "![reward](reward_curve.png) ![f1](f1_over_steps.png)",
         "",
-        "F1@mIoU over GRPO steps: " + ", ".join(f"step {s}: {f * 100:.1f}" for s, f in f1_points),
+        f"Training reward (rollouts, trailing mean of {window} steps):",
+        *curves,
+        "",
+        "Held-out F1@mIoU over GRPO steps:",
+        *f1_lines,
         "",
         "Commands:",
         "",
@@ -119,52 +212,111 @@ def report(sft_m: dict, grpo_m: dict, steps: list[dict], f1_points, out: Path, c
     return text
 
 
+def intervals_for(sft_pred: Path, grpo_preds: list[Path], samples, vocabulary, *, n_resamples: int = 1000,
+                  seed: int = 0) -> dict:
+    """Bootstrap intervals of the SFT -> GRPO change (:data:`rlsys.eval.BOOTSTRAP_METRICS`) from
+    the evals' ``predictions.jsonl``, which must hold ``samples`` in order."""
+    from rewards.metrics import paired_bootstrap
+    from rlsys.eval import weighted_metrics
+
+    def answers(path: Path) -> list[str]:
+        rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+        ids = [r["id"] for r in rows]
+        if ids != [s.id for s in samples]:
+            raise ValueError(f"{path}: its {len(ids)} predictions are not the held-out samples in order "
+                             f"({len(samples)} samples); delete that eval folder to redo it")
+        return [r["answer"] for r in rows]
+
+    units, base = weighted_metrics(samples, answers(sft_pred), vocabulary)
+    others = [weighted_metrics(samples, answers(p), vocabulary)[1] for p in grpo_preds]
+    return {name: paired_bootstrap(base[name], [o[name] for o in others], len(units), n_resamples=n_resamples, seed=seed)
+            for name in base}
+
+
+def _stage_done(cfg: GRPOConfig) -> bool:
+    latest = Path(cfg.run.out_dir) / "checkpoints" / "latest"
+    if not latest.is_file():
+        return False
+    state = latest.parent / latest.read_text().strip() / "trainer_state.json"
+    return json.loads(state.read_text())["step"] >= cfg.run.steps
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsys.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--sft-configs", nargs="+", default=[str(c) for c in DEMO_SFT_CONFIGS], metavar="FILE",
                    help="the SFT stages in order; each starts from the previous one's model")
     p.add_argument("--grpo-config", default=str(DEMO_GRPO_CONFIG))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(DEMO_SEEDS),
+                   help="one GRPO run per seed from the same SFT model (default: %(default)s)")
     p.add_argument("--sft", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every SFT stage")
     p.add_argument("--grpo", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for GRPO")
     p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--bootstrap-resamples", type=int, default=1000)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(a.out).resolve()
     try:  # every stage's config is checked before Ray starts
-        stages, grpo_cfg = plan(out, a.sft_configs, a.sft, a.grpo_config, a.grpo)
+        stages, runs = plan(out, a.sft_configs, a.sft, a.grpo_config, a.grpo, a.seeds)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     from rlsys import grpo, sft
+    from rlsys.data import load_dataset
+    from rlsys.models import processor_for
     from rlsys.prepare import prepare_data_path
+    from rlsys.vocab import vocabulary_for
 
-    for stage in stages:
-        if not (Path(stage.run.out_dir) / "final" / "config.json").is_file():
-            sft.run(stage)
+    t0 = time.monotonic()
+    n = len(stages) + len(runs)
+
+    def banner(k: int, what: str) -> None:
+        print(f"[demo {k}/{n}] {what} ({(time.monotonic() - t0) / 60:.1f} min since start)", flush=True)
+
+    for k, stage in enumerate(stages, start=1):
+        if (Path(stage.run.out_dir) / "final" / "config.json").is_file():
+            banner(k, f"sft{k}: done before, reused")
+            continue
+        banner(k, f"sft{k}: {stage.train.steps} steps -> {stage.run.out_dir}")
+        sft.run(stage)
     sft_cfg = stages[-1]
     sft_final = Path(sft_cfg.run.out_dir) / "final"
-    if not (out / "grpo" / "checkpoints" / "latest").is_file() or json.loads(
-            (out / "grpo" / "checkpoints" / (out / "grpo" / "checkpoints" / "latest").read_text().strip() / "trainer_state.json").read_text())["step"] < grpo_cfg.run.steps:
-        grpo.run(grpo_cfg)
+    for k, cfg in enumerate(runs, start=len(stages) + 1):
+        if _stage_done(cfg):
+            banner(k, f"grpo seed {cfg.run.seed}: done before, reused")
+            continue
+        banner(k, f"grpo seed {cfg.run.seed}: {cfg.run.steps} steps -> {cfg.run.out_dir}")
+        grpo.run(cfg)
     val = prepare_data_path(sft_cfg.data, sft_cfg.run.out_dir, "val")
     tasks = ",".join(sft_cfg.data.tasks or ["detection", "referring", "pointing", "gui", "visual_prompt"])
     # the GRPO config's engine settings (dtype, context, memory share, eager, pixels) for every eval
     engine = ["--config", a.grpo_config, *a.grpo]
+    print(f"[demo] evaluating SFT and every GRPO checkpoint on {val} "
+          f"({(time.monotonic() - t0) / 60:.1f} min since start)", flush=True)
     sft_m = _eval(sft_final, val, out / "eval" / "sft", tasks, a.max_new_tokens, engine)
-    ckpts = sorted((out / "grpo" / "checkpoints").glob("step_*[0-9]"))
-    f1_points = [(0, sft_m.get("detection", {}).get("F1@mIoU", 0.0))]
-    grpo_m = sft_m
-    for c in ckpts:
-        s = int(c.name.split("_")[1])
-        m = _eval(c / "hf", val, out / "eval" / c.name, tasks, a.max_new_tokens, engine)
-        f1_points.append((s, m.get("detection", {}).get("F1@mIoU", 0.0)))
-        grpo_m = m
-    steps = [json.loads(l) for l in (out / "grpo" / "steps.jsonl").read_text().splitlines()]
-    _plot(steps, f1_points, out)
+    grpo_ms, steps_by_seed, f1_by_seed, finals = [], {}, {}, []
+    for cfg in runs:
+        seed, run_out = cfg.run.seed, Path(cfg.run.out_dir)
+        f1_by_seed[seed] = [(0, _get(sft_m, ("detection", "F1@mIoU")) or 0.0)]
+        m, last = sft_m, out / "eval" / "sft"
+        for c in sorted((run_out / "checkpoints").glob("step_*[0-9]")):
+            last = out / "eval" / f"grpo_seed{seed}" / c.name
+            m = _eval(c / "hf", val, last, tasks, a.max_new_tokens, engine)
+            f1_by_seed[seed].append((int(c.name.split("_")[1]), _get(m, ("detection", "F1@mIoU")) or 0.0))
+        grpo_ms.append(m)
+        finals.append(last / "predictions.jsonl")
+        steps_by_seed[seed] = [json.loads(l) for l in (run_out / "steps.jsonl").read_text().splitlines()]
+    keep = set(tasks.split(","))
+    samples = [s for s in load_dataset(val) if s.task in keep]
+    vocabulary = vocabulary_for(runs[0].model, processor_for(runs[0].model, str(sft_final)))
+    intervals = intervals_for(out / "eval" / "sft" / "predictions.jsonl", finals, samples, vocabulary,
+                              n_resamples=a.bootstrap_resamples)
+    _plot(steps_by_seed, f1_by_seed, out)
     cmds = [f"python -m rlsys.demo --out {a.out}"
             + (f" --sft-configs {' '.join(a.sft_configs)}" if [str(c) for c in DEMO_SFT_CONFIGS] != a.sft_configs else "")
+            + (f" --seeds {' '.join(map(str, a.seeds))}" if list(DEMO_SEEDS) != a.seeds else "")
             + (f" --sft {' '.join(a.sft)}" if a.sft else "") + (f" --grpo {' '.join(a.grpo)}" if a.grpo else "")]
-    print(report(sft_m, grpo_m, steps, f1_points, out, cmds))
+    print(report(sft_m, grpo_ms, steps_by_seed, f1_by_seed, out, cmds, intervals))
+    print(f"[demo] done in {(time.monotonic() - t0) / 60:.1f} min: {out / 'report.md'}", flush=True)
     return 0
 
 

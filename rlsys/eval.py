@@ -52,33 +52,109 @@ def predictions_in_pixels(text: str, sample, vocabulary=None) -> list[tuple[str,
     (default: the bins)."""
     from rlsys.vocab import REX_BINS
 
-    return [(p.phrase, p.kind, tuple(c)) for p in (vocabulary or REX_BINS).for_sample(sample).parse(text, sample.width, sample.height)
-            for c in p.coords]
+    voc = (vocabulary or REX_BINS).for_sample(sample)
+    read = voc.parse_masks if sample.output == "mask" else voc.parse  # a mask answer: sets of points
+    return [(p.phrase, p.kind, tuple(c)) for p in read(text, sample.width, sample.height) for c in p.coords]
 
 
-def compute_metrics(samples, answers, vocabulary=None) -> dict:
+def task_images(samples, answers, vocabulary=None) -> dict:
+    """The metrics' inputs, by task family: ``det`` (box-output box tasks, with ``det_rows`` their
+    sample indices and ``det_tasks``), ``point`` (pointing with masks, ``point_rows``), ``gui_pts``
+    and ``gui_boxes``; answers read by ``vocabulary`` (default: the bins)."""
+    d: dict = {k: [] for k in ("det", "det_rows", "det_tasks", "point", "point_rows", "gui_pts", "gui_boxes")}
+    for row, (s, text) in enumerate(zip(samples, answers)):
+        preds = predictions_in_pixels(text, s, vocabulary)
+        if s.task in BOX_TASKS and s.output == "box":
+            d["det"].append({"gt": [(i.phrase, i.box) for i in s.instances],
+                             "pred": [(ph, c) for ph, k, c in preds if k == "box"],
+                             "width": s.width, "height": s.height})
+            d["det_rows"].append(row)
+            d["det_tasks"].append(s.task)
+        elif s.task == "pointing" and all(i.mask is not None for i in s.instances):
+            d["point"].append({"gt": [(i.phrase, i.mask) for i in s.instances],
+                               "pred": [(ph, c) for ph, k, c in preds if k == "point"]})
+            d["point_rows"].append(row)
+        elif s.task == "gui" and s.output == "point":
+            pts = [c for _, k, c in preds if k == "point"]
+            d["gui_pts"].append(pts[0] if pts else None)
+            d["gui_boxes"].append(s.instances[0].box)
+    return d
+
+
+# The figures the demo's report puts intervals on: (name, family, key of the family's figures).
+BOOTSTRAP_METRICS = (("box F1@0.50", "box", "F1@0.50"), ("box F1@mIoU", "box", "F1@mIoU"),
+                     ("too few boxes", "count", "under_count_rate"), ("too many boxes", "count", "over_count_rate"),
+                     ("pointing F1", "point", "F1"))
+
+
+def weighted_metrics(samples, answers, vocabulary=None) -> tuple[list[str], dict]:
+    """For a bootstrap over held-out IMAGES: ``(units, {name: fn})`` where ``units`` are the
+    distinct images of ``samples`` (an image asked several questions is one unit, so its
+    questions are drawn together) and ``fn(weights [B, len(units)]) -> [B]`` is the named figure
+    of :data:`BOOTSTRAP_METRICS` under those image multiplicities (with weights of one: the value
+    :func:`compute_metrics` reports). Figures whose family has no sample are left out."""
+    import numpy as np
+
+    from rewards.metrics import (CountTable, _detection_dict, _pointing_dict, count_rates_weighted, count_table,
+                                 detection_table, pointing_table)
+
+    d = task_images(samples, answers, vocabulary)
+    units = sorted({str(s.image) for s in samples})
+    unit_of = {u: k for k, u in enumerate(units)}
+    row_unit = np.asarray([unit_of[str(s.image)] for s in samples], dtype=np.int64)
+
+    def over_rows(rows, f):  # weights over units -> weights over the family's rows
+        cols = row_unit[np.asarray(rows, dtype=np.int64)]
+        return lambda w: f(np.asarray(w, dtype=np.float64)[:, cols])
+
+    fns: dict = {}
+    if d["det"]:
+        dt: CountTable = detection_table(d["det"])
+        ct = count_table(d["det"])
+        for name, fam, key in BOOTSTRAP_METRICS:
+            if fam == "box":
+                fns[name] = over_rows(d["det_rows"], lambda w, key=key: _detection_dict(*dt.scores(w), dt.thresholds)[key])
+            elif fam == "count":
+                fns[name] = over_rows(d["det_rows"], lambda w, key=key: count_rates_weighted(ct, w)[key])
+    if d["point"]:
+        pt = pointing_table(d["point"])
+        fns["pointing F1"] = over_rows(d["point_rows"], lambda w: _pointing_dict(*pt.scores(w))["F1"])
+    return units, fns
+
+
+def mask_images(samples, answers, vocabulary, mask_decoder: str, mask_source=None) -> tuple[list[dict], list[str]]:
+    """The mask-output samples' answers as :func:`rewards.metrics.mask_f1` images (the point sets
+    read by ``vocabulary.parse_masks``, :func:`predictions_in_pixels`, decoded by
+    ``mask_decoder``: :mod:`rewards.mask`), and each one's task."""
+    from rewards.geometry import decode_masks
+    from rewards.mask import decode_point_sets
+
+    imgs, tasks = [], []
+    for s, text in zip(samples, answers):
+        if s.output != "mask":
+            continue
+        preds = [(ph, c) for ph, k, c in predictions_in_pixels(text, s, vocabulary) if k == "mask"]
+        decoded = decode_point_sets([c for _, c in preds], s, decoder=mask_decoder, mask_source=mask_source,
+                                    grid=getattr(vocabulary, "grid", None))
+        gt = decode_masks([i.mask for i in s.instances], s.height, s.width, f"sample {s.id!r} masks")
+        imgs.append({"gt": [(i.phrase, m) for i, m in zip(s.instances, gt)],
+                     "pred": [(ph, m) for (ph, _), m in zip(preds, decoded)]})
+        tasks.append(s.task)
+    return imgs, tasks
+
+
+def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | None = None, mask_source=None) -> dict:
     """The paper's metrics over the samples, by task family; answers read by ``vocabulary``
-    (default: the bins)."""
+    (default: the bins). Mask-output samples (GETok) are decoded by ``mask_decoder`` (``"sam"``
+    with ``mask_source``, or ``"grid_cells"``; :func:`rlsys.prepare.mask_decoding` picks the
+    config's) and scored by mask IoU F1 (``mask``, ``mask_tasks``); without a decoder they raise."""
     import numpy as np
 
     from rewards.metrics import count_rates, detection_f1, duplicate_rate, gui_accuracy, large_box_rate, pointing_f1
     from rewards.scorer import score
 
-    det, det_tasks, point_imgs, gui_pts, gui_boxes = [], [], [], [], []
-    for s, text in zip(samples, answers):
-        preds = predictions_in_pixels(text, s, vocabulary)
-        if s.task in BOX_TASKS and s.output == "box":
-            det.append({"gt": [(i.phrase, i.box) for i in s.instances],
-                        "pred": [(ph, c) for ph, k, c in preds if k == "box"],
-                        "width": s.width, "height": s.height})
-            det_tasks.append(s.task)
-        elif s.task == "pointing" and all(i.mask is not None for i in s.instances):
-            point_imgs.append({"gt": [(i.phrase, i.mask) for i in s.instances],
-                               "pred": [(ph, c) for ph, k, c in preds if k == "point"]})
-        elif s.task == "gui" and s.output == "point":
-            pts = [c for _, k, c in preds if k == "point"]
-            gui_pts.append(pts[0] if pts else None)
-            gui_boxes.append(s.instances[0].box)
+    d = task_images(samples, answers, vocabulary)
+    det, det_tasks, point_imgs, gui_pts, gui_boxes = d["det"], d["det_tasks"], d["point"], d["gui_pts"], d["gui_boxes"]
     out: dict = {"num_samples": len(samples)}
     if det:
         out["detection"] = detection_f1(det)
@@ -100,7 +176,18 @@ def compute_metrics(samples, answers, vocabulary=None) -> dict:
         out["gui"] = {"accuracy": gui_accuracy(gui_pts, gui_boxes), "num_queries": len(gui_pts)}
     from rlsys.vocab import REX_BINS
 
-    rewards = [score(t, s, vocabulary=vocabulary or REX_BINS).reward for s, t in zip(samples, answers)]
+    if any(s.output == "mask" for s in samples):
+        from rewards.metrics import mask_f1
+
+        if mask_decoder is None:
+            raise ValueError("mask-output samples need a mask decoder for their metric (mask_decoder='sam' with a "
+                             "mask_source, or 'grid_cells'; rlsys.prepare.mask_decoding picks the config's)")
+        imgs, tasks = mask_images(samples, answers, vocabulary or REX_BINS, mask_decoder, mask_source)
+        out["mask"] = {**mask_f1(imgs), "num_images": len(imgs), "decoder": mask_decoder}
+        out["mask_tasks"] = {t: {**mask_f1([m for m, u in zip(imgs, tasks) if u == t]), "num_images": tasks.count(t)}
+                             for t in sorted(set(tasks))}
+    rewards = [score(t, s, vocabulary=vocabulary or REX_BINS, mask_source=mask_source, mask_decoder=mask_decoder or "sam").reward
+               for s, t in zip(samples, answers)]
     out["mean_reward"] = float(np.mean(rewards))
     return out
 
@@ -134,8 +221,14 @@ def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | No
     cfg = cfg or load_config()
     proc = processor_for(cfg.model, str(checkpoint))
     vocabulary = vocabulary_for(cfg.model, proc)
+    decoder, mask_source = None, None
+    if any(s.output == "mask" for s in samples):  # decided before generating: a missing decoder fails fast
+        from rlsys.prepare import check_targets, mask_decoding
+
+        check_targets(samples, vocabulary)
+        decoder, mask_source = mask_decoding(cfg.reward)
     answers = generate_answers(str(checkpoint), samples, cfg, max_new_tokens=max_new_tokens, processor=proc)
-    metrics = compute_metrics(samples, answers, vocabulary)
+    metrics = compute_metrics(samples, answers, vocabulary, mask_decoder=decoder, mask_source=mask_source)
     metrics["vocabulary"] = vocabulary.name
     metrics["checkpoint"] = str(checkpoint)
     with (out / "predictions.jsonl").open("w") as f:
@@ -159,6 +252,9 @@ def format_table(metrics: dict) -> str:
         rows.append(f"| pointing F1 | {metrics['pointing']['F1']:.3f} |")
     if "gui" in metrics:
         rows.append(f"| GUI accuracy | {metrics['gui']['accuracy']:.3f} |")
+    if "mask" in metrics:
+        m = metrics["mask"]
+        rows.append(f"| mask F1@0.50 / F1@mIoU ({m['decoder']}) | {m['F1@0.50']:.3f} / {m['F1@mIoU']:.3f} |")
     rows.append(f"| mean reward | {metrics['mean_reward']:.3f} |")
     return "\n".join(rows)
 
@@ -192,7 +288,8 @@ def main(argv=None) -> int:
     else:
         from rlsys import synthetic
 
-        samples = load_dataset(synthetic.generate(Path(a.out) / "data", num_images=200, seed=1234, split="val"))
+        samples = load_dataset(synthetic.generate(Path(a.out) / "data", num_images=200, seed=1234, split="val",
+                                                  mask_fraction=cfg.data.synthetic_mask_fraction))
     if a.tasks:
         keep = set(a.tasks.split(","))
         samples = [s for s in samples if s.task in keep]

@@ -6,6 +6,9 @@ One phrase is written as::
 
 where COORDS is ``None`` for a phrase absent from the image, or instances joined by ``,``, each a
 run of coordinate tokens: 2 make a point, 4 a box ``[x0, y0, x1, y1]``, 6 or more (even) a polygon.
+A *mask* (GETok's: a mask written as a set of points, :mod:`rewards.mask`) is an instance of any
+number of points; the text cannot tell it from a point, box or polygon, so a mask answer is read
+as such only when masks were asked for (``parse(text, kind="mask")``), as keypoints are.
 Several phrases are joined by ``", "``. Keypoints use a JSON-like form with coordinate tokens in
 place of numbers (:func:`render_keypoints` / :func:`parse_keypoints`).
 
@@ -32,8 +35,8 @@ IM_END = "<|im_end|>"
 NONE_TEXT = "None"
 SPECIAL_TOKENS = (REF_START, REF_END, BOX_START, BOX_END, IM_END)
 
-Kind = Literal["box", "point", "polygon", "none"]
-KINDS: tuple[str, ...] = ("box", "point", "polygon", "none")
+Kind = Literal["box", "point", "polygon", "mask", "none"]
+KINDS: tuple[str, ...] = ("box", "point", "polygon", "mask", "none")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,15 @@ class Parsed(list):
         super().__init__(preds)
         self.unreadable = unreadable
         self.errors = errors or []
+
+
+def check_kind(values, kind: str) -> None:
+    """Raise ``ValueError`` unless ``values`` (one instance) can be a ``kind``: a mask is any
+    number >= 1 of (x, y) points, the others as :func:`kind_of` says."""
+    n = len(values)
+    ok = n >= 2 and n % 2 == 0 if kind == "mask" else kind_of(n) == kind
+    if not ok:
+        raise ValueError(f"instance {tuple(values)} has {n} values, not a {kind}")
 
 
 def kind_of(num_values: int) -> Kind:
@@ -158,10 +170,10 @@ def render_prediction(pred: Prediction, write=render_instance) -> str:
         if not pred.coords:
             raise ValueError(f"phrase {pred.phrase!r}: kind {pred.kind!r} needs at least one instance (use kind 'none')")
         for inst in pred.coords:
-            if kind_of(len(inst)) != pred.kind:
-                raise ValueError(
-                    f"phrase {pred.phrase!r}: instance {tuple(inst)} has {len(inst)} values, not a {pred.kind}"
-                )
+            try:
+                check_kind(inst, pred.kind)
+            except ValueError as exc:
+                raise ValueError(f"phrase {pred.phrase!r}: {exc}") from None
         body = ",".join(write(inst) for inst in pred.coords)
     return f"{REF_START}{pred.phrase.strip()}{REF_END}{BOX_START}{body}{BOX_END}"
 
@@ -208,8 +220,9 @@ class Deleted(ValueError):
     not written, so neither a prediction nor an unreadable fragment."""
 
 
-def _parse_coords(phrase: str, body: str, out: list, errors: list[str], read=read_bins) -> int:
-    """Parse one COORDS body into ``out``; return the number of unreadable instances."""
+def _parse_coords(phrase: str, body: str, out: list, errors: list[str], read=read_bins, kind: str | None = None) -> int:
+    """Parse one COORDS body into ``out``; return the number of unreadable instances. ``kind``:
+    every instance is one (``"mask"``: any number of points), else each is what its count says."""
     body = body.strip()
     if body == NONE_TEXT:
         out.append(Prediction(phrase, "none", ()))
@@ -230,12 +243,16 @@ def _parse_coords(phrase: str, body: str, out: list, errors: list[str], read=rea
             _note(errors, f"{phrase!r}: {exc}")
             continue
         try:
-            kind = kind_of(len(values))
+            if kind is None:
+                this = kind_of(len(values))
+            else:
+                check_kind(values, kind)
+                this = kind
         except ValueError:
             bad += 1
-            _note(errors, f"{phrase!r}: {len(values)} coordinates form no point, box or polygon")
+            _note(errors, f"{phrase!r}: {len(values)} coordinates form no {kind or 'point, box or polygon'}")
             continue
-        by_kind.setdefault(kind, []).append(tuple(values))
+        by_kind.setdefault(this, []).append(tuple(values))
     # A phrase whose instances mix kinds (a box and a point) becomes one Prediction per kind, in
     # order of first appearance: nothing the model wrote is lost, and each keeps a single kind.
     for kind, insts in by_kind.items():
@@ -243,9 +260,11 @@ def _parse_coords(phrase: str, body: str, out: list, errors: list[str], read=rea
     return bad
 
 
-def parse(text, read=read_bins) -> Parsed:
+def parse(text, read=read_bins, kind: str | None = None) -> Parsed:
     """Read a model answer into predictions. Text after ``<|im_end|>`` is ignored. ``read``
     turns one instance's text into its values or raises ``ValueError`` (the bins by default).
+    ``kind="mask"`` reads every instance as a mask (a set of points: the question asked for
+    masks); by default an instance's value count says its kind.
 
     Never raises: any input, including non-strings, yields a :class:`Parsed` (possibly empty)
     whose ``unreadable`` counts the fragments that could not be read.
@@ -269,7 +288,7 @@ def parse(text, read=read_bins) -> Parsed:
                 unreadable += 1
                 _note(errors, f"bad phrase {m.group(1)[:40]!r}")
                 continue
-            unreadable += _parse_coords(phrase, m.group(2), preds, errors, read)
+            unreadable += _parse_coords(phrase, m.group(2), preds, errors, read, kind)
         tail = text[pos:]
         if tail.strip(" ,\n\t"):
             # Most often a phrase cut off by the token limit.

@@ -108,6 +108,10 @@ def _rewards_and_valid(scores: list[list[dict]]):
     return torch_tensor([s["reward"] for s in flat]), torch.tensor([not s.get("failed") for s in flat])
 
 
+# A group reward spread below this is noise in the IoU, not a better answer (groups/small_std_fraction).
+SMALL_GROUP_STD = 0.02
+
+
 @contextmanager
 def timed(times: dict, name: str):
     t0 = time.perf_counter()
@@ -261,7 +265,8 @@ class Trainer:
         # 3. group-normalised advantages
         scores = [g["scores"] for g in groups]
         rewards, valid = _rewards_and_valid(scores)
-        adv = group_advantages(rewards, G, valid=valid)  # failed scores are out of the group statistics
+        # failed scores are out of the group statistics
+        adv = group_advantages(rewards, G, valid=valid, scale=self.cfg.learner.advantage_scaling)
         items = self._learner_items(groups, adv, valid)
         # 4. reference log-probs of the sampled tokens (the only extra forward; none without KL).
         #    The "old" policy is the learner's weights before this update: its training forward gives them.
@@ -364,6 +369,11 @@ class Trainer:
         rewards = torch_tensor([s["reward"] for s in flat])
         lens = [len(a["token_ids"]) for grp in answers for a in grp]
         tokens = max(sum(m["tokens"] for m in learn), 1)
+        from rlsys.algorithm import group_reward_std
+
+        G = self.cfg.rollout.samples_per_prompt
+        group_r, group_valid = _rewards_and_valid(scores)
+        std = group_reward_std(group_r, G, valid=group_valid)
         stale = Counter()
         for g in groups:
             stale[g["staleness"]] += len(g["answers"])
@@ -383,6 +393,12 @@ class Trainer:
             # which reward scored each answer (box_iou, point_in_mask, point_in_box_fallback, ...)
             **{f"reward/kind/{k}": n for k, n in sorted(Counter(s["kind"] for s in flat).items())},
             "groups/zero_std_fraction": signal["zero_std_groups"] / max(signal["drawn_groups"], 1),
+            # groups with a spread below 0.02 (IoU noise): with advantage_scaling group_std their
+            # answers still get advantages of +-1, the size of a real difference
+            "groups/small_std_fraction": float(((std > 0) & (std < SMALL_GROUP_STD)).float().mean()) if len(std) else 0.0,
+            "groups/reward_std_mean": float(std.mean()) if len(std) else 0.0,
+            "learner/grad_norm": learn[0].get("grad_norm", 0.0),
+            "learner/lr": learn[0].get("lr", 0.0),
             "answer/length_tokens": sum(lens) / len(lens),
             # The engine's and the learner's log-probs of the same sampled tokens, on answers made
             # by the learner's current weights, should agree; a growing gap means the learner
@@ -535,6 +551,7 @@ def run(cfg: GRPOConfig) -> dict:
                     "the redone ones", wandb_last, trainer.step_no, trainer.step_no + 1, wandb_last)
     metrics: dict = {}
     recent: deque[float] = deque(maxlen=5)  # step times, for the time left
+    label = f"{cfg.run.progress_label} " if cfg.run.progress_label else ""
     try:
         while trainer.step_no < cfg.run.steps:
             metrics = trainer.step()
@@ -546,7 +563,7 @@ def run(cfg: GRPOConfig) -> dict:
             recent.append(t["step"])
             left_s = (cfg.run.steps - s) * sum(recent) / len(recent)
             stale = f" staleness {metrics['rollout/staleness_mean']:.2f}" if cfg.run.max_staleness_steps else ""
-            print(f"step {s}/{cfg.run.steps} reward {metrics['reward/mean']:.3f} kl {metrics['learner/kl']:.4f} "
+            print(f"{label}step {s}/{cfg.run.steps} reward {metrics['reward/mean']:.3f} kl {metrics['learner/kl']:.4f} "
                   f"len {metrics['answer/length_tokens']:.1f}{stale} | {t['step']:.1f} s/step, {left_s / 60:.1f} min left | "
                   + " ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "step"), flush=True)
             log_payload = dict(metrics)

@@ -70,6 +70,8 @@ def _synthetic(data: DataConfig, out_dir, split: str) -> Path:
               "one_kind_per_scene": data.synthetic_one_kind_per_scene,
               # only the tasks the run trains on: every image is used (detection twice as often by default)
               "tasks": list(data.tasks) if data.tasks else list(synthetic.TASK_MIX)}
+    if data.synthetic_mask_fraction:  # only when used: the stamps of data made before it stay valid
+        params["mask_fraction"] = data.synthetic_mask_fraction
     # The parameters are stamped next to the data: a run with other settings regenerates it
     # instead of silently training on the old set.
     stamp = d / f"{split}.params.json"
@@ -114,9 +116,20 @@ def check_phrases(samples, tokenizer) -> None:
 
 
 def check_targets(samples, vocabulary) -> None:
-    """Every sample can be asked and answered in ``vocabulary``, checked before Ray starts: for
-    chatrex each needs proposals, a box output, and a proposal of IoU >= 0.5 for every GT box
-    (else its answer cannot name it). The first that cannot raises ``ConfigError`` naming it."""
+    """Every sample can be asked and answered in ``vocabulary``, checked before Ray starts: a
+    mask output needs a vocabulary that writes masks (getok); for chatrex each needs proposals,
+    a box output, and a proposal of IoU >= 0.5 for every GT box (else its answer cannot name
+    it). The first that cannot raises ``ConfigError`` naming it."""
+    from rlsys.vocab import check_writes_masks
+
+    masks = [s for s in samples if s.output == "mask"]
+    if masks:
+        try:
+            check_writes_masks(vocabulary)
+        except ValueError as exc:
+            first = masks[0]
+            raise ConfigError(f"{len(masks)} sample(s) ask for masks (first: {first.id!r} at {first.source}): {exc}; set "
+                              "model.vocabulary=getok or leave mask samples out of the data") from None
     if vocabulary.name != "chatrex":
         return  # the other vocabularies write any valid record's geometry
     from rlsys.targets import answer_text
@@ -128,11 +141,49 @@ def check_targets(samples, vocabulary) -> None:
             raise ConfigError(f"model.vocabulary=chatrex: sample {s.id!r} ({s.source}): {exc}") from None
 
 
+def scorer_mask_decoder(scorer: str) -> str | None:
+    """The mask decoder ``reward.scorer`` (``module:function``) decodes mask answers with: its
+    ``mask_decoder`` attribute (:mod:`rewards.scorer`), ``"sam"``, ``"grid_cells"``, None for
+    one that decodes nothing, ``"unknown"`` for a scorer that does not say."""
+    import importlib
+
+    module, _, fn = scorer.partition(":")
+    try:
+        f = getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"reward.scorer {scorer}: cannot import it ({exc})") from None
+    return getattr(f, "mask_decoder", "unknown")
+
+
+def mask_decoding(reward) -> tuple[str, object | None]:
+    """``(decoder, mask_source)`` that turns mask answers into masks for evaluation, the one the
+    config's reward decodes with: ``reward.scorer``'s decoder (``grid_cells``: no mask source;
+    ``sam``: a :class:`rewards.sam.SamMaskSource` of ``reward.sam_checkpoint``), SAM when the
+    scorer decodes nothing itself and a SAM checkpoint is set. Otherwise ``ConfigError``: the
+    mask IoU metric is not computed by a decoder nobody chose."""
+    dec = scorer_mask_decoder(reward.scorer)
+    if dec == "grid_cells":
+        return "grid_cells", None
+    if reward.sam_checkpoint:
+        from rewards.sam import SamMaskSource
+
+        return "sam", SamMaskSource(reward.sam_checkpoint)
+    raise ConfigError(f"mask answers need a decoder for the mask IoU metric, and reward.scorer {reward.scorer} "
+                      f"({'SAM' if dec == 'sam' else 'no decoder of its own'}) has none without reward.sam_checkpoint: "
+                      "set reward.sam_checkpoint to a local SAM checkpoint, or choose the SAM-free grid-cell decoder "
+                      "with reward.scorer=rewards.scorer:score_cell_masks")
+
+
 def check_point_masks(samples, reward) -> int:
     """Pointing samples whose reward needs masks they lack (point output, any task but gui; the
     scorer's rule): with no ``reward.sam_checkpoint`` to make them, the scorer falls back to
     point-in-box. Refused (``ConfigError`` naming the count and the first sample) unless
-    ``reward.points_without_masks`` is ``box``; returns how many there are."""
+    ``reward.points_without_masks`` is ``box``; returns how many there are.
+
+    Also the masks a mask output's reward needs: a scorer that decodes mask answers with SAM
+    (``reward.scorer``'s ``mask_decoder``, e.g. the default) without ``reward.sam_checkpoint``
+    is refused, naming the SAM-free and decoder-free scorers."""
+    _check_mask_decoder(samples, reward)
     lacking = [s for s in samples if s.output == "point" and s.task != "gui" and any(i.mask is None for i in s.instances)]
     if not lacking or reward.sam_checkpoint:
         return len(lacking) if not reward.sam_checkpoint else 0
@@ -146,6 +197,19 @@ def check_point_masks(samples, reward) -> int:
     log.warning("%d pointing samples have no masks and no SAM checkpoint is set: they are scored point-in-box "
                 "(reward.points_without_masks=box; counted per step as reward/kind/point_in_box_fallback)", len(lacking))
     return len(lacking)
+
+
+def _check_mask_decoder(samples, reward) -> None:
+    masks = [s for s in samples if s.output == "mask"]
+    if not masks or reward.sam_checkpoint or scorer_mask_decoder(reward.scorer) != "sam":
+        return
+    first = masks[0]
+    raise ConfigError(
+        f"{len(masks)} sample(s) ask for masks (first: {first.id!r} at {first.source}) and reward.scorer "
+        f"{reward.scorer} decodes mask answers with SAM, but reward.sam_checkpoint is not set. Set it to a local SAM "
+        "checkpoint, or choose by name: rewards.scorer:score_cell_masks (mask IoU, SAM-free: the union of the "
+        "points' grid cells), rewards.scorer:score_getok_mask_points (the point-set reward, nothing decoded), "
+        "rewards.scorer:score_getok_grid_stage_cell_masks")
 
 
 def image_tokens(processor, width: int, height: int) -> tuple[int, int, int]:

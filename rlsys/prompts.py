@@ -71,14 +71,28 @@ TEMPLATES: dict[tuple[str, str], tuple[str, ...]] = {
     ),
 }
 
+# Masks written as sets of grid points (GETok; model.vocabulary getok). Kept apart from TEMPLATES,
+# whose text the tiny model's BPE is trained on (rlsys.models._training_corpus): adding these there
+# would change the merges, and so the token ids, of every tiny model built after, mask runs or not.
+MASK_TEMPLATES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("detection", "mask"): (
+        "Segment {phrases}. Output each mask as a set of points.",
+        "Please segment every {phrases} in this image and answer with the points of each mask.",
+    ),
+    ("referring", "mask"): (
+        "Segment {phrases}. Output its mask as a set of points.",
+        "Find the object described as: {phrases}. Return its mask as points.",
+    ),
+}
+
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 def templates_for(task: str, output: str) -> tuple[str, ...]:
     try:
-        return TEMPLATES[(task, output)]
+        return TEMPLATES.get((task, output)) or MASK_TEMPLATES[(task, output)]
     except KeyError:
-        known = ", ".join(f"{t}/{o}" for t, o in TEMPLATES)
+        known = ", ".join(f"{t}/{o}" for t, o in [*TEMPLATES, *MASK_TEMPLATES])
         raise ValueError(f"no prompt template for task {task!r} with output {output!r}; known: {known}") from None
 
 

@@ -77,6 +77,7 @@ def train_loop(config: dict) -> None:
 
     cfg = SFTConfig.model_validate(config["cfg"])
     tr = cfg.train
+    label = f"{cfg.run.progress_label} " if cfg.run.progress_label else ""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(tr.seed + rank)
@@ -151,7 +152,7 @@ def train_loop(config: dict) -> None:
                 left_min = (tr.steps - done) * m["sft/s_per_step"] / 60
                 # to the process's own stdout: Ray Train routes a plain print through its logger
                 # and, while W&B wraps sys.stdout, also through W&B's copy: every line came twice
-                print(f"sft step {done}/{tr.steps} loss {total:.4f} ({m['sft/s_per_step']:.2f} s/step, {left_min:.1f} min left)",
+                print(f"{label}sft step {done}/{tr.steps} loss {total:.4f} ({m['sft/s_per_step']:.2f} s/step, {left_min:.1f} min left)",
                       file=sys.__stdout__, flush=True)
             if tracker:
                 tracker.log(m, step=done)

@@ -11,6 +11,11 @@ Two kinds of image:
 It writes the formats a real dataset uses: ``<split>.jsonl`` in :mod:`rlsys.data`'s schema and,
 for the shape scenes, a COCO instances JSON (``<split>_coco.json``) with RLE segmentations,
 so both loaders are exercised by the same data.
+
+Masks: ``mask_fraction`` asks a share of the detection and referring samples for their objects'
+masks instead of boxes (output ``mask``: GETok's masks as sets of grid points, for
+``model.vocabulary=getok``); drawn from a stream of its own, so the images, tasks and every other
+sample of a seed stay what they were without it.
 """
 
 from __future__ import annotations
@@ -214,18 +219,26 @@ def paint_position_ramp(img, levels: int):
     return Image.fromarray(np.rint(arr).clip(0, 255).astype(np.uint8))
 
 
+MASK_TASKS = ("detection", "referring")  # the synthetic tasks that may ask for masks
+
+
 def generate(out_dir, *, num_images: int, seed: int, split: str = "train", image_size: int = 224,
              max_objects: int = 6, tasks=TASK_MIX, position_ramp_levels: int = 0,
-             one_kind_per_scene: bool = False) -> Path:
+             one_kind_per_scene: bool = False, mask_fraction: float = 0.0) -> Path:
     """Write ``num_images`` images and ``<split>.jsonl`` (+ ``<split>_coco.json``) to ``out_dir``.
 
     Each image yields one sample of a task drawn from ``tasks``. Same seed, same bytes.
     ``position_ramp_levels > 0`` paints positions into every image (:func:`paint_position_ramp`).
     ``one_kind_per_scene``: all shapes of a scene are of one kind (:func:`_shape_scene`).
+    ``mask_fraction``: the share of detection and referring samples whose output is ``mask``
+    (their objects' masks, for GETok), drawn per sample from its own seeded stream.
     """
     unknown = sorted(set(tasks) - set(TASK_MIX))
     if unknown:
         raise ValueError(f"synthetic data has no task {unknown}; it makes {sorted(set(TASK_MIX))}")
+    if not 0.0 <= mask_fraction <= 1.0:
+        raise ValueError(f"mask_fraction must be in [0, 1], got {mask_fraction}")
+    mask_rng = random.Random(f"{seed}-{split}-masks")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{seed}-{split}")
@@ -244,6 +257,8 @@ def generate(out_dir, *, num_images: int, seed: int, split: str = "train", image
             if task == "keypoint" and not any(o["shape"] == "triangle" for o in objects):
                 task = "detection"
             samples.append(_shape_samples(rng, name, image_size, objects, task))
+            if mask_fraction and task in MASK_TASKS and mask_rng.random() < mask_fraction:
+                samples[-1].output = "mask"  # every instance of these tasks carries its mask
             coco["images"].append({"id": i + 1, "file_name": name, "width": image_size, "height": image_size})
             for o in objects:
                 x0, y0, x1, y1 = o["box"]
@@ -275,11 +290,13 @@ def main(argv=None) -> int:
     p.add_argument("--position-ramp", type=int, default=0, help="paint positions into the pixels (levels; 0: off)")
     p.add_argument("--max-objects", type=int, default=6, help="most shapes in one scene")
     p.add_argument("--one-kind-per-scene", action="store_true", help="all shapes of a scene are of one kind")
+    p.add_argument("--mask-fraction", type=float, default=0.0,
+                   help="share of detection and referring samples asking for masks (output mask; for model.vocabulary=getok)")
     a = p.parse_args(argv)
     for split, n in (("train", a.train_images), ("val", a.val_images)):
         print(generate(a.out, num_images=n, seed=a.seed, split=split, image_size=a.image_size,
                        max_objects=a.max_objects, position_ramp_levels=a.position_ramp,
-                       one_kind_per_scene=a.one_kind_per_scene))
+                       one_kind_per_scene=a.one_kind_per_scene, mask_fraction=a.mask_fraction))
     return 0
 
 

@@ -4,7 +4,7 @@ Each call draws a fresh question for a sample: a random template, for detection 
 of 1..N of the image's phrases (plus, sometimes, an absent category whose answer is ``None``),
 for visual prompts a random 1..N of a category's boxes. The answer is the sample's geometry in
 pixels, written by the vocabulary (:mod:`rlsys.vocab`; Rex-Omni's bins by default, boxes sorted
-by x0 as in section 2.3).
+by x0 as in section 2.3); a mask is written as the grid points of GETok's greedy conversion.
 """
 
 from __future__ import annotations
@@ -38,10 +38,25 @@ def answer_text(sample, vocabulary=REX_BINS) -> str:
             geo = [tuple(i.box) for i in insts]
         elif sample.output == "point":
             geo = [tuple(i.point if i.point is not None else _box_centre(i.box)) for i in insts]
+        elif sample.output == "mask":
+            geo = [mask_points(i.mask, w, h, vocabulary) for i in insts]
         else:  # polygon
             geo = [tuple(i.polygon) for i in insts]
         preds.append(Prediction(phrase, sample.output, tuple(geo)))
     return vocabulary.render(preds, w, h)
+
+
+def mask_points(mask, width: int, height: int, vocabulary) -> tuple[float, ...]:
+    """A GT mask (COCO RLE or ``H x W`` array) as the flat grid points that write it in
+    ``vocabulary`` (:func:`rewards.mask.mask_to_grid_points` on its grid; the cell footprint,
+    i.e. the SAM-free decoder's). A vocabulary without masks is refused, naming it."""
+    from rewards.geometry import decode_masks
+    from rewards.mask import mask_to_grid_points
+    from rlsys.vocab import check_writes_masks
+
+    check_writes_masks(vocabulary)
+    m = decode_masks([mask], height, width, "mask")[0]
+    return tuple(v for xy in mask_to_grid_points(m, vocabulary.grid) for v in xy)
 
 
 def _box_centre(box):

@@ -55,6 +55,9 @@ def draw_predictions(sample, text: str, label: str | None = None, vocabulary=Non
             d.rectangle(c, outline=(230, 0, 0), width=1)
         elif kind == "point":
             d.ellipse([c[0] - 3, c[1] - 3, c[0] + 3, c[1] + 3], fill=(230, 0, 0))
+        elif kind == "mask":  # GETok's mask answer: its set of points
+            for x, y in zip(c[0::2], c[1::2]):
+                d.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=(230, 0, 0))
     if label:
         d.text((3, 3), label, fill=(0, 0, 0))
     return img

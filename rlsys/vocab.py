@@ -13,6 +13,10 @@ metrics, Serve's JSON) works in the sample image's pixels, so a vocabulary only 
   image's pixels), in reading order: the paper's duplicate test reads runs of written values.
 - ``render_keypoints`` / ``parse_keypoints``: the same for keypoint instances (the list has
   ``written`` too: each instance's box as written).
+- ``parse_masks(text, width, height)``: an answer to a mask question, each instance read as a
+  mask written as a set of points (kind ``"mask"``; ``render`` writes such predictions). Only
+  ``getok`` writes masks (:data:`MASK_VOCABULARIES`); the others refuse to render them and
+  read every mask answer as unreadable.
 - ``prompt_boxes(boxes, width, height)``: visual-prompt boxes written in the vocabulary, so the
   model reads boxes in the language it writes them.
 - ``question_hint(output)``: wording appended to the task's question ("" for none).
@@ -64,6 +68,7 @@ from rlsys.format import (
     Prediction,
     _check_phrase,
     _note,
+    check_kind,
     kind_of,
     parse as parse_bins,
     parse_keypoints as parse_keypoint_bins,
@@ -75,6 +80,25 @@ from rlsys.format import (
 )
 
 VOCABULARIES = ("rex_bins", "qwen_json", "getok", "chatrex")
+# The vocabularies that write masks (a set of grid points per mask, GETok section 3.2.1); a mask
+# output asked of another is refused when the config and the data are checked.
+MASK_VOCABULARIES = ("getok",)
+
+
+def _no_masks(name: str) -> str:
+    return (f"model.vocabulary {name} cannot write masks (output 'mask'): only "
+            f"{', '.join(MASK_VOCABULARIES)} writes a mask, as a set of grid points")
+
+
+def check_writes_masks(vocabulary) -> None:
+    """Raise ``ValueError`` naming ``vocabulary`` unless it writes masks (:data:`MASK_VOCABULARIES`)."""
+    if vocabulary.name not in MASK_VOCABULARIES:
+        raise ValueError(_no_masks(vocabulary.name))
+
+
+def _refuse_masks(name: str, preds) -> None:
+    if any(p.kind == "mask" for p in preds):
+        raise ValueError(_no_masks(name))
 
 
 def resized_size(width: int, height: int, min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
@@ -113,6 +137,11 @@ def _parsed(preds, unreadable: int, errors: list[str], answered: bool, written) 
     return p
 
 
+def _unread_masks(name: str) -> Parsed:
+    """A mask answer read by a vocabulary that has no masks: one unreadable fragment, why."""
+    return _parsed([], 1, [_no_masks(name)], False, [])
+
+
 class _Instances(list):
     """Keypoint instances in pixels, with ``written``: each one's box as the model wrote it."""
 
@@ -141,6 +170,7 @@ class RexBins:
         return tuple(int(b) for b in coords.encode_xy(c, width, height))
 
     def render(self, preds, width: int, height: int) -> str:
+        _refuse_masks(self.name, preds)
         out = []
         for p in preds:
             if p.kind == "none":
@@ -155,6 +185,9 @@ class RexBins:
         preds = [Prediction(p.phrase, p.kind, tuple(tuple(float(v) for v in coords.decode_xy(c, width, height)) for c in p.coords))
                  for p in b]
         return _parsed(preds, b.unreadable, b.errors, bool(b), [c for p in b for c in p.coords])
+
+    def parse_masks(self, text, width: int, height: int) -> Parsed:
+        return _unread_masks(self.name)
 
     def render_keypoints(self, instances, width: int, height: int) -> str:
         return render_keypoint_bins([KeypointInstance(i.name, self._bins(i.box, width, height),
@@ -236,6 +269,7 @@ class QwenJson:
         return "```json\n" + json.dumps(objs, ensure_ascii=False) + "\n```"
 
     def render(self, preds, width: int, height: int) -> str:
+        _refuse_masks(self.name, preds)
         objs = []
         for p in preds:
             _check_phrase(p.phrase)
@@ -374,6 +408,9 @@ class QwenJson:
         except Exception as exc:  # pragma: no cover - defensive: parse must never take a worker down
             return _parsed([], 1, [f"parser error: {exc!r}"], False, [])
 
+    def parse_masks(self, text, width: int, height: int) -> Parsed:
+        return _unread_masks(self.name)
+
     def render_keypoints(self, instances, width: int, height: int) -> str:
         objs = []
         for i in instances:
@@ -462,6 +499,14 @@ class GETok:
     withdraws that point: a point or box with a withdrawn point is no prediction (not an
     unreadable one either); a polygon loses the vertex, and is withdrawn below 3 vertices.
 
+    Masks (section 3.2.1) are sets of grid points, one instance per mask in the same markup:
+    ``<grid3_4><OFF0_0><grid4_4><OFF0_0>,<grid9_2><OFF0_0>`` is two masks. Targets hold the
+    points :func:`rewards.mask.mask_to_grid_points` picks for the GT mask (rendered like any
+    points); :meth:`parse_masks` reads an answer to a mask question, where every instance is a
+    set of any number of points (a withdrawn point leaves the set; a set of only withdrawn
+    points is no prediction). The paper wraps a mask in ``<seg>...</seg>``; here the question
+    says masks are asked for, as it does for keypoints, so no tokens are added for it.
+
     ``offsets`` says whether targets are rendered with an offset after every grid token (the
     3·grid precision) or grid tokens alone (the paper's first stage); answers are read either
     way. The paper's second RL stage, multi-turn refinement with offsets and ``<DELETE>``, needs
@@ -507,6 +552,23 @@ class GETok:
     def read(self, raw) -> tuple[float, ...]:
         """One instance's tokens -> its points in cells; raises ``ValueError`` (unreadable) or
         :class:`rlsys.format.Deleted` (withdrawn)."""
+        pts, deleted = self._read_points(raw)
+        n = len(pts) // 2 + deleted
+        if deleted and (n < 3 or len(pts) < 6):
+            raise Deleted(f"instance withdrawn with {deleted} <DELETE>")
+        return pts
+
+    def read_mask(self, raw) -> tuple[float, ...]:
+        """One mask instance's tokens -> its set of points in cells: withdrawn points leave the
+        set, and a set of only withdrawn points raises :class:`rlsys.format.Deleted`."""
+        pts, deleted = self._read_points(raw)
+        if not pts:
+            raise Deleted(f"mask withdrawn with {deleted} <DELETE>")
+        return pts
+
+    def _read_points(self, raw) -> tuple[tuple[float, ...], int]:
+        """``(points in cells, withdrawn count)`` of one instance; ``ValueError`` if unreadable
+        or empty."""
         if not isinstance(raw, str):
             raise ValueError(f"instance {str(raw)[:40]!r} is not text")
         pos, pts, deleted = 0, [], 0
@@ -526,12 +588,9 @@ class GETok:
             if abs(dx) > 1 or abs(dy) > 1:
                 raise ValueError(f"offset <OFF{dx}_{dy}> is not one of the nine (-1..1 each way)")
             pts += [i + 0.5 + dx / 3, j + 0.5 + dy / 3]
-        n = len(pts) // 2 + deleted
-        if n == 0:
+        if not pts and not deleted:
             raise ValueError("empty instance")
-        if deleted and (n < 3 or len(pts) < 6):
-            raise Deleted(f"instance withdrawn with {deleted} <DELETE>")
-        return tuple(pts)
+        return tuple(pts), deleted
 
     def _pixels(self, c, width, height) -> tuple[float, ...]:
         return tuple(v / self.grid * (width if k % 2 == 0 else height) for k, v in enumerate(c))
@@ -541,8 +600,10 @@ class GETok:
         for p in preds:
             if p.kind != "none":
                 for c in p.coords:
-                    if kind_of(len(c)) != p.kind:
-                        raise ValueError(f"phrase {p.phrase!r}: instance {tuple(c)} has {len(c)} values, not a {p.kind}")
+                    try:
+                        check_kind(c, p.kind)  # a mask: any number of points
+                    except ValueError as exc:
+                        raise ValueError(f"phrase {p.phrase!r}: {exc}") from None
             # boxes left to right, then top to bottom (ordered by their tokens, as the bins are)
             key = (lambda c: (self._token(float(c[0]), width), self._token(float(c[1]), height)))
             out.append(p if p.kind == "none" else Prediction(p.phrase, p.kind, tuple(sorted(p.coords, key=key))))
@@ -552,6 +613,14 @@ class GETok:
         b = parse_bins(text, self.read)
         preds = [Prediction(p.phrase, p.kind, tuple(self._pixels(c, width, height) for c in p.coords)) for p in b]
         # a withdrawn instance still is an answer: text with only withdrawn points is not empty
+        answered = bool(b) or bool(isinstance(text, str) and DELETE in text and not b.unreadable)
+        return _parsed(preds, b.unreadable, b.errors, answered, [c for p in b for c in p.coords])
+
+    def parse_masks(self, text, width: int, height: int) -> Parsed:
+        """An answer to a mask question: every instance a set of points (kind ``"mask"``, flat
+        ``(x0, y0, x1, y1, ...)`` in pixels). Never raises, as :meth:`parse`."""
+        b = parse_bins(text, self.read_mask, kind="mask")
+        preds = [Prediction(p.phrase, p.kind, tuple(self._pixels(c, width, height) for c in p.coords)) for p in b]
         answered = bool(b) or bool(isinstance(text, str) and DELETE in text and not b.unreadable)
         return _parsed(preds, b.unreadable, b.errors, answered, [c for p in b for c in p.coords])
 
@@ -705,6 +774,7 @@ class ChatRex:
 
     def render(self, preds, width: int, height: int) -> str:
         self._props()
+        _refuse_masks(self.name, preds)
         for p in preds:
             if p.kind not in ("box", "none"):
                 raise ValueError(f"phrase {p.phrase!r}: chatrex answers boxes only, not {p.kind}")
@@ -731,6 +801,9 @@ class ChatRex:
         b = parse_bins(text, self.read)
         written = [(self.proposals.index(c),) for p in b for c in p.coords]
         return _parsed(list(b), b.unreadable, b.errors, bool(b), written)
+
+    def parse_masks(self, text, width: int, height: int) -> Parsed:
+        return _unread_masks(self.name)
 
     def render_keypoints(self, instances, width: int, height: int) -> str:
         raise ValueError("chatrex answers boxes only, not keypoints")

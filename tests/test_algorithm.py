@@ -8,6 +8,7 @@ import torch
 
 from rlsys.algorithm import (
     group_advantages,
+    warmup_factor,
     group_reward_std,
     kl_k3,
     masked_mean,
@@ -456,3 +457,27 @@ def test_off_policy_loss_with_the_clip_active():
     assert loss.item() == pytest.approx(-2.4 * math.exp(-0.1))
     assert lp.grad.item() == 0.0 and m["clip_fraction"].item() == 1.0
 
+
+
+def test_group_advantages_without_std_scaling_dr_grpo():
+    # group [0.50, 0.51, 0.49, 0.50]: mean 0.5, unbiased std sqrt(0.0002 / 3) = 0.008165.
+    # Scaled: (0.51 - 0.5) / 0.008165 = +1.2247 -- IoU noise of 0.01 becomes a full-size advantage.
+    # Dr. GRPO: r - mean = +0.01. A constant group is 0 either way.
+    r = torch.tensor([0.50, 0.51, 0.49, 0.50, 0.7, 0.7, 0.7, 0.7])
+    scaled = group_advantages(r, 4)
+    plain = group_advantages(r, 4, scale="none")
+    assert scaled[:4].tolist() == pytest.approx([0.0, 1.2247, -1.2247, 0.0], abs=1e-3)
+    assert plain.tolist() == pytest.approx([0.0, 0.01, -0.01, 0.0, 0.0, 0.0, 0.0, 0.0], abs=1e-6)
+    # invalid members stay out of the statistics and get 0, as with scaling
+    v = torch.tensor([True, True, True, False] * 2)
+    assert group_advantages(r, 4, valid=v, scale="none")[:4].tolist() == pytest.approx([0.0, 0.01, -0.01, 0.0], abs=1e-6)
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(r, 4, scale="batch")
+
+
+def test_warmup_factor_is_linear_then_constant():
+    # 4 warm-up steps: updates 0..3 at 1/4, 2/4, 3/4, 4/4 of the lr; then 1.
+    assert [warmup_factor(k, 4) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
+    with pytest.raises(ValueError):
+        warmup_factor(-1, 4)

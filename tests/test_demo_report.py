@@ -4,12 +4,14 @@ from metrics dicts as rlsys.eval writes them)."""
 import pytest
 
 from rlsys.config import ConfigError
-from rlsys.demo import DEMO_GRPO_CONFIG, DEMO_SFT_CONFIGS, _plot, main, plan, report
+from rlsys.demo import DEMO_GRPO_CONFIG, DEMO_SFT_CONFIGS, _plot, main, plan, report, smooth
 
 
 def test_plan_chains_the_sft_stages_into_grpo(tmp_path):
-    stages, grpo = plan(tmp_path, DEMO_SFT_CONFIGS, ["tracking.mode=disabled"], DEMO_GRPO_CONFIG, ["run.steps=3"])
+    stages, runs = plan(tmp_path, DEMO_SFT_CONFIGS, ["tracking.mode=disabled"], DEMO_GRPO_CONFIG, ["run.steps=3", "run.seed=9"],
+                        seeds=[4, 0])
     one, two = stages
+    grpo = runs[0]
     assert one.run.out_dir == str(tmp_path / "sft1") and one.model.path is None  # stage 1: random weights
     assert one.data.synthetic_max_objects == 1
     assert two.run.out_dir == str(tmp_path / "sft2") and two.model.path == str(tmp_path / "sft1" / "final")
@@ -17,7 +19,14 @@ def test_plan_chains_the_sft_stages_into_grpo(tmp_path):
     assert {s.tracking.mode for s in stages} == {"disabled"}  # --sft overrides reach every stage
     assert grpo.run.init_checkpoint == str(tmp_path / "sft2" / "final")
     assert grpo.data.train == str(tmp_path / "sft2" / "data" / "train.jsonl")
-    assert grpo.run.steps == 3 and grpo.run.out_dir == str(tmp_path / "grpo")
+    assert grpo.run.steps == 3 and grpo.run.out_dir == str(tmp_path / "grpo_seed4")
+    # one GRPO run per seed, the seeds winning over an override, each stage labelled for its progress lines
+    assert [(r.run.seed, r.run.out_dir) for r in runs] == [(4, str(tmp_path / "grpo_seed4")), (0, str(tmp_path / "grpo_seed0"))]
+    assert runs[1].run.init_checkpoint == grpo.run.init_checkpoint and runs[1].run.steps == 3
+    assert [s.run.progress_label for s in stages] == ["[demo 1/4 sft1]", "[demo 2/4 sft2]"]
+    assert [r.run.progress_label for r in runs] == ["[demo 3/4 grpo seed 4]", "[demo 4/4 grpo seed 0]"]
+    with pytest.raises(ConfigError, match="distinct"):
+        plan(tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, [], seeds=[1, 1])
     # GRPO's own synthetic settings (used when it runs alone) describe the same scenes as stage 2
     for key in ("synthetic_image_size_px", "synthetic_max_objects", "synthetic_one_kind_per_scene",
                 "synthetic_position_ramp_levels", "tasks"):
@@ -42,25 +51,41 @@ def _metrics(f1, dup, reward):
             "mean_reward": reward}
 
 
-def test_report_table_change_column_and_curves(tmp_path):
-    sft, grpo = _metrics(0.40, 0.20, 0.30), _metrics(0.45, 0.05, 0.41)
-    steps = [{"step": 1, "reward/mean": 0.3}, {"step": 2, "reward/mean": 0.35}]
-    f1_points = [(0, 0.40), (2, 0.45)]
-    _plot(steps, f1_points, tmp_path)
-    text = report(sft, grpo, steps, f1_points, tmp_path, ["python -m rlsys.demo --out X"])
+def test_smooth_is_a_trailing_mean():
+    # window 2: [1], [1, 3], [3, 5], [5, 7] -> 1, 2, 4, 6
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert smooth([2.0, 4.0], 10) == [2.0, 3.0]
+    with pytest.raises(ValueError):
+        smooth([1.0], 0)
+
+
+def test_report_table_seed_columns_intervals_and_curves(tmp_path):
+    sft = _metrics(0.40, 0.20, 0.30)
+    grpo = [_metrics(0.45, 0.05, 0.41), _metrics(0.41, 0.10, 0.35)]
+    steps = {0: [{"step": 1, "reward/mean": 0.3}, {"step": 2, "reward/mean": 0.35}],
+             1: [{"step": 1, "reward/mean": 0.2}, {"step": 2, "reward/mean": 0.4}]}
+    f1 = {0: [(0, 0.40), (2, 0.45)], 1: [(0, 0.40), (2, 0.41)]}
+    intervals = {"box F1@mIoU": {"base": 0.40, "change": 0.03, "lo": 0.01, "hi": 0.05, "excludes_zero": True,
+                                 "n_resamples": 500, "per_run": [{"change": 0.05, "lo": 0.02, "hi": 0.08},
+                                                                 {"change": 0.01, "lo": -0.02, "hi": 0.04}]},
+                 "too few boxes": {"base": 0.0, "change": 0.0, "lo": -0.01, "hi": 0.01, "excludes_zero": False,
+                                   "n_resamples": 500, "per_run": [{"change": 0.0, "lo": -0.01, "hi": 0.01}] * 2}}
+    _plot(steps, f1, tmp_path, window=2)
+    text = report(sft, grpo, steps, f1, tmp_path, ["python -m rlsys.demo --out X"], intervals, window=2)
     lines = text.splitlines()
-    # values in percent, change = GRPO - SFT
-    assert "| F1@mIoU | 40.0 | 45.0 | +5.0 |" in lines
-    assert "| F1@0.50 | 50.0 | 55.0 | +5.0 |" in lines
-    assert "| R@0.50 | 60.0 | 65.0 | +5.0 |" in lines and "| P@0.50 | 40.0 | 45.0 | +5.0 |" in lines
-    assert "| duplicate rate (%) | 20.0 | 5.0 | -15.0 |" in lines
-    assert "| mean reward (x100) | 30.0 | 41.0 | +11.0 |" in lines
-    assert "| too many boxes (%) | 30.0 | 45.0 | +15.0 |" in lines
-    assert "| detection: F1@mIoU | 20.0 | 22.5 | +2.5 |" in lines
-    assert "| referring: F1@0.50 | 80.0 | 90.0 | +10.0 |" in lines
-    assert "| referring: right box count (%) | 100.0 | 100.0 | +0.0 |" in lines
-    assert "| pointing F1 | 30.0 | 30.0 | +0.0 |" in lines
-    assert "F1@mIoU over GRPO steps: step 0: 40.0, step 2: 45.0" in text
+    # percent; mean over seeds, their range, mean change, each seed's change
+    assert "| F1@mIoU | 40.0 | 43.0 | 41.0 .. 45.0 | +3.0 | +5.0 +1.0 |" in lines
+    assert "| F1@0.50 | 50.0 | 53.0 | 51.0 .. 55.0 | +3.0 | +5.0 +1.0 |" in lines
+    assert "| duplicate rate (%) | 20.0 | 7.5 | 5.0 .. 10.0 | -12.5 | -15.0 -10.0 |" in lines
+    assert "| mean reward (x100) | 30.0 | 38.0 | 35.0 .. 41.0 | +8.0 | +11.0 +5.0 |" in lines
+    assert "| referring: F1@0.50 | 80.0 | 86.0 | 82.0 .. 90.0 | +6.0 | +10.0 +2.0 |" in lines
+    assert "| pointing F1 | 30.0 | 30.0 | 30.0 .. 30.0 | +0.0 | +0.0 +0.0 |" in lines
+    assert ("| box F1@mIoU | 40.0 | +3.0 | [+1.0, +5.0] | +5.0 [+2.0, +8.0] +1.0 [-2.0, +4.0] | "
+            "yes: the interval excludes 0 |") in lines
+    assert "| too few boxes | 0.0 | +0.0 | [-1.0, +1.0] | +0.0 [-1.0, +1.0] +0.0 [-1.0, +1.0] | no: within noise |" in lines
+    # the smoothed training reward (window 2) and the F1 curve, per seed
+    assert "- seed 0: step 2: 0.325" in lines and "- seed 1: step 2: 0.300" in lines
+    assert "- seed 1: step 0: 40.0, step 2: 41.0" in lines
     assert "    python -m rlsys.demo --out X" in lines
     assert (tmp_path / "report.md").read_text() == text + "\n"
     for png in ("reward_curve.png", "f1_over_steps.png"):
@@ -70,5 +95,39 @@ def test_report_table_change_column_and_curves(tmp_path):
 def test_report_leaves_out_rows_a_run_did_not_measure(tmp_path):
     sft, grpo = _metrics(0.4, 0.2, 0.3), _metrics(0.4, 0.2, 0.3)
     del sft["gui"], grpo["gui"]
-    text = report(sft, grpo, [], [(0, 0.4)], tmp_path, [])
-    assert "GUI accuracy" not in text and "| F1@mIoU |" in text
+    text = report(sft, [grpo], {}, {}, tmp_path, [])
+    assert "GUI accuracy" not in text and "| F1@mIoU |" in text and "more than noise" not in text
+
+
+def test_intervals_from_eval_predictions_match_the_metrics_and_refuse_other_samples(tmp_path):
+    """rlsys.demo.intervals_for reads the evals' predictions.jsonl: with unit weights its figures
+    are compute_metrics'; predictions of other samples (a stale eval folder) are refused by path."""
+    import json
+
+    from rlsys.data import Instance, Sample
+    from rlsys.demo import intervals_for
+    from rlsys.eval import compute_metrics
+    from rlsys.vocab import REX_BINS
+
+    def seg(body):
+        return f"<|object_ref_start|>cat<|object_ref_end|><|box_start|>{body}<|box_end|>"
+
+    samples = [Sample(f"s{k}", f"img{k}.png", 999, 999, "detection", ["cat"], [Instance("cat", box=(0, 0, 500, 500))], "box")
+               for k in range(4)]
+    sft = [seg("<0><0><500><500>"), seg("<0><0><500><250>"), seg("<600><600><900><900>"), seg("<0><0><500><500>")]
+    grpo = [seg("<0><0><500><500>")] * 4
+
+    def write(name, answers):
+        p = tmp_path / name
+        p.write_text("".join(json.dumps({"id": s.id, "answer": a}) + "\n" for s, a in zip(samples, answers)))
+        return p
+
+    iv = intervals_for(write("sft.jsonl", sft), [write("grpo.jsonl", grpo)], samples, REX_BINS, n_resamples=200)
+    for name, key in (("box F1@0.50", "F1@0.50"), ("box F1@mIoU", "F1@mIoU"), ("too few boxes", "under_count_rate")):
+        assert iv[name]["base"] == pytest.approx(compute_metrics(samples, sft)["detection"][key])
+        assert iv[name]["others"][0] == pytest.approx(compute_metrics(samples, grpo)["detection"][key])
+    # SFT: two exact boxes, one at IoU 0.5 exactly (counts at 0.50), one far off: F1@0.50 0.75 -> 1.0
+    assert iv["box F1@0.50"]["change"] == pytest.approx(0.25) and iv["box F1@0.50"]["lo"] >= 0.0
+    assert "pointing F1" not in iv  # no pointing samples: no figure
+    with pytest.raises(ValueError, match="not the held-out samples in order"):
+        intervals_for(write("other.jsonl", sft[:3]), [write("g.jsonl", grpo)], samples, REX_BINS)

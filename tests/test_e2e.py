@@ -292,6 +292,35 @@ def test_getok_vocabulary_sft_grpo_and_eval(tmp_path):
     _serve_one_request_in_pixels(init, "getok", tmp_path)
 
 
+def test_getok_masks_sft_grpo_and_eval(tmp_path):
+    """GETok's mask output through every stage on the tiny model: half the referring questions ask
+    for masks, SFT learns their grid-point targets, GRPO scores mask answers in the reward workers
+    (grid-cell decoding, no SAM on a CPU test), and rlsys.eval reports mask F1 beside box F1."""
+    vocab = ["model.vocabulary=getok", "model.getok_grid=16", "model.getok_offsets=false", "tracking.mode=disabled",
+             "data.tasks=[referring]", "data.synthetic_mask_fraction=0.5"]
+    _run(["rlsys.sft", f"run.out_dir={tmp_path / 'sft'}", "train.steps=150", "train.log_every_steps=50",
+          "train.checkpoint_every_steps=150", "data.synthetic_train_images=400", *vocab], 900, tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "sft" / "data" / "train.jsonl").read_text().splitlines()]
+    outputs = {r["output"] for r in rows}
+    assert outputs == {"box", "mask"}, outputs
+    init = tmp_path / "sft" / "final"
+    out = tmp_path / "grpo"
+    _run(["rlsys.grpo", f"run.out_dir={out}", f"run.init_checkpoint={init}", "run.steps=2", "run.prompts_per_step=4",
+          "rollout.max_new_tokens=64", "run.dynamic_sampling=false", "reward.scorer=rewards.scorer:score_cell_masks",
+          f"data.train={tmp_path / 'sft' / 'data' / 'train.jsonl'}", *vocab], 900, tmp_path)
+    records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
+    kinds = [{k: v for k, v in r.items() if k.startswith("reward/kind/")} for r in records]
+    # every answer scored; over two steps of 4 prompts x 4 answers some questions asked for masks
+    assert all(sum(k.values()) == 16 for k in kinds), kinds
+    assert sum(k.get("reward/kind/mask_iou_grid_cells", 0) for k in kinds) > 0, kinds
+    _run(["rlsys.eval", "--checkpoint", str(init), "--data", str(tmp_path / "sft" / "data" / "train.jsonl"),
+          "--out", str(tmp_path / "eval"), "--limit", "16", "--max-new-tokens", "64",
+          "reward.scorer=rewards.scorer:score_cell_masks", *vocab[:3]], 600, tmp_path)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["mask"]["decoder"] == "grid_cells" and metrics["mask"]["num_images"] > 0, metrics
+    assert 0.0 <= metrics["mask"]["F1@mIoU"] <= 1.0 and "detection" in metrics
+
+
 def _serve_one_request_in_pixels(checkpoint, vocabulary: str, tmp_path):
     """Ray Serve with a checkpoint trained in ``vocabulary``: a referring request on one of its
     training images is answered in the request image's pixels, read from the model's own tokens."""

@@ -45,7 +45,7 @@ def _items(processor, synthetic_dir, n: int, seed: int):
     return out
 
 
-def _run(tiny_model_dir, synthetic_dir, num_ranks: int, batches):
+def _run(tiny_model_dir, synthetic_dir, num_ranks: int, batches, overrides=()):
     import copy
 
     from actors.learner import LearnerGroup
@@ -55,7 +55,7 @@ def _run(tiny_model_dir, synthetic_dir, num_ranks: int, batches):
 
     cfg = load_config(overrides=[f"learner.num_ranks={num_ranks}", "learner.micro_batch_size=4", "learner.lr=1e-3",
                                  "learner.kl_coef=0.05", "learner.timeout_s=300", "learner.cpus_per_rank=0.5", "run.prompts_per_step=4",
-                                 "rollout.samples_per_prompt=4"])
+                                 "rollout.samples_per_prompt=4", *overrides])
     processor = load_processor(str(tiny_model_dir))
     g = LearnerGroup(cfg, str(tiny_model_dir), 300)
     call(g.ready_refs(), 300, "learner start")
@@ -103,3 +103,16 @@ def test_two_ranks_give_the_one_rank_update_on_uneven_shards(ray_local, tiny_mod
         # lost shard or micro-batch moves most elements by ~lr and fails this by 100x).
         assert float((d > 1e-3 * moved).float().mean()) < 1e-3, f"step {k}: {int((d > 1e-3 * moved).sum())} elements differ"
         assert float(d.mean()) < 1e-3 * moved, f"step {k}: mean difference {float(d.mean()):.3g} (the step moved {moved:.3g})"
+
+
+def test_learning_rate_warm_up_scales_the_first_updates(ray_local, tiny_model_dir, synthetic_dir):
+    # learner.warmup_steps=3 at lr 1e-3: updates 1, 2, 3, 4 use 1/3, 2/3, 1, 1 of it. Adam's first
+    # update moves each weight by ~lr whatever its gradient, so the first step moves the weights
+    # about a third as far as without the warm-up, from the same start on the same batch.
+    batches = [(4, 0), (4, 1), (4, 2), (4, 0)]  # seeds whose random answers hold no image placeholder id
+    before, warm, mw = _run(tiny_model_dir, synthetic_dir, 1, batches, ["learner.warmup_steps=3"])
+    _, cold, mc = _run(tiny_model_dir, synthetic_dir, 1, batches[:1])
+    assert [m[0]["lr"] for m in mw] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+    assert mc[0][0]["lr"] == pytest.approx(1e-3)
+    moved = lambda p: max(float((p[n] - before[n]).abs().max()) for n in p)  # noqa: E731
+    assert moved(warm[0]) / moved(cold[0]) == pytest.approx(1 / 3, rel=0.05)

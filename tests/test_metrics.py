@@ -195,3 +195,98 @@ def test_duplicate_and_large_box_rates():
     assert not is_large_box([(100, 100, 0, 0)], 100, 100)  # inverted: no area
     with pytest.raises(ValueError, match="width"):
         large_box_rate([{"gt": [], "pred": []}])
+
+
+# ---- per-image count tables and the paired bootstrap over images --------------------------------
+from rewards.metrics import (  # noqa: E402
+    count_rates_weighted,
+    count_table,
+    detection_table,
+    paired_bootstrap,
+    pointing_table,
+)
+
+
+def _random_images(rng, n, labels=("cat", "dog", "red square")):
+    def box():
+        x, y = rng.uniform(0, 80, 2)
+        return (x, y, x + rng.uniform(5, 20), y + rng.uniform(5, 20))
+
+    return [{"gt": [(labels[rng.integers(len(labels))], box()) for _ in range(rng.integers(0, 4))],
+             "pred": [(labels[rng.integers(len(labels))], box()) for _ in range(rng.integers(0, 4))],
+             "width": 100, "height": 100} for _ in range(n)]
+
+
+def _expand(images, weights):
+    """The slow reference of a weighted set: each image repeated as often as it was drawn."""
+    return [im for im, k in zip(images, weights) for _ in range(int(k))]
+
+
+def test_count_table_with_unit_weights_is_the_metric_and_a_resample_is_the_repeated_set():
+    rng = np.random.default_rng(3)
+    images = _random_images(rng, 25)
+    table = detection_table(images)
+    r, p = table.scores()
+    m = detection_f1(images)
+    assert r[0].tolist() == pytest.approx([m[f"R@{t:.2f}"] for t in DEFAULT_IOU_THRESHOLDS])
+    assert p[0].tolist() == pytest.approx([m[f"P@{t:.2f}"] for t in DEFAULT_IOU_THRESHOLDS])
+    w = rng.multinomial(25, np.full(25, 1 / 25), size=6).astype(float)
+    r, p = table.scores(w)
+    ct = count_table(images)
+    rates = count_rates_weighted(ct, w)
+    for b in range(6):
+        ref = detection_f1(_expand(images, w[b]))
+        assert r[b].tolist() == pytest.approx([ref[f"R@{t:.2f}"] for t in DEFAULT_IOU_THRESHOLDS])
+        assert p[b].tolist() == pytest.approx([ref[f"P@{t:.2f}"] for t in DEFAULT_IOU_THRESHOLDS])
+        ref_rates = count_rates(_expand(images, w[b]))
+        assert {k: float(v[b]) for k, v in rates.items()} == pytest.approx(ref_rates)
+
+
+def test_count_table_categories_absent_from_a_resample_drop_out_of_the_average():
+    # image 0: cat found exactly; image 1: dog GT never predicted. All of the set: R = (1 + 0)/2,
+    # P = 1 (only cat predicted). Drawing image 0 twice: dog is not in the set, R = P = 1.
+    # Drawing image 1 twice: dog only, R = 0, nothing predicted -> P = 0.
+    table = detection_table([{"gt": [("cat", A)], "pred": [("cat", A)]}, {"gt": [("dog", A)], "pred": []}], [0.5])
+    r, p = table.scores(np.array([[1.0, 1.0], [2.0, 0.0], [0.0, 2.0]]))
+    assert r[:, 0].tolist() == [0.5, 1.0, 0.0] and p[:, 0].tolist() == [1.0, 1.0, 0.0]
+    # no GT and no prediction in the draw: R = P = 1, the empty-set convention
+    empty = detection_table([{"gt": [], "pred": []}], [0.5])
+    assert empty.scores()[0].tolist() == [[1.0]]
+
+
+def test_pointing_table_is_pointing_f1():
+    m = np.zeros((10, 10), dtype=bool)
+    m[2:5, 2:5] = True
+    images = [{"gt": [("cat", m)], "pred": [("cat", (3, 3)), ("cat", (3.5, 3.5))]},   # one hit, a second point in it
+              {"gt": [("dog", m)], "pred": [("dog", (8, 8))]}]                          # a miss
+    r, p = pointing_table(images).scores()
+    ref = pointing_f1(images)
+    assert (r[0, 0], p[0, 0]) == pytest.approx((ref["R"], ref["P"]))
+    # cat R 1, P 1/2; dog R 0, P 0: R = 0.5, P = 0.25
+    assert (ref["R"], ref["P"]) == pytest.approx((0.5, 0.25))
+
+
+def test_paired_bootstrap_hand_worked_and_paired():
+    # base scores 0 on every image, the other model 1: every resample's change is exactly +1.
+    base = lambda w: np.zeros(len(w))  # noqa: E731
+    better = lambda w: np.ones(len(w))  # noqa: E731
+    out = paired_bootstrap(base, [better, better], 10, n_resamples=50)
+    assert (out["change"], out["lo"], out["hi"], out["excludes_zero"]) == (1.0, 1.0, 1.0, True)
+    assert [r["change"] for r in out["per_run"]] == [1.0, 1.0]
+    # Pairing: two models with the same per-image scores differ by 0 on every draw, however
+    # noisy the images; an unpaired interval would be wide.
+    vals = np.random.default_rng(0).uniform(0, 1, 40)
+    mean = lambda w: (w @ vals) / w.sum(1)  # noqa: E731
+    out = paired_bootstrap(mean, [mean], 40, n_resamples=200)
+    assert out["lo"] == out["hi"] == 0.0 and not out["excludes_zero"]
+    # A mean metric: the interval of a constant shift d is [d, d]; of noise, it straddles 0.
+    shifted = lambda w: (w @ (vals + 0.1)) / w.sum(1)  # noqa: E731
+    assert paired_bootstrap(mean, [shifted], 40, n_resamples=200)["lo"] == pytest.approx(0.1)
+    noisy = np.random.default_rng(1).uniform(0, 1, 40)
+    other = lambda w: (w @ noisy) / w.sum(1)  # noqa: E731
+    out = paired_bootstrap(mean, [other], 40, n_resamples=500)
+    assert out["lo"] < out["change"] < out["hi"] and out["hi"] - out["lo"] > 0.1
+    # reproducible from its seed
+    assert paired_bootstrap(mean, [other], 40, n_resamples=100, seed=3) == paired_bootstrap(mean, [other], 40, n_resamples=100, seed=3)
+    with pytest.raises(ValueError, match="at least one model"):
+        paired_bootstrap(mean, [], 40)

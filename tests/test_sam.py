@@ -138,3 +138,34 @@ def test_scorer_uses_sam_masks(sam_dir, image_path):
     assert (r.kind, r.num_pred, r.num_gt, r.unreadable) == ("point_in_mask", 2, 2, 0)
     assert 0.0 <= r.reward <= 1.0
     assert score(text, smp).kind == "point_in_box_fallback"  # the same sample without a source
+
+
+def test_point_sets_decode_through_sam(sam_dir, image_path):
+    """GETok's mask answers: a set of points is one SAM prompt (all positive); sets are batched
+    per size, cached as sets (order and repeats within 0.1 px do not matter), and a set with no
+    usable point is an empty mask without running SAM."""
+    from rewards.sam import SamMaskSource
+    from rewards.scorer import score
+    from rlsys.synthetic import _rle
+    from rlsys.vocab import GETok
+
+    src = SamMaskSource(sam_dir, cache_size=8)
+    own = np.zeros((H, W), dtype=bool)
+    own[5:20, 5:30] = True
+    smp = Sample("m", image_path, W, H, "detection", ["cat"], [Instance("cat", mask=_rle(own))], "mask")
+    sets = [(10.0, 10.0), (10.0, 10.0, 30.0, 20.0), (30.0, 20.0, 10.0, 10.0, 10.02, 10.01), (float("nan"), 5.0, -3.0, 2.0), ()]
+    masks = src.masks_from_points(smp, sets)
+    assert [m.shape for m in masks] == [(H, W)] * 5 and all(m.dtype == bool for m in masks)
+    np.testing.assert_array_equal(masks[1], masks[2])
+    assert not masks[3].any() and not masks[4].any()
+    # one image encoding, one decoder pass per set size (1 and 2 points); the third set is the
+    # second's, asked twice in one call, so it runs once
+    assert (src.forward_calls, src.decoder_calls, src.cache_hits, src.cache_misses) == (1, 2, 0, 3)
+    again = src.masks_from_points(smp, sets[:3])
+    assert (src.forward_calls, src.cache_hits) == (1, 3)
+    for a, b in zip(masks, again):
+        np.testing.assert_array_equal(a, b)
+    # the default scorer decodes a GETok mask answer through it
+    text = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><grid0_0><grid1_0>,<grid3_3><|box_end|>"
+    r = score(text, smp, vocabulary=GETok(4), mask_source=src)
+    assert r.kind == "mask_iou" and 0.0 <= r.reward <= 1.0 and (r.num_pred, r.num_gt) == (2, 1)

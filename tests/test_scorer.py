@@ -249,3 +249,30 @@ def test_score_never_raises_on_text(text):
         r = score(text, smp)
         assert 0.0 <= r.reward <= 1.0 and 0.0 <= r.precision <= 1.0 and 0.0 <= r.recall <= 1.0
         assert r.num_pred >= r.unreadable >= 0 and r.num_gt == len(smp.instances)
+
+
+def test_recall_weighted_scorer_hand_worked():
+    from rewards.f1 import f_beta
+    from rewards.scorer import score_recall_weighted
+
+    # F-beta by hand: P 0.8, R 0.5; beta 2: 5 * 0.4 / (3.2 + 0.5) = 0.54054; beta 1 is F1 = 0.61538.
+    assert f_beta(0.8, 0.5, 2.0) == pytest.approx(2.0 / 3.7)
+    assert f_beta(0.8, 0.5, 1.0) == pytest.approx(0.8 / 1.3)
+    assert f_beta(0.0, 0.0, 2.0) == 0.0
+    with pytest.raises(ValueError):
+        f_beta(0.5, 0.5, 0.0)
+    # Three GT, two found exactly: P 1, R 2/3. F1 = 0.8; F2 = 5 * (2/3) / (4 + 2/3) = 0.714286.
+    smp = sample(instances=[Instance("person", box=(0, 0, 10, 10)), Instance("person", box=(20, 20, 30, 30)),
+                            Instance("person", box=(40, 40, 50, 50))])
+    two = seg("person", "<0><0><10><10>,<20><20><30><30>")
+    assert score(two, smp).reward == pytest.approx(0.8)
+    assert score_recall_weighted(two, smp).reward == pytest.approx(10 / 14)
+    # A third box far off: P 2/3, R 2/3: F1 = F2 = 2/3. Under F1 the miss costs 0.133 against
+    # leaving the box out; under F2 only 0.048: the uncertain box is worth trying.
+    three = seg("person", "<0><0><10><10>,<20><20><30><30>,<500><500><600><600>")
+    assert score(three, smp).reward == pytest.approx(2 / 3)
+    assert score_recall_weighted(three, smp).reward == pytest.approx(2 / 3)
+    # perfect and correctly-empty answers still score 1
+    assert score_recall_weighted(PAPER_TEXT, PEOPLE).reward == pytest.approx(1.0)
+    none = sample(phrases=("cat",), instances=[])
+    assert score_recall_weighted(seg("cat", "None"), none).reward == 1.0
