@@ -290,7 +290,7 @@ class Trainer:
         # synchronous and the asynchronous loop compare
         times["step"] = now - (self._last_step_end if self._last_step_end is not None else t_step)
         self._last_step_end = now
-        return self._metrics(groups, rewards, signal, learn, times)
+        return self._metrics(groups, rewards, valid, signal, learn, times)
 
     def _sample_groups(self, times: dict):
         """This step's groups with their answers and rewards. With dynamic sampling (DAPO), groups
@@ -360,7 +360,9 @@ class Trainer:
                               "engine_logp": a.get("logprobs"), "correct": correct})
         return items
 
-    def _metrics(self, groups, rewards, signal, learn, times) -> dict:
+    def _metrics(self, groups, group_r, group_valid, signal, learn, times) -> dict:
+        """The step's figures; ``group_r``/``group_valid`` are the rewards and validity the
+        advantages were computed from (``[B]``, group-major)."""
         scores = [g["scores"] for g in groups]
         answers = [g["answers"] for g in groups]
         idx = [g["idx"] for g in groups]
@@ -372,7 +374,6 @@ class Trainer:
         from rlsys.algorithm import group_reward_std
 
         G = self.cfg.rollout.samples_per_prompt
-        group_r, group_valid = _rewards_and_valid(scores)
         std = group_reward_std(group_r, G, valid=group_valid)
         stale = Counter()
         for g in groups:
