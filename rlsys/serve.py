@@ -3,7 +3,7 @@
 ``POST /v1/detect`` takes ``{"image": base64 PNG/JPEG, "task": ..., "categories" | "expression" |
 "prompt_boxes": ..., "output": ...}`` and answers ``{"objects": [...], "raw": model text,
 "image_size": [w, h], "latency_ms": ..., "unreadable": n}`` with coordinates in the request
-image's pixels. One replica holds one vLLM ``AsyncLLM`` engine, so concurrent requests share
+image's pixels (a mask answer: each mask's points and its grid-cell mask as COCO RLE). One replica holds one vLLM ``AsyncLLM`` engine, so concurrent requests share
 vLLM's continuous batch; ``@serve.batch`` in front of it (``batching.enabled``) additionally
 gathers requests arriving within ``batching.batch_wait_timeout_s`` and submits them together.
 Replicas autoscale between ``deployment.min_replicas`` and ``deployment.max_replicas``.
@@ -181,16 +181,17 @@ class DetectRequest(BaseModel):
     categories: list[str] | None = Field(None, description="Phrases to find (detection, pointing, keypoint; optional for ocr).")
     expression: str | None = Field(None, description="The referring expression or GUI element description (referring, gui).")
     prompt_boxes: list[list[float]] | None = Field(None, description="Example boxes [x0, y0, x1, y1] in image pixels (visual_prompt).")
-    output: Literal["box", "point", "polygon", "keypoint"] | None = Field(None, description="Answer geometry; default per task.")
+    output: Literal["box", "point", "polygon", "keypoint", "mask"] | None = Field(
+        None, description="Answer geometry; default per task. 'mask' (detection, referring) needs a model that writes masks (vocabulary getok).")
     keypoint_names: list[str] | None = Field(None, description="Keypoints to locate (keypoint; default: the model's own).")
     proposals: list[list[float]] | None = Field(None, description="Candidate boxes [x0, y0, x1, y1] in image pixels, for a model trained with vocabulary chatrex (which answers with their indices); required there, refused otherwise.")
 
 
 # task -> (required field, optional fields, allowed outputs with the default first)
 TASK_RULES: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
-    "detection": ("categories", (), ("box", "point")),
+    "detection": ("categories", (), ("box", "point", "mask")),
     "pointing": ("categories", (), ("point",)),
-    "referring": ("expression", (), ("box", "point")),
+    "referring": ("expression", (), ("box", "point", "mask")),
     "gui": ("expression", (), ("point", "box")),
     "visual_prompt": ("prompt_boxes", (), ("box",)),
     "ocr": (None, ("categories",), ("box", "polygon")),
@@ -375,7 +376,15 @@ def load_image(spec: str, limits: LimitsConfig):
 def bind_vocabulary(req: DetectRequest, output: str, width: int, height: int, vocabulary):
     """The vocabulary that reads this request's answer: for chatrex, bound to the request's
     proposals (checked: given, boxes inside the image, no more than its index tokens); others as
-    they are. The request body's byte limit bounds the list's length."""
+    they are; a mask request only for a vocabulary that writes masks. The request body's byte
+    limit bounds the list's length."""
+    if output == "mask":
+        from rlsys.vocab import REX_BINS, check_writes_masks
+
+        try:
+            check_writes_masks(vocabulary or REX_BINS)
+        except ValueError as exc:
+            raise RequestError(422, f"output 'mask': this model cannot answer it ({exc})") from None
     if vocabulary is None or vocabulary.name != "chatrex":
         if req.proposals is not None:
             raise RequestError(422, "field 'proposals' applies only to a model trained with vocabulary chatrex")
@@ -408,12 +417,17 @@ def _px(c) -> list[float]:
     return [round(float(v), 2) for v in c]
 
 
-def to_objects(text: str, task: str, width: int, height: int, vocabulary=None) -> tuple[list[dict], int]:
+def to_objects(text: str, task: str, width: int, height: int, vocabulary=None, output: str | None = None) -> tuple[list[dict], int]:
     """Model text -> objects in the request image's pixels, and how much could not be read
-    (``vocabulary``: the one the model answers in; default the bins)."""
+    (``vocabulary``: the one the model answers in; default the bins). A mask answer
+    (``output="mask"``) gives each instance its points and the mask they decode to: COCO RLE
+    (``pycocotools.mask.decode`` reads it) of the union of the points' grid cells, the SAM-free
+    decoder; the points are also SAM's prompts for an outline (``rewards.sam.SamMaskSource``)."""
     from rlsys.vocab import REX_BINS
 
     vocabulary = vocabulary or REX_BINS
+    if output == "mask":
+        return _mask_objects(vocabulary.parse_masks(text, width, height), vocabulary.grid, width, height)
     if task == "keypoint":
         insts, bad = vocabulary.parse_keypoints(text, width, height)
         return [{"phrase": i.name, "box": _px(i.box),
@@ -421,6 +435,23 @@ def to_objects(text: str, task: str, width: int, height: int, vocabulary=None) -
                 for i in insts], bad
     parsed = vocabulary.parse(text, width, height)
     objects = [{"phrase": p.phrase, p.kind: _px(c)} for p in parsed for c in p.coords]
+    return objects, parsed.unreadable
+
+
+def _mask_objects(parsed, grid: int, width: int, height: int) -> tuple[list[dict], int]:
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from rewards.mask import grid_cell_masks
+
+    sets = [(p.phrase, c) for p in parsed for c in p.coords]
+    masks = grid_cell_masks([c for _, c in sets], grid, height, width)
+    objects = []
+    for (phrase, c), m in zip(sets, masks):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        objects.append({"phrase": phrase, "points": [_px(c[i:i + 2]) for i in range(0, len(c), 2)],
+                        "mask": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                        "mask_decoder": "grid_cells"})
     return objects, parsed.unreadable
 
 
@@ -551,7 +582,7 @@ def _detector_class(max_concurrent_batches: int):
             except Exception as exc:  # the engine itself failed: 503, and this replica goes on serving
                 log.exception("engine failed on a request")
                 return error(503, f"the engine failed on this request ({type(exc).__name__}: {exc}); try again")
-            objects, unreadable = to_objects(text, req.task, w, h, vocabulary)
+            objects, unreadable = to_objects(text, req.task, w, h, vocabulary, output)
             return {"objects": objects, "raw": text, "image_size": [w, h],
                     "latency_ms": round((time.perf_counter() - t0) * 1000, 2), "unreadable": unreadable}
 

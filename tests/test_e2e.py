@@ -319,11 +319,13 @@ def test_getok_masks_sft_grpo_and_eval(tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["mask"]["decoder"] == "grid_cells" and metrics["mask"]["num_images"] > 0, metrics
     assert 0.0 <= metrics["mask"]["F1@mIoU"] <= 1.0 and "detection" in metrics
+    _serve_one_request_in_pixels(init, "getok", tmp_path, output="mask", max_new_tokens=64)
 
 
-def _serve_one_request_in_pixels(checkpoint, vocabulary: str, tmp_path):
-    """Ray Serve with a checkpoint trained in ``vocabulary``: a referring request on one of its
-    training images is answered in the request image's pixels, read from the model's own tokens."""
+def _serve_one_request_in_pixels(checkpoint, vocabulary: str, tmp_path, output: str | None = None, max_new_tokens: int = 32):
+    """Ray Serve with a checkpoint trained in ``vocabulary``: a referring request (for ``output``,
+    default the task's) on one of its training images is answered in the request image's pixels,
+    read from the model's own tokens."""
     import base64
 
     import ray
@@ -338,10 +340,10 @@ def _serve_one_request_in_pixels(checkpoint, vocabulary: str, tmp_path):
     from rlsys.vocab import synthetic_proposals
 
     cfg = load_serve_config(overrides=[f"model.checkpoint={checkpoint}", f"model.vocabulary={vocabulary}",
-                                       "generation.max_new_tokens=32", f"deployment.name=serve-{vocabulary}"])
+                                       f"generation.max_new_tokens={max_new_tokens}", f"deployment.name=serve-{vocabulary}"])
     rec = json.loads((tmp_path / "sft" / "data" / "train.jsonl").read_text().splitlines()[0])
     image = tmp_path / "sft" / "data" / rec["image"]
-    extra = {}
+    extra = {"output": output} if output else {}
     if vocabulary == "chatrex":  # the request brings its candidate boxes (here: the ones SFT saw)
         extra["proposals"] = [list(b) for b in synthetic_proposals(Sample.from_dict(rec))]
     port = _free_port()
@@ -361,9 +363,9 @@ def _serve_one_request_in_pixels(checkpoint, vocabulary: str, tmp_path):
         v = v.for_proposals(extra["proposals"], rec["width"], rec["height"])
     assert {"getok": "<grid", "chatrex": "<obj"}[vocabulary] in ans["raw"], ans
     assert (w, h) == (rec["width"], rec["height"])
-    assert ans["objects"] and ans["objects"] == to_objects(ans["raw"], "referring", w, h, v)[0], ans
+    assert ans["objects"] and ans["objects"] == to_objects(ans["raw"], "referring", w, h, v, output)[0], ans
     for o in ans["objects"]:
-        xy = o.get("box") or o.get("point")
+        xy = o.get("box") or o.get("point") or [c for p in o["points"] for c in p]
         assert all(0 <= x <= w for x in xy[0::2]) and all(0 <= y <= h for y in xy[1::2]), ans
 
 

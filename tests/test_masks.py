@@ -411,3 +411,36 @@ def test_eval_metrics_of_mask_answers():
     assert wrong["mask"]["F1@0.50"] < 1.0
     with pytest.raises(ValueError, match="mask decoder"):
         compute_metrics(smp, answers, G4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serve
+# ---------------------------------------------------------------------------------------------
+def test_serve_answers_a_mask_request_in_request_pixels():
+    """A mask request to a GETok model: each instance comes back as its points in the request's
+    pixels and the mask they decode to, as COCO RLE; a model that writes no masks refuses the
+    request with 422 before anything is generated."""
+    from pycocotools import mask as mask_utils
+
+    from rlsys.serve import LimitsConfig, RequestError, bind_vocabulary, check_request, parse_request, to_objects
+
+    req = parse_request(b'{"image": "x", "task": "detection", "categories": ["cat"], "output": "mask"}')
+    assert check_request(req, LimitsConfig()) == ("mask", ["cat"])
+    assert bind_vocabulary(req, "mask", 40, 40, G4) is G4
+    for other in (None, REX_BINS, QJ):
+        with pytest.raises(RequestError) as e:
+            bind_vocabulary(req, "mask", 40, 40, other)
+        assert e.value.status == 422 and "cannot write masks" in e.value.message
+    # cells (0, 0) and (1, 0), then cell (3, 3) of a 4 x 4 grid on 40 x 40: 10 px cells
+    text = seg("cat", "<grid0_0><OFF0_0><grid1_0><OFF0_0>,<grid3_3><OFF0_0>")
+    objs, bad = to_objects(text, "detection", 40, 40, G4, "mask")
+    assert bad == 0 and [o["points"] for o in objs] == [[[5.0, 5.0], [15.0, 5.0]], [[35.0, 35.0]]]
+    got = [mask_utils.decode(o["mask"]).astype(bool) for o in objs]
+    assert np.array_equal(got[0], box_mask(0, 0, 20, 10)) and np.array_equal(got[1], box_mask(30, 30, 40, 40))
+    assert all(o["mask_decoder"] == "grid_cells" and o["mask"]["size"] == [40, 40] for o in objs)
+    # a non-square request image: cells are 10 x 5 px on 40 wide x 20 high
+    objs, _ = to_objects(seg("cat", "<grid1_2><OFF0_0>"), "detection", 40, 20, G4, "mask")
+    assert objs[0]["points"] == [[15.0, 12.5]]
+    assert np.array_equal(mask_utils.decode(objs[0]["mask"]).astype(bool), box_mask(10, 10, 20, 15, w=40, h=20))
+    objs, bad = to_objects("gibberish", "detection", 40, 40, G4, "mask")
+    assert objs == [] and bad == 1
