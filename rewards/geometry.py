@@ -188,7 +188,8 @@ def points_in_masks(points, masks: np.ndarray) -> np.ndarray:
 
 def mask_areas(masks: np.ndarray) -> np.ndarray:
     """``[M, H, W]`` -> ``[M]`` pixel counts."""
-    return np.asarray(masks, dtype=bool).reshape(len(masks), -1).sum(axis=1).astype(np.float64)
+    m = np.asarray(masks, dtype=bool)
+    return m.reshape(m.shape[0], -1).sum(axis=1).astype(np.float64)  # shape[0]: [0, H, W] has no rows
 
 
 def mask_iou(a, b) -> np.ndarray:

@@ -177,10 +177,12 @@ def as_point_set(raw) -> np.ndarray:
     """A predicted point set (flat ``x0, y0, x1, y1, ...`` or ``[[x, y], ...]``) as ``[n, 2]``;
     anything that is not (x, y) pairs of numbers is an empty set."""
     try:
-        a = np.asarray(raw, dtype=np.float64).reshape(-1)
+        a = np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError):
         return np.zeros((0, 2))
-    return a.reshape(-1, 2) if a.size % 2 == 0 else np.zeros((0, 2))
+    if a.ndim == 1 and a.size % 2 == 0:
+        return a.reshape(-1, 2)
+    return a if a.ndim == 2 and a.shape[1] == 2 else np.zeros((0, 2))  # [n, 3] is not n points
 
 
 def grid_cell_masks(point_sets: Sequence, grid: int, height: int, width: int) -> np.ndarray:
@@ -300,10 +302,10 @@ def point_set_scores(point_sets: Sequence, gt_masks, reference_counts: Sequence[
     ref = np.maximum(np.asarray(reference_counts, dtype=np.float64).reshape(-1), 1.0)
     if len(ref) != len(gm):
         raise ValueError(f"{len(ref)} reference counts for {len(gm)} GT masks")
-    areas = geo.mask_areas(gm)
     out = np.zeros((len(point_sets), len(gm)))
     if len(gm) == 0:
         return out
+    areas = geo.mask_areas(gm)
     for k, raw in enumerate(point_sets):
         p = as_point_set(raw)
         n = len(p)

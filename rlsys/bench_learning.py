@@ -77,9 +77,27 @@ def subset(src: Path, n: int, dst: Path, tasks=None) -> Path:
     return dst
 
 
+def _cached(out: Path, done: str, args: dict) -> bool:
+    """Whether ``out`` holds a finished result (``done``) of the same ``args``; a folder that holds
+    another run's result is an error (silently reusing it would compare the wrong runs), and an
+    unfinished one is redone. The arguments are recorded for the next call."""
+    rec = out / "bench_args.json"
+    args = json.loads(json.dumps(args))  # str paths, lists: as they read back
+    if rec.is_file() and json.loads(rec.read_text()) != args:
+        if (out / done).is_file():
+            raise RuntimeError(f"{out} holds a result of other settings ({rec}: {rec.read_text().strip()}); "
+                               f"pass another --out, or delete it to redo")
+    finished = (out / done).is_file() and rec.is_file()
+    if not finished:
+        out.mkdir(parents=True, exist_ok=True)
+        rec.write_text(json.dumps(args) + "\n")
+    return finished
+
+
 def greedy_eval(checkpoint: Path, data: Path, out: Path, config: Path, overrides: list[str], timeout_s: float) -> dict:
     """``rlsys.eval`` (greedy, the GRPO config's engine settings) of one model on ``data``."""
-    if not (out / "metrics.json").is_file():
+    if not _cached(out, "metrics.json", {"checkpoint": str(checkpoint), "data": str(data), "config": str(config),
+                                         "overrides": overrides}):
         _run([sys.executable, "-m", "rlsys.eval", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out),
               "--config", str(config), *overrides], out.with_suffix(".log"), timeout_s)
     m = json.loads((out / "metrics.json").read_text())
@@ -91,7 +109,9 @@ def greedy_eval(checkpoint: Path, data: Path, out: Path, config: Path, overrides
 def run_rlsys(out: Path, init: Path, train: Path, steps: int, prompts_per_step: int, checkpoint_every: int,
               config: Path, overrides: list[str], timeout_s: float) -> dict:
     """One rlsys GRPO run; returns its per-step records and times."""
-    if not (out / "steps.jsonl").is_file() or len((out / "steps.jsonl").read_text().splitlines()) < steps:
+    args = {"init": str(init), "train": str(train), "steps": steps, "prompts_per_step": prompts_per_step,
+            "checkpoint_every": checkpoint_every, "config": str(config), "overrides": overrides}
+    if not _cached(out, "wall_s.txt", args):
         wall = _run([sys.executable, "-m", "rlsys.grpo", "--config", str(config), f"run.out_dir={out}",
                      f"run.init_checkpoint={init}", f"data.train={train}", f"run.steps={steps}",
                      f"run.prompts_per_step={prompts_per_step}", f"run.checkpoint_every_steps={checkpoint_every}",
@@ -107,9 +127,9 @@ def run_rlsys(out: Path, init: Path, train: Path, steps: int, prompts_per_step: 
 def run_trl(out: Path, init: Path, train: Path, steps: int, prompts_per_step: int, config: Path, overrides: list[str],
             timeout_s: float, checkpoint_every: int = 0) -> dict:
     """One TRL GRPOTrainer run in a subprocess (:func:`trl_worker`)."""
-    if not (out / "trl_steps.jsonl").is_file():
-        args = {"out": str(out), "init": str(init), "train": str(train), "steps": steps, "prompts_per_step": prompts_per_step,
-                "config": str(config), "overrides": overrides, "checkpoint_every": checkpoint_every}
+    args = {"out": str(out), "init": str(init), "train": str(train), "steps": steps, "prompts_per_step": prompts_per_step,
+            "config": str(config), "overrides": overrides, "checkpoint_every": checkpoint_every}
+    if not _cached(out, "wall_s.txt", args):
         wall = _run([sys.executable, "-m", "rlsys.bench_learning", "--trl-worker", json.dumps(args)],
                     out.with_suffix(".log"), timeout_s)
         (out / "wall_s.txt").write_text(f"{wall}\n")
@@ -119,21 +139,44 @@ def run_trl(out: Path, init: Path, train: Path, steps: int, prompts_per_step: in
             "checkpoints": sorted(str(p) for p in out.glob("step_*[0-9]") if (p / "config.json").is_file())}
 
 
-def trl_reward_function(samples_by_id: dict, tokenizer, vocabulary, scorer=None):
-    """``rewards.scorer.score`` as a TRL reward function. TRL hands it the decoded completions
-    with special tokens skipped, which drops the markup and the coordinate tokens this scorer
-    reads; so it decodes ``completion_ids`` itself, as the rollout engines' text is decoded
-    (``skip_special_tokens=False``). The sample is found by the dataset's ``sample_id`` column."""
+def trl_reward_function(samples_by_id: dict, tokenizer, vocabulary, scorer=None, **scorer_kwargs):
+    """``rewards.scorer.score`` (or ``scorer``, called with ``scorer_kwargs`` such as
+    ``matching``, as the reward workers call it) as a TRL reward function. TRL hands it the
+    decoded completions with special tokens skipped, which drops the markup and the coordinate
+    tokens this scorer reads; so it decodes ``completion_ids`` itself, as the rollout engines' text
+    is decoded (``skip_special_tokens=False``). The sample is found by the dataset's ``sample_id`` column."""
     from rewards.scorer import score
 
     scorer = scorer or score
+    # as the reward workers: a scorer without vocabulary= (None here) reads the default bins
+    extra = {**scorer_kwargs, **({"vocabulary": vocabulary} if vocabulary is not None else {})}
 
     def reward(prompts, completions, completion_ids, sample_id, **_):
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=False)
-        return [float(scorer(t, samples_by_id[i], vocabulary=vocabulary).reward) for t, i in zip(texts, sample_id)]
+        return [float(scorer(t, samples_by_id[i], **extra).reward) for t, i in zip(texts, sample_id)]
 
     reward.__name__ = "rlsys_score"
     return reward
+
+
+# rlsys's learner.advantage_scaling -> TRL's scale_rewards
+TRL_SCALE_REWARDS = {"group_std": "group", "none": "none"}
+
+
+def check_trl_maps(cfg) -> None:
+    """Refuse settings TRL's run would not share, so the two systems never differ silently.
+    Mapped one by one in :func:`trl_worker`: lr and its warm-up, weight decay, grad clip, KL
+    weight (k3 in both), clip range, temperature, top-p, new tokens, G, advantage scaling,
+    token-level loss, frozen vision, the scorer and its matching."""
+    bad = []
+    if cfg.run.dynamic_sampling:
+        bad.append("run.dynamic_sampling (TRL draws no extra prompts)")
+    if cfg.run.max_staleness_steps:
+        bad.append("run.max_staleness_steps (TRL generates on-policy)")
+    if cfg.reward.sam_checkpoint:
+        bad.append("reward.sam_checkpoint (the TRL run has no SAM mask source)")
+    if bad:
+        raise ValueError("the TRL baseline cannot share these settings: " + "; ".join(bad))
 
 
 def trl_worker(args: dict) -> None:
@@ -147,6 +190,9 @@ def trl_worker(args: dict) -> None:
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
+    import importlib
+
+    from actors.rewards import scorer_vocabulary
     from rlsys.config import load_config
     from rlsys.data import load_dataset
     from rlsys.models import load_model, param_part, processor_for
@@ -156,6 +202,7 @@ def trl_worker(args: dict) -> None:
     out = Path(args["out"])
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(args["config"], args["overrides"])
+    check_trl_maps(cfg)
     torch.manual_seed(cfg.run.seed)
     init = str(args["init"])
     processor = processor_for(cfg.model, init)
@@ -180,10 +227,12 @@ def trl_worker(args: dict) -> None:
     targs = TRLConfig(
         output_dir=str(out / "trainer"), max_steps=args["steps"], per_device_train_batch_size=G,
         gradient_accumulation_steps=args["prompts_per_step"],  # one optimizer step per prompts x G answers, as rlsys
-        num_generations=G, learning_rate=cfg.learner.lr, lr_scheduler_type="constant", warmup_steps=0,
+        # HF's warm-up gives update k (from 0) lr x k/N, rlsys's x (k+1)/N: one update apart
+        num_generations=G, learning_rate=cfg.learner.lr, warmup_steps=cfg.learner.warmup_steps,
+        lr_scheduler_type="constant_with_warmup" if cfg.learner.warmup_steps else "constant",
         weight_decay=cfg.learner.weight_decay, max_grad_norm=cfg.learner.grad_clip, beta=cfg.learner.kl_coef,
         epsilon=cfg.learner.clip_low, epsilon_high=cfg.learner.clip_high, temperature=r.temperature, top_p=r.top_p,
-        max_completion_length=r.max_new_tokens, loss_type="dapo", scale_rewards="group", num_iterations=1,
+        max_completion_length=r.max_new_tokens, loss_type="dapo", scale_rewards=TRL_SCALE_REWARDS[cfg.learner.advantage_scaling], num_iterations=1,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False, seed=cfg.run.seed,
         remove_unused_columns=False, dataloader_num_workers=0, log_completions=False)
     recs: list[dict] = []
@@ -208,7 +257,11 @@ def trl_worker(args: dict) -> None:
                 trainer.save_model(str(out / f"step_{state.global_step:06d}"))
                 processor.save_pretrained(str(out / f"step_{state.global_step:06d}"))
 
-    trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward_function(by_id, processor.tokenizer, vocabulary)],
+    module, _, fn = cfg.reward.scorer.partition(":")
+    scorer = getattr(importlib.import_module(module), fn)
+    reward_fn = trl_reward_function(by_id, processor.tokenizer, scorer_vocabulary(cfg.reward.scorer, vocabulary), scorer,
+                                    matching=cfg.reward.matching, mask_source=None)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn],
                           args=targs, train_dataset=Dataset.from_list(rows), processing_class=processor,
                           callbacks=[Record()])
     trainer.train()
@@ -229,7 +282,7 @@ def per_1000_samples(run: dict) -> dict:
 
 
 def markdown(res: dict) -> str:
-    rows = ["| setting | system | greedy reward before -> after | held-out F1@mIoU after | sampled reward, first -> last 10 steps "
+    rows = ["| setting | system | greedy reward before -> after | held-out F1@mIoU after (fresh) | sampled reward, first -> last 10 steps "
             "| s per 1,000 samples (median step / whole run) |", "|---|---|---|---|---|---|"]
     for setting in ("fixed", "fresh"):
         for system in ("rlsys", "trl"):
@@ -239,7 +292,7 @@ def markdown(res: dict) -> str:
             tr = r["train"]["rewards"]
             first, last = sum(tr[:10]) / len(tr[:10]), sum(tr[-10:]) / len(tr[-10:])
             t = per_1000_samples(r["train"])
-            f1 = r["after"].get("F1@mIoU")
+            f1 = r["after"].get("F1@mIoU") if setting == "fresh" else None  # fixed: scored on its training prompts
             rows.append(f"| {setting} | {system} | {r['before']['mean_reward']:.3f} -> {r['after']['mean_reward']:.3f} | "
                         f"{'-' if f1 is None else f'{f1 * 100:.1f}'} | {first:.3f} -> {last:.3f} | {t['steps_s']:.0f} / {t['wall_s']:.0f} |")
         both = res.get(setting, {})

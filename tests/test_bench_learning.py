@@ -49,9 +49,37 @@ def test_figures_per_1000_samples_and_the_table():
     res = {"fixed": {"rlsys": {"before": {"mean_reward": 0.3}, "after": {"mean_reward": 0.5, "F1@mIoU": 0.25}, "train": run},
                      "trl": {"before": {"mean_reward": 0.3}, "after": {"mean_reward": 0.4, "F1@mIoU": None}, "train": trl}}}
     lines = markdown(res).splitlines()
-    assert "| fixed | rlsys | 0.300 -> 0.500 | 25.0 | 0.400 -> 0.400 | 100 / 300 |" in lines
+    # F1@mIoU is a held-out figure: the fixed setting scores its training prompts, so it has none
+    assert "| fixed | rlsys | 0.300 -> 0.500 | - | 0.400 -> 0.400 | 100 / 300 |" in lines
     assert "| fixed | trl | 0.300 -> 0.400 | - | 0.400 -> 0.400 | 200 / 400 |" in lines
     assert "| fixed | rlsys / TRL | gain +0.200 vs +0.100 | | | TRL takes 2.00x rlsys's step time (1.33x whole run) |" in lines
+    fresh = markdown({"fresh": {"rlsys": {**res["fixed"]["rlsys"], "curve": []}}}).splitlines()
+    assert "| fresh | rlsys | 0.300 -> 0.500 | 25.0 | 0.400 -> 0.400 | 100 / 300 |" in fresh
+
+
+def test_trl_run_shares_the_settings_or_refuses(tiny_model_dir):
+    """The peer's run takes rlsys's scorer and matching (the reward workers' call), its advantage
+    scaling and warm-up; a setting TRL has no counterpart for is refused, not dropped."""
+    from rewards.scorer import score, score_recall_weighted
+    from rlsys.bench_learning import TRL_SCALE_REWARDS, check_trl_maps
+    from rlsys.config import load_config
+    from rlsys.data import Instance, Sample
+    from rlsys.models import load_processor
+
+    assert TRL_SCALE_REWARDS == {"group_std": "group", "none": "none"}
+    for ov in (["run.dynamic_sampling=true"], ["run.max_staleness_steps=1"]):
+        with pytest.raises(ValueError, match=ov[0].split("=")[0]):
+            check_trl_maps(load_config(None, ov))
+    check_trl_maps(load_config(None, ["learner.warmup_steps=5", "learner.advantage_scaling=none"]))
+    tok = load_processor(str(tiny_model_dir)).tokenizer
+    # two cats, one box written (IoU 1): F1 = 2/3, F2 = 5 * 1 * 0.5 / (4 * 1 + 0.5) = 5/9
+    s = Sample("a", "img.png", 999, 999, "detection", ["cat"],
+               [Instance("cat", box=(0, 0, 500, 500)), Instance("cat", box=(600, 600, 900, 900))], "box")
+    ids = [tok("<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><500><500><|box_end|>", add_special_tokens=False)["input_ids"]]
+    call = dict(prompts=[None], completions=[""], completion_ids=ids, sample_id=["a"])
+    plain = trl_reward_function({"a": s}, tok, None, score, matching="hungarian")(**call)[0]
+    f2 = trl_reward_function({"a": s}, tok, None, score_recall_weighted, matching="hungarian")(**call)[0]
+    assert plain == pytest.approx(2 / 3) and f2 == pytest.approx(5 / 9)
 
 
 @pytest.mark.slow

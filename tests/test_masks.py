@@ -268,6 +268,32 @@ def test_point_set_scores_hand_worked():
                             weights={"excess_penalty": 0.0})[0, 0] == pytest.approx(1.0)
 
 
+def test_mask_rewards_of_a_phrase_with_no_object():
+    # a mask question whose phrase is absent: "None" is the right answer under every mask scorer,
+    # a written mask a false positive (F1 0); the point-set reward used to raise on the empty GT
+    smp = Sample("m0", "img.png", 40, 40, "referring", ["cat"], [], "mask")
+    none, one = seg("cat", "None"), seg("cat", "<grid0_0><OFF0_0>")
+    assert point_set_scores([(5, 5)], np.zeros((0, 40, 40), dtype=bool), []).shape == (1, 0)
+    for scorer in (score_getok_mask_points, score_cell_masks, score_getok_grid_stage_cell_masks):
+        assert scorer(none, smp, vocabulary=G4).reward == pytest.approx(1.0), scorer.__name__
+        r = scorer(one, smp, vocabulary=G4)
+        assert r.precision == 0.0 and r.reward < 0.5, (scorer.__name__, r)
+
+
+@pytest.mark.parametrize("raw, want", [
+    ((1, 2, 3, 4), [[1, 2], [3, 4]]),
+    ([[1, 2], [3, 4]], [[1, 2], [3, 4]]),
+    ([[0, 1, 2], [3, 4, 5]], []),  # triples are not points, whatever their total count
+    ((1, 2, 3), []),
+    ("ab", []),
+    ([[1, 2], [3]], []),
+])
+def test_as_point_set_reads_pairs_only(raw, want):
+    from rewards.mask import as_point_set
+
+    assert as_point_set(raw).reshape(-1, 2).tolist() == want
+
+
 def test_point_set_reward_through_text_hand_worked():
     smp = mask_sample([A, B])
     r = score_getok_mask_points(ANSWER, smp, vocabulary=G4)
