@@ -55,12 +55,6 @@ def _trainer(cfg):
     return Trainer(cfg, prepare_model(cfg), prepare_data(cfg))
 
 
-def _kill(trainer) -> None:
-    trainer.learners.shutdown()
-    trainer.rollouts.shutdown()
-    trainer.rewards.shutdown()
-
-
 def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32) -> dict:
     """vLLM actor vs HF generate: same prompts, images, temperature/top-p, forced length."""
     import random
@@ -84,7 +78,7 @@ def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32)
         vllm_s = time.perf_counter() - t0
         vllm_tokens = sum(len(a["token_ids"]) for o in out for a in o)
     finally:
-        _kill(t)
+        t.shutdown()
     proc = load_processor(t.model_dir)
     model = load_model(t.model_dir).eval()
     proc.tokenizer.padding_side = "left"
@@ -117,7 +111,7 @@ def bench_async(out: Path, steps: int = 5, overrides=()) -> dict:
         try:
             recs = [t.step() for _ in range(steps)][1:]
         finally:
-            _kill(t)
+            t.shutdown()
         step_s = statistics.mean(r["time/step_s"] for r in recs)
         res[n] = {"step_s": step_s, "steps_per_s": 1 / step_s,
                   "stage_s": {k: statistics.mean(r.get(f"time/{k}_s", 0.0) for r in recs)
@@ -159,7 +153,7 @@ def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
         n_tensors, n_params = len(sd), sum(v.numel() for v in sd.values())
         n_bytes = sum(v.numel() * v.element_size() for v in sd.values())
     finally:
-        _kill(t)
+        t.shutdown()
     p, o, n = (statistics.median(x) for x in (protocol, object_store, naive))
     return {"step_s": step_s, "share": share, "sync_protocol_s": p, "sync_object_store_s": o, "sync_per_tensor_s": n,
             "ratio_object_store_over_protocol": o / p, "ratio_per_tensor_over_protocol": n / p,
@@ -182,7 +176,7 @@ def bench_distributed(cfg, steps: int = 3) -> dict:
         try:
             recs = [t.step() for _ in range(steps)][1:]
         finally:
-            _kill(t)
+            t.shutdown()
         out[f"{ranks}x{engines}"] = {k: statistics.mean(r[f"time/{k}_s"] for r in recs) for k in ("step", "generate", "learn", "sync")}
     base = out["1x1"]["step"]
     return {"by_ranks_x_engines": out, "ratio_2_ranks": out["2x1"]["step"] / base, "ratio_2_engines": out["1x2"]["step"] / base,
@@ -198,7 +192,7 @@ def bench_scaling(cfg, sizes=(2, 4, 8, 16), steps: int = 2) -> dict:
         try:
             recs = [t.step() for _ in range(steps)]
         finally:
-            _kill(t)
+            t.shutdown()
         out[n] = recs[-1]["time/step_s"]
     return {"step_s_by_prompts_per_step": out,
             "growth_per_doubling": [out[b] / out[a] for a, b in zip(sizes, sizes[1:])]}

@@ -166,12 +166,17 @@ class Trainer:
                         "reward.cpus_per_worker on a small machine)", cfg.cpus_requested(), have)
         start = cfg.run.actor_start_timeout_s
         t0 = time.perf_counter()
-        self.learners = LearnerGroup(cfg, model_dir, start)
-        self.rollouts = RolloutGroup(cfg, model_dir, start)
-        self.rewards = RewardGroup(cfg.reward.num_workers, cfg.reward.matching, cfg.reward.sample_timeout_s, cfg.reward.sam_checkpoint,
-                                   cfg.reward.cpus_per_worker, cfg.reward.scorer, cfg.reward.resources_per_worker, start,
-                                   vocabulary=self.vocabulary)
-        call(self.learners.ready_refs() + self.rollouts.ready_refs(), start, "actor start-up")
+        self.learners = self.rollouts = self.rewards = None
+        try:  # a group that cannot start frees the ones started before it
+            self.learners = LearnerGroup(cfg, model_dir, start)
+            self.rollouts = RolloutGroup(cfg, model_dir, start)
+            self.rewards = RewardGroup(cfg.reward.num_workers, cfg.reward.matching, cfg.reward.sample_timeout_s,
+                                       cfg.reward.sam_checkpoint, cfg.reward.cpus_per_worker, cfg.reward.scorer,
+                                       cfg.reward.resources_per_worker, start, vocabulary=self.vocabulary)
+            call(self.learners.ready_refs() + self.rollouts.ready_refs(), start, "actor start-up")
+        except BaseException:
+            self.shutdown()
+            raise
         log.info("actors ready in %.1f s", time.perf_counter() - t0)
         self.weights = WeightSync(self.learners, self.rollouts, cfg.weight_transfer_backend,
                                   cfg.rollout.weight_bucket_mib << 20, cfg.rollout.timeout_s)
@@ -194,6 +199,21 @@ class Trainer:
         # with the same questions: none is lost, none is drawn twice
         for b in pending:
             self.inflight.append(self._submit(b["step"], b["idx"]))
+
+    def shutdown(self) -> None:
+        """Kill the three groups' actors and free their placement groups, so that another run can
+        place its own in the same Ray session (the demo runs GRPO once per seed in one process).
+        Batches still generating are dropped. Each group is torn down even if another fails."""
+        self.inflight.clear()
+        for name in ("rollouts", "rewards", "learners"):
+            group = getattr(self, name, None)
+            if group is None:
+                continue
+            try:
+                group.shutdown()
+            except Exception as exc:  # an actor already dead; the others still go
+                log.warning("shutting down the %s group: %s: %s", name, type(exc).__name__, exc)
+            setattr(self, name, None)
 
     def _prompt(self, i: int, step: int) -> str:
         """The chat prompt of sample ``i`` drawn for ``step`` (its question is drawn per step)."""
@@ -581,6 +601,7 @@ def run(cfg: GRPOConfig) -> dict:
         metrics["weights_in_sync"] = trainer.weights_in_sync()
     finally:
         tracker.finish()
+        trainer.shutdown()  # its placement groups freed: a next run in this Ray session can place its own
     return metrics
 
 

@@ -216,6 +216,35 @@ def test_grpo_asynchronous_rollouts_train_and_resume_without_losing_or_repeating
     assert final["weights_in_sync"] is True
 
 
+def test_two_grpo_runs_in_one_process_as_the_demo_runs_its_seeds(sft_run, tmp_path):
+    """The demo runs GRPO once per seed in one process and one Ray session: each run frees its
+    actor groups' placement groups when it ends, so the next one can place its own (on 2 CPUs the
+    second run's groups do not fit beside the first's: before the fix its start waited out
+    run.actor_start_timeout_s)."""
+    sft_out, _ = sft_run
+    script = f"""
+import json
+from ray.util import placement_group_table
+from rlsys import grpo
+from rlsys.config import load_config
+for seed in (0, 1):
+    cfg = load_config(None, ["run.out_dir={tmp_path}/seed" + str(seed), "run.seed=" + str(seed), "run.steps=1",
+                             "run.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=16",
+                             "tracking.mode=disabled", "run.actor_start_timeout_s=120",
+                             "run.init_checkpoint={sft_out / 'final'}", "data.train={sft_out / 'data' / 'train.jsonl'}"])
+    print("run", seed, "step", grpo.run(cfg)["step"], flush=True)
+print("placement groups", json.dumps(sorted(v["state"] for v in placement_group_table().values())))
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
+    assert "run 0 step 1" in r.stdout and "run 1 step 1" in r.stdout, r.stdout[-3000:]
+    # three groups per run, every one removed
+    states = json.loads(r.stdout.split("placement groups ")[1].splitlines()[0])
+    assert states == ["REMOVED"] * 6, states
+    for seed in (0, 1):
+        assert len((tmp_path / f"seed{seed}" / "steps.jsonl").read_text().splitlines()) == 1
+
+
 def test_qwen_json_vocabulary_sft_grpo_and_eval(tmp_path):
     """model.vocabulary=qwen_json through every stage, as a user runs them: SFT targets in
     Qwen2.5-VL's grounding JSON (Ray Train), GRPO with the real geometric scorer reading JSON in
