@@ -229,7 +229,7 @@ from rlsys import grpo
 from rlsys.config import load_config
 for seed in (0, 1):
     cfg = load_config(None, ["run.out_dir={tmp_path}/seed" + str(seed), "run.seed=" + str(seed), "run.steps=1",
-                             "run.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=16",
+                             "run.prompts_per_step=2", "rollout.samples_per_prompt=2", "learner.micro_batch_size=4", "rollout.max_new_tokens=16",
                              "tracking.mode=disabled", "run.actor_start_timeout_s=120",
                              "run.init_checkpoint={sft_out / 'final'}", "data.train={sft_out / 'data' / 'train.jsonl'}"])
     print("run", seed, "step", grpo.run(cfg)["step"], flush=True)
