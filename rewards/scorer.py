@@ -186,6 +186,31 @@ def score_recall_weighted(text: str, sample, **kw) -> RewardResult:
                         r.large_box, r.error)
 
 
+# Weight of score_missed_penalty's count term: the reward loses this much times the share of the
+# GT objects the answer wrote no instance for.
+MISSED_OBJECT_PENALTY = 0.2
+
+
+@_needs_decoder("sam")
+def score_missed_penalty(text: str, sample, **kw) -> RewardResult:
+    """:func:`score` minus :data:`MISSED_OBJECT_PENALTY` x ``max(0, num_gt - num_pred) / num_gt``,
+    for ``reward.scorer=rewards.scorer:score_missed_penalty``: F1 plus a one-sided count term.
+
+    Why (issue 19): under F1 (and under any F-beta) a box that misses its object lowers the
+    reward, so GRPO learns to leave out the box it is least sure of. On the demo's SFT answers to
+    three-object detection questions with three boxes, dropping the weakest box raises F1 in 39
+    of 75; F2 still in 26, since a box at IoU 0 costs precision whatever recall's weight. With
+    this term at 0.2 dropping it wins in 10 of 75. Too many boxes are not counted here: precision
+    already charges them. The reward ranges over ``[-0.2, 1]``; an answer with as many instances
+    as objects (or more) scores exactly :func:`score`."""
+    r = score(text, sample, **kw)
+    if r.num_gt == 0 or r.num_pred >= r.num_gt:
+        return r
+    reward = r.reward - MISSED_OBJECT_PENALTY * (r.num_gt - r.num_pred) / r.num_gt
+    return RewardResult(reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate,
+                        r.large_box, r.error)
+
+
 # GETok's grid-stage reward (section 3.3.1): format, non-repeat and box terms. The paper gives no
 # weights in its text; the geometric term carries the reward and the other two shape it.
 GRID_STAGE_WEIGHTS = {"geometry": 0.8, "format": 0.1, "non_repeat": 0.1}

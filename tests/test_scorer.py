@@ -276,3 +276,32 @@ def test_recall_weighted_scorer_hand_worked():
     assert score_recall_weighted(PAPER_TEXT, PEOPLE).reward == pytest.approx(1.0)
     none = sample(phrases=("cat",), instances=[])
     assert score_recall_weighted(seg("cat", "None"), none).reward == 1.0
+
+
+def test_missed_penalty_scorer_hand_worked():
+    from rewards.scorer import MISSED_OBJECT_PENALTY, score_missed_penalty
+
+    assert MISSED_OBJECT_PENALTY == 0.2  # the figures below are worked for it
+    smp = sample(instances=[Instance("person", box=(0, 0, 10, 10)), Instance("person", box=(20, 20, 30, 30)),
+                            Instance("person", box=(40, 40, 50, 50))])
+    # Two of three found exactly: F1 0.8, one object missed: 0.8 - 0.2 / 3 = 0.73333.
+    two = seg("person", "<0><0><10><10>,<20><20><30><30>")
+    r = score_missed_penalty(two, smp)
+    assert r.reward == pytest.approx(0.8 - 0.2 / 3)
+    assert (r.precision, r.recall, r.num_pred, r.num_gt) == pytest.approx((1.0, 2 / 3, 2, 3))
+    # A third box far off: F1 2/3 and no count term, so now leaving it out costs 0.067 instead of
+    # gaining 0.133 (under plain F1 the two-box answer scores 0.8 > 2/3).
+    three = seg("person", "<0><0><10><10>,<20><20><30><30>,<500><500><600><600>")
+    assert score_missed_penalty(three, smp).reward == pytest.approx(2 / 3)
+    assert score_missed_penalty(three, smp).reward == pytest.approx(score(three, smp).reward)
+    # One box: F1 2 * 1 * (1/3) / (4/3) = 0.5, two missed: 0.5 - 0.2 * 2/3 = 0.36667.
+    one = seg("person", "<0><0><10><10>")
+    assert score_missed_penalty(one, smp).reward == pytest.approx(0.5 - 0.4 / 3)
+    # "None" for three objects: F1 0, all missed: the floor -0.2.
+    assert score_missed_penalty(seg("person", "None"), smp).reward == pytest.approx(-0.2)
+    # Too many boxes are precision's business: no count term. Perfect and correctly empty answers score 1.
+    four = seg("person", "<0><0><10><10>,<20><20><30><30>,<40><40><50><50>,<500><500><600><600>")
+    assert score_missed_penalty(four, smp).reward == pytest.approx(score(four, smp).reward) == pytest.approx(6 / 7)
+    assert score_missed_penalty(PAPER_TEXT, PEOPLE).reward == pytest.approx(1.0)
+    none = sample(phrases=("cat",), instances=[])
+    assert score_missed_penalty(seg("cat", "None"), none).reward == 1.0
