@@ -62,6 +62,7 @@ from rewards.keypoint import keypoint_oks_f1
 from rewards.mask import MASK_DECODERS, decode_point_sets, mask_iou_f1, mask_points_f1, reference_points
 from rewards.point import point_in_box_f1, point_in_mask_f1
 from rlsys.data import OUTPUTS, TASKS
+from rlsys.format import Prediction
 from rlsys.vocab import REX_BINS, check_writes_masks
 
 MaskSource = Callable[..., Sequence]  # mask_source(sample) -> one HxW mask or COCO RLE per instance
@@ -209,6 +210,33 @@ def score_missed_penalty(text: str, sample, **kw) -> RewardResult:
     reward = r.reward - MISSED_OBJECT_PENALTY * (r.num_gt - r.num_pred) / r.num_gt
     return RewardResult(reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate,
                         r.large_box, r.error)
+
+
+def leave_one_out_gain(text: str, sample, score_fn: Callable = score, vocabulary=REX_BINS, **kw) -> float | None:
+    """What ``score_fn`` pays for leaving out one box: the best reward over the answers that drop
+    one of its boxes, minus the reward of the whole answer (both rendered again from the parsed
+    answer, so they differ in that box only). Measured where the answer has as many boxes as the
+    sample has objects, two or more (None elsewhere): a positive gain is the reward's pull
+    towards too few boxes (issue 19). ``kw`` goes to ``score_fn`` (``matching=``, ...)."""
+    if sample.output != "box" or len(sample.instances) < 2:
+        return None
+    vocabulary = vocabulary.for_sample(sample)
+    w, h = sample.width, sample.height
+    parsed = vocabulary.parse(text, w, h)
+    preds = list(parsed)  # phrases answered None stay in the text
+    boxes = [(k, j) for k, p in enumerate(preds) if p.kind == "box" for j in range(len(p.coords))]
+    if parsed.unreadable or len(boxes) != len(sample.instances) or len(boxes) != sum(len(p.coords) for p in preds):
+        return None  # another count, unreadable parts or instances of another kind: not this question
+
+    def reward(drop=None) -> float:
+        kept = []
+        for k, p in enumerate(preds):
+            coords = tuple(c for j, c in enumerate(p.coords) if (k, j) != drop)
+            kept.append(Prediction(p.phrase, p.kind, coords) if coords else Prediction(p.phrase, "none"))
+        return score_fn(vocabulary.render(kept, w, h), sample, vocabulary=vocabulary, **kw).reward
+
+    whole = reward()
+    return max(reward(b) for b in boxes) - whole
 
 
 # GETok's grid-stage reward (section 3.3.1): format, non-repeat and box terms. The paper gives no

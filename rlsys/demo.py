@@ -128,7 +128,9 @@ ROWS = (("F1@0.50", ("detection", "F1@0.50"), "box F1@0.50"), ("R@0.50", ("detec
         ("large-box rate (%)", ("detection", "large_box_rate"), None),
         ("right box count (%)", ("detection", "exact_count_rate"), None),
         ("too many boxes (%)", ("detection", "over_count_rate"), "too many boxes"),
-        ("too few boxes (%)", ("detection", "under_count_rate"), "too few boxes"))
+        ("too few boxes (%)", ("detection", "under_count_rate"), "too few boxes"),
+        # the run's reward would rise if a box were dropped (rlsys.eval: detection.leave_one_out)
+        ("dropping a box pays (%)", ("detection", "leave_one_out", "drop_pays_rate"), None))
 
 
 def report(sft_m: dict, grpo_ms: list[dict], steps_by_seed: dict, f1_by_seed: dict, out: Path, commands: list[str],

@@ -143,11 +143,17 @@ def mask_images(samples, answers, vocabulary, mask_decoder: str, mask_source=Non
     return imgs, tasks
 
 
-def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | None = None, mask_source=None) -> dict:
+def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | None = None, mask_source=None,
+                    reward=None) -> dict:
     """The paper's metrics over the samples, by task family; answers read by ``vocabulary``
     (default: the bins). Mask-output samples (GETok) are decoded by ``mask_decoder`` (``"sam"``
     with ``mask_source``, or ``"grid_cells"``; :func:`rlsys.prepare.mask_decoding` picks the
-    config's) and scored by mask IoU F1 (``mask``, ``mask_tasks``); without a decoder they raise."""
+    config's) and scored by mask IoU F1 (``mask``, ``mask_tasks``); without a decoder they raise.
+    ``reward``: the run's ``RewardConfig`` (default: the paper's scorer and matching), whose pull
+    towards too few boxes is reported as ``detection.leave_one_out``
+    (:func:`rewards.scorer.leave_one_out_gain`): over the box answers with as many boxes as
+    objects (two or more), the share where dropping a box would raise that reward, and the mean
+    best change."""
     import numpy as np
 
     from rewards.metrics import count_rates, detection_f1, duplicate_rate, gui_accuracy, large_box_rate, pointing_f1
@@ -155,6 +161,8 @@ def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | No
 
     d = task_images(samples, answers, vocabulary)
     det, det_tasks, point_imgs, gui_pts, gui_boxes = d["det"], d["det_tasks"], d["point"], d["gui_pts"], d["gui_boxes"]
+    from rlsys.vocab import REX_BINS
+
     out: dict = {"num_samples": len(samples)}
     if det:
         out["detection"] = detection_f1(det)
@@ -163,6 +171,7 @@ def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | No
         out["detection"].update(count_rates(det))
         out["detection"]["num_images"] = len(det)
         out["detection"]["predictions_per_image"] = float(np.mean([len(d["pred"]) for d in det]))
+        out["detection"]["leave_one_out"] = _leave_one_out(samples, answers, vocabulary or REX_BINS, reward, mask_source)
         # Categories are averaged (paper 5.1), so in the pooled figure every referring phrase is
         # a category of its own and outweighs the few detection categories; the paper reports
         # each task on its own benchmark, and so does this.
@@ -174,8 +183,6 @@ def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | No
         out["pointing"] = {**pointing_f1(point_imgs), "num_images": len(point_imgs)}
     if gui_pts:
         out["gui"] = {"accuracy": gui_accuracy(gui_pts, gui_boxes), "num_queries": len(gui_pts)}
-    from rlsys.vocab import REX_BINS
-
     if any(s.output == "mask" for s in samples):
         from rewards.metrics import mask_f1
 
@@ -190,6 +197,29 @@ def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | No
                for s, t in zip(samples, answers)]
     out["mean_reward"] = float(np.mean(rewards))
     return out
+
+
+def _leave_one_out(samples, answers, vocabulary, reward, mask_source) -> dict:
+    """``detection.leave_one_out`` of :func:`compute_metrics`, under ``reward``'s scorer and matching."""
+    import importlib
+    import inspect
+
+    import numpy as np
+
+    from rewards.scorer import leave_one_out_gain
+
+    scorer, matching = (reward.scorer, reward.matching) if reward is not None else ("rewards.scorer:score", "paper")
+    module, _, fn = scorer.partition(":")
+    score_fn = getattr(importlib.import_module(module), fn)
+    params = inspect.signature(score_fn).parameters
+    if "vocabulary" not in params and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        from rewards.scorer import score as score_fn  # a scorer of its own making reads the bins only
+
+        scorer = "rewards.scorer:score"
+    gains = [g for s, t in zip(samples, answers)
+             if (g := leave_one_out_gain(t, s, score_fn, vocabulary, matching=matching, mask_source=mask_source)) is not None]
+    return {"scorer": scorer, "answers": len(gains), "drop_pays_rate": float(np.mean([g > 1e-9 for g in gains])) if gains else None,
+            "mean_best_gain": float(np.mean(gains)) if gains else None}
 
 
 def draw_grid(samples, answers, path, cols: int = 4, max_images: int = 16, vocabulary=None) -> None:
@@ -228,7 +258,7 @@ def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | No
         check_targets(samples, vocabulary)
         decoder, mask_source = mask_decoding(cfg.reward)
     answers = generate_answers(str(checkpoint), samples, cfg, max_new_tokens=max_new_tokens, processor=proc)
-    metrics = compute_metrics(samples, answers, vocabulary, mask_decoder=decoder, mask_source=mask_source)
+    metrics = compute_metrics(samples, answers, vocabulary, mask_decoder=decoder, mask_source=mask_source, reward=cfg.reward)
     metrics["vocabulary"] = vocabulary.name
     metrics["checkpoint"] = str(checkpoint)
     with (out / "predictions.jsonl").open("w") as f:

@@ -27,3 +27,24 @@ def test_box_tasks_are_scored_pooled_and_each_on_its_own():
     # pooled: two categories averaged, one perfect and one missed -> R = P = 0.5
     assert m["detection"]["F1@0.50"] == pytest.approx(0.5, abs=1e-3)
     assert m["detection"]["num_images"] == 2 and m["detection"]["predictions_per_image"] == 1.5
+
+
+def test_leave_one_out_is_measured_under_the_runs_reward():
+    from rlsys.config import load_config
+
+    three = _sample("t", "detection", ["circle"] * 3, [(0, 0, 20, 20), (40, 40, 60, 60), (70, 70, 90, 90)])
+    # two boxes exact, the third on nothing: dropping it raises F1 (0.8 against 2/3) and the
+    # count term's reward (0.7333 against 2/3); the exact answer loses by dropping any box
+    off = _sample("t", "detection", ["circle"] * 3, [(0, 0, 20, 20), (40, 40, 60, 60), (0, 70, 10, 80)])
+    two = _sample("u", "detection", ["circle"] * 2, [(0, 0, 20, 20), (40, 40, 60, 60)])
+    samples = [three, three, two]
+    answers = [answer_text(off), answer_text(three), answer_text(_sample("u", "detection", ["circle"], [(0, 0, 20, 20)]))]
+    loo = compute_metrics(samples, answers)["detection"]["leave_one_out"]
+    assert loo["scorer"] == "rewards.scorer:score" and loo["answers"] == 2  # the one-box answer to two objects is not measured
+    assert loo["drop_pays_rate"] == 0.5
+    assert loo["mean_best_gain"] == pytest.approx((0.8 - 2 / 3 - 0.2) / 2, abs=0.01)  # binning moves IoUs a little
+    cfg = load_config(overrides=["reward.scorer=rewards.scorer:score_missed_penalty"])
+    loo = compute_metrics(samples, answers, reward=cfg.reward)["detection"]["leave_one_out"]
+    assert loo["scorer"] == "rewards.scorer:score_missed_penalty"
+    # the exact answer's best drop now also pays the count term: 0.8 - 0.2/3 against 1
+    assert loo["mean_best_gain"] == pytest.approx((0.8 - 0.2 / 3 - 2 / 3 + 0.8 - 0.2 / 3 - 1) / 2, abs=0.01)

@@ -305,3 +305,31 @@ def test_missed_penalty_scorer_hand_worked():
     assert score_missed_penalty(PAPER_TEXT, PEOPLE).reward == pytest.approx(1.0)
     none = sample(phrases=("cat",), instances=[])
     assert score_missed_penalty(seg("cat", "None"), none).reward == 1.0
+
+
+def test_leave_one_out_gain_hand_worked():
+    from rewards.scorer import leave_one_out_gain, score_missed_penalty, score_recall_weighted
+
+    smp = sample(instances=[Instance("person", box=(0, 0, 10, 10)), Instance("person", box=(20, 20, 30, 30)),
+                            Instance("person", box=(40, 40, 50, 50))])
+    # Two exact boxes and one far off: F1 2/3; without the far box 0.8 (P 1, R 2/3): +0.1333.
+    far = seg("person", "<0><0><10><10>,<20><20><30><30>,<500><500><600><600>")
+    assert leave_one_out_gain(far, smp) == pytest.approx(0.8 - 2 / 3)
+    # F2: 10/14 against 2/3, +0.0476; the count term: 0.8 - 0.2/3 against 2/3, +0.0667.
+    assert leave_one_out_gain(far, smp, score_recall_weighted) == pytest.approx(10 / 14 - 2 / 3)
+    assert leave_one_out_gain(far, smp, score_missed_penalty) == pytest.approx(0.8 - 0.2 / 3 - 2 / 3)
+    # All three exact: dropping any costs 1 - 0.8.
+    exact = seg("person", "<0><0><10><10>,<20><20><30><30>,<40><40><50><50>")
+    assert leave_one_out_gain(exact, smp) == pytest.approx(-0.2)
+    assert leave_one_out_gain(exact, smp, matching="hungarian") == pytest.approx(-0.2)
+    # Not measured: another count than the objects', one object, unreadable parts, points.
+    assert leave_one_out_gain(seg("person", "<0><0><10><10>,<20><20><30><30>"), smp) is None
+    assert leave_one_out_gain(seg("person", "<0><0><10><10>"), sample(instances=[Instance("person", box=(0, 0, 10, 10))])) is None
+    assert leave_one_out_gain(exact.replace("<40><40><50><50>", "<40><40><50>"), smp) is None
+    assert leave_one_out_gain(seg("person", "<5><5>,<25><25>,<45><45>"), smp) is None
+    # A phrase answered None stays in both texts: two phrases, "cat" absent.
+    two = sample(phrases=("person", "cat"), instances=[Instance("person", box=(0, 0, 10, 10)),
+                                                      Instance("person", box=(20, 20, 30, 30))])
+    text = seg("person", "<0><0><10><10>,<20><20><30><30>") + ", " + seg("cat", "None")
+    assert score(text, two).reward == pytest.approx(1.0)
+    assert leave_one_out_gain(text, two) == pytest.approx(2 * 1 * 0.5 / 1.5 - 1.0)
