@@ -218,7 +218,7 @@ def _leave_one_out(samples, answers, vocabulary, reward, mask_source) -> dict:
         scorer = "rewards.scorer:score"
     gains = [g for s, t in zip(samples, answers)
              if (g := leave_one_out_gain(t, s, score_fn, vocabulary, matching=matching, mask_source=mask_source)) is not None]
-    return {"scorer": scorer, "answers": len(gains), "drop_pays_rate": float(np.mean([g > 1e-9 for g in gains])) if gains else None,
+    return {"scorer": scorer, "matching": matching, "answers": len(gains), "drop_pays_rate": float(np.mean([g > 1e-9 for g in gains])) if gains else None,
             "mean_best_gain": float(np.mean(gains)) if gains else None}
 
 
