@@ -474,3 +474,19 @@ def test_serve_binds_the_request_proposals_for_chatrex_only():
     bad_req = DetectRequest(image="x", task="detection", categories=["cat"], proposals=[[10, 10, 500, 50]])
     with pytest.raises(RequestError, match="inside the 200x100 image"):
         bind_vocabulary(bad_req, "box", 200, 100, ChatRex())
+
+
+@pytest.mark.parametrize("voc", [QJ, GETok(16, False), GETok(32, True), REX_BINS, ChatRex()], ids=lambda v: v.name)
+def test_leave_one_out_gain_reads_and_writes_every_vocabulary(voc):
+    """rlsys.eval's leave_one_out re-renders the answer less one box in the model's vocabulary:
+    the gain is the reward of the one-box answer it keeps best, less the two-box answer's."""
+    from rewards.scorer import leave_one_out_gain
+
+    insts = [Instance("cat", box=tuple(PROPS[0])), Instance("cat", box=tuple(PROPS[1]))]
+    smp = _cr_sample(insts)
+    v = voc.for_sample(smp)
+    both = v.render([Prediction("cat", "box", (tuple(PROPS[0]), tuple(PROPS[2])))], 200, 100)
+    kept = v.render([Prediction("cat", "box", (tuple(PROPS[0]),))], 200, 100)
+    want = score(kept, smp, vocabulary=voc).reward - score(both, smp, vocabulary=voc).reward
+    assert want > 0.1  # the box on the third proposal matches no cat
+    assert leave_one_out_gain(both, smp, vocabulary=voc) == pytest.approx(want)
