@@ -276,6 +276,9 @@ def format_table(metrics: dict) -> str:
               "exact_count_rate", "over_count_rate", "under_count_rate"):
         if k in d:
             rows.append(f"| {k} | {d[k]:.3f} |")
+    loo = d.get("leave_one_out") or {}
+    if loo.get("drop_pays_rate") is not None:
+        rows.append(f"| dropping a box pays, {loo['scorer'].split(':')[-1]} ({loo['answers']} answers) | {loo['drop_pays_rate']:.3f} |")
     for task, m in metrics.get("box_tasks", {}).items():
         rows.append(f"| {task}: F1@0.50 / F1@mIoU | {m['F1@0.50']:.3f} / {m['F1@mIoU']:.3f} |")
     if "pointing" in metrics:
