@@ -2,8 +2,9 @@
 (or ``python -m rlsys.bench_learning``).
 
 From one SFT model (default: the demo's, ``runs/demo/sft2/final``) and its training data, with the
-real geometric scorer (``rewards.scorer.score``) and the demo's GRPO settings
-(``configs/demo_grpo_tiny_cpu.yaml``: G 8, lr 1e-4, KL 0.01, temperature 0.5, 64 new tokens):
+config's geometric scorer (``reward.scorer``) and the demo's GRPO settings
+(``configs/demo_grpo_tiny_cpu.yaml``: G 8, lr 1e-4, KL 0.01, temperature 0.7, 64 new tokens,
+the count-term reward):
 
 - **fixed**: GRPO on a fixed set of ``--fixed-prompts`` training prompts (every step draws all of
   them) for ``--fixed-steps`` steps; the guarded figure is the GREEDY reward on those prompts
