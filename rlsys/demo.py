@@ -235,12 +235,43 @@ def intervals_for(sft_pred: Path, grpo_preds: list[Path], samples, vocabulary, *
             for name in base}
 
 
+# Settings a finished GRPO stage may have had otherwise without changing what it trained.
+_SETTINGS_NOT_TRAINED = ("run.progress_label", "run.resume", "run.checkpoint_every_steps", "tracking")
+
+
+def _changed_settings(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted names whose values differ between two config dumps, with both values."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        key = f"{prefix}{k}"
+        if any(key == n or key.startswith(n + ".") for n in _SETTINGS_NOT_TRAINED):
+            continue
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_settings(a, b, key + ".")
+        elif a != b:
+            out.append(f"{key}: {a!r} then, {b!r} now")
+    return out
+
+
 def _stage_done(cfg: GRPOConfig) -> bool:
+    """Whether GRPO seed ``cfg.run.seed`` has finished in ``cfg.run.out_dir`` with these settings.
+    A stage finished with other settings (the demo's config changed since, other ``--grpo``
+    overrides) is refused rather than reused under this run's name."""
     latest = Path(cfg.run.out_dir) / "checkpoints" / "latest"
     if not latest.is_file():
         return False
-    state = latest.parent / latest.read_text().strip() / "trainer_state.json"
-    return json.loads(state.read_text())["step"] >= cfg.run.steps
+    state = json.loads((latest.parent / latest.read_text().strip() / "trainer_state.json").read_text())
+    if state["step"] < cfg.run.steps:
+        return False  # grpo.run resumes it
+    now = json.loads(json.dumps(cfg.model_dump(), default=str))
+    changed = _changed_settings(json.loads(json.dumps(state.get("config", {}), default=str)), now)
+    if changed:
+        run_dir = Path(cfg.run.out_dir)
+        raise ConfigError(f"{run_dir} finished with other settings ({'; '.join(changed[:4])}"
+                          f"{'; ...' if len(changed) > 4 else ''}): give another --out, or delete {run_dir} "
+                          f"and {run_dir.parent / 'eval' / run_dir.name} to train it again")
+    return True
 
 
 def main(argv=None) -> int:
@@ -257,8 +288,9 @@ def main(argv=None) -> int:
     p.add_argument("--bootstrap-resamples", type=int, default=1000)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(a.out).resolve()
-    try:  # every stage's config is checked before Ray starts
+    try:  # every stage's config, and what a finished stage was trained with, is checked before Ray starts
         stages, runs = plan(out, a.sft_configs, a.sft, a.grpo_config, a.grpo, a.seeds)
+        done = [_stage_done(cfg) for cfg in runs]
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -282,8 +314,8 @@ def main(argv=None) -> int:
         sft.run(stage)
     sft_cfg = stages[-1]
     sft_final = Path(sft_cfg.run.out_dir) / "final"
-    for k, cfg in enumerate(runs, start=len(stages) + 1):
-        if _stage_done(cfg):
+    for k, (cfg, finished) in enumerate(zip(runs, done), start=len(stages) + 1):
+        if finished:
             banner(k, f"grpo seed {cfg.run.seed}: done before, reused")
             continue
         banner(k, f"grpo seed {cfg.run.seed}: {cfg.run.steps} steps -> {cfg.run.out_dir}")

@@ -33,6 +33,40 @@ def test_plan_chains_the_sft_stages_into_grpo(tmp_path):
         assert getattr(grpo.data, key) == getattr(two.data, key), key
 
 
+def _finished(cfg, step):
+    """A GRPO stage as grpo.run leaves it: checkpoints/latest naming a step with its trainer state."""
+    import json
+    from pathlib import Path
+
+    ck = Path(cfg.run.out_dir) / "checkpoints"
+    (ck / f"step_{step:06d}").mkdir(parents=True)
+    (ck / f"step_{step:06d}" / "trainer_state.json").write_text(json.dumps({"step": step, "config": cfg.model_dump()}))
+    (ck / "latest").write_text(f"step_{step:06d}")
+
+
+def test_a_finished_grpo_stage_is_reused_only_with_its_settings(tmp_path, capsys):
+    from rlsys.demo import _stage_done
+
+    _, (then,) = plan(tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, ["run.steps=3"], seeds=[0])
+    assert not _stage_done(then)  # nothing there yet
+    _finished(then, 3)
+    # the same settings, labelled and checkpointed otherwise: reused
+    _, (same,) = plan(tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, ["run.steps=3", "run.checkpoint_every_steps=1"], seeds=[0])
+    assert _stage_done(same)
+    # more steps: not done, grpo.run resumes it
+    _, (longer,) = plan(tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, ["run.steps=5"], seeds=[0])
+    assert not _stage_done(longer)
+    # another reward (the demo's config changed, or other --grpo overrides): refused, naming the setting
+    _, (other,) = plan(tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, ["run.steps=3", "reward.scorer=rewards.scorer:score",
+                                                                          "rollout.temperature=0.5"], seeds=[0])
+    with pytest.raises(ConfigError, match=r"reward.scorer: 'rewards.scorer:score_missed_penalty' then, 'rewards.scorer:score' now; "
+                                          r"rollout.temperature: 0.7 then, 0.5 now"):
+        _stage_done(other)
+    # and main says so before anything starts
+    assert main(["--out", str(tmp_path), "--seeds", "0", "--grpo", "run.steps=3", "rollout.temperature=0.5"]) == 2
+    assert "finished with other settings (rollout.temperature: 0.7 then, 0.5 now)" in capsys.readouterr().err
+
+
 def test_plan_rejects_a_bad_stage_before_anything_runs(tmp_path, capsys):
     with pytest.raises(ConfigError, match="train.steps"):
         plan(tmp_path, DEMO_SFT_CONFIGS, ["train.steps=0"], DEMO_GRPO_CONFIG, [])
