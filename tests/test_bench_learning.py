@@ -110,7 +110,11 @@ def test_trl_grpo_trainer_trains_the_tiny_model_on_rlsys_rewards(tiny_model_dir,
     t = run_trl(tmp_path / "trl", Path(tiny_model_dir), data, steps=2, prompts_per_step=2, config=DEMO_GRPO_CONFIG,
                 overrides=["rollout.max_new_tokens=16", "rollout.samples_per_prompt=2", "data.tasks=null"], timeout_s=900,
                 checkpoint_every=1)
-    assert len(t["rewards"]) == 2 and t["samples_per_step"] == 4 and all(0.0 <= r <= 1.0 for r in t["rewards"])
+    # the demo's reward is F1 with the count term (rewards.scorer.score_missed_penalty): [-0.2, 1]
+    from rewards.scorer import MISSED_OBJECT_PENALTY
+
+    assert len(t["rewards"]) == 2 and t["samples_per_step"] == 4
+    assert all(-MISSED_OBJECT_PENALTY <= r <= 1.0 for r in t["rewards"]), t["rewards"]
     assert [Path(c).name for c in t["checkpoints"]] == ["step_000001", "step_000002"]
     from rlsys.models import load_model, load_processor
 
