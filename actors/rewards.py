@@ -24,10 +24,9 @@ def _zero(error: str) -> dict:
 class RewardWorker:
     def __init__(self, matching: str, sam_checkpoint: str | None = None, scorer: str = "rewards.scorer:score",
                  vocabulary=None):
-        import importlib
+        from rewards.scorer import load_scorer
 
-        module, _, fn = scorer.partition(":")
-        self.score_fn = getattr(importlib.import_module(module), fn)
+        self.score_fn = load_scorer(scorer)
         self.matching = matching
         # the model's vocabulary reaches the scorer as ``vocabulary=``; a custom scorer without
         # that argument reads the default bins only
@@ -67,14 +66,11 @@ def scorer_vocabulary(scorer: str, vocabulary):
     """What to hand ``scorer`` as ``vocabulary=``: ``vocabulary`` when the scorer takes it (or
     ``**kwargs``); None (not passed) for one that does not, which is refused unless the
     vocabulary is the default bins: such a scorer would read another language than the model's."""
-    import importlib
-    import inspect
+    from rewards.scorer import load_scorer, takes_vocabulary
 
     if vocabulary is None:
         return None
-    module, _, fn = scorer.partition(":")
-    params = inspect.signature(getattr(importlib.import_module(module), fn)).parameters
-    if "vocabulary" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    if takes_vocabulary(load_scorer(scorer)):
         return vocabulary
     if vocabulary.name != "rex_bins":
         raise ValueError(f"reward.scorer {scorer} takes no vocabulary= argument, so it cannot read model.vocabulary "

@@ -89,6 +89,22 @@ class RewardResult:
     error: str | None = None
 
 
+def load_scorer(spec: str) -> Callable:
+    """The function ``reward.scorer`` names (``module:function``)."""
+    import importlib
+
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def takes_vocabulary(score_fn: Callable) -> bool:
+    """Whether ``score_fn`` accepts ``vocabulary=`` (by name, or through ``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(score_fn).parameters
+    return "vocabulary" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def _needs_decoder(decoder: str | None):
     """Mark a scorer with the mask decoder its mask answers need (None: no decoding)."""
     def mark(fn):

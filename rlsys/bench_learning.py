@@ -191,9 +191,8 @@ def trl_worker(args: dict) -> None:
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    import importlib
-
     from actors.rewards import scorer_vocabulary
+    from rewards.scorer import load_scorer
     from rlsys.config import load_config
     from rlsys.data import load_dataset
     from rlsys.models import load_model, param_part, processor_for
@@ -258,8 +257,7 @@ def trl_worker(args: dict) -> None:
                 trainer.save_model(str(out / f"step_{state.global_step:06d}"))
                 processor.save_pretrained(str(out / f"step_{state.global_step:06d}"))
 
-    module, _, fn = cfg.reward.scorer.partition(":")
-    scorer = getattr(importlib.import_module(module), fn)
+    scorer = load_scorer(cfg.reward.scorer)
     reward_fn = trl_reward_function(by_id, processor.tokenizer, scorer_vocabulary(cfg.reward.scorer, vocabulary), scorer,
                                     matching=cfg.reward.matching, mask_source=None)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn],

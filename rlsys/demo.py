@@ -265,7 +265,7 @@ def _stage_done(cfg: GRPOConfig) -> bool:
     if state["step"] < cfg.run.steps:
         return False  # grpo.run resumes it
     now = json.loads(json.dumps(cfg.model_dump(), default=str))
-    changed = _changed_settings(json.loads(json.dumps(state.get("config", {}), default=str)), now)
+    changed = _changed_settings(state.get("config", {}), now)
     if changed:
         run_dir = Path(cfg.run.out_dir)
         raise ConfigError(f"{run_dir} finished with other settings ({'; '.join(changed[:4])}"

@@ -201,21 +201,14 @@ def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | No
 
 def _leave_one_out(samples, answers, vocabulary, reward, mask_source) -> dict:
     """``detection.leave_one_out`` of :func:`compute_metrics`, under ``reward``'s scorer and matching."""
-    import importlib
-    import inspect
-
     import numpy as np
 
-    from rewards.scorer import leave_one_out_gain
+    from rewards.scorer import leave_one_out_gain, load_scorer, score, takes_vocabulary
 
     scorer, matching = (reward.scorer, reward.matching) if reward is not None else ("rewards.scorer:score", "paper")
-    module, _, fn = scorer.partition(":")
-    score_fn = getattr(importlib.import_module(module), fn)
-    params = inspect.signature(score_fn).parameters
-    if "vocabulary" not in params and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        from rewards.scorer import score as score_fn  # a scorer of its own making reads the bins only
-
-        scorer = "rewards.scorer:score"
+    score_fn = load_scorer(scorer)
+    if not takes_vocabulary(score_fn):  # a scorer of its own making reads the bins only
+        scorer, score_fn = "rewards.scorer:score", score
     gains = [g for s, t in zip(samples, answers)
              if (g := leave_one_out_gain(t, s, score_fn, vocabulary, matching=matching, mask_source=mask_source)) is not None]
     return {"scorer": scorer, "matching": matching, "answers": len(gains), "drop_pays_rate": float(np.mean([g > 1e-9 for g in gains])) if gains else None,

@@ -145,11 +145,10 @@ def scorer_mask_decoder(scorer: str) -> str | None:
     """The mask decoder ``reward.scorer`` (``module:function``) decodes mask answers with: its
     ``mask_decoder`` attribute (:mod:`rewards.scorer`), ``"sam"``, ``"grid_cells"``, None for
     one that decodes nothing, ``"unknown"`` for a scorer that does not say."""
-    import importlib
+    from rewards.scorer import load_scorer
 
-    module, _, fn = scorer.partition(":")
     try:
-        f = getattr(importlib.import_module(module), fn)
+        f = load_scorer(scorer)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"reward.scorer {scorer}: cannot import it ({exc})") from None
     return getattr(f, "mask_decoder", "unknown")
