@@ -23,4 +23,4 @@ bench: setup
 	.venv/bin/python -m rlsys.bench $(ARGS)
 
 bench-rewards: setup
-	.venv/bin/python -m rlsys.bench_rewards
+	.venv/bin/python -m rlsys.bench.rewards

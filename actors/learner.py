@@ -1,5 +1,5 @@
 """DeepSpeed learner rank (and the colocated frozen reference policy). Placement and state only:
-the loss is :func:`rlsys.algorithm.policy_loss`, the inputs come from :mod:`rlsys.sequences`."""
+the loss is :func:`rlsys.grpo.algorithm.policy_loss`, the inputs come from :mod:`rlsys.grpo.sequences`."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class LearnerWorker:
         self.processor = load_processor(model_dir, trust_remote_code=trust_remote_code, pixels=pixels,
                                         tokens=tokens)
         self.pad_id = self.processor.tokenizer.pad_token_id
-        from rlsys.sequences import banned_token_ids
+        from rlsys.grpo.sequences import banned_token_ids
 
         self.banned = banned_token_ids(self.processor.tokenizer)  # biased as the engines bias them
         model = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -94,7 +94,7 @@ class LearnerWorker:
             "bf16": {"enabled": dtype == "bfloat16"},
             "steps_per_print": 10**9,
         }
-        from rlsys.algorithm import warmup_factor
+        from rlsys.grpo.algorithm import warmup_factor
 
         # DeepSpeed steps the schedule with each optimizer step and saves it in its checkpoints,
         # so a resumed run continues the warm-up where it stopped.
@@ -109,7 +109,7 @@ class LearnerWorker:
         return self.rank
 
     def _batch(self, chunk):
-        from rlsys.sequences import build_batch
+        from rlsys.grpo.sequences import build_batch
 
         before = len(self._cache)
         inputs, targets, mask = build_batch(self.processor, chunk, self.pad_id, self._cache)
@@ -128,7 +128,7 @@ class LearnerWorker:
         forward, detached, gives them."""
         import torch
 
-        from rlsys.sequences import token_logprobs
+        from rlsys.grpo.sequences import token_logprobs
 
         if self.ref is None:
             raise ValueError("learner: reference log-probs asked for, but kl_coef is 0 (no reference model loaded)")
@@ -147,7 +147,7 @@ class LearnerWorker:
         """One optimizer step over ``items`` (this rank's shard, possibly empty). Each item carries
         ``advantage``, ``ref_logp`` (per answer token, when ``kl_coef`` > 0), ``engine_logp`` (the
         behaviour policy's, as the engine reported them) and ``correct`` (apply the off-policy
-        correction: its answers came from older weights, see :func:`rlsys.algorithm.policy_loss`).
+        correction: its answers came from older weights, see :func:`rlsys.grpo.algorithm.policy_loss`).
 
         ``num_micro_batches``: how many forward/backward passes every rank runs this step (the
         same on all ranks: ZeRO-2 reduces gradients on every backward). A rank whose shard needs
@@ -155,8 +155,8 @@ class LearnerWorker:
         ``num_tokens_global``: answer tokens over all ranks, the loss's normaliser."""
         import torch
 
-        from rlsys.algorithm import policy_loss
-        from rlsys.sequences import token_logprobs
+        from rlsys.grpo.algorithm import policy_loss
+        from rlsys.grpo.sequences import token_logprobs
 
         mb = self.cfg["micro_batch_size"]
         need = -(-len(items) // mb)
@@ -272,7 +272,7 @@ class LearnerWorker:
         """Log-prob of every prompt token after the first, as :meth:`RolloutWorker.prompt_logprobs`."""
         import torch
 
-        from rlsys.sequences import encode_prompts
+        from rlsys.grpo.sequences import encode_prompts
 
         enc = encode_prompts(self.processor, [{"prompt": prompt, "image": image}])[0]
         inputs = {k: v.to(self.device) for k, v in enc.items()}
@@ -339,7 +339,7 @@ class LearnerGroup:
     def __init__(self, cfg, model_dir: str, start_timeout_s: float):
         from actors.group import bundle, call, in_bundle, placement_group
 
-        from rlsys.vocab import model_tokens
+        from rlsys.lang.vocab import model_tokens
 
         self.cfg = cfg
         le = cfg.learner

@@ -40,7 +40,7 @@ class RewardWorker:
     def ready(self) -> bool:
         # Import the scoring stack now, so the first batch's timeout measures scoring only.
         import rewards.scorer  # noqa: F401
-        import rlsys.data  # noqa: F401
+        import rlsys.data.samples  # noqa: F401
 
         return True
 
@@ -48,7 +48,7 @@ class RewardWorker:
         """``items``: (answer text, sample dict). A sample that raises comes back with ``failed``."""
         from dataclasses import asdict
 
-        from rlsys.data import Sample
+        from rlsys.data.samples import Sample
 
         out = []
         for text, sd in items:

@@ -57,7 +57,7 @@ class RolloutWorker:
         # the processor, and an <|image_pad|> in an answer is taken for an image slot with no
         # features ("Image features and image tokens do not match"; a random tiny model samples
         # one in a few hundred tokens). A bias of -100 (vLLM's floor) removes them.
-        from rlsys.sequences import BANNED_LOGIT_BIAS, banned_token_ids
+        from rlsys.grpo.sequences import BANNED_LOGIT_BIAS, banned_token_ids
 
         self.banned = {i: BANNED_LOGIT_BIAS for i in banned_token_ids(self.llm.get_tokenizer())}
 

@@ -3,7 +3,7 @@
 Pure functions on numpy arrays in pixels: nothing here imports Ray, vLLM or DeepSpeed (a test
 checks), so reward workers, evaluation and notebooks share one implementation.
 
-- :func:`score` (``rewards.scorer``): model text + :class:`rlsys.data.Sample` -> :class:`RewardResult`;
+- :func:`score` (``rewards.scorer``): model text + :class:`rlsys.data.samples.Sample` -> :class:`RewardResult`;
   :func:`score_coco_thresholds` credits boxes at IoU 0.50:0.95 instead of by IoU.
 - Rewards, each -> :class:`F1Result` (``.f1`` is the reward): :func:`box_iou_f1`,
   :func:`polygon_iou_f1`, :func:`point_in_mask_f1`, :func:`point_in_box_f1`, :func:`keypoint_oks_f1`,

@@ -99,7 +99,7 @@ def box_iou(a, b) -> np.ndarray:
     a = as_array(a, 4, "boxes a")
     b = as_array(b, 4, "boxes b")
     va, vb = valid_boxes(a), valid_boxes(b)
-    # In-place [N, M] arithmetic: this is the reward's hot loop (see rlsys.bench_rewards).
+    # In-place [N, M] arithmetic: this is the reward's hot loop (see rlsys.bench.rewards).
     with np.errstate(invalid="ignore", divide="ignore"):  # invalid rows/columns are zeroed below
         iw = np.minimum(a[:, None, 2], b[None, :, 2])
         iw -= np.maximum(a[:, None, 0], b[None, :, 0])

@@ -12,7 +12,7 @@ grid-stage rewards that read masks (GETok paper, sections 3.2.1 and 3.3.1, appen
 - :func:`mask_iou_f1`: the mask reward, F1 with mask IoU as the pair similarity.
 - :func:`point_set_scores` / :func:`mask_points_f1`: the semantic-critical points reward.
 
-The grid is GETok's (:class:`rlsys.vocab.GETok`): ``grid`` x ``grid`` cells over the image; the
+The grid is GETok's (:class:`rlsys.lang.vocab.GETok`): ``grid`` x ``grid`` cells over the image; the
 point at pixel ``(x, y)`` lies in cell ``(floor(x / W * grid), floor(y / H * grid))`` (clamped
 to the grid), cell ``(i, j)``'s grid point is its centre ``((i + 0.5) W / grid, (j + 0.5) H /
 grid)``, and a pixel belongs to the cell its centre lies in. A point is inside a mask when the

@@ -1,7 +1,7 @@
 """Slow, obvious references for the vectorised rewards: plain Python loops, one box at a time.
 
 Tests check :func:`rewards.box_iou_f1` against :func:`box_iou_f1_reference` on random inputs,
-and ``python -m rlsys.bench_rewards`` times the two on the same input. Keep these dumb.
+and ``python -m rlsys.bench.rewards`` times the two on the same input. Keep these dumb.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Score one model answer against one :class:`rlsys.data.Sample`: the reward workers' entry point.
+"""Score one model answer against one :class:`rlsys.data.samples.Sample`: the reward workers' entry point.
 
 ``score(text, sample)`` reads the text into geometry in the sample's pixels through the model's
-vocabulary (``vocabulary``, :mod:`rlsys.vocab`; Rex-Omni's bins by default; parsing never
+vocabulary (``vocabulary``, :mod:`rlsys.lang.vocab`; Rex-Omni's bins by default; parsing never
 raises) and picks the reward from the sample's output (paper section 4.2.3):
 
 ====================  ===========================================  =====================
@@ -30,7 +30,7 @@ of points) and matched one to one (Hungarian, GETok appendix C.3) whatever ``mat
 The decoder is chosen by name, never by what happens to be configured: ``score`` decodes with
 SAM and raises (naming the fix) without a SAM mask source; :func:`score_cell_masks` is the
 SAM-free choice. Each scorer says which decoder it needs in its ``mask_decoder`` attribute
-(None: none), which :func:`rlsys.prepare.check_point_masks` checks against the config at start.
+(None: none), which :func:`rlsys.data.prepare.check_point_masks` checks against the config at start.
 
 How an answer's parts count (all predictions are per instance, labelled by their phrase):
 
@@ -61,9 +61,9 @@ from rewards.f1 import MATCHINGS, F1Result, f1_from_sum, f_beta
 from rewards.keypoint import keypoint_oks_f1
 from rewards.mask import MASK_DECODERS, decode_point_sets, mask_iou_f1, mask_points_f1, reference_points
 from rewards.point import point_in_box_f1, point_in_mask_f1
-from rlsys.data import OUTPUTS, TASKS
-from rlsys.format import Prediction
-from rlsys.vocab import REX_BINS, check_writes_masks
+from rlsys.data.samples import OUTPUTS, TASKS
+from rlsys.lang.format import Prediction
+from rlsys.lang.vocab import REX_BINS, check_writes_masks
 
 MaskSource = Callable[..., Sequence]  # mask_source(sample) -> one HxW mask or COCO RLE per instance
 
@@ -118,7 +118,7 @@ def score(text: str, sample, *, mask_source: MaskSource | None = None, matching:
           box_iou_thresholds=None, vocabulary=REX_BINS, box_corner_term: bool = False, mask_decoder: str = "sam",
           mask_points_weight: float = 0.0) -> RewardResult:
     """Reward of ``text`` for ``sample``; see the module docstring for the rules. ``vocabulary``
-    is the one the model writes in (:func:`rlsys.vocab.make_vocabulary`).
+    is the one the model writes in (:func:`rlsys.lang.vocab.make_vocabulary`).
 
     ``box_iou_thresholds``: score box answers by the fraction of these IoU thresholds each
     matched box reaches (:func:`rewards.box.threshold_credit`) instead of by its IoU.
@@ -464,7 +464,7 @@ def _check_sample(sample) -> None:
     """Raise ``ValueError`` for a sample a reward cannot be computed against."""
     for attr in ("id", "width", "height", "task", "output", "phrases", "instances"):
         if not hasattr(sample, attr):
-            raise ValueError(f"score: expected an rlsys.data.Sample, got {type(sample).__name__} without '{attr}'")
+            raise ValueError(f"score: expected an rlsys.data.samples.Sample, got {type(sample).__name__} without '{attr}'")
     where = f"sample {sample.id!r}"
     for name in ("width", "height"):
         v = getattr(sample, name)

@@ -71,10 +71,10 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: str | None = Field(None, description="Local Hugging Face checkpoint directory. None: build (once) the tiny random-weight Qwen2.5-VL under run.out_dir/tiny-model.")
-    vocabulary: Literal["rex_bins", "qwen_json", "getok", "chatrex"] = Field("rex_bins", description="How the model writes geometry (rlsys.vocab): rex_bins, Rex-Omni's coordinate tokens <0>..<999>; qwen_json, Qwen2.5-VL's own grounding JSON (bbox_2d / point_2d in pixels of the resized image), what a base Qwen2.5-VL already answers; getok, GETok's grid tokens <gridX_Y> with offset tokens <OFFdx_dy> and <DELETE>; chatrex, ChatRex's proposal indices <obj0>.. into candidate boxes listed in the question. Used by SFT targets, questions, rewards, eval and Serve.")
+    vocabulary: Literal["rex_bins", "qwen_json", "getok", "chatrex"] = Field("rex_bins", description="How the model writes geometry (rlsys.lang.vocab): rex_bins, Rex-Omni's coordinate tokens <0>..<999>; qwen_json, Qwen2.5-VL's own grounding JSON (bbox_2d / point_2d in pixels of the resized image), what a base Qwen2.5-VL already answers; getok, GETok's grid tokens <gridX_Y> with offset tokens <OFFdx_dy> and <DELETE>; chatrex, ChatRex's proposal indices <obj0>.. into candidate boxes listed in the question. Used by SFT targets, questions, rewards, eval and Serve.")
     getok_grid: int = Field(32, ge=2, le=256, description="vocabulary=getok: cells per image side (the paper's 32); getok_grid² + 10 tokens are added to a base checkpoint.")
     chatrex_max_proposals: int = Field(100, ge=1, le=1000, description="vocabulary=chatrex: index tokens <obj0>..<objK-1> added (ChatRex keeps at most 100 boxes); a sample with more proposals is refused.")
-    chatrex_proposals: Literal["record", "synthetic"] = Field("record", description="vocabulary=chatrex: where a sample's candidate boxes come from: its record's 'proposals' (python -m rlsys.proposals merges a file of boxes per image), or synthetic (its GT boxes jittered plus chatrex_distractors random boxes; for synthetic data only, as it leaks where the objects are).")
+    chatrex_proposals: Literal["record", "synthetic"] = Field("record", description="vocabulary=chatrex: where a sample's candidate boxes come from: its record's 'proposals' (python -m rlsys.data.proposals merges a file of boxes per image), or synthetic (its GT boxes jittered plus chatrex_distractors random boxes; for synthetic data only, as it leaks where the objects are).")
     chatrex_distractors: int = Field(5, ge=0, le=100, description="vocabulary=chatrex, chatrex_proposals=synthetic: random boxes added to the jittered GT boxes.")
     getok_offsets: bool = Field(True, description="vocabulary=getok: SFT targets put an offset token after every grid token (a 3·getok_grid lattice); off: grid tokens alone, the paper's first stage. Answers are read either way.")
     coord_tokens: Literal["add", "map_last"] = Field("add", description="For a base Qwen2.5-VL without its vocabulary's tokens: add them to the vocabulary, or (rex_bins only) map <0>..<999> onto the last 1,000 embedding rows as Rex-Omni did.")
@@ -117,14 +117,14 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: str | None = Field(None, description="Training data: a .jsonl in rlsys.data's schema or a COCO instances .json. None: the synthetic set under run.out_dir/data.")
+    train: str | None = Field(None, description="Training data: a .jsonl in rlsys.data.samples's schema or a COCO instances .json. None: the synthetic set under run.out_dir/data.")
     val: str | None = Field(None, description="Held-out data, same formats. None: the synthetic validation split.")
     synthetic_train_images: int = Field(2000, ge=1, description="Images in the synthetic training split (when train is None).")
     synthetic_val_images: int = Field(200, ge=1, description="Images in the synthetic validation split.")
     synthetic_image_size_px: int = Field(224, ge=56, le=2048, description="Side of the synthetic square images, in pixels.")
     synthetic_max_objects: int = Field(6, ge=1, le=30, description="Most shapes in one synthetic scene.")
     synthetic_one_kind_per_scene: bool = Field(False, description="All shapes in a synthetic scene are of one kind (colours vary), so a detection answer lists every object: counting and enumeration without telling kinds apart.")
-    synthetic_position_ramp_levels: int = Field(0, ge=0, le=200, description="Paint each pixel's position into its colour (red ramps left-right, green top-bottom, by this many levels) so a model trained from random weights can localise; see rlsys.synthetic.paint_position_ramp. 0: off.")
+    synthetic_position_ramp_levels: int = Field(0, ge=0, le=200, description="Paint each pixel's position into its colour (red ramps left-right, green top-bottom, by this many levels) so a model trained from random weights can localise; see rlsys.data.synthetic.paint_position_ramp. 0: off.")
     synthetic_mask_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of synthetic detection and referring samples that ask for their objects' masks instead of boxes (output mask: each mask written as a set of grid points, GETok section 3.2.1; needs model.vocabulary getok, and a reward that decodes masks: reward.sam_checkpoint, or reward.scorer=rewards.scorer:score_cell_masks on CPUs). 0: none.")
     tasks: list[str] | None = Field(None, description="Keep only samples of these tasks (None: all).")
     too_long: Literal["refuse", "skip"] = Field("refuse", description="A sample whose prompt (image tokens under the pixel budget included) plus rollout.max_new_tokens cannot fit rollout.max_model_len_tokens: refuse the data at load, naming the sample and the numbers, or skip such samples and count them.")
@@ -175,7 +175,7 @@ class LearnerConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up over the first N GRPO updates (lr x k/N at update k), then constant.")
     advantage_scaling: Literal["group_std", "none"] = Field("group_std", description="group_std: advantages (r - group mean) / group std (GRPO); none: r - group mean (Dr. GRPO), which does not blow a near-constant group's reward noise up to +-1.")
     freeze_vision: bool = Field(False, description="Keep the vision encoder fixed during GRPO; the projector and the LLM still learn.")
-    off_policy_correction: Literal["stale", "always", "off"] = Field("stale", description="Importance-weight the loss by the engines' log-probs (the behaviour policy; rlsys.algorithm.policy_loss): stale: answers made by older weights than the learner's (run.max_staleness_steps, sync_every_steps > 1); always: every answer, also correcting engine/learner numeric differences (bf16 engines); off: never.")
+    off_policy_correction: Literal["stale", "always", "off"] = Field("stale", description="Importance-weight the loss by the engines' log-probs (the behaviour policy; rlsys.grpo.algorithm.policy_loss): stale: answers made by older weights than the learner's (run.max_staleness_steps, sync_every_steps > 1); always: every answer, also correcting engine/learner numeric differences (bf16 engines); off: never.")
     is_cap: float = Field(2.0, ge=1.0, description="Truncation of the off-policy importance weights, min(w, is_cap).")
     gradient_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in backward instead of keeping them (less memory for long VLM sequences, about one more forward of time).")
     ref_colocated: bool = Field(True, description="Keep the frozen reference policy inside each learner rank. Only true is implemented (a separate reference actor group is not); false is refused.")
@@ -216,8 +216,8 @@ class RunConfig(_Section):
 
 def _masks_need_a_mask_vocabulary(model: ModelConfig, data: DataConfig) -> None:
     """Synthetic mask samples asked of a vocabulary that cannot write masks: refused here, in
-    the config, before any data is made (a loaded dataset is checked by rlsys.prepare.check_targets)."""
-    from rlsys.vocab import MASK_VOCABULARIES
+    the config, before any data is made (a loaded dataset is checked by rlsys.data.prepare.check_targets)."""
+    from rlsys.lang.vocab import MASK_VOCABULARIES
 
     if data.synthetic_mask_fraction > 0 and model.vocabulary not in MASK_VOCABULARIES:
         raise ValueError(f"data.synthetic_mask_fraction {data.synthetic_mask_fraction} asks for masks, which "

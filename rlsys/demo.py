@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from rlsys.config import REPO_ROOT, ConfigError, GRPOConfig, SFTConfig, load_config
-from rlsys.sft import DEFAULT_SFT_CONFIG
+from rlsys.sft.train import DEFAULT_SFT_CONFIG
 
 DEMO_GRPO_CONFIG = REPO_ROOT / "configs" / "demo_grpo_tiny_cpu.yaml"
 # The tiny model learns to localise one shape first; from random weights straight onto scenes of
@@ -219,7 +219,7 @@ def intervals_for(sft_pred: Path, grpo_preds: list[Path], samples, vocabulary, *
     """Bootstrap intervals of the SFT -> GRPO change (:data:`rlsys.eval.BOOTSTRAP_METRICS`) from
     the evals' ``predictions.jsonl``, which must hold ``samples`` in order."""
     from rewards.metrics import paired_bootstrap
-    from rlsys.eval import weighted_metrics
+    from rlsys.eval.evaluate import weighted_metrics
 
     def answers(path: Path) -> list[str]:
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
@@ -294,11 +294,12 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from rlsys import grpo, sft
-    from rlsys.data import load_dataset
+    from rlsys import grpo
+    from rlsys import sft
+    from rlsys.data.samples import load_dataset
     from rlsys.models import processor_for
-    from rlsys.prepare import prepare_data_path
-    from rlsys.vocab import vocabulary_for
+    from rlsys.data.prepare import prepare_data_path
+    from rlsys.lang.vocab import vocabulary_for
 
     t0 = time.monotonic()
     n = len(stages) + len(runs)

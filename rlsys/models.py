@@ -20,7 +20,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rlsys.coords import COORD_TOKENS, NUM_BINS
+from rlsys.lang.coords import COORD_TOKENS, NUM_BINS
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def qwen2_5_vl_3b_shaped(num_layers: int = 2, vision_depth: int = 2, **kw) -> Ti
 
 def _training_corpus() -> list[str]:
     """Text the tiny BPE is trained on: every prompt template and the synthetic vocabulary."""
-    from rlsys import prompts, synthetic
+    from rlsys.lang import prompts
+    from rlsys.data.samples import synthetic
 
     lines = [t for ts in prompts.TEMPLATES.values() for t in ts]
     lines += [prompts.SYSTEM_PROMPT, "system", "user", "assistant", "None", "box", "keypoints", "unvisible"]
@@ -313,7 +314,7 @@ def ensure_tiny_model(out_dir, spec: TinySpec = TinySpec()) -> Path:
 # Real checkpoints
 # ---------------------------------------------------------------------------------------------
 def token_ids(tokenizer, tokens) -> list[int]:
-    """Ids of ``tokens`` (a vocabulary's added tokens, :func:`rlsys.vocab.required_tokens`);
+    """Ids of ``tokens`` (a vocabulary's added tokens, :func:`rlsys.lang.vocab.required_tokens`);
     raises if the tokenizer lacks any (the checkpoint needs :func:`prepare_checkpoint` first)."""
     tokens = list(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens) if tokens else []
@@ -336,7 +337,7 @@ def coordinate_token_ids(tokenizer) -> list[int]:
 
 def prepare_checkpoint(src, dst, mode: str = "add", tokens=COORD_TOKENS) -> Path:
     """Copy a local Qwen2.5-VL checkpoint to ``dst`` with a vocabulary's ``tokens`` in its
-    tokenizer (the coordinate bins by default; :func:`rlsys.vocab.required_tokens`).
+    tokenizer (the coordinate bins by default; :func:`rlsys.lang.vocab.required_tokens`).
 
     ``mode="add"`` appends the missing ones to the vocabulary and grows the embedding and
     output matrices (new rows initialised to the mean of the existing ones).
@@ -457,7 +458,7 @@ def param_part(name: str) -> str:
 def load_processor(path, *, trust_remote_code: bool = False, pixels: dict | None = None, tokens=COORD_TOKENS):
     """The checkpoint's processor; ``pixels`` (``min_pixels``/``max_pixels``, see
     :func:`rlsys.config.pixel_budget`) overrides its image budget. ``tokens``: refuse a tokenizer
-    without them (the vocabulary's added tokens, :func:`rlsys.vocab.required_tokens`: the bins
+    without them (the vocabulary's added tokens, :func:`rlsys.lang.vocab.required_tokens`: the bins
     by default; ``()`` for ``qwen_json``, which runs on a base checkpoint as it is)."""
     from transformers import AutoProcessor
 
@@ -469,8 +470,8 @@ def load_processor(path, *, trust_remote_code: bool = False, pixels: dict | None
 def processor_for(model_cfg, path, *, pixels: bool = True):
     """:func:`load_processor` with a config's model section (``rlsys.config.ModelConfig`` or
     Serve's): its remote-code setting, its pixel budget (``pixels=False``: the checkpoint's, for
-    tokenizer-only checks) and the tokens its vocabulary needs (:func:`rlsys.vocab.model_tokens`)."""
-    from rlsys.vocab import model_tokens
+    tokenizer-only checks) and the tokens its vocabulary needs (:func:`rlsys.lang.vocab.model_tokens`)."""
+    from rlsys.lang.vocab import model_tokens
 
     return load_processor(path, trust_remote_code=model_cfg.trust_remote_code,
                           pixels=model_cfg.pixel_budget() if pixels else None, tokens=model_tokens(model_cfg))
@@ -506,7 +507,7 @@ def main(argv=None) -> int:
     if a.cmd == "tiny":
         print(build_tiny_model(a.out, overwrite=a.overwrite))
     else:
-        from rlsys.vocab import required_tokens
+        from rlsys.lang.vocab import required_tokens
 
         print(prepare_checkpoint(a.checkpoint, a.out, a.coord_tokens, required_tokens(a.vocabulary, a.getok_grid, a.chatrex_max_proposals)))
     return 0

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rlsys import synthetic
-from rlsys.losses import answer_token_loss
+from rlsys.data.samples import synthetic
+from rlsys.sft.losses import answer_token_loss
 from rlsys.models import TinySpec, build_tiny_model, coordinate_token_ids, load_model, load_processor
-from rlsys.sequences import build_batch
-from rlsys.targets import conversation
+from rlsys.grpo.sequences import build_batch
+from rlsys.lang.targets import conversation
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--size-px", type=int, default=112, help="image side; 28 px per image token")
     ap.add_argument("--rope-theta", type=float, default=1e6, help="the LLM's M-RoPE base (Qwen2.5-VL: 1e6)")
-    ap.add_argument("--sigma-bins", type=float, default=0.0, help="soft coordinate targets (rlsys.losses)")
+    ap.add_argument("--sigma-bins", type=float, default=0.0, help="soft coordinate targets (rlsys.sft.losses)")
     ap.add_argument("--overlay", type=float, default=0.0, help="paint positions into the pixels: a left-right ramp of this many levels in red, top-bottom in green")
     ap.add_argument("--blank", action="store_true", help="train on blank images: what the text alone gives")
     ap.add_argument("--eval-every", type=int, default=100)

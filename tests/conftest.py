@@ -18,7 +18,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
-    from rlsys import synthetic
+    from rlsys.data.samples import synthetic
 
     out = tmp_path_factory.mktemp("synthetic")
     synthetic.generate(out, num_images=48, seed=0, split="train")

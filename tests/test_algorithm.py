@@ -1,4 +1,4 @@
-"""Tests for rlsys.algorithm: hand-worked values (arithmetic in the comments), a slow loop
+"""Tests for rlsys.grpo.algorithm: hand-worked values (arithmetic in the comments), a slow loop
 reference on random inputs, micro-batch additivity, masking and input validation."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rlsys.algorithm import (
+from rlsys.grpo.algorithm import (
     group_advantages,
     warmup_factor,
     group_reward_std,
@@ -392,7 +392,7 @@ def test_masked_mean():
 
 
 def test_behaviour_weights_hand_worked():
-    from rlsys.algorithm import behaviour_weights
+    from rlsys.grpo.algorithm import behaviour_weights
 
     old = torch.tensor([[-1.0, -2.0, -0.5, -1.0]])
     beh = torch.tensor([[-1.5, -2.0, -3.0, float("nan")]])

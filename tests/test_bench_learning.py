@@ -1,4 +1,4 @@
-"""The learning benchmark's parts (rlsys.bench_learning): the peer's reward is rlsys's scorer on the
+"""The learning benchmark's parts (rlsys.bench.learning): the peer's reward is rlsys's scorer on the
 text the model wrote, its data subsets, its figures; and TRL's GRPOTrainer really trains the tiny
 model through it."""
 
@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from rlsys.bench_learning import markdown, per_1000_samples, subset, trl_reward_function
+from rlsys.bench.learning import markdown, per_1000_samples, subset, trl_reward_function
 
 
 def test_trl_reward_is_the_scorer_on_the_text_with_its_control_tokens(tiny_model_dir):
     from rewards.scorer import score
-    from rlsys.data import Instance, Sample
+    from rlsys.data.samples import Instance, Sample
     from rlsys.models import load_processor
-    from rlsys.vocab import REX_BINS
+    from rlsys.lang.vocab import REX_BINS
 
     tok = load_processor(str(tiny_model_dir)).tokenizer
     s = Sample("a", "img.png", 999, 999, "detection", ["cat"], [Instance("cat", box=(0, 0, 500, 500))], "box")
@@ -61,9 +61,9 @@ def test_trl_run_shares_the_settings_or_refuses(tiny_model_dir):
     """The peer's run takes rlsys's scorer and matching (the reward workers' call), its advantage
     scaling and warm-up; a setting TRL has no counterpart for is refused, not dropped."""
     from rewards.scorer import score, score_recall_weighted
-    from rlsys.bench_learning import TRL_SCALE_REWARDS, check_trl_maps
+    from rlsys.bench.learning import TRL_SCALE_REWARDS, check_trl_maps
     from rlsys.config import load_config
-    from rlsys.data import Instance, Sample
+    from rlsys.data.samples import Instance, Sample
     from rlsys.models import load_processor
 
     assert TRL_SCALE_REWARDS == {"group_std": "group", "none": "none"}
@@ -86,15 +86,15 @@ def test_trl_run_shares_the_settings_or_refuses(tiny_model_dir):
 def test_trl_grpo_trainer_trains_the_tiny_model_on_rlsys_rewards(tiny_model_dir, synthetic_dir, tmp_path):
     """TRL's GRPOTrainer, configured from the demo's GRPO config as the benchmark does, runs two
     steps on the tiny model and writes a model rlsys can load, with per-step records."""
-    from rlsys.bench_learning import DEMO_GRPO_CONFIG, run_trl
+    from rlsys.bench.learning import DEMO_GRPO_CONFIG, run_trl
 
     # questions of different lengths (a detection and a pointing question) share a micro-batch:
     # the padding of TRL's prompt ids and of the processor's image-token types must agree
     import random
 
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
     from rlsys.models import load_processor
-    from rlsys.prompts import question_for_sample
+    from rlsys.lang.prompts import question_for_sample
 
     rows = [json.loads(l) for l in (Path(synthetic_dir) / "train.jsonl").read_text().splitlines()]
     tok = load_processor(str(tiny_model_dir)).tokenizer

@@ -1,7 +1,7 @@
 """The cluster configs, checked offline: every YAML parses; Ray's own launcher validation accepts
 cluster/aws.yaml and cluster/gcp.yaml; the KubeRay manifests carry the fields their CRDs require;
 the shipped GRPO configs load; and the actor groups of each real config fit the node types the
-cluster configs define (computed by rlsys.placement, checked by hand on small cases first)."""
+cluster configs define (computed by actors.placement, checked by hand on small cases first)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from rlsys.config import GRPOConfig, load_config
-from rlsys.placement import (NodeType, grpo_groups, node_types_from_launcher, node_types_from_raycluster, plan,
+from actors.placement import (NodeType, grpo_groups, node_types_from_launcher, node_types_from_raycluster, plan,
                              sft_groups)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,7 +191,7 @@ def test_rayservice_manifest():
     assert apps and all(a["name"] and ":" in a["import_path"] for a in apps)
     assert apps[0]["import_path"] == "rlsys.serve:app_builder"
     # the application's args load through rlsys.serve's own schema (as `serve deploy` would)
-    from rlsys.serve import AppArgs, load_serve_config
+    from rlsys.serve.app import AppArgs, load_serve_config
 
     args = AppArgs.model_validate(apps[0]["args"])
     serve_cfg = load_serve_config(args.config, args.overrides, args.checkpoint)

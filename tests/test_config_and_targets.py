@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlsys import synthetic
+from rlsys.data.samples import synthetic
 from rlsys.config import ConfigError, GRPOConfig, SFTConfig, load_config
-from rlsys.coords import decode_xy
-from rlsys.data import load_jsonl
-from rlsys.format import parse, parse_keypoints
-from rlsys.targets import answer_text, conversation
+from rlsys.lang.coords import decode_xy
+from rlsys.data.samples import load_jsonl
+from rlsys.lang.format import parse, parse_keypoints
+from rlsys.lang.targets import answer_text, conversation
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ def test_sft_logs_each_parts_learning_rate_under_its_own_name(tiny_model_dir):
     """The vision encoder, the merger and the LLM train at different rates (paper: 2e-6, 2e-5,
     2e-5); each is logged under its own name, not the first group's rate as sft/lr_llm."""
     from rlsys.models import load_model
-    from rlsys.sft import lr_factor, lr_metrics, param_groups
+    from rlsys.sft.train import lr_factor, lr_metrics, param_groups
 
     groups = param_groups(load_model(tiny_model_dir), {"vision": 2e-6, "projector": 3e-5, "llm": 1e-5}, 0.01)
     assert {g["name"] for g in groups} == {"vision", "vision_nodecay", "projector", "projector_nodecay", "llm", "llm_nodecay"}

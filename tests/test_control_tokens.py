@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from rlsys.data import Instance, Sample
-from rlsys.format import check_sample_phrases, control_tokens, find_control_token
-from rlsys.serve import DetectRequest, RequestError, ServeConfig, check_request, parse_request
+from rlsys.data.samples import Instance, Sample
+from rlsys.lang.format import check_sample_phrases, control_tokens, find_control_token
+from rlsys.serve.app import DetectRequest, RequestError, ServeConfig, check_request, parse_request
 
 VISION_AND_TURN = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|vision_pad|>",
                    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|box_end|>"]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from rlsys.coords import COORD_TOKENS, decode, decode_xy, encode, encode_xy, token
+from rlsys.lang.coords import COORD_TOKENS, decode, decode_xy, encode, encode_xy, token
 
 
 def test_hand_worked_values():

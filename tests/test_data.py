@@ -4,8 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlsys import data, synthetic
-from rlsys.data import DataError, Sample, load_coco, load_jsonl
+from rlsys.data.samples import samples as data
+
+from rlsys.data.samples import synthetic
+from rlsys.data.samples import DataError, Sample, load_coco, load_jsonl
 
 
 def _rec(**kw):
@@ -203,7 +205,7 @@ def test_synthetic_rejects_unknown_task(tmp_path):
 
 def test_prepared_synthetic_data_follows_the_config(tmp_path):
     from rlsys.config import DataConfig
-    from rlsys.prepare import prepare_data_path
+    from rlsys.data.prepare import prepare_data_path
 
     cfg = DataConfig(synthetic_train_images=5, synthetic_image_size_px=64, tasks=["detection"])
     p = prepare_data_path(cfg, tmp_path)
@@ -222,7 +224,7 @@ def test_pointing_without_masks_is_refused_unless_point_in_box_is_chosen(tmp_pat
     import dataclasses
 
     from rlsys.config import ConfigError, RewardConfig
-    from rlsys.prepare import check_point_masks
+    from rlsys.data.prepare import check_point_masks
 
     samples = load_jsonl(synthetic.generate(tmp_path, num_images=30, seed=2, tasks=("pointing", "gui", "detection")))
     pointing = [k for k, s in enumerate(samples) if s.task == "pointing"]

@@ -138,10 +138,10 @@ def test_intervals_from_eval_predictions_match_the_metrics_and_refuse_other_samp
     are compute_metrics'; predictions of other samples (a stale eval folder) are refused by path."""
     import json
 
-    from rlsys.data import Instance, Sample
+    from rlsys.data.samples import Instance, Sample
     from rlsys.demo import intervals_for
-    from rlsys.eval import compute_metrics
-    from rlsys.vocab import REX_BINS
+    from rlsys.eval.evaluate import compute_metrics
+    from rlsys.lang.vocab import REX_BINS
 
     def seg(body):
         return f"<|object_ref_start|>cat<|object_ref_end|><|box_start|>{body}<|box_end|>"

@@ -39,7 +39,7 @@ def test_two_nodes_two_ranks_two_engines_three_reward_workers(cluster, sft_run, 
     import ray
 
     from rlsys.config import load_config
-    from rlsys.grpo import Trainer, prepare_data, prepare_model
+    from rlsys.grpo.trainer import Trainer, prepare_data, prepare_model
 
     sft_out, _ = sft_run
     cfg = load_config(overrides=[

@@ -272,7 +272,7 @@ def test_qwen_json_vocabulary_sft_grpo_and_eval(tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["vocabulary"] == "qwen_json" and metrics["num_samples"] == 8 and "F1@0.50" in ev
     answers = [json.loads(l)["answer"] for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    from rlsys.vocab import make_vocabulary
+    from rlsys.lang.vocab import make_vocabulary
 
     v = make_vocabulary("qwen_json", 56 * 56, 112 * 112)
     assert sum('"bbox_2d"' in a and v.parse(a, 112, 112).unreadable == 0 for a in answers) >= 6, answers
@@ -280,7 +280,7 @@ def test_qwen_json_vocabulary_sft_grpo_and_eval(tmp_path):
 
 
 def test_getok_vocabulary_sft_grpo_and_eval(tmp_path):
-    """model.vocabulary=getok through every stage: rlsys.prepare adds the 32 x 32 grid, the nine
+    """model.vocabulary=getok through every stage: rlsys.data.prepare adds the 32 x 32 grid, the nine
     offsets and <DELETE> to the tiny model (embedding rows grown), SFT learns the grid-token
     answers, GRPO scores them with GETok's grid-stage reward in the reward workers, and
     rlsys.eval reads them back into pixels."""
@@ -292,7 +292,7 @@ def test_getok_vocabulary_sft_grpo_and_eval(tmp_path):
     # keeps paying for (a run: 2.09, 1.67, 1.66), so the bar is lower than for the JSON answers
     assert len(losses) >= 3 and losses[-1] < 0.85 * losses[0], losses
     from rlsys.models import load_processor
-    from rlsys.vocab import getok_tokens
+    from rlsys.lang.vocab import getok_tokens
 
     init = tmp_path / "sft" / "final"
     tok = load_processor(init, tokens=getok_tokens(32)).tokenizer  # raises if any token is missing
@@ -311,7 +311,7 @@ def test_getok_vocabulary_sft_grpo_and_eval(tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["vocabulary"] == "getok" and metrics["num_samples"] == 8 and "F1@0.50" in ev
     answers = [json.loads(l)["answer"] for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    from rlsys.vocab import GETok
+    from rlsys.lang.vocab import GETok
 
     # read whole into pixels: grid tokens, nothing unreadable, at least one instance (after 150
     # steps the tiny model may still write one corner where a box needs two: a point, the wrong
@@ -362,13 +362,13 @@ def _serve_one_request_in_pixels(checkpoint, vocabulary: str, tmp_path, output: 
     import ray
     from ray import serve
 
-    from rlsys.serve import build_app, load_serve_config, to_objects
-    from rlsys.vocab import vocabulary_for
+    from rlsys.serve.app import build_app, load_serve_config, to_objects
+    from rlsys.lang.vocab import vocabulary_for
     from rlsys.models import load_processor
     from tests.test_serve import _free_port, _post
 
-    from rlsys.data import Sample
-    from rlsys.vocab import synthetic_proposals
+    from rlsys.data.samples import Sample
+    from rlsys.lang.vocab import synthetic_proposals
 
     cfg = load_serve_config(overrides=[f"model.checkpoint={checkpoint}", f"model.vocabulary={vocabulary}",
                                        f"generation.max_new_tokens={max_new_tokens}", f"deployment.name=serve-{vocabulary}"])
@@ -410,7 +410,7 @@ def _serve_one_request_in_pixels(checkpoint, vocabulary: str, tmp_path, output: 
 
 def test_chatrex_vocabulary_sft_grpo_eval_and_serve(tmp_path):
     """model.vocabulary=chatrex through every stage, with the synthetic proposal source (GT boxes
-    jittered plus distractors): rlsys.prepare adds <obj0>..<obj99>, SFT learns to answer with
+    jittered plus distractors): rlsys.data.prepare adds <obj0>..<obj99>, SFT learns to answer with
     indices into the candidate boxes its questions list, GRPO scores the chosen proposals' boxes
     (box IoU F1) in the reward workers, rlsys.eval reads the indices back into pixels, and Serve
     answers a request that brings its own proposals."""

@@ -2,9 +2,9 @@
 
 import pytest
 
-from rlsys.data import Instance, Sample
-from rlsys.eval import compute_metrics
-from rlsys.targets import answer_text
+from rlsys.data.samples import Instance, Sample
+from rlsys.eval.evaluate import compute_metrics
+from rlsys.lang.targets import answer_text
 
 
 def _sample(sid, task, phrases, boxes):
@@ -48,7 +48,7 @@ def test_leave_one_out_is_measured_under_the_runs_reward():
     assert loo["scorer"] == "rewards.scorer:score_missed_penalty"
     # the exact answer's best drop now also pays the count term: 0.8 - 0.2/3 against 1
     assert loo["mean_best_gain"] == pytest.approx((0.8 - 0.2 / 3 - 2 / 3 + 0.8 - 0.2 / 3 - 1) / 2, abs=0.01)
-    from rlsys.eval import format_table
+    from rlsys.eval.evaluate import format_table
 
     assert "| dropping a box pays, score_missed_penalty (2 answers) | 0.500 |" in format_table(
         compute_metrics(samples, answers, reward=cfg.reward)).splitlines()

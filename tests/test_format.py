@@ -1,7 +1,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlsys.format import (
+from rlsys.lang.format import (
     KeypointInstance,
     Prediction,
     parse,

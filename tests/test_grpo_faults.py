@@ -16,7 +16,7 @@ def trainer(tmp_path_factory):
     import ray
 
     from rlsys.config import load_config
-    from rlsys.grpo import Trainer, prepare_data, prepare_model
+    from rlsys.grpo.trainer import Trainer, prepare_data, prepare_model
 
     out = tmp_path_factory.mktemp("faults")
     os.environ["DS_ACCELERATOR"] = "cpu"
@@ -70,8 +70,8 @@ def test_rollout_batch_larger_than_one_prefill_chunk(trainer):
     # that killed the engine ("CPU Generator does not use offset"; found by the benchmark).
     import ray
 
-    from rlsys.grpo import _chat_prompt
-    from rlsys.prompts import question_for_sample
+    from rlsys.grpo.trainer import _chat_prompt
+    from rlsys.lang.prompts import question_for_sample
 
     reqs = [{"prompt": _chat_prompt(trainer.processor, question_for_sample(s)), "image": s.image} for s in trainer.samples[:16]]
     out = ray.get(trainer.rollouts.engines[0].generate.remote(reqs, n=4, temperature=1.0, top_p=1.0, max_new_tokens=8,
@@ -108,8 +108,8 @@ def test_a_request_the_engine_refuses_fails_alone(trainer):
     # the other requests of the batch are answered, the engine stays up.
     import ray
 
-    from rlsys.grpo import _chat_prompt
-    from rlsys.prompts import question_for_sample
+    from rlsys.grpo.trainer import _chat_prompt
+    from rlsys.lang.prompts import question_for_sample
 
     s = trainer.samples[1]
     good = {"prompt": _chat_prompt(trainer.processor, question_for_sample(s)), "image": s.image}

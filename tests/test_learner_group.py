@@ -29,9 +29,9 @@ def ray_local():
 def _items(processor, synthetic_dir, n: int, seed: int):
     import random
 
-    from rlsys.data import load_dataset
-    from rlsys.grpo import _chat_prompt
-    from rlsys.prompts import question_for_sample
+    from rlsys.data.samples import load_dataset
+    from rlsys.grpo.trainer import _chat_prompt
+    from rlsys.lang.prompts import question_for_sample
 
     samples = load_dataset(synthetic_dir / "train.jsonl")
     rng = random.Random(seed)

@@ -44,8 +44,8 @@ def test_state_dict_export_pickles_only_its_own_data(tiny_model_dir):
 FREEZE_SCRIPT = r"""
 import json, sys, torch
 from actors.learner import LearnerWorker
-from rlsys.data import load_dataset
-from rlsys.grpo import _chat_prompt
+from rlsys.data.samples import load_dataset
+from rlsys.grpo.trainer import _chat_prompt
 from rlsys.models import param_part
 w = LearnerWorker.__ray_actor_class__(rank=0, world_size=1)
 cfg = dict(lr=1e-2, weight_decay=0.0, micro_batch_size=2, grad_clip=1.0, zero_stage=2, kl_coef=0.0,

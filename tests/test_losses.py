@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlsys.losses import answer_token_loss, coordinate_target_distribution
+from rlsys.sft.losses import answer_token_loss, coordinate_target_distribution
 
 
 def test_target_distribution_hand_worked():

@@ -17,11 +17,11 @@ from rewards.mask import (POINT_SET_WEIGHTS, grid_cell_masks, mask_points_f1, ma
 from rewards.metrics import mask_f1
 from rewards.scorer import (score, score_cell_masks, score_getok_grid_stage_cell_masks, score_getok_mask_points)
 from rlsys.config import ConfigError, RewardConfig, SFTConfig, load_config
-from rlsys.data import DataError, Instance, Sample
-from rlsys.format import Prediction, parse
-from rlsys.synthetic import _rle
-from rlsys.targets import answer_text
-from rlsys.vocab import REX_BINS, ChatRex, GETok, QwenJson
+from rlsys.data.samples import DataError, Instance, Sample
+from rlsys.lang.format import Prediction, parse
+from rlsys.data.synthetic import _rle
+from rlsys.lang.targets import answer_text
+from rlsys.lang.vocab import REX_BINS, ChatRex, GETok, QwenJson
 
 G4 = GETok(4)  # with offsets: a grid centre is written <gridI_J><OFF0_0>
 G4_GRID_ONLY = GETok(4, offsets=False)
@@ -348,7 +348,7 @@ def test_other_vocabularies_refuse_masks():
         answer_text(smp, REX_BINS)
     with pytest.raises(ValueError, match="sample 'm'.*rex_bins cannot write masks"):
         score_cell_masks(ANSWER, smp)
-    from rlsys.prepare import check_targets
+    from rlsys.data.prepare import check_targets
 
     with pytest.raises(ConfigError, match="sample.*'m'.*qwen_json cannot write masks.*getok"):
         check_targets([smp], QJ)
@@ -362,7 +362,7 @@ def test_other_vocabularies_refuse_masks():
 
 
 def test_mask_decoder_is_checked_at_start():
-    from rlsys.prepare import check_point_masks, mask_decoding
+    from rlsys.data.prepare import check_point_masks, mask_decoding
 
     smp = mask_sample([A])
     with pytest.raises(ConfigError, match="1 sample.*'m'.*decodes mask answers with SAM.*score_cell_masks"):
@@ -391,14 +391,14 @@ def test_mask_records_need_a_mask_that_holds_a_pixel():
     rec["instances"][0]["mask"] = _rle(A)
     s = Sample.from_dict(rec, "f.jsonl:3")
     assert s.output == "mask"
-    from rlsys.prompts import question_for_sample
+    from rlsys.lang.prompts import question_for_sample
 
     assert question_for_sample(s).startswith("Segment cat.")
 
 
 def test_synthetic_mask_samples_keep_the_rest_of_the_seed(tmp_path):
-    from rlsys import synthetic
-    from rlsys.data import load_jsonl
+    from rlsys.data.samples import synthetic
+    from rlsys.data.samples import load_jsonl
 
     plain = load_jsonl(synthetic.generate(tmp_path / "a", num_images=24, seed=3, image_size=56, max_objects=2))
     masked = load_jsonl(synthetic.generate(tmp_path / "b", num_images=24, seed=3, image_size=56, max_objects=2,
@@ -424,7 +424,7 @@ def test_mask_metric_identity_is_one_and_hand_worked():
 
 
 def test_eval_metrics_of_mask_answers():
-    from rlsys.eval import compute_metrics, format_table
+    from rlsys.eval.evaluate import compute_metrics, format_table
 
     smp = [mask_sample([A, B], sid="one"), mask_sample([B], phrases=("cat", "dog"), task="referring", sid="two")]
     # the targets of masks made of whole cells decode (grid cells) to the masks themselves
@@ -448,7 +448,7 @@ def test_serve_answers_a_mask_request_in_request_pixels():
     request with 422 before anything is generated."""
     from pycocotools import mask as mask_utils
 
-    from rlsys.serve import LimitsConfig, RequestError, bind_vocabulary, check_request, parse_request, to_objects
+    from rlsys.serve.app import LimitsConfig, RequestError, bind_vocabulary, check_request, parse_request, to_objects
 
     req = parse_request(b'{"image": "x", "task": "detection", "categories": ["cat"], "output": "mask"}')
     assert check_request(req, LimitsConfig()) == ("mask", ["cat"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsys.coords import COORD_TOKENS
+from rlsys.lang.coords import COORD_TOKENS
 from rlsys.models import QWEN_SPECIAL_TOKENS, coordinate_token_ids, load_model, load_processor, map_last_ids, prepare_checkpoint
 
 

@@ -4,9 +4,9 @@ context refused at load (or skipped and counted), never sent to an engine."""
 import pytest
 
 from rlsys.config import ConfigError, load_config
-from rlsys.data import load_jsonl
+from rlsys.data.samples import load_jsonl
 from rlsys.models import load_processor
-from rlsys.prepare import check_fit, image_tokens
+from rlsys.data.prepare import check_fit, image_tokens
 
 
 def test_image_tokens_follow_the_budget(tiny_model_dir):
@@ -40,8 +40,8 @@ def test_samples_that_cannot_fit_the_context_are_refused_or_skipped(tiny_model_d
     # image), the computed need is never below it and at most a few tokens above
     from PIL import Image
 
-    from rlsys.grpo import _chat_prompt
-    from rlsys.prompts import build_question, templates_for
+    from rlsys.grpo.trainer import _chat_prompt
+    from rlsys.lang.prompts import build_question, templates_for
 
     class Pick:
         def __init__(self, k):
@@ -66,6 +66,6 @@ def test_the_budget_is_one_config_value():
     assert load_config().model.pixel_budget() == {}  # the checkpoint's own
     with pytest.raises(ConfigError, match="min_pixels .* exceeds max_pixels"):
         load_config(overrides=["model.min_pixels=50176", "model.max_pixels=3136"])
-    from rlsys.serve import load_serve_config
+    from rlsys.serve.app import load_serve_config
 
     assert load_serve_config(None, ["model.max_pixels=2007040"]).model.pixel_budget() == {"max_pixels": 2007040}

@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from rlsys import prompts
-from rlsys.data import Sample
+from rlsys.lang import prompts
+from rlsys.data.samples import Sample
 
 
 def test_every_task_has_several_templates_or_a_single_fixed_form():

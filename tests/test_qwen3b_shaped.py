@@ -94,7 +94,7 @@ def test_the_checkpoint_reloads_in_transformers_and_vllm(sft_final, tmp_path):
         from PIL import Image
         from vllm import LLM, SamplingParams
         from rlsys.models import load_model, load_processor
-        from rlsys.prompts import chat_prompt
+        from rlsys.lang.prompts import chat_prompt
         if __name__ == "__main__":
             ckpt, image = {str(ckpt)!r}, Image.open({str(image)!r}).convert("RGB")
             proc = load_processor(ckpt)

@@ -416,7 +416,7 @@ def test_box_reward_at_iou_thresholds_does_not_pay_for_a_grown_box():
 
 def test_score_coco_thresholds_scores_boxes_at_thresholds_and_points_as_before():
     from rewards import score, score_coco_thresholds
-    from rlsys.data import Instance, Sample
+    from rlsys.data.samples import Instance, Sample
 
     s = Sample("s", "img.png", 999, 999, "detection", ["cat"], [Instance("cat", box=(0, 0, 100, 100))], "box")
     text = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><120><120><|box_end|>"
@@ -451,8 +451,8 @@ def test_corner_similarity_hand_worked():
 
 def test_getok_grid_stage_reward_hand_worked():
     from rewards.scorer import score, score_getok_grid_stage
-    from rlsys.data import Instance, Sample
-    from rlsys.format import Prediction, render
+    from rlsys.data.samples import Instance, Sample
+    from rlsys.lang.format import Prediction, render
 
     smp = Sample("s", "img.png", 999, 999, "detection", ["cat"], [Instance("cat", box=(0, 0, 999, 999))], "box")
     full = render([Prediction("cat", "box", ((0, 0, 999, 999),))])  # bins = pixels on a 999 px image

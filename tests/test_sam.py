@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rlsys.data import Instance, Sample
+from rlsys.data.samples import Instance, Sample
 
 W, H = 48, 40  # not square, not SAM's input size: post-processing must undo resize and pad
 
@@ -146,8 +146,8 @@ def test_point_sets_decode_through_sam(sam_dir, image_path):
     usable point is an empty mask without running SAM."""
     from rewards.sam import SamMaskSource
     from rewards.scorer import score
-    from rlsys.synthetic import _rle
-    from rlsys.vocab import GETok
+    from rlsys.data.synthetic import _rle
+    from rlsys.lang.vocab import GETok
 
     src = SamMaskSource(sam_dir, cache_size=8)
     own = np.zeros((H, W), dtype=bool)

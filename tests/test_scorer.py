@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rewards import score
-from rlsys import coords
-from rlsys.data import Instance, Sample, load_jsonl
-from rlsys.format import KeypointInstance, Prediction, render, render_keypoints
+from rlsys.lang import coords
+from rlsys.data.samples import Instance, Sample, load_jsonl
+from rlsys.lang.format import KeypointInstance, Prediction, render, render_keypoints
 
 S = 999
 
@@ -195,7 +195,7 @@ def test_malformed_sample_raises():
         (sample(phrases=["cat"], instances=[Instance("cat", box=(0, 0, math.nan, 1))]), "gt_boxes"),
         (sample(phrases=["cat"], instances=[good], output="polygon", task="ocr"), "no polygon"),
         (sample("pointing", "point", ["cat"], [Instance("cat", point=(1, 1))]), "no box"),
-        ("not a sample", "expected an rlsys.data.Sample"),
+        ("not a sample", "expected an rlsys.data.samples.Sample"),
     ]
     for smp, message in bad_samples:
         with pytest.raises(ValueError, match=message):
@@ -207,7 +207,7 @@ def test_malformed_sample_raises():
 def test_perfect_answers_on_synthetic_data_score_near_one(tmp_path):
     # Render every synthetic sample's own GT as the answer: the reward is 1 up to the bin
     # quantisation (half a bin, 0.11 px on 224 px images), so at least 0.95.
-    from rlsys.synthetic import generate
+    from rlsys.data.synthetic import generate
 
     for smp in load_jsonl(generate(tmp_path, num_images=24, seed=3)):
         w, h = smp.width, smp.height

@@ -1,19 +1,19 @@
-"""rlsys.sequences: prompt + sampled answer -> model inputs, targets and the answer mask."""
+"""rlsys.grpo.sequences: prompt + sampled answer -> model inputs, targets and the answer mask."""
 
 import pytest
 import torch
 
 
 def _item(proc, sample, response_ids):
-    from rlsys.grpo import _chat_prompt
+    from rlsys.grpo.trainer import _chat_prompt
 
     return {"prompt": _chat_prompt(proc, "Detect circle."), "image": sample.image, "response_ids": response_ids}
 
 
 def test_answer_mask_targets_and_padding(tiny_model_dir, synthetic_dir):
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
     from rlsys.models import load_processor
-    from rlsys.sequences import build_batch
+    from rlsys.grpo.sequences import build_batch
 
     proc = load_processor(tiny_model_dir)
     s = load_dataset(synthetic_dir / "train.jsonl")[0]
@@ -27,9 +27,9 @@ def test_answer_mask_targets_and_padding(tiny_model_dir, synthetic_dir):
 
 
 def test_answer_with_an_image_placeholder_is_refused_by_name(tiny_model_dir, synthetic_dir):
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
     from rlsys.models import load_processor
-    from rlsys.sequences import build_batch
+    from rlsys.grpo.sequences import build_batch
 
     proc = load_processor(tiny_model_dir)
     s = load_dataset(synthetic_dir / "train.jsonl")[0]
@@ -50,7 +50,7 @@ class _FixedLogits(torch.nn.Module):
 
 
 def test_token_logprobs_are_taken_under_the_sampling_temperature():
-    from rlsys.sequences import token_logprobs
+    from rlsys.grpo.sequences import token_logprobs
 
     ids = torch.tensor([[0, 1, 0]])
     targets = ids[:, 1:]
@@ -68,9 +68,9 @@ def test_token_logprobs_are_taken_under_the_sampling_temperature():
 
 
 def test_token_logprobs_of_the_real_model_follow_the_temperature(tiny_model_dir, synthetic_dir):
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
     from rlsys.models import load_model, load_processor
-    from rlsys.sequences import build_batch, token_logprobs
+    from rlsys.grpo.sequences import build_batch, token_logprobs
 
     proc = load_processor(tiny_model_dir)
     model = load_model(tiny_model_dir, dtype="float32").eval()
@@ -91,14 +91,14 @@ def test_answer_positions_only_give_the_full_forwards_log_probs_and_gradients(ti
     """The lean path (decoder hidden states at the answer positions through lm_head) against the
     plain one (logits at every position): the same log-probs, entropies and parameter gradients,
     on a batch of two answers of different lengths (right padding) to two prompts."""
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
     from rlsys.models import load_model, load_processor
-    from rlsys.sequences import build_batch, token_logprobs
+    from rlsys.grpo.sequences import build_batch, token_logprobs
 
     proc = load_processor(tiny_model_dir)
     model = load_model(tiny_model_dir, dtype="float32").train()
     samples = load_dataset(synthetic_dir / "train.jsonl")
-    from rlsys.grpo import _chat_prompt
+    from rlsys.grpo.trainer import _chat_prompt
 
     items = [_item(proc, samples[0], [5, 6, 7, 8]),
              {"prompt": _chat_prompt(proc, "Point to the square."), "image": samples[1].image, "response_ids": [9, 10]}]
@@ -119,9 +119,9 @@ def test_answer_positions_only_give_the_full_forwards_log_probs_and_gradients(ti
 
 
 def test_the_engines_prompt_ids_are_checked_against_the_learners(tiny_model_dir, synthetic_dir):
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
     from rlsys.models import load_processor
-    from rlsys.sequences import build_batch, encode_prompts
+    from rlsys.grpo.sequences import build_batch, encode_prompts
 
     proc = load_processor(tiny_model_dir)
     s = load_dataset(synthetic_dir / "train.jsonl")[0]
@@ -138,7 +138,7 @@ def test_the_engines_prompt_ids_are_checked_against_the_learners(tiny_model_dir,
 
 def test_banned_tokens_get_the_engines_bias_before_the_temperature():
     # logits [0, ln 3]; token 0 banned: [-100, ln 3], then / T = 0.5: [-200, 2 ln 3]
-    from rlsys.sequences import token_logprobs
+    from rlsys.grpo.sequences import token_logprobs
 
     ids = torch.tensor([[0, 1, 0]])
     logp, _ = token_logprobs(_FixedLogits(), {"input_ids": ids}, ids[:, 1:], temperature=0.5, banned_ids=[0])
@@ -150,9 +150,9 @@ def test_banned_tokens_get_the_engines_bias_before_the_temperature():
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, synthetic_dir):
     """learner.gradient_checkpointing recomputes each decoder layer in backward: the same
     log-probs and parameter gradients as keeping the activations."""
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
     from rlsys.models import load_model, load_processor
-    from rlsys.sequences import build_batch, token_logprobs
+    from rlsys.grpo.sequences import build_batch, token_logprobs
 
     proc = load_processor(tiny_model_dir)
     s = load_dataset(synthetic_dir / "train.jsonl")[0]

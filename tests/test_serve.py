@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from rlsys.config import REPO_ROOT
-from rlsys.serve import (AppArgs, DetectRequest, RequestError, ServeConfig, check_request, load_image,
+from rlsys.serve.app import (AppArgs, DetectRequest, RequestError, ServeConfig, check_request, load_image,
                          load_serve_config, to_objects)
 
 W, H = 160, 120
@@ -123,7 +123,7 @@ def server(tiny_model_dir):
     import ray
     from ray import serve
 
-    from rlsys.serve import build_app
+    from rlsys.serve.app import build_app
 
     cfg = load_serve_config(overrides=[
         "generation.max_new_tokens=24", "limits.max_image_bytes=200000", "limits.max_image_pixels=1000000",
@@ -221,7 +221,7 @@ def test_bad_requests_get_4xx_and_server_stays_up(server):
 
 @pytest.mark.slow
 def test_concurrent_burst_all_answered(server):
-    from rlsys.client import DetectClient
+    from rlsys.serve.client import DetectClient
 
     url, _ = server
     client = DetectClient(url, timeout_s=120)
@@ -235,8 +235,8 @@ def test_concurrent_burst_all_answered(server):
 
 @pytest.mark.slow
 def test_client_error_and_cli(server, tmp_path, capsys):
-    from rlsys import detect
-    from rlsys.client import DetectClient, DetectError
+    from rlsys.serve.app import detect
+    from rlsys.serve.client import DetectClient, DetectError
 
     url, _ = server
     src = tmp_path / "in.jpg"

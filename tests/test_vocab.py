@@ -1,4 +1,4 @@
-"""rlsys.vocab: every vocabulary renders pixel geometry to text and reads it back into pixels,
+"""rlsys.lang.vocab: every vocabulary renders pixel geometry to text and reads it back into pixels,
 never raises on garbage, and scores through the one reward implementation."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rewards.scorer import score
-from rlsys.data import Instance, Sample
-from rlsys.format import KeypointInstance, Prediction
-from rlsys.format import render as render_bins_markup
-from rlsys.vocab import REX_BINS, GETok, QwenJson, getok_tokens, make_vocabulary, resized_size, tokenizer_grid, vocabulary_for
+from rlsys.data.samples import Instance, Sample
+from rlsys.lang.format import KeypointInstance, Prediction
+from rlsys.lang.format import render as render_bins_markup
+from rlsys.lang.vocab import REX_BINS, GETok, QwenJson, getok_tokens, make_vocabulary, resized_size, tokenizer_grid, vocabulary_for
 
 # 640x480 under a 56*56..224*224 budget is resized to 252x168 (scale 0.39375 x 0.35)
 QJ = QwenJson(56 * 56, 224 * 224)
@@ -222,8 +222,8 @@ def test_qwen_json_points_and_keypoints_score():
 
 
 def test_sft_targets_and_questions_speak_the_vocabulary():
-    from rlsys.prompts import question_for_sample
-    from rlsys.targets import answer_text
+    from rlsys.lang.prompts import question_for_sample
+    from rlsys.lang.targets import answer_text
 
     smp = _sample([Instance("cat", box=(28, 28, 140, 140)), Instance("cat", box=(0, 0, 20, 20))], phrases=("cat", "dog"))
     assert json.loads(answer_text(smp, SAME).strip("`json\n")) == [{"bbox_2d": [0, 0, 20, 20], "label": "cat"},
@@ -237,7 +237,7 @@ def test_sft_targets_and_questions_speak_the_vocabulary():
 
 
 def test_serve_answers_in_request_pixels_whatever_the_vocabulary():
-    from rlsys.serve import to_objects
+    from rlsys.serve.app import to_objects
 
     objs, bad = to_objects('```json\n[{"bbox_2d": [39, 18, 118, 140], "label": "cat"}]\n```', "detection", 640, 480, QJ)
     assert bad == 0 and objs == [{"phrase": "cat", "box": [round(39 / 0.39375, 2), round(18 / 0.35, 2), round(118 / 0.39375, 2), 400.0]}]
@@ -279,8 +279,8 @@ def test_qwen_json_takes_a_base_checkpoint_as_it_is(tiny_model_dir, tmp_path):
     """A base checkpoint without <0>..<999> is prepared (tokens added) for rex_bins and used
     unchanged for qwen_json; soft coordinate targets are refused without bins."""
     from rlsys.config import ConfigError, load_config
-    from rlsys.prepare import prepare_model_dir
-    from rlsys.sft import SFTConfig
+    from rlsys.data.prepare import prepare_model_dir
+    from rlsys.sft.train import SFTConfig
     from tests.test_models import _tiny_base_without_coords
 
     base = _tiny_base_without_coords(tiny_model_dir, tmp_path)
@@ -358,7 +358,7 @@ def test_getok_scores_through_the_one_box_reward():
 # ---------------------------------------------------------------------------------------------
 # ChatRex
 # ---------------------------------------------------------------------------------------------
-from rlsys.vocab import ChatRex, chatrex_tokens, required_tokens, synthetic_proposals  # noqa: E402
+from rlsys.lang.vocab import ChatRex, chatrex_tokens, required_tokens, synthetic_proposals  # noqa: E402
 
 PROPS = [(10, 10, 50, 50), (100, 20, 150, 80), (0, 0, 20, 20)]
 
@@ -427,7 +427,7 @@ def test_synthetic_proposals_cover_every_gt_box_and_are_reproducible():
         props = synthetic_proposals(smp, distractors=4)
         assert props == synthetic_proposals(smp, distractors=4) and len(props) == len(insts) + 4
         assert all(0 <= b[0] < b[2] <= 200 and 0 <= b[1] < b[3] <= 100 for b in props)
-        from rlsys.vocab import box_iou
+        from rlsys.lang.vocab import box_iou
 
         assert all(max(box_iou(i.box, p) for p in props) >= 0.69 for i in insts)
         # and the SFT target of every such sample can be written
@@ -436,8 +436,8 @@ def test_synthetic_proposals_cover_every_gt_box_and_are_reproducible():
 
 
 def test_proposals_merge_tool(tmp_path):
-    from rlsys.data import DataError, load_jsonl
-    from rlsys.proposals import merge
+    from rlsys.data.samples import DataError, load_jsonl
+    from rlsys.data.proposals import merge
 
     data = tmp_path / "d.jsonl"
     recs = [_cr_sample([Instance("cat", box=(12, 11, 49, 52))], proposals=(), sid=f"r{k}").to_dict() for k in range(2)]
@@ -459,7 +459,7 @@ def test_proposals_merge_tool(tmp_path):
 
 
 def test_serve_binds_the_request_proposals_for_chatrex_only():
-    from rlsys.serve import DetectRequest, RequestError, bind_vocabulary, to_objects
+    from rlsys.serve.app import DetectRequest, RequestError, bind_vocabulary, to_objects
 
     req = DetectRequest(image="x", task="detection", categories=["cat"], proposals=[[10, 10, 50, 50], [100, 20, 150, 80]])
     v = bind_vocabulary(req, "box", 200, 100, ChatRex())

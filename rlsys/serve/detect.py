@@ -1,4 +1,4 @@
-"""Ask a served detector about one image: ``python -m rlsys.detect IMAGE --categories "a,b"``.
+"""Ask a served detector about one image: ``python -m rlsys.serve.detect IMAGE --categories "a,b"``.
 
 Prints the server's JSON answer; ``--save OUT.png`` also writes the image with the predictions
 drawn. Needs a running server (``python -m rlsys.serve`` or ``serve run configs/serve_app.yaml``).
@@ -11,7 +11,7 @@ import json
 import sys
 import zlib
 
-from rlsys.client import DetectClient, DetectError
+from rlsys.serve.client import DetectClient, DetectError
 
 _PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40))
@@ -54,7 +54,7 @@ def _boxes(text: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rlsys.detect", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rlsys.serve.detect", description=__doc__.split("\n\n")[0])
     p.add_argument("image", help="PNG or JPEG file (or an http(s) URL, if the server fetches URLs)")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     p.add_argument("--task", default="detection",

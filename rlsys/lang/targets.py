@@ -3,7 +3,7 @@
 Each call draws a fresh question for a sample: a random template, for detection a random subset
 of 1..N of the image's phrases (plus, sometimes, an absent category whose answer is ``None``),
 for visual prompts a random 1..N of a category's boxes. The answer is the sample's geometry in
-pixels, written by the vocabulary (:mod:`rlsys.vocab`; Rex-Omni's bins by default, boxes sorted
+pixels, written by the vocabulary (:mod:`rlsys.lang.vocab`; Rex-Omni's bins by default, boxes sorted
 by x0 as in section 2.3); a mask is written as the grid points of GETok's greedy conversion.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from rlsys import prompts
-from rlsys.format import KeypointInstance, Prediction
-from rlsys.vocab import REX_BINS
+from rlsys.lang import prompts
+from rlsys.lang.format import KeypointInstance, Prediction
+from rlsys.lang.vocab import REX_BINS
 
 
 def answer_text(sample, vocabulary=REX_BINS) -> str:
@@ -52,7 +52,7 @@ def mask_points(mask, width: int, height: int, vocabulary) -> tuple[float, ...]:
     i.e. the SAM-free decoder's). A vocabulary without masks is refused, naming it."""
     from rewards.geometry import decode_masks
     from rewards.mask import mask_to_grid_points
-    from rlsys.vocab import check_writes_masks
+    from rlsys.lang.vocab import check_writes_masks
 
     check_writes_masks(vocabulary)
     m = decode_masks([mask], height, width, "mask")[0]

@@ -3,9 +3,9 @@
 A vocabulary says how geometry becomes text and back. Everything else (the F1 rewards, the
 metrics, Serve's JSON) works in the sample image's pixels, so a vocabulary only converts:
 
-- ``render(preds, width, height)``: SFT targets. ``preds`` are :class:`rlsys.format.Prediction`
+- ``render(preds, width, height)``: SFT targets. ``preds`` are :class:`rlsys.lang.format.Prediction`
   with coordinates in pixels of a ``width`` x ``height`` image; raises on a bad target.
-- ``parse(text, width, height)``: a model answer -> :class:`rlsys.format.Parsed` of
+- ``parse(text, width, height)``: a model answer -> :class:`rlsys.lang.format.Parsed` of
   predictions in pixels. Never raises; counts what it cannot read (``unreadable``) and says why
   (``errors``). ``answered`` is False when nothing readable was written at all (an empty answer
   is a format failure, not "nothing here").
@@ -21,7 +21,7 @@ metrics, Serve's JSON) works in the sample image's pixels, so a vocabulary only 
   model reads boxes in the language it writes them.
 - ``question_hint(output)``: wording appended to the task's question ("" for none).
 - ``added_tokens()``: the tokens the vocabulary needs in the tokenizer (added to a base
-  checkpoint by ``rlsys.prepare``; none for ``qwen_json``).
+  checkpoint by ``rlsys.data.prepare``; none for ``qwen_json``).
 - ``for_sample(sample)`` / ``for_proposals(boxes, width, height)``: the vocabulary as it reads
   one sample (every caller binds it first). Only ``chatrex`` needs this, for its proposals; the
   others return themselves.
@@ -29,7 +29,7 @@ metrics, Serve's JSON) works in the sample image's pixels, so a vocabulary only 
 Chosen by ``model.vocabulary`` (:func:`make_vocabulary`):
 
 ``rex_bins`` (default): Rex-Omni's 1,000 quantised bins ``<0>``..``<999>`` in
-:mod:`rlsys.format`'s markup; bins are relative to the image, so the pixel budget does not enter.
+:mod:`rlsys.lang.format`'s markup; bins are relative to the image, so the pixel budget does not enter.
 
 ``qwen_json``: what a base Qwen2.5-VL already answers for grounding: JSON in a code fence,
 ``[{"bbox_2d": [x0, y0, x1, y1], "label": "cat"}]`` (``point_2d`` for points; ``polygon`` as a
@@ -58,8 +58,8 @@ import random
 import re
 from dataclasses import dataclass, replace
 
-from rlsys import coords
-from rlsys.format import (
+from rlsys.lang import coords
+from rlsys.lang.format import (
     IM_END,
     Deleted,
     INVISIBLE,
@@ -124,7 +124,7 @@ def resized_size(width: int, height: int, min_pixels: int, max_pixels: int, fact
 
 def _group(items: list[tuple[str, str, tuple]]) -> list[Prediction]:
     """(phrase, kind, coords) in reading order -> one Prediction per (phrase, kind), in order of
-    first appearance (as :func:`rlsys.format.parse` groups a phrase's instances)."""
+    first appearance (as :func:`rlsys.lang.format.parse` groups a phrase's instances)."""
     out: dict[tuple[str, str], list[tuple]] = {}
     for phrase, kind, c in items:
         out.setdefault((phrase, kind), []).append(c)
@@ -153,7 +153,7 @@ class _Instances(list):
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RexBins:
-    """Rex-Omni's coordinate bins (see :mod:`rlsys.format` and :mod:`rlsys.coords`)."""
+    """Rex-Omni's coordinate bins (see :mod:`rlsys.lang.format` and :mod:`rlsys.lang.coords`)."""
 
     name: str = "rex_bins"
 
@@ -491,7 +491,7 @@ class GETok:
 
     The image is a ``grid`` x ``grid`` lattice; ``<gridX_Y>`` stands for the centre of cell
     (X, Y) (X the column, Y the row), so a point is one token and a box two (its top-left and
-    bottom-right corners), a polygon one per vertex, in :mod:`rlsys.format`'s markup. An offset
+    bottom-right corners), a polygon one per vertex, in :mod:`rlsys.lang.format`'s markup. An offset
     token after a grid token moves that point by a third of a cell in each direction
     (``<OFF1_-1>``: right and up), which makes the nine positions of a cell a uniform 3·grid
     lattice: with the paper's grid of 32, points land within 1/192 of the image side, against
@@ -551,7 +551,7 @@ class GETok:
 
     def read(self, raw) -> tuple[float, ...]:
         """One instance's tokens -> its points in cells; raises ``ValueError`` (unreadable) or
-        :class:`rlsys.format.Deleted` (withdrawn)."""
+        :class:`rlsys.lang.format.Deleted` (withdrawn)."""
         pts, deleted = self._read_points(raw)
         n = len(pts) // 2 + deleted
         if deleted and (n < 3 or len(pts) < 6):
@@ -560,7 +560,7 @@ class GETok:
 
     def read_mask(self, raw) -> tuple[float, ...]:
         """One mask instance's tokens -> its set of points in cells: withdrawn points leave the
-        set, and a set of only withdrawn points raises :class:`rlsys.format.Deleted`."""
+        set, and a set of only withdrawn points raises :class:`rlsys.lang.format.Deleted`."""
         pts, deleted = self._read_points(raw)
         if not pts:
             raise Deleted(f"mask withdrawn with {deleted} <DELETE>")
@@ -704,7 +704,7 @@ class ChatRex:
 
     The proposals belong to a sample, so this vocabulary is bound to one (:meth:`for_sample`,
     which every caller uses) before it renders or parses: they come from the sample's record
-    (``proposals``, e.g. a proposal network's boxes merged in with ``python -m rlsys.proposals``),
+    (``proposals``, e.g. a proposal network's boxes merged in with ``python -m rlsys.data.proposals``),
     or, with ``proposal_source="synthetic"``, from :func:`synthetic_proposals` (GT jittered plus
     distractors; for synthetic data only: it leaks the GT's presence). The question lists them in
     the bins (``<obj0>: <12><40><100><200>``), so the model needs the coordinate tokens as well as
@@ -749,7 +749,7 @@ class ChatRex:
         if not props:
             if self.proposal_source != "synthetic":
                 raise ValueError(f"{where}: no proposals (add a 'proposals' list of boxes to its record, e.g. with "
-                                 "python -m rlsys.proposals; model.chatrex_proposals=synthetic makes them from the GT, "
+                                 "python -m rlsys.data.proposals; model.chatrex_proposals=synthetic makes them from the GT, "
                                  "for synthetic data only)")
             props = synthetic_proposals(sample, self.distractors)
         try:
@@ -913,7 +913,7 @@ def tokenizer_grid(tokenizer) -> int:
     n = math.isqrt(len(cells))
     if not cells or n * n != len(cells) or cells != {(x, y) for x in range(n) for y in range(n)}:
         raise ValueError(f"the tokenizer holds no complete GETok grid ({len(cells)} <gridX_Y> tokens); prepare the "
-                         "checkpoint with model.vocabulary=getok (rlsys.prepare adds them)")
+                         "checkpoint with model.vocabulary=getok (rlsys.data.prepare adds them)")
     return n
 
 
@@ -925,5 +925,5 @@ def tokenizer_proposals(tokenizer) -> int:
         k += 1
     if k == 0:
         raise ValueError("the tokenizer holds no ChatRex index tokens <obj0>..; prepare the checkpoint with "
-                         "model.vocabulary=chatrex (rlsys.prepare adds them)")
+                         "model.vocabulary=chatrex (rlsys.data.prepare adds them)")
     return k

@@ -26,8 +26,8 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
     from vllm import LLM, SamplingParams
 
     from rlsys.models import processor_for
-    from rlsys.prompts import chat_prompt, question_for_sample
-    from rlsys.vocab import vocabulary_for
+    from rlsys.lang.prompts import chat_prompt, question_for_sample
+    from rlsys.lang.vocab import vocabulary_for
 
     r, pixels = cfg.rollout, cfg.model.pixel_budget()
     max_new_tokens = max_new_tokens or r.max_new_tokens
@@ -45,16 +45,6 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
     outs = llm.generate(inputs, SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=False), use_tqdm=False)
     del llm
     return [o.outputs[0].text for o in outs]
-
-
-def predictions_in_pixels(text: str, sample, vocabulary=None) -> list[tuple[str, str, tuple[float, ...]]]:
-    """``(phrase, kind, coords in pixels)`` per predicted instance, read by ``vocabulary``
-    (default: the bins)."""
-    from rlsys.vocab import REX_BINS
-
-    voc = (vocabulary or REX_BINS).for_sample(sample)
-    read = voc.parse_masks if sample.output == "mask" else voc.parse  # a mask answer: sets of points
-    return [(p.phrase, p.kind, tuple(c)) for p in read(text, sample.width, sample.height) for c in p.coords]
 
 
 def task_images(samples, answers, vocabulary=None) -> dict:
@@ -147,7 +137,7 @@ def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | No
                     reward=None) -> dict:
     """The paper's metrics over the samples, by task family; answers read by ``vocabulary``
     (default: the bins). Mask-output samples (GETok) are decoded by ``mask_decoder`` (``"sam"``
-    with ``mask_source``, or ``"grid_cells"``; :func:`rlsys.prepare.mask_decoding` picks the
+    with ``mask_source``, or ``"grid_cells"``; :func:`rlsys.data.prepare.mask_decoding` picks the
     config's) and scored by mask IoU F1 (``mask``, ``mask_tasks``); without a decoder they raise.
     ``reward``: the run's ``RewardConfig`` (default: the paper's scorer and matching), whose pull
     towards too few boxes is reported as ``detection.leave_one_out``
@@ -161,7 +151,7 @@ def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | No
 
     d = task_images(samples, answers, vocabulary)
     det, det_tasks, point_imgs, gui_pts, gui_boxes = d["det"], d["det_tasks"], d["point"], d["gui_pts"], d["gui_boxes"]
-    from rlsys.vocab import REX_BINS
+    from rlsys.lang.vocab import REX_BINS
 
     out: dict = {"num_samples": len(samples)}
     if det:
@@ -188,7 +178,7 @@ def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | No
 
         if mask_decoder is None:
             raise ValueError("mask-output samples need a mask decoder for their metric (mask_decoder='sam' with a "
-                             "mask_source, or 'grid_cells'; rlsys.prepare.mask_decoding picks the config's)")
+                             "mask_source, or 'grid_cells'; rlsys.data.prepare.mask_decoding picks the config's)")
         imgs, tasks = mask_images(samples, answers, vocabulary or REX_BINS, mask_decoder, mask_source)
         out["mask"] = {**mask_f1(imgs), "num_images": len(imgs), "decoder": mask_decoder}
         out["mask_tasks"] = {t: {**mask_f1([m for m, u in zip(imgs, tasks) if u == t]), "num_images": tasks.count(t)}
@@ -219,7 +209,6 @@ def draw_grid(samples, answers, path, cols: int = 4, max_images: int = 16, vocab
     """PNG grid: ground-truth boxes green, predictions red, the question's task on top."""
     from PIL import Image
 
-    from rlsys.tracking import draw_predictions
 
     tiles = [draw_predictions(s, text, label=s.task, vocabulary=vocabulary) for s, text in list(zip(samples, answers))[:max_images]]
     if not tiles:
@@ -237,7 +226,7 @@ def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | No
     from rlsys.config import load_config
 
     from rlsys.models import processor_for
-    from rlsys.vocab import vocabulary_for
+    from rlsys.lang.vocab import vocabulary_for
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +235,7 @@ def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | No
     vocabulary = vocabulary_for(cfg.model, proc)
     decoder, mask_source = None, None
     if any(s.output == "mask" for s in samples):  # decided before generating: a missing decoder fails fast
-        from rlsys.prepare import check_targets, mask_decoding
+        from rlsys.data.prepare import check_targets, mask_decoding
 
         check_targets(samples, vocabulary)
         decoder, mask_source = mask_decoding(cfg.reward)
@@ -307,12 +296,12 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
 
     if a.data:
         samples = load_dataset(a.data)
     else:
-        from rlsys import synthetic
+        from rlsys.data.samples import synthetic
 
         samples = load_dataset(synthetic.generate(Path(a.out) / "data", num_images=200, seed=1234, split="val",
                                                   mask_fraction=cfg.data.synthetic_mask_fraction))

@@ -3,7 +3,7 @@
 Several phrasings per task so a model does not learn one sentence; training draws one at random
 (seeded), evaluation and Serve use the first. Multiple phrases are joined with ", " as in the
 paper's multi-object example. Visual prompts write their example boxes in the vocabulary the
-model answers in (:mod:`rlsys.vocab`; coordinate tokens by default), so the model reads boxes in
+model answers in (:mod:`rlsys.lang.vocab`; coordinate tokens by default), so the model reads boxes in
 the same language it writes them; a vocabulary may append wording (qwen_json: the JSON keys).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from rlsys.vocab import REX_BINS
+from rlsys.lang.vocab import REX_BINS
 
 # {phrases} is filled with the comma-joined phrases, {boxes} with the visual prompt's boxes.
 TEMPLATES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -129,7 +129,7 @@ def build_question(
 
 
 def question_for_sample(sample, rng: random.Random | None = None, vocabulary=REX_BINS) -> str:
-    """The question for a :class:`rlsys.data.Sample` (for chatrex, with its proposals listed)."""
+    """The question for a :class:`rlsys.data.samples.Sample` (for chatrex, with its proposals listed)."""
     vocabulary = vocabulary.for_sample(sample)
     kp_names: list[str] = []
     for inst in sample.instances:

@@ -1,6 +1,6 @@
 """Do a config's actor groups fit a cluster's node types, and on how many nodes? Pure arithmetic.
 
-It mirrors what rlsys asks of Ray (rlsys/grpo.py) and how Ray's autoscaler answers:
+It mirrors what rlsys asks of Ray (rlsys/grpo/trainer.py) and how Ray's autoscaler answers:
 
 - the learner ranks are one placement group, strategy PACK: all ranks on one node when a node can
   hold them (NCCL inside a node), spilling over several nodes only when none can (PACK is soft);
@@ -83,7 +83,7 @@ def _bundle(cpus: float, gpus: float) -> dict:
 
 
 def grpo_groups(cfg) -> list[Group]:
-    """The three actor groups of a :class:`rlsys.config.GRPOConfig`, as rlsys/grpo.py requests them."""
+    """The three actor groups of a :class:`rlsys.config.GRPOConfig`, as rlsys/grpo/trainer.py requests them."""
     le, ro, rw = cfg.learner, cfg.rollout, cfg.reward
     return [
         Group("learner", (_bundle(le.cpus_per_rank, le.gpus_per_rank),) * le.num_ranks, pack=True),
@@ -224,7 +224,7 @@ def node_types_from_raycluster(spec: dict) -> list[NodeType]:
 
 
 def main(argv=None) -> int:
-    """python -m rlsys.placement CONFIG.yaml CLUSTER.yaml: does a GRPO config fit a cluster config?"""
+    """python -m actors.placement CONFIG.yaml CLUSTER.yaml: does a GRPO config fit a cluster config?"""
     import sys
 
     import yaml
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m rlsys.placement CONFIG.yaml (cluster/aws.yaml | cluster/gcp.yaml | cluster/kuberay/*.yaml)", file=sys.stderr)
+        print("usage: python -m actors.placement CONFIG.yaml (cluster/aws.yaml | cluster/gcp.yaml | cluster/kuberay/*.yaml)", file=sys.stderr)
         return 2
     cfg = load_config(args[0])
     doc = yaml.safe_load(open(args[1]))

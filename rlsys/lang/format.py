@@ -15,7 +15,7 @@ place of numbers (:func:`render_keypoints` / :func:`parse_keypoints`).
 :func:`parse` is what rewards, evaluation and Serve read model text with. It must never raise:
 a policy under RL writes anything, and one exception would kill a reward worker. Whatever it
 cannot read it counts in :attr:`Parsed.unreadable` (reported as a reward part), never drops
-silently. Coordinates stay in bins here; :mod:`rlsys.coords` turns them into pixels.
+silently. Coordinates stay in bins here; :mod:`rlsys.lang.coords` turns them into pixels.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlsys.coords import MAX_BIN
+from rlsys.lang.coords import MAX_BIN
 
 REF_START = "<|object_ref_start|>"
 REF_END = "<|object_ref_end|>"

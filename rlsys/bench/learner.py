@@ -1,13 +1,13 @@
 """The learner's work per GRPO step, before and after it was made lean, on the same batch.
 
-``python -m rlsys.bench_learner --model {tiny,30m,qwen3b} --variant {before,after} [--out DIR]``
+``python -m rlsys.bench.learner --model {tiny,30m,qwen3b} --variant {before,after} [--out DIR]``
 prints one JSON line; ``python -m rlsys.bench --only learner`` runs every pair, each variant in
 its own process (so peak memory is that variant's alone), and prints the ratios.
 
 - ``before``: the learner as it was: a separate no-grad "old" log-prob pass, the reference
   pass, and a training forward, each taking float32 logits over the whole vocabulary at every
   position (image and prompt tokens included), with the entropy computed inside the graph.
-- ``after``: :func:`rlsys.sequences.token_logprobs` with the answer mask: no old pass (the
+- ``after``: :func:`rlsys.grpo.sequences.token_logprobs` with the answer mask: no old pass (the
   training forward, detached, is the proximal policy), logits only at answer positions, the
   entropy without a graph.
 
@@ -47,7 +47,7 @@ MODELS = {
 def _model_dir(name: str, out_dir: Path) -> str:
     """The benchmark's model, built once under ``out_dir``."""
     from rlsys.config import ModelConfig
-    from rlsys.prepare import prepare_model_dir
+    from rlsys.data.prepare import prepare_model_dir
 
     if name == "tiny":
         cfg = ModelConfig()
@@ -101,10 +101,10 @@ def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: in
     import torch
     from PIL import Image
 
-    from rlsys.algorithm import policy_loss
+    from rlsys.grpo.algorithm import policy_loss
     from rlsys.models import load_model, load_processor
-    from rlsys.prompts import chat_prompt
-    from rlsys.sequences import banned_token_ids, build_batch, token_logprobs
+    from rlsys.lang.prompts import chat_prompt
+    from rlsys.grpo.sequences import banned_token_ids, build_batch, token_logprobs
 
     torch.manual_seed(seed)
     m = MODELS[model_name]
@@ -180,7 +180,7 @@ def compare(out_dir: Path, models=("tiny", "30m", "qwen3b"), timeout_s: int = 18
     res: dict = {}
     for name in models:
         for variant in ("before", "after"):
-            r = subprocess.run([sys.executable, "-m", "rlsys.bench_learner", "--model", name, "--variant", variant,
+            r = subprocess.run([sys.executable, "-m", "rlsys.bench.learner", "--model", name, "--variant", variant,
                                 "--out", str(out_dir)], capture_output=True, text=True, timeout=timeout_s, env=env)
             lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
             res.setdefault(name, {})[variant] = json.loads(lines[-1]) if r.returncode == 0 and lines else {"error": r.stderr[-800:]}
@@ -192,7 +192,7 @@ def compare(out_dir: Path, models=("tiny", "30m", "qwen3b"), timeout_s: int = 18
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rlsys.bench_learner", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rlsys.bench.learner", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=tuple(MODELS), default="tiny")
     p.add_argument("--variant", choices=("before", "after"), default="after")
     p.add_argument("--out", default="runs/bench/learner")

@@ -86,7 +86,7 @@ class Sample:
     prompt_boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
     source: str = "<memory>"
     # candidate boxes for the chatrex vocabulary (ChatRex's proposals), in pixels; the model
-    # answers with their indices (rlsys.vocab.ChatRex)
+    # answers with their indices (rlsys.lang.vocab.ChatRex)
     proposals: list[tuple[float, float, float, float]] = field(default_factory=list)
 
     def instances_of(self, phrase: str) -> list[Instance]:

@@ -1,6 +1,6 @@
 """Serving benchmark: the HTTP path against the engine's own limit, and autoscaling, in one run.
 
-``python -m rlsys.bench_serve [--requests-per-client 4] [--checkpoint DIR] [key=value ...]``
+``python -m rlsys.bench.serve [--requests-per-client 4] [--checkpoint DIR] [key=value ...]``
 
 1. **Offline limit.** The same detection requests (same image, phrases, chat prompt and greedy
    sampling as the server builds them) through vLLM's offline ``LLM.generate`` in one call, in a
@@ -51,7 +51,7 @@ def _free_port() -> int:
 
 def load(url: str, n: int, concurrency: int, image: bytes, timeout_s: float) -> tuple[list[float], list[str], float]:
     """Send ``n`` requests from ``concurrency`` threads: (latencies of answered ones in ms, errors, wall s)."""
-    from rlsys.client import DetectClient, DetectError
+    from rlsys.serve.client import DetectClient, DetectError
 
     client = DetectClient(url, timeout_s)
 
@@ -125,8 +125,8 @@ def offline_rate(cfg, model_dir: str, n_at: dict[int, int]) -> dict:
 
     from rlsys.config import engine_memory
     from rlsys.models import load_processor
-    from rlsys.prompts import chat_prompt
-    from rlsys.serve import DetectRequest, check_request, question_for
+    from rlsys.lang.prompts import chat_prompt
+    from rlsys.serve.app import DetectRequest, check_request, question_for
 
     e, g = cfg.engine, cfg.generation
     pixels = cfg.model.pixel_budget()  # the server's budget, so both paths see the same image tokens
@@ -179,7 +179,7 @@ def autoscale(base, model_dir: str, url: str, image: bytes, timeout_s: float, cl
     (or ``limit_s`` passes), then measure again."""
     from ray import serve
 
-    from rlsys.serve import build_app
+    from rlsys.serve.app import build_app
 
     cfg = base.model_copy(deep=True)
     cfg.deployment.name = "bench-autoscale"
@@ -206,9 +206,9 @@ def autoscale(base, model_dir: str, url: str, image: bytes, timeout_s: float, cl
 
 def main(argv=None) -> int:
     from rlsys.config import ConfigError
-    from rlsys.serve import load_serve_config, resolve_model_dir
+    from rlsys.serve.app import load_serve_config, resolve_model_dir
 
-    p = argparse.ArgumentParser(prog="python -m rlsys.bench_serve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rlsys.bench.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="ServeConfig YAML (default configs/serve_tiny_cpu.yaml)")
     p.add_argument("--checkpoint", help="model to serve (default: the config's; none: the tiny model)")
     p.add_argument("--requests-per-client", type=int, default=4, help="measured requests per client at each level (at least 16 in all)")
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         return 0
 
     n_at = {c: max(16, c * a.requests_per_client) for c in CLIENTS}
-    child = [sys.executable, "-m", "rlsys.bench_serve", "--offline-only", json.dumps(n_at)]
+    child = [sys.executable, "-m", "rlsys.bench.serve", "--offline-only", json.dumps(n_at)]
     child += (["--config", a.config] if a.config else []) + (["--checkpoint", a.checkpoint] if a.checkpoint else []) + a.overrides
     print("offline LLM.generate ...", file=sys.stderr, flush=True)
     r = subprocess.run(child, capture_output=True, text=True, timeout=1800)
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from rlsys.serve import build_app
+    from rlsys.serve.app import build_app
 
     image = _image_png()
     ray.init(address=a.address, include_dashboard=False, log_to_driver=False)

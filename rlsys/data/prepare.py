@@ -31,7 +31,7 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {path}: not a Hugging Face checkpoint directory (no config.json)")
     from rlsys.models import prepare_checkpoint, processor_for
-    from rlsys.vocab import model_tokens
+    from rlsys.lang.vocab import model_tokens
 
     try:
         # a vocabulary without added tokens (qwen_json) takes a base checkpoint as it is
@@ -60,7 +60,7 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
 
 
 def _synthetic(data: DataConfig, out_dir, split: str) -> Path:
-    from rlsys import synthetic
+    from rlsys.data.samples import synthetic
 
     d = Path(out_dir) / "data"
     path = d / f"{split}.jsonl"
@@ -96,7 +96,7 @@ def prepare_data_path(data: DataConfig, out_dir, split: str = "train") -> Path:
 
 
 def load_samples(data: DataConfig, out_dir, split: str = "train"):
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
 
     samples = load_dataset(prepare_data_path(data, out_dir, split))
     if data.tasks:
@@ -110,7 +110,7 @@ def check_phrases(samples, tokenizer) -> None:
     """No phrase of ``samples`` carries a control token of the model's tokenizer (an
     ``<|image_pad|>`` in a category would add an image slot to the prompt); the first that does
     raises ``ValueError`` naming the file, line, record and field."""
-    from rlsys.format import check_sample_phrases
+    from rlsys.lang.format import check_sample_phrases
 
     check_sample_phrases(samples, tokenizer)
 
@@ -120,7 +120,7 @@ def check_targets(samples, vocabulary) -> None:
     mask output needs a vocabulary that writes masks (getok); for chatrex each needs proposals,
     a box output, and a proposal of IoU >= 0.5 for every GT box (else its answer cannot name
     it). The first that cannot raises ``ConfigError`` naming it."""
-    from rlsys.vocab import check_writes_masks
+    from rlsys.lang.vocab import check_writes_masks
 
     masks = [s for s in samples if s.output == "mask"]
     if masks:
@@ -132,7 +132,7 @@ def check_targets(samples, vocabulary) -> None:
                               "model.vocabulary=getok or leave mask samples out of the data") from None
     if vocabulary.name != "chatrex":
         return  # the other vocabularies write any valid record's geometry
-    from rlsys.targets import answer_text
+    from rlsys.lang.targets import answer_text
 
     for s in samples:
         try:
@@ -230,10 +230,10 @@ def check_fit(samples, processor, max_model_len: int, max_new_tokens: int, too_l
     context; such a request would be refused by vLLM at generation time. ``too_long="refuse"``
     raises ``ConfigError`` on the first one, naming it and the numbers; ``"skip"`` leaves them
     out and returns how many. Returns ``(kept samples, skipped count)``."""
-    from rlsys.prompts import build_question, templates_for
-    from rlsys.vocab import REX_BINS
+    from rlsys.lang.prompts import build_question, templates_for
+    from rlsys.lang.vocab import REX_BINS
 
-    from rlsys.prompts import chat_prompt
+    from rlsys.lang.prompts import chat_prompt
 
     tok = processor.tokenizer
     # the chat markup with an empty question; its one <|image_pad|> becomes the image's tokens

@@ -7,7 +7,7 @@ command that produced it.
 
 - rollout: tokens/s of the vLLM rollout actor vs Hugging Face ``generate`` on the same model,
   prompts, images and sampling settings (both forced to the same answer length);
-- rewards: box-IoU F1 vectorised vs a plain Python loop (``rlsys.bench_rewards``);
+- rewards: box-IoU F1 vectorised vs a plain Python loop (``rlsys.bench.rewards``);
 - sync: seconds per weight sync through vLLM's weight-transfer protocol (rlsys_gloo here, nccl on
   GPUs) vs the object-store fallback vs one Ray call per tensor, for the tiny model and a larger
   random model of the same architecture, and the sync's share of step time;
@@ -18,13 +18,13 @@ command that produced it.
   synchronous loop (0) on the demo's GRPO config, and the staleness of what was learnt;
 - learner: seconds and peak memory per answer of one learner step before and after it was made
   lean (no old log-prob pass, logits at answer positions only), tiny, ~30M and Qwen2.5-VL-3B-shaped
-  models (``rlsys.bench_learner``);
-- vocab: answer tokens per box for each spatial vocabulary (``rlsys.vocab``) on the same
+  models (``rlsys.bench.learner``);
+- vocab: answer tokens per box for each spatial vocabulary (``rlsys.lang.vocab``) on the same
   answers (the SFT targets of the same samples), with the model's tokenizer (Rex-Omni's table 17:
   7.6 tokens per box for its bins);
 - learning (on request only): does GRPO learn, on fixed and on fresh prompts, beside TRL's
-  GRPOTrainer on the same model, data, reward and settings (``rlsys.bench_learning``);
-- serve: requests/s and p50/p99 latency at 1-64 clients against vLLM's offline ``LLM.generate`` on the same requests, and autoscaling (``rlsys.bench_serve``).
+  GRPOTrainer on the same model, data, reward and settings (``rlsys.bench.learning``);
+- serve: requests/s and p50/p99 latency at 1-64 clients against vLLM's offline ``LLM.generate`` on the same requests, and autoscaling (``rlsys.bench.serve``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ DEMO_GRPO_CONFIG = REPO / "configs" / "demo_grpo_tiny_cpu.yaml"
 
 
 def _trainer(cfg):
-    from rlsys.grpo import Trainer, prepare_data, prepare_model
+    from rlsys.grpo.trainer import Trainer, prepare_data, prepare_model
 
     return Trainer(cfg, prepare_model(cfg), prepare_data(cfg))
 
@@ -63,9 +63,9 @@ def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32)
     import torch
     from PIL import Image
 
-    from rlsys.grpo import _chat_prompt
+    from rlsys.grpo.trainer import _chat_prompt
     from rlsys.models import load_model, load_processor
-    from rlsys.prompts import question_for_sample
+    from rlsys.lang.prompts import question_for_sample
 
     t = _trainer(cfg)
     try:
@@ -201,17 +201,17 @@ def bench_scaling(cfg, sizes=(2, 4, 8, 16), steps: int = 2) -> dict:
 def bench_vocab(cfg, max_samples: int = 500) -> dict:
     """Answer tokens per box and per point for each vocabulary on the same samples' targets
     (chatrex: boxes only, and the tokens its question spends listing the candidate boxes)."""
-    from rlsys.grpo import prepare_data, prepare_model
+    from rlsys.grpo.trainer import prepare_data, prepare_model
     from rlsys.models import load_processor
-    from rlsys.targets import answer_text
-    from rlsys.vocab import VOCABULARIES, make_vocabulary, vocabulary_for
+    from rlsys.lang.targets import answer_text
+    from rlsys.lang.vocab import VOCABULARIES, make_vocabulary, vocabulary_for
 
     proc = load_processor(prepare_model(cfg), pixels=cfg.model.pixel_budget())
     samples = [s for s in prepare_data(cfg) if s.output in ("box", "point") and s.instances][:max_samples]
     res = {"samples": len(samples), "tokenizer_vocabulary": len(proc.tokenizer)}
     for name in VOCABULARIES:
         tok = proc.tokenizer
-        if name in ("getok", "chatrex"):  # the tokenizer as rlsys.prepare leaves it: the vocabulary's tokens added
+        if name in ("getok", "chatrex"):  # the tokenizer as rlsys.data.prepare leaves it: the vocabulary's tokens added
             v = make_vocabulary(name, getok_grid=cfg.model.getok_grid, getok_offsets=cfg.model.getok_offsets,
                                 chatrex_max_proposals=cfg.model.chatrex_max_proposals, chatrex_proposals="synthetic",
                                 chatrex_distractors=cfg.model.chatrex_distractors)
@@ -251,7 +251,7 @@ def markdown(res: dict, cmd: str) -> str:
     rows = ["| part | figure | alternative | ratio | command |", "|---|---|---|---|---|"]
     if "rewards" in res and "speedup" in res["rewards"]:
         r = res["rewards"]
-        rows.append(f"| rewards: box-IoU F1, 64 x 100 x 100 | {r['vectorised_s'] * 1e3:.1f} ms | loop {r['reference_s'] * 1e3:.0f} ms | {r['speedup']:.0f}x | `python -m rlsys.bench_rewards` |")
+        rows.append(f"| rewards: box-IoU F1, 64 x 100 x 100 | {r['vectorised_s'] * 1e3:.1f} ms | loop {r['reference_s'] * 1e3:.0f} ms | {r['speedup']:.0f}x | `python -m rlsys.bench.rewards` |")
     for key in ("rollout", "rollout_demo_batch"):
         if key in res:
             r = res[key]
@@ -316,9 +316,9 @@ def markdown(res: dict, cmd: str) -> str:
             same = off["at_concurrency"][str(c)]["requests_per_s"]
             rows.append(f"| serve, 1 replica, {c} concurrent clients | {r['requests_per_s']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms "
                         f"| offline LLM.generate, {c} at a time: {same} req/s | {r['share_of_offline_same_concurrency']:.2f} of offline "
-                        f"| `python -m rlsys.bench_serve` |")
+                        f"| `python -m rlsys.bench.serve` |")
     elif "serve" in res:
-        rows.append(f"| serve | failed: {str(res['serve'])[:200]} | | | `python -m rlsys.bench_serve` |")
+        rows.append(f"| serve | failed: {str(res['serve'])[:200]} | | | `python -m rlsys.bench.serve` |")
     return "\n".join(rows)
 
 
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--only", nargs="*", choices=ALL + ON_REQUEST, default=list(ALL),
-                   help="parts to run (default: all but learning, which trains for tens of minutes: rlsys.bench_learning)")
+                   help="parts to run (default: all but learning, which trains for tens of minutes: rlsys.bench.learning)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(a.out)
@@ -335,11 +335,11 @@ def main(argv=None) -> int:
     cmd = "python -m rlsys.bench" + (f" --config {a.config}" if a.config != str(DEFAULT_CONFIG) else "")
     res: dict = {"device": "CPU, " + str(os.cpu_count()) + " cores", "config": a.config}
     if "rewards" in a.only:
-        res["rewards"] = _module_json(["rlsys.bench_rewards"], 600)
+        res["rewards"] = _module_json(["rlsys.bench.rewards"], 600)
     if set(a.only) & {"rollout", "step", "sync", "distributed", "scaling", "async"}:
         import ray
 
-        from rlsys.grpo import actor_env
+        from rlsys.grpo.trainer import actor_env
 
         ray.init(runtime_env={"env_vars": actor_env(cpu_only=cfg.learner.gpus_per_rank == 0)})
         if "rollout" in a.only:
@@ -361,15 +361,15 @@ def main(argv=None) -> int:
         if "async" in a.only:
             res["async"] = bench_async(out)
     if "learner" in a.only:
-        from rlsys.bench_learner import compare
+        from rlsys.bench.learner import compare
 
         res["learner"] = compare(out / "learner")
     if "vocab" in a.only:
         res["vocab"] = bench_vocab(cfg)
     if "serve" in a.only:
-        res["serve"] = _module_json(["rlsys.bench_serve"], 1200)
+        res["serve"] = _module_json(["rlsys.bench.serve"], 1200)
     if "learning" in a.only:
-        from rlsys import bench_learning
+        from rlsys.bench.suite import learning as bench_learning
 
         # its own defaults (the demo's SFT model and GRPO config), its own report
         if bench_learning.main(["--out", str(out / "learning")]) != 0:

@@ -1,6 +1,6 @@
 """Time the vectorised box reward against the plain-loop reference on the same input.
 
-``python -m rlsys.bench_rewards [--samples 64] [--boxes 100] [--seed 0] [--matching paper]``
+``python -m rlsys.bench.rewards [--samples 64] [--boxes 100] [--seed 0] [--matching paper]``
 
 Each sample has ``--boxes`` GT boxes and as many predictions (jittered GT boxes, some random
 ones, 5 labels) in a 1000x1000 image. Prints both times, their ratio, and a JSON line; exits
@@ -38,7 +38,7 @@ def make_samples(num_samples: int, num_boxes: int, seed: int, num_labels: int = 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rlsys.bench_rewards", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m rlsys.bench.rewards", description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--boxes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)

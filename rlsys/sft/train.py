@@ -68,12 +68,12 @@ def train_loop(config: dict) -> None:
     import ray.train
     import torch
 
-    from rlsys.data import load_dataset
-    from rlsys.losses import answer_token_loss
+    from rlsys.data.samples import load_dataset
+    from rlsys.sft.losses import answer_token_loss
     from rlsys.models import coordinate_token_ids, load_model, processor_for
-    from rlsys.sequences import build_batch
-    from rlsys.prompts import chat_prompt
-    from rlsys.targets import conversation
+    from rlsys.grpo.sequences import build_batch
+    from rlsys.lang.prompts import chat_prompt
+    from rlsys.lang.targets import conversation
 
     cfg = SFTConfig.model_validate(config["cfg"])
     tr = cfg.train
@@ -99,7 +99,7 @@ def train_loop(config: dict) -> None:
     if cfg.data.tasks:
         samples = [s for s in samples if s.task in cfg.data.tasks]
     all_phrases = sorted({p for s in samples for p in s.phrases})
-    from rlsys.vocab import vocabulary_for
+    from rlsys.lang.vocab import vocabulary_for
 
     vocabulary = vocabulary_for(cfg.model, processor)  # the targets' language
     start = 0
@@ -202,18 +202,18 @@ def save_checkpoint(engine, processor, rank: int, step: int, *, final: bool, met
 
 def run(cfg: SFTConfig) -> Path:
     """Run the Ray Train job; returns the final Hugging Face directory."""
-    from rlsys.prepare import prepare_data_path, prepare_model_dir
+    from rlsys.data.prepare import prepare_data_path, prepare_model_dir
 
     out = Path(cfg.run.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(cfg.model, out, None)
     train_path = prepare_data_path(cfg.data, out)
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
     from rlsys.models import processor_for
-    from rlsys.prepare import check_phrases
+    from rlsys.data.prepare import check_phrases
 
-    from rlsys.prepare import check_targets
-    from rlsys.vocab import vocabulary_for
+    from rlsys.data.prepare import check_targets
+    from rlsys.lang.vocab import vocabulary_for
 
     # the workers read the file themselves; a phrase with a control token, or a target the
     # vocabulary cannot write (chatrex without a matching proposal), is refused here, before Ray starts
@@ -229,7 +229,7 @@ def run(cfg: SFTConfig) -> Path:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        from rlsys.grpo import actor_env
+        from rlsys.grpo.trainer import actor_env
 
         ray.init(runtime_env={"env_vars": actor_env(cpu_only=not cfg.train.use_gpu)})
     wandb_cfg = None

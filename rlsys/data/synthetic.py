@@ -8,7 +8,7 @@ Two kinds of image:
 - *GUI screens*: a window with labelled buttons. They give GUI grounding (point in box, box F1)
   and OCR (the labels' quadrilaterals as polygons).
 
-It writes the formats a real dataset uses: ``<split>.jsonl`` in :mod:`rlsys.data`'s schema and,
+It writes the formats a real dataset uses: ``<split>.jsonl`` in :mod:`rlsys.data.samples`'s schema and,
 for the shape scenes, a COCO instances JSON (``<split>_coco.json``) with RLE segmentations,
 so both loaders are exercised by the same data.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlsys.data import Instance, Sample, write_jsonl
+from rlsys.data.samples import Instance, Sample, write_jsonl
 
 COLORS = {
     "red": (220, 40, 40),
@@ -281,7 +281,7 @@ def generate(out_dir, *, num_images: int, seed: int, split: str = "train", image
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m rlsys.synthetic", description="write the synthetic dataset")
+    p = argparse.ArgumentParser(prog="python -m rlsys.data.synthetic", description="write the synthetic dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--train-images", type=int, default=2000)
     p.add_argument("--val-images", type=int, default=200)

@@ -4,7 +4,7 @@ ChatRex answers with indices into candidate boxes, which come from a proposal so
 Universal Proposal Network, any open-set detector, or boxes a person drew). A sample carries them
 in its record's ``proposals`` field; this tool puts them there::
 
-    python -m rlsys.proposals --data train.jsonl --proposals boxes.jsonl --out train_with_proposals.jsonl
+    python -m rlsys.data.proposals --data train.jsonl --proposals boxes.jsonl --out train_with_proposals.jsonl
 
 ``boxes.jsonl`` holds one line per image: ``{"image": "images/0001.png", "boxes": [[x0, y0, x1,
 y1], ...]}`` in that image's pixels, the ``image`` written as in the dataset's records (or
@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rlsys.data import DataError, Sample, jsonl_records
+from rlsys.data.samples import DataError, Sample, jsonl_records
 
 
 def read_boxes(path) -> tuple[dict, dict]:
@@ -60,7 +60,7 @@ def merge(data_path, boxes_path, out_path) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rlsys.proposals", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rlsys.data.proposals", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="the dataset (JSONL records)")
     p.add_argument("--proposals", required=True, help="JSONL: {\"image\" or \"id\": ..., \"boxes\": [[x0, y0, x1, y1], ...]}")
     p.add_argument("--out", required=True, help="where the records with their proposals go")

@@ -35,7 +35,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rlsys.config import REPO_ROOT, ConfigError, KvCacheMiB, MaxPixels, MinPixels, describe, engine_memory, load_config, pixel_budget
-from rlsys.prompts import chat_prompt
+from rlsys.lang.prompts import chat_prompt
 
 log = logging.getLogger("rlsys.serve")
 DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "serve_tiny_cpu.yaml"
@@ -53,7 +53,7 @@ class ServeModelConfig(_Section):
     tiny_model_dir: str = Field("runs/serve-tiny/tiny-model", description="Where the tiny model is built when model.checkpoint is None.")
     trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code (off: the Qwen2.5-VL classes in transformers/vLLM suffice).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Engine weight dtype (float32 on CPUs, bfloat16 on GPUs).")
-    vocabulary: Literal["rex_bins", "qwen_json", "getok", "chatrex"] = Field("rex_bins", description="The vocabulary the checkpoint was trained to answer in (model.vocabulary of its SFT/GRPO config; rlsys.vocab; getok reads its grid size from the checkpoint's tokenizer; chatrex needs the request's 'proposals'). Answers are returned in the request image's pixels whatever it is.")
+    vocabulary: Literal["rex_bins", "qwen_json", "getok", "chatrex"] = Field("rex_bins", description="The vocabulary the checkpoint was trained to answer in (model.vocabulary of its SFT/GRPO config; rlsys.lang.vocab; getok reads its grid size from the checkpoint's tokenizer; chatrex needs the request's 'proposals'). Answers are returned in the request image's pixels whatever it is.")
     min_pixels: MinPixels = None
     max_pixels: MaxPixels = None
 
@@ -232,8 +232,8 @@ def parse_request(body: bytes) -> DetectRequest:
 
 
 def _check_phrase(what: str, phrase: str, limits: LimitsConfig, control: frozenset[str] = frozenset()) -> str:
-    from rlsys.format import _check_phrase as check_output_phrase
-    from rlsys.format import find_control_token
+    from rlsys.lang.format import _check_phrase as check_output_phrase
+    from rlsys.lang.format import find_control_token
 
     phrase = phrase.strip()
     if not phrase:
@@ -252,7 +252,7 @@ def _check_phrase(what: str, phrase: str, limits: LimitsConfig, control: frozens
 
 def check_request(req: DetectRequest, limits: LimitsConfig, control: frozenset[str] = frozenset()) -> tuple[str, list[str]]:
     """Task-specific rules that need no image. Returns ``(output, phrases)`` for the prompt.
-    ``control``: the tokenizer's control tokens (:func:`rlsys.format.control_tokens`), refused in
+    ``control``: the tokenizer's control tokens (:func:`rlsys.lang.format.control_tokens`), refused in
     every phrase."""
     required, optional, outputs = TASK_RULES[req.task]
     given = {f for f in _TASK_FIELDS if getattr(req, f) is not None}
@@ -379,7 +379,7 @@ def bind_vocabulary(req: DetectRequest, output: str, width: int, height: int, vo
     they are; a mask request only for a vocabulary that writes masks. The request body's byte
     limit bounds the list's length."""
     if output == "mask":
-        from rlsys.vocab import REX_BINS, check_writes_masks
+        from rlsys.lang.vocab import REX_BINS, check_writes_masks
 
         try:
             check_writes_masks(vocabulary or REX_BINS)
@@ -403,8 +403,8 @@ def bind_vocabulary(req: DetectRequest, output: str, width: int, height: int, vo
 
 
 def question_for(req: DetectRequest, output: str, phrases: list[str], width: int, height: int, vocabulary=None) -> str:
-    from rlsys.prompts import build_question
-    from rlsys.vocab import REX_BINS
+    from rlsys.lang.prompts import build_question
+    from rlsys.lang.vocab import REX_BINS
 
     if req.task == "ocr" and not phrases:
         phrases = ["text"]
@@ -423,7 +423,7 @@ def to_objects(text: str, task: str, width: int, height: int, vocabulary=None, o
     (``output="mask"``) gives each instance its points and the mask they decode to: COCO RLE
     (``pycocotools.mask.decode`` reads it) of the union of the points' grid cells, the SAM-free
     decoder; the points are also SAM's prompts for an outline (``rewards.sam.SamMaskSource``)."""
-    from rlsys.vocab import REX_BINS
+    from rlsys.lang.vocab import REX_BINS
 
     vocabulary = vocabulary or REX_BINS
     if output == "mask":
@@ -503,8 +503,8 @@ def _detector_class(max_concurrent_batches: int):
             e, g = self.cfg.engine, self.cfg.generation
             pixels = self.cfg.model.pixel_budget()
             self.processor = processor_for(self.cfg.model, model_dir)
-            from rlsys.format import control_tokens
-            from rlsys.vocab import vocabulary_for
+            from rlsys.lang.format import control_tokens
+            from rlsys.lang.vocab import vocabulary_for
 
             self.control = control_tokens(self.processor.tokenizer)
             self.vocabulary = vocabulary_for(self.cfg.model, self.processor)

@@ -1,6 +1,6 @@
 """A small client for the detector served by :mod:`rlsys.serve` (standard library and PIL only).
 
-    from rlsys.client import DetectClient
+    from rlsys.serve.client import DetectClient
     client = DetectClient("http://127.0.0.1:8000")
     result = client.detect("photo.jpg", categories=["person", "dog"])
     for obj in result["objects"]:

@@ -1,5 +1,5 @@
 """Does the learning loop learn, and as much as a peer's? ``python -m rlsys.bench --only learning``
-(or ``python -m rlsys.bench_learning``).
+(or ``python -m rlsys.bench.learning``).
 
 From one SFT model (default: the demo's, ``runs/demo/sft2/final``) and its training data, with the
 config's geometric scorer (``reward.scorer``) and the demo's GRPO settings
@@ -58,7 +58,7 @@ def _run(cmd: list[str], log: Path, timeout_s: float) -> float:
 def subset(src: Path, n: int, dst: Path, tasks=None) -> Path:
     """The first ``n`` records of a JSONL data file whose task is in ``tasks`` (default: any),
     relative image paths made absolute so the copy reads the same images."""
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
 
     keep = [k for k, s in enumerate(load_dataset(src)) if tasks is None or s.task in tasks]
     if len(keep) < n:
@@ -131,7 +131,7 @@ def run_trl(out: Path, init: Path, train: Path, steps: int, prompts_per_step: in
     args = {"out": str(out), "init": str(init), "train": str(train), "steps": steps, "prompts_per_step": prompts_per_step,
             "config": str(config), "overrides": overrides, "checkpoint_every": checkpoint_every}
     if not _cached(out, "wall_s.txt", args):
-        wall = _run([sys.executable, "-m", "rlsys.bench_learning", "--trl-worker", json.dumps(args)],
+        wall = _run([sys.executable, "-m", "rlsys.bench.learning", "--trl-worker", json.dumps(args)],
                     out.with_suffix(".log"), timeout_s)
         (out / "wall_s.txt").write_text(f"{wall}\n")
     recs = [json.loads(l) for l in (out / "trl_steps.jsonl").read_text().splitlines()]
@@ -194,10 +194,10 @@ def trl_worker(args: dict) -> None:
     from actors.rewards import scorer_vocabulary
     from rewards.scorer import load_scorer
     from rlsys.config import load_config
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
     from rlsys.models import load_model, param_part, processor_for
-    from rlsys.prompts import question_for_sample
-    from rlsys.vocab import vocabulary_for
+    from rlsys.lang.prompts import question_for_sample
+    from rlsys.lang.vocab import vocabulary_for
 
     out = Path(args["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -312,7 +312,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rlsys.bench_learning", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rlsys.bench.learning", description=__doc__.split("\n\n")[0])
     p.add_argument("--init", default="runs/demo/sft2/final", help="the SFT model GRPO starts from (the demo's by default)")
     p.add_argument("--train", default=None, help="training data (default: the SFT run's data/train.jsonl beside --init)")
     p.add_argument("--val", default=None, help="held-out data (default: the SFT run's data/val.jsonl beside --init)")
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
             print(f"error: {path}: no such data file (pass --train / --val)", file=sys.stderr)
             return 2
     out = Path(a.out).resolve()
-    from rlsys.data import load_dataset
+    from rlsys.data.samples import load_dataset
 
     # the tasks the GRPO config trains on, as many as there are up to --val-limit
     n_val = sum(1 for s in load_dataset(val) if not tasks or s.task in tasks)

@@ -1,0 +1,219 @@
+"""GRPO on Ray: ``python -m rlsys.grpo [--config FILE] [key=value ...]``.
+
+One step, as in the paper's section 4.2: sample prompts -> the rollout group samples G answers
+each -> the reward group scores them against the image's ground truth -> group-normalised
+advantages -> reference log-probs -> learner update -> weight sync to the generators. Each stage
+is timed and logged. With ``run.max_staleness_steps`` N > 0 the next batches are generated while
+the learner trains on this one (asynchronous rollouts), never more than N policy versions behind
+the learner, and the loss importance-weights them by the engines' log-probs. With no arguments it runs ``configs/tiny_cpu.yaml``: the tiny
+model on synthetic data, on this machine; under ``ray job submit`` it joins that cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from rlsys.config import ConfigError, GRPOConfig, describe, load_config
+from rlsys.data.prepare import check_fit, check_phrases, check_point_masks, check_targets, load_samples, prepare_model_dir
+from rlsys.eval.drawing import example_table
+from rlsys.grpo.trainer import Groups, Trainer
+from rlsys.lang.vocab import vocabulary_for
+from rlsys.models import processor_for
+from rlsys.tracking import start_tracking, wandb_init_args
+
+log = logging.getLogger("rlsys.grpo")
+
+
+def prepare_model(cfg: GRPOConfig) -> str:
+    return prepare_model_dir(cfg.model, cfg.run.out_dir, cfg.run.init_checkpoint)
+
+
+def prepare_data(cfg: GRPOConfig):
+    return load_samples(cfg.data, cfg.run.out_dir, "train")
+
+
+def keep_step_records(path: Path, last_step: int) -> int:
+    """Rewrite ``steps.jsonl`` (atomically) with only the records of steps ``<= last_step``: a
+    resumed run redoes the steps after its checkpoint, and each step appears once. Returns the
+    number of records dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        tmp.replace(path)
+        log.info("%s: dropped %d records of steps after %d (redone after the resume)", path, len(lines) - len(kept), last_step)
+    return len(lines) - len(kept)
+
+
+def start_groups(cfg: GRPOConfig, model_dir: str, vocabulary) -> Groups:
+    """The three actor groups and the weight sync between them, started and ready; a group that
+    cannot start frees the ones started before it."""
+    import ray
+
+    # actors/ import Ray at module level (their classes are Ray actors): imported when a run starts
+    from actors.group import call
+    from actors.learner import LearnerGroup
+    from actors.rewards import RewardGroup
+    from actors.rollout import RolloutGroup
+    from actors.weight_sync import WeightSync
+
+    have = ray.cluster_resources().get("CPU", 0)
+    if cfg.cpus_requested() > have:
+        log.warning("the actor groups ask for %.1f CPUs but the cluster has %.1f now: they start only if an "
+                    "autoscaler adds nodes (lower rollout.cpus_per_engine / learner.cpus_per_rank / "
+                    "reward.cpus_per_worker on a small machine)", cfg.cpus_requested(), have)
+    start = cfg.run.actor_start_timeout_s
+    t0 = time.perf_counter()
+    groups = Groups(None, None, None, None)
+    try:
+        groups.learners = LearnerGroup(cfg, model_dir, start)
+        groups.rollouts = RolloutGroup(cfg, model_dir, start)
+        groups.rewards = RewardGroup(cfg.reward, start, vocabulary=vocabulary)
+        call(groups.learners.ready_refs() + groups.rollouts.ready_refs(), start, "actor start-up")
+    except BaseException:
+        groups.shutdown()
+        raise
+    log.info("actors ready in %.1f s", time.perf_counter() - t0)
+    groups.weights = WeightSync(groups.learners, groups.rollouts, cfg.weight_transfer_backend,
+                                cfg.rollout.weight_bucket_mib << 20, cfg.rollout.timeout_s)
+    return groups
+
+
+def start_trainer(cfg: GRPOConfig, model_dir: str, samples, processor=None) -> Trainer:
+    """The groups started and a :class:`Trainer` over them (resumed when ``run.resume``)."""
+    processor = processor or processor_for(cfg.model, model_dir)
+    vocabulary = vocabulary_for(cfg.model, processor)
+    groups = start_groups(cfg, model_dir, vocabulary)
+    try:
+        return Trainer(cfg, groups, samples, processor, vocabulary)
+    except BaseException:
+        groups.shutdown()
+        raise
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m rlsys.grpo", description=__doc__.split("\n\n")[0],
+                                epilog="Overrides are dotted keys, e.g. run.steps=10 rollout.samples_per_prompt=8.")
+    p.add_argument("--config", help="YAML values for the schema in rlsys/config.py (default: configs/tiny_cpu.yaml)")
+    p.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
+    p.add_argument("overrides", nargs="*", help="key=value")
+    return p.parse_args(argv)
+
+
+def actor_env(cpu_only: bool) -> dict:
+    """Environment the actors need that the driver's does not already carry (a local cluster's
+    workers inherit the driver's; under `ray job submit` the job's runtime env provides its own,
+    and Ray refuses a driver that sets a variable the job already sets): the repository on
+    PYTHONPATH, and DeepSpeed's CPU accelerator when no GPU is used."""
+    wanted = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    if cpu_only:
+        wanted["DS_ACCELERATOR"] = "cpu"
+    return {k: v for k, v in wanted.items() if k not in os.environ}
+
+
+def run(cfg: GRPOConfig) -> dict:
+    """Run GRPO to ``cfg.run.steps``; returns the last step's metrics and the final checkpoint."""
+    out = Path(cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_model(cfg)
+    if cfg.model.path is None and cfg.run.init_checkpoint is None:
+        log.warning("starting GRPO from the random-weight tiny model: it cannot write the output format yet, so "
+                    "rewards stay near 0. Run SFT first (python -m rlsys.sft) and pass "
+                    "run.init_checkpoint=runs/sft-tiny/final, or run the whole demo: python -m rlsys.demo")
+    samples = prepare_data(cfg)
+    processor = processor_for(cfg.model, model_dir)
+    vocabulary = vocabulary_for(cfg.model, processor)
+    check_phrases(samples, processor.tokenizer)
+    check_point_masks(samples, cfg.reward)
+    check_targets(samples, vocabulary)  # chatrex: proposals for every sample
+    # every prompt fits the engines' context under the pixel budget (else refused here, by name)
+    samples, too_long = check_fit(samples, processor, cfg.rollout.max_model_len_tokens, cfg.rollout.max_new_tokens,
+                                  cfg.data.too_long, vocabulary)
+    if not samples:
+        raise ConfigError(f"no training sample fits rollout.max_model_len_tokens {cfg.rollout.max_model_len_tokens} "
+                          f"({too_long} skipped)")
+    import ray
+
+    if not ray.is_initialized():
+        # Joins the cluster when there is one (RAY_ADDRESS is set under `ray job submit`), else
+        # starts one here. Only variables the job has not set itself go into the runtime env: Ray
+        # refuses a driver that sets one the job's runtime env already sets.
+        ray.init(runtime_env={"env_vars": actor_env(cpu_only=cfg.learner.gpus_per_rank == 0)}, log_to_driver=True)
+    trainer = start_trainer(cfg, model_dir, samples, processor)
+    resumed = trainer.step_no > 0
+    # steps after the checkpoint resumed from are redone: their old records go
+    keep_step_records(out / "steps.jsonl", trainer.step_no)
+    tracker = start_tracking(wandb_init_args(cfg.tracking, out, out.name, cfg.model_dump(), continue_run=resumed))
+    wandb_last = int(getattr(tracker, "step", 0) or 0) if resumed else 0
+    if wandb_last > trainer.step_no:
+        log.warning("the W&B run already holds steps up to %d, logged before the checkpoint of step %d this run resumed "
+                    "from; W&B keeps those first values for steps %d..%d (it refuses earlier steps), steps.jsonl holds "
+                    "the redone ones", wandb_last, trainer.step_no, trainer.step_no + 1, wandb_last)
+    metrics: dict = {}
+    recent: deque[float] = deque(maxlen=5)  # step times, for the time left
+    label = f"{cfg.run.progress_label} " if cfg.run.progress_label else ""
+    try:
+        while trainer.step_no < cfg.run.steps:
+            metrics = trainer.step()
+            s = metrics["step"]
+            # A plain per-step record beside W&B: greppable, and what resume tests compare.
+            with (out / "steps.jsonl").open("a") as f:
+                f.write(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list))}) + "\n")
+            t = {k[5:-2]: v for k, v in metrics.items() if k.startswith("time/")}
+            recent.append(t["step"])
+            left_s = (cfg.run.steps - s) * sum(recent) / len(recent)
+            stale = f" staleness {metrics['rollout/staleness_mean']:.2f}" if cfg.run.max_staleness_steps else ""
+            print(f"{label}step {s}/{cfg.run.steps} reward {metrics['reward/mean']:.3f} kl {metrics['learner/kl']:.4f} "
+                  f"len {metrics['answer/length_tokens']:.1f}{stale} | {t['step']:.1f} s/step, {left_s / 60:.1f} min left | "
+                  + " ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "step"), flush=True)
+            log_payload = dict(metrics)
+            every = cfg.tracking.image_table_every_steps
+            if every and s % every == 0:
+                log_payload["examples"] = example_table(trainer.last_examples, trainer.vocabulary)
+            log_payload.pop("prompt_ids")
+            if s > wandb_last:
+                tracker.log(log_payload, step=s)
+            if s % cfg.run.checkpoint_every_steps == 0 or s == cfg.run.steps:
+                metrics["checkpoint"] = str(trainer.save(final=s == cfg.run.steps))
+        if trainer.step_no % cfg.run.sync_every_steps:
+            trainer.sync_weights()
+        metrics["weights_in_sync"] = trainer.weights_in_sync()
+    finally:
+        tracker.finish()
+        trainer.shutdown()  # its placement groups freed: a next run in this Ray session can place its own
+    return metrics
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    print("rlsys GRPO:", json.dumps(cfg.totals()), flush=True)
+    try:
+        m = run(cfg)
+    except ConfigError as exc:  # the data or model did not fit the config (named in the message)
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print("final:", json.dumps({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
