@@ -43,7 +43,8 @@ def placement_group(name: str, bundles: list[dict], strategy: str, timeout_s: fl
         raise TimeoutError(
             f"the {name} group's placement group ({len(bundles)} x {bundles[0]}, {strategy}) was not placed within "
             f"{timeout_s:.0f} s; the cluster has {have}. Are its resources enough? An autoscaler may need longer "
-            "(run.actor_start_timeout_s)")
+            "(run.actor_start_timeout_s)"
+        )
     return pg
 
 

@@ -5,9 +5,28 @@ from __future__ import annotations
 
 import os
 import random
-import time
+from dataclasses import replace
 
 import ray
+
+from actors.group import (
+    MemberFailed,
+    bundle,
+    call,
+    call_each,
+    in_bundle,
+    micro_batch_plan,
+    placement_group,
+    round_robin,
+    tear_down,
+)
+from actors.weight_sync import LearnerWeightSender, params_checksum, state_dict_buckets
+from rlsys.config import LearnerConfig
+from rlsys.grpo.algorithm import policy_loss, warmup_factor
+from rlsys.grpo.records import LearnerItem, LearnerStats
+from rlsys.grpo.sequences import banned_token_ids, build_batch, encode_prompts, token_logprobs
+from rlsys.lang.vocab import model_tokens
+from rlsys.models import load_model, load_processor, param_part
 
 
 def rendezvous_address() -> tuple[str, int]:
@@ -34,42 +53,52 @@ class LearnerWorker:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def setup(self, model_dir: str, learner_cfg: dict, *, master_addr: str, master_port: int,
-              seed: int, dtype: str = "float32", trust_remote_code: bool = False,
-              sampling_temperature: float = 1.0, pixels: dict | None = None, tokens: tuple = ()) -> int:
+    def setup(
+        self,
+        model_dir: str,
+        learner_cfg: LearnerConfig,
+        *,
+        master_addr: str,
+        master_port: int,
+        seed: int,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        sampling_temperature: float = 1.0,
+        pixels: dict | None = None,
+        tokens: tuple = (),
+    ) -> int:
         rank, world_size = self.rank, self.world
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
-                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
         import deepspeed
         import torch
-
-        from rlsys.models import load_model, load_processor
 
         self.cfg = learner_cfg
         self.temperature = sampling_temperature  # the rollout's; log-probs are taken under it
         torch.manual_seed(seed + rank)
         random.seed(seed + rank)
-        cuda = torch.cuda.is_available() and learner_cfg["gpus_per_rank"] > 0
+        cuda = torch.cuda.is_available() and learner_cfg.gpus_per_rank > 0
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-        self.processor = load_processor(model_dir, trust_remote_code=trust_remote_code, pixels=pixels,
-                                        tokens=tokens)
+        self.processor = load_processor(model_dir, trust_remote_code=trust_remote_code, pixels=pixels, tokens=tokens)
         self.pad_id = self.processor.tokenizer.pad_token_id
-        from rlsys.grpo.sequences import banned_token_ids
 
         self.banned = banned_token_ids(self.processor.tokenizer)  # biased as the engines bias them
         model = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
         self.ref = None
-        if learner_cfg["kl_coef"] > 0:
+        if learner_cfg.kl_coef > 0:
             self.ref = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code).eval()
             for p in self.ref.parameters():
                 p.requires_grad_(False)
-        if learner_cfg.get("freeze_vision"):
-            from rlsys.models import param_part
-
+        if learner_cfg.freeze_vision:
             for name, p in model.named_parameters():
                 if param_part(name) == "vision":
                     p.requires_grad_(False)
-        if learner_cfg.get("gradient_checkpointing"):
+        if learner_cfg.gradient_checkpointing:
             # activations of each decoder layer are recomputed in backward instead of kept: the
             # memory of a long VLM sequence for about one more forward. Non-reentrant, so frozen
             # parts (freeze_vision) and inputs without grad still backpropagate.
@@ -79,26 +108,25 @@ class LearnerWorker:
         if not trainable:
             raise ValueError("learner: no trainable parameters (freeze_vision left nothing to train?)")
         self.trainable_params = sum(p.numel() for p in trainable)
-        optim = torch.optim.AdamW(trainable, lr=learner_cfg["lr"], weight_decay=learner_cfg["weight_decay"])
+        optim = torch.optim.AdamW(trainable, lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
         ds_config = {
-            "train_micro_batch_size_per_gpu": learner_cfg["micro_batch_size"],
+            "train_micro_batch_size_per_gpu": learner_cfg.micro_batch_size,
             # One optimizer step per GRPO step whatever the shard: train() marks the last
             # micro-batch as the accumulation boundary itself (set_gradient_accumulation_boundary),
             # so a step with more or fewer micro-batches than the last one cannot move the
             # optimizer step into the next GRPO step.
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": learner_cfg["grad_clip"],
-            "zero_optimization": {"stage": learner_cfg["zero_stage"]},
+            "gradient_clipping": learner_cfg.grad_clip,
+            "zero_optimization": {"stage": learner_cfg.zero_stage},
             # A torch AdamW, not DeepSpeed's fused CPU Adam: that one compiles a C++ op at first start.
             "zero_allow_untested_optimizer": True,
             "bf16": {"enabled": dtype == "bfloat16"},
             "steps_per_print": 10**9,
         }
-        from rlsys.grpo.algorithm import warmup_factor
 
         # DeepSpeed steps the schedule with each optimizer step and saves it in its checkpoints,
         # so a resumed run continues the warm-up where it stopped.
-        warmup = learner_cfg.get("warmup_steps", 0)
+        warmup = learner_cfg.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda k: warmup_factor(k, warmup))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, config=ds_config, lr_scheduler=sched)
         self.device = self.engine.device
@@ -109,7 +137,6 @@ class LearnerWorker:
         return self.rank
 
     def _batch(self, chunk):
-        from rlsys.grpo.sequences import build_batch
 
         before = len(self._cache)
         inputs, targets, mask = build_batch(self.processor, chunk, self.pad_id, self._cache)
@@ -117,18 +144,16 @@ class LearnerWorker:
         return {k: v.to(self.device) for k, v in inputs.items()}, targets.to(self.device), mask.to(self.device)
 
     def _batches(self, items):
-        mb = self.cfg["micro_batch_size"]
+        mb = self.cfg.micro_batch_size
         for i in range(0, len(items), mb):
             yield i, *self._batch(items[i : i + mb])
 
-    def reference(self, items) -> list:
+    def reference(self, items: list[LearnerItem]) -> list:
         """Per item, the frozen reference policy's log-probs of its answer (the step's only extra
         forward; there is none with ``kl_coef`` 0). No "old" log-prob pass: with one optimizer
         step per batch the proximal policy is the weights :meth:`train` starts from, so its own
         forward, detached, gives them."""
         import torch
-
-        from rlsys.grpo.sequences import token_logprobs
 
         if self.ref is None:
             raise ValueError("learner: reference log-probs asked for, but kl_coef is 0 (no reference model loaded)")
@@ -137,13 +162,20 @@ class LearnerWorker:
         refs = []
         with torch.no_grad():
             for _, inputs, targets, mask in self._batches(items):
-                ref, _ = token_logprobs(self.ref, inputs, targets, self.temperature, mask=mask, entropy=False,
-                                        banned_ids=self.banned)
+                ref, _ = token_logprobs(
+                    self.ref, inputs, targets, self.temperature, mask=mask, entropy=False, banned_ids=self.banned
+                )
                 refs.extend(ref[b][mask[b]].cpu() for b in range(mask.shape[0]))
         # the processor's outputs stay cached for train() on the same items (it clears them)
         return refs
 
-    def train(self, items, num_tokens_global: int, num_micro_batches: int | None = None, pad_item: dict | None = None) -> dict:
+    def train(
+        self,
+        items: list[LearnerItem],
+        num_tokens_global: int,
+        num_micro_batches: int | None = None,
+        pad_item: LearnerItem | None = None,
+    ) -> LearnerStats:
         """One optimizer step over ``items`` (this rank's shard, possibly empty). Each item carries
         ``advantage``, ``ref_logp`` (per answer token, when ``kl_coef`` > 0), ``engine_logp`` (the
         behaviour policy's, as the engine reported them) and ``correct`` (apply the off-policy
@@ -155,48 +187,52 @@ class LearnerWorker:
         ``num_tokens_global``: answer tokens over all ranks, the loss's normaliser."""
         import torch
 
-        from rlsys.grpo.algorithm import policy_loss
-        from rlsys.grpo.sequences import token_logprobs
-
-        mb = self.cfg["micro_batch_size"]
+        mb = self.cfg.micro_batch_size
         need = -(-len(items) // mb)
         M = need if num_micro_batches is None else num_micro_batches
         if M < max(need, 1):
-            raise ValueError(f"learner rank {self.rank}: {len(items)} items need {need} micro-batches of "
-                             f"{mb}, but the step plans {M}")
+            raise ValueError(
+                f"learner rank {self.rank}: {len(items)} items need {need} micro-batches of "
+                f"{mb}, but the step plans {M}"
+            )
         if need < M and pad_item is None and not items:
-            raise ValueError(f"learner rank {self.rank}: an empty shard needs a pad_item to run its zero-weight micro-batches")
+            raise ValueError(
+                f"learner rank {self.rank}: an empty shard needs a pad_item to run its zero-weight micro-batches"
+            )
         pad = pad_item if pad_item is not None else items[0]
         chunks = [(items[k * mb : (k + 1) * mb], 1.0) for k in range(need)] + [([pad], 0.0)] * (M - need)
         self.engine.train()
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
+        sums = {"kl": 0.0, "clip": 0.0, "entropy": 0.0, "loss": 0.0}
         n_tok = 0
         gap = {"sum": 0.0, "n": 0}  # |engine - learner| log-prob on on-policy answers
         beh = {"w_sum": 0.0, "w_max": 0.0, "abs_log": 0.0, "truncated": 0, "n": 0}  # corrected answers
-        cap = self.cfg["is_cap"]
+        cap = self.cfg.is_cap
         for k, (chunk, weight) in enumerate(chunks):
             inputs, targets, mask = self._batch(chunk)
-            logp, entropy = token_logprobs(self.engine, inputs, targets, self.temperature, mask=mask, banned_ids=self.banned)
+            logp, entropy = token_logprobs(
+                self.engine, inputs, targets, self.temperature, mask=mask, banned_ids=self.banned
+            )
             # the proximal ("old") policy: these weights, before this step's one update
             old = logp.detach()
             ref = None
             if self.ref is not None:
                 ref = torch.zeros_like(old)
                 for b, it in enumerate(chunk):
-                    ref[b][mask[b]] = it["ref_logp"].to(ref)
+                    ref[b][mask[b]] = it.ref_logp.to(ref)
             behaviour = None
             for b, it in enumerate(chunk):
-                eng = it.get("engine_logp")
+                eng = it.engine_logp
                 if eng is None or weight == 0.0:
                     continue
                 eng = torch.as_tensor(eng, dtype=old.dtype, device=old.device)
                 mine = old[b][mask[b]]
                 if eng.shape != mine.shape:
-                    raise ValueError(f"learner rank {self.rank}: the engine reported {eng.numel()} log-probs for an answer "
-                                     f"of {mine.numel()} tokens ({it['image']})")
+                    raise ValueError(
+                        f"learner rank {self.rank}: the engine reported {eng.numel()} log-probs for an answer "
+                        f"of {mine.numel()} tokens ({it.image})"
+                    )
                 ok = torch.isfinite(eng)
-                if it.get("correct"):
+                if it.correct:
                     if behaviour is None:
                         behaviour = old.clone()  # weight exp(0) = 1 exactly for the answers not corrected
                     behaviour[b][mask[b]] = eng
@@ -210,10 +246,20 @@ class LearnerWorker:
                 else:
                     gap["sum"] += float((mine - eng)[ok].abs().sum())
                     gap["n"] += int(ok.sum())
-            adv = torch.tensor([it["advantage"] for it in chunk], dtype=torch.float32, device=logp.device)
-            loss, m = policy_loss(logp, old, ref, adv, mask, clip_low=self.cfg["clip_low"],
-                                  clip_high=self.cfg["clip_high"], kl_coef=self.cfg["kl_coef"],
-                                  num_tokens=num_tokens_global, behaviour_logp=behaviour, is_cap=cap)
+            adv = torch.tensor([it.advantage for it in chunk], dtype=torch.float32, device=logp.device)
+            loss, m = policy_loss(
+                logp,
+                old,
+                ref,
+                adv,
+                mask,
+                clip_low=self.cfg.clip_low,
+                clip_high=self.cfg.clip_high,
+                kl_coef=self.cfg.kl_coef,
+                num_tokens=num_tokens_global,
+                behaviour_logp=behaviour,
+                is_cap=cap,
+            )
             # The loss is normalised by the global answer-token count, so micro-batch losses add
             # up to the step's loss; DeepSpeed must neither divide by the accumulation steps
             # (scale_wrt_gas=False) nor, net, by the world size it averages gradients over.
@@ -223,35 +269,55 @@ class LearnerWorker:
                 continue
             n = int(m["num_tokens"])
             n_tok += n
-            for name in ("kl", "clip_fraction", "ratio_mean"):
-                sums[name] = sums.get(name, 0.0) + float(m[name]) * n
-            sums["entropy"] = sums.get("entropy", 0.0) + float(entropy[mask].sum())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-        lr = self.engine.get_lr()[0] if self.engine.get_lr() else self.cfg["lr"]  # the rate this update uses
+            sums["kl"] += float(m["kl"]) * n
+            sums["clip"] += float(m["clip_fraction"]) * n
+            sums["entropy"] += float(entropy[mask].sum())
+            sums["loss"] += float(loss.detach())
+        lr = self.engine.get_lr()[0] if self.engine.get_lr() else self.cfg.lr  # the rate this update uses
         self.engine.step()  # the one optimizer step of this GRPO step (the boundary was the last backward)
         self._cache.clear()
-        out = {k: (v / max(n_tok, 1) if k != "loss" else v) for k, v in sums.items()}
-        out.update(tokens=n_tok, answers=len(items), micro_batches=M, padded_micro_batches=M - need, learn_s=time.perf_counter() - t0,
-                   optimizer_steps=self.engine.global_steps,
-                   grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
-                   lr=lr,
-                   encoded_prompts=self._encoded, gap_sum=gap["sum"], gap_tokens=gap["n"],
-                   behaviour_w_sum=beh["w_sum"], behaviour_w_max=beh["w_max"], behaviour_abs_log_sum=beh["abs_log"],
-                   behaviour_truncated=beh["truncated"], behaviour_tokens=beh["n"])
+        out = LearnerStats(
+            tokens=n_tok,
+            answers=len(items),
+            loss=sums["loss"],
+            kl_sum=sums["kl"],
+            clip_sum=sums["clip"],
+            entropy_sum=sums["entropy"],
+            micro_batches=M,
+            padded_micro_batches=M - need,
+            encoded_prompts=self._encoded,
+            gap_sum=gap["sum"],
+            gap_tokens=gap["n"],
+            behaviour_tokens=beh["n"],
+            behaviour_w_sum=beh["w_sum"],
+            behaviour_w_max=beh["w_max"],
+            behaviour_abs_log_sum=beh["abs_log"],
+            behaviour_truncated=beh["truncated"],
+            grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+            lr=lr,
+            optimizer_steps=self.engine.global_steps,
+        )
         self._encoded = 0
         return out
 
     # -- weights out (rank 0) --------------------------------------------------------------------
-    def weights_connect(self, engines: list, workers_per_engine: int, backend: str, bucket_bytes: int, timeout_s: float) -> float:
+    def weights_connect(
+        self, engines: list, workers_per_engine: int, backend: str, bucket_bytes: int, timeout_s: float
+    ) -> float:
         """Open the weight-transfer group with ``engines`` (vLLM's protocol; this rank is its
         rank 0 and hosts the rendezvous on a free port of its node). Returns seconds taken."""
-        from actors.weight_sync import LearnerWeightSender
 
         if getattr(self, "sender", None) is None or self.sender.backend != backend:
             self.sender = LearnerWeightSender(self.engine.module, backend)
         addr, port = rendezvous_address()
-        return self.sender.connect(engines, workers_per_engine, master_address=addr, master_port=port,
-                                   bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+        return self.sender.connect(
+            engines,
+            workers_per_engine,
+            master_address=addr,
+            master_port=port,
+            bucket_bytes=bucket_bytes,
+            timeout_s=timeout_s,
+        )
 
     def weights_send(self) -> float:
         """One round of the protocol: start, update (buckets broadcast), finish on every engine."""
@@ -264,7 +330,6 @@ class LearnerWorker:
     def weight_buckets(self, bucket_bytes: int) -> list:
         """The fallback: the policy's weights as safetensors buckets in the object store, the
         same tensors the protocol sends (``named_parameters``, a tied embedding once)."""
-        from actors.weight_sync import state_dict_buckets
 
         return [ray.put(b) for b in state_dict_buckets(self.engine.module.named_parameters(), bucket_bytes)]
 
@@ -272,9 +337,7 @@ class LearnerWorker:
         """Log-prob of every prompt token after the first, as :meth:`RolloutWorker.prompt_logprobs`."""
         import torch
 
-        from rlsys.grpo.sequences import encode_prompts
-
-        enc = encode_prompts(self.processor, [{"prompt": prompt, "image": image}])[0]
+        enc = encode_prompts(self.processor, [LearnerItem(prompt=prompt, image=image, response_ids=[])])[0]
         inputs = {k: v.to(self.device) for k, v in enc.items()}
         with torch.no_grad():
             logits = self.engine.module(**inputs).logits[0, :-1].float()
@@ -292,7 +355,6 @@ class LearnerWorker:
 
     def checksum(self) -> dict:
         """Digest of exactly what a weight sync sends (see :meth:`weights_connect`)."""
-        from actors.weight_sync import params_checksum
 
         return params_checksum(self.engine.module.named_parameters())
 
@@ -305,8 +367,11 @@ class LearnerWorker:
         Face directory under path/hf. The caller renames ``path`` into place (atomic)."""
         import torch
 
-        self.engine.save_checkpoint(os.path.join(path, "ds"), tag="state",
-                                    client_state={"torch_rng": torch.get_rng_state(), "py_rng": random.getstate()})
+        self.engine.save_checkpoint(
+            os.path.join(path, "ds"),
+            tag="state",
+            client_state={"torch_rng": torch.get_rng_state(), "py_rng": random.getstate()},
+        )
         if hf and self.rank == 0:
             self.engine.module.save_pretrained(os.path.join(path, "hf"), safe_serialization=True)
             self.processor.save_pretrained(os.path.join(path, "hf"))
@@ -337,63 +402,84 @@ class LearnerGroup:
     name = "learner"
 
     def __init__(self, cfg, model_dir: str, start_timeout_s: float):
-        from actors.group import bundle, call, in_bundle, placement_group
-
-        from rlsys.lang.vocab import model_tokens
 
         self.cfg = cfg
         le = cfg.learner
         self.timeout_s = le.timeout_s
-        self.pg = placement_group("learner", [bundle(le.cpus_per_rank, le.gpus_per_rank, le.resources_per_rank)] * le.num_ranks,
-                                  "PACK", start_timeout_s)
-        self.ranks = [LearnerWorker.options(num_cpus=le.cpus_per_rank, num_gpus=le.gpus_per_rank,
-                                            scheduling_strategy=in_bundle(self.pg, r)).remote(rank=r, world_size=le.num_ranks)
-                      for r in range(le.num_ranks)]
+        self.pg = placement_group(
+            "learner",
+            [bundle(le.cpus_per_rank, le.gpus_per_rank, le.resources_per_rank)] * le.num_ranks,
+            "PACK",
+            start_timeout_s,
+        )
+        self.ranks = [
+            LearnerWorker.options(
+                num_cpus=le.cpus_per_rank, num_gpus=le.gpus_per_rank, scheduling_strategy=in_bundle(self.pg, r)
+            ).remote(rank=r, world_size=le.num_ranks)
+            for r in range(le.num_ranks)
+        ]
         addr, port = call(self.ranks[0].address.remote(), start_timeout_s, "learner rank 0 start")
-        self._setup = [w.setup.remote(model_dir, le.model_dump(), master_addr=addr, master_port=port, seed=cfg.run.seed,
-                                      dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                                      sampling_temperature=cfg.rollout.temperature, pixels=cfg.model.pixel_budget(),
-                                      tokens=model_tokens(cfg.model))
-                       for w in self.ranks]
+        self._setup = [
+            w.setup.remote(
+                model_dir,
+                le,
+                master_addr=addr,
+                master_port=port,
+                seed=cfg.run.seed,
+                dtype=cfg.model.dtype,
+                trust_remote_code=cfg.model.trust_remote_code,
+                sampling_temperature=cfg.rollout.temperature,
+                pixels=cfg.model.pixel_budget(),
+                tokens=model_tokens(cfg.model),
+            )
+            for w in self.ranks
+        ]
 
     def ready_refs(self) -> list:
         return self._setup
 
     def _each(self, refs, what: str, timeout_s: float | None = None) -> list:
-        from actors.group import MemberFailed, call_each
 
         try:
             return call_each(self.name, refs, timeout_s or self.timeout_s, what)
         except MemberFailed as exc:
-            raise RuntimeError(f"{exc}. A learner rank cannot be replaced inside a running group: restart the run; "
-                               "it resumes from the last checkpoint (run.resume)") from exc
+            raise RuntimeError(
+                f"{exc}. A learner rank cannot be replaced inside a running group: restart the run; "
+                "it resumes from the last checkpoint (run.resume)"
+            ) from exc
 
     def shard(self, items: list) -> list[list]:
-        from actors.group import round_robin
 
         return [[items[i] for i in idx] for idx in round_robin(len(items), len(self.ranks))]
 
-    def reference(self, items: list) -> None:
-        """Fill each item's ``ref_logp`` (the frozen reference policy), sharded as :meth:`train`
-        will shard them, so each rank's processor outputs are reused by its update."""
-        shards = self.shard(items)
+    def reference(self, items: list[LearnerItem]) -> list[LearnerItem]:
+        """The items with their ``ref_logp`` (the frozen reference policy), in the same order,
+        computed sharded as :meth:`train` will shard them, so each rank's processor outputs are
+        reused by its update."""
+        idx = round_robin(len(items), len(self.ranks))
+        shards = [[items[i] for i in ix] for ix in idx]
         res = self._each([w.reference.remote(sh) for w, sh in zip(self.ranks, shards)], "reference log-probs")
-        for sh, refs in zip(shards, res):
-            for it, r in zip(sh, refs):
-                it["ref_logp"] = r
+        out: list = [None] * len(items)
+        for ix, sh, refs in zip(idx, shards, res):
+            for i, it, r in zip(ix, sh, refs):
+                out[i] = replace(it, ref_logp=r)
+        return out
 
-    def train(self, items: list) -> list[dict]:
-        """One optimizer step on every rank over ``items``; per-rank metrics."""
-        from actors.group import micro_batch_plan
+    def train(self, items: list[LearnerItem]) -> LearnerStats:
+        """One optimizer step on every rank over ``items``; the ranks' figures merged
+        (:attr:`last_ranks` keeps each rank's)."""
 
         if not items:
             raise ValueError("learner update with no answers to learn from")
         shards = self.shard(items)
         M = micro_batch_plan([len(sh) for sh in shards], self.cfg.learner.micro_batch_size)
-        num_tokens = sum(len(it["response_ids"]) for it in items)
+        num_tokens = sum(len(it.response_ids) for it in items)
         pad = items[0]
-        return self._each([w.train.remote(sh, num_tokens, M, None if sh else pad) for w, sh in zip(self.ranks, shards)],
-                          "learner update")
+        self.last_ranks = self._each(
+            [w.train.remote(sh, num_tokens, M, None if sh else pad) for w, sh in zip(self.ranks, shards)],
+            "learner update",
+        )
+        return LearnerStats.merge(self.last_ranks)
 
     def save(self, path: str) -> None:
         self._each([w.save.remote(path, True) for w in self.ranks], "checkpoint save")
@@ -411,9 +497,14 @@ class LearnerGroup:
         return self._each([self.ranks[0].prompt_logprobs.remote(prompt, image)], "learner log-probs", 600)[0]
 
     # weights out: rank 0 holds the whole model under ZeRO <= 2
-    def connect_weights(self, engines: list, workers_per_engine: int, backend: str, bucket_bytes: int, timeout_s: float) -> float:
-        return self._each([self.ranks[0].weights_connect.remote(engines, workers_per_engine, backend, bucket_bytes, timeout_s)],
-                          "weight-transfer connect", timeout_s)[0]
+    def connect_weights(
+        self, engines: list, workers_per_engine: int, backend: str, bucket_bytes: int, timeout_s: float
+    ) -> float:
+        return self._each(
+            [self.ranks[0].weights_connect.remote(engines, workers_per_engine, backend, bucket_bytes, timeout_s)],
+            "weight-transfer connect",
+            timeout_s,
+        )[0]
 
     def send_weights(self, timeout_s: float) -> float:
         return self._each([self.ranks[0].weights_send.remote()], "weight send", timeout_s)[0]
@@ -425,12 +516,10 @@ class LearnerGroup:
         return self._each([self.ranks[0].weight_buckets.remote(bucket_bytes)], "weight export")[0]
 
     def node_ids(self) -> list[str]:
-        from actors.group import call
 
         return call([w.node_id.remote() for w in self.ranks], 60, "learner node ids")
 
     def shutdown(self) -> None:
         """Kill the members and free the placement group."""
-        from actors.group import tear_down
 
         tear_down(self.ranks, self.pg)

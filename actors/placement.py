@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlsys.config import load_config
+
 _EPS = 1e-9  # Ray keeps resources in fixed point (1e-4); float sums like 0.5 x 3 need slack
 
 
@@ -127,8 +129,15 @@ def plan(groups: list[Group], node_types: list[NodeType], max_workers: int | Non
 
     def new_node(need: dict) -> _Node | None:
         room = max_workers is None or workers() < max_workers
-        cands = [t for t in node_types if not t.head and room and count[t.name] < t.max_workers
-                 and t.cpus + _EPS >= need.get("CPU", 0.0) and t.gpus + _EPS >= need.get("GPU", 0.0)]
+        cands = [
+            t
+            for t in node_types
+            if not t.head
+            and room
+            and count[t.name] < t.max_workers
+            and t.cpus + _EPS >= need.get("CPU", 0.0)
+            and t.gpus + _EPS >= need.get("GPU", 0.0)
+        ]
         if not cands:
             return None
         cpu_only = not need.get("GPU")
@@ -149,7 +158,11 @@ def plan(groups: list[Group], node_types: list[NodeType], max_workers: int | Non
             sizes = ", ".join(f"{t.name} {_fmt({'CPU': t.cpus, 'GPU': t.gpus})}" for t in node_types)
             return f"no node type is large enough ({sizes})"
         used = ", ".join(f"{t.name} {count[t.name]}/{1 if t.head else t.max_workers}" for t in big)
-        extra = f"; cluster max_workers {max_workers} reached" if max_workers is not None and workers() >= max_workers else ""
+        extra = (
+            f"; cluster max_workers {max_workers} reached"
+            if max_workers is not None and workers() >= max_workers
+            else ""
+        )
         return f"the node types that could hold it are full and at their max_workers ({used}{extra})"
 
     placement: dict[str, list[str]] = {}
@@ -163,13 +176,19 @@ def plan(groups: list[Group], node_types: list[NodeType], max_workers: int | Non
                     n.take(b, g.name)
                 placement[g.name] = [n.label] * len(g.bundles)
                 continue
-            notes.append(f"{g.name}: no single node holds all {len(g.bundles)} bundles {_fmt(whole)}, "
-                         "so PACK spreads them over several nodes (cross-node collectives)")
+            notes.append(
+                f"{g.name}: no single node holds all {len(g.bundles)} bundles {_fmt(whole)}, "
+                "so PACK spreads them over several nodes (cross-node collectives)"
+            )
         for i, b in enumerate(g.bundles):
             n = existing(b) or new_node(b)
             if n is None:
-                return Plan(False, {k: v for k, v in count.items() if v}, placement,
-                            f"does not fit: {g.name} bundle {i + 1}/{len(g.bundles)} {_fmt(b)}: {why_not(b)}")
+                return Plan(
+                    False,
+                    {k: v for k, v in count.items() if v},
+                    placement,
+                    f"does not fit: {g.name} bundle {i + 1}/{len(g.bundles)} {_fmt(b)}: {why_not(b)}",
+                )
             n.take(b, g.name)
             where.append(n.label)
         placement[g.name] = where
@@ -192,9 +211,16 @@ def node_types_from_launcher(config: dict) -> tuple[list[NodeType], int | None]:
     out = []
     for name, t in config["available_node_types"].items():
         res = t.get("resources", {})
-        out.append(NodeType(name, float(res.get("CPU", 0)), float(res.get("GPU", 0)),
-                            max_workers=1 if name == head else int(t.get("max_workers", config.get("max_workers", 0))),
-                            min_workers=int(t.get("min_workers", 0)), head=name == head))
+        out.append(
+            NodeType(
+                name,
+                float(res.get("CPU", 0)),
+                float(res.get("GPU", 0)),
+                max_workers=1 if name == head else int(t.get("max_workers", config.get("max_workers", 0))),
+                min_workers=int(t.get("min_workers", 0)),
+                head=name == head,
+            )
+        )
     return out, config.get("max_workers")
 
 
@@ -219,7 +245,11 @@ def node_types_from_raycluster(spec: dict) -> list[NodeType]:
     out = [NodeType("head", cpus, gpus, max_workers=1, head=True)]
     for g in spec.get("workerGroupSpecs", []):
         cpus, gpus = _group_resources(g)
-        out.append(NodeType(g["groupName"], cpus, gpus, max_workers=int(g["maxReplicas"]), min_workers=int(g.get("minReplicas", 0))))
+        out.append(
+            NodeType(
+                g["groupName"], cpus, gpus, max_workers=int(g["maxReplicas"]), min_workers=int(g.get("minReplicas", 0))
+            )
+        )
     return out
 
 
@@ -229,11 +259,12 @@ def main(argv=None) -> int:
 
     import yaml
 
-    from rlsys.config import load_config
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m actors.placement CONFIG.yaml (cluster/aws.yaml | cluster/gcp.yaml | cluster/kuberay/*.yaml)", file=sys.stderr)
+        print(
+            "usage: python -m actors.placement CONFIG.yaml (cluster/aws.yaml | cluster/gcp.yaml | cluster/kuberay/*.yaml)",
+            file=sys.stderr,
+        )
         return 2
     cfg = load_config(args[0])
     doc = yaml.safe_load(open(args[1]))

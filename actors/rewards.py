@@ -12,19 +12,23 @@ import time
 
 import ray
 
+import rewards.scorer  # noqa: F401
+import rlsys.data.samples  # noqa: F401
+from actors.group import bundle, by_group, in_bundle, placement_group, round_robin, tear_down
+from rewards.sam import SamMaskSource
+from rewards.scorer import load_scorer, takes_vocabulary
+from rlsys.config import RewardConfig
+from rlsys.data.samples import Sample
+from rlsys.grpo.records import Score
+
 log = logging.getLogger(__name__)
-
-
-def _zero(error: str) -> dict:
-    return {"reward": 0.0, "kind": "error", "precision": 0.0, "recall": 0.0, "num_pred": 0, "num_gt": 0,
-            "unreadable": 0, "duplicate": False, "large_box": False, "error": error, "failed": True}
 
 
 @ray.remote
 class RewardWorker:
-    def __init__(self, matching: str, sam_checkpoint: str | None = None, scorer: str = "rewards.scorer:score",
-                 vocabulary=None):
-        from rewards.scorer import load_scorer
+    def __init__(
+        self, matching: str, sam_checkpoint: str | None = None, scorer: str = "rewards.scorer:score", vocabulary=None
+    ):
 
         self.score_fn = load_scorer(scorer)
         self.matching = matching
@@ -33,31 +37,26 @@ class RewardWorker:
         self.extra = {"vocabulary": vocabulary} if vocabulary is not None else {}
         self.mask_source = None
         if sam_checkpoint:
-            from rewards.sam import SamMaskSource
-
             self.mask_source = SamMaskSource(sam_checkpoint)
 
     def ready(self) -> bool:
         # Import the scoring stack now, so the first batch's timeout measures scoring only.
-        import rewards.scorer  # noqa: F401
-        import rlsys.data.samples  # noqa: F401
 
         return True
 
-    def score_batch(self, items: list[tuple[str, dict]]) -> list[dict]:
+    def score_batch(self, items: list[tuple[str, dict]]) -> list[Score]:
         """``items``: (answer text, sample dict). A sample that raises comes back with ``failed``."""
-        from dataclasses import asdict
-
-        from rlsys.data.samples import Sample
 
         out = []
         for text, sd in items:
             try:
-                r = asdict(self.score_fn(text, Sample.from_dict(sd), mask_source=self.mask_source, matching=self.matching,
-                                         **self.extra))
-                r["failed"] = False
+                r = Score.of(
+                    self.score_fn(
+                        text, Sample.from_dict(sd), mask_source=self.mask_source, matching=self.matching, **self.extra
+                    )
+                )
             except Exception as exc:  # reported to the controller, which retries once
-                r = _zero(f"{type(exc).__name__}: {exc}")
+                r = Score.failure(f"{type(exc).__name__}: {exc}")
             out.append(r)
         return out
 
@@ -66,15 +65,16 @@ def scorer_vocabulary(scorer: str, vocabulary):
     """What to hand ``scorer`` as ``vocabulary=``: ``vocabulary`` when the scorer takes it (or
     ``**kwargs``); None (not passed) for one that does not, which is refused unless the
     vocabulary is the default bins: such a scorer would read another language than the model's."""
-    from rewards.scorer import load_scorer, takes_vocabulary
 
     if vocabulary is None:
         return None
     if takes_vocabulary(load_scorer(scorer)):
         return vocabulary
     if vocabulary.name != "rex_bins":
-        raise ValueError(f"reward.scorer {scorer} takes no vocabulary= argument, so it cannot read model.vocabulary "
-                         f"{vocabulary.name}; add the argument (see rewards.scorer.score)")
+        raise ValueError(
+            f"reward.scorer {scorer} takes no vocabulary= argument, so it cannot read model.vocabulary "
+            f"{vocabulary.name}; add the argument (see rewards.scorer.score)"
+        )
     return None
 
 
@@ -89,16 +89,20 @@ class RewardGroup:
 
     name = "reward"
 
-    def __init__(self, num_workers: int, matching: str, sample_timeout_s: float, sam_checkpoint=None,
-                 cpus_per_worker: float = 0.5, scorer: str = "rewards.scorer:score", resources_per_worker: dict | None = None,
-                 start_timeout_s: float = 300.0, vocabulary=None):
-        from actors.group import bundle, placement_group
+    def __init__(self, cfg: RewardConfig, start_timeout_s: float = 300.0, vocabulary=None):
+        num_workers, matching, sam_checkpoint, scorer = cfg.num_workers, cfg.matching, cfg.sam_checkpoint, cfg.scorer
+        cpus_per_worker, resources_per_worker, sample_timeout_s = (
+            cfg.cpus_per_worker,
+            cfg.resources_per_worker,
+            cfg.sample_timeout_s,
+        )
 
         self.matching, self.sam, self.cpus, self.scorer = matching, sam_checkpoint, cpus_per_worker, scorer
         self.vocabulary = scorer_vocabulary(scorer, vocabulary)
         self.start_timeout_s = start_timeout_s
-        self.pg = placement_group("reward", [bundle(cpus_per_worker, 0, resources_per_worker)] * num_workers, "SPREAD",
-                                  start_timeout_s)
+        self.pg = placement_group(
+            "reward", [bundle(cpus_per_worker, 0, resources_per_worker)] * num_workers, "SPREAD", start_timeout_s
+        )
         self.workers = [self._create(k) for k in range(num_workers)]
         self._wait_ready(list(range(num_workers)))
         self.sample_timeout_s = sample_timeout_s
@@ -106,10 +110,9 @@ class RewardGroup:
         self.replaced = 0
         self.last_shards: list[list[int]] = []
 
-    def score(self, items: list[tuple[str, dict]], group_size: int = 1) -> list[dict]:
+    def score(self, items: list[tuple[str, dict]], group_size: int = 1) -> list[Score]:
         """Score ``items`` (answer text, sample dict), consecutive runs of ``group_size`` being one
         prompt's answers; results in the same order."""
-        from actors.group import by_group, round_robin
 
         n = len(self.workers)
         if group_size > 1 and len(items) % group_size == 0:
@@ -117,8 +120,10 @@ class RewardGroup:
         else:
             chunks = round_robin(len(items), n)
         self.last_shards = chunks
-        results: list[dict | None] = [None] * len(items)
-        refs = {k: (idx, self.workers[k].score_batch.remote([items[i] for i in idx])) for k, idx in enumerate(chunks) if idx}
+        results: list[Score | None] = [None] * len(items)
+        refs = {
+            k: (idx, self.workers[k].score_batch.remote([items[i] for i in idx])) for k, idx in enumerate(chunks) if idx
+        }
         deadline = time.monotonic() + self.sample_timeout_s * max((len(c) for c in chunks), default=1)
         for k, (idx, ref) in refs.items():
             ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
@@ -128,12 +133,16 @@ class RewardGroup:
                 for i, r in zip(idx, ray.get(ref)):
                     results[i] = r
             except Exception as exc:  # a dead or stuck worker: its samples are retried below
-                log.warning("reward worker %d failed on %d samples (%s); replacing it and retrying them one by one",
-                            k, len(idx), str(exc).splitlines()[0])
+                log.warning(
+                    "reward worker %d failed on %d samples (%s); replacing it and retrying them one by one",
+                    k,
+                    len(idx),
+                    str(exc).splitlines()[0],
+                )
                 self._replace(k)
         for i, r in enumerate(results):
-            if r is None or r.get("failed"):
-                results[i] = self._retry(items[i], first_error=r["error"] if r else "worker failed")
+            if r is None or r.failed:
+                results[i] = self._retry(items[i], first_error=r.error if r else "worker failed")
         return results  # type: ignore[return-value]
 
     def _call(self, worker, items, timeout_s):
@@ -143,29 +152,31 @@ class RewardGroup:
             raise TimeoutError(f"reward worker gave no answer for {len(items)} samples in {timeout_s:.0f} s")
         return ray.get(ref)
 
-    def _retry(self, item, first_error: str) -> dict:
+    def _retry(self, item, first_error: str) -> Score:
         try:
             r = self._call(self.workers[0], [item], self.sample_timeout_s)[0]
         except Exception as exc:
             self._replace(0)
-            r = _zero(f"{first_error}; retry: {exc}")
-        if r.get("failed"):
+            r = Score.failure(f"{first_error}; retry: {exc}")
+        if r.failed:
             self.failures += 1
-            log.error("reward for sample %s failed twice, scored 0: %s", item[1].get("id"), r["error"])
+            log.error("reward for sample %s failed twice, scored 0: %s", item[1].get("id"), r.error)
         return r
 
     def _create(self, k: int):
-        from actors.group import in_bundle
 
         return RewardWorker.options(num_cpus=self.cpus, scheduling_strategy=in_bundle(self.pg, k)).remote(
-            self.matching, self.sam, self.scorer, self.vocabulary)
+            self.matching, self.sam, self.scorer, self.vocabulary
+        )
 
     def _wait_ready(self, ks: list[int]) -> None:
         refs = [self.workers[k].ready.remote() for k in ks]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout_s)
         if len(ready) < len(refs):
-            raise TimeoutError(f"reward worker(s) {[k for k, r in zip(ks, refs) if r not in ready]} did not start "
-                               f"within {self.start_timeout_s:.0f} s")
+            raise TimeoutError(
+                f"reward worker(s) {[k for k, r in zip(ks, refs) if r not in ready]} did not start "
+                f"within {self.start_timeout_s:.0f} s"
+            )
 
     def _replace(self, k: int) -> None:
         """Kill a stuck or dead worker (its running task dies with it) and start a fresh one in its bundle."""
@@ -176,6 +187,5 @@ class RewardGroup:
 
     def shutdown(self) -> None:
         """Kill the members and free the placement group."""
-        from actors.group import tear_down
 
         tear_down(self.workers, self.pg)

@@ -13,18 +13,32 @@ import time
 
 import ray
 
+import actors.weight_sync  # noqa: F401  registers rlsys_gloo in vLLM's factories (here and in the workers)
+from actors.group import bundle, call, in_bundle, placement_group, round_robin, tear_down
+from actors.weight_sync import write_shm
+from rlsys.config import engine_memory
+from rlsys.grpo.records import Answer, Refusal
+from rlsys.grpo.sequences import BANNED_LOGIT_BIAS, banned_token_ids
+
 log = logging.getLogger(__name__)
 
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, model_dir: str, *, max_model_len: int, memory: dict,
-                 enforce_eager: bool, seed: int, dtype: str = "float32", weight_transfer: str = "rlsys_gloo",
-                 pixels: dict | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        max_model_len: int,
+        memory: dict,
+        enforce_eager: bool,
+        seed: int,
+        dtype: str = "float32",
+        weight_transfer: str = "rlsys_gloo",
+        pixels: dict | None = None,
+    ):
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         from vllm import LLM
-
-        import actors.weight_sync  # noqa: F401  registers rlsys_gloo in vLLM's factories (here and in the workers)
 
         extra = {}
         if weight_transfer != "object_store":
@@ -57,7 +71,6 @@ class RolloutWorker:
         # the processor, and an <|image_pad|> in an answer is taken for an image slot with no
         # features ("Image features and image tokens do not match"; a random tiny model samples
         # one in a few hundred tokens). A bias of -100 (vLLM's floor) removes them.
-        from rlsys.grpo.sequences import BANNED_LOGIT_BIAS, banned_token_ids
 
         self.banned = {i: BANNED_LOGIT_BIAS for i in banned_token_ids(self.llm.get_tokenizer())}
 
@@ -67,10 +80,19 @@ class RolloutWorker:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def generate(self, requests: list[dict], *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int, min_new_tokens: int = 0) -> list[list[dict]]:
+    def generate(
+        self,
+        requests: list[dict],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+        min_new_tokens: int = 0,
+    ) -> list[list[Answer] | Refusal]:
         """``requests``: ``{"prompt": chat text, "image": path}``; returns per request ``n`` answers,
-        or ``{"refused": reason}`` for a request the engine would not take (the others still run)."""
+        or a :class:`Refusal` for a request the engine would not take (the others still run)."""
         from PIL import Image
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
@@ -81,9 +103,17 @@ class RolloutWorker:
         # no offset: the engine dies with "CPU Generator does not use offset" once a batch's
         # prompts exceed one prefill chunk. On CPU the engine's own seed (set at start) is used.
         req_seed = None if current_platform.is_cpu() else seed
-        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                            min_tokens=min_new_tokens, logprobs=0, skip_special_tokens=False, seed=req_seed,
-                            logit_bias=self.banned or None)
+        sp = SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            min_tokens=min_new_tokens,
+            logprobs=0,
+            skip_special_tokens=False,
+            seed=req_seed,
+            logit_bias=self.banned or None,
+        )
         inputs = []
         for r in requests:
             with Image.open(r["image"]) as im:
@@ -107,16 +137,22 @@ class RolloutWorker:
         result = []
         for k, o in enumerate(outs):
             if o is None:
-                result.append({"refused": refused[k]})
+                result.append(Refusal(refused[k]))
                 continue
             answers = []
             for c in o.outputs:
                 lps = [d[t].logprob if d and t in d else float("nan") for t, d in zip(c.token_ids, c.logprobs or [])]
-                answers.append({"token_ids": list(c.token_ids), "logprobs": lps, "text": c.text,
-                                "finish_reason": c.finish_reason,
-                                # the prompt as the engine tokenised it (image placeholders
-                                # expanded): the learner checks its own rendering against it
-                                "prompt_ids": list(o.prompt_token_ids)})
+                answers.append(
+                    Answer(
+                        text=c.text,
+                        token_ids=list(c.token_ids),
+                        logprobs=lps,
+                        finish_reason=c.finish_reason,
+                        # the prompt as the engine tokenised it (image placeholders
+                        # expanded): the learner checks its own rendering against it
+                        prompt_ids=list(o.prompt_token_ids),
+                    )
+                )
             result.append(answers)
         return result
 
@@ -154,7 +190,6 @@ class RolloutWorker:
     # -- the fallback transport (object store + /dev/shm) --------------------------------------
     def load_weight_buckets(self, *bucket_refs) -> int:
         """Load safetensors buckets (passed as object refs, resolved by Ray) into the engine."""
-        from actors.weight_sync import write_shm
 
         paths = [write_shm(blob) for blob in bucket_refs]
         try:
@@ -174,7 +209,9 @@ class RolloutWorker:
 
         with Image.open(image) as im:
             inp = {"prompt": prompt, "multi_modal_data": {"image": im.convert("RGB")}}
-        out = self.llm.generate([inp], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)[0]
+        out = self.llm.generate(
+            [inp], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False
+        )[0]
         ids = list(out.prompt_token_ids)
         lps = [d[t].logprob for t, d in zip(ids[1:], out.prompt_logprobs[1:])]
         return ids, lps
@@ -207,12 +244,15 @@ class RolloutGroup:
     name = "rollout"
 
     def __init__(self, cfg, model_dir: str, start_timeout_s: float):
-        from actors.group import bundle, placement_group
 
         self.cfg, self.model_dir = cfg, model_dir
         ro = cfg.rollout
-        self.pg = placement_group("rollout", [bundle(ro.cpus_per_engine, ro.gpus_per_engine, ro.resources_per_engine)] * ro.num_engines,
-                                  "SPREAD", start_timeout_s)
+        self.pg = placement_group(
+            "rollout",
+            [bundle(ro.cpus_per_engine, ro.gpus_per_engine, ro.resources_per_engine)] * ro.num_engines,
+            "SPREAD",
+            start_timeout_s,
+        )
         self.engines = [self._start(i) for i in range(ro.num_engines)]
         self.generation = 0
         self.restarts = 0
@@ -220,15 +260,20 @@ class RolloutGroup:
         self.on_restart = None  # callable(engine indices) -> None: brings restarted engines to the current weights
 
     def _start(self, i: int):
-        from actors.group import in_bundle
-        from rlsys.config import engine_memory
 
         ro = self.cfg.rollout
-        return RolloutWorker.options(num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine,
-                                     scheduling_strategy=in_bundle(self.pg, i)).remote(
-            self.model_dir, max_model_len=ro.max_model_len_tokens, memory=engine_memory(ro.gpu_memory_utilization, ro.kv_cache_mib),
-            enforce_eager=ro.enforce_eager, seed=self.cfg.run.seed + i, dtype=self.cfg.model.dtype,
-            weight_transfer=self.cfg.weight_transfer_backend, pixels=self.cfg.model.pixel_budget())
+        return RolloutWorker.options(
+            num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine, scheduling_strategy=in_bundle(self.pg, i)
+        ).remote(
+            self.model_dir,
+            max_model_len=ro.max_model_len_tokens,
+            memory=engine_memory(ro.gpu_memory_utilization, ro.kv_cache_mib),
+            enforce_eager=ro.enforce_eager,
+            seed=self.cfg.run.seed + i,
+            dtype=self.cfg.model.dtype,
+            weight_transfer=self.cfg.weight_transfer_backend,
+            pixels=self.cfg.model.pixel_budget(),
+        )
 
     def ready_refs(self) -> list:
         return [e.ready.remote() for e in self.engines]
@@ -249,7 +294,6 @@ class RolloutGroup:
         """Start generating (returns at once); :meth:`collect` waits for the answers. An engine
         runs its calls in the order they were submitted, so a weight push submitted after this
         reaches that engine between this batch and the next."""
-        from actors.group import round_robin
 
         shards = round_robin(len(requests), len(self.engines))
         job = {"requests": requests, "step": step, "shards": shards, "calls": {}}
@@ -259,17 +303,20 @@ class RolloutGroup:
     def _call(self, job: dict, k: int, attempt: int):
         ro, seed = self.cfg.rollout, self.cfg.run.seed
         engine = self.engines[k]
-        ref = engine.generate.remote([job["requests"][j] for j in job["shards"][k]], n=ro.samples_per_prompt,
-                                     temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
-                                     seed=seed * 100003 + job["step"] * 101 + k + attempt)
+        ref = engine.generate.remote(
+            [job["requests"][j] for j in job["shards"][k]],
+            n=ro.samples_per_prompt,
+            temperature=ro.temperature,
+            top_p=ro.top_p,
+            max_new_tokens=ro.max_new_tokens,
+            seed=seed * 100003 + job["step"] * 101 + k + attempt,
+        )
         return engine, ref
 
     def collect(self, job: dict) -> list[list[dict]]:
         """The answers of a :meth:`submit`: a dead or stuck engine is restarted (unless another
         batch's collect already replaced it) and its prompts retried once."""
         import ray
-
-        from actors.group import call
 
         ro, step, shards = self.cfg.rollout, job["step"], job["shards"]
         out: list = [None] * len(job["requests"])
@@ -287,18 +334,30 @@ class RolloutGroup:
                     if self.engines[k] is not engine:
                         # a batch submitted before this one found the engine dead and replaced it
                         # (with the current weights): only this batch's prompts are retried
-                        log.warning("rollout engine %d was replaced while this batch waited (step %d); retrying its %d prompts",
-                                    k, step, len(shards[k]))
+                        log.warning(
+                            "rollout engine %d was replaced while this batch waited (step %d); retrying its %d prompts",
+                            k,
+                            step,
+                            len(shards[k]),
+                        )
                         continue
-                    log.warning("rollout engine %d failed in step %d (%s); restarting it and retrying its %d prompts",
-                                k, step, str(exc).splitlines()[0], len(shards[k]))
+                    log.warning(
+                        "rollout engine %d failed in step %d (%s); restarting it and retrying its %d prompts",
+                        k,
+                        step,
+                        str(exc).splitlines()[0],
+                        len(shards[k]),
+                    )
                     self.restart(k)
                     restarted.append(k)
             if not failed:
                 break
             if restarted:
-                call([self.engines[k].ready.remote() for k in restarted], self.cfg.run.actor_start_timeout_s,
-                     "restarted rollout engine start-up")
+                call(
+                    [self.engines[k].ready.remote() for k in restarted],
+                    self.cfg.run.actor_start_timeout_s,
+                    "restarted rollout engine start-up",
+                )
                 if self.on_restart is not None:
                     self.on_restart(restarted)
             self.retried += [(step, k, list(shards[k])) for k in failed]
@@ -306,30 +365,27 @@ class RolloutGroup:
         return out
 
     def transfer_workers(self) -> int:
-        from actors.group import call
 
-        per = call([e.transfer_workers.remote() for e in self.engines], self.cfg.rollout.timeout_s, "engine transfer workers")
+        per = call(
+            [e.transfer_workers.remote() for e in self.engines], self.cfg.rollout.timeout_s, "engine transfer workers"
+        )
         if len(set(per)) != 1:
             raise RuntimeError(f"engines of one rollout group differ in their worker counts: {per}")
         return per[0]
 
     def checksums(self) -> list[dict | None]:
-        from actors.group import call
 
         return call([e.checksum.remote() for e in self.engines], 600, "engine checksum")
 
     def prompt_logprobs(self, prompt: str, image: str) -> list[tuple[list[int], list[float]]]:
-        from actors.group import call
 
         return call([e.prompt_logprobs.remote(prompt, image) for e in self.engines], 600, "engine log-probs")
 
     def node_ids(self) -> list[str]:
-        from actors.group import call
 
         return call([e.node_id.remote() for e in self.engines], 60, "engine node ids")
 
     def shutdown(self) -> None:
         """Kill the members and free the placement group."""
-        from actors.group import tear_down
 
         tear_down(self.engines, self.pg)

@@ -38,129 +38,28 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
+
+from actors.group import call
+from actors.weight_digest import (  # noqa: F401
+    DIGEST_CHUNK_ELEMENTS,
+    _dtype,
+    _numel,
+    checksum_of,
+    compare_digests,
+    pack,
+    params_checksum,
+    plan_buckets,
+    tensor_digest,
+    unpack,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 256 << 20
 GLOO_BACKEND = "rlsys_gloo"
 BACKENDS = ("nccl", GLOO_BACKEND, "object_store")
-
-
-# ----------------------------------------------------------------------------------------------
-# Digests: what both sides compare
-# ----------------------------------------------------------------------------------------------
-DIGEST_CHUNK_ELEMENTS = 1 << 22
-
-
-def tensor_digest(t, chunk_elements: int = DIGEST_CHUNK_ELEMENTS) -> tuple[int, float, float]:
-    """(numel, float64 sum, float64 sum of squares) of one tensor.
-
-    Taken in chunks of ``chunk_elements``: a float64 copy of the whole tensor and its square
-    would be 16 bytes per element at once, 5 GB for Qwen2.5-VL-3B's 151,936 x 2048 embedding,
-    on the engine (inside ``load_weights``) and on the learner alike. That spike is what pushed a
-    23 GB CI machine over Ray's memory limit during the 3B-shaped weight push. Chunks of 4M
-    elements cost 64 MB; both sides chunk the same way, so their sums agree to float64 rounding."""
-    import torch
-
-    flat = t.detach().reshape(-1)
-    total, total_sq = torch.zeros((), dtype=torch.float64, device=flat.device), torch.zeros((), dtype=torch.float64, device=flat.device)
-    for start in range(0, flat.numel(), chunk_elements):
-        x = flat[start : start + chunk_elements].to(torch.float64)
-        total += x.sum()
-        total_sq += torch.dot(x, x)
-    return int(flat.numel()), float(total), float(total_sq)
-
-
-def params_checksum(named_params) -> dict:
-    """Order-independent totals over ``(name, tensor)`` pairs plus a digest per name."""
-    return checksum_of({name: tensor_digest(t) for name, t in named_params})
-
-
-def checksum_of(per_name: dict) -> dict:
-    """The :func:`params_checksum` record of per-name digests already taken."""
-    return {"numel": sum(v[0] for v in per_name.values()), "sum": sum(v[1] for v in per_name.values()),
-            "sum_sq": sum(v[2] for v in per_name.values()), "per_name": per_name}
-
-
-def compare_digests(learner: dict, engine: dict | None, rel_tol: float = 1e-9) -> list[str]:
-    """Differences between two :func:`params_checksum` results, as readable lines (empty: same).
-    Names must match exactly, then each tensor's element count, sum and sum of squares."""
-    if engine is None:
-        return ["the engine has received no weights through the protocol yet"]
-    a, b = learner["per_name"], engine["per_name"]
-    out = [f"sent but not received: {n}" for n in sorted(set(a) - set(b))]
-    out += [f"received but not sent: {n}" for n in sorted(set(b) - set(a))]
-    for n in sorted(set(a) & set(b)):
-        (na, sa, qa), (nb, sb, qb) = a[n], b[n]
-        if na != nb or abs(sa - sb) > rel_tol * max(1.0, abs(sa)) or abs(qa - qb) > rel_tol * max(1.0, qa):
-            out.append(f"{n}: learner (numel {na}, sum {sa:.9g}, sum_sq {qa:.9g}) vs engine (numel {nb}, sum {sb:.9g}, sum_sq {qb:.9g})")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Packing (pure torch): named tensors <-> uint8 buckets of about bucket_bytes
-# ----------------------------------------------------------------------------------------------
-def plan_buckets(meta: list[tuple[str, Any, tuple[int, ...]]], bucket_bytes: int) -> list[list[int]]:
-    """Indices of ``meta`` ((name, dtype, shape)) per bucket: consecutive tensors until the next
-    would pass ``bucket_bytes``; a tensor larger than that is a bucket of its own. Both sides run
-    this on the same metadata, so they cut the stream at the same places."""
-    import torch
-
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    buckets: list[list[int]] = []
-    cur: list[int] = []
-    size = 0
-    for i, (_, dtype, shape) in enumerate(meta):
-        n = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-        if cur and size + n > bucket_bytes:
-            buckets.append(cur)
-            cur, size = [], 0
-        cur.append(i)
-        size += n
-    if cur:
-        buckets.append(cur)
-    return buckets
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def pack(tensors) -> Any:
-    """One contiguous uint8 tensor holding ``tensors`` back to back."""
-    import torch
-
-    flat = [t.detach().contiguous().view(-1).view(torch.uint8) for t in tensors]
-    return torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
-
-
-def unpack(buf, meta: list[tuple[str, Any, tuple[int, ...]]]) -> list[tuple[str, Any]]:
-    """Inverse of :func:`pack` for ``meta`` ((name, dtype, shape) per tensor, in order)."""
-    import torch
-
-    sizes = [_numel(shape) * torch.empty((), dtype=dtype).element_size() for _, dtype, shape in meta]
-    if sum(sizes) != buf.numel():
-        raise ValueError(f"bucket holds {buf.numel()} bytes but its metadata describes {sum(sizes)}")
-    out, off = [], 0
-    for (name, dtype, shape), n in zip(meta, sizes):
-        out.append((name, buf[off : off + n].view(dtype).reshape(tuple(shape))))
-        off += n
-    return out
-
-
-def _dtype(name: str):
-    import torch
-
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype name in weight update metadata: {name!r}")
-    return dt
 
 
 def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: float):
@@ -186,11 +85,21 @@ def _broadcast(pg, tensor) -> None:
 # The rlsys_gloo backend, in vLLM's protocol (worker side and trainer side)
 # ----------------------------------------------------------------------------------------------
 def _vllm_base():
-    from vllm.distributed.weight_transfer.base import (TrainerInitInfo, TrainerWeightTransferEngine,
-                                                       WeightTransferEngine, WeightTransferInitInfo,
-                                                       WeightTransferUpdateInfo)
+    from vllm.distributed.weight_transfer.base import (
+        TrainerInitInfo,
+        TrainerWeightTransferEngine,
+        WeightTransferEngine,
+        WeightTransferInitInfo,
+        WeightTransferUpdateInfo,
+    )
 
-    return TrainerInitInfo, TrainerWeightTransferEngine, WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
+    return (
+        TrainerInitInfo,
+        TrainerWeightTransferEngine,
+        WeightTransferEngine,
+        WeightTransferInitInfo,
+        WeightTransferUpdateInfo,
+    )
 
 
 try:  # vLLM is an optional import for the pure helpers above (tests of packing need no vLLM)
@@ -218,8 +127,10 @@ if _WorkerEngine is not None:
 
         def __post_init__(self):
             if not (len(self.names) == len(self.dtype_names) == len(self.shapes)):
-                raise ValueError(f"update_info lists differ in length: names {len(self.names)}, "
-                                 f"dtype_names {len(self.dtype_names)}, shapes {len(self.shapes)}")
+                raise ValueError(
+                    f"update_info lists differ in length: names {len(self.names)}, "
+                    f"dtype_names {len(self.dtype_names)}, shapes {len(self.shapes)}"
+                )
 
     class GlooWeightTransferEngine(_WorkerEngine):
         """Worker side of ``rlsys_gloo``: receive packed buckets by gloo broadcast from the
@@ -238,8 +149,9 @@ if _WorkerEngine is not None:
             pc = self.parallel_config
             rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
             self.bucket_bytes = init_info.bucket_bytes
-            self.group = gloo_group(init_info.master_address, init_info.master_port, rank, init_info.world_size,
-                                    init_info.timeout_s)
+            self.group = gloo_group(
+                init_info.master_address, init_info.master_port, rank, init_info.world_size, init_info.timeout_s
+            )
 
         def start_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -251,10 +163,15 @@ if _WorkerEngine is not None:
 
             if self.group is None:
                 raise RuntimeError("rlsys_gloo weight transfer not initialised: call init_weight_transfer_engine first")
-            meta = [(n, _dtype(d), tuple(s)) for n, d, s in zip(update_info.names, update_info.dtype_names, update_info.shapes)]
+            meta = [
+                (n, _dtype(d), tuple(s))
+                for n, d, s in zip(update_info.names, update_info.dtype_names, update_info.shapes)
+            ]
             for idx in plan_buckets(meta, self.bucket_bytes):
                 part = [meta[i] for i in idx]
-                buf = torch.empty(sum(_numel(s) * torch.empty((), dtype=d).element_size() for _, d, s in part), dtype=torch.uint8)
+                buf = torch.empty(
+                    sum(_numel(s) * torch.empty((), dtype=d).element_size() for _, d, s in part), dtype=torch.uint8
+                )
                 _broadcast(self.group, buf)
                 self.model.load_weights(unpack(buf, part))
 
@@ -295,17 +212,25 @@ if _WorkerEngine is not None:
 
             if source is None:
                 raise ValueError("rlsys_gloo trainer weight transfer needs a WeightSource")
-            engine = cls(client=client, source=source, is_sender=init_info.is_sender, bucket_bytes=init_info.bucket_bytes)
+            engine = cls(
+                client=client, source=source, is_sender=init_info.is_sender, bucket_bytes=init_info.bucket_bytes
+            )
             if not engine.is_sender:
                 return engine
-            worker_info = {"master_address": init_info.master_address, "master_port": init_info.master_port,
-                           "rank_offset": 1, "world_size": init_info.world_size, "bucket_bytes": init_info.bucket_bytes,
-                           "timeout_s": init_info.timeout_s}
+            worker_info = {
+                "master_address": init_info.master_address,
+                "master_port": init_info.master_port,
+                "rank_offset": 1,
+                "world_size": init_info.world_size,
+                "bucket_bytes": init_info.bucket_bytes,
+                "timeout_s": init_info.timeout_s,
+            }
             # the workers block in the rendezvous inside init_weight_transfer_engine: join concurrently
             with ThreadPoolExecutor(max_workers=1) as exe:
                 fut = exe.submit(client.init_weight_transfer_engine, worker_info)
-                engine.group = gloo_group(init_info.master_address, init_info.master_port, 0, init_info.world_size,
-                                          init_info.timeout_s)
+                engine.group = gloo_group(
+                    init_info.master_address, init_info.master_port, 0, init_info.world_size, init_info.timeout_s
+                )
                 fut.result()
             return engine
 
@@ -315,8 +240,11 @@ if _WorkerEngine is not None:
             meta = [(m.name, m.dtype, tuple(m.shape)) for m in self.source.metadata()]
             if not self.is_sender:
                 return
-            update_info = {"names": [m[0] for m in meta], "dtype_names": [str(m[1]).split(".")[-1] for m in meta],
-                           "shapes": [list(m[2]) for m in meta]}
+            update_info = {
+                "names": [m[0] for m in meta],
+                "dtype_names": [str(m[1]).split(".")[-1] for m in meta],
+                "shapes": [list(m[2]) for m in meta],
+            }
             t = {"t0": time.perf_counter()}
             self.client.start_weight_update()
             t["start"] = time.perf_counter()
@@ -386,17 +314,37 @@ def quiet_expected_reload_warnings() -> None:
 quiet_expected_reload_warnings()
 
 
-def trainer_init_info(backend: str, *, master_address: str, master_port: int, world_size: int,
-                      bucket_bytes: int, timeout_s: float, rank: int = 0):
+def trainer_init_info(
+    backend: str,
+    *,
+    master_address: str,
+    master_port: int,
+    world_size: int,
+    bucket_bytes: int,
+    timeout_s: float,
+    rank: int = 0,
+):
     """The trainer-side init info of ``backend`` (vLLM's dataclass for ``nccl``)."""
     if backend == GLOO_BACKEND:
-        return GlooTrainerInitInfo(master_address=master_address, master_port=master_port, world_size=world_size,
-                                   bucket_bytes=bucket_bytes, timeout_s=timeout_s, rank=rank)
+        return GlooTrainerInitInfo(
+            master_address=master_address,
+            master_port=master_port,
+            world_size=world_size,
+            bucket_bytes=bucket_bytes,
+            timeout_s=timeout_s,
+            rank=rank,
+        )
     if backend == "nccl":  # pragma: no cover - GPU only
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-        return NCCLTrainerInitInfo(master_address=master_address, master_port=master_port, world_size=world_size,
-                                   packed=True, packed_buffer_size_bytes=bucket_bytes, rank=rank)
+        return NCCLTrainerInitInfo(
+            master_address=master_address,
+            master_port=master_port,
+            world_size=world_size,
+            packed=True,
+            packed_buffer_size_bytes=bucket_bytes,
+            rank=rank,
+        )
     raise ValueError(f"weight transfer backend {backend!r} has no trainer side (choose one of {BACKENDS[:2]})")
 
 
@@ -415,7 +363,9 @@ class EngineGroupClient:
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
         if pending:
             late = [k for k, r in enumerate(refs) if r in pending]
-            raise TimeoutError(f"weight transfer: {what} did not finish on engine(s) {late} within {self.timeout_s:.0f} s")
+            raise TimeoutError(
+                f"weight transfer: {what} did not finish on engine(s) {late} within {self.timeout_s:.0f} s"
+            )
         for k, r in enumerate(refs):
             try:
                 ray.get(r)
@@ -423,9 +373,15 @@ class EngineGroupClient:
                 raise RuntimeError(f"weight transfer: {what} failed on engine {k}: {exc}") from exc
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self._all("init_weight_transfer_engine",
-                  [h.init_weight_transfer_engine.remote({**init_info, "rank_offset": init_info["rank_offset"] + k * self.per})
-                   for k, h in enumerate(self.handles)])
+        self._all(
+            "init_weight_transfer_engine",
+            [
+                h.init_weight_transfer_engine.remote(
+                    {**init_info, "rank_offset": init_info["rank_offset"] + k * self.per}
+                )
+                for k, h in enumerate(self.handles)
+            ],
+        )
 
     def start_weight_update(self) -> None:
         self._all("start_weight_update", [h.start_weight_update.remote() for h in self.handles])
@@ -447,16 +403,29 @@ class LearnerWeightSender:
     def __init__(self, module, backend: str):
         self.module, self.backend, self.engine = module, backend, None
 
-    def connect(self, handles: list, workers_per_engine: int, *, master_address: str, master_port: int,
-                bucket_bytes: int, timeout_s: float) -> float:
+    def connect(
+        self,
+        handles: list,
+        workers_per_engine: int,
+        *,
+        master_address: str,
+        master_port: int,
+        bucket_bytes: int,
+        timeout_s: float,
+    ) -> float:
         from vllm.distributed.weight_transfer.base import ModuleSource
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
         self.close()
         t0 = time.perf_counter()
-        info = trainer_init_info(self.backend, master_address=master_address, master_port=master_port,
-                                 world_size=1 + len(handles) * workers_per_engine, bucket_bytes=bucket_bytes,
-                                 timeout_s=timeout_s)
+        info = trainer_init_info(
+            self.backend,
+            master_address=master_address,
+            master_port=master_port,
+            world_size=1 + len(handles) * workers_per_engine,
+            bucket_bytes=bucket_bytes,
+            timeout_s=timeout_s,
+        )
         client = EngineGroupClient(handles, workers_per_engine, timeout_s)
         self.engine = WeightTransferTrainerFactory.trainer_init(info, client=client, source=ModuleSource(self.module))
         return time.perf_counter() - t0
@@ -589,20 +558,24 @@ class WeightSync:
 
     def push(self) -> float:
         """The learner's current weights into every engine; returns seconds."""
-        from actors.group import call
 
         t0 = time.perf_counter()
         if self.backend == "object_store":
             buckets = self.learners.weight_buckets(self.bucket_bytes)
-            call([e.load_weight_buckets.remote(*buckets) for e in self.rollouts.engines], self.timeout_s, "weight load into vLLM")
+            call(
+                [e.load_weight_buckets.remote(*buckets) for e in self.rollouts.engines],
+                self.timeout_s,
+                "weight load into vLLM",
+            )
             self.last = {"connect_s": 0.0, "send_s": time.perf_counter() - t0}
             return self.last["send_s"]
         engines = list(self.rollouts.engines)
         connect_s = 0.0
         if self._members is None or any(a is not b for a, b in zip(self._members, engines)):
             self._close_survivors(engines)
-            connect_s = self.learners.connect_weights(engines, self.rollouts.transfer_workers(), self.backend,
-                                                      self.bucket_bytes, self.timeout_s)
+            connect_s = self.learners.connect_weights(
+                engines, self.rollouts.transfer_workers(), self.backend, self.bucket_bytes, self.timeout_s
+            )
             self._members = engines
             self.connects += 1
         send_s = self.learners.send_weights(self.timeout_s)
@@ -619,4 +592,6 @@ class WeightSync:
         refs = [e.shutdown_weight_transfer_engine.remote() for e in alive]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(self.timeout_s, 60.0))
         if len(ready) < len(refs):
-            log.warning("weight transfer: %d engine(s) did not leave the old transfer group in time", len(refs) - len(ready))
+            log.warning(
+                "weight transfer: %d engine(s) did not leave the old transfer group in time", len(refs) - len(ready)
+            )

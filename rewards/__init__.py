@@ -24,7 +24,7 @@ from rewards.f1 import F1Result, f1_from_sum
 from rewards.keypoint import keypoint_oks_f1
 from rewards.mask import grid_cell_masks, mask_iou_f1, mask_points_f1, mask_to_grid_points
 from rewards.metrics import (
-    count_rates,
+    count_rates,  # noqa: F401
     detection_f1,
     duplicate_flags,
     duplicate_rate,
@@ -37,9 +37,30 @@ from rewards.point import point_in_box, point_in_box_f1, point_in_mask_f1
 from rewards.scorer import RewardResult, score, score_coco_thresholds
 
 __all__ = [
-    "F1Result", "RewardResult", "box_iou_f1", "detection_f1", "duplicate_flags", "duplicate_rate",
-    "f1_from_sum", "grid_cell_masks", "gui_accuracy", "is_duplicate", "is_large_box", "keypoint_oks_f1",
-    "large_box_flags", "large_box_rate", "mask_iou_f1", "mask_points_f1", "mask_to_grid_points",
-    "point_in_box", "point_in_box_f1", "point_in_mask_f1", "pointing_f1",
-    "polygon_iou_f1", "score", "score_coco_thresholds", "threshold_credit", "COCO_IOU_THRESHOLDS",
+    "F1Result",
+    "RewardResult",
+    "box_iou_f1",
+    "detection_f1",
+    "duplicate_flags",
+    "duplicate_rate",
+    "f1_from_sum",
+    "grid_cell_masks",
+    "gui_accuracy",
+    "is_duplicate",
+    "is_large_box",
+    "keypoint_oks_f1",
+    "large_box_flags",
+    "large_box_rate",
+    "mask_iou_f1",
+    "mask_points_f1",
+    "mask_to_grid_points",
+    "point_in_box",
+    "point_in_box_f1",
+    "point_in_mask_f1",
+    "pointing_f1",
+    "polygon_iou_f1",
+    "score",
+    "score_coco_thresholds",
+    "threshold_credit",
+    "COCO_IOU_THRESHOLDS",
 ]

@@ -52,8 +52,9 @@ def is_duplicate(instances: Sequence[Sequence[float]], num_gt: int, *, min_run: 
     return len(instances) > DUPLICATE_GT_FACTOR * num_gt and longest_repeat_run(instances) >= min_run
 
 
-def is_large_box(boxes: Sequence[Sequence[float]], width: float, height: float,
-                 *, fraction: float = LARGE_BOX_FRACTION) -> bool:
+def is_large_box(
+    boxes: Sequence[Sequence[float]], width: float, height: float, *, fraction: float = LARGE_BOX_FRACTION
+) -> bool:
     """Paper 6.1.2: exactly one box predicted and its area exceeds ``fraction`` of the image.
 
     ``boxes`` ``[N, 4]`` pixels; an invalid (NaN, inverted) box has area 0.

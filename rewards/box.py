@@ -10,7 +10,6 @@ import numpy as np
 from rewards import geometry as geo
 from rewards.f1 import F1Result, f1_from_matrix
 
-
 # The IoU thresholds of COCO's AP and of the paper's F1@mIoU (section 5.1): 0.50, 0.55, ..., 0.95.
 COCO_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 
@@ -28,8 +27,7 @@ def threshold_credit(iou, thresholds=COCO_IOU_THRESHOLDS):
     return (iou[..., None] >= ts).mean(axis=-1)
 
 
-def box_iou_f1(pred_boxes, pred_labels, gt_boxes, gt_labels, matching: str = "paper",
-               iou_thresholds=None) -> F1Result:
+def box_iou_f1(pred_boxes, pred_labels, gt_boxes, gt_labels, matching: str = "paper", iou_thresholds=None) -> F1Result:
     """Box IoU F1 of one answer.
 
     ``pred_boxes`` ``[N, 4]`` and ``gt_boxes`` ``[M, 4]`` are pixels ``(x0, y0, x1, y1)``;
@@ -80,8 +78,9 @@ def box_iou_l1_f1(pred_boxes, pred_labels, gt_boxes, gt_labels, matching: str = 
     return f1_from_matrix(sim, geo.same_label(pl, gl), matching)
 
 
-def polygon_iou_f1(pred_polygons, pred_labels, gt_polygons, gt_labels, *, height: int, width: int,
-                   matching: str = "paper") -> F1Result:
+def polygon_iou_f1(
+    pred_polygons, pred_labels, gt_polygons, gt_labels, *, height: int, width: int, matching: str = "paper"
+) -> F1Result:
     """Polygon IoU F1 (OCR polygons): equations 3-4 with mask IoU of rasterised polygons.
 
     Polygons are flat pixel sequences ``[x0, y0, x1, y1, ...]`` (>= 3 vertices); ``height`` and

@@ -152,7 +152,11 @@ def decode_masks(masks, height: int, width: int, name: str = "masks") -> np.ndar
             from pycocotools import mask as mask_utils
 
             counts = m["counts"]
-            rle = mask_utils.frPyObjects(m, height, width) if isinstance(counts, list) else {"size": size, "counts": counts}
+            rle = (
+                mask_utils.frPyObjects(m, height, width)
+                if isinstance(counts, list)
+                else {"size": size, "counts": counts}
+            )
             with warnings.catch_warnings():  # pycocotools 2.0.x under numpy 2 warns on every decode
                 warnings.simplefilter("ignore", DeprecationWarning)
                 out[k] = mask_utils.decode(rle).astype(bool)
@@ -200,7 +204,9 @@ def mask_iou(a, b) -> np.ndarray:
     """
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     if a.ndim != 3 or b.ndim != 3 or a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"mask_iou: expected [N, H, W] and [M, H, W] of one image size, got {list(a.shape)} and {list(b.shape)}")
+        raise ValueError(
+            f"mask_iou: expected [N, H, W] and [M, H, W] of one image size, got {list(a.shape)} and {list(b.shape)}"
+        )
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)))
     fa = a.reshape(len(a), -1).astype(np.float64)
@@ -264,14 +270,32 @@ def polygon_iou(pred_polys: Sequence, gt_polys: Sequence, height: int, width: in
 # ------------------------------------------------------------------------------------------
 
 COCO_PERSON_KEYPOINTS = (
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
-    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
-    "left_knee", "right_knee", "left_ankle", "right_ankle",
+    "nose",
+    "left_eye",
+    "right_eye",
+    "left_ear",
+    "right_ear",
+    "left_shoulder",
+    "right_shoulder",
+    "left_elbow",
+    "right_elbow",
+    "left_wrist",
+    "right_wrist",
+    "left_hip",
+    "right_hip",
+    "left_knee",
+    "right_knee",
+    "left_ankle",
+    "right_ankle",
 )
 # COCO's per-keypoint falloffs (cocoeval.py: kpt_oks_sigmas = [.26, .25, ...] / 10).
-COCO_PERSON_SIGMAS = dict(zip(COCO_PERSON_KEYPOINTS, np.array(
-    [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]
-) / 10.0))
+COCO_PERSON_SIGMAS = dict(
+    zip(
+        COCO_PERSON_KEYPOINTS,
+        np.array([0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89])
+        / 10.0,
+    )
+)
 # Names outside COCO's person set (animals, our triangles) get the mean COCO sigma, about 0.067:
 # a mid-body tolerance, neither an eye's (0.025) nor a hip's (0.107).
 DEFAULT_SIGMA = float(np.mean(list(COCO_PERSON_SIGMAS.values())))
@@ -286,7 +310,9 @@ def keypoint_sigmas(names: Sequence[str], sigmas: dict | None = None) -> np.ndar
     """``[K]`` sigmas for keypoint names: ``sigmas`` (if given) first, then COCO's person
     sigmas ("left eye", "left_eye" and "Left-Eye" are the same name), then :data:`DEFAULT_SIGMA`."""
     extra = {norm_keypoint_name(k): float(v) for k, v in (sigmas or {}).items()}
-    return np.array([extra.get(norm_keypoint_name(n), COCO_PERSON_SIGMAS.get(norm_keypoint_name(n), DEFAULT_SIGMA)) for n in names])
+    return np.array(
+        [extra.get(norm_keypoint_name(n), COCO_PERSON_SIGMAS.get(norm_keypoint_name(n), DEFAULT_SIGMA)) for n in names]
+    )
 
 
 def oks(pred_xy, gt_xyv, gt_areas, sigmas) -> np.ndarray:

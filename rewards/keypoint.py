@@ -15,9 +15,18 @@ from rewards import geometry as geo
 from rewards.f1 import F1Result, f1_from_matrix
 
 
-def keypoint_oks_f1(pred_keypoints: Sequence[Mapping], pred_labels, gt_keypoints: Sequence[Mapping], gt_labels,
-                    gt_areas, *, pred_boxes=None, gt_boxes=None, sigmas: Mapping | None = None,
-                    matching: str = "paper") -> F1Result:
+def keypoint_oks_f1(
+    pred_keypoints: Sequence[Mapping],
+    pred_labels,
+    gt_keypoints: Sequence[Mapping],
+    gt_labels,
+    gt_areas,
+    *,
+    pred_boxes=None,
+    gt_boxes=None,
+    sigmas: Mapping | None = None,
+    matching: str = "paper",
+) -> F1Result:
     """OKS F1 of one answer.
 
     ``pred_keypoints[i]``: keypoint name -> ``(x, y)`` pixels or ``None`` (said invisible);
@@ -62,8 +71,10 @@ def keypoint_oks_f1(pred_keypoints: Sequence[Mapping], pred_labels, gt_keypoints
     no_kp = np.isnan(sim).any(axis=0) if n else np.array([not (g_arr[j, :, 2] > 0).any() for j in range(m)])
     if no_kp.any():
         if pred_boxes is None or gt_boxes is None:
-            raise ValueError(f"gt_keypoints[{int(np.argmax(no_kp))}] has no labelled keypoint: pass pred_boxes "
-                             "and gt_boxes to score such instances by box IoU")
+            raise ValueError(
+                f"gt_keypoints[{int(np.argmax(no_kp))}] has no labelled keypoint: pass pred_boxes "
+                "and gt_boxes to score such instances by box IoU"
+            )
         pb = geo.as_array(pred_boxes, 4, "pred_boxes")
         gb = geo.check_gt_boxes(gt_boxes)
         if len(pb) != n or len(gb) != m:

@@ -71,8 +71,9 @@ def _as_mask(mask, name: str = "mask") -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Mask -> grid points (the SFT target)
 # ---------------------------------------------------------------------------------------------
-def mask_to_grid_points(mask, grid: int, *, footprints: Callable | None = None,
-                        target_iou: float = 1.0) -> list[tuple[float, float]]:
+def mask_to_grid_points(
+    mask, grid: int, *, footprints: Callable | None = None, target_iou: float = 1.0
+) -> list[tuple[float, float]]:
     """The grid points that write ``mask`` (``H x W``, bool or 0/1): GETok's greedy
     mask-to-token conversion (section 3.2.1), as pixel ``(x, y)`` points in reading order.
 
@@ -118,7 +119,7 @@ def mask_to_grid_points(mask, grid: int, *, footprints: Callable | None = None,
     if not cands:
         counts = np.bincount((prow[:, None] * grid + pcol[None, :]).ravel(), weights=m.ravel(), minlength=grid * grid)
         j, i = divmod(int(np.argmax(counts)), grid)  # the first cell of largest overlap, in reading order
-        py, px = np.nonzero(m[r0[j]:r1[j], c0[i]:c1[i]])
+        py, px = np.nonzero(m[r0[j] : r1[j], c0[i] : c1[i]])
         d2 = (px + c0[i] + 0.5 - xs[i]) ** 2 + (py + r0[j] + 0.5 - ys[j]) ** 2
         k = int(np.argmin(d2))
         return [(float(px[k] + c0[i] + 0.5), float(py[k] + r0[j] + 0.5))]
@@ -210,7 +211,9 @@ def grid_cell_masks(point_sets: Sequence, grid: int, height: int, width: int) ->
     return out
 
 
-def decode_point_sets(point_sets: Sequence, sample, *, decoder: str, mask_source=None, grid: int | None = None) -> np.ndarray:
+def decode_point_sets(
+    point_sets: Sequence, sample, *, decoder: str, mask_source=None, grid: int | None = None
+) -> np.ndarray:
     """Predicted point sets of ``sample`` -> ``[K, H, W]`` bool masks by ``decoder``:
     ``"sam"`` (``mask_source.masks_from_points``, :class:`rewards.sam.SamMaskSource`) or
     ``"grid_cells"`` (:func:`grid_cell_masks` on the vocabulary's ``grid``). A decoder that is
@@ -218,13 +221,17 @@ def decode_point_sets(point_sets: Sequence, sample, *, decoder: str, mask_source
     h, w = int(sample.height), int(sample.width)
     if decoder == "grid_cells":
         if grid is None:
-            raise ValueError("the grid_cells mask decoder needs the grid the points were written on (model.vocabulary=getok)")
+            raise ValueError(
+                "the grid_cells mask decoder needs the grid the points were written on (model.vocabulary=getok)"
+            )
         return grid_cell_masks(point_sets, grid, h, w)
     if decoder == "sam":
         if not callable(getattr(mask_source, "masks_from_points", None)):
-            raise ValueError("mask answers are decoded by SAM, and no SAM mask source was given: set reward.sam_checkpoint "
-                             "to a local SAM checkpoint, or choose the SAM-free decoder by name "
-                             "(reward.scorer=rewards.scorer:score_cell_masks)")
+            raise ValueError(
+                "mask answers are decoded by SAM, and no SAM mask source was given: set reward.sam_checkpoint "
+                "to a local SAM checkpoint, or choose the SAM-free decoder by name "
+                "(reward.scorer=rewards.scorer:score_cell_masks)"
+            )
         if not point_sets:
             return np.zeros((0, h, w), dtype=bool)
         masks = list(mask_source.masks_from_points(sample, list(point_sets)))
@@ -240,7 +247,9 @@ def decode_point_sets(point_sets: Sequence, sample, *, decoder: str, mask_source
 def _gt_masks(gt_masks, height: int, width: int) -> np.ndarray:
     if isinstance(gt_masks, np.ndarray) and gt_masks.ndim == 3:
         if gt_masks.shape[1:] != (height, width):
-            raise ValueError(f"gt_masks are {gt_masks.shape[1]}x{gt_masks.shape[2]} (HxW) but the image is {height}x{width}")
+            raise ValueError(
+                f"gt_masks are {gt_masks.shape[1]}x{gt_masks.shape[2]} (HxW) but the image is {height}x{width}"
+            )
         return gt_masks.astype(bool)
     return geo.decode_masks(list(gt_masks), height, width, "gt_masks")
 
@@ -264,12 +273,18 @@ def mask_iou_f1(pred_masks, pred_labels, gt_masks, gt_labels, *, height: int, wi
 # but its text gives neither the formulas' constants nor their values).
 POINT_SET_WEIGHTS = {
     "saturation_points": 2.0,  # n0 of the saturation 1 - exp(-n / n0): 1 point earns 39%, 4 earn 86%
-    "excess_penalty": 0.5,     # lambda: each reference count of points beyond the reference costs 0.5
+    "excess_penalty": 0.5,  # lambda: each reference count of points beyond the reference costs 0.5
 }
 
 
-def point_set_scores(point_sets: Sequence, gt_masks, reference_counts: Sequence[int], *,
-                     weights: dict | None = None, min_spacing: float | None = None) -> np.ndarray:
+def point_set_scores(
+    point_sets: Sequence,
+    gt_masks,
+    reference_counts: Sequence[int],
+    *,
+    weights: dict | None = None,
+    min_spacing: float | None = None,
+) -> np.ndarray:
     """``[N, M]`` quality of predicted point set ``k`` as the points of GT mask ``j``, in [0, 1]
     (GETok's semantic-critical points reward, appendix C.3, eq. 10-11)::
 
@@ -333,8 +348,18 @@ def point_set_scores(point_sets: Sequence, gt_masks, reference_counts: Sequence[
     return out
 
 
-def mask_points_f1(pred_point_sets, pred_labels, gt_masks, gt_labels, *, grid: int, height: int, width: int,
-                   weights: dict | None = None, reference_counts: Sequence[int] | None = None) -> F1Result:
+def mask_points_f1(
+    pred_point_sets,
+    pred_labels,
+    gt_masks,
+    gt_labels,
+    *,
+    grid: int,
+    height: int,
+    width: int,
+    weights: dict | None = None,
+    reference_counts: Sequence[int] | None = None,
+) -> F1Result:
     """The semantic-critical points reward of one answer: equations 3-4's F1 with
     :func:`point_set_scores` as the pair similarity, matched one to one (Hungarian). The paper
     averages its matched pairs weighted by their point counts (eq. 12); here unmatched GT and
@@ -347,5 +372,7 @@ def mask_points_f1(pred_point_sets, pred_labels, gt_masks, gt_labels, *, grid: i
     pl = geo.check_labels(pred_labels, len(sets), "pred_labels")
     gl = geo.check_labels(gt_labels, len(gm), "gt_labels")
     refs = [reference_points(m, grid) for m in gm] if reference_counts is None else list(reference_counts)
-    q = point_set_scores(sets, gm, refs, weights=weights, min_spacing=min(height, width) / grid)  # a cell's shorter side
+    q = point_set_scores(
+        sets, gm, refs, weights=weights, min_spacing=min(height, width) / grid
+    )  # a cell's shorter side
     return f1_from_matrix(q, geo.same_label(pl, gl), "hungarian")

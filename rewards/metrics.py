@@ -120,13 +120,17 @@ class CountTable:
         w = np.ones((1, self.num_images)) if weights is None else np.asarray(weights, dtype=np.float64)
         if w.ndim != 2 or w.shape[1] != self.num_images:
             raise ValueError(f"weights must be [B, {self.num_images}], got {w.shape}")
-        g, p = w @ self.ngt, w @ self.npred                                   # [B, C]
-        t = np.einsum("bi,ict->bct", w, self.tp)                               # [B, C, T]
+        g, p = w @ self.ngt, w @ self.npred  # [B, C]
+        t = np.einsum("bi,ict->bct", w, self.tp)  # [B, C, T]
         has_g, has_p = g > 0, p > 0
-        r = (np.where(has_g[..., None], t / np.where(has_g, g, 1.0)[..., None], 0.0).sum(1)
-             / np.maximum(has_g.sum(1), 1)[:, None])
-        pr = (np.where(has_p[..., None], t / np.where(has_p, p, 1.0)[..., None], 0.0).sum(1)
-              / np.maximum(has_p.sum(1), 1)[:, None])
+        r = (
+            np.where(has_g[..., None], t / np.where(has_g, g, 1.0)[..., None], 0.0).sum(1)
+            / np.maximum(has_g.sum(1), 1)[:, None]
+        )
+        pr = (
+            np.where(has_p[..., None], t / np.where(has_p, p, 1.0)[..., None], 0.0).sum(1)
+            / np.maximum(has_p.sum(1), 1)[:, None]
+        )
         empty = ~(has_g.any(1) | has_p.any(1))
         r[empty], pr[empty] = 1.0, 1.0
         return r, pr
@@ -156,6 +160,7 @@ def _iou_table(images, iou_thresholds, read, iou) -> CountTable:
 
 def detection_table(images, iou_thresholds=DEFAULT_IOU_THRESHOLDS) -> CountTable:
     """The per-image counts of :func:`detection_f1` (see there for the matching)."""
+
     def read(k, gb, pb):
         return geo.check_gt_boxes(gb, f"images[{k}] gt boxes"), geo.as_array(pb, 4, f"images[{k}] pred boxes")
 
@@ -231,11 +236,14 @@ def pointing_f1(images) -> dict[str, float]:
 def mask_table(images, iou_thresholds=DEFAULT_IOU_THRESHOLDS) -> CountTable:
     """The per-image counts of :func:`mask_f1`: :func:`detection_table`'s matching (one to one
     per image and category, greedy by IoU descending) on mask IoU."""
+
     def read(k, gm, pm):
         first = (gm or pm or [None])[0]
         h, w = (0, 0) if first is None else (list(first["size"]) if isinstance(first, dict) else np.shape(first))
-        return (geo.decode_masks(gm, int(h), int(w), f"images[{k}] gt masks"),
-                geo.decode_masks(pm, int(h), int(w), f"images[{k}] pred masks"))
+        return (
+            geo.decode_masks(gm, int(h), int(w), f"images[{k}] gt masks"),
+            geo.decode_masks(pm, int(h), int(w), f"images[{k}] pred masks"),
+        )
 
     return _iou_table(images, iou_thresholds, read, geo.mask_iou)
 
@@ -297,7 +305,7 @@ def count_table(images) -> np.ndarray:
 def count_rates_weighted(table: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """:func:`count_rates` of a :func:`count_table` under image weights ``[B, I]``, each ``[B]``."""
     w = np.ones((1, len(table))) if weights is None else np.asarray(weights, dtype=np.float64)
-    s = w @ table                                                     # [B, 3]
+    s = w @ table  # [B, 3]
     n = s.sum(1)
     # no GT and no prediction anywhere: every answer was right to be empty
     rates = np.where(n[:, None] > 0, s / np.where(n > 0, n, 1.0)[:, None], np.array([1.0, 0.0, 0.0]))
@@ -317,8 +325,9 @@ def count_rates(images) -> dict[str, float]:
     return {k: float(v[0]) for k, v in count_rates_weighted(count_table(images)).items()}
 
 
-def paired_bootstrap(base, others, num_images: int, *, n_resamples: int = 1000, seed: int = 0,
-                     level: float = 0.95, chunk: int = 250) -> dict:
+def paired_bootstrap(
+    base, others, num_images: int, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95, chunk: int = 250
+) -> dict:
     """How sure is a change of a set metric from one model (``base``) to others, over images?
 
     ``base`` and each of ``others`` map image weights ``[B, num_images]`` to the metric ``[B]``
@@ -353,8 +362,17 @@ def paired_bootstrap(base, others, num_images: int, *, n_resamples: int = 1000, 
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     lo, hi = np.percentile(d.mean(1), q)
     per = [dict(zip(("lo", "hi"), np.percentile(d[:, k], q).tolist()), change=o0[k] - b0) for k in range(len(others))]
-    return {"base": b0, "others": o0, "change": float(np.mean(o0) - b0), "lo": float(lo), "hi": float(hi),
-            "per_run": per, "excludes_zero": bool(lo > 0 or hi < 0), "level": level, "n_resamples": n_resamples}
+    return {
+        "base": b0,
+        "others": o0,
+        "change": float(np.mean(o0) - b0),
+        "lo": float(lo),
+        "hi": float(hi),
+        "per_run": per,
+        "excludes_zero": bool(lo > 0 or hi < 0),
+        "level": level,
+        "n_resamples": n_resamples,
+    }
 
 
 def large_box_flags(images) -> list[bool]:

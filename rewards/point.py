@@ -12,8 +12,16 @@ from rewards import geometry as geo
 from rewards.f1 import F1Result, f1_from_matrix
 
 
-def point_in_mask_f1(pred_points, pred_labels, gt_masks, gt_labels, *, height: int | None = None,
-                     width: int | None = None, matching: str = "paper") -> F1Result:
+def point_in_mask_f1(
+    pred_points,
+    pred_labels,
+    gt_masks,
+    gt_labels,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    matching: str = "paper",
+) -> F1Result:
     """Point-in-mask F1: GT ``j`` scores 1 if a point with its label lies inside its mask (eq. 5).
 
     ``pred_points`` ``[N, 2]`` pixels ``(x, y)``. ``gt_masks``: ``[M, H, W]`` bool array, or a

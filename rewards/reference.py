@@ -47,8 +47,10 @@ def box_iou_f1_reference(pred_boxes, pred_labels, gt_boxes, gt_labels, matching:
         if pred_boxes and gt_boxes:
             from scipy.optimize import linear_sum_assignment
 
-            w = [[iou_one(p, g) if pl == gl else 0.0 for g, gl in zip(gt_boxes, gt_labels)]
-                 for p, pl in zip(pred_boxes, pred_labels)]
+            w = [
+                [iou_one(p, g) if pl == gl else 0.0 for g, gl in zip(gt_boxes, gt_labels)]
+                for p, pl in zip(pred_boxes, pred_labels)
+            ]
             rows, cols = linear_sum_assignment(w, maximize=True)
             for i, j in zip(rows, cols):
                 total += w[i][j]

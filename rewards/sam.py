@@ -60,8 +60,10 @@ class SamMaskSource:
     def __init__(self, checkpoint_dir, *, device: str = "cpu", cache_size: int = 1024, multimask: bool = False):
         path = Path(checkpoint_dir).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"SAM checkpoint directory {str(path)!r} does not exist (expected a local "
-                                    "directory written by SamModel/SamProcessor.save_pretrained)")
+            raise FileNotFoundError(
+                f"SAM checkpoint directory {str(path)!r} does not exist (expected a local "
+                "directory written by SamModel/SamProcessor.save_pretrained)"
+            )
         # Check the files ourselves: from_pretrained's errors on a wrong directory talk about the
         # Hub and model ids, which misleads when the path is simply not a SAM checkpoint.
         cfg_file = path / "config.json"
@@ -70,12 +72,15 @@ class SamMaskSource:
         except (OSError, ValueError) as exc:
             raise ValueError(f"{str(path)!r} is not a SAM checkpoint: cannot read {cfg_file.name} ({exc})") from None
         if model_type != "sam":
-            raise ValueError(f"{str(path)!r} is not a SAM checkpoint: config.json has model_type {model_type!r}, "
-                             "expected 'sam'")
+            raise ValueError(
+                f"{str(path)!r} is not a SAM checkpoint: config.json has model_type {model_type!r}, expected 'sam'"
+            )
         # transformers 5 writes processor_config.json; Hub SAM checkpoints ship preprocessor_config.json.
         if not any((path / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
-            raise ValueError(f"{str(path)!r} is not a SAM checkpoint: no processor_config.json or "
-                             "preprocessor_config.json (save the SamProcessor next to the model)")
+            raise ValueError(
+                f"{str(path)!r} is not a SAM checkpoint: no processor_config.json or "
+                "preprocessor_config.json (save the SamProcessor next to the model)"
+            )
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be an integer >= 0, got {cache_size!r}")
 
@@ -121,8 +126,9 @@ class SamMaskSource:
             elif inst.point is not None:
                 keys[k] = (image_key, h, w, "point", tuple(round(float(v), 1) for v in inst.point))
             else:
-                raise ValueError(f"sample {sample.id!r}: instances[{k}] has neither a box nor a point "
-                                 "to prompt SAM with")
+                raise ValueError(
+                    f"sample {sample.id!r}: instances[{k}] has neither a box nor a point to prompt SAM with"
+                )
         return self._masks(sample, keys, out, h, w)
 
     def masks_from_points(self, sample, point_sets) -> list[np.ndarray]:
@@ -196,14 +202,18 @@ class SamMaskSource:
                 groups.setdefault((key[3], len(key[4]) if key[3] == "points" else 0), []).append(i)
             for (kind, _), idx in groups.items():
                 if kind == "box":
-                    coords = torch.tensor([keys[i][4] for i in idx], dtype=torch.float32).reshape(len(idx), 2, 2) * scale
+                    coords = (
+                        torch.tensor([keys[i][4] for i in idx], dtype=torch.float32).reshape(len(idx), 2, 2) * scale
+                    )
                     prompt = {"input_boxes": coords.reshape(1, len(idx), 4).to(self.device)}  # [1, n, 4]
                 else:
                     # one positive point ([1, n, 1, 2]) or a set of L of them ([1, n, L, 2])
                     pts = [[keys[i][4]] if kind == "point" else list(keys[i][4]) for i in idx]
                     coords = torch.tensor(pts, dtype=torch.float32) * scale
-                    prompt = {"input_points": coords[None].to(self.device),
-                              "input_labels": torch.ones(1, len(idx), coords.shape[1], dtype=torch.long, device=self.device)}
+                    prompt = {
+                        "input_points": coords[None].to(self.device),
+                        "input_labels": torch.ones(1, len(idx), coords.shape[1], dtype=torch.long, device=self.device),
+                    }
                 res = self.model(image_embeddings=emb, multimask_output=self.multimask, **prompt)
                 self.decoder_calls += 1
                 masks = self.processor.post_process_masks([res.pred_masks[0].float().cpu()], original, reshaped)[0]
@@ -226,8 +236,10 @@ class SamMaskSource:
         if image.size != (w, h):
             # The boxes are in the sample's pixels; a mask of another size would be scored
             # against the wrong pixels, so refuse rather than guess a rescale.
-            raise ValueError(f"sample {sample.id!r}: image {sample.image!r} is {image.size[0]}x{image.size[1]} "
-                             f"but the sample says {w}x{h}")
+            raise ValueError(
+                f"sample {sample.id!r}: image {sample.image!r} is {image.size[0]}x{image.size[1]} "
+                f"but the sample says {w}x{h}"
+            )
         return image
 
     # -- cache ---------------------------------------------------------------------------

@@ -107,16 +107,27 @@ def takes_vocabulary(score_fn: Callable) -> bool:
 
 def _needs_decoder(decoder: str | None):
     """Mark a scorer with the mask decoder its mask answers need (None: no decoding)."""
+
     def mark(fn):
         fn.mask_decoder = decoder
         return fn
+
     return mark
 
 
 @_needs_decoder("sam")
-def score(text: str, sample, *, mask_source: MaskSource | None = None, matching: str = "paper",
-          box_iou_thresholds=None, vocabulary=REX_BINS, box_corner_term: bool = False, mask_decoder: str = "sam",
-          mask_points_weight: float = 0.0) -> RewardResult:
+def score(
+    text: str,
+    sample,
+    *,
+    mask_source: MaskSource | None = None,
+    matching: str = "paper",
+    box_iou_thresholds=None,
+    vocabulary=REX_BINS,
+    box_corner_term: bool = False,
+    mask_decoder: str = "sam",
+    mask_points_weight: float = 0.0,
+) -> RewardResult:
     """Reward of ``text`` for ``sample``; see the module docstring for the rules. ``vocabulary``
     is the one the model writes in (:func:`rlsys.lang.vocab.make_vocabulary`).
 
@@ -128,13 +139,31 @@ def score(text: str, sample, *, mask_source: MaskSource | None = None, matching:
     or ``"grid_cells"`` (:func:`rewards.mask.grid_cell_masks`). ``mask_points_weight``: the
     share of the semantic-critical points reward (:func:`rewards.mask.mask_points_f1`) in a
     mask answer's reward, the rest being the mask IoU F1 (1: points only, nothing decoded)."""
-    return _score(text, sample, mask_source=mask_source, matching=matching, box_iou_thresholds=box_iou_thresholds,
-                  vocabulary=vocabulary, box_corner_term=box_corner_term, mask_decoder=mask_decoder,
-                  mask_points_weight=mask_points_weight)[0]
+    return _score(
+        text,
+        sample,
+        mask_source=mask_source,
+        matching=matching,
+        box_iou_thresholds=box_iou_thresholds,
+        vocabulary=vocabulary,
+        box_corner_term=box_corner_term,
+        mask_decoder=mask_decoder,
+        mask_points_weight=mask_points_weight,
+    )[0]
 
 
-def _score(text, sample, *, mask_source=None, matching="paper", box_iou_thresholds=None, vocabulary=REX_BINS,
-           box_corner_term=False, mask_decoder="sam", mask_points_weight=0.0) -> tuple[RewardResult, list]:
+def _score(
+    text,
+    sample,
+    *,
+    mask_source=None,
+    matching="paper",
+    box_iou_thresholds=None,
+    vocabulary=REX_BINS,
+    box_corner_term=False,
+    mask_decoder="sam",
+    mask_points_weight=0.0,
+) -> tuple[RewardResult, list]:
     """:func:`score` and the answer's instances as written (read once, for rewards that look at them)."""
     if matching not in MATCHINGS:
         raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
@@ -199,8 +228,9 @@ def score_recall_weighted(text: str, sample, **kw) -> RewardResult:
     if r.num_pred == 0 and r.num_gt == 0:
         return r
     reward = f_beta(r.precision, r.recall, RECALL_WEIGHT)
-    return RewardResult(reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate,
-                        r.large_box, r.error)
+    return RewardResult(
+        reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate, r.large_box, r.error
+    )
 
 
 # Weight of score_missed_penalty's count term: the reward loses this much times the share of the
@@ -224,8 +254,9 @@ def score_missed_penalty(text: str, sample, **kw) -> RewardResult:
     if r.num_gt == 0 or r.num_pred >= r.num_gt:
         return r
     reward = r.reward - MISSED_OBJECT_PENALTY * (r.num_gt - r.num_pred) / r.num_gt
-    return RewardResult(reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate,
-                        r.large_box, r.error)
+    return RewardResult(
+        reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate, r.large_box, r.error
+    )
 
 
 def leave_one_out_gain(text: str, sample, score_fn: Callable = score, vocabulary=REX_BINS, **kw) -> float | None:
@@ -278,8 +309,9 @@ def score_getok_grid_stage(text: str, sample, **kw) -> RewardResult:
     repeated = r.duplicate if sample.output == "keypoint" else len(set(written)) < len(written)
     w = GRID_STAGE_WEIGHTS
     reward = w["geometry"] * r.reward + w["format"] * float(r.unreadable == 0) + w["non_repeat"] * float(not repeated)
-    return RewardResult(reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate,
-                        r.large_box, r.error)
+    return RewardResult(
+        reward, r.kind, r.precision, r.recall, r.num_pred, r.num_gt, r.unreadable, r.duplicate, r.large_box, r.error
+    )
 
 
 @_needs_decoder("grid_cells")
@@ -289,8 +321,9 @@ def score_getok_grid_stage_cell_masks(text: str, sample, **kw) -> RewardResult:
     return score_getok_grid_stage(text, sample, mask_decoder="grid_cells", **kw)
 
 
-def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None, vocabulary=REX_BINS,
-                  box_corner_term=False) -> tuple[RewardResult, list]:
+def _score_parsed(
+    text, sample, mask_source, matching, box_iou_thresholds=None, vocabulary=REX_BINS, box_corner_term=False
+) -> tuple[RewardResult, list]:
     w, h = sample.width, sample.height
     parsed = vocabulary.parse(text, w, h)  # predictions in the sample's pixels
     unreadable, notes = parsed.unreadable, list(parsed.errors[:3])
@@ -322,7 +355,9 @@ def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None, 
         res = box_iou_f1(coords, labels, [i.box for i in insts], gt_labels, matching, box_iou_thresholds)
     elif want == "polygon":
         kind = "polygon_iou"
-        res = polygon_iou_f1(coords, labels, [i.polygon for i in insts], gt_labels, height=h, width=w, matching=matching)
+        res = polygon_iou_f1(
+            coords, labels, [i.polygon for i in insts], gt_labels, height=h, width=w, matching=matching
+        )
     elif sample.task == "gui":
         kind = "point_in_box"
         res = point_in_box_f1(coords, labels, _gt_boxes(insts), gt_labels, matching)
@@ -335,11 +370,20 @@ def _score_parsed(text, sample, mask_source, matching, box_iou_thresholds=None, 
             kind = "point_in_mask"
             res = point_in_mask_f1(coords, labels, masks, gt_labels, height=h, width=w, matching=matching)
     # the duplicate test reads the values as written (bins, or the resized image's pixels)
-    return _result(res, kind, wrong + unreadable, unreadable, behaviour.is_duplicate(parsed.written, len(insts)),
-                   behaviour.is_large_box(boxes, w, h), notes), parsed.written
+    return _result(
+        res,
+        kind,
+        wrong + unreadable,
+        unreadable,
+        behaviour.is_duplicate(parsed.written, len(insts)),
+        behaviour.is_large_box(boxes, w, h),
+        notes,
+    ), parsed.written
 
 
-def _score_masks(text, sample, mask_source, vocabulary, decoder: str, points_weight: float) -> tuple[RewardResult, list]:
+def _score_masks(
+    text, sample, mask_source, vocabulary, decoder: str, points_weight: float
+) -> tuple[RewardResult, list]:
     """A mask answer: each instance a set of points (``vocabulary.parse_masks``), scored against
     the GT masks by mask IoU F1 after decoding, the point-set reward, or a weighted mix."""
     check_writes_masks(vocabulary)
@@ -359,16 +403,25 @@ def _score_masks(text, sample, mask_source, vocabulary, decoder: str, points_wei
     gt = geo.decode_masks([i.mask for i in insts], h, w, "instance masks")
     parts, kinds = [], []
     if points_weight < 1.0:
-        pred = decode_point_sets(sets, sample, decoder=decoder, mask_source=mask_source, grid=getattr(vocabulary, "grid", None))
+        pred = decode_point_sets(
+            sets, sample, decoder=decoder, mask_source=mask_source, grid=getattr(vocabulary, "grid", None)
+        )
         parts.append((1.0 - points_weight, mask_iou_f1(pred, labels, gt, gt_labels, height=h, width=w)))
         kinds.append("mask_iou" if decoder == "sam" else "mask_iou_grid_cells")
     if points_weight > 0.0:
         refs = [_reference_points(i.mask, m, vocabulary.grid, k) for k, (i, m) in enumerate(zip(insts, gt))]
-        parts.append((points_weight, mask_points_f1(sets, labels, gt, gt_labels, grid=vocabulary.grid, height=h, width=w,
-                                                    reference_counts=refs)))
+        parts.append(
+            (
+                points_weight,
+                mask_points_f1(
+                    sets, labels, gt, gt_labels, grid=vocabulary.grid, height=h, width=w, reference_counts=refs
+                ),
+            )
+        )
         kinds.append("points" if kinds else "mask_points")
-    return _result_parts(parts, "+".join(kinds), unreadable, unreadable, behaviour.is_duplicate(parsed.written, len(insts)),
-                         False, notes), parsed.written
+    return _result_parts(
+        parts, "+".join(kinds), unreadable, unreadable, behaviour.is_duplicate(parsed.written, len(insts)), False, notes
+    ), parsed.written
 
 
 _REFERENCE_POINTS: dict[tuple, int] = {}
@@ -403,11 +456,25 @@ def _score_keypoints(text, sample, matching, vocabulary=REX_BINS) -> tuple[Rewar
     pred_kps = [dict(p.keypoints) for p in preds]
     insts = sample.instances
     gt_boxes = [i.box for i in insts] if all(i.box is not None for i in insts) else None
-    res = keypoint_oks_f1(pred_kps, labels, [i.keypoints for i in insts], [i.phrase for i in insts],
-                          [_instance_area(i, h, w) for i in insts], pred_boxes=pred_boxes, gt_boxes=gt_boxes,
-                          matching=matching)
-    return _result(res, "keypoint_oks", unreadable, unreadable, behaviour.is_duplicate(preds.written, len(insts)),
-                   behaviour.is_large_box(pred_boxes, w, h), notes), preds.written
+    res = keypoint_oks_f1(
+        pred_kps,
+        labels,
+        [i.keypoints for i in insts],
+        [i.phrase for i in insts],
+        [_instance_area(i, h, w) for i in insts],
+        pred_boxes=pred_boxes,
+        gt_boxes=gt_boxes,
+        matching=matching,
+    )
+    return _result(
+        res,
+        "keypoint_oks",
+        unreadable,
+        unreadable,
+        behaviour.is_duplicate(preds.written, len(insts)),
+        behaviour.is_large_box(pred_boxes, w, h),
+        notes,
+    ), preds.written
 
 
 def _result(res: F1Result, kind, extra_pred, unreadable, duplicate, large_box, notes) -> RewardResult:
@@ -422,8 +489,18 @@ def _result_parts(parts, kind, extra_pred, unreadable, duplicate, large_box, not
         parts = [(wt, f1_from_sum(res.matched, res.num_pred + extra_pred, res.num_gt)) for wt, res in parts]
     f1, p, r = (sum(wt * getattr(res, a) for wt, res in parts) for a in ("f1", "precision", "recall"))
     first = parts[0][1]
-    return RewardResult(float(f1), kind, float(p), float(r), first.num_pred, first.num_gt, unreadable,
-                        bool(duplicate), bool(large_box), "; ".join(notes) or None)
+    return RewardResult(
+        float(f1),
+        kind,
+        float(p),
+        float(r),
+        first.num_pred,
+        first.num_gt,
+        unreadable,
+        bool(duplicate),
+        bool(large_box),
+        "; ".join(notes) or None,
+    )
 
 
 def _gt_boxes(insts):
@@ -464,7 +541,9 @@ def _check_sample(sample) -> None:
     """Raise ``ValueError`` for a sample a reward cannot be computed against."""
     for attr in ("id", "width", "height", "task", "output", "phrases", "instances"):
         if not hasattr(sample, attr):
-            raise ValueError(f"score: expected an rlsys.data.samples.Sample, got {type(sample).__name__} without '{attr}'")
+            raise ValueError(
+                f"score: expected an rlsys.data.samples.Sample, got {type(sample).__name__} without '{attr}'"
+            )
     where = f"sample {sample.id!r}"
     for name in ("width", "height"):
         v = getattr(sample, name)

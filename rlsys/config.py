@@ -14,6 +14,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rlsys.lang.vocab import MASK_VOCABULARIES
+from rlsys.models import TinySpec, qwen2_5_vl_3b_shaped
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
 
@@ -24,9 +27,11 @@ def _zero_stage_supported(stage: int) -> int:
     # export, the Hugging Face checkpoint and the checksum would see empty tensors. rlsys does not
     # gather them (GatheredParameters around each), so it refuses stage 3.
     if stage == 3:
-        raise ValueError("zero_stage 3 is not supported: ZeRO-3 partitions the parameters, so weight export, "
-                         "checkpoints and checksums would read empty tensors; use 2 (gradients and optimizer "
-                         "state partitioned, parameters whole on every rank)")
+        raise ValueError(
+            "zero_stage 3 is not supported: ZeRO-3 partitions the parameters, so weight export, "
+            "checkpoints and checksums would read empty tensors; use 2 (gradients and optimizer "
+            "state partitioned, parameters whole on every rank)"
+        )
     if not 0 <= stage <= 2:
         raise ValueError(f"zero_stage must be 0, 1 or 2, got {stage}")
     return stage
@@ -38,8 +43,20 @@ ZeroStage = Annotated[int, AfterValidator(_zero_stage_supported)]
 # processor resizes every image into [min_pixels, max_pixels] (Qwen2.5-VL: one image token per
 # 28 x 28 px), and SFT, the learner, the vLLM engines and Serve all use the same budget, so
 # the image tokens the engine saw are the ones the learner scores.
-MinPixels = Annotated[int | None, Field(ge=28 * 28, description="Smallest image area after resizing, in pixels (28 x 28 px per image token). None: the checkpoint's processor setting (Qwen2.5-VL: 3,136).")]
-MaxPixels = Annotated[int | None, Field(ge=28 * 28, description="Largest image area after resizing, in pixels: caps an image at max_pixels / 784 tokens (Rex-Omni: 2,560 tokens = 2,007,040 px). None: the checkpoint's processor setting (Qwen2.5-VL: 12,845,056, i.e. 16,384 tokens).")]
+MinPixels = Annotated[
+    int | None,
+    Field(
+        ge=28 * 28,
+        description="Smallest image area after resizing, in pixels (28 x 28 px per image token). None: the checkpoint's processor setting (Qwen2.5-VL: 3,136).",
+    ),
+]
+MaxPixels = Annotated[
+    int | None,
+    Field(
+        ge=28 * 28,
+        description="Largest image area after resizing, in pixels: caps an image at max_pixels / 784 tokens (Rex-Omni: 2,560 tokens = 2,007,040 px). None: the checkpoint's processor setting (Qwen2.5-VL: 12,845,056, i.e. 16,384 tokens).",
+    ),
+]
 
 
 # vLLM's KV cache. On GPUs a share of device memory is the usual knob. On the CPU backend
@@ -47,7 +64,13 @@ MaxPixels = Annotated[int | None, Field(ge=28 * 28, description="Largest image a
 # activations included), which is fragile: on a 24 GB VM whose node 0 reports 12 GB, 0.1 leaves
 # nothing once the worker's own 1.2 GB are counted, and the engine refuses to start. A size in
 # MiB is what CPU configs set.
-KvCacheMiB = Annotated[int | None, Field(ge=16, description="vLLM KV-cache size in MiB (vLLM's kv_cache_memory_bytes); when set, gpu_memory_utilization no longer sizes the cache. Set it on CPU machines (the tiny configs use 256: the tiny model needs ~1 KiB per token). None: gpu_memory_utilization decides.")]
+KvCacheMiB = Annotated[
+    int | None,
+    Field(
+        ge=16,
+        description="vLLM KV-cache size in MiB (vLLM's kv_cache_memory_bytes); when set, gpu_memory_utilization no longer sizes the cache. Set it on CPU machines (the tiny configs use 256: the tiny model needs ~1 KiB per token). None: gpu_memory_utilization decides.",
+    ),
+]
 
 
 def engine_memory(gpu_memory_utilization: float, kv_cache_mib: int | None) -> dict:
@@ -70,24 +93,68 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    path: str | None = Field(None, description="Local Hugging Face checkpoint directory. None: build (once) the tiny random-weight Qwen2.5-VL under run.out_dir/tiny-model.")
-    vocabulary: Literal["rex_bins", "qwen_json", "getok", "chatrex"] = Field("rex_bins", description="How the model writes geometry (rlsys.lang.vocab): rex_bins, Rex-Omni's coordinate tokens <0>..<999>; qwen_json, Qwen2.5-VL's own grounding JSON (bbox_2d / point_2d in pixels of the resized image), what a base Qwen2.5-VL already answers; getok, GETok's grid tokens <gridX_Y> with offset tokens <OFFdx_dy> and <DELETE>; chatrex, ChatRex's proposal indices <obj0>.. into candidate boxes listed in the question. Used by SFT targets, questions, rewards, eval and Serve.")
-    getok_grid: int = Field(32, ge=2, le=256, description="vocabulary=getok: cells per image side (the paper's 32); getok_grid² + 10 tokens are added to a base checkpoint.")
-    chatrex_max_proposals: int = Field(100, ge=1, le=1000, description="vocabulary=chatrex: index tokens <obj0>..<objK-1> added (ChatRex keeps at most 100 boxes); a sample with more proposals is refused.")
-    chatrex_proposals: Literal["record", "synthetic"] = Field("record", description="vocabulary=chatrex: where a sample's candidate boxes come from: its record's 'proposals' (python -m rlsys.data.proposals merges a file of boxes per image), or synthetic (its GT boxes jittered plus chatrex_distractors random boxes; for synthetic data only, as it leaks where the objects are).")
-    chatrex_distractors: int = Field(5, ge=0, le=100, description="vocabulary=chatrex, chatrex_proposals=synthetic: random boxes added to the jittered GT boxes.")
-    getok_offsets: bool = Field(True, description="vocabulary=getok: SFT targets put an offset token after every grid token (a 3·getok_grid lattice); off: grid tokens alone, the paper's first stage. Answers are read either way.")
-    coord_tokens: Literal["add", "map_last"] = Field("add", description="For a base Qwen2.5-VL without its vocabulary's tokens: add them to the vocabulary, or (rex_bins only) map <0>..<999> onto the last 1,000 embedding rows as Rex-Omni did.")
-    trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code. Off: our loaders need only the Qwen2.5-VL classes in transformers.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Learner parameter dtype (float32 on CPUs).")
-    tiny_hidden_size: int = Field(128, ge=64, description="Tiny model (path None): LLM width; head_dim is fixed at 64, so heads = width / 64.")
+    path: str | None = Field(
+        None,
+        description="Local Hugging Face checkpoint directory. None: build (once) the tiny random-weight Qwen2.5-VL under run.out_dir/tiny-model.",
+    )
+    vocabulary: Literal["rex_bins", "qwen_json", "getok", "chatrex"] = Field(
+        "rex_bins",
+        description="How the model writes geometry (rlsys.lang.vocab): rex_bins, Rex-Omni's coordinate tokens <0>..<999>; qwen_json, Qwen2.5-VL's own grounding JSON (bbox_2d / point_2d in pixels of the resized image), what a base Qwen2.5-VL already answers; getok, GETok's grid tokens <gridX_Y> with offset tokens <OFFdx_dy> and <DELETE>; chatrex, ChatRex's proposal indices <obj0>.. into candidate boxes listed in the question. Used by SFT targets, questions, rewards, eval and Serve.",
+    )
+    getok_grid: int = Field(
+        32,
+        ge=2,
+        le=256,
+        description="vocabulary=getok: cells per image side (the paper's 32); getok_grid² + 10 tokens are added to a base checkpoint.",
+    )
+    chatrex_max_proposals: int = Field(
+        100,
+        ge=1,
+        le=1000,
+        description="vocabulary=chatrex: index tokens <obj0>..<objK-1> added (ChatRex keeps at most 100 boxes); a sample with more proposals is refused.",
+    )
+    chatrex_proposals: Literal["record", "synthetic"] = Field(
+        "record",
+        description="vocabulary=chatrex: where a sample's candidate boxes come from: its record's 'proposals' (python -m rlsys.data.proposals merges a file of boxes per image), or synthetic (its GT boxes jittered plus chatrex_distractors random boxes; for synthetic data only, as it leaks where the objects are).",
+    )
+    chatrex_distractors: int = Field(
+        5,
+        ge=0,
+        le=100,
+        description="vocabulary=chatrex, chatrex_proposals=synthetic: random boxes added to the jittered GT boxes.",
+    )
+    getok_offsets: bool = Field(
+        True,
+        description="vocabulary=getok: SFT targets put an offset token after every grid token (a 3·getok_grid lattice); off: grid tokens alone, the paper's first stage. Answers are read either way.",
+    )
+    coord_tokens: Literal["add", "map_last"] = Field(
+        "add",
+        description="For a base Qwen2.5-VL without its vocabulary's tokens: add them to the vocabulary, or (rex_bins only) map <0>..<999> onto the last 1,000 embedding rows as Rex-Omni did.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow a checkpoint's own Python code. Off: our loaders need only the Qwen2.5-VL classes in transformers.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Learner parameter dtype (float32 on CPUs)."
+    )
+    tiny_hidden_size: int = Field(
+        128, ge=64, description="Tiny model (path None): LLM width; head_dim is fixed at 64, so heads = width / 64."
+    )
     tiny_num_layers: int = Field(2, ge=1, le=64, description="Tiny model: LLM layers.")
     tiny_intermediate_size: int = Field(384, ge=64, description="Tiny model: LLM MLP width.")
     tiny_vision_hidden_size: int = Field(64, ge=32, description="Tiny model: vision encoder width (one head per 64).")
     tiny_vision_depth: int = Field(2, ge=1, le=64, description="Tiny model: vision encoder layers.")
-    tiny_tie_word_embeddings: bool = Field(False, description="Tiny model: tie the output projection to the input embedding, as Qwen2.5-VL-3B does.")
-    tiny_max_pixels: int = Field(224 * 224, ge=56 * 56, description="Tiny model's image processor budget in pixels (28 x 28 px per image token).")
-    tiny_shape: Literal["tiny", "qwen2_5_vl_3b"] = Field("tiny", description="Built model (path None): tiny (the tiny_* widths) or qwen2_5_vl_3b (Qwen2.5-VL-3B's real widths, 151,936-row vocabulary, tied embeddings and tokenizer id layout, with tiny_num_layers LLM layers and tiny_vision_depth vision blocks; its coordinate tokens come from coord_tokens, as for a real base checkpoint).")
+    tiny_tie_word_embeddings: bool = Field(
+        False, description="Tiny model: tie the output projection to the input embedding, as Qwen2.5-VL-3B does."
+    )
+    tiny_max_pixels: int = Field(
+        224 * 224, ge=56 * 56, description="Tiny model's image processor budget in pixels (28 x 28 px per image token)."
+    )
+    tiny_shape: Literal["tiny", "qwen2_5_vl_3b"] = Field(
+        "tiny",
+        description="Built model (path None): tiny (the tiny_* widths) or qwen2_5_vl_3b (Qwen2.5-VL-3B's real widths, 151,936-row vocabulary, tied embeddings and tokenizer id layout, with tiny_num_layers LLM layers and tiny_vision_depth vision blocks; its coordinate tokens come from coord_tokens, as for a real base checkpoint).",
+    )
     min_pixels: MinPixels = None
     max_pixels: MaxPixels = None
 
@@ -99,35 +166,68 @@ class ModelConfig(_Section):
         self.pixel_budget()  # min <= max
         for name in ("tiny_hidden_size", "tiny_vision_hidden_size"):
             if getattr(self, name) % 64:
-                raise ValueError(f"model.{name} must be a multiple of 64 (head_dim 64: vLLM's CPU attention rejects smaller heads)")
+                raise ValueError(
+                    f"model.{name} must be a multiple of 64 (head_dim 64: vLLM's CPU attention rejects smaller heads)"
+                )
         return self
 
     def tiny_spec(self):
-        from rlsys.models import TinySpec, qwen2_5_vl_3b_shaped
 
         if self.tiny_shape == "qwen2_5_vl_3b":
-            return qwen2_5_vl_3b_shaped(num_layers=self.tiny_num_layers, vision_depth=self.tiny_vision_depth,
-                                        max_pixels=self.tiny_max_pixels)
+            return qwen2_5_vl_3b_shaped(
+                num_layers=self.tiny_num_layers, vision_depth=self.tiny_vision_depth, max_pixels=self.tiny_max_pixels
+            )
 
-        return TinySpec(hidden_size=self.tiny_hidden_size, num_layers=self.tiny_num_layers,
-                        num_heads=self.tiny_hidden_size // 64, num_kv_heads=1, intermediate_size=self.tiny_intermediate_size,
-                        vision_hidden_size=self.tiny_vision_hidden_size, vision_depth=self.tiny_vision_depth,
-                        vision_heads=self.tiny_vision_hidden_size // 64, vision_intermediate_size=2 * self.tiny_vision_hidden_size,
-                        max_pixels=self.tiny_max_pixels, tie_word_embeddings=self.tiny_tie_word_embeddings)
+        return TinySpec(
+            hidden_size=self.tiny_hidden_size,
+            num_layers=self.tiny_num_layers,
+            num_heads=self.tiny_hidden_size // 64,
+            num_kv_heads=1,
+            intermediate_size=self.tiny_intermediate_size,
+            vision_hidden_size=self.tiny_vision_hidden_size,
+            vision_depth=self.tiny_vision_depth,
+            vision_heads=self.tiny_vision_hidden_size // 64,
+            vision_intermediate_size=2 * self.tiny_vision_hidden_size,
+            max_pixels=self.tiny_max_pixels,
+            tie_word_embeddings=self.tiny_tie_word_embeddings,
+        )
 
 
 class DataConfig(_Section):
-    train: str | None = Field(None, description="Training data: a .jsonl in rlsys.data.samples's schema or a COCO instances .json. None: the synthetic set under run.out_dir/data.")
+    train: str | None = Field(
+        None,
+        description="Training data: a .jsonl in rlsys.data.samples's schema or a COCO instances .json. None: the synthetic set under run.out_dir/data.",
+    )
     val: str | None = Field(None, description="Held-out data, same formats. None: the synthetic validation split.")
-    synthetic_train_images: int = Field(2000, ge=1, description="Images in the synthetic training split (when train is None).")
+    synthetic_train_images: int = Field(
+        2000, ge=1, description="Images in the synthetic training split (when train is None)."
+    )
     synthetic_val_images: int = Field(200, ge=1, description="Images in the synthetic validation split.")
-    synthetic_image_size_px: int = Field(224, ge=56, le=2048, description="Side of the synthetic square images, in pixels.")
+    synthetic_image_size_px: int = Field(
+        224, ge=56, le=2048, description="Side of the synthetic square images, in pixels."
+    )
     synthetic_max_objects: int = Field(6, ge=1, le=30, description="Most shapes in one synthetic scene.")
-    synthetic_one_kind_per_scene: bool = Field(False, description="All shapes in a synthetic scene are of one kind (colours vary), so a detection answer lists every object: counting and enumeration without telling kinds apart.")
-    synthetic_position_ramp_levels: int = Field(0, ge=0, le=200, description="Paint each pixel's position into its colour (red ramps left-right, green top-bottom, by this many levels) so a model trained from random weights can localise; see rlsys.data.synthetic.paint_position_ramp. 0: off.")
-    synthetic_mask_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of synthetic detection and referring samples that ask for their objects' masks instead of boxes (output mask: each mask written as a set of grid points, GETok section 3.2.1; needs model.vocabulary getok, and a reward that decodes masks: reward.sam_checkpoint, or reward.scorer=rewards.scorer:score_cell_masks on CPUs). 0: none.")
+    synthetic_one_kind_per_scene: bool = Field(
+        False,
+        description="All shapes in a synthetic scene are of one kind (colours vary), so a detection answer lists every object: counting and enumeration without telling kinds apart.",
+    )
+    synthetic_position_ramp_levels: int = Field(
+        0,
+        ge=0,
+        le=200,
+        description="Paint each pixel's position into its colour (red ramps left-right, green top-bottom, by this many levels) so a model trained from random weights can localise; see rlsys.data.synthetic.paint_position_ramp. 0: off.",
+    )
+    synthetic_mask_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of synthetic detection and referring samples that ask for their objects' masks instead of boxes (output mask: each mask written as a set of grid points, GETok section 3.2.1; needs model.vocabulary getok, and a reward that decodes masks: reward.sam_checkpoint, or reward.scorer=rewards.scorer:score_cell_masks on CPUs). 0: none.",
+    )
     tasks: list[str] | None = Field(None, description="Keep only samples of these tasks (None: all).")
-    too_long: Literal["refuse", "skip"] = Field("refuse", description="A sample whose prompt (image tokens under the pixel budget included) plus rollout.max_new_tokens cannot fit rollout.max_model_len_tokens: refuse the data at load, naming the sample and the numbers, or skip such samples and count them.")
+    too_long: Literal["refuse", "skip"] = Field(
+        "refuse",
+        description="A sample whose prompt (image tokens under the pixel budget included) plus rollout.max_new_tokens cannot fit rollout.max_model_len_tokens: refuse the data at load, naming the sample and the numbers, or skip such samples and count them.",
+    )
     seed: int = Field(0, description="Seed of the synthetic generator and of the prompt order.")
 
 
@@ -135,29 +235,67 @@ class RolloutConfig(_Section):
     num_engines: int = Field(1, ge=1, le=1024, description="vLLM engines in the rollout group (one Ray actor each).")
     gpus_per_engine: float = Field(0.0, ge=0, description="GPUs each engine actor requests (0 on CPU machines).")
     cpus_per_engine: float = Field(1.0, gt=0, description="CPUs each engine actor requests from Ray.")
-    samples_per_prompt: int = Field(8, ge=2, le=256, description="G, answers sampled per prompt (the GRPO group). The paper uses 8.")
+    samples_per_prompt: int = Field(
+        8, ge=2, le=256, description="G, answers sampled per prompt (the GRPO group). The paper uses 8."
+    )
     temperature: float = Field(1.0, gt=0, le=2.0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1.0, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(128, ge=1, le=32768, description="Answer length limit, in tokens.")
-    max_model_len_tokens: int = Field(1024, ge=64, description="vLLM context length (prompt with image tokens + answer).")
-    gpu_memory_utilization: float = Field(0.1, gt=0, le=0.95, description="vLLM's share of device memory (weights, activations, KV cache); on the CPU backend, of the RAM of the engine's NUMA node. Ignored for the KV cache when kv_cache_mib is set.")
+    max_model_len_tokens: int = Field(
+        1024, ge=64, description="vLLM context length (prompt with image tokens + answer)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.1,
+        gt=0,
+        le=0.95,
+        description="vLLM's share of device memory (weights, activations, KV cache); on the CPU backend, of the RAM of the engine's NUMA node. Ignored for the KV cache when kv_cache_mib is set.",
+    )
     kv_cache_mib: KvCacheMiB = None
-    enforce_eager: bool = Field(True, description="Disable CUDA graphs / torch.compile in vLLM (faster start, required on CPU).")
-    timeout_s: float = Field(600.0, gt=0, description="Limit for one generate call; past it the engine is restarted and the step retried.")
-    resources_per_engine: dict[str, float] = Field(default_factory=dict, description="Custom Ray node resources each engine bundle asks for, e.g. {rollout_node: 1} to keep engines on the nodes that advertise it.")
-    weight_transfer: Literal["auto", "nccl", "rlsys_gloo", "object_store"] = Field("auto", description="How the learner's weights reach the engines: vLLM's weight-transfer protocol with its NCCL backend (GPUs) or rlsys's gloo backend (CPUs); object_store is the fallback (safetensors through Ray's object store). auto: nccl when engines and learner use GPUs, else rlsys_gloo.")
-    weight_bucket_mib: int = Field(256, ge=1, le=65536, description="Size of one packed weight-transfer bucket, in MiB.")
+    enforce_eager: bool = Field(
+        True, description="Disable CUDA graphs / torch.compile in vLLM (faster start, required on CPU)."
+    )
+    timeout_s: float = Field(
+        600.0, gt=0, description="Limit for one generate call; past it the engine is restarted and the step retried."
+    )
+    resources_per_engine: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray node resources each engine bundle asks for, e.g. {rollout_node: 1} to keep engines on the nodes that advertise it.",
+    )
+    weight_transfer: Literal["auto", "nccl", "rlsys_gloo", "object_store"] = Field(
+        "auto",
+        description="How the learner's weights reach the engines: vLLM's weight-transfer protocol with its NCCL backend (GPUs) or rlsys's gloo backend (CPUs); object_store is the fallback (safetensors through Ray's object store). auto: nccl when engines and learner use GPUs, else rlsys_gloo.",
+    )
+    weight_bucket_mib: int = Field(
+        256, ge=1, le=65536, description="Size of one packed weight-transfer bucket, in MiB."
+    )
 
 
 class RewardConfig(_Section):
     num_workers: int = Field(2, ge=1, le=4096, description="Reward worker actors (CPU).")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each reward worker requests from Ray.")
-    matching: Literal["paper", "hungarian"] = Field("paper", description="Box reward matching: the paper's equations 3-4, or one-to-one (stricter on duplicates).")
-    sample_timeout_s: float = Field(30.0, gt=0, description="Limit for scoring one answer; on timeout or error it is retried once, then scores 0 and is counted.")
-    sam_checkpoint: str | None = Field(None, description="Local SAM checkpoint for point-in-mask rewards on data without masks, and to decode GETok's mask answers (sets of points) into masks for the mask IoU reward and metric (the default scorer's decoder; rewards.scorer:score_cell_masks needs none).")
-    points_without_masks: Literal["refuse", "box"] = Field("refuse", description="Pointing samples (point output, task other than gui) that have no masks while sam_checkpoint is unset: refuse them at start (their reward would be point-in-box, not the point-in-mask the run names), or score them point-in-box, counted per step as reward/kind/point_in_box_fallback.")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom Ray node resources each reward worker bundle asks for.")
-    scorer: str = Field("rewards.scorer:score", description="module:function scoring (text, Sample, mask_source=, matching=) -> RewardResult; replace it to train on your own reward.")
+    matching: Literal["paper", "hungarian"] = Field(
+        "paper", description="Box reward matching: the paper's equations 3-4, or one-to-one (stricter on duplicates)."
+    )
+    sample_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Limit for scoring one answer; on timeout or error it is retried once, then scores 0 and is counted.",
+    )
+    sam_checkpoint: str | None = Field(
+        None,
+        description="Local SAM checkpoint for point-in-mask rewards on data without masks, and to decode GETok's mask answers (sets of points) into masks for the mask IoU reward and metric (the default scorer's decoder; rewards.scorer:score_cell_masks needs none).",
+    )
+    points_without_masks: Literal["refuse", "box"] = Field(
+        "refuse",
+        description="Pointing samples (point output, task other than gui) that have no masks while sam_checkpoint is unset: refuse them at start (their reward would be point-in-box, not the point-in-mask the run names), or score them point-in-box, counted per step as reward/kind/point_in_box_fallback.",
+    )
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray node resources each reward worker bundle asks for."
+    )
+    scorer: str = Field(
+        "rewards.scorer:score",
+        description="module:function scoring (text, Sample, mask_source=, matching=) -> RewardResult; replace it to train on your own reward.",
+    )
 
 
 class LearnerConfig(_Section):
@@ -172,57 +310,110 @@ class LearnerConfig(_Section):
     clip_low: float = Field(0.2, ge=0, lt=1, description="PPO ratio clip below 1 (epsilon_low).")
     clip_high: float = Field(0.2, ge=0, description="PPO ratio clip above 1 (epsilon_high; DAPO raises it).")
     kl_coef: float = Field(0.01, ge=0, description="Weight of the k3 KL penalty to the reference policy (paper: 0.01).")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up over the first N GRPO updates (lr x k/N at update k), then constant.")
-    advantage_scaling: Literal["group_std", "none"] = Field("group_std", description="group_std: advantages (r - group mean) / group std (GRPO); none: r - group mean (Dr. GRPO), which does not blow a near-constant group's reward noise up to +-1.")
-    freeze_vision: bool = Field(False, description="Keep the vision encoder fixed during GRPO; the projector and the LLM still learn.")
-    off_policy_correction: Literal["stale", "always", "off"] = Field("stale", description="Importance-weight the loss by the engines' log-probs (the behaviour policy; rlsys.grpo.algorithm.policy_loss): stale: answers made by older weights than the learner's (run.max_staleness_steps, sync_every_steps > 1); always: every answer, also correcting engine/learner numeric differences (bf16 engines); off: never.")
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Linear learning-rate warm-up over the first N GRPO updates (lr x k/N at update k), then constant.",
+    )
+    advantage_scaling: Literal["group_std", "none"] = Field(
+        "group_std",
+        description="group_std: advantages (r - group mean) / group std (GRPO); none: r - group mean (Dr. GRPO), which does not blow a near-constant group's reward noise up to +-1.",
+    )
+    freeze_vision: bool = Field(
+        False, description="Keep the vision encoder fixed during GRPO; the projector and the LLM still learn."
+    )
+    off_policy_correction: Literal["stale", "always", "off"] = Field(
+        "stale",
+        description="Importance-weight the loss by the engines' log-probs (the behaviour policy; rlsys.grpo.algorithm.policy_loss): stale: answers made by older weights than the learner's (run.max_staleness_steps, sync_every_steps > 1); always: every answer, also correcting engine/learner numeric differences (bf16 engines); off: never.",
+    )
     is_cap: float = Field(2.0, ge=1.0, description="Truncation of the off-policy importance weights, min(w, is_cap).")
-    gradient_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in backward instead of keeping them (less memory for long VLM sequences, about one more forward of time).")
-    ref_colocated: bool = Field(True, description="Keep the frozen reference policy inside each learner rank. Only true is implemented (a separate reference actor group is not); false is refused.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in backward instead of keeping them (less memory for long VLM sequences, about one more forward of time).",
+    )
+    ref_colocated: bool = Field(
+        True,
+        description="Keep the frozen reference policy inside each learner rank. Only true is implemented (a separate reference actor group is not); false is refused.",
+    )
     timeout_s: float = Field(1800.0, gt=0, description="Limit for one learner call (update, save).")
-    resources_per_rank: dict[str, float] = Field(default_factory=dict, description="Custom Ray node resources each learner bundle asks for, e.g. {learner_node: 1}.")
+    resources_per_rank: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray node resources each learner bundle asks for, e.g. {learner_node: 1}.",
+    )
 
     @model_validator(mode="after")
     def _reference_in_rank(self):
         if not self.ref_colocated:
-            raise ValueError("ref_colocated false is not implemented: the reference policy runs inside each learner "
-                             "rank (a separate reference actor group does not exist yet); set it true or kl_coef 0")
+            raise ValueError(
+                "ref_colocated false is not implemented: the reference policy runs inside each learner "
+                "rank (a separate reference actor group does not exist yet); set it true or kl_coef 0"
+            )
         return self
 
 
 class TrackingConfig(_Section):
-    mode: Literal["online", "offline", "disabled", "auto"] = Field("auto", description="W&B mode; auto is online with WANDB_API_KEY set, offline otherwise.")
+    mode: Literal["online", "offline", "disabled", "auto"] = Field(
+        "auto", description="W&B mode; auto is online with WANDB_API_KEY set, offline otherwise."
+    )
     project: str = Field("rlsys", description="W&B project.")
     run_name: str | None = Field(None, description="W&B run name (default: derived from out_dir).")
-    image_table_every_steps: int = Field(5, ge=0, description="Log a table of images with drawn predictions every N steps (0: never).")
+    image_table_every_steps: int = Field(
+        5, ge=0, description="Log a table of images with drawn predictions every N steps (0: never)."
+    )
 
 
 class RunConfig(_Section):
-    out_dir: str = Field("runs/grpo-tiny", description="Where checkpoints, the tiny model, synthetic data and W&B files go (relative to the working directory).")
+    out_dir: str = Field(
+        "runs/grpo-tiny",
+        description="Where checkpoints, the tiny model, synthetic data and W&B files go (relative to the working directory).",
+    )
     steps: int = Field(20, ge=1, description="GRPO steps to run.")
-    prompts_per_step: int = Field(8, ge=1, description="Prompts drawn per step; samples per step = prompts_per_step x samples_per_prompt.")
-    dynamic_sampling: bool = Field(False, description="Drop groups whose reward std is 0 and draw more prompts to refill the step.")
+    prompts_per_step: int = Field(
+        8, ge=1, description="Prompts drawn per step; samples per step = prompts_per_step x samples_per_prompt."
+    )
+    dynamic_sampling: bool = Field(
+        False, description="Drop groups whose reward std is 0 and draw more prompts to refill the step."
+    )
     max_resample_rounds: int = Field(3, ge=0, description="Extra prompt draws per step when dynamic sampling refills.")
     sync_every_steps: int = Field(1, ge=1, description="Push the learner's weights to the generators every N updates.")
-    max_staleness_steps: int = Field(0, ge=0, le=16, description="Asynchronous rollouts: generation of the next batches runs while the learner trains on this one, and no answer is learnt from more than N policy versions after the weights that made it (0: the synchronous loop). Stale answers are importance-weighted (learner.off_policy_correction).")
+    max_staleness_steps: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Asynchronous rollouts: generation of the next batches runs while the learner trains on this one, and no answer is learnt from more than N policy versions after the weights that made it (0: the synchronous loop). Stale answers are importance-weighted (learner.off_policy_correction).",
+    )
     checkpoint_every_steps: int = Field(10, ge=1, description="Write a checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = Field(0, ge=0, description="Keep the newest N step checkpoints and the final one, deleting older ones after each save (a 3B checkpoint with optimizer state is ~60 GB). 0: keep all.")
+    keep_checkpoints: int = Field(
+        0,
+        ge=0,
+        description="Keep the newest N step checkpoints and the final one, deleting older ones after each save (a 3B checkpoint with optimizer state is ~60 GB). 0: keep all.",
+    )
     resume: bool = Field(True, description="Continue from the last checkpoint in out_dir when there is one.")
-    init_checkpoint: str | None = Field(None, description="Start the policy from this HF directory (an SFT result) instead of model.path.")
+    init_checkpoint: str | None = Field(
+        None, description="Start the policy from this HF directory (an SFT result) instead of model.path."
+    )
     seed: int = Field(0, description="Seed for prompt order, sampling and initialisation.")
-    progress_label: str = Field("", description="Put in front of every progress line, e.g. '[demo 3/6 grpo seed 0]' (the demo sets it per stage).")
-    actor_start_timeout_s: float = Field(900.0, gt=0, description="Limit for placing and starting the actor groups (a cold autoscaled GPU node can take long).")
+    progress_label: str = Field(
+        "",
+        description="Put in front of every progress line, e.g. '[demo 3/6 grpo seed 0]' (the demo sets it per stage).",
+    )
+    actor_start_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="Limit for placing and starting the actor groups (a cold autoscaled GPU node can take long).",
+    )
 
 
 def _masks_need_a_mask_vocabulary(model: ModelConfig, data: DataConfig) -> None:
     """Synthetic mask samples asked of a vocabulary that cannot write masks: refused here, in
     the config, before any data is made (a loaded dataset is checked by rlsys.data.prepare.check_targets)."""
-    from rlsys.lang.vocab import MASK_VOCABULARIES
 
     if data.synthetic_mask_fraction > 0 and model.vocabulary not in MASK_VOCABULARIES:
-        raise ValueError(f"data.synthetic_mask_fraction {data.synthetic_mask_fraction} asks for masks, which "
-                         f"model.vocabulary {model.vocabulary} cannot write (only {', '.join(MASK_VOCABULARIES)} does, "
-                         "as sets of grid points): set model.vocabulary=getok or data.synthetic_mask_fraction=0")
+        raise ValueError(
+            f"data.synthetic_mask_fraction {data.synthetic_mask_fraction} asks for masks, which "
+            f"model.vocabulary {model.vocabulary} cannot write (only {', '.join(MASK_VOCABULARIES)} does, "
+            "as sets of grid points): set model.vocabulary=getok or data.synthetic_mask_fraction=0"
+        )
 
 
 class GRPOConfig(_Section):
@@ -242,12 +433,18 @@ class GRPOConfig(_Section):
                 f"({self.samples_per_step} = run.prompts_per_step x rollout.samples_per_prompt)"
             )
         if self.run.sync_every_steps - 1 > self.run.max_staleness_steps:
-            raise ValueError(f"run.sync_every_steps {self.run.sync_every_steps} trains on answers up to "
-                             f"{self.run.sync_every_steps - 1} versions old, past run.max_staleness_steps "
-                             f"{self.run.max_staleness_steps}: set run.max_staleness_steps >= {self.run.sync_every_steps - 1}")
-        if self.rollout.weight_transfer == "nccl" and not (self.rollout.gpus_per_engine > 0 and self.learner.gpus_per_rank > 0):
-            raise ValueError("rollout.weight_transfer nccl needs GPUs on both sides (rollout.gpus_per_engine and "
-                             "learner.gpus_per_rank > 0); on CPUs use rlsys_gloo or auto")
+            raise ValueError(
+                f"run.sync_every_steps {self.run.sync_every_steps} trains on answers up to "
+                f"{self.run.sync_every_steps - 1} versions old, past run.max_staleness_steps "
+                f"{self.run.max_staleness_steps}: set run.max_staleness_steps >= {self.run.sync_every_steps - 1}"
+            )
+        if self.rollout.weight_transfer == "nccl" and not (
+            self.rollout.gpus_per_engine > 0 and self.learner.gpus_per_rank > 0
+        ):
+            raise ValueError(
+                "rollout.weight_transfer nccl needs GPUs on both sides (rollout.gpus_per_engine and "
+                "learner.gpus_per_rank > 0); on CPUs use rlsys_gloo or auto"
+            )
         _masks_need_a_mask_vocabulary(self.model, self.data)
         return self
 
@@ -262,8 +459,11 @@ class GRPOConfig(_Section):
     def cpus_requested(self) -> float:
         """Logical CPUs the actor groups ask Ray for (a cluster smaller than this waits forever
         without an autoscaler; the controller checks before starting them)."""
-        return (self.rollout.num_engines * self.rollout.cpus_per_engine + self.learner.num_ranks * self.learner.cpus_per_rank
-                + self.reward.num_workers * self.reward.cpus_per_worker)
+        return (
+            self.rollout.num_engines * self.rollout.cpus_per_engine
+            + self.learner.num_ranks * self.learner.cpus_per_rank
+            + self.reward.num_workers * self.reward.cpus_per_worker
+        )
 
     @property
     def samples_per_step(self) -> int:
@@ -342,25 +542,40 @@ class SFTTrainConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Ray Train worker requests.")
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     micro_batch_size: int = Field(8, ge=1, description="Conversations per forward/backward on one worker.")
-    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step; global batch = micro_batch_size x grad_accum_steps x num_workers.")
+    grad_accum_steps: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimizer step; global batch = micro_batch_size x grad_accum_steps x num_workers.",
+    )
     lr_vision: float = Field(2e-6, ge=0, description="Learning rate of the vision encoder (paper: 2e-6).")
     lr_projector: float = Field(2e-5, ge=0, description="Learning rate of the vision-language merger (paper: 2e-5).")
     lr_llm: float = Field(2e-5, ge=0, description="Learning rate of the language model (paper: 2e-5).")
-    warmup_fraction: float = Field(0.03, ge=0, lt=1, description="Linear warm-up share of the steps (paper: 3%), then cosine decay.")
+    warmup_fraction: float = Field(
+        0.03, ge=0, lt=1, description="Linear warm-up share of the steps (paper: 3%), then cosine decay."
+    )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (paper: 0.01).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     zero_stage: ZeroStage = Field(2, description="DeepSpeed ZeRO stage, 0-2 (3 is refused: see _zero_stage_supported).")
     max_phrases: int = Field(4, ge=1, description="Most phrases sampled into one multi-phrase question.")
-    coord_label_sigma_bins: float = Field(0.0, ge=0, le=100, description="Soft targets for coordinate tokens: a Gaussian of this width in bins over <0>..<999> instead of a one-hot (SimCC-style). 0: plain cross-entropy, as the paper.")
+    coord_label_sigma_bins: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Soft targets for coordinate tokens: a Gaussian of this width in bins over <0>..<999> instead of a one-hot (SimCC-style). 0: plain cross-entropy, as the paper.",
+    )
     checkpoint_every_steps: int = Field(100, ge=1, description="Ray Train checkpoint every N steps (resumable).")
     log_every_steps: int = Field(10, ge=1, description="Progress line and W&B log every N steps.")
     seed: int = Field(0, description="Seed for conversation sampling and initialisation.")
 
 
 class SFTRunConfig(_Section):
-    out_dir: str = Field("runs/sft-tiny", description="Ray Train storage, the final model (out_dir/final) and W&B files.")
+    out_dir: str = Field(
+        "runs/sft-tiny", description="Ray Train storage, the final model (out_dir/final) and W&B files."
+    )
     resume: bool = Field(True, description="Continue from the latest Ray Train checkpoint in out_dir.")
-    progress_label: str = Field("", description="Put in front of every progress line, e.g. '[demo 2/6 sft-multi]' (the demo sets it per stage).")
+    progress_label: str = Field(
+        "", description="Put in front of every progress line, e.g. '[demo 2/6 sft-multi]' (the demo sets it per stage)."
+    )
 
 
 class SFTConfig(_Section):
@@ -373,12 +588,17 @@ class SFTConfig(_Section):
     @model_validator(mode="after")
     def _soft_targets_need_bins(self):
         if self.train.coord_label_sigma_bins > 0 and self.model.vocabulary != "rex_bins":
-            raise ValueError(f"train.coord_label_sigma_bins spreads targets over neighbouring coordinate bins; "
-                             f"model.vocabulary {self.model.vocabulary} writes no bins (set it to 0)")
+            raise ValueError(
+                f"train.coord_label_sigma_bins spreads targets over neighbouring coordinate bins; "
+                f"model.vocabulary {self.model.vocabulary} writes no bins (set it to 0)"
+            )
         _masks_need_a_mask_vocabulary(self.model, self.data)
         return self
 
     def totals(self) -> dict:
         g = self.train.micro_batch_size * self.train.grad_accum_steps * self.train.num_workers
-        return {"global_batch": g, "conversations_seen": g * self.train.steps,
-                "warmup_steps": int(self.train.warmup_fraction * self.train.steps)}
+        return {
+            "global_batch": g,
+            "conversations_seen": g * self.train.steps,
+            "warmup_steps": int(self.train.warmup_fraction * self.train.steps),
+        }

@@ -20,7 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+from rewards.metrics import paired_bootstrap
 from rlsys.config import REPO_ROOT, ConfigError, GRPOConfig, SFTConfig, load_config
+from rlsys.data.prepare import prepare_data_path
+from rlsys.data.samples import load_dataset
+from rlsys.eval.evaluate import weighted_metrics
+from rlsys.grpo import run as grpo
+from rlsys.lang.vocab import vocabulary_for
+from rlsys.models import processor_for
+from rlsys.sft import train as sft
 from rlsys.sft.train import DEFAULT_SFT_CONFIG
 
 DEMO_GRPO_CONFIG = REPO_ROOT / "configs" / "demo_grpo_tiny_cpu.yaml"
@@ -32,8 +40,9 @@ DEMO_SFT_CONFIGS = (DEFAULT_SFT_CONFIG, REPO_ROOT / "configs" / "sft_tiny_cpu_mu
 DEMO_SEEDS = (0, 1, 2)
 
 
-def plan(out: Path, sft_configs, sft_overrides, grpo_config, grpo_overrides,
-         seeds=DEMO_SEEDS) -> tuple[list[SFTConfig], list[GRPOConfig]]:
+def plan(
+    out: Path, sft_configs, sft_overrides, grpo_config, grpo_overrides, seeds=DEMO_SEEDS
+) -> tuple[list[SFTConfig], list[GRPOConfig]]:
     """Validate every stage's config before anything starts, and chain them: SFT stage k writes
     ``out/sft<k>`` and starts from stage k-1's final model; GRPO runs once per seed from the last
     stage's model, on its training data, into ``out/grpo_seed<s>`` (``run.seed`` set after the
@@ -48,13 +57,25 @@ def plan(out: Path, sft_configs, sft_overrides, grpo_config, grpo_overrides,
     for k, path in enumerate(sft_configs, start=1):
         chain = [f"model.path={out / f'sft{k - 1}' / 'final'}"] if k > 1 else []
         label = f"run.progress_label='[demo {k}/{n} sft{k}]'"
-        stages.append(load_config(path, [f"run.out_dir={out / f'sft{k}'}", *chain, *sft_overrides, label], schema=SFTConfig))
+        stages.append(
+            load_config(path, [f"run.out_dir={out / f'sft{k}'}", *chain, *sft_overrides, label], schema=SFTConfig)
+        )
     last = Path(stages[-1].run.out_dir)
     runs = []
     for j, seed in enumerate(seeds, start=len(stages) + 1):
-        runs.append(load_config(grpo_config, [f"run.out_dir={out / f'grpo_seed{seed}'}", f"run.init_checkpoint={last / 'final'}",
-                                              f"data.train={last / 'data' / 'train.jsonl'}", *grpo_overrides,
-                                              f"run.seed={seed}", f"run.progress_label='[demo {j}/{n} grpo seed {seed}]'"]))
+        runs.append(
+            load_config(
+                grpo_config,
+                [
+                    f"run.out_dir={out / f'grpo_seed{seed}'}",
+                    f"run.init_checkpoint={last / 'final'}",
+                    f"data.train={last / 'data' / 'train.jsonl'}",
+                    *grpo_overrides,
+                    f"run.seed={seed}",
+                    f"run.progress_label='[demo {j}/{n} grpo seed {seed}]'",
+                ],
+            )
+        )
     return stages, runs
 
 
@@ -62,8 +83,22 @@ def _eval(checkpoint: Path, data: Path, out: Path, tasks: str, max_new_tokens: i
     """Evaluate in a fresh process: each vLLM engine gets its own memory and is gone after.
     ``engine``: ``--config FILE`` and overrides giving the GRPO run's engine settings."""
     if not (out / "metrics.json").is_file():
-        cmd = [sys.executable, "-m", "rlsys.eval", "--checkpoint", str(checkpoint), "--data", str(data),
-               "--out", str(out), "--tasks", tasks, "--max-new-tokens", str(max_new_tokens), *engine]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rlsys.eval",
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--tasks",
+            tasks,
+            "--max-new-tokens",
+            str(max_new_tokens),
+            *engine,
+        ]
         subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     return json.loads((out / "metrics.json").read_text())
 
@@ -101,7 +136,7 @@ def _plot(steps_by_seed: dict, f1_by_seed: dict, out: Path, window: int = 10) ->
     def rewards(ax):
         for seed, steps in steps_by_seed.items():
             xs, ys = [r["step"] for r in steps], [r["reward/mean"] for r in steps]
-            line, = ax.plot(xs, smooth(ys, window), label=f"seed {seed} (mean of {window} steps)")
+            (line,) = ax.plot(xs, smooth(ys, window), label=f"seed {seed} (mean of {window} steps)")
             ax.plot(xs, ys, alpha=0.25, color=line.get_color())
 
     def f1(ax):
@@ -121,20 +156,34 @@ def _get(m: dict, path: tuple):
 
 
 # (row name, where in rlsys.eval's metrics, name in rlsys.eval.BOOTSTRAP_METRICS or None)
-ROWS = (("F1@0.50", ("detection", "F1@0.50"), "box F1@0.50"), ("R@0.50", ("detection", "R@0.50"), None),
-        ("P@0.50", ("detection", "P@0.50"), None), ("F1@0.95", ("detection", "F1@0.95"), None),
-        ("F1@mIoU", ("detection", "F1@mIoU"), "box F1@mIoU"), ("R@mIoU", ("detection", "R@mIoU"), None),
-        ("P@mIoU", ("detection", "P@mIoU"), None), ("duplicate rate (%)", ("detection", "duplicate_rate"), None),
-        ("large-box rate (%)", ("detection", "large_box_rate"), None),
-        ("right box count (%)", ("detection", "exact_count_rate"), None),
-        ("too many boxes (%)", ("detection", "over_count_rate"), "too many boxes"),
-        ("too few boxes (%)", ("detection", "under_count_rate"), "too few boxes"),
-        # the run's reward would rise if a box were dropped (rlsys.eval: detection.leave_one_out)
-        ("dropping a box pays (%)", ("detection", "leave_one_out", "drop_pays_rate"), None))
+ROWS = (
+    ("F1@0.50", ("detection", "F1@0.50"), "box F1@0.50"),
+    ("R@0.50", ("detection", "R@0.50"), None),
+    ("P@0.50", ("detection", "P@0.50"), None),
+    ("F1@0.95", ("detection", "F1@0.95"), None),
+    ("F1@mIoU", ("detection", "F1@mIoU"), "box F1@mIoU"),
+    ("R@mIoU", ("detection", "R@mIoU"), None),
+    ("P@mIoU", ("detection", "P@mIoU"), None),
+    ("duplicate rate (%)", ("detection", "duplicate_rate"), None),
+    ("large-box rate (%)", ("detection", "large_box_rate"), None),
+    ("right box count (%)", ("detection", "exact_count_rate"), None),
+    ("too many boxes (%)", ("detection", "over_count_rate"), "too many boxes"),
+    ("too few boxes (%)", ("detection", "under_count_rate"), "too few boxes"),
+    # the run's reward would rise if a box were dropped (rlsys.eval: detection.leave_one_out)
+    ("dropping a box pays (%)", ("detection", "leave_one_out", "drop_pays_rate"), None),
+)
 
 
-def report(sft_m: dict, grpo_ms: list[dict], steps_by_seed: dict, f1_by_seed: dict, out: Path, commands: list[str],
-           intervals: dict | None = None, window: int = 10) -> str:
+def report(
+    sft_m: dict,
+    grpo_ms: list[dict],
+    steps_by_seed: dict,
+    f1_by_seed: dict,
+    out: Path,
+    commands: list[str],
+    intervals: dict | None = None,
+    window: int = 10,
+) -> str:
     """The report: per metric SFT, the mean and range of the GRPO seeds (``grpo_ms``, one final
     metrics dict per seed, in the order of ``steps_by_seed``) and the change; then, for the
     figures in ``intervals`` (name -> :func:`rewards.metrics.paired_bootstrap` result), the 95%
@@ -145,94 +194,124 @@ def report(sft_m: dict, grpo_ms: list[dict], steps_by_seed: dict, f1_by_seed: di
         if a is None or not bs or any(b is None for b in bs):
             return None
         mean = sum(bs) / len(bs)
-        return (f"| {name} | {a * 100:.1f} | {mean * 100:.1f} | {min(bs) * 100:.1f} .. {max(bs) * 100:.1f} | "
-                f"{(mean - a) * 100:+.1f} | " + " ".join(f"{(b - a) * 100:+.1f}" for b in bs) + " |")
+        return (
+            f"| {name} | {a * 100:.1f} | {mean * 100:.1f} | {min(bs) * 100:.1f} .. {max(bs) * 100:.1f} | "
+            f"{(mean - a) * 100:+.1f} | " + " ".join(f"{(b - a) * 100:+.1f}" for b in bs) + " |"
+        )
 
     def row(name, path):
         return line(name, _get(sft_m, path), [_get(m, path) for m in grpo_ms])
 
     rows = [row(n, path) for n, path, _ in ROWS]
-    for task in sorted(set.intersection(set(sft_m.get("box_tasks", {})), *[set(m.get("box_tasks", {})) for m in grpo_ms])):
-        rows += [row(f"{task}: {name}", ("box_tasks", task, key))
-                 for name, key in (("F1@0.50", "F1@0.50"), ("F1@mIoU", "F1@mIoU"), ("right box count (%)", "exact_count_rate"))]
-    rows += [row("pointing F1", ("pointing", "F1")), row("GUI accuracy", ("gui", "accuracy")),
-             row("mean reward (x100)", ("mean_reward",))]
+    for task in sorted(
+        set.intersection(set(sft_m.get("box_tasks", {})), *[set(m.get("box_tasks", {})) for m in grpo_ms])
+    ):
+        rows += [
+            row(f"{task}: {name}", ("box_tasks", task, key))
+            for name, key in (
+                ("F1@0.50", "F1@0.50"),
+                ("F1@mIoU", "F1@mIoU"),
+                ("right box count (%)", "exact_count_rate"),
+            )
+        ]
+    rows += [
+        row("pointing F1", ("pointing", "F1")),
+        row("GUI accuracy", ("gui", "accuracy")),
+        row("mean reward (x100)", ("mean_reward",)),
+    ]
     ppi = [_get(m, ("detection", "predictions_per_image")) for m in grpo_ms]
     if _get(sft_m, ("detection", "predictions_per_image")) is not None and None not in ppi:
-        rows.append(f"| predictions per image | {sft_m['detection']['predictions_per_image']:.2f} | "
-                    f"{sum(ppi) / len(ppi):.2f} | {min(ppi):.2f} .. {max(ppi):.2f} | | |")
+        rows.append(
+            f"| predictions per image | {sft_m['detection']['predictions_per_image']:.2f} | "
+            f"{sum(ppi) / len(ppi):.2f} | {min(ppi):.2f} .. {max(ppi):.2f} | | |"
+        )
     ci_rows = []
     for name, iv in (intervals or {}).items():
         per = " ".join(f"{r['change'] * 100:+.1f} [{r['lo'] * 100:+.1f}, {r['hi'] * 100:+.1f}]" for r in iv["per_run"])
         verdict = "yes: the interval excludes 0" if iv["excludes_zero"] else "no: within noise"
-        ci_rows.append(f"| {name} | {iv['base'] * 100:.1f} | {iv['change'] * 100:+.1f} | "
-                       f"[{iv['lo'] * 100:+.1f}, {iv['hi'] * 100:+.1f}] | {per} | {verdict} |")
+        ci_rows.append(
+            f"| {name} | {iv['base'] * 100:.1f} | {iv['change'] * 100:+.1f} | "
+            f"[{iv['lo'] * 100:+.1f}, {iv['hi'] * 100:+.1f}] | {per} | {verdict} |"
+        )
     n = _get(sft_m, ("detection", "num_images")) or 0
     curves = []
     for seed, steps in steps_by_seed.items():
         sm = smooth([r["reward/mean"] for r in steps], window)
         marks = [k for k in range(window - 1, len(sm), window)] or ([len(sm) - 1] if sm else [])
         curves.append(f"- seed {seed}: " + ", ".join(f"step {steps[k]['step']}: {sm[k]:.3f}" for k in marks))
-    f1_lines = [f"- seed {seed}: " + ", ".join(f"step {s}: {f * 100:.1f}" for s, f in pts) for seed, pts in f1_by_seed.items()]
-    text = "\n".join([
-        "# rlsys demo: SFT vs GRPO on the synthetic held-out set",
-        "",
-        f"Held-out images: {sft_m['num_samples']} samples ({n} box-task images; the first rows pool the box tasks, "
-        "the rows named by task take each on its own). Metrics as the paper's section 5.1 "
-        "(F1 at IoU 0.50, 0.95 and the mean over 0.50:0.95), 5.6 (pointing), 5.7 (GUI) and 6.1.2 (duplicate, large box). "
-        f"GRPO ran {len(grpo_ms)} time(s) from the same SFT model, seeds {', '.join(map(str, seeds))}: the columns give "
-        "the mean over seeds, their range, the mean change, and each seed's change.",
-        "",
-        "| metric | SFT | GRPO (mean) | GRPO (range) | change | change per seed |",
-        "|---|---|---|---|---|---|",
-        *[r for r in rows if r],
-        "",
-        *(["## Is the change more than noise?",
-           "",
-           f"Paired bootstrap over held-out images ({next(iter(intervals.values()))['n_resamples']} resamples; an image "
-           "asked several questions is drawn with all of them; every model scored on the same draw): the 95% interval of "
-           "the change of the seed-averaged model, and each seed's change with its own interval. The interval covers "
-           "which images were held out, not which seeds were run: the seeds' spread is the range above.",
-           "",
-           "| metric | SFT | change | 95% interval | per seed [95% interval] | distinguishable from noise |",
-           "|---|---|---|---|---|---|",
-           *ci_rows,
-           ""] if ci_rows else []),
-        "![reward](reward_curve.png) ![f1](f1_over_steps.png)",
-        "",
-        f"Training reward (rollouts, trailing mean of {window} steps):",
-        *curves,
-        "",
-        "Held-out F1@mIoU over GRPO steps:",
-        *f1_lines,
-        "",
-        "Commands:",
-        "",
-        *[f"    {c}" for c in commands],
-    ])
+    f1_lines = [
+        f"- seed {seed}: " + ", ".join(f"step {s}: {f * 100:.1f}" for s, f in pts) for seed, pts in f1_by_seed.items()
+    ]
+    text = "\n".join(
+        [
+            "# rlsys demo: SFT vs GRPO on the synthetic held-out set",
+            "",
+            f"Held-out images: {sft_m['num_samples']} samples ({n} box-task images; the first rows pool the box tasks, "
+            "the rows named by task take each on its own). Metrics as the paper's section 5.1 "
+            "(F1 at IoU 0.50, 0.95 and the mean over 0.50:0.95), 5.6 (pointing), 5.7 (GUI) and 6.1.2 (duplicate, large box). "
+            f"GRPO ran {len(grpo_ms)} time(s) from the same SFT model, seeds {', '.join(map(str, seeds))}: the columns give "
+            "the mean over seeds, their range, the mean change, and each seed's change.",
+            "",
+            "| metric | SFT | GRPO (mean) | GRPO (range) | change | change per seed |",
+            "|---|---|---|---|---|---|",
+            *[r for r in rows if r],
+            "",
+            *(
+                [
+                    "## Is the change more than noise?",
+                    "",
+                    f"Paired bootstrap over held-out images ({next(iter(intervals.values()))['n_resamples']} resamples; an image "
+                    "asked several questions is drawn with all of them; every model scored on the same draw): the 95% interval of "
+                    "the change of the seed-averaged model, and each seed's change with its own interval. The interval covers "
+                    "which images were held out, not which seeds were run: the seeds' spread is the range above.",
+                    "",
+                    "| metric | SFT | change | 95% interval | per seed [95% interval] | distinguishable from noise |",
+                    "|---|---|---|---|---|---|",
+                    *ci_rows,
+                    "",
+                ]
+                if ci_rows
+                else []
+            ),
+            "![reward](reward_curve.png) ![f1](f1_over_steps.png)",
+            "",
+            f"Training reward (rollouts, trailing mean of {window} steps):",
+            *curves,
+            "",
+            "Held-out F1@mIoU over GRPO steps:",
+            *f1_lines,
+            "",
+            "Commands:",
+            "",
+            *[f"    {c}" for c in commands],
+        ]
+    )
     (out / "report.md").write_text(text + "\n")
     return text
 
 
-def intervals_for(sft_pred: Path, grpo_preds: list[Path], samples, vocabulary, *, n_resamples: int = 1000,
-                  seed: int = 0) -> dict:
+def intervals_for(
+    sft_pred: Path, grpo_preds: list[Path], samples, vocabulary, *, n_resamples: int = 1000, seed: int = 0
+) -> dict:
     """Bootstrap intervals of the SFT -> GRPO change (:data:`rlsys.eval.BOOTSTRAP_METRICS`) from
     the evals' ``predictions.jsonl``, which must hold ``samples`` in order."""
-    from rewards.metrics import paired_bootstrap
-    from rlsys.eval.evaluate import weighted_metrics
 
     def answers(path: Path) -> list[str]:
         rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
         ids = [r["id"] for r in rows]
         if ids != [s.id for s in samples]:
-            raise ValueError(f"{path}: its {len(ids)} predictions are not the held-out samples in order "
-                             f"({len(samples)} samples); delete that eval folder to redo it")
+            raise ValueError(
+                f"{path}: its {len(ids)} predictions are not the held-out samples in order "
+                f"({len(samples)} samples); delete that eval folder to redo it"
+            )
         return [r["answer"] for r in rows]
 
     units, base = weighted_metrics(samples, answers(sft_pred), vocabulary)
     others = [weighted_metrics(samples, answers(p), vocabulary)[1] for p in grpo_preds]
-    return {name: paired_bootstrap(base[name], [o[name] for o in others], len(units), n_resamples=n_resamples, seed=seed)
-            for name in base}
+    return {
+        name: paired_bootstrap(base[name], [o[name] for o in others], len(units), n_resamples=n_resamples, seed=seed)
+        for name in base
+    }
 
 
 # Settings a finished GRPO stage may have had otherwise without changing what it trained.
@@ -268,20 +347,32 @@ def _stage_done(cfg: GRPOConfig) -> bool:
     changed = _changed_settings(state.get("config", {}), now)
     if changed:
         run_dir = Path(cfg.run.out_dir)
-        raise ConfigError(f"{run_dir} finished with other settings ({'; '.join(changed[:4])}"
-                          f"{'; ...' if len(changed) > 4 else ''}): give another --out, or delete {run_dir} "
-                          f"and {run_dir.parent / 'eval' / run_dir.name} to train it again")
+        raise ConfigError(
+            f"{run_dir} finished with other settings ({'; '.join(changed[:4])}"
+            f"{'; ...' if len(changed) > 4 else ''}): give another --out, or delete {run_dir} "
+            f"and {run_dir.parent / 'eval' / run_dir.name} to train it again"
+        )
     return True
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsys.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--sft-configs", nargs="+", default=[str(c) for c in DEMO_SFT_CONFIGS], metavar="FILE",
-                   help="the SFT stages in order; each starts from the previous one's model")
+    p.add_argument(
+        "--sft-configs",
+        nargs="+",
+        default=[str(c) for c in DEMO_SFT_CONFIGS],
+        metavar="FILE",
+        help="the SFT stages in order; each starts from the previous one's model",
+    )
     p.add_argument("--grpo-config", default=str(DEMO_GRPO_CONFIG))
-    p.add_argument("--seeds", nargs="+", type=int, default=list(DEMO_SEEDS),
-                   help="one GRPO run per seed from the same SFT model (default: %(default)s)")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=list(DEMO_SEEDS),
+        help="one GRPO run per seed from the same SFT model (default: %(default)s)",
+    )
     p.add_argument("--sft", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every SFT stage")
     p.add_argument("--grpo", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for GRPO")
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -294,12 +385,6 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from rlsys import grpo
-    from rlsys import sft
-    from rlsys.data.samples import load_dataset
-    from rlsys.models import processor_for
-    from rlsys.data.prepare import prepare_data_path
-    from rlsys.lang.vocab import vocabulary_for
 
     t0 = time.monotonic()
     n = len(stages) + len(runs)
@@ -325,8 +410,11 @@ def main(argv=None) -> int:
     tasks = ",".join(sft_cfg.data.tasks or ["detection", "referring", "pointing", "gui", "visual_prompt"])
     # the GRPO config's engine settings (dtype, context, memory share, eager, pixels) for every eval
     engine = ["--config", a.grpo_config, *a.grpo]
-    print(f"[demo] evaluating SFT and every GRPO checkpoint on {val} "
-          f"({(time.monotonic() - t0) / 60:.1f} min since start)", flush=True)
+    print(
+        f"[demo] evaluating SFT and every GRPO checkpoint on {val} "
+        f"({(time.monotonic() - t0) / 60:.1f} min since start)",
+        flush=True,
+    )
     sft_m = _eval(sft_final, val, out / "eval" / "sft", tasks, a.max_new_tokens, engine)
     grpo_ms, steps_by_seed, f1_by_seed, finals = [], {}, {}, []
     for cfg in runs:
@@ -343,13 +431,17 @@ def main(argv=None) -> int:
     keep = set(tasks.split(","))
     samples = [s for s in load_dataset(val) if s.task in keep]
     vocabulary = vocabulary_for(runs[0].model, processor_for(runs[0].model, str(sft_final)))
-    intervals = intervals_for(out / "eval" / "sft" / "predictions.jsonl", finals, samples, vocabulary,
-                              n_resamples=a.bootstrap_resamples)
+    intervals = intervals_for(
+        out / "eval" / "sft" / "predictions.jsonl", finals, samples, vocabulary, n_resamples=a.bootstrap_resamples
+    )
     _plot(steps_by_seed, f1_by_seed, out)
-    cmds = [f"python -m rlsys.demo --out {a.out}"
-            + (f" --sft-configs {' '.join(a.sft_configs)}" if [str(c) for c in DEMO_SFT_CONFIGS] != a.sft_configs else "")
-            + (f" --seeds {' '.join(map(str, a.seeds))}" if list(DEMO_SEEDS) != a.seeds else "")
-            + (f" --sft {' '.join(a.sft)}" if a.sft else "") + (f" --grpo {' '.join(a.grpo)}" if a.grpo else "")]
+    cmds = [
+        f"python -m rlsys.demo --out {a.out}"
+        + (f" --sft-configs {' '.join(a.sft_configs)}" if [str(c) for c in DEMO_SFT_CONFIGS] != a.sft_configs else "")
+        + (f" --seeds {' '.join(map(str, a.seeds))}" if list(DEMO_SEEDS) != a.seeds else "")
+        + (f" --sft {' '.join(a.sft)}" if a.sft else "")
+        + (f" --grpo {' '.join(a.grpo)}" if a.grpo else "")
+    ]
     print(report(sft_m, grpo_ms, steps_by_seed, f1_by_seed, out, cmds, intervals))
     print(f"[demo] done in {(time.monotonic() - t0) / 60:.1f} min: {out / 'report.md'}", flush=True)
     return 0

@@ -20,7 +20,10 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rlsys.data import synthetic
+from rlsys.lang import prompts
 from rlsys.lang.coords import COORD_TOKENS, NUM_BINS
+from rlsys.lang.vocab import model_tokens, required_tokens
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +50,19 @@ QWEN_SPECIAL_TOKENS = (
 # skip_special_tokens), and embedding rows up to 151935 that no token uses.
 QWEN2_5_VL_BPE_ENTRIES = 151643
 QWEN2_5_VL_VOCAB_ROWS = 151936
-QWEN2_5_VL_ADDED_TOKENS = tuple((t, True) for t in QWEN_SPECIAL_TOKENS) + tuple((t, False) for t in (
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>"))
+QWEN2_5_VL_ADDED_TOKENS = tuple((t, True) for t in QWEN_SPECIAL_TOKENS) + tuple(
+    (t, False)
+    for t in (
+        "<tool_call>",
+        "</tool_call>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+    )
+)
 
 # Written here (not copied): the Qwen2.5-VL conversation layout, so our prompts tokenise the way
 # the real model was trained to read them. Images become <|vision_start|><|image_pad|><|vision_end|>,
@@ -111,16 +124,26 @@ def qwen2_5_vl_3b_shaped(num_layers: int = 2, vision_depth: int = 2, **kw) -> Ti
     MLP 11008, 151,936 vocabulary rows, tied embeddings; vision 1280 wide, 16 heads, MLP 3420,
     window attention with the last block full, merger to 2048) and its tokenizer layout, with
     the layer counts cut (36 and 32 in the real model) so it trains on a CPU."""
-    return TinySpec(hidden_size=2048, num_layers=num_layers, num_heads=16, num_kv_heads=2, intermediate_size=11008,
-                    vision_hidden_size=1280, vision_depth=vision_depth, vision_heads=16, vision_intermediate_size=3420,
-                    tie_word_embeddings=True, tokenizer_layout="qwen2_5_vl", vocab_rows=QWEN2_5_VL_VOCAB_ROWS,
-                    max_position_embeddings=128000, **kw)
+    return TinySpec(
+        hidden_size=2048,
+        num_layers=num_layers,
+        num_heads=16,
+        num_kv_heads=2,
+        intermediate_size=11008,
+        vision_hidden_size=1280,
+        vision_depth=vision_depth,
+        vision_heads=16,
+        vision_intermediate_size=3420,
+        tie_word_embeddings=True,
+        tokenizer_layout="qwen2_5_vl",
+        vocab_rows=QWEN2_5_VL_VOCAB_ROWS,
+        max_position_embeddings=128000,
+        **kw,
+    )
 
 
 def _training_corpus() -> list[str]:
     """Text the tiny BPE is trained on: every prompt template and the synthetic vocabulary."""
-    from rlsys.lang import prompts
-    from rlsys.data.samples import synthetic
 
     lines = [t for ts in prompts.TEMPLATES.values() for t in ts]
     lines += [prompts.SYSTEM_PROMPT, "system", "user", "assistant", "None", "box", "keypoints", "unvisible"]
@@ -169,10 +192,17 @@ def build_qwen_layout_tokenizer(spec: TinySpec):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_training_corpus(), trainer=trainers.BpeTrainer(
-        vocab_size=spec.bpe_vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train_from_iterator(
+        _training_corpus(),
+        trainer=trainers.BpeTrainer(
+            vocab_size=spec.bpe_vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
+    )
     tj = json.loads(tok.to_str())
-    vocab, merges = tj["model"]["vocab"], [list(m.split(" ", 1)) if isinstance(m, str) else list(m) for m in tj["model"]["merges"]]
+    vocab, merges = (
+        tj["model"]["vocab"],
+        [list(m.split(" ", 1)) if isinstance(m, str) else list(m) for m in tj["model"]["merges"]],
+    )
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
 
     def fillers():
@@ -195,10 +225,17 @@ def build_qwen_layout_tokenizer(spec: TinySpec):
     for content, special in QWEN2_5_VL_ADDED_TOKENS:
         at = AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special)
         (tok.add_special_tokens if special else tok.add_tokens)([at])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, model_max_length=spec.max_position_embeddings)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=spec.max_position_embeddings,
+    )
     # as Qwen's tokenizer_config lists them (they exist already: no id moves)
-    fast.add_special_tokens({"additional_special_tokens": [t for t, sp in QWEN2_5_VL_ADDED_TOKENS if sp and t != "<|endoftext|>"]})
+    fast.add_special_tokens(
+        {"additional_special_tokens": [t for t, sp in QWEN2_5_VL_ADDED_TOKENS if sp and t != "<|endoftext|>"]}
+    )
     want = {t: QWEN2_5_VL_BPE_ENTRIES + k for k, (t, _) in enumerate(QWEN2_5_VL_ADDED_TOKENS)}
     got = {t: fast.convert_tokens_to_ids(t) for t in want}
     if got != want:
@@ -228,7 +265,9 @@ def build_tiny_model(out_dir, spec: TinySpec = TinySpec(), *, overwrite: bool = 
             raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
         shutil.rmtree(out)
     if spec.hidden_size % spec.num_heads or spec.hidden_size // spec.num_heads < 64:
-        raise ValueError(f"head_dim must be at least 64 for vLLM's CPU attention, got {spec.hidden_size / spec.num_heads:g}")
+        raise ValueError(
+            f"head_dim must be at least 64 for vLLM's CPU attention, got {spec.hidden_size / spec.num_heads:g}"
+        )
     if spec.tokenizer_layout not in ("tiny", "qwen2_5_vl"):
         raise ValueError(f"tokenizer_layout must be 'tiny' or 'qwen2_5_vl', got {spec.tokenizer_layout!r}")
 
@@ -321,7 +360,11 @@ def token_ids(tokenizer, tokens) -> list[int]:
     unk = getattr(tokenizer, "unk_token_id", None)
     missing = [t for t, i in zip(tokens, ids) if i is None or (unk is not None and i == unk)]
     if missing:
-        what = "coordinate tokens" if tuple(tokens) == COORD_TOKENS else f"of the {len(tokens)} tokens its vocabulary needs"
+        what = (
+            "coordinate tokens"
+            if tuple(tokens) == COORD_TOKENS
+            else f"of the {len(tokens)} tokens its vocabulary needs"
+        )
         raise ValueError(
             f"tokenizer lacks {len(missing)} {what} (first: {missing[0]}); "
             "run `python -m rlsys.models prepare --checkpoint DIR --coord-tokens add|map_last` on it "
@@ -363,8 +406,10 @@ def prepare_checkpoint(src, dst, mode: str = "add", tokens=COORD_TOKENS) -> Path
         shutil.copytree(src, dst, dirs_exist_ok=True)
         return dst
     if mode == "map_last" and (tokens != COORD_TOKENS or len(missing) != len(tokens)):
-        raise ValueError("coord_tokens=map_last maps the 1,000 bins onto a base checkpoint's last rows; "
-                         f"for these {len(missing)} tokens use coord_tokens=add")
+        raise ValueError(
+            "coord_tokens=map_last maps the 1,000 bins onto a base checkpoint's last rows; "
+            f"for these {len(missing)} tokens use coord_tokens=add"
+        )
     dst.mkdir(parents=True, exist_ok=True)
     if mode == "add":
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=torch.bfloat16)
@@ -388,8 +433,14 @@ def prepare_checkpoint(src, dst, mode: str = "add", tokens=COORD_TOKENS) -> Path
         cfg = json.loads(p.read_text())
         decoder = cfg.setdefault("added_tokens_decoder", {})
         for k, t in zip(ids, COORD_TOKENS):
-            decoder[str(k)] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                               "single_word": False, "special": False}
+            decoder[str(k)] = {
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": False,
+            }
         p.write_text(json.dumps(cfg, ensure_ascii=False, indent=2))
     return dst
 
@@ -410,7 +461,9 @@ def map_last_ids(added_ids, vocab_rows: int) -> list[int]:
             out.append(i)
             if len(out) == NUM_BINS:
                 return out[::-1]
-    raise ValueError(f"a vocabulary of {vocab_rows} rows with {len(taken)} added tokens has fewer than {NUM_BINS} rows for the coordinate tokens")
+    raise ValueError(
+        f"a vocabulary of {vocab_rows} rows with {len(taken)} added tokens has fewer than {NUM_BINS} rows for the coordinate tokens"
+    )
 
 
 def _map_last_rows(tj: dict, vocab_rows: int) -> list[int]:
@@ -425,14 +478,24 @@ def _map_last_rows(tj: dict, vocab_rows: int) -> list[int]:
     for tok in dropped:
         del vocab[tok]
     if dropped and isinstance(tj["model"].get("merges"), list):
+
         def parts(m):
             a, b = m.split(" ", 1) if isinstance(m, str) else m
             return a, b, a + b
 
         tj["model"]["merges"] = [m for m in tj["model"]["merges"] if not dropped.intersection(parts(m))]
     for k, t in zip(ids, COORD_TOKENS):
-        added.append({"id": k, "content": t, "single_word": False, "lstrip": False,
-                      "rstrip": False, "normalized": False, "special": False})
+        added.append(
+            {
+                "id": k,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": False,
+            }
+        )
     tj["added_tokens"] = sorted(added, key=lambda t: t["id"])
     # The tokenizers library ignores the ids stored with added tokens and numbers them after the
     # model vocabulary, unless the model vocabulary already holds the token: then it keeps that
@@ -440,8 +503,12 @@ def _map_last_rows(tj: dict, vocab_rows: int) -> list[int]:
     # in the BPE vocabulary at its id. BPE never produces them itself (no merge leads to them).
     for t in tj["added_tokens"]:
         vocab[t["content"]] = t["id"]
-    log.info("mapped coordinate tokens onto rows %d..%d (%d BPE entries removed; added tokens kept at their ids)",
-             ids[0], ids[-1], len(dropped))
+    log.info(
+        "mapped coordinate tokens onto rows %d..%d (%d BPE entries removed; added tokens kept at their ids)",
+        ids[0],
+        ids[-1],
+        len(dropped),
+    )
     return ids
 
 
@@ -471,10 +538,13 @@ def processor_for(model_cfg, path, *, pixels: bool = True):
     """:func:`load_processor` with a config's model section (``rlsys.config.ModelConfig`` or
     Serve's): its remote-code setting, its pixel budget (``pixels=False``: the checkpoint's, for
     tokenizer-only checks) and the tokens its vocabulary needs (:func:`rlsys.lang.vocab.model_tokens`)."""
-    from rlsys.lang.vocab import model_tokens
 
-    return load_processor(path, trust_remote_code=model_cfg.trust_remote_code,
-                          pixels=model_cfg.pixel_budget() if pixels else None, tokens=model_tokens(model_cfg))
+    return load_processor(
+        path,
+        trust_remote_code=model_cfg.trust_remote_code,
+        pixels=model_cfg.pixel_budget() if pixels else None,
+        tokens=model_tokens(model_cfg),
+    )
 
 
 def load_model(path, *, dtype: str = "float32", trust_remote_code: bool = False):
@@ -495,7 +565,10 @@ def main(argv=None) -> int:
     t = sub.add_parser("tiny", help="build the tiny random-weight model")
     t.add_argument("--out", required=True)
     t.add_argument("--overwrite", action="store_true")
-    c = sub.add_parser("prepare", help="add a vocabulary's tokens (coordinate bins, GETok's grid, ChatRex's indices) to a real local checkpoint")
+    c = sub.add_parser(
+        "prepare",
+        help="add a vocabulary's tokens (coordinate bins, GETok's grid, ChatRex's indices) to a real local checkpoint",
+    )
     c.add_argument("--checkpoint", required=True)
     c.add_argument("--out", required=True)
     c.add_argument("--coord-tokens", choices=("add", "map_last"), default="add")
@@ -507,9 +580,14 @@ def main(argv=None) -> int:
     if a.cmd == "tiny":
         print(build_tiny_model(a.out, overwrite=a.overwrite))
     else:
-        from rlsys.lang.vocab import required_tokens
-
-        print(prepare_checkpoint(a.checkpoint, a.out, a.coord_tokens, required_tokens(a.vocabulary, a.getok_grid, a.chatrex_max_proposals)))
+        print(
+            prepare_checkpoint(
+                a.checkpoint,
+                a.out,
+                a.coord_tokens,
+                required_tokens(a.vocabulary, a.getok_grid, a.chatrex_max_proposals),
+            )
+        )
     return 0
 
 

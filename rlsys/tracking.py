@@ -26,8 +26,15 @@ def wandb_init_args(tracking, out_dir, default_name: str, config: dict, *, conti
         tmp = id_file.with_suffix(".tmp")
         tmp.write_text(run_id)
         tmp.replace(id_file)
-    return {"project": tracking.project, "name": tracking.run_name or default_name, "dir": str(out), "mode": mode,
-            "config": config, "id": run_id, "resume": "allow"}
+    return {
+        "project": tracking.project,
+        "name": tracking.run_name or default_name,
+        "dir": str(out),
+        "mode": mode,
+        "config": config,
+        "id": run_id,
+        "resume": "allow",
+    }
 
 
 def start_tracking(args: dict):

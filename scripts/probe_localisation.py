@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rlsys.data.samples import synthetic
-from rlsys.sft.losses import answer_token_loss
-from rlsys.models import TinySpec, build_tiny_model, coordinate_token_ids, load_model, load_processor
+from rlsys.data import synthetic
 from rlsys.grpo.sequences import build_batch
 from rlsys.lang.targets import conversation
+from rlsys.models import TinySpec, build_tiny_model, coordinate_token_ids, load_model, load_processor
+from rlsys.sft.losses import answer_token_loss
 
 
 def main() -> None:
@@ -40,7 +40,12 @@ def main() -> None:
     ap.add_argument("--size-px", type=int, default=112, help="image side; 28 px per image token")
     ap.add_argument("--rope-theta", type=float, default=1e6, help="the LLM's M-RoPE base (Qwen2.5-VL: 1e6)")
     ap.add_argument("--sigma-bins", type=float, default=0.0, help="soft coordinate targets (rlsys.sft.losses)")
-    ap.add_argument("--overlay", type=float, default=0.0, help="paint positions into the pixels: a left-right ramp of this many levels in red, top-bottom in green")
+    ap.add_argument(
+        "--overlay",
+        type=float,
+        default=0.0,
+        help="paint positions into the pixels: a left-right ramp of this many levels in red, top-bottom in green",
+    )
     ap.add_argument("--blank", action="store_true", help="train on blank images: what the text alone gives")
     ap.add_argument("--eval-every", type=int, default=100)
     a = ap.parse_args()
@@ -72,14 +77,20 @@ def main() -> None:
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path)
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return {"prompt": prompt, "image": str(path), "response_ids": tok(answer, add_special_tokens=False)["input_ids"] + [im_end]}
+        return {
+            "prompt": prompt,
+            "image": str(path),
+            "response_ids": tok(answer, add_special_tokens=False)["input_ids"] + [im_end],
+        }
 
     held_out = [example(random.Random(f"eval-{i}")) for i in range(64)]
     inputs_ev, targets_ev, mask_ev = build_batch(processor, held_out, tok.pad_token_id)
     is_coord = torch.isin(targets_ev, coord_ids) & mask_ev
     true = (targets_ev - coord_ids[0])[is_coord].view(-1, 4).float()  # only boxes: None answers have no coords
     const_err = (true - true.median(0).values).abs().mean(0)
-    print(f"held-out boxes {true.shape[0]}; constant-guess error per slot x0,y0,x1,y1: {const_err.round().int().tolist()} bins")
+    print(
+        f"held-out boxes {true.shape[0]}; constant-guess error per slot x0,y0,x1,y1: {const_err.round().int().tolist()} bins"
+    )
 
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     rng = random.Random(1)
@@ -102,8 +113,11 @@ def main() -> None:
             model.train()
             pred = logits[..., coord_ids].argmax(-1)[is_coord].view(-1, 4).float()
             err = (pred - true).abs().mean(0)
-            print(f"step {step} loss {loss.item():.3f} teacher-forced error per slot x0,y0,x1,y1: "
-                  f"{err.round().int().tolist()} bins ({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
+            print(
+                f"step {step} loss {loss.item():.3f} teacher-forced error per slot x0,y0,x1,y1: "
+                f"{err.round().int().tolist()} bins ({(time.perf_counter() - t0) / step:.2f} s/step)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

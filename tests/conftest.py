@@ -18,7 +18,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
-    from rlsys.data.samples import synthetic
+    from rlsys.data import synthetic
 
     out = tmp_path_factory.mktemp("synthetic")
     synthetic.generate(out, num_images=48, seed=0, split="train")
@@ -39,9 +39,16 @@ def sft_run(tmp_path_factory):
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONPATH": str(repo)}
     out = tmp_path_factory.mktemp("sft")
-    args = ["rlsys.sft", f"run.out_dir={out}", "train.steps=150", "train.log_every_steps=25",
-            "train.checkpoint_every_steps=75", "data.synthetic_train_images=400", "tracking.mode=offline",
-            "data.tasks=[referring,visual_prompt]"]
+    args = [
+        "rlsys.sft",
+        f"run.out_dir={out}",
+        "train.steps=150",
+        "train.log_every_steps=25",
+        "train.checkpoint_every_steps=75",
+        "data.synthetic_train_images=400",
+        "tracking.mode=offline",
+        "data.tasks=[referring,visual_prompt]",
+    ]
     r = subprocess.run([sys.executable, "-m", *args], cwd=out, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"rlsys.sft failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return out, r.stdout

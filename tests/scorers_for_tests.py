@@ -36,5 +36,14 @@ def coordinate_count_reward(text, sample, **kw):
     from rewards.scorer import RewardResult
 
     n = len(re.findall(r"<\d+>", text.split("<|im_end|>")[0]))
-    return RewardResult(reward=min(1.0, n / 8), kind="coordinate_count", precision=0.0, recall=0.0,
-                        num_pred=n, num_gt=len(sample.instances), unreadable=0, duplicate=False, large_box=False)
+    return RewardResult(
+        reward=min(1.0, n / 8),
+        kind="coordinate_count",
+        precision=0.0,
+        recall=0.0,
+        num_pred=n,
+        num_gt=len(sample.instances),
+        unreadable=0,
+        duplicate=False,
+        large_box=False,
+    )

@@ -8,13 +8,13 @@ import torch
 
 from rlsys.grpo.algorithm import (
     group_advantages,
-    warmup_factor,
     group_reward_std,
     kl_k3,
     masked_mean,
     policy_loss,
     select_groups_with_signal,
     token_entropy,
+    warmup_factor,
     zero_std_groups_mask,
 )
 
@@ -223,9 +223,7 @@ def test_asymmetric_clip_higher():
     # ratio 1.3 -> clipped at 1.28, loss -1.28. Mean: (-1.25 - 1.28) / 2 = -1.265.
     logp = torch.tensor([[math.log(1.25), math.log(1.3)]], dtype=torch.float64)
     adv = torch.tensor([1.0], dtype=torch.float64)
-    loss, m = policy_loss(
-        logp, torch.zeros_like(logp), None, adv, torch.ones(1, 2), clip_high=0.28, kl_coef=0.0
-    )
+    loss, m = policy_loss(logp, torch.zeros_like(logp), None, adv, torch.ones(1, 2), clip_high=0.28, kl_coef=0.0)
     assert loss.item() == pytest.approx(-1.265, abs=1e-12)
     assert m["clip_fraction"].item() == 0.5
 
@@ -296,9 +294,7 @@ def test_micro_batches_sum_to_full_batch():
     n = int(mask.sum())
     parts, counts, pg = [], [], 0.0
     for sl in (slice(0, 1), slice(1, 3), slice(3, 6)):
-        loss, m = policy_loss(
-            logp[sl], old[sl], ref[sl], adv[sl], mask[sl], num_tokens=n
-        )
+        loss, m = policy_loss(logp[sl], old[sl], ref[sl], adv[sl], mask[sl], num_tokens=n)
         loss.backward()  # accumulates into logp.grad like gradient accumulation does
         parts.append(loss.detach())
         counts.append(int(m["num_tokens"]))
@@ -308,9 +304,7 @@ def test_micro_batches_sum_to_full_batch():
     assert abs(pg - full_m["pg_loss"].item()) < 1e-6
     torch.testing.assert_close(logp.grad, full_grad, rtol=0, atol=1e-6)
     # num_tokens as a tensor (an all-reduced count) behaves the same.
-    t_loss, _ = policy_loss(
-        logp[:1], old[:1], ref[:1], adv[:1], mask[:1], num_tokens=torch.tensor(n)
-    )
+    t_loss, _ = policy_loss(logp[:1], old[:1], ref[:1], adv[:1], mask[:1], num_tokens=torch.tensor(n))
     torch.testing.assert_close(t_loss.detach(), parts[0])
 
 
@@ -428,16 +422,25 @@ def test_off_policy_loss_hand_worked():
     lp = torch.tensor([[-1.0]], requires_grad=True)
     old = torch.tensor([[-1.0]])
     beh = torch.tensor([[-1.2]])
-    loss, m = policy_loss(lp, old, None, torch.tensor([1.0]), torch.tensor([[True]]), kl_coef=0.0,
-                          behaviour_logp=beh, is_cap=2.0)
+    loss, m = policy_loss(
+        lp, old, None, torch.tensor([1.0]), torch.tensor([[True]]), kl_coef=0.0, behaviour_logp=beh, is_cap=2.0
+    )
     loss.backward()
     assert loss.item() == pytest.approx(-math.exp(0.2))
     assert lp.grad.item() == pytest.approx(-math.exp(0.2))
     assert m["behaviour_ratio_mean"].item() == pytest.approx(math.exp(0.2))
     assert m["is_truncated_fraction"].item() == 0.0
     # a token the behaviour policy found far less likely: the weight is truncated at the cap
-    loss, m = policy_loss(lp, old, None, torch.tensor([1.0]), torch.tensor([[True]]), kl_coef=0.0,
-                          behaviour_logp=torch.tensor([[-4.0]]), is_cap=2.0)
+    loss, m = policy_loss(
+        lp,
+        old,
+        None,
+        torch.tensor([1.0]),
+        torch.tensor([[True]]),
+        kl_coef=0.0,
+        behaviour_logp=torch.tensor([[-4.0]]),
+        is_cap=2.0,
+    )
     assert loss.item() == pytest.approx(-2.0) and m["is_truncated_fraction"].item() == 1.0
     assert m["behaviour_ratio_max"].item() == pytest.approx(math.exp(3.0))
     # the KL term is not weighted: with advantage 0 the loss is the KL penalty alone, whatever w
@@ -451,12 +454,18 @@ def test_off_policy_loss_with_the_clip_active():
     # ratio exp(-0.3 - -1.0) = 2.0138 > 1.2 with A = 2: the clipped term 1.2 * 2 = 2.4 wins,
     # weighted by w = exp(-1.0 - -0.9) = 0.9048: loss -2.4 * 0.9048, no gradient through the clip
     lp = torch.tensor([[-0.3]], requires_grad=True)
-    loss, m = policy_loss(lp, torch.tensor([[-1.0]]), None, torch.tensor([2.0]), torch.tensor([[True]]), kl_coef=0.0,
-                          behaviour_logp=torch.tensor([[-0.9]]))
+    loss, m = policy_loss(
+        lp,
+        torch.tensor([[-1.0]]),
+        None,
+        torch.tensor([2.0]),
+        torch.tensor([[True]]),
+        kl_coef=0.0,
+        behaviour_logp=torch.tensor([[-0.9]]),
+    )
     loss.backward()
     assert loss.item() == pytest.approx(-2.4 * math.exp(-0.1))
     assert lp.grad.item() == 0.0 and m["clip_fraction"].item() == 1.0
-
 
 
 def test_group_advantages_without_std_scaling_dr_grpo():
@@ -470,7 +479,9 @@ def test_group_advantages_without_std_scaling_dr_grpo():
     assert plain.tolist() == pytest.approx([0.0, 0.01, -0.01, 0.0, 0.0, 0.0, 0.0, 0.0], abs=1e-6)
     # invalid members stay out of the statistics and get 0, as with scaling
     v = torch.tensor([True, True, True, False] * 2)
-    assert group_advantages(r, 4, valid=v, scale="none")[:4].tolist() == pytest.approx([0.0, 0.01, -0.01, 0.0], abs=1e-6)
+    assert group_advantages(r, 4, valid=v, scale="none")[:4].tolist() == pytest.approx(
+        [0.0, 0.01, -0.01, 0.0], abs=1e-6
+    )
     with pytest.raises(ValueError, match="scale"):
         group_advantages(r, 4, scale="batch")
 

@@ -13,8 +13,8 @@ from rlsys.bench.learning import markdown, per_1000_samples, subset, trl_reward_
 def test_trl_reward_is_the_scorer_on_the_text_with_its_control_tokens(tiny_model_dir):
     from rewards.scorer import score
     from rlsys.data.samples import Instance, Sample
-    from rlsys.models import load_processor
     from rlsys.lang.vocab import REX_BINS
+    from rlsys.models import load_processor
 
     tok = load_processor(str(tiny_model_dir)).tokenizer
     s = Sample("a", "img.png", 999, 999, "detection", ["cat"], [Instance("cat", box=(0, 0, 500, 500))], "box")
@@ -22,7 +22,9 @@ def test_trl_reward_is_the_scorer_on_the_text_with_its_control_tokens(tiny_model
     half = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><500><250><|box_end|><|im_end|>"
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in (exact, half)]
     reward = trl_reward_function({"a": s}, tok, REX_BINS)
-    got = reward(prompts=[None, None], completions=["", ""], completion_ids=ids, sample_id=["a", "a"], trainer_state=None)
+    got = reward(
+        prompts=[None, None], completions=["", ""], completion_ids=ids, sample_id=["a", "a"], trainer_state=None
+    )
     assert got == pytest.approx([1.0, score(half, s).reward]) and got[1] == pytest.approx(0.5)
     # what TRL decodes for its `completions` (special tokens skipped) is not the answer the scorer reads
     skipped = tok.decode(ids[0], skip_special_tokens=True)
@@ -46,13 +48,20 @@ def test_figures_per_1000_samples_and_the_table():
     run = {"step_s": [30.0, 10.0, 10.0], "wall_s": 90.0, "samples_per_step": 100, "rewards": [0.2, 0.4, 0.6]}
     assert per_1000_samples(run) == {"steps_s": pytest.approx(100.0), "wall_s": pytest.approx(300.0)}
     trl = {**run, "step_s": [40.0, 20.0, 20.0], "wall_s": 120.0}
-    res = {"fixed": {"rlsys": {"before": {"mean_reward": 0.3}, "after": {"mean_reward": 0.5, "F1@mIoU": 0.25}, "train": run},
-                     "trl": {"before": {"mean_reward": 0.3}, "after": {"mean_reward": 0.4, "F1@mIoU": None}, "train": trl}}}
+    res = {
+        "fixed": {
+            "rlsys": {"before": {"mean_reward": 0.3}, "after": {"mean_reward": 0.5, "F1@mIoU": 0.25}, "train": run},
+            "trl": {"before": {"mean_reward": 0.3}, "after": {"mean_reward": 0.4, "F1@mIoU": None}, "train": trl},
+        }
+    }
     lines = markdown(res).splitlines()
     # F1@mIoU is a held-out figure: the fixed setting scores its training prompts, so it has none
     assert "| fixed | rlsys | 0.300 -> 0.500 | - | 0.400 -> 0.400 | 100 / 300 |" in lines
     assert "| fixed | trl | 0.300 -> 0.400 | - | 0.400 -> 0.400 | 200 / 400 |" in lines
-    assert "| fixed | rlsys / TRL | gain +0.200 vs +0.100 | | | TRL takes 2.00x rlsys's step time (1.33x whole run) |" in lines
+    assert (
+        "| fixed | rlsys / TRL | gain +0.200 vs +0.100 | | | TRL takes 2.00x rlsys's step time (1.33x whole run) |"
+        in lines
+    )
     fresh = markdown({"fresh": {"rlsys": {**res["fixed"]["rlsys"], "curve": []}}}).splitlines()
     assert "| fresh | rlsys | 0.300 -> 0.500 | 25.0 | 0.400 -> 0.400 | 100 / 300 |" in fresh
 
@@ -73,9 +82,22 @@ def test_trl_run_shares_the_settings_or_refuses(tiny_model_dir):
     check_trl_maps(load_config(None, ["learner.warmup_steps=5", "learner.advantage_scaling=none"]))
     tok = load_processor(str(tiny_model_dir)).tokenizer
     # two cats, one box written (IoU 1): F1 = 2/3, F2 = 5 * 1 * 0.5 / (4 * 1 + 0.5) = 5/9
-    s = Sample("a", "img.png", 999, 999, "detection", ["cat"],
-               [Instance("cat", box=(0, 0, 500, 500)), Instance("cat", box=(600, 600, 900, 900))], "box")
-    ids = [tok("<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><500><500><|box_end|>", add_special_tokens=False)["input_ids"]]
+    s = Sample(
+        "a",
+        "img.png",
+        999,
+        999,
+        "detection",
+        ["cat"],
+        [Instance("cat", box=(0, 0, 500, 500)), Instance("cat", box=(600, 600, 900, 900))],
+        "box",
+    )
+    ids = [
+        tok(
+            "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><0><500><500><|box_end|>",
+            add_special_tokens=False,
+        )["input_ids"]
+    ]
     call = dict(prompts=[None], completions=[""], completion_ids=ids, sample_id=["a"])
     plain = trl_reward_function({"a": s}, tok, None, score, matching="hungarian")(**call)[0]
     f2 = trl_reward_function({"a": s}, tok, None, score_recall_weighted, matching="hungarian")(**call)[0]
@@ -86,30 +108,39 @@ def test_trl_run_shares_the_settings_or_refuses(tiny_model_dir):
 def test_trl_grpo_trainer_trains_the_tiny_model_on_rlsys_rewards(tiny_model_dir, synthetic_dir, tmp_path):
     """TRL's GRPOTrainer, configured from the demo's GRPO config as the benchmark does, runs two
     steps on the tiny model and writes a model rlsys can load, with per-step records."""
-    from rlsys.bench.learning import DEMO_GRPO_CONFIG, run_trl
-
     # questions of different lengths (a detection and a pointing question) share a micro-batch:
     # the padding of TRL's prompt ids and of the processor's image-token types must agree
     import random
 
+    from rlsys.bench.learning import DEMO_GRPO_CONFIG, run_trl
     from rlsys.data.samples import load_dataset
-    from rlsys.models import load_processor
     from rlsys.lang.prompts import question_for_sample
+    from rlsys.models import load_processor
 
     rows = [json.loads(l) for l in (Path(synthetic_dir) / "train.jsonl").read_text().splitlines()]
     tok = load_processor(str(tiny_model_dir)).tokenizer
     # the shortest and the longest question (as the worker words them): the most padding
-    n = [len(tok(question_for_sample(s, random.Random(f"0-{k}")))["input_ids"])
-         for k, s in enumerate(load_dataset(Path(synthetic_dir) / "train.jsonl"))]
+    n = [
+        len(tok(question_for_sample(s, random.Random(f"0-{k}")))["input_ids"])
+        for k, s in enumerate(load_dataset(Path(synthetic_dir) / "train.jsonl"))
+    ]
     picked = [rows[n.index(min(n))], rows[n.index(max(n))]]
     assert max(n) - min(n) >= 10, n
     for r in picked:
         r["image"] = str(Path(synthetic_dir) / r["image"])
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in picked))
-    t = run_trl(tmp_path / "trl", Path(tiny_model_dir), data, steps=2, prompts_per_step=2, config=DEMO_GRPO_CONFIG,
-                overrides=["rollout.max_new_tokens=16", "rollout.samples_per_prompt=2", "data.tasks=null"], timeout_s=900,
-                checkpoint_every=1)
+    t = run_trl(
+        tmp_path / "trl",
+        Path(tiny_model_dir),
+        data,
+        steps=2,
+        prompts_per_step=2,
+        config=DEMO_GRPO_CONFIG,
+        overrides=["rollout.max_new_tokens=16", "rollout.samples_per_prompt=2", "data.tasks=null"],
+        timeout_s=900,
+        checkpoint_every=1,
+    )
     # the demo's reward is F1 with the count term (rewards.scorer.score_missed_penalty): [-0.2, 1]
     from rewards.scorer import MISSED_OBJECT_PENALTY
 

@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from actors.placement import (
+    NodeType,
+    grpo_groups,
+    node_types_from_launcher,
+    node_types_from_raycluster,
+    plan,
+    sft_groups,
+)
 from rlsys.config import GRPOConfig, load_config
-from actors.placement import (NodeType, grpo_groups, node_types_from_launcher, node_types_from_raycluster, plan,
-                             sft_groups)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
@@ -36,9 +42,16 @@ def _all_yaml() -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 def test_the_expected_files_are_shipped():
     names = {p.relative_to(ROOT).as_posix() for p in _all_yaml()}
-    assert {"cluster/aws.yaml", "cluster/gcp.yaml", "cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml",
-            "cluster/kuberay/rayservice.yaml", "configs/grpo_qwen2_5_vl_3b.yaml", "configs/sft_qwen2_5_vl_3b.yaml",
-            "configs/tiny_cpu.yaml"} <= names
+    assert {
+        "cluster/aws.yaml",
+        "cluster/gcp.yaml",
+        "cluster/kuberay/raycluster.yaml",
+        "cluster/kuberay/rayjob.yaml",
+        "cluster/kuberay/rayservice.yaml",
+        "configs/grpo_qwen2_5_vl_3b.yaml",
+        "configs/sft_qwen2_5_vl_3b.yaml",
+        "configs/tiny_cpu.yaml",
+    } <= names
     assert (CLUSTER / "README.md").is_file()
 
 
@@ -105,7 +118,9 @@ def _pod_errors(template, where: str) -> list[str]:
 
 
 def _gpus(group: dict) -> int:
-    return sum(int((c.get("resources") or {}).get("limits", {}).get(GPU, 0)) for c in group["template"]["spec"]["containers"])
+    return sum(
+        int((c.get("resources") or {}).get("limits", {}).get(GPU, 0)) for c in group["template"]["spec"]["containers"]
+    )
 
 
 def _cluster_spec_errors(spec, where: str) -> list[str]:
@@ -232,7 +247,9 @@ def test_real_grpo_config_has_the_papers_settings():
     assert cfg.samples_per_step == 64  # "batch size of 64": 8 prompts x 8 rollouts per update
     assert cfg.model.path.startswith("/") and cfg.model.coord_tokens == "map_last" and cfg.model.dtype == "bfloat16"
     assert cfg.rollout.max_new_tokens >= 2048 and cfg.tracking.mode == "auto"
-    assert cfg.rollout.num_engines * cfg.rollout.gpus_per_engine + cfg.learner.num_ranks * cfg.learner.gpus_per_rank == 8
+    assert (
+        cfg.rollout.num_engines * cfg.rollout.gpus_per_engine + cfg.learner.num_ranks * cfg.learner.gpus_per_rank == 8
+    )
 
 
 def test_real_sft_values_are_the_papers():
@@ -251,11 +268,13 @@ CPU32 = NodeType("cpu32", cpus=32, max_workers=4)
 
 
 def _cfg(engines=4, ranks=4, rewards=8, cpus=8.0, reward_cpus=2.0, gpus=1.0) -> GRPOConfig:
-    return GRPOConfig.model_validate({
-        "rollout": {"num_engines": engines, "gpus_per_engine": gpus, "cpus_per_engine": cpus},
-        "learner": {"num_ranks": ranks, "gpus_per_rank": gpus, "cpus_per_rank": cpus},
-        "reward": {"num_workers": rewards, "cpus_per_worker": reward_cpus},
-    })
+    return GRPOConfig.model_validate(
+        {
+            "rollout": {"num_engines": engines, "gpus_per_engine": gpus, "cpus_per_engine": cpus},
+            "learner": {"num_ranks": ranks, "gpus_per_rank": gpus, "cpus_per_rank": cpus},
+            "reward": {"num_workers": rewards, "cpus_per_worker": reward_cpus},
+        }
+    )
 
 
 def test_one_gpu_node_holds_all_three_groups():

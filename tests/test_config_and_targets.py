@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlsys.data.samples import synthetic
 from rlsys.config import ConfigError, GRPOConfig, SFTConfig, load_config
-from rlsys.lang.coords import decode_xy
+from rlsys.data import synthetic
 from rlsys.data.samples import load_jsonl
+from rlsys.lang.coords import decode_xy
 from rlsys.lang.format import parse, parse_keypoints
 from rlsys.lang.targets import answer_text, conversation
 
@@ -44,12 +44,16 @@ def test_errors_name_the_field():
 
 def test_help_and_config_errors_are_fast_and_need_no_ray():
     # the entry point validates before importing Ray/vLLM/DeepSpeed
-    code = ("import sys, rlsys.grpo as g; rc = g.main(['run.steps=0']); "
-            "assert rc == 2, rc; assert not any(m in sys.modules for m in ('ray', 'vllm', 'deepspeed')), 'heavy import'")
+    code = (
+        "import sys, rlsys.grpo.run as g; rc = g.main(['run.steps=0']); "
+        "assert rc == 2, rc; assert not any(m in sys.modules for m in ('ray', 'vllm', 'deepspeed')), 'heavy import'"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert "run.steps" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "rlsys.grpo", "--help-config"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "rlsys.grpo", "--help-config"], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert r.returncode == 0 and "rollout.samples_per_prompt = 8" in r.stdout
 
 
@@ -89,7 +93,10 @@ def test_conversation_sampling_is_seeded_and_keeps_present_phrases(tmp_path):
 
 def test_zero3_is_refused_with_the_reason_for_grpo_and_sft():
     # ZeRO-3 would leave export, checkpoints and checksums reading empty partitioned parameters
-    for path, key, schema in ((None, "learner.zero_stage", GRPOConfig), ("configs/sft_tiny_cpu.yaml", "train.zero_stage", SFTConfig)):
+    for path, key, schema in (
+        (None, "learner.zero_stage", GRPOConfig),
+        ("configs/sft_tiny_cpu.yaml", "train.zero_stage", SFTConfig),
+    ):
         with pytest.raises(ConfigError, match=r"zero_stage 3 is not supported: ZeRO-3 partitions the parameters"):
             load_config(path, [f"{key}=3"], schema=schema)
         for ok in (0, 1, 2):
@@ -113,9 +120,18 @@ def test_sft_logs_each_parts_learning_rate_under_its_own_name(tiny_model_dir):
     from rlsys.sft.train import lr_factor, lr_metrics, param_groups
 
     groups = param_groups(load_model(tiny_model_dir), {"vision": 2e-6, "projector": 3e-5, "llm": 1e-5}, 0.01)
-    assert {g["name"] for g in groups} == {"vision", "vision_nodecay", "projector", "projector_nodecay", "llm", "llm_nodecay"}
+    assert {g["name"] for g in groups} == {
+        "vision",
+        "vision_nodecay",
+        "projector",
+        "projector_nodecay",
+        "llm",
+        "llm_nodecay",
+    }
     assert lr_metrics(groups) == {"sft/lr_vision": 2e-6, "sft/lr_projector": 3e-5, "sft/lr_llm": 1e-5}
     f = lr_factor(5, 100, 10)  # in warm-up: every rate scaled alike
     for g in groups:
         g["lr"] = g["initial_lr"] * f
-    assert lr_metrics(groups) == pytest.approx({"sft/lr_vision": 2e-6 * f, "sft/lr_projector": 3e-5 * f, "sft/lr_llm": 1e-5 * f})
+    assert lr_metrics(groups) == pytest.approx(
+        {"sft/lr_vision": 2e-6 * f, "sft/lr_projector": 3e-5 * f, "sft/lr_llm": 1e-5 * f}
+    )

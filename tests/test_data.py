@@ -4,15 +4,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlsys.data.samples import samples as data
-
-from rlsys.data.samples import synthetic
+from rlsys.data import synthetic
 from rlsys.data.samples import DataError, Sample, load_coco, load_jsonl
+from rlsys.data.samples import samples as data
 
 
 def _rec(**kw):
-    r = {"id": "s1", "image": "a.png", "width": 100, "height": 50, "task": "detection", "phrases": ["cat"],
-         "instances": [{"phrase": "cat", "box": [10, 10, 20, 20]}]}
+    r = {
+        "id": "s1",
+        "image": "a.png",
+        "width": 100,
+        "height": 50,
+        "task": "detection",
+        "phrases": ["cat"],
+        "instances": [{"phrase": "cat", "box": [10, 10, 20, 20]}],
+    }
     r.update(kw)
     return r
 
@@ -40,9 +46,17 @@ def test_jsonl_round_trip(tmp_path):
         (_rec(instances=[{"phrase": "cat", "box": [30, 10, 20, 20]}]), "instances[0].box", "no area"),
         (_rec(instances=[{"phrase": "cat", "box": [10, 10, 200, 20]}]), "instances[0].box", "outside the 100x50 image"),
         (_rec(instances=[{"phrase": "cat", "box": [10, "x", 20, 20]}]), "instances[0].box", "not a finite number"),
-        (_rec(instances=[{"phrase": "dog", "box": [10, 10, 20, 20]}]), "instances[0].phrase", "not one of the sample's phrases"),
+        (
+            _rec(instances=[{"phrase": "dog", "box": [10, 10, 20, 20]}]),
+            "instances[0].phrase",
+            "not one of the sample's phrases",
+        ),
         (_rec(instances=[{"phrase": "cat"}]), "instances[0].box", "missing for output 'box'"),
-        (_rec(instances=[{"phrase": "cat", "box": [1, 1, 2, 2], "mask": {"size": [5, 5], "counts": ""}}]), "instances[0].mask", "COCO RLE"),
+        (
+            _rec(instances=[{"phrase": "cat", "box": [1, 1, 2, 2], "mask": {"size": [5, 5], "counts": ""}}]),
+            "instances[0].mask",
+            "COCO RLE",
+        ),
         (_rec(task="visual_prompt"), "prompt_boxes", "at least one box"),
         ({k: v for k, v in _rec().items() if k != "phrases"}, "phrases", "missing"),
     ],
@@ -72,8 +86,11 @@ def test_empty_and_missing_files(tmp_path):
 
 
 def _coco(tmp_path, anns, cats=None):
-    d = {"images": [{"id": 1, "file_name": "i.png", "width": 40, "height": 30}],
-         "categories": cats or [{"id": 1, "name": "cup"}], "annotations": anns}
+    d = {
+        "images": [{"id": 1, "file_name": "i.png", "width": 40, "height": 30}],
+        "categories": cats or [{"id": 1, "name": "cup"}],
+        "annotations": anns,
+    }
     p = tmp_path / "instances.json"
     p.write_text(json.dumps(d))
     return p
@@ -83,8 +100,29 @@ def test_coco_polygon_becomes_rle_and_box_is_xyxy(tmp_path):
     from pycocotools import mask as mask_utils
 
     seg = [[5, 5, 15, 5, 15, 10, 5, 10]]
-    p = _coco(tmp_path, [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 5], "area": 50, "iscrowd": 0, "segmentation": seg},
-                         {"id": 8, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 30], "area": 1, "iscrowd": 1, "segmentation": seg}])
+    p = _coco(
+        tmp_path,
+        [
+            {
+                "id": 7,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [5, 5, 10, 5],
+                "area": 50,
+                "iscrowd": 0,
+                "segmentation": seg,
+            },
+            {
+                "id": 8,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [0, 0, 40, 30],
+                "area": 1,
+                "iscrowd": 1,
+                "segmentation": seg,
+            },
+        ],
+    )
     s = load_coco(p)
     assert len(s) == 1 and s[0].phrases == ["cup"]
     assert len(s[0].instances) == 1  # the crowd annotation is not ground truth
@@ -183,10 +221,20 @@ def test_synthetic_with_ramp_keeps_the_ground_truth(tmp_path):
 
 
 def test_synthetic_one_kind_scenes(tmp_path):
-    mixed = load_jsonl(synthetic.generate(tmp_path / "a", num_images=60, seed=4, image_size=112, max_objects=3,
-                                          tasks=("detection",)))
-    one = load_jsonl(synthetic.generate(tmp_path / "b", num_images=60, seed=4, image_size=112, max_objects=3,
-                                        tasks=("detection",), one_kind_per_scene=True))
+    mixed = load_jsonl(
+        synthetic.generate(tmp_path / "a", num_images=60, seed=4, image_size=112, max_objects=3, tasks=("detection",))
+    )
+    one = load_jsonl(
+        synthetic.generate(
+            tmp_path / "b",
+            num_images=60,
+            seed=4,
+            image_size=112,
+            max_objects=3,
+            tasks=("detection",),
+            one_kind_per_scene=True,
+        )
+    )
     kinds = lambda s: {i.phrase for i in s.instances}  # noqa: E731
     assert all(len(kinds(s)) == 1 for s in one)
     assert any(len(kinds(s)) > 1 for s in mixed)  # the default still mixes kinds
@@ -233,11 +281,17 @@ def test_pointing_without_masks_is_refused_unless_point_in_box_is_chosen(tmp_pat
     k = pointing[1]
     s = samples[k]
     samples[k] = dataclasses.replace(s, instances=[dataclasses.replace(i, mask=None) for i in s.instances])
-    with pytest.raises(ConfigError, match=rf"1 pointing sample\(s\) have no masks \(first: '{s.id}' at .*train.jsonl:\d+\).*points_without_masks=box"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"1 pointing sample\(s\) have no masks \(first: '{s.id}' at .*train.jsonl:\d+\).*points_without_masks=box",
+    ):
         check_point_masks(samples, RewardConfig())
     assert check_point_masks(samples, RewardConfig(points_without_masks="box")) == 1
     assert check_point_masks(samples, RewardConfig(sam_checkpoint="/models/sam.pth")) == 0  # SAM makes the masks
     # gui samples are point-in-box by definition: never refused
-    gui = [dataclasses.replace(s, instances=[dataclasses.replace(i, mask=None) for i in s.instances])
-           for s in samples if s.task == "gui"]
+    gui = [
+        dataclasses.replace(s, instances=[dataclasses.replace(i, mask=None) for i in s.instances])
+        for s in samples
+        if s.task == "gui"
+    ]
     assert gui and check_point_masks(gui, RewardConfig()) == 0

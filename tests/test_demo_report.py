@@ -8,8 +8,14 @@ from rlsys.demo import DEMO_GRPO_CONFIG, DEMO_SFT_CONFIGS, _plot, main, plan, re
 
 
 def test_plan_chains_the_sft_stages_into_grpo(tmp_path):
-    stages, runs = plan(tmp_path, DEMO_SFT_CONFIGS, ["tracking.mode=disabled"], DEMO_GRPO_CONFIG, ["run.steps=3", "run.seed=9"],
-                        seeds=[4, 0])
+    stages, runs = plan(
+        tmp_path,
+        DEMO_SFT_CONFIGS,
+        ["tracking.mode=disabled"],
+        DEMO_GRPO_CONFIG,
+        ["run.steps=3", "run.seed=9"],
+        seeds=[4, 0],
+    )
     one, two = stages
     grpo = runs[0]
     assert one.run.out_dir == str(tmp_path / "sft1") and one.model.path is None  # stage 1: random weights
@@ -21,15 +27,23 @@ def test_plan_chains_the_sft_stages_into_grpo(tmp_path):
     assert grpo.data.train == str(tmp_path / "sft2" / "data" / "train.jsonl")
     assert grpo.run.steps == 3 and grpo.run.out_dir == str(tmp_path / "grpo_seed4")
     # one GRPO run per seed, the seeds winning over an override, each stage labelled for its progress lines
-    assert [(r.run.seed, r.run.out_dir) for r in runs] == [(4, str(tmp_path / "grpo_seed4")), (0, str(tmp_path / "grpo_seed0"))]
+    assert [(r.run.seed, r.run.out_dir) for r in runs] == [
+        (4, str(tmp_path / "grpo_seed4")),
+        (0, str(tmp_path / "grpo_seed0")),
+    ]
     assert runs[1].run.init_checkpoint == grpo.run.init_checkpoint and runs[1].run.steps == 3
     assert [s.run.progress_label for s in stages] == ["[demo 1/4 sft1]", "[demo 2/4 sft2]"]
     assert [r.run.progress_label for r in runs] == ["[demo 3/4 grpo seed 4]", "[demo 4/4 grpo seed 0]"]
     with pytest.raises(ConfigError, match="distinct"):
         plan(tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, [], seeds=[1, 1])
     # GRPO's own synthetic settings (used when it runs alone) describe the same scenes as stage 2
-    for key in ("synthetic_image_size_px", "synthetic_max_objects", "synthetic_one_kind_per_scene",
-                "synthetic_position_ramp_levels", "tasks"):
+    for key in (
+        "synthetic_image_size_px",
+        "synthetic_max_objects",
+        "synthetic_one_kind_per_scene",
+        "synthetic_position_ramp_levels",
+        "tasks",
+    ):
         assert getattr(grpo.data, key) == getattr(two.data, key), key
 
 
@@ -51,16 +65,27 @@ def test_a_finished_grpo_stage_is_reused_only_with_its_settings(tmp_path, capsys
     assert not _stage_done(then)  # nothing there yet
     _finished(then, 3)
     # the same settings, labelled and checkpointed otherwise: reused
-    _, (same,) = plan(tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, ["run.steps=3", "run.checkpoint_every_steps=1"], seeds=[0])
+    _, (same,) = plan(
+        tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, ["run.steps=3", "run.checkpoint_every_steps=1"], seeds=[0]
+    )
     assert _stage_done(same)
     # more steps: not done, grpo.run resumes it
     _, (longer,) = plan(tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, ["run.steps=5"], seeds=[0])
     assert not _stage_done(longer)
     # another reward (the demo's config changed, or other --grpo overrides): refused, naming the setting
-    _, (other,) = plan(tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, ["run.steps=3", "reward.scorer=rewards.scorer:score",
-                                                                          "rollout.temperature=0.5"], seeds=[0])
-    with pytest.raises(ConfigError, match=r"reward.scorer: 'rewards.scorer:score_missed_penalty' then, 'rewards.scorer:score' now; "
-                                          r"rollout.temperature: 0.7 then, 0.5 now"):
+    _, (other,) = plan(
+        tmp_path,
+        DEMO_SFT_CONFIGS,
+        [],
+        DEMO_GRPO_CONFIG,
+        ["run.steps=3", "reward.scorer=rewards.scorer:score", "rollout.temperature=0.5"],
+        seeds=[0],
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"reward.scorer: 'rewards.scorer:score_missed_penalty' then, 'rewards.scorer:score' now; "
+        r"rollout.temperature: 0.7 then, 0.5 now",
+    ):
         _stage_done(other)
     # and main says so before anything starts
     assert main(["--out", str(tmp_path), "--seeds", "0", "--grpo", "run.steps=3", "rollout.temperature=0.5"]) == 2
@@ -76,13 +101,34 @@ def test_plan_rejects_a_bad_stage_before_anything_runs(tmp_path, capsys):
 
 
 def _metrics(f1, dup, reward):
-    det = {"F1@0.50": f1 + 0.1, "R@0.50": f1 + 0.2, "P@0.50": f1, "F1@0.95": f1 - 0.1, "F1@mIoU": f1, "R@mIoU": f1, "P@mIoU": f1,
-           "duplicate_rate": dup, "large_box_rate": 0.0, "predictions_per_image": 2.5, "num_images": 10,
-           "exact_count_rate": 0.5 + dup, "over_count_rate": 0.5 - dup, "under_count_rate": 0.0}
-    by_task = {"detection": {"F1@0.50": f1, "F1@mIoU": f1 / 2, "exact_count_rate": 0.9},
-               "referring": {"F1@0.50": 2 * f1, "F1@mIoU": f1, "exact_count_rate": 1.0}}
-    return {"num_samples": 20, "detection": det, "box_tasks": by_task, "pointing": {"F1": 0.3}, "gui": {"accuracy": 0.5},
-            "mean_reward": reward}
+    det = {
+        "F1@0.50": f1 + 0.1,
+        "R@0.50": f1 + 0.2,
+        "P@0.50": f1,
+        "F1@0.95": f1 - 0.1,
+        "F1@mIoU": f1,
+        "R@mIoU": f1,
+        "P@mIoU": f1,
+        "duplicate_rate": dup,
+        "large_box_rate": 0.0,
+        "predictions_per_image": 2.5,
+        "num_images": 10,
+        "exact_count_rate": 0.5 + dup,
+        "over_count_rate": 0.5 - dup,
+        "under_count_rate": 0.0,
+    }
+    by_task = {
+        "detection": {"F1@0.50": f1, "F1@mIoU": f1 / 2, "exact_count_rate": 0.9},
+        "referring": {"F1@0.50": 2 * f1, "F1@mIoU": f1, "exact_count_rate": 1.0},
+    }
+    return {
+        "num_samples": 20,
+        "detection": det,
+        "box_tasks": by_task,
+        "pointing": {"F1": 0.3},
+        "gui": {"accuracy": 0.5},
+        "mean_reward": reward,
+    }
 
 
 def test_smooth_is_a_trailing_mean():
@@ -96,14 +142,31 @@ def test_smooth_is_a_trailing_mean():
 def test_report_table_seed_columns_intervals_and_curves(tmp_path):
     sft = _metrics(0.40, 0.20, 0.30)
     grpo = [_metrics(0.45, 0.05, 0.41), _metrics(0.41, 0.10, 0.35)]
-    steps = {0: [{"step": 1, "reward/mean": 0.3}, {"step": 2, "reward/mean": 0.35}],
-             1: [{"step": 1, "reward/mean": 0.2}, {"step": 2, "reward/mean": 0.4}]}
+    steps = {
+        0: [{"step": 1, "reward/mean": 0.3}, {"step": 2, "reward/mean": 0.35}],
+        1: [{"step": 1, "reward/mean": 0.2}, {"step": 2, "reward/mean": 0.4}],
+    }
     f1 = {0: [(0, 0.40), (2, 0.45)], 1: [(0, 0.40), (2, 0.41)]}
-    intervals = {"box F1@mIoU": {"base": 0.40, "change": 0.03, "lo": 0.01, "hi": 0.05, "excludes_zero": True,
-                                 "n_resamples": 500, "per_run": [{"change": 0.05, "lo": 0.02, "hi": 0.08},
-                                                                 {"change": 0.01, "lo": -0.02, "hi": 0.04}]},
-                 "too few boxes": {"base": 0.0, "change": 0.0, "lo": -0.01, "hi": 0.01, "excludes_zero": False,
-                                   "n_resamples": 500, "per_run": [{"change": 0.0, "lo": -0.01, "hi": 0.01}] * 2}}
+    intervals = {
+        "box F1@mIoU": {
+            "base": 0.40,
+            "change": 0.03,
+            "lo": 0.01,
+            "hi": 0.05,
+            "excludes_zero": True,
+            "n_resamples": 500,
+            "per_run": [{"change": 0.05, "lo": 0.02, "hi": 0.08}, {"change": 0.01, "lo": -0.02, "hi": 0.04}],
+        },
+        "too few boxes": {
+            "base": 0.0,
+            "change": 0.0,
+            "lo": -0.01,
+            "hi": 0.01,
+            "excludes_zero": False,
+            "n_resamples": 500,
+            "per_run": [{"change": 0.0, "lo": -0.01, "hi": 0.01}] * 2,
+        },
+    }
     _plot(steps, f1, tmp_path, window=2)
     text = report(sft, grpo, steps, f1, tmp_path, ["python -m rlsys.demo --out X"], intervals, window=2)
     lines = text.splitlines()
@@ -114,9 +177,14 @@ def test_report_table_seed_columns_intervals_and_curves(tmp_path):
     assert "| mean reward (x100) | 30.0 | 38.0 | 35.0 .. 41.0 | +8.0 | +11.0 +5.0 |" in lines
     assert "| referring: F1@0.50 | 80.0 | 86.0 | 82.0 .. 90.0 | +6.0 | +10.0 +2.0 |" in lines
     assert "| pointing F1 | 30.0 | 30.0 | 30.0 .. 30.0 | +0.0 | +0.0 +0.0 |" in lines
-    assert ("| box F1@mIoU | 40.0 | +3.0 | [+1.0, +5.0] | +5.0 [+2.0, +8.0] +1.0 [-2.0, +4.0] | "
-            "yes: the interval excludes 0 |") in lines
-    assert "| too few boxes | 0.0 | +0.0 | [-1.0, +1.0] | +0.0 [-1.0, +1.0] +0.0 [-1.0, +1.0] | no: within noise |" in lines
+    assert (
+        "| box F1@mIoU | 40.0 | +3.0 | [+1.0, +5.0] | +5.0 [+2.0, +8.0] +1.0 [-2.0, +4.0] | "
+        "yes: the interval excludes 0 |"
+    ) in lines
+    assert (
+        "| too few boxes | 0.0 | +0.0 | [-1.0, +1.0] | +0.0 [-1.0, +1.0] +0.0 [-1.0, +1.0] | no: within noise |"
+        in lines
+    )
     # the smoothed training reward (window 2) and the F1 curve, per seed
     assert "- seed 0: step 2: 0.325" in lines and "- seed 1: step 2: 0.300" in lines
     assert "- seed 1: step 0: 40.0, step 2: 41.0" in lines
@@ -146,8 +214,10 @@ def test_intervals_from_eval_predictions_match_the_metrics_and_refuse_other_samp
     def seg(body):
         return f"<|object_ref_start|>cat<|object_ref_end|><|box_start|>{body}<|box_end|>"
 
-    samples = [Sample(f"s{k}", f"img{k}.png", 999, 999, "detection", ["cat"], [Instance("cat", box=(0, 0, 500, 500))], "box")
-               for k in range(4)]
+    samples = [
+        Sample(f"s{k}", f"img{k}.png", 999, 999, "detection", ["cat"], [Instance("cat", box=(0, 0, 500, 500))], "box")
+        for k in range(4)
+    ]
     sft = [seg("<0><0><500><500>"), seg("<0><0><500><250>"), seg("<600><600><900><900>"), seg("<0><0><500><500>")]
     grpo = [seg("<0><0><500><500>")] * 4
 

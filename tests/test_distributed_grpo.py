@@ -26,7 +26,10 @@ def cluster():
     os.environ["DS_ACCELERATOR"] = "cpu"
     # Logical CPUs: the head (the driver's node) holds the engines and the reward workers, the
     # second node the learner ranks; custom resources pin each group to its node.
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"rollout_node": 8}, "include_dashboard": False})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {"rollout_node": 8}, "include_dashboard": False},
+    )
     c.add_node(num_cpus=2, resources={"learner_node": 8})
     c.wait_for_nodes()
     ray.init(address=c.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}})
@@ -39,20 +42,35 @@ def test_two_nodes_two_ranks_two_engines_three_reward_workers(cluster, sft_run, 
     import ray
 
     from rlsys.config import load_config
-    from rlsys.grpo.trainer import Trainer, prepare_data, prepare_model
+    from rlsys.grpo.run import prepare_data, prepare_model, start_trainer
 
     sft_out, _ = sft_run
-    cfg = load_config(overrides=[
-        f"run.out_dir={tmp_path}", f"run.init_checkpoint={sft_out / 'final'}", "run.resume=false", "tracking.mode=disabled",
-        "data.tasks=[referring,visual_prompt]", "data.synthetic_train_images=60",
-        "run.prompts_per_step=5", "rollout.samples_per_prompt=5", "rollout.max_new_tokens=32",
-        "learner.num_ranks=2", "learner.micro_batch_size=6", "learner.lr=5e-4", "learner.cpus_per_rank=0.5",
-        "learner.resources_per_rank={learner_node: 1}",
-        "rollout.num_engines=2", "rollout.cpus_per_engine=0.5", "rollout.resources_per_engine={rollout_node: 1}",
-        "reward.num_workers=3", "reward.cpus_per_worker=0.25", "reward.resources_per_worker={rollout_node: 1}",
-        "reward.scorer=rewards.scorer:score",
-    ])
-    t = Trainer(cfg, prepare_model(cfg), prepare_data(cfg))
+    cfg = load_config(
+        overrides=[
+            f"run.out_dir={tmp_path}",
+            f"run.init_checkpoint={sft_out / 'final'}",
+            "run.resume=false",
+            "tracking.mode=disabled",
+            "data.tasks=[referring,visual_prompt]",
+            "data.synthetic_train_images=60",
+            "run.prompts_per_step=5",
+            "rollout.samples_per_prompt=5",
+            "rollout.max_new_tokens=32",
+            "learner.num_ranks=2",
+            "learner.micro_batch_size=6",
+            "learner.lr=5e-4",
+            "learner.cpus_per_rank=0.5",
+            "learner.resources_per_rank={learner_node: 1}",
+            "rollout.num_engines=2",
+            "rollout.cpus_per_engine=0.5",
+            "rollout.resources_per_engine={rollout_node: 1}",
+            "reward.num_workers=3",
+            "reward.cpus_per_worker=0.25",
+            "reward.resources_per_worker={rollout_node: 1}",
+            "reward.scorer=rewards.scorer:score",
+        ]
+    )
+    t = start_trainer(cfg, prepare_model(cfg), prepare_data(cfg))
     driver = ray.get_runtime_context().get_node_id()
     learner_nodes, engine_nodes = t.learners.node_ids(), t.rollouts.node_ids()
     # learner ranks packed on one node, rank 0 not the driver's; engines on the other node
@@ -90,7 +108,12 @@ def test_two_nodes_two_ranks_two_engines_three_reward_workers(cluster, sft_run, 
         check_plan(m)
     # the real geometric scorer gave groups with reward spread: the update had signal
     assert any(m["groups/zero_std_fraction"] < 1.0 for m in steps), [
-        {k: m[k] for k in ("groups/zero_std_fraction", "reward/mean", "reward/unreadable_per_answer", "answer/length_tokens")} for m in steps]
+        {
+            k: m[k]
+            for k in ("groups/zero_std_fraction", "reward/mean", "reward/unreadable_per_answer", "answer/length_tokens")
+        }
+        for m in steps
+    ]
     assert all(m["reward/failures"] == 0 for m in steps)
     # both engines hold the learner's tensors name by name and compute its log-probs
     learner, engines = t.checksums()

@@ -19,7 +19,9 @@ ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONPA
 
 
 def _run(args, timeout_s, cwd):
-    r = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout_s)
+    r = subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout_s
+    )
     assert r.returncode == 0, f"{args[0]} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r.stdout
 
@@ -34,8 +36,21 @@ def test_sft_loss_falls_and_checkpoint_loads_in_vllm(sft_run):
     final = out / "final"
     assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
     # the SFT result loads and generates in vLLM, through the evaluation entry point
-    ev = _run(["rlsys.eval", "--checkpoint", str(final), "--out", str(out / "eval"), "--limit", "12",
-               "--max-new-tokens", "48"], 600, out)
+    ev = _run(
+        [
+            "rlsys.eval",
+            "--checkpoint",
+            str(final),
+            "--out",
+            str(out / "eval"),
+            "--limit",
+            "12",
+            "--max-new-tokens",
+            "48",
+        ],
+        600,
+        out,
+    )
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["num_samples"] == 12 and "mean_reward" in metrics
     assert (out / "eval" / "predictions.png").is_file()
@@ -48,9 +63,21 @@ def test_sft_loss_falls_and_checkpoint_loads_in_vllm(sft_run):
 def test_sft_with_soft_coordinate_targets(tmp_path):
     """The soft-target loss (train.coord_label_sigma_bins) through Ray Train and DeepSpeed: it
     runs, the loss falls, and the final model is written."""
-    stdout = _run(["rlsys.sft", f"run.out_dir={tmp_path}", "train.steps=30", "train.log_every_steps=10",
-                   "train.checkpoint_every_steps=30", "train.coord_label_sigma_bins=5", "data.synthetic_train_images=60",
-                   "tracking.mode=disabled", "data.tasks=[referring,visual_prompt]"], 600, tmp_path)
+    stdout = _run(
+        [
+            "rlsys.sft",
+            f"run.out_dir={tmp_path}",
+            "train.steps=30",
+            "train.log_every_steps=10",
+            "train.checkpoint_every_steps=30",
+            "train.coord_label_sigma_bins=5",
+            "data.synthetic_train_images=60",
+            "tracking.mode=disabled",
+            "data.tasks=[referring,visual_prompt]",
+        ],
+        600,
+        tmp_path,
+    )
     losses = [float(x) for x in re.findall(r"sft step \d+/30 loss ([0-9.]+)", stdout)]
     assert len(losses) >= 3, stdout[-2000:]
     assert losses[-1] < losses[0], losses
@@ -61,18 +88,31 @@ def test_sft_two_ranks_write_checkpoints_in_storage_and_resume(tmp_path):
     """Two Ray Train ranks write one checkpoint straight into Ray Train's storage (each its
     DeepSpeed shard; no staging copy), Ray keeps the newest two, and a second run with more steps
     resumes after the last one instead of starting over. Each progress line is printed once."""
-    args = ["rlsys.sft", f"run.out_dir={tmp_path}", "train.log_every_steps=1", "train.checkpoint_every_steps=1",
-            "data.synthetic_train_images=40", "tracking.mode=offline", "train.num_workers=2", "train.cpus_per_worker=0.5"]
+    args = [
+        "rlsys.sft",
+        f"run.out_dir={tmp_path}",
+        "train.log_every_steps=1",
+        "train.checkpoint_every_steps=1",
+        "data.synthetic_train_images=40",
+        "tracking.mode=offline",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+    ]
     first = _run(args + ["train.steps=2"], 600, tmp_path)
     assert len(re.findall(r"sft step 1/2 loss", first)) == 1, first[-2000:]
     store = tmp_path / "ray_train" / "sft"
     ck = store / "checkpoint_step_0000002"
     assert sorted(p.name for p in (ck / "ds" / "state").glob("zero_pp_rank_*")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     assert json.loads((ck / "state.json").read_text()) == {"step": 2} and (ck / "hf" / "model.safetensors").is_file()
     second = _run(args + ["train.steps=3", "run.resume=true"], 600, tmp_path)
     assert re.findall(r"sft step (\d+)/3 loss", second) == ["3"], second[-2000:]
-    assert sorted(p.name for p in store.glob("checkpoint_step_*")) == ["checkpoint_step_0000002", "checkpoint_step_0000003"]
+    assert sorted(p.name for p in store.glob("checkpoint_step_*")) == [
+        "checkpoint_step_0000002",
+        "checkpoint_step_0000003",
+    ]
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
@@ -122,12 +162,27 @@ def test_grpo_end_to_end_kill_and_resume(sft_run, tmp_path):
     # system test plugs in a dense text reward instead (reward.scorer); the geometry is tested in
     # test_rewards/test_scorer, and GRPO with the real scorer runs in test_job_submit and
     # test_grpo_faults.
-    args = [sys.executable, "-m", "rlsys.grpo", f"run.out_dir={out}", f"run.init_checkpoint={init}",
-            "run.checkpoint_every_steps=2", "tracking.image_table_every_steps=2", "learner.lr=5e-4",
-            "reward.scorer=tests.scorers_for_tests:coordinate_count_reward"]
+    args = [
+        sys.executable,
+        "-m",
+        "rlsys.grpo",
+        f"run.out_dir={out}",
+        f"run.init_checkpoint={init}",
+        "run.checkpoint_every_steps=2",
+        "tracking.image_table_every_steps=2",
+        "learner.lr=5e-4",
+        "reward.scorer=tests.scorers_for_tests:coordinate_count_reward",
+    ]
     # First run: 4 steps asked, killed after step 3 is logged (its last checkpoint is step 2).
-    p = subprocess.Popen(args + ["run.steps=4"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        args + ["run.steps=4"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _wait_for(p, r"^step 3/4", 900)
     finally:
@@ -142,7 +197,14 @@ def test_grpo_end_to_end_kill_and_resume(sft_run, tmp_path):
     assert all(r["reward/mean"] > 0 for r in first), first
 
     # Second run resumes from step 2 and finishes step 3 (again) and 4, keeping one checkpoint.
-    r = subprocess.run(args + ["run.steps=4", "run.keep_checkpoints=1"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        args + ["run.steps=4", "run.keep_checkpoints=1"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "resumed from" in r.stdout + r.stderr and "at step 2" in r.stdout + r.stderr
     steps = [int(m) for m in re.findall(r"^step (\d+)/4", r.stdout, re.M)]
@@ -183,11 +245,22 @@ def test_grpo_asynchronous_rollouts_train_and_resume_without_losing_or_repeating
     sft_out, _ = sft_run
     out = tmp_path / "grpo-async"
     steps = 10
-    args = [sys.executable, "-m", "rlsys.grpo", f"run.out_dir={out}", f"run.init_checkpoint={sft_out / 'final'}",
-            "run.max_staleness_steps=1", "run.checkpoint_every_steps=3", "learner.lr=5e-4", "tracking.mode=disabled",
-            "reward.scorer=tests.scorers_for_tests:coordinate_count_reward", f"run.steps={steps}"]
-    p = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    args = [
+        sys.executable,
+        "-m",
+        "rlsys.grpo",
+        f"run.out_dir={out}",
+        f"run.init_checkpoint={sft_out / 'final'}",
+        "run.max_staleness_steps=1",
+        "run.checkpoint_every_steps=3",
+        "learner.lr=5e-4",
+        "tracking.mode=disabled",
+        "reward.scorer=tests.scorers_for_tests:coordinate_count_reward",
+        f"run.steps={steps}",
+    ]
+    p = subprocess.Popen(
+        args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         _wait_for(p, rf"^step 4/{steps}", 900)
     finally:
@@ -225,17 +298,19 @@ def test_two_grpo_runs_in_one_process_as_the_demo_runs_its_seeds(sft_run, tmp_pa
     script = f"""
 import json
 from ray.util import placement_group_table
-from rlsys import grpo
+from rlsys.grpo import run as grpo
 from rlsys.config import load_config
 for seed in (0, 1):
     cfg = load_config(None, ["run.out_dir={tmp_path}/seed" + str(seed), "run.seed=" + str(seed), "run.steps=1",
                              "run.prompts_per_step=2", "rollout.samples_per_prompt=2", "learner.micro_batch_size=4", "rollout.max_new_tokens=16",
                              "tracking.mode=disabled", "run.actor_start_timeout_s=120",
-                             "run.init_checkpoint={sft_out / 'final'}", "data.train={sft_out / 'data' / 'train.jsonl'}"])
+                             "run.init_checkpoint={sft_out / "final"}", "data.train={sft_out / "data" / "train.jsonl"}"])
     print("run", seed, "step", grpo.run(cfg)["step"], flush=True)
 print("placement groups", json.dumps(sorted(v["state"] for v in placement_group_table().values())))
 """
-    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
     assert "run 0 step 1" in r.stdout and "run 1 step 1" in r.stdout, r.stdout[-3000:]
     # three groups per run, every one removed
@@ -252,14 +327,38 @@ def test_qwen_json_vocabulary_sft_grpo_and_eval(tmp_path):
     vocab = ["model.vocabulary=qwen_json", "tracking.mode=disabled", "data.tasks=[referring,visual_prompt]"]
     # 300 steps: the JSON answer is ~50 tokens a box for this tokenizer (4 for the bins), and at 60
     # steps the tiny model still wrote broken JSON
-    stdout = _run(["rlsys.sft", f"run.out_dir={tmp_path / 'sft'}", "train.steps=300", "train.log_every_steps=50",
-                   "train.checkpoint_every_steps=300", "data.synthetic_train_images=400", *vocab], 900, tmp_path)
+    stdout = _run(
+        [
+            "rlsys.sft",
+            f"run.out_dir={tmp_path / 'sft'}",
+            "train.steps=300",
+            "train.log_every_steps=50",
+            "train.checkpoint_every_steps=300",
+            "data.synthetic_train_images=400",
+            *vocab,
+        ],
+        900,
+        tmp_path,
+    )
     losses = [float(x) for x in re.findall(r"sft step \d+/300 loss ([0-9.]+)", stdout)]
     assert len(losses) >= 3 and losses[-1] < 0.6 * losses[0], losses
     init = tmp_path / "sft" / "final"
     out = tmp_path / "grpo"
-    stdout = _run(["rlsys.grpo", f"run.out_dir={out}", f"run.init_checkpoint={init}", "run.steps=2", "run.prompts_per_step=4",
-                   "rollout.max_new_tokens=96", "rollout.temperature=0.5", "run.dynamic_sampling=false", *vocab], 900, tmp_path)
+    stdout = _run(
+        [
+            "rlsys.grpo",
+            f"run.out_dir={out}",
+            f"run.init_checkpoint={init}",
+            "run.steps=2",
+            "run.prompts_per_step=4",
+            "rollout.max_new_tokens=96",
+            "rollout.temperature=0.5",
+            "run.dynamic_sampling=false",
+            *vocab,
+        ],
+        900,
+        tmp_path,
+    )
     records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["reward/kind/box_iou"] == 4 * 4 for r in records), records  # the geometric reward scored every answer
@@ -267,8 +366,24 @@ def test_qwen_json_vocabulary_sft_grpo_and_eval(tmp_path):
     # in another run 0.56 and 1.19 unreadable fragments per answer); the workers read the rest.
     # Fewer than one per answer means answers were read whole: garbage scores at least one each.
     assert min(r["reward/unreadable_per_answer"] for r in records) < 1.0, records
-    ev = _run(["rlsys.eval", "--checkpoint", str(init), "--out", str(tmp_path / "eval"), "--limit", "8", "--tasks", "referring",
-               "--max-new-tokens", "96", "model.vocabulary=qwen_json"], 600, tmp_path)
+    ev = _run(
+        [
+            "rlsys.eval",
+            "--checkpoint",
+            str(init),
+            "--out",
+            str(tmp_path / "eval"),
+            "--limit",
+            "8",
+            "--tasks",
+            "referring",
+            "--max-new-tokens",
+            "96",
+            "model.vocabulary=qwen_json",
+        ],
+        600,
+        tmp_path,
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["vocabulary"] == "qwen_json" and metrics["num_samples"] == 8 and "F1@0.50" in ev
     answers = [json.loads(l)["answer"] for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
@@ -285,29 +400,70 @@ def test_getok_vocabulary_sft_grpo_and_eval(tmp_path):
     answers, GRPO scores them with GETok's grid-stage reward in the reward workers, and
     rlsys.eval reads them back into pixels."""
     vocab = ["model.vocabulary=getok", "tracking.mode=disabled", "data.tasks=[referring,visual_prompt]"]
-    stdout = _run(["rlsys.sft", f"run.out_dir={tmp_path / 'sft'}", "train.steps=150", "train.log_every_steps=50",
-                   "train.checkpoint_every_steps=150", "data.synthetic_train_images=400", *vocab], 900, tmp_path)
+    stdout = _run(
+        [
+            "rlsys.sft",
+            f"run.out_dir={tmp_path / 'sft'}",
+            "train.steps=150",
+            "train.log_every_steps=50",
+            "train.checkpoint_every_steps=150",
+            "data.synthetic_train_images=400",
+            *vocab,
+        ],
+        900,
+        tmp_path,
+    )
     losses = [float(x) for x in re.findall(r"sft step \d+/150 loss ([0-9.]+)", stdout)]
     # the markup is learned early; which of 1,024 grid tokens a box corner takes is what the loss
     # keeps paying for (a run: 2.09, 1.67, 1.66), so the bar is lower than for the JSON answers
     assert len(losses) >= 3 and losses[-1] < 0.85 * losses[0], losses
-    from rlsys.models import load_processor
     from rlsys.lang.vocab import getok_tokens
+    from rlsys.models import load_processor
 
     init = tmp_path / "sft" / "final"
     tok = load_processor(init, tokens=getok_tokens(32)).tokenizer  # raises if any token is missing
     ids = tok("<grid31_0><OFF-1_1><DELETE>", add_special_tokens=False)["input_ids"]
     assert len(ids) == 3 and len(set(tok.convert_tokens_to_ids(list(getok_tokens(32))))) == 1034
     out = tmp_path / "grpo"
-    _run(["rlsys.grpo", f"run.out_dir={out}", f"run.init_checkpoint={init}", "run.steps=2", "run.prompts_per_step=4",
-          "rollout.max_new_tokens=48", "run.dynamic_sampling=false", "reward.scorer=rewards.scorer:score_getok_grid_stage",
-          *vocab], 900, tmp_path)
+    _run(
+        [
+            "rlsys.grpo",
+            f"run.out_dir={out}",
+            f"run.init_checkpoint={init}",
+            "run.steps=2",
+            "run.prompts_per_step=4",
+            "rollout.max_new_tokens=48",
+            "run.dynamic_sampling=false",
+            "reward.scorer=rewards.scorer:score_getok_grid_stage",
+            *vocab,
+        ],
+        900,
+        tmp_path,
+    )
     records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    assert all(r["reward/kind/box_iou_l1"] == 4 * 4 for r in records), records  # the grid-stage reward scored every answer
+    assert all(r["reward/kind/box_iou_l1"] == 4 * 4 for r in records), (
+        records
+    )  # the grid-stage reward scored every answer
     assert min(r["reward/unreadable_per_answer"] for r in records) < 1.0, records
-    ev = _run(["rlsys.eval", "--checkpoint", str(init), "--out", str(tmp_path / "eval"), "--limit", "8", "--tasks", "referring",
-               "--max-new-tokens", "48", "model.vocabulary=getok"], 600, tmp_path)
+    ev = _run(
+        [
+            "rlsys.eval",
+            "--checkpoint",
+            str(init),
+            "--out",
+            str(tmp_path / "eval"),
+            "--limit",
+            "8",
+            "--tasks",
+            "referring",
+            "--max-new-tokens",
+            "48",
+            "model.vocabulary=getok",
+        ],
+        600,
+        tmp_path,
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["vocabulary"] == "getok" and metrics["num_samples"] == 8 and "F1@0.50" in ev
     answers = [json.loads(l)["answer"] for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
@@ -325,34 +481,81 @@ def test_getok_masks_sft_grpo_and_eval(tmp_path):
     """GETok's mask output through every stage on the tiny model: half the referring questions ask
     for masks, SFT learns their grid-point targets, GRPO scores mask answers in the reward workers
     (grid-cell decoding, no SAM on a CPU test), and rlsys.eval reports mask F1 beside box F1."""
-    vocab = ["model.vocabulary=getok", "model.getok_grid=16", "model.getok_offsets=false", "tracking.mode=disabled",
-             "data.tasks=[referring]", "data.synthetic_mask_fraction=0.5"]
-    _run(["rlsys.sft", f"run.out_dir={tmp_path / 'sft'}", "train.steps=150", "train.log_every_steps=50",
-          "train.checkpoint_every_steps=150", "data.synthetic_train_images=400", *vocab], 900, tmp_path)
+    vocab = [
+        "model.vocabulary=getok",
+        "model.getok_grid=16",
+        "model.getok_offsets=false",
+        "tracking.mode=disabled",
+        "data.tasks=[referring]",
+        "data.synthetic_mask_fraction=0.5",
+    ]
+    _run(
+        [
+            "rlsys.sft",
+            f"run.out_dir={tmp_path / 'sft'}",
+            "train.steps=150",
+            "train.log_every_steps=50",
+            "train.checkpoint_every_steps=150",
+            "data.synthetic_train_images=400",
+            *vocab,
+        ],
+        900,
+        tmp_path,
+    )
     rows = [json.loads(l) for l in (tmp_path / "sft" / "data" / "train.jsonl").read_text().splitlines()]
     outputs = {r["output"] for r in rows}
     assert outputs == {"box", "mask"}, outputs
     init = tmp_path / "sft" / "final"
     out = tmp_path / "grpo"
-    _run(["rlsys.grpo", f"run.out_dir={out}", f"run.init_checkpoint={init}", "run.steps=2", "run.prompts_per_step=4",
-          "rollout.max_new_tokens=64", "run.dynamic_sampling=false", "reward.scorer=rewards.scorer:score_cell_masks",
-          f"data.train={tmp_path / 'sft' / 'data' / 'train.jsonl'}", *vocab], 900, tmp_path)
+    _run(
+        [
+            "rlsys.grpo",
+            f"run.out_dir={out}",
+            f"run.init_checkpoint={init}",
+            "run.steps=2",
+            "run.prompts_per_step=4",
+            "rollout.max_new_tokens=64",
+            "run.dynamic_sampling=false",
+            "reward.scorer=rewards.scorer:score_cell_masks",
+            f"data.train={tmp_path / 'sft' / 'data' / 'train.jsonl'}",
+            *vocab,
+        ],
+        900,
+        tmp_path,
+    )
     records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
     kinds = [{k: v for k, v in r.items() if k.startswith("reward/kind/")} for r in records]
     # every answer scored; over two steps of 4 prompts x 4 answers some questions asked for masks
     assert all(sum(k.values()) == 16 for k in kinds), kinds
     assert sum(k.get("reward/kind/mask_iou_grid_cells", 0) for k in kinds) > 0, kinds
-    _run(["rlsys.eval", "--checkpoint", str(init), "--data", str(tmp_path / "sft" / "data" / "train.jsonl"),
-          "--out", str(tmp_path / "eval"), "--limit", "16", "--max-new-tokens", "64",
-          "reward.scorer=rewards.scorer:score_cell_masks", *vocab[:3]], 600, tmp_path)
+    _run(
+        [
+            "rlsys.eval",
+            "--checkpoint",
+            str(init),
+            "--data",
+            str(tmp_path / "sft" / "data" / "train.jsonl"),
+            "--out",
+            str(tmp_path / "eval"),
+            "--limit",
+            "16",
+            "--max-new-tokens",
+            "64",
+            "reward.scorer=rewards.scorer:score_cell_masks",
+            *vocab[:3],
+        ],
+        600,
+        tmp_path,
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["mask"]["decoder"] == "grid_cells" and metrics["mask"]["num_images"] > 0, metrics
     assert 0.0 <= metrics["mask"]["F1@mIoU"] <= 1.0 and "detection" in metrics
     _serve_one_request_in_pixels(init, "getok", tmp_path, output="mask", max_new_tokens=64, requests=8)
 
 
-def _serve_one_request_in_pixels(checkpoint, vocabulary: str, tmp_path, output: str | None = None, max_new_tokens: int = 32,
-                                 requests: int = 1):
+def _serve_one_request_in_pixels(
+    checkpoint, vocabulary: str, tmp_path, output: str | None = None, max_new_tokens: int = 32, requests: int = 1
+):
     """Ray Serve with a checkpoint trained in ``vocabulary``: referring requests (for ``output``,
     default the task's) on ``requests`` of its training images (those whose question asked for
     that output) are each answered in the request image's pixels, read from the model's own
@@ -362,18 +565,25 @@ def _serve_one_request_in_pixels(checkpoint, vocabulary: str, tmp_path, output: 
     import ray
     from ray import serve
 
-    from rlsys.serve.app import build_app, load_serve_config, to_objects
-    from rlsys.lang.vocab import vocabulary_for
+    from rlsys.data.samples import Sample
+    from rlsys.lang.vocab import synthetic_proposals, vocabulary_for
     from rlsys.models import load_processor
+    from rlsys.serve.app import build_app, load_serve_config, to_objects
     from tests.test_serve import _free_port, _post
 
-    from rlsys.data.samples import Sample
-    from rlsys.lang.vocab import synthetic_proposals
-
-    cfg = load_serve_config(overrides=[f"model.checkpoint={checkpoint}", f"model.vocabulary={vocabulary}",
-                                       f"generation.max_new_tokens={max_new_tokens}", f"deployment.name=serve-{vocabulary}"])
-    recs = [r for r in map(json.loads, (tmp_path / "sft" / "data" / "train.jsonl").read_text().splitlines())
-            if output is None or r["output"] == output][:requests]
+    cfg = load_serve_config(
+        overrides=[
+            f"model.checkpoint={checkpoint}",
+            f"model.vocabulary={vocabulary}",
+            f"generation.max_new_tokens={max_new_tokens}",
+            f"deployment.name=serve-{vocabulary}",
+        ]
+    )
+    recs = [
+        r
+        for r in map(json.loads, (tmp_path / "sft" / "data" / "train.jsonl").read_text().splitlines())
+        if output is None or r["output"] == output
+    ][:requests]
     assert len(recs) == requests
     bodies = []
     for rec in recs:
@@ -381,8 +591,14 @@ def _serve_one_request_in_pixels(checkpoint, vocabulary: str, tmp_path, output: 
         if vocabulary == "chatrex":  # the request brings its candidate boxes (here: the ones SFT saw)
             extra["proposals"] = [list(b) for b in synthetic_proposals(Sample.from_dict(rec))]
         image = tmp_path / "sft" / "data" / rec["image"]
-        bodies.append({"image": base64.b64encode(image.read_bytes()).decode(), "task": "referring",
-                       "expression": rec["phrases"][0], **extra})
+        bodies.append(
+            {
+                "image": base64.b64encode(image.read_bytes()).decode(),
+                "task": "referring",
+                "expression": rec["phrases"][0],
+                **extra,
+            }
+        )
     port = _free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -414,22 +630,65 @@ def test_chatrex_vocabulary_sft_grpo_eval_and_serve(tmp_path):
     indices into the candidate boxes its questions list, GRPO scores the chosen proposals' boxes
     (box IoU F1) in the reward workers, rlsys.eval reads the indices back into pixels, and Serve
     answers a request that brings its own proposals."""
-    vocab = ["model.vocabulary=chatrex", "model.chatrex_proposals=synthetic", "tracking.mode=disabled",
-             "data.tasks=[detection,referring]"]
-    stdout = _run(["rlsys.sft", f"run.out_dir={tmp_path / 'sft'}", "train.steps=150", "train.log_every_steps=50",
-                   "train.checkpoint_every_steps=150", "data.synthetic_train_images=400", *vocab], 900, tmp_path)
+    vocab = [
+        "model.vocabulary=chatrex",
+        "model.chatrex_proposals=synthetic",
+        "tracking.mode=disabled",
+        "data.tasks=[detection,referring]",
+    ]
+    stdout = _run(
+        [
+            "rlsys.sft",
+            f"run.out_dir={tmp_path / 'sft'}",
+            "train.steps=150",
+            "train.log_every_steps=50",
+            "train.checkpoint_every_steps=150",
+            "data.synthetic_train_images=400",
+            *vocab,
+        ],
+        900,
+        tmp_path,
+    )
     losses = [float(x) for x in re.findall(r"sft step \d+/150 loss ([0-9.]+)", stdout)]
     assert len(losses) >= 3 and losses[-1] < 0.85 * losses[0], losses
     init = tmp_path / "sft" / "final"
     out = tmp_path / "grpo"
-    _run(["rlsys.grpo", f"run.out_dir={out}", f"run.init_checkpoint={init}", "run.steps=2", "run.prompts_per_step=4",
-          "rollout.max_new_tokens=48", "run.dynamic_sampling=false", *vocab], 900, tmp_path)
+    _run(
+        [
+            "rlsys.grpo",
+            f"run.out_dir={out}",
+            f"run.init_checkpoint={init}",
+            "run.steps=2",
+            "run.prompts_per_step=4",
+            "rollout.max_new_tokens=48",
+            "run.dynamic_sampling=false",
+            *vocab,
+        ],
+        900,
+        tmp_path,
+    )
     records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["reward/kind/box_iou"] == 4 * 4 for r in records), records
     assert min(r["reward/unreadable_per_answer"] for r in records) < 1.0, records
-    ev = _run(["rlsys.eval", "--checkpoint", str(init), "--out", str(tmp_path / "eval"), "--limit", "8", "--tasks", "referring",
-               "--max-new-tokens", "48", *vocab[:2]], 600, tmp_path)
+    ev = _run(
+        [
+            "rlsys.eval",
+            "--checkpoint",
+            str(init),
+            "--out",
+            str(tmp_path / "eval"),
+            "--limit",
+            "8",
+            "--tasks",
+            "referring",
+            "--max-new-tokens",
+            "48",
+            *vocab[:2],
+        ],
+        600,
+        tmp_path,
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["vocabulary"] == "chatrex" and metrics["num_samples"] == 8 and "F1@0.50" in ev
     answers = [json.loads(l)["answer"] for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]

@@ -38,9 +38,15 @@ def test_leave_one_out_is_measured_under_the_runs_reward():
     off = _sample("t", "detection", ["circle"] * 3, [(0, 0, 20, 20), (40, 40, 60, 60), (0, 70, 10, 80)])
     two = _sample("u", "detection", ["circle"] * 2, [(0, 0, 20, 20), (40, 40, 60, 60)])
     samples = [three, three, two]
-    answers = [answer_text(off), answer_text(three), answer_text(_sample("u", "detection", ["circle"], [(0, 0, 20, 20)]))]
+    answers = [
+        answer_text(off),
+        answer_text(three),
+        answer_text(_sample("u", "detection", ["circle"], [(0, 0, 20, 20)])),
+    ]
     loo = compute_metrics(samples, answers)["detection"]["leave_one_out"]
-    assert loo["scorer"] == "rewards.scorer:score" and loo["answers"] == 2  # the one-box answer to two objects is not measured
+    assert (
+        loo["scorer"] == "rewards.scorer:score" and loo["answers"] == 2
+    )  # the one-box answer to two objects is not measured
     assert loo["drop_pays_rate"] == 0.5
     assert loo["mean_best_gain"] == pytest.approx((0.8 - 2 / 3 - 0.2) / 2, abs=0.01)  # binning moves IoUs a little
     cfg = load_config(overrides=["reward.scorer=rewards.scorer:score_missed_penalty"])
@@ -50,5 +56,7 @@ def test_leave_one_out_is_measured_under_the_runs_reward():
     assert loo["mean_best_gain"] == pytest.approx((0.8 - 0.2 / 3 - 2 / 3 + 0.8 - 0.2 / 3 - 1) / 2, abs=0.01)
     from rlsys.eval.evaluate import format_table
 
-    assert "| dropping a box pays, score_missed_penalty (2 answers) | 0.500 |" in format_table(
-        compute_metrics(samples, answers, reward=cfg.reward)).splitlines()
+    assert (
+        "| dropping a box pays, score_missed_penalty (2 answers) | 0.500 |"
+        in format_table(compute_metrics(samples, answers, reward=cfg.reward)).splitlines()
+    )

@@ -1,3 +1,4 @@
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -9,8 +10,6 @@ from rlsys.lang.format import (
     render,
     render_keypoints,
 )
-
-import pytest
 
 PAPER_BOX = (
     "<|object_ref_start|>person<|object_ref_end|><|box_start|><12><42><512><612>,"
@@ -105,7 +104,16 @@ def test_render_parse_round_trip(preds):
     assert list(p) == preds
 
 
-_PIECES = list("<>|,0123456789 aN") + ["<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|im_end|>", "None", "<12>", "<1000>"]
+_PIECES = list("<>|,0123456789 aN") + [
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|im_end|>",
+    "None",
+    "<12>",
+    "<1000>",
+]
 
 
 @settings(max_examples=500, deadline=None)

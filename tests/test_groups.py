@@ -35,12 +35,21 @@ def test_micro_batch_plan_takes_the_largest_shard():
 
 
 def test_buckets_cut_at_the_byte_limit_and_round_trip():
-    meta = [("a", torch.float32, (2, 3)), ("b", torch.bfloat16, (4,)), ("c", torch.float32, ()), ("d", torch.float32, (10,))]
+    meta = [
+        ("a", torch.float32, (2, 3)),
+        ("b", torch.bfloat16, (4,)),
+        ("c", torch.float32, ()),
+        ("d", torch.float32, (10,)),
+    ]
     # bytes: a 24, b 8, c 4, d 40. Limit 32: [a, b] (32), [c] (4 + 40 > 32), [d] (alone, over the limit)
     assert plan_buckets(meta, 32) == [[0, 1], [2], [3]]
     assert plan_buckets(meta, 10**6) == [[0, 1, 2, 3]]
-    ts = {"a": torch.arange(6.0).view(2, 3), "b": torch.tensor([1.0, -2.0, 3.5, 0.25], dtype=torch.bfloat16),
-          "c": torch.tensor(7.0), "d": torch.linspace(-1, 1, 10)}
+    ts = {
+        "a": torch.arange(6.0).view(2, 3),
+        "b": torch.tensor([1.0, -2.0, 3.5, 0.25], dtype=torch.bfloat16),
+        "c": torch.tensor(7.0),
+        "d": torch.linspace(-1, 1, 10),
+    }
     got = {}
     for idx in plan_buckets(meta, 32):
         part = [meta[i] for i in idx]

@@ -16,22 +16,34 @@ def trainer(tmp_path_factory):
     import ray
 
     from rlsys.config import load_config
-    from rlsys.grpo.trainer import Trainer, prepare_data, prepare_model
+    from rlsys.grpo.run import prepare_data, prepare_model, start_trainer
 
     out = tmp_path_factory.mktemp("faults")
     os.environ["DS_ACCELERATOR"] = "cpu"
-    cfg = load_config(overrides=[f"run.out_dir={out}", "run.resume=false", "tracking.mode=disabled",
-                                 "data.synthetic_train_images=40", "rollout.max_new_tokens=16",
-                                 # 224 px images (64 tokens each) whatever the default: the prefill test needs long prompts
-                                 "data.synthetic_image_size_px=224", f"model.tiny_max_pixels={224 * 224}",
-                                 "run.dynamic_sampling=true", "run.max_resample_rounds=1",
-                                 # tied embeddings, as Qwen2.5-VL-3B: one tensor under two names in sync and checks
-                                 "model.tiny_tie_word_embeddings=true",
-                                 # the real scorer, except on samples whose id says "boom" (it raises there)
-                                 "reward.scorer=tests.scorers_for_tests:score"])
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}})
-    t = Trainer(cfg, prepare_model(cfg), prepare_data(cfg))
+    cfg = load_config(
+        overrides=[
+            f"run.out_dir={out}",
+            "run.resume=false",
+            "tracking.mode=disabled",
+            "data.synthetic_train_images=40",
+            "rollout.max_new_tokens=16",
+            # 224 px images (64 tokens each) whatever the default: the prefill test needs long prompts
+            "data.synthetic_image_size_px=224",
+            f"model.tiny_max_pixels={224 * 224}",
+            "run.dynamic_sampling=true",
+            "run.max_resample_rounds=1",
+            # tied embeddings, as Qwen2.5-VL-3B: one tensor under two names in sync and checks
+            "model.tiny_tie_word_embeddings=true",
+            # the real scorer, except on samples whose id says "boom" (it raises there)
+            "reward.scorer=tests.scorers_for_tests:score",
+        ]
+    )
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}},
+    )
+    t = start_trainer(cfg, prepare_model(cfg), prepare_data(cfg))
     yield t
     ray.shutdown()
 
@@ -70,12 +82,18 @@ def test_rollout_batch_larger_than_one_prefill_chunk(trainer):
     # that killed the engine ("CPU Generator does not use offset"; found by the benchmark).
     import ray
 
-    from rlsys.grpo.trainer import _chat_prompt
-    from rlsys.lang.prompts import question_for_sample
+    from rlsys.lang.prompts import chat_prompt, question_for_sample
 
-    reqs = [{"prompt": _chat_prompt(trainer.processor, question_for_sample(s)), "image": s.image} for s in trainer.samples[:16]]
-    out = ray.get(trainer.rollouts.engines[0].generate.remote(reqs, n=4, temperature=1.0, top_p=1.0, max_new_tokens=8,
-                                                      min_new_tokens=8, seed=0), timeout=600)
+    reqs = [
+        {"prompt": chat_prompt(trainer.processor, question_for_sample(s)), "image": s.image}
+        for s in trainer.samples[:16]
+    ]
+    out = ray.get(
+        trainer.rollouts.engines[0].generate.remote(
+            reqs, n=4, temperature=1.0, top_p=1.0, max_new_tokens=8, min_new_tokens=8, seed=0
+        ),
+        timeout=600,
+    )
     assert len(out) == 16 and all(len(o) == 4 for o in out)
     assert all(len(a["token_ids"]) == 8 and len(a["logprobs"]) == 8 for o in out for a in o)
     # vision placeholders are never sampled (the learner would read one as an image slot)
@@ -87,7 +105,9 @@ def test_failed_rewards_are_left_out_of_the_loss_and_counted(trainer):
     import dataclasses
 
     # every other training sample makes the scorer raise (twice: the retry fails too)
-    trainer.samples[:] = [dataclasses.replace(s, id=f"boom-{s.id}") if k % 2 == 0 else s for k, s in enumerate(trainer.samples)]
+    trainer.samples[:] = [
+        dataclasses.replace(s, id=f"boom-{s.id}") if k % 2 == 0 else s for k, s in enumerate(trainer.samples)
+    ]
     trainer.cfg.run.dynamic_sampling = False  # one draw, so what was drawn is what was learnt from
     try:
         m = trainer.step()
@@ -108,12 +128,11 @@ def test_a_request_the_engine_refuses_fails_alone(trainer):
     # the other requests of the batch are answered, the engine stays up.
     import ray
 
-    from rlsys.grpo.trainer import _chat_prompt
-    from rlsys.lang.prompts import question_for_sample
+    from rlsys.lang.prompts import chat_prompt, question_for_sample
 
     s = trainer.samples[1]
-    good = {"prompt": _chat_prompt(trainer.processor, question_for_sample(s)), "image": s.image}
-    too_long = {"prompt": _chat_prompt(trainer.processor, "circle " * 1500), "image": s.image}
+    good = {"prompt": chat_prompt(trainer.processor, question_for_sample(s)), "image": s.image}
+    too_long = {"prompt": chat_prompt(trainer.processor, "circle " * 1500), "image": s.image}
     engine = trainer.rollouts.engines[0]
     kw = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0)
     out = ray.get(engine.generate.remote([good, too_long, good], **kw), timeout=600)
@@ -134,8 +153,9 @@ def test_asynchronous_rollouts_respect_the_staleness_bound_and_weight_stale_answ
     # The random model scores 0 everywhere, so no advantage and no update: the answers' lengths
     # (which vary) stand in for the reward, so each step moves the policy.
     score = trainer.rewards.score
-    trainer.rewards.score = lambda batch, group_size: [dict(r, reward=min(1.0, len(text) / 60))
-                                                       for r, (text, _) in zip(score(batch, group_size=group_size), batch)]
+    trainer.rewards.score = lambda batch, group_size: [
+        dict(r, reward=min(1.0, len(text) / 60)) for r, (text, _) in zip(score(batch, group_size=group_size), batch)
+    ]
     # the items each step hands the learner (answers with a failed reward or no tokens are not among them)
     made, learner_items = [], trainer._learner_items
     trainer._learner_items = lambda *a: made.append(learner_items(*a)) or made[-1]

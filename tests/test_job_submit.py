@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: the `ray` CLI and the job's python
 RAY = str(BIN / "ray")
 JOB_TIMEOUT_S = 12 * 60
+
 
 def _free_ports(n: int) -> list[int]:
     socks = []
@@ -84,10 +85,14 @@ def _wait_for_job_server(address: str, env: dict, proc: subprocess.Popen, log: P
 def _job_status(address: str, sid: str, env: dict) -> str:
     """The job's status as a bare word (PENDING, RUNNING, SUCCEEDED, ...). Through the SDK in a
     fresh process, which reads this head's token from env; `ray job status` prints prose."""
-    code = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
-            "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)")
+    code = (
+        "import sys; from ray.job_submission import JobSubmissionClient as C; "
+        "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)"
+    )
     r = subprocess.run([sys.executable, "-c", code, address, sid], env=env, capture_output=True, text=True, timeout=120)
-    return r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else f"unknown ({r.stderr[-300:]})"
+    return (
+        r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else f"unknown ({r.stderr[-300:]})"
+    )
 
 
 @pytest.fixture
@@ -97,18 +102,38 @@ def ray_head(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")
     # Token authentication with a token of this head's own (Ray turns token auth on when
     # ~/.ray/auth_token exists; the CLI calls and the job's driver below all carry this env).
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
     env.pop("RAY_ADDRESS", None)
     env.pop("WANDB_API_KEY", None)
     log = tmp_path / "ray_start.log"
-    cmd = [RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--num-gpus=0",
-           # the job server lives in the dashboard (head) and its agent (per node)
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
-           f"--ray-client-server-port={client}", f"--node-manager-port={node_mgr}",
-           f"--object-manager-port={obj_mgr}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        # the job server lives in the dashboard (head) and its agent (per node)
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={rt_env}",
+        f"--metrics-export-port={metrics}",
+        f"--ray-client-server-port={client}",
+        f"--node-manager-port={node_mgr}",
+        f"--object-manager-port={obj_mgr}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
     try:
@@ -130,8 +155,17 @@ def test_ray_job_submit_runs_grpo_on_a_local_head(ray_head, tmp_path):
     # working_dir upload. The env the driver forwards to its actors (DS_ACCELERATOR, WANDB_MODE,
     # PYTHONPATH) comes from the head's environment, not from --runtime-env-json: Ray refuses a
     # driver whose ray.init(runtime_env) repeats an env var of the job's runtime_env.
-    entrypoint = [sys.executable, "-m", "rlsys.grpo", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
-                  "run.steps=2", f"run.out_dir={out}", "run.checkpoint_every_steps=2", "tracking.mode=offline"]
+    entrypoint = [
+        sys.executable,
+        "-m",
+        "rlsys.grpo",
+        "--config",
+        str(ROOT / "configs" / "tiny_cpu.yaml"),
+        "run.steps=2",
+        f"run.out_dir={out}",
+        "run.checkpoint_every_steps=2",
+        "tracking.mode=offline",
+    ]
     t0 = time.monotonic()
     sub = _ray(["job", "submit", "--address", address, "--submission-id", sid, "--no-wait", "--", *entrypoint], env)
     assert sub.returncode == 0, f"ray job submit failed:\n{sub.stdout}\n{sub.stderr}"
@@ -147,12 +181,14 @@ def test_ray_job_submit_runs_grpo_on_a_local_head(ray_head, tmp_path):
     text = logs.stdout
     if status not in ("SUCCEEDED", "FAILED", "STOPPED"):
         _ray(["job", "stop", sid, "--address", address, "--no-wait"], env)
-    assert status == "SUCCEEDED", f"job {sid}: {status} after {elapsed:.0f} s; logs:\n{text[-6000:]}{logs.stderr[-2000:]}"
+    assert status == "SUCCEEDED", (
+        f"job {sid}: {status} after {elapsed:.0f} s; logs:\n{text[-6000:]}{logs.stderr[-2000:]}"
+    )
 
     assert logs.returncode == 0
     assert "step 1/2" in text and "step 2/2" in text, text[-4000:]
     final = [line for line in text.splitlines() if line.startswith("final: ")]
     assert final and '"weights_in_sync": true' in final[-1], text[-4000:]
-    assert json.loads(final[-1][len("final: "):])["step"] == 2
+    assert json.loads(final[-1][len("final: ") :])["step"] == 2
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
     print(f"job {sid} succeeded in {elapsed:.0f} s")

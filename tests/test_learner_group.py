@@ -20,8 +20,11 @@ def ray_local():
     import ray
 
     os.environ["DS_ACCELERATOR"] = "cpu"
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}},
+    )
     yield
     ray.shutdown()
 
@@ -30,8 +33,7 @@ def _items(processor, synthetic_dir, n: int, seed: int):
     import random
 
     from rlsys.data.samples import load_dataset
-    from rlsys.grpo.trainer import _chat_prompt
-    from rlsys.lang.prompts import question_for_sample
+    from rlsys.lang.prompts import chat_prompt, question_for_sample
 
     samples = load_dataset(synthetic_dir / "train.jsonl")
     rng = random.Random(seed)
@@ -40,22 +42,38 @@ def _items(processor, synthetic_dir, n: int, seed: int):
         s = samples[k % len(samples)]
         # answers of 1-12 ordinary tokens (ids below the specials), advantages of both signs
         ids = [rng.randrange(20, 900) for _ in range(rng.randrange(1, 13))]
-        out.append({"prompt": _chat_prompt(processor, question_for_sample(s)), "image": s.image,
-                    "response_ids": ids, "advantage": rng.uniform(-1.5, 1.5)})
+        out.append(
+            {
+                "prompt": chat_prompt(processor, question_for_sample(s)),
+                "image": s.image,
+                "response_ids": ids,
+                "advantage": rng.uniform(-1.5, 1.5),
+            }
+        )
     return out
 
 
 def _run(tiny_model_dir, synthetic_dir, num_ranks: int, batches, overrides=()):
     import copy
 
-    from actors.learner import LearnerGroup
     from actors.group import call
+    from actors.learner import LearnerGroup
     from rlsys.config import load_config
     from rlsys.models import load_processor
 
-    cfg = load_config(overrides=[f"learner.num_ranks={num_ranks}", "learner.micro_batch_size=4", "learner.lr=1e-3",
-                                 "learner.kl_coef=0.05", "learner.timeout_s=300", "learner.cpus_per_rank=0.5", "run.prompts_per_step=4",
-                                 "rollout.samples_per_prompt=4", *overrides])
+    cfg = load_config(
+        overrides=[
+            f"learner.num_ranks={num_ranks}",
+            "learner.micro_batch_size=4",
+            "learner.lr=1e-3",
+            "learner.kl_coef=0.05",
+            "learner.timeout_s=300",
+            "learner.cpus_per_rank=0.5",
+            "run.prompts_per_step=4",
+            "rollout.samples_per_prompt=4",
+            *overrides,
+        ]
+    )
     processor = load_processor(str(tiny_model_dir))
     g = LearnerGroup(cfg, str(tiny_model_dir), 300)
     call(g.ready_refs(), 300, "learner start")
@@ -101,8 +119,12 @@ def test_two_ranks_give_the_one_rank_update_on_uneven_shards(ray_local, tiny_mod
         # either run: in the first step here 21 of 1.09M elements, all but one in the patch
         # embedding; 112 after the second, as the Adam moments diverge. The bulk agrees to float32 rounding (mean 1e-8 after three steps of 1e-3; a
         # lost shard or micro-batch moves most elements by ~lr and fails this by 100x).
-        assert float((d > 1e-3 * moved).float().mean()) < 1e-3, f"step {k}: {int((d > 1e-3 * moved).sum())} elements differ"
-        assert float(d.mean()) < 1e-3 * moved, f"step {k}: mean difference {float(d.mean()):.3g} (the step moved {moved:.3g})"
+        assert float((d > 1e-3 * moved).float().mean()) < 1e-3, (
+            f"step {k}: {int((d > 1e-3 * moved).sum())} elements differ"
+        )
+        assert float(d.mean()) < 1e-3 * moved, (
+            f"step {k}: mean difference {float(d.mean()):.3g} (the step moved {moved:.3g})"
+        )
 
 
 def test_learning_rate_warm_up_scales_the_first_updates(ray_local, tiny_model_dir, synthetic_dir):

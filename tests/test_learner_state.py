@@ -31,8 +31,13 @@ def test_state_dict_export_pickles_only_its_own_data(tiny_model_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(port)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tiny_model_dir), str(port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     # the premise: ZeRO did make the parameters views into a larger buffer
@@ -45,7 +50,7 @@ FREEZE_SCRIPT = r"""
 import json, sys, torch
 from actors.learner import LearnerWorker
 from rlsys.data.samples import load_dataset
-from rlsys.grpo.trainer import _chat_prompt
+from rlsys.lang.prompts import chat_prompt
 from rlsys.models import param_part
 w = LearnerWorker.__ray_actor_class__(rank=0, world_size=1)
 cfg = dict(lr=1e-2, weight_decay=0.0, micro_batch_size=2, grad_clip=1.0, zero_stage=2, kl_coef=0.0,
@@ -53,7 +58,7 @@ cfg = dict(lr=1e-2, weight_decay=0.0, micro_batch_size=2, grad_clip=1.0, zero_st
 w.setup(sys.argv[1], cfg, master_addr="127.0.0.1", master_port=int(sys.argv[2]), seed=0)
 before = {n: p.detach().clone() for n, p in w.engine.module.named_parameters()}
 s = load_dataset(sys.argv[3])[0]
-prompt = _chat_prompt(w.processor, "Detect circle.")
+prompt = chat_prompt(w.processor, "Detect circle.")
 items = [{"prompt": prompt, "image": s.image, "response_ids": ids, "advantage": a}
          for ids, a in (([5, 6, 7], 1.0), ([8, 9], -1.0))]
 w.train(items, num_tokens_global=5)  # kl_coef 0: no reference pass, the proximal policy from this forward
@@ -74,8 +79,13 @@ def test_freeze_vision_keeps_the_vision_encoder_fixed_and_trains_the_rest(tiny_m
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", FREEZE_SCRIPT, str(tiny_model_dir), str(port), str(synthetic_dir / "train.jsonl")],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", FREEZE_SCRIPT, str(tiny_model_dir), str(port), str(synthetic_dir / "train.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     moved = res["moved"]

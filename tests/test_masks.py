@@ -12,14 +12,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rewards.mask import (POINT_SET_WEIGHTS, grid_cell_masks, mask_points_f1, mask_to_grid_points, point_set_scores,
-                          reference_points)
+from rewards.mask import (
+    POINT_SET_WEIGHTS,
+    grid_cell_masks,
+    mask_points_f1,
+    mask_to_grid_points,
+    point_set_scores,
+    reference_points,
+)
 from rewards.metrics import mask_f1
-from rewards.scorer import (score, score_cell_masks, score_getok_grid_stage_cell_masks, score_getok_mask_points)
+from rewards.scorer import score, score_cell_masks, score_getok_grid_stage_cell_masks, score_getok_mask_points
 from rlsys.config import ConfigError, RewardConfig, SFTConfig, load_config
 from rlsys.data.samples import DataError, Instance, Sample
-from rlsys.lang.format import Prediction, parse
 from rlsys.data.synthetic import _rle
+from rlsys.lang.format import Prediction, parse
 from rlsys.lang.targets import answer_text
 from rlsys.lang.vocab import REX_BINS, ChatRex, GETok, QwenJson
 
@@ -36,7 +42,16 @@ def box_mask(x0, y0, x1, y1, w=40, h=40):
 
 def mask_sample(masks, phrases=("cat",), labels=None, task="detection", w=40, h=40, sid="m"):
     labels = labels or [phrases[0]] * len(masks)
-    return Sample(sid, "img.png", w, h, task, list(phrases), [Instance(lab, mask=_rle(m)) for lab, m in zip(labels, masks)], "mask")
+    return Sample(
+        sid,
+        "img.png",
+        w,
+        h,
+        task,
+        list(phrases),
+        [Instance(lab, mask=_rle(m)) for lab, m in zip(labels, masks)],
+        "mask",
+    )
 
 
 def seg(phrase, body):
@@ -100,7 +115,7 @@ def masks(draw):
     m = np.zeros((h, w), dtype=bool)
     for _ in range(draw(st.integers(1, 3))):
         x0, y0 = draw(st.integers(0, w - 1)), draw(st.integers(0, h - 1))
-        m[y0:draw(st.integers(y0 + 1, h)), x0:draw(st.integers(x0 + 1, w))] = True
+        m[y0 : draw(st.integers(y0 + 1, h)), x0 : draw(st.integers(x0 + 1, w))] = True
     return m
 
 
@@ -129,12 +144,15 @@ def test_every_mask_becomes_grid_points_on_it(m, grid):
 # render -> parse, garbage
 # ---------------------------------------------------------------------------------------------
 @settings(max_examples=120, deadline=None)
-@given(ms=st.lists(masks(), min_size=1, max_size=3), grid=st.integers(2, 16), offsets=st.booleans(),
-       absent=st.booleans())
+@given(
+    ms=st.lists(masks(), min_size=1, max_size=3), grid=st.integers(2, 16), offsets=st.booleans(), absent=st.booleans()
+)
 def test_mask_answers_round_trip(ms, grid, offsets, absent):
     h, w = ms[0].shape
-    ms = [m if m.shape == (h, w) else np.pad(m, ((0, max(0, h - m.shape[0])), (0, max(0, w - m.shape[1]))))[:h, :w]
-          for m in ms]
+    ms = [
+        m if m.shape == (h, w) else np.pad(m, ((0, max(0, h - m.shape[0])), (0, max(0, w - m.shape[1]))))[:h, :w]
+        for m in ms
+    ]
     ms = [m for m in ms if m.any()] or [box_mask(0, 0, 1, 1, w, h)]
     v = GETok(grid, offsets)
     smp = mask_sample(ms, phrases=("cat", "dog") if absent else ("cat",), w=w, h=h)
@@ -163,11 +181,35 @@ def _holds_a_centre(m, grid):
 
 
 GARBAGE = st.one_of(
-    st.text(), st.text(alphabet="<>_-,0123456789gridOFDELT |objectrfsabn"),
-    st.lists(st.sampled_from(["<grid3_4>", "<grid1_1>", "<grid9_0>", "<OFF1_-1>", "<OFF2_0>", "<DELETE>", ",",
-                              "<|object_ref_start|>", "cat", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-                              "None", "<12>", " ", "<|im_end|>"]), max_size=30).map("".join),
-    st.none(), st.integers(), st.lists(st.integers()))
+    st.text(),
+    st.text(alphabet="<>_-,0123456789gridOFDELT |objectrfsabn"),
+    st.lists(
+        st.sampled_from(
+            [
+                "<grid3_4>",
+                "<grid1_1>",
+                "<grid9_0>",
+                "<OFF1_-1>",
+                "<OFF2_0>",
+                "<DELETE>",
+                ",",
+                "<|object_ref_start|>",
+                "cat",
+                "<|object_ref_end|>",
+                "<|box_start|>",
+                "<|box_end|>",
+                "None",
+                "<12>",
+                " ",
+                "<|im_end|>",
+            ]
+        ),
+        max_size=30,
+    ).map("".join),
+    st.none(),
+    st.integers(),
+    st.lists(st.integers()),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -228,14 +270,20 @@ def test_mask_iou_reward_hand_worked():
     assert (r.kind, r.num_pred, r.num_gt, r.unreadable) == ("mask_iou_grid_cells", 3, 2, 0)
     assert (r.precision, r.recall, r.reward) == pytest.approx((0.5, 0.75, 0.6))
     # one to one: two copies of the exact set match B once; the second scores 0
-    twice = score_cell_masks(seg("cat", "<grid2_2><grid3_2><grid2_3><grid3_3>,<grid2_2><grid3_2><grid2_3><grid3_3>"),
-                             mask_sample([B]), vocabulary=G4)
+    twice = score_cell_masks(
+        seg("cat", "<grid2_2><grid3_2><grid2_3><grid3_3>,<grid2_2><grid3_2><grid2_3><grid3_3>"),
+        mask_sample([B]),
+        vocabulary=G4,
+    )
     assert (twice.precision, twice.recall) == pytest.approx((0.5, 1.0))
     # the target of a mask made of whole cells decodes to the mask itself: 1.0
     assert score_cell_masks(answer_text(smp, G4), smp, vocabulary=G4).reward == pytest.approx(1.0)
     # a phrase the question did not ask, and an unreadable fragment, are predictions scoring 0
-    extra = score_cell_masks(seg("cat", "<grid2_2><grid3_2><grid2_3><grid3_3>,<bad>") + ", " + seg("dog", "<grid0_0>"),
-                             mask_sample([B]), vocabulary=G4)
+    extra = score_cell_masks(
+        seg("cat", "<grid2_2><grid3_2><grid2_3><grid3_3>,<bad>") + ", " + seg("dog", "<grid0_0>"),
+        mask_sample([B]),
+        vocabulary=G4,
+    )
     # matched 1 over 3 predictions (exact, unreadable, dog) and 1 GT: F1 = 2 * 1 / (3 + 1) = 0.5
     assert (extra.num_pred, extra.unreadable, extra.reward) == (3, 1, pytest.approx(0.5))
 
@@ -244,12 +292,18 @@ def test_point_set_scores_hand_worked():
     # GT: the 20 x 20 square at the origin (400 px); its target is the 4 centres (n_ref = 4).
     sq = box_mask(0, 0, 20, 20)[None]
     assert reference_points(sq[0], 4) == 4
-    q = point_set_scores([(5, 5, 15, 5, 5, 15, 15, 15),   # the target
-                          (5, 5, 15, 15),                 # two of its points
-                          (5, 5, 5, 5, 15, 15, 30, 30),   # a repeat and a miss
-                          (5, 5, 15, 5, 5, 15, 15, 15, 10, 5, 5, 10, 15, 10, 10, 15),  # 8 points
-                          (5, 5, float("nan"), 1),        # a NaN point
-                          ()], sq, [4])
+    q = point_set_scores(
+        [
+            (5, 5, 15, 5, 5, 15, 15, 15),  # the target
+            (5, 5, 15, 15),  # two of its points
+            (5, 5, 5, 5, 15, 15, 30, 30),  # a repeat and a miss
+            (5, 5, 15, 5, 5, 15, 15, 15, 10, 5, 5, 10, 15, 10, 10, 15),  # 8 points
+            (5, 5, float("nan"), 1),  # a NaN point
+            (),
+        ],
+        sq,
+        [4],
+    )
     # target: hit 1; nearest neighbours 10 px vs d_ref = 0.5 sqrt(400 / 4) = 5: spacing 1;
     # saturation (1 - e^-2) / (1 - e^-2) = 1; no excess: q = 1
     # two points: hit 1; NN 14.1 vs d_ref 0.5 sqrt(200) = 7.07: spacing 1; saturation
@@ -264,8 +318,9 @@ def test_point_set_scores_hand_worked():
     assert q[:, 0] == pytest.approx([1.0, sat2, 0.375, 0.5, 0.25 * sat2, 0.0])
     assert POINT_SET_WEIGHTS == {"saturation_points": 2.0, "excess_penalty": 0.5}
     # the weights are arguments: no excess penalty -> the 8 points score 1
-    assert point_set_scores([(5, 5, 15, 5, 5, 15, 15, 15, 10, 5, 5, 10, 15, 10, 10, 15)], sq, [4],
-                            weights={"excess_penalty": 0.0})[0, 0] == pytest.approx(1.0)
+    assert point_set_scores(
+        [(5, 5, 15, 5, 5, 15, 15, 15, 10, 5, 5, 10, 15, 10, 10, 15)], sq, [4], weights={"excess_penalty": 0.0}
+    )[0, 0] == pytest.approx(1.0)
 
 
 def test_mask_rewards_of_a_phrase_with_no_object():
@@ -280,14 +335,17 @@ def test_mask_rewards_of_a_phrase_with_no_object():
         assert r.precision == 0.0 and r.reward < 0.5, (scorer.__name__, r)
 
 
-@pytest.mark.parametrize("raw, want", [
-    ((1, 2, 3, 4), [[1, 2], [3, 4]]),
-    ([[1, 2], [3, 4]], [[1, 2], [3, 4]]),
-    ([[0, 1, 2], [3, 4, 5]], []),  # triples are not points, whatever their total count
-    ((1, 2, 3), []),
-    ("ab", []),
-    ([[1, 2], [3]], []),
-])
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ((1, 2, 3, 4), [[1, 2], [3, 4]]),
+        ([[1, 2], [3, 4]], [[1, 2], [3, 4]]),
+        ([[0, 1, 2], [3, 4, 5]], []),  # triples are not points, whatever their total count
+        ((1, 2, 3), []),
+        ("ab", []),
+        ([[1, 2], [3]], []),
+    ],
+)
 def test_as_point_set_reads_pairs_only(raw, want):
     from rewards.mask import as_point_set
 
@@ -303,7 +361,8 @@ def test_point_set_reward_through_text_hand_worked():
     m = 1 + (1 - math.exp(-0.5)) / (1 - math.exp(-1))
     assert r.kind == "mask_points" and r.reward == pytest.approx(2 * m / 5)
     assert mask_points_f1([(5, 5)], ["cat"], [A], ["cat"], grid=4, height=40, width=40).f1 == pytest.approx(
-        2 * (m - 1) / 2)
+        2 * (m - 1) / 2
+    )
     # the grid stage: 0.8 * (0.5 * 0.6 + 0.5 * 2m/5) + 0.1 format + 0.1 non-repeat
     g = score_getok_grid_stage_cell_masks(ANSWER, smp, vocabulary=G4)
     assert g.kind == "mask_iou_grid_cells+points"
@@ -329,8 +388,11 @@ def test_sam_decoding_is_asked_for_by_name_never_assumed():
     # every set decodes to A: one of the three matches A with IoU 1 -> F1 = 2 * 1 / 4 = 0.5
     assert r.kind == "mask_iou" and r.reward == pytest.approx(0.5)
     assert [len(s) for s in sam.sets[0]] == [2, 8, 2]
-    assert [score.mask_decoder, score_cell_masks.mask_decoder, score_getok_mask_points.mask_decoder] == \
-        ["sam", "grid_cells", None]
+    assert [score.mask_decoder, score_cell_masks.mask_decoder, score_getok_mask_points.mask_decoder] == [
+        "sam",
+        "grid_cells",
+        None,
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,8 +429,11 @@ def test_mask_decoder_is_checked_at_start():
     smp = mask_sample([A])
     with pytest.raises(ConfigError, match="1 sample.*'m'.*decodes mask answers with SAM.*score_cell_masks"):
         check_point_masks([smp], RewardConfig())
-    for scorer in ("rewards.scorer:score_cell_masks", "rewards.scorer:score_getok_mask_points",
-                   "rewards.scorer:score_getok_grid_stage_cell_masks"):
+    for scorer in (
+        "rewards.scorer:score_cell_masks",
+        "rewards.scorer:score_getok_mask_points",
+        "rewards.scorer:score_getok_grid_stage_cell_masks",
+    ):
         assert check_point_masks([smp], RewardConfig(scorer=scorer)) == 0
     assert mask_decoding(RewardConfig(scorer="rewards.scorer:score_cell_masks")) == ("grid_cells", None)
     with pytest.raises(ConfigError, match="reward.sam_checkpoint"):
@@ -381,8 +446,16 @@ def test_mask_decoder_is_checked_at_start():
 # data, synthetic, metrics
 # ---------------------------------------------------------------------------------------------
 def test_mask_records_need_a_mask_that_holds_a_pixel():
-    rec = {"id": "r1", "image": "x.png", "width": 40, "height": 40, "task": "referring", "output": "mask",
-           "phrases": ["cat"], "instances": [{"phrase": "cat", "box": [0, 0, 5, 5]}]}
+    rec = {
+        "id": "r1",
+        "image": "x.png",
+        "width": 40,
+        "height": 40,
+        "task": "referring",
+        "output": "mask",
+        "phrases": ["cat"],
+        "instances": [{"phrase": "cat", "box": [0, 0, 5, 5]}],
+    }
     with pytest.raises(DataError, match=r"r1.*instances\[0\]\.mask.*missing for output 'mask'"):
         Sample.from_dict(rec, "f.jsonl:3")
     rec["instances"][0]["mask"] = _rle(np.zeros((40, 40), dtype=bool))
@@ -397,22 +470,30 @@ def test_mask_records_need_a_mask_that_holds_a_pixel():
 
 
 def test_synthetic_mask_samples_keep_the_rest_of_the_seed(tmp_path):
-    from rlsys.data.samples import synthetic
+    from rlsys.data import synthetic
     from rlsys.data.samples import load_jsonl
 
     plain = load_jsonl(synthetic.generate(tmp_path / "a", num_images=24, seed=3, image_size=56, max_objects=2))
-    masked = load_jsonl(synthetic.generate(tmp_path / "b", num_images=24, seed=3, image_size=56, max_objects=2,
-                                           mask_fraction=0.6))
+    masked = load_jsonl(
+        synthetic.generate(tmp_path / "b", num_images=24, seed=3, image_size=56, max_objects=2, mask_fraction=0.6)
+    )
     assert len(plain) == len(masked)
     changed = [m for p, m in zip(plain, masked) if p.output != m.output]
     assert changed and all(m.output == "mask" and m.task in ("detection", "referring") for m in changed)
     for p, m in zip(plain, masked):  # the same images and ground truth; only the output differs
-        assert (p.id, p.task, p.phrases, [i.to_dict() for i in p.instances]) == \
-            (m.id, m.task, m.phrases, [i.to_dict() for i in m.instances])
-        assert (tmp_path / "a" / "images" / p.image.split("/")[-1]).read_bytes() == \
-            (tmp_path / "b" / "images" / m.image.split("/")[-1]).read_bytes()
+        assert (p.id, p.task, p.phrases, [i.to_dict() for i in p.instances]) == (
+            m.id,
+            m.task,
+            m.phrases,
+            [i.to_dict() for i in m.instances],
+        )
+        assert (tmp_path / "a" / "images" / p.image.split("/")[-1]).read_bytes() == (
+            tmp_path / "b" / "images" / m.image.split("/")[-1]
+        ).read_bytes()
     v = GETok(8)
-    assert all(score_getok_mask_points(answer_text(s, v), s, vocabulary=v).reward == pytest.approx(1.0) for s in changed)
+    assert all(
+        score_getok_mask_points(answer_text(s, v), s, vocabulary=v).reward == pytest.approx(1.0) for s in changed
+    )
 
 
 def test_mask_metric_identity_is_one_and_hand_worked():

@@ -28,10 +28,12 @@ FAR = (50.0, 50.0, 60.0, 60.0)
 def test_detection_f1_hand_worked():
     # cat: GT A, B; predictions A exactly (IoU 1), (20,0,30,12.5) (inter 100 / union 125 = 0.8)
     # and one far away. dog: GT C; prediction (0,20,10,40) (inter 100 / union 200 = 0.5).
-    images = [{
-        "gt": [("cat", A), ("cat", B), ("dog", C)],
-        "pred": [("cat", A), ("cat", (20, 0, 30, 12.5)), ("cat", FAR), ("dog", (0, 20, 10, 40))],
-    }]
+    images = [
+        {
+            "gt": [("cat", A), ("cat", B), ("dog", C)],
+            "pred": [("cat", A), ("cat", (20, 0, 30, 12.5)), ("cat", FAR), ("dog", (0, 20, 10, 40))],
+        }
+    ]
     m = detection_f1(images)
     # t = 0.50: cat TP 2 (R 2/2, P 2/3), dog TP 1 (R 1, P 1): R = 1, P = 5/6, F1 = 10/11.
     assert (m["R@0.50"], m["P@0.50"], m["F1@0.50"]) == pytest.approx((1.0, 5 / 6, 10 / 11))
@@ -100,8 +102,15 @@ def test_detection_f1_empty_conventions_and_bad_input():
 
 def _greedy_at(sim, t):
     """Greedy matching restricted to pairs with IoU >= t, re-run for every threshold."""
-    pairs = sorted(((sim[i, j], i, j) for i in range(sim.shape[0]) for j in range(sim.shape[1])
-                    if sim[i, j] >= t - 1e-9 and sim[i, j] > 0), reverse=True)
+    pairs = sorted(
+        (
+            (sim[i, j], i, j)
+            for i in range(sim.shape[0])
+            for j in range(sim.shape[1])
+            if sim[i, j] >= t - 1e-9 and sim[i, j] > 0
+        ),
+        reverse=True,
+    )
     used_i, used_j, n = set(), set(), 0
     for _, i, j in pairs:
         if i not in used_i and j not in used_j:
@@ -136,7 +145,9 @@ def test_pointing_f1():
     # cat: two points in mask 0 -> one match (one-to-one), one false positive: R 1, P 1/2.
     # dog: GT mask 1, its point (2, 2) falls in mask 0 (the cat's) -> R 0, P 0.
     # R = (1 + 0)/2 = 0.5, P = (0.5 + 0)/2 = 0.25, F1 = 2 * .125 / .75 = 1/3.
-    images = [{"gt": [("cat", masks[0]), ("dog", masks[1])], "pred": [("cat", (1, 1)), ("cat", (2, 2)), ("dog", (2, 2))]}]
+    images = [
+        {"gt": [("cat", masks[0]), ("dog", masks[1])], "pred": [("cat", (1, 1)), ("cat", (2, 2)), ("dog", (2, 2))]}
+    ]
     m = pointing_f1(images)
     assert (m["R"], m["P"], m["F1"]) == pytest.approx((0.5, 0.25, 1 / 3))
     assert pointing_f1([{"gt": [("cat", masks[0])], "pred": [("cat", None)]}])["F1"] == 0.0
@@ -167,15 +178,19 @@ def test_duplicate_definition():
 def test_count_rates_hand_worked():
     B = (0, 0, 10, 10)
     images = [
-        {"gt": [("cat", B)] * 2, "pred": [("cat", B)] * 2},                       # cat: exact
-        {"gt": [("cat", B)], "pred": [("cat", B)] * 3},                           # cat: over
-        {"gt": [("cat", B)] * 3 + [("dog", B)], "pred": [("cat", B)]},            # cat: under, dog: under
-        {"gt": [], "pred": [("dog", B)]},                                         # dog on nothing: over
-        {"gt": [], "pred": []},                                                   # no pair at all
+        {"gt": [("cat", B)] * 2, "pred": [("cat", B)] * 2},  # cat: exact
+        {"gt": [("cat", B)], "pred": [("cat", B)] * 3},  # cat: over
+        {"gt": [("cat", B)] * 3 + [("dog", B)], "pred": [("cat", B)]},  # cat: under, dog: under
+        {"gt": [], "pred": [("dog", B)]},  # dog on nothing: over
+        {"gt": [], "pred": []},  # no pair at all
     ]
     # 5 (image, label) pairs: 1 exact, 2 over, 2 under; the empty image adds none
     assert count_rates(images) == {"exact_count_rate": 0.2, "over_count_rate": 0.4, "under_count_rate": 0.4}
-    assert count_rates([{"gt": [], "pred": []}]) == {"exact_count_rate": 1.0, "over_count_rate": 0.0, "under_count_rate": 0.0}
+    assert count_rates([{"gt": [], "pred": []}]) == {
+        "exact_count_rate": 1.0,
+        "over_count_rate": 0.0,
+        "under_count_rate": 0.0,
+    }
     with pytest.raises(ValueError, match=r"images\[0\]\['pred'\]\[0\]"):
         count_rates([{"gt": [], "pred": [("cat",)]}])
 
@@ -212,9 +227,15 @@ def _random_images(rng, n, labels=("cat", "dog", "red square")):
         x, y = rng.uniform(0, 80, 2)
         return (x, y, x + rng.uniform(5, 20), y + rng.uniform(5, 20))
 
-    return [{"gt": [(labels[rng.integers(len(labels))], box()) for _ in range(rng.integers(0, 4))],
-             "pred": [(labels[rng.integers(len(labels))], box()) for _ in range(rng.integers(0, 4))],
-             "width": 100, "height": 100} for _ in range(n)]
+    return [
+        {
+            "gt": [(labels[rng.integers(len(labels))], box()) for _ in range(rng.integers(0, 4))],
+            "pred": [(labels[rng.integers(len(labels))], box()) for _ in range(rng.integers(0, 4))],
+            "width": 100,
+            "height": 100,
+        }
+        for _ in range(n)
+    ]
 
 
 def _expand(images, weights):
@@ -257,8 +278,10 @@ def test_count_table_categories_absent_from_a_resample_drop_out_of_the_average()
 def test_pointing_table_is_pointing_f1():
     m = np.zeros((10, 10), dtype=bool)
     m[2:5, 2:5] = True
-    images = [{"gt": [("cat", m)], "pred": [("cat", (3, 3)), ("cat", (3.5, 3.5))]},   # one hit, a second point in it
-              {"gt": [("dog", m)], "pred": [("dog", (8, 8))]}]                          # a miss
+    images = [
+        {"gt": [("cat", m)], "pred": [("cat", (3, 3)), ("cat", (3.5, 3.5))]},  # one hit, a second point in it
+        {"gt": [("dog", m)], "pred": [("dog", (8, 8))]},
+    ]  # a miss
     r, p = pointing_table(images).scores()
     ref = pointing_f1(images)
     assert (r[0, 0], p[0, 0]) == pytest.approx((ref["R"], ref["P"]))
@@ -287,6 +310,8 @@ def test_paired_bootstrap_hand_worked_and_paired():
     out = paired_bootstrap(mean, [other], 40, n_resamples=500)
     assert out["lo"] < out["change"] < out["hi"] and out["hi"] - out["lo"] > 0.1
     # reproducible from its seed
-    assert paired_bootstrap(mean, [other], 40, n_resamples=100, seed=3) == paired_bootstrap(mean, [other], 40, n_resamples=100, seed=3)
+    assert paired_bootstrap(mean, [other], 40, n_resamples=100, seed=3) == paired_bootstrap(
+        mean, [other], 40, n_resamples=100, seed=3
+    )
     with pytest.raises(ValueError, match="at least one model"):
         paired_bootstrap(mean, [], 40)

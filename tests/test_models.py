@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from rlsys.lang.coords import COORD_TOKENS
-from rlsys.models import QWEN_SPECIAL_TOKENS, coordinate_token_ids, load_model, load_processor, map_last_ids, prepare_checkpoint
+from rlsys.models import (
+    QWEN_SPECIAL_TOKENS,
+    coordinate_token_ids,
+    load_model,
+    load_processor,
+    map_last_ids,
+    prepare_checkpoint,
+)
 
 
 def _inputs(proc, image_path, question="Detect circle."):
@@ -66,7 +73,8 @@ def test_transformers_forward_with_image(tiny_model_dir, synthetic_dir):
 def test_vllm_generates_from_same_directory(tiny_model_dir, synthetic_dir, tmp_path):
     # vLLM spawns worker processes: run it as a script with a __main__ guard, in its own process.
     script = tmp_path / "gen.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json
         from PIL import Image
         from transformers import AutoProcessor
@@ -86,10 +94,17 @@ def test_vllm_generates_from_same_directory(tiny_model_dir, synthetic_dir, tmp_p
             hf_ids = proc(text=[text], images=[img], return_tensors="pt")["input_ids"][0].tolist()
             print("RESULT " + json.dumps({{"prompt": list(out.prompt_token_ids), "hf_prompt": hf_ids, "image_pad": proc.image_token_id,
                                            "answers": [{{"ids": list(c.token_ids), "lp": [next(iter(d.values())).logprob for d in c.logprobs]}} for c in out.outputs]}}))
-    """))
+    """)
+    )
     repo = str(Path(__file__).resolve().parent.parent)
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=540,
-                       env={**os.environ, "PYTHONPATH": repo}, cwd=repo)
+    r = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        env={**os.environ, "PYTHONPATH": repo},
+        cwd=repo,
+    )
     line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stderr[-3000:]
     res = json.loads(line[0][7:])
@@ -166,8 +181,10 @@ def qwen_layout_base(tmp_path_factory):
     entries, its 22 added tokens at 151643..151664, 151,936 rows) at the tiny model's widths."""
     from rlsys.models import QWEN2_5_VL_VOCAB_ROWS, TinySpec, build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("qwen-layout") / "base",
-                            TinySpec(tokenizer_layout="qwen2_5_vl", vocab_rows=QWEN2_5_VL_VOCAB_ROWS))
+    return build_tiny_model(
+        tmp_path_factory.mktemp("qwen-layout") / "base",
+        TinySpec(tokenizer_layout="qwen2_5_vl", vocab_rows=QWEN2_5_VL_VOCAB_ROWS),
+    )
 
 
 def test_qwen_layout_tokenizer_has_the_real_ids(qwen_layout_base):

@@ -4,9 +4,9 @@ context refused at load (or skipped and counted), never sent to an engine."""
 import pytest
 
 from rlsys.config import ConfigError, load_config
+from rlsys.data.prepare import check_fit, image_tokens
 from rlsys.data.samples import load_jsonl
 from rlsys.models import load_processor
-from rlsys.data.prepare import check_fit, image_tokens
 
 
 def test_image_tokens_follow_the_budget(tiny_model_dir):
@@ -30,9 +30,12 @@ def test_samples_that_cannot_fit_the_context_are_refused_or_skipped(tiny_model_d
     kept, skipped = check_fit(samples, proc, max_model_len=1024, max_new_tokens=128)
     assert kept == samples and skipped == 0
     # 64 image tokens + the chat markup + the question + 128 answer tokens cannot fit 200
-    with pytest.raises(ConfigError, match=r"train.jsonl:\d+ sample '.+': prompt \d+ tokens \+ 64 image tokens "
-                                          r"\(224x224 px resized to 224x224\) \+ rollout.max_new_tokens 128 = \d+ > "
-                                          r"rollout.max_model_len_tokens 200.*data.too_long=skip"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.jsonl:\d+ sample '.+': prompt \d+ tokens \+ 64 image tokens "
+        r"\(224x224 px resized to 224x224\) \+ rollout.max_new_tokens 128 = \d+ > "
+        r"rollout.max_model_len_tokens 200.*data.too_long=skip",
+    ):
         check_fit(samples, proc, max_model_len=200, max_new_tokens=128)
     kept, skipped = check_fit(samples, proc, max_model_len=200, max_new_tokens=128, too_long="skip")
     assert kept == [] and skipped == len(samples)
@@ -40,8 +43,7 @@ def test_samples_that_cannot_fit_the_context_are_refused_or_skipped(tiny_model_d
     # image), the computed need is never below it and at most a few tokens above
     from PIL import Image
 
-    from rlsys.grpo.trainer import _chat_prompt
-    from rlsys.lang.prompts import build_question, templates_for
+    from rlsys.lang.prompts import build_question, chat_prompt, templates_for
 
     class Pick:
         def __init__(self, k):
@@ -51,10 +53,32 @@ def test_samples_that_cannot_fit_the_context_are_refused_or_skipped(tiny_model_d
             return self.k
 
     for s in [s for s in samples if s.task != "keypoint"][:6]:
-        real = max(len(proc(text=[_chat_prompt(proc, build_question(s.task, s.output, s.phrases, width=s.width, height=s.height,
-                                                                   prompt_boxes=s.prompt_boxes, rng=Pick(k)))],
-                            images=[Image.open(s.image)], return_tensors="pt")["input_ids"][0])
-                   for k in range(len(templates_for(s.task, s.output)))) + 128
+        real = (
+            max(
+                len(
+                    proc(
+                        text=[
+                            chat_prompt(
+                                proc,
+                                build_question(
+                                    s.task,
+                                    s.output,
+                                    s.phrases,
+                                    width=s.width,
+                                    height=s.height,
+                                    prompt_boxes=s.prompt_boxes,
+                                    rng=Pick(k),
+                                ),
+                            )
+                        ],
+                        images=[Image.open(s.image)],
+                        return_tensors="pt",
+                    )["input_ids"][0]
+                )
+                for k in range(len(templates_for(s.task, s.output)))
+            )
+            + 128
+        )
         need = next(n for n in range(real - 5, real + 50) if check_fit([s], proc, n, 128, "skip")[0])
         assert real <= need <= real + 3, (s.id, real, need)
         assert check_fit([s], proc, need - 1, 128, "skip")[1] == 1

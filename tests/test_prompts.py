@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from rlsys.lang import prompts
 from rlsys.data.samples import Sample
+from rlsys.lang import prompts
 
 
 def test_every_task_has_several_templates_or_a_single_fixed_form():
@@ -18,8 +18,9 @@ def test_phrases_joined_with_commas():
 
 
 def test_visual_prompt_writes_boxes_as_coordinate_tokens():
-    q = prompts.build_question("visual_prompt", "box", ["object1"], width=1000, height=1000,
-                               prompt_boxes=[(12, 412, 339, 568)])
+    q = prompts.build_question(
+        "visual_prompt", "box", ["object1"], width=1000, height=1000, prompt_boxes=[(12, 412, 339, 568)]
+    )
     # 12/1000*999 = 11.99 -> 12; 412 -> 411.6 -> 412; 339 -> 338.7 -> 339; 568 -> 567.4 -> 567
     assert '"<12><412><339><567>"' in q
 
@@ -36,6 +37,17 @@ def test_unknown_task_is_a_clear_error():
 
 
 def test_keypoint_question_names_keypoints():
-    s = Sample.from_dict({"id": "k", "image": "i.png", "width": 10, "height": 10, "task": "keypoint", "phrases": ["triangle"],
-                          "instances": [{"phrase": "triangle", "box": [1, 1, 5, 5], "keypoints": {"top": [3, 1, 2], "left": [1, 5, 2]}}]})
+    s = Sample.from_dict(
+        {
+            "id": "k",
+            "image": "i.png",
+            "width": 10,
+            "height": 10,
+            "task": "keypoint",
+            "phrases": ["triangle"],
+            "instances": [
+                {"phrase": "triangle", "box": [1, 1, 5, 5], "keypoints": {"top": [3, 1, 2], "left": [1, 5, 2]}}
+            ],
+        }
+    )
     assert "top, left" in prompts.question_for_sample(s)

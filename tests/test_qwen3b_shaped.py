@@ -20,13 +20,22 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 # 1 LLM layer: 466M parameters, most of them the 151,936 x 2048 embedding.
-SHAPE = ["model.tiny_shape=qwen2_5_vl_3b", "model.coord_tokens=map_last", "model.tiny_num_layers=1", "model.tiny_vision_depth=2",
-         "tracking.mode=disabled", "data.synthetic_image_size_px=112", "model.tiny_max_pixels=12544"]
+SHAPE = [
+    "model.tiny_shape=qwen2_5_vl_3b",
+    "model.coord_tokens=map_last",
+    "model.tiny_num_layers=1",
+    "model.tiny_vision_depth=2",
+    "tracking.mode=disabled",
+    "data.synthetic_image_size_px=112",
+    "model.tiny_max_pixels=12544",
+]
 
 
 def _run(module: str, args: list[str], cwd: Path, timeout: int = 1500) -> str:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert r.returncode == 0, f"{module} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r.stdout
 
@@ -34,8 +43,20 @@ def _run(module: str, args: list[str], cwd: Path, timeout: int = 1500) -> str:
 @pytest.fixture(scope="module")
 def sft_final(tmp_path_factory):
     out = tmp_path_factory.mktemp("qwen3b")
-    _run("rlsys.sft", [f"run.out_dir={out / 'sft'}", "train.steps=1", "train.micro_batch_size=2", "train.log_every_steps=1",
-                                "train.checkpoint_every_steps=1", "data.synthetic_train_images=8", "data.synthetic_val_images=4", *SHAPE], out)
+    _run(
+        "rlsys.sft",
+        [
+            f"run.out_dir={out / 'sft'}",
+            "train.steps=1",
+            "train.micro_batch_size=2",
+            "train.log_every_steps=1",
+            "train.checkpoint_every_steps=1",
+            "data.synthetic_train_images=8",
+            "data.synthetic_val_images=4",
+            *SHAPE,
+        ],
+        out,
+    )
     assert (out / "sft" / "final" / "model.safetensors").is_file()
     # Ray Train's copy of the DeepSpeed state (fp32 master weights and Adam moments, ~7.5 GB at
     # this shape) is not used by the tests below; a CI disk ran out with it kept
@@ -51,15 +72,30 @@ def test_one_grpo_step_with_the_weight_transfer_and_its_equality_check(sft_final
     (1.9 GB) does not fit beside the rest on a 23 GB machine; the reference pass is the same code
     at every shape and runs on the tiny model. ZeRO stage 0 (one rank), for the same reason."""
     out = sft_final.parent.parent
-    stdout = _run("rlsys.grpo", [f"run.out_dir={out / 'grpo'}", f"run.init_checkpoint={sft_final}", "run.steps=1",
-                                 "run.prompts_per_step=1", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8",
-                                 "learner.micro_batch_size=2", "reward.num_workers=1", "run.checkpoint_every_steps=1",
-                                 "data.synthetic_train_images=8", "data.synthetic_val_images=4",
-                                 "rollout.max_model_len_tokens=512", "learner.kl_coef=0",
-                                 # one rank: ZeRO-2's fp32 partition and gradient buffers (3.7 GB
-                                 # more here) buy nothing, and with them the learner reached 12.7 GB
-                                 # beside the engine's 5.6 GB, past Ray's memory limit on 23 GB
-                                 "learner.zero_stage=0", *SHAPE], out)
+    stdout = _run(
+        "rlsys.grpo",
+        [
+            f"run.out_dir={out / 'grpo'}",
+            f"run.init_checkpoint={sft_final}",
+            "run.steps=1",
+            "run.prompts_per_step=1",
+            "rollout.samples_per_prompt=2",
+            "rollout.max_new_tokens=8",
+            "learner.micro_batch_size=2",
+            "reward.num_workers=1",
+            "run.checkpoint_every_steps=1",
+            "data.synthetic_train_images=8",
+            "data.synthetic_val_images=4",
+            "rollout.max_model_len_tokens=512",
+            "learner.kl_coef=0",
+            # one rank: ZeRO-2's fp32 partition and gradient buffers (3.7 GB
+            # more here) buy nothing, and with them the learner reached 12.7 GB
+            # beside the engine's 5.6 GB, past Ray's memory limit on 23 GB
+            "learner.zero_stage=0",
+            *SHAPE,
+        ],
+        out,
+    )
     final = json.loads(next(l for l in stdout.splitlines() if l.startswith("final: "))[7:])
     assert final["step"] == 1 and final["weights_in_sync"] is True
     steps = [json.loads(l) for l in (out / "grpo" / "steps.jsonl").read_text().splitlines()]
@@ -72,10 +108,21 @@ def test_the_model_has_qwen2_5_vl_3b_shapes_and_layout(sft_final):
 
     cfg = json.loads((sft_final / "config.json").read_text())
     t, v = cfg["text_config"], cfg["vision_config"]
-    assert (t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"], t["intermediate_size"], t["vocab_size"]) == \
-        (2048, 16, 2, 11008, 151936)
+    assert (
+        t["hidden_size"],
+        t["num_attention_heads"],
+        t["num_key_value_heads"],
+        t["intermediate_size"],
+        t["vocab_size"],
+    ) == (2048, 16, 2, 11008, 151936)
     assert cfg["tie_word_embeddings"] and t["num_hidden_layers"] == 1
-    assert (v["hidden_size"], v["num_heads"], v["intermediate_size"], v["out_hidden_size"], v["window_size"]) == (1280, 16, 3420, 2048, 112)
+    assert (v["hidden_size"], v["num_heads"], v["intermediate_size"], v["out_hidden_size"], v["window_size"]) == (
+        1280,
+        16,
+        3420,
+        2048,
+        112,
+    )
     assert v["depth"] == 2 and v["fullatt_block_indexes"] == [1]  # block 0 windowed, block 1 full attention
     tok = load_processor(sft_final).tokenizer
     assert [tok.convert_tokens_to_ids(t) for t, _ in QWEN2_5_VL_ADDED_TOKENS] == list(range(151643, 151665))
@@ -89,7 +136,8 @@ def test_the_checkpoint_reloads_in_transformers_and_vllm(sft_final, tmp_path):
     ckpt = sft_final
     image = sorted((sft_final.parent / "data" / "images").glob("*.png"))[0]
     script = tmp_path / "both.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json, torch
         from PIL import Image
         from vllm import LLM, SamplingParams
@@ -114,7 +162,8 @@ def test_the_checkpoint_reloads_in_transformers_and_vllm(sft_final, tmp_path):
             hf = [None] + [float(lp[i - 1, t]) for i, t in enumerate(ids) if i > 0]
             print("RESULT " + json.dumps({{"same_ids": inp["input_ids"][0].tolist() == ids, "tied": tied,
                                            "vllm": v[-8:], "hf": hf[-8:]}}))
-    """))
+    """)
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]

@@ -5,6 +5,8 @@ import uuid
 
 import pytest
 
+from rlsys.config import RewardConfig
+
 pytestmark = pytest.mark.slow
 
 
@@ -12,15 +14,24 @@ pytestmark = pytest.mark.slow
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": ":".join(__import__("sys").path)}})
+    ray.init(
+        num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": ":".join(__import__("sys").path)}}
+    )
     yield
     ray.shutdown()
 
 
 def _sample(sid):
     # unique ids: the misbehaving scorer remembers attempts across runs by id
-    return {"id": f"{sid}-{uuid.uuid4().hex[:8]}", "image": "x.png", "width": 100, "height": 100, "task": "detection", "phrases": ["cat"],
-            "instances": [{"phrase": "cat", "box": [10, 10, 50, 50]}]}
+    return {
+        "id": f"{sid}-{uuid.uuid4().hex[:8]}",
+        "image": "x.png",
+        "width": 100,
+        "height": 100,
+        "task": "detection",
+        "phrases": ["cat"],
+        "instances": [{"phrase": "cat", "box": [10, 10, 50, 50]}],
+    }
 
 
 GOOD = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><100><100><500><500><|box_end|>"
@@ -29,11 +40,11 @@ GOOD = "<|object_ref_start|>cat<|object_ref_end|><|box_start|><100><100><500><50
 def test_scores_in_order_and_match_the_scorer(ray_local):
     from actors.rewards import RewardGroup
 
-    g = RewardGroup(2, "paper", sample_timeout_s=30)
+    g = RewardGroup(RewardConfig(num_workers=2, matching="paper", sample_timeout_s=30))
     res = g.score([(GOOD, _sample("a")), ("garbage", _sample("b")), (GOOD, _sample("c"))])
     # box bins 100..500 of 999 on a 100 px image -> (10.01, 10.01, 50.05, 50.05): IoU ~0.997 with the GT
-    assert res[0]["reward"] > 0.99 and res[2]["reward"] > 0.99
-    assert res[1]["reward"] == 0.0 and res[1]["unreadable"] == 1 and not res[1]["failed"]
+    assert res[0].reward > 0.99 and res[2].reward > 0.99
+    assert res[1].reward == 0.0 and res[1].unreadable == 1 and not res[1].failed
     assert g.failures == 0
     g.shutdown()
 
@@ -41,11 +52,13 @@ def test_scores_in_order_and_match_the_scorer(ray_local):
 def test_error_is_retried_once_then_zero_and_counted(ray_local):
     from actors.rewards import RewardGroup
 
-    g = RewardGroup(2, "paper", sample_timeout_s=20, scorer="tests.scorers_for_tests:score")
+    g = RewardGroup(
+        RewardConfig(num_workers=2, matching="paper", sample_timeout_s=20, scorer="tests.scorers_for_tests:score")
+    )
     res = g.score([(GOOD, _sample("boom-always")), (GOOD, _sample("boom-once")), (GOOD, _sample("fine"))])
-    assert res[0]["reward"] == 0.0 and res[0]["failed"] and "exploded" in res[0]["error"]
-    assert res[1]["reward"] > 0.99 and not res[1]["failed"]  # the retry succeeded
-    assert res[2]["reward"] > 0.99
+    assert res[0].reward == 0.0 and res[0].failed and "exploded" in res[0].error
+    assert res[1].reward > 0.99 and not res[1].failed  # the retry succeeded
+    assert res[2].reward > 0.99
     assert g.failures == 1
     g.shutdown()
 
@@ -53,13 +66,15 @@ def test_error_is_retried_once_then_zero_and_counted(ray_local):
 def test_a_hanging_sample_times_out_and_the_step_goes_on(ray_local):
     from actors.rewards import RewardGroup
 
-    g = RewardGroup(1, "paper", sample_timeout_s=3, scorer="tests.scorers_for_tests:score")
+    g = RewardGroup(
+        RewardConfig(num_workers=1, matching="paper", sample_timeout_s=3, scorer="tests.scorers_for_tests:score")
+    )
     t0 = time.monotonic()
     res = g.score([(GOOD, _sample("hang-always")), (GOOD, _sample("fine2"))])
     took = time.monotonic() - t0
-    assert res[0]["reward"] == 0.0 and res[0]["failed"]
+    assert res[0].reward == 0.0 and res[0].failed
     # the stuck worker was replaced; the other sample was rescored on the fresh one
-    assert res[1]["reward"] > 0.99
+    assert res[1].reward > 0.99
     assert g.failures == 1
     # chunk deadline (2 x 3 s) + one retry per sample (3 s each) + worker restarts: bounded, no hang
     assert took < 120
@@ -71,9 +86,9 @@ def test_a_prompts_answers_go_to_one_worker(ray_local):
     # 1; never one group split (round-robin over answers would send each group to both)
     from actors.rewards import RewardGroup
 
-    g = RewardGroup(2, "paper", sample_timeout_s=30)
+    g = RewardGroup(RewardConfig(num_workers=2, matching="paper", sample_timeout_s=30))
     items = [(GOOD, _sample(f"g{k // 4}")) for k in range(12)]
     res = g.score(items, group_size=4)
     assert g.last_shards == [[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7]]
-    assert [r["reward"] > 0.99 for r in res] == [True] * 12
+    assert [r.reward > 0.99 for r in res] == [True] * 12
     g.shutdown()

@@ -406,6 +406,7 @@ def test_box_reward_at_iou_thresholds_does_not_pay_for_a_grown_box():
     assert box_iou_f1(off, None, gt, None).f1 == pytest.approx(70 / 130)
     # at the thresholds: 0.694 reaches 0.50..0.65 (4 of 10), 0.538 reaches 0.50 (1 of 10)
     from rewards import COCO_IOU_THRESHOLDS as t
+
     assert box_iou_f1(exact, None, gt, None, iou_thresholds=t).f1 == 1.0
     assert box_iou_f1(grown, None, gt, None, iou_thresholds=t).f1 == pytest.approx(0.4)
     assert box_iou_f1(off, None, gt, None, iou_thresholds=t).f1 == pytest.approx(0.1)

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from rlsys.grpo.checkpoints import Checkpoints
 from rlsys.config import TrackingConfig
-from rlsys.grpo.trainer import keep_step_records
+from rlsys.grpo.checkpoints import Checkpoints
+from rlsys.grpo.run import keep_step_records
 from rlsys.tracking import wandb_init_args
 
 

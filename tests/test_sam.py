@@ -16,11 +16,22 @@ W, H = 48, 40  # not square, not SAM's input size: post-processing must undo res
 # decoder's upscaling; the shared positional embedding has 2 * num_pos_feats = 32 channels;
 # image_size / patch_size = 4x4 image embedding, windowed attention of 2 with one global layer.
 IMAGE_SIZE = 64
-VISION = dict(hidden_size=16, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE,
-              patch_size=16, window_size=2, global_attn_indexes=[1], num_pos_feats=16, mlp_dim=32)
+VISION = dict(
+    hidden_size=16,
+    output_channels=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=IMAGE_SIZE,
+    patch_size=16,
+    window_size=2,
+    global_attn_indexes=[1],
+    num_pos_feats=16,
+    mlp_dim=32,
+)
 PROMPT = dict(hidden_size=32, image_size=IMAGE_SIZE, patch_size=16, mask_input_channels=4)
-DECODER = dict(hidden_size=32, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2, iou_head_depth=2,
-               iou_head_hidden_dim=16)
+DECODER = dict(
+    hidden_size=32, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2, iou_head_depth=2, iou_head_hidden_dim=16
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +44,14 @@ def sam_dir(tmp_path_factory):
     model = SamModel(SamConfig(vision_config=VISION, prompt_encoder_config=PROMPT, mask_decoder_config=DECODER))
     # The processor's resize/pad must match the model's image_size; low-res masks are 4x the
     # 4x4 embedding = 16 px.
-    proc = SamProcessor(SamImageProcessor(size={"longest_edge": IMAGE_SIZE},
-                                          pad_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                                          mask_size={"longest_edge": 16}, mask_pad_size={"height": 16, "width": 16}))
+    proc = SamProcessor(
+        SamImageProcessor(
+            size={"longest_edge": IMAGE_SIZE},
+            pad_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            mask_size={"longest_edge": 16},
+            mask_pad_size={"height": 16, "width": 16},
+        )
+    )
     out = tmp_path_factory.mktemp("sam") / "tiny-sam"
     model.save_pretrained(out)
     proc.save_pretrained(out)
@@ -60,8 +76,9 @@ def test_masks_shapes_and_cache(sam_dir, image_path):
     from rewards.sam import SamMaskSource
 
     src = SamMaskSource(sam_dir, cache_size=8)
-    smp = pointing_sample(image_path, [Instance("cat", box=(2.0, 3.0, 20.0, 30.0)),
-                                       Instance("dog", box=(25.04, 5.0, 47.0, 39.0))])
+    smp = pointing_sample(
+        image_path, [Instance("cat", box=(2.0, 3.0, 20.0, 30.0)), Instance("dog", box=(25.04, 5.0, 47.0, 39.0))]
+    )
     masks = src(smp)
     assert len(masks) == 2
     for m in masks:
@@ -70,8 +87,11 @@ def test_masks_shapes_and_cache(sam_dir, image_path):
     assert (src.forward_calls, src.decoder_calls, src.cache_hits, src.cache_misses) == (1, 1, 0, 2)
 
     # Another rollout of the same sample, and a box that rounds to the same 0.1 px: no SAM run.
-    again = src(pointing_sample(image_path, [Instance("cat", box=(2.0, 3.0, 20.0, 30.0)),
-                                             Instance("dog", box=(25.0, 5.0, 47.0, 39.0))]))
+    again = src(
+        pointing_sample(
+            image_path, [Instance("cat", box=(2.0, 3.0, 20.0, 30.0)), Instance("dog", box=(25.0, 5.0, 47.0, 39.0))]
+        )
+    )
     assert (src.forward_calls, src.decoder_calls, src.cache_hits) == (1, 1, 2)
     for a, b in zip(masks, again):
         np.testing.assert_array_equal(a, b)
@@ -84,10 +104,17 @@ def test_masks_shapes_and_cache(sam_dir, image_path):
 
     rle = mask_utils.encode(np.asfortranarray(own.astype(np.uint8)))
     rle = {"size": [H, W], "counts": rle["counts"].decode()}
-    mixed = src(pointing_sample(image_path, [Instance("cat", box=(2.0, 3.0, 20.0, 30.0)),
-                                             Instance("dog", box=(1.0, 1.0, 10.0, 10.0)),
-                                             Instance("dog", point=(30.0, 20.0)),
-                                             Instance("cat", box=(0.0, 0.0, 5.0, 5.0), mask=rle)]))
+    mixed = src(
+        pointing_sample(
+            image_path,
+            [
+                Instance("cat", box=(2.0, 3.0, 20.0, 30.0)),
+                Instance("dog", box=(1.0, 1.0, 10.0, 10.0)),
+                Instance("dog", point=(30.0, 20.0)),
+                Instance("cat", box=(0.0, 0.0, 5.0, 5.0), mask=rle),
+            ],
+        )
+    )
     assert [m.shape for m in mixed] == [(H, W)] * 4 and all(m.dtype == bool for m in mixed)
     np.testing.assert_array_equal(mixed[3], own)
     assert (src.forward_calls, src.decoder_calls, src.cache_hits, src.cache_misses) == (2, 3, 3, 4)
@@ -130,10 +157,13 @@ def test_scorer_uses_sam_masks(sam_dir, image_path):
     from rewards.scorer import score
 
     src = SamMaskSource(sam_dir)
-    smp = pointing_sample(image_path, [Instance("cat", box=(2.0, 3.0, 20.0, 30.0)),
-                                       Instance("dog", box=(25.0, 5.0, 47.0, 39.0))])
-    text = ("<|object_ref_start|>cat<|object_ref_end|><|box_start|><200><400><|box_end|>, "
-            "<|object_ref_start|>dog<|object_ref_end|><|box_start|><700><500><|box_end|>")
+    smp = pointing_sample(
+        image_path, [Instance("cat", box=(2.0, 3.0, 20.0, 30.0)), Instance("dog", box=(25.0, 5.0, 47.0, 39.0))]
+    )
+    text = (
+        "<|object_ref_start|>cat<|object_ref_end|><|box_start|><200><400><|box_end|>, "
+        "<|object_ref_start|>dog<|object_ref_end|><|box_start|><700><500><|box_end|>"
+    )
     r = score(text, smp, mask_source=src)
     assert (r.kind, r.num_pred, r.num_gt, r.unreadable) == ("point_in_mask", 2, 2, 0)
     assert 0.0 <= r.reward <= 1.0
@@ -153,7 +183,13 @@ def test_point_sets_decode_through_sam(sam_dir, image_path):
     own = np.zeros((H, W), dtype=bool)
     own[5:20, 5:30] = True
     smp = Sample("m", image_path, W, H, "detection", ["cat"], [Instance("cat", mask=_rle(own))], "mask")
-    sets = [(10.0, 10.0), (10.0, 10.0, 30.0, 20.0), (30.0, 20.0, 10.0, 10.0, 10.02, 10.01), (float("nan"), 5.0, -3.0, 2.0), ()]
+    sets = [
+        (10.0, 10.0),
+        (10.0, 10.0, 30.0, 20.0),
+        (30.0, 20.0, 10.0, 10.0, 10.02, 10.01),
+        (float("nan"), 5.0, -3.0, 2.0),
+        (),
+    ]
     masks = src.masks_from_points(smp, sets)
     assert [m.shape for m in masks] == [(H, W)] * 5 and all(m.dtype == bool for m in masks)
     np.testing.assert_array_equal(masks[1], masks[2])

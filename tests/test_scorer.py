@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rewards import score
-from rlsys.lang import coords
 from rlsys.data.samples import Instance, Sample, load_jsonl
+from rlsys.lang import coords
 from rlsys.lang.format import KeypointInstance, Prediction, render, render_keypoints
 
 S = 999
@@ -23,7 +23,9 @@ def seg(phrase, body):
 
 
 def sample(task="detection", output="box", phrases=("person",), instances=(), **kw):
-    return Sample("s", "img.png", kw.pop("width", S), kw.pop("height", S), task, list(phrases), list(instances), output, **kw)
+    return Sample(
+        "s", "img.png", kw.pop("width", S), kw.pop("height", S), task, list(phrases), list(instances), output, **kw
+    )
 
 
 # The GUIDE's example of the released output format (two people).
@@ -33,7 +35,14 @@ PAPER_TEXT = seg("person", "<0><35><980><987>,<646><0><999><940>") + "<|im_end|>
 
 def test_paper_example_perfect():
     r = score(PAPER_TEXT, PEOPLE)
-    assert (r.reward, r.kind, r.num_pred, r.num_gt, r.unreadable, r.error) == (pytest.approx(1.0), "box_iou", 2, 2, 0, None)
+    assert (r.reward, r.kind, r.num_pred, r.num_gt, r.unreadable, r.error) == (
+        pytest.approx(1.0),
+        "box_iou",
+        2,
+        2,
+        0,
+        None,
+    )
     assert not r.duplicate and not r.large_box
 
 
@@ -41,10 +50,15 @@ def test_paper_point_example():
     # Section 2.3's point example: two buttons pointed at; one GT mask holds (100, 150), the
     # other is elsewhere -> r = [1, 0]: P = 1/2, R = 1/2, F1 = 1/2.
     text = "<|object_ref_start|>button<|object_ref_end|><|box_start|><100><150>,<200><250><|box_end|>"
-    smp = sample("pointing", "point", ["button"], [
-        Instance("button", box=(50, 100, 150, 200), mask=_disc_mask(100, 150, 40)),
-        Instance("button", box=(500, 500, 600, 600), mask=_disc_mask(550, 550, 40)),
-    ])
+    smp = sample(
+        "pointing",
+        "point",
+        ["button"],
+        [
+            Instance("button", box=(50, 100, 150, 200), mask=_disc_mask(100, 150, 40)),
+            Instance("button", box=(500, 500, 600, 600), mask=_disc_mask(550, 550, 40)),
+        ],
+    )
     r = score(text, smp)
     assert (r.kind, r.precision, r.recall, r.reward) == ("point_in_mask", 0.5, 0.5, 0.5)
 
@@ -213,9 +227,14 @@ def test_perfect_answers_on_synthetic_data_score_near_one(tmp_path):
         w, h = smp.width, smp.height
         enc = lambda xy: tuple(int(v) for v in coords.encode_xy(xy, w, h))  # noqa: E731
         if smp.output == "keypoint":
-            text = render_keypoints([
-                KeypointInstance(f"{i.phrase}{k + 1}", enc(i.box), {n: enc(xy[:2]) for n, xy in i.keypoints.items()})
-                for k, i in enumerate(smp.instances)])
+            text = render_keypoints(
+                [
+                    KeypointInstance(
+                        f"{i.phrase}{k + 1}", enc(i.box), {n: enc(xy[:2]) for n, xy in i.keypoints.items()}
+                    )
+                    for k, i in enumerate(smp.instances)
+                ]
+            )
         else:
             preds = []
             for p in smp.phrases:
@@ -228,9 +247,34 @@ def test_perfect_answers_on_synthetic_data_score_near_one(tmp_path):
 
 
 FRAGMENTS = [
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|im_end|>",
-    "cat", "dog", "None", ",", ", ", " ", "<0>", "<999>", "<1000>", "<5>", "<12><42>", "<-1>", "<>",
-    "{", "}", '"cat1"', '"box"', '"keypoints"', '"top"', ":", '"unvisible"', "\n", "\x00",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|im_end|>",
+    "cat",
+    "dog",
+    "None",
+    ",",
+    ", ",
+    " ",
+    "<0>",
+    "<999>",
+    "<1000>",
+    "<5>",
+    "<12><42>",
+    "<-1>",
+    "<>",
+    "{",
+    "}",
+    '"cat1"',
+    '"box"',
+    '"keypoints"',
+    '"top"',
+    ":",
+    '"unvisible"',
+    "\n",
+    "\x00",
 ]
 TEXT = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=4)), max_size=40).map("".join)
 SAMPLES = [
@@ -262,8 +306,13 @@ def test_recall_weighted_scorer_hand_worked():
     with pytest.raises(ValueError):
         f_beta(0.5, 0.5, 0.0)
     # Three GT, two found exactly: P 1, R 2/3. F1 = 0.8; F2 = 5 * (2/3) / (4 + 2/3) = 0.714286.
-    smp = sample(instances=[Instance("person", box=(0, 0, 10, 10)), Instance("person", box=(20, 20, 30, 30)),
-                            Instance("person", box=(40, 40, 50, 50))])
+    smp = sample(
+        instances=[
+            Instance("person", box=(0, 0, 10, 10)),
+            Instance("person", box=(20, 20, 30, 30)),
+            Instance("person", box=(40, 40, 50, 50)),
+        ]
+    )
     two = seg("person", "<0><0><10><10>,<20><20><30><30>")
     assert score(two, smp).reward == pytest.approx(0.8)
     assert score_recall_weighted(two, smp).reward == pytest.approx(10 / 14)
@@ -282,8 +331,13 @@ def test_missed_penalty_scorer_hand_worked():
     from rewards.scorer import MISSED_OBJECT_PENALTY, score_missed_penalty
 
     assert MISSED_OBJECT_PENALTY == 0.2  # the figures below are worked for it
-    smp = sample(instances=[Instance("person", box=(0, 0, 10, 10)), Instance("person", box=(20, 20, 30, 30)),
-                            Instance("person", box=(40, 40, 50, 50))])
+    smp = sample(
+        instances=[
+            Instance("person", box=(0, 0, 10, 10)),
+            Instance("person", box=(20, 20, 30, 30)),
+            Instance("person", box=(40, 40, 50, 50)),
+        ]
+    )
     # Two of three found exactly: F1 0.8, one object missed: 0.8 - 0.2 / 3 = 0.73333.
     two = seg("person", "<0><0><10><10>,<20><20><30><30>")
     r = score_missed_penalty(two, smp)
@@ -310,8 +364,13 @@ def test_missed_penalty_scorer_hand_worked():
 def test_leave_one_out_gain_hand_worked():
     from rewards.scorer import leave_one_out_gain, score_missed_penalty, score_recall_weighted
 
-    smp = sample(instances=[Instance("person", box=(0, 0, 10, 10)), Instance("person", box=(20, 20, 30, 30)),
-                            Instance("person", box=(40, 40, 50, 50))])
+    smp = sample(
+        instances=[
+            Instance("person", box=(0, 0, 10, 10)),
+            Instance("person", box=(20, 20, 30, 30)),
+            Instance("person", box=(40, 40, 50, 50)),
+        ]
+    )
     # Two exact boxes and one far off: F1 2/3; without the far box 0.8 (P 1, R 2/3): +0.1333.
     far = seg("person", "<0><0><10><10>,<20><20><30><30>,<500><500><600><600>")
     assert leave_one_out_gain(far, smp) == pytest.approx(0.8 - 2 / 3)
@@ -324,12 +383,17 @@ def test_leave_one_out_gain_hand_worked():
     assert leave_one_out_gain(exact, smp, matching="hungarian") == pytest.approx(-0.2)
     # Not measured: another count than the objects', one object, unreadable parts, points.
     assert leave_one_out_gain(seg("person", "<0><0><10><10>,<20><20><30><30>"), smp) is None
-    assert leave_one_out_gain(seg("person", "<0><0><10><10>"), sample(instances=[Instance("person", box=(0, 0, 10, 10))])) is None
+    assert (
+        leave_one_out_gain(seg("person", "<0><0><10><10>"), sample(instances=[Instance("person", box=(0, 0, 10, 10))]))
+        is None
+    )
     assert leave_one_out_gain(exact.replace("<40><40><50><50>", "<40><40><50>"), smp) is None
     assert leave_one_out_gain(seg("person", "<5><5>,<25><25>,<45><45>"), smp) is None
     # A phrase answered None stays in both texts: two phrases, "cat" absent.
-    two = sample(phrases=("person", "cat"), instances=[Instance("person", box=(0, 0, 10, 10)),
-                                                      Instance("person", box=(20, 20, 30, 30))])
+    two = sample(
+        phrases=("person", "cat"),
+        instances=[Instance("person", box=(0, 0, 10, 10)), Instance("person", box=(20, 20, 30, 30))],
+    )
     text = seg("person", "<0><0><10><10>,<20><20><30><30>") + ", " + seg("cat", "None")
     assert score(text, two).reward == pytest.approx(1.0)
     assert leave_one_out_gain(text, two) == pytest.approx(2 * 1 * 0.5 / 1.5 - 1.0)

@@ -5,15 +5,15 @@ import torch
 
 
 def _item(proc, sample, response_ids):
-    from rlsys.grpo.trainer import _chat_prompt
+    from rlsys.lang.prompts import chat_prompt
 
-    return {"prompt": _chat_prompt(proc, "Detect circle."), "image": sample.image, "response_ids": response_ids}
+    return {"prompt": chat_prompt(proc, "Detect circle."), "image": sample.image, "response_ids": response_ids}
 
 
 def test_answer_mask_targets_and_padding(tiny_model_dir, synthetic_dir):
     from rlsys.data.samples import load_dataset
-    from rlsys.models import load_processor
     from rlsys.grpo.sequences import build_batch
+    from rlsys.models import load_processor
 
     proc = load_processor(tiny_model_dir)
     s = load_dataset(synthetic_dir / "train.jsonl")[0]
@@ -28,8 +28,8 @@ def test_answer_mask_targets_and_padding(tiny_model_dir, synthetic_dir):
 
 def test_answer_with_an_image_placeholder_is_refused_by_name(tiny_model_dir, synthetic_dir):
     from rlsys.data.samples import load_dataset
-    from rlsys.models import load_processor
     from rlsys.grpo.sequences import build_batch
+    from rlsys.models import load_processor
 
     proc = load_processor(tiny_model_dir)
     s = load_dataset(synthetic_dir / "train.jsonl")[0]
@@ -69,8 +69,8 @@ def test_token_logprobs_are_taken_under_the_sampling_temperature():
 
 def test_token_logprobs_of_the_real_model_follow_the_temperature(tiny_model_dir, synthetic_dir):
     from rlsys.data.samples import load_dataset
-    from rlsys.models import load_model, load_processor
     from rlsys.grpo.sequences import build_batch, token_logprobs
+    from rlsys.models import load_model, load_processor
 
     proc = load_processor(tiny_model_dir)
     model = load_model(tiny_model_dir, dtype="float32").eval()
@@ -92,16 +92,18 @@ def test_answer_positions_only_give_the_full_forwards_log_probs_and_gradients(ti
     plain one (logits at every position): the same log-probs, entropies and parameter gradients,
     on a batch of two answers of different lengths (right padding) to two prompts."""
     from rlsys.data.samples import load_dataset
-    from rlsys.models import load_model, load_processor
     from rlsys.grpo.sequences import build_batch, token_logprobs
+    from rlsys.models import load_model, load_processor
 
     proc = load_processor(tiny_model_dir)
     model = load_model(tiny_model_dir, dtype="float32").train()
     samples = load_dataset(synthetic_dir / "train.jsonl")
-    from rlsys.grpo.trainer import _chat_prompt
+    from rlsys.lang.prompts import chat_prompt
 
-    items = [_item(proc, samples[0], [5, 6, 7, 8]),
-             {"prompt": _chat_prompt(proc, "Point to the square."), "image": samples[1].image, "response_ids": [9, 10]}]
+    items = [
+        _item(proc, samples[0], [5, 6, 7, 8]),
+        {"prompt": chat_prompt(proc, "Point to the square."), "image": samples[1].image, "response_ids": [9, 10]},
+    ]
     inputs, targets, mask = build_batch(proc, items, proc.tokenizer.pad_token_id)
     out = {}
     for lean in (False, True):
@@ -120,8 +122,8 @@ def test_answer_positions_only_give_the_full_forwards_log_probs_and_gradients(ti
 
 def test_the_engines_prompt_ids_are_checked_against_the_learners(tiny_model_dir, synthetic_dir):
     from rlsys.data.samples import load_dataset
-    from rlsys.models import load_processor
     from rlsys.grpo.sequences import build_batch, encode_prompts
+    from rlsys.models import load_processor
 
     proc = load_processor(tiny_model_dir)
     s = load_dataset(synthetic_dir / "train.jsonl")[0]
@@ -151,12 +153,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, synthet
     """learner.gradient_checkpointing recomputes each decoder layer in backward: the same
     log-probs and parameter gradients as keeping the activations."""
     from rlsys.data.samples import load_dataset
-    from rlsys.models import load_model, load_processor
     from rlsys.grpo.sequences import build_batch, token_logprobs
+    from rlsys.models import load_model, load_processor
 
     proc = load_processor(tiny_model_dir)
     s = load_dataset(synthetic_dir / "train.jsonl")[0]
-    inputs, targets, mask = build_batch(proc, [_item(proc, s, [5, 6, 7, 8]), _item(proc, s, [9])], proc.tokenizer.pad_token_id)
+    inputs, targets, mask = build_batch(
+        proc, [_item(proc, s, [5, 6, 7, 8]), _item(proc, s, [9])], proc.tokenizer.pad_token_id
+    )
     grads = []
     for checkpointing in (False, True):
         model = load_model(tiny_model_dir, dtype="float32").train()

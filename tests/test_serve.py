@@ -16,8 +16,16 @@ import yaml
 from PIL import Image
 
 from rlsys.config import REPO_ROOT
-from rlsys.serve.app import (AppArgs, DetectRequest, RequestError, ServeConfig, check_request, load_image,
-                         load_serve_config, to_objects)
+from rlsys.serve.app import (
+    AppArgs,
+    DetectRequest,
+    RequestError,
+    ServeConfig,
+    check_request,
+    load_image,
+    load_serve_config,
+    to_objects,
+)
 
 W, H = 160, 120
 
@@ -61,9 +69,11 @@ def test_shipped_serve_configs_load():
 
 def test_to_objects_maps_bins_to_request_pixels():
     # bin b of 999 on a side of s pixels is b / 999 * s: 0 -> 0, 999 -> s, 333 -> s / 3
-    text = ("<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><333><999><999>,<333><0><666><333><|box_end|>, "
-            "<|object_ref_start|>dog<|object_ref_end|><|box_start|>None<|box_end|>, "
-            "<|object_ref_start|>tip<|object_ref_end|><|box_start|><999><0><|box_end|>")
+    text = (
+        "<|object_ref_start|>cat<|object_ref_end|><|box_start|><0><333><999><999>,<333><0><666><333><|box_end|>, "
+        "<|object_ref_start|>dog<|object_ref_end|><|box_start|>None<|box_end|>, "
+        "<|object_ref_start|>tip<|object_ref_end|><|box_start|><999><0><|box_end|>"
+    )
     objs, bad = to_objects(text, "detection", 300, 600)
     assert bad == 0
     assert objs == [
@@ -73,22 +83,26 @@ def test_to_objects_maps_bins_to_request_pixels():
     ]
     kp = '{"person1": {"box": <0><0><999><999>, "keypoints": {"nose": <333><666>, "left eye": "unvisible"}}}'
     objs, bad = to_objects(kp, "keypoint", 300, 600)
-    assert bad == 0 and objs == [{"phrase": "person1", "box": [0.0, 0.0, 300.0, 600.0],
-                                  "keypoints": {"nose": [100.0, 400.0], "left eye": None}}]
+    assert bad == 0 and objs == [
+        {"phrase": "person1", "box": [0.0, 0.0, 300.0, 600.0], "keypoints": {"nose": [100.0, 400.0], "left eye": None}}
+    ]
     objs, bad = to_objects("gibberish <12>", "detection", 300, 600)
     assert objs == [] and bad == 1
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"task": "detection"}, "needs field 'categories'"),
-    ({"task": "detection", "categories": ["a"], "expression": "x"}, "do not apply to task 'detection'"),
-    ({"task": "pointing", "categories": ["a"], "output": "box"}, "not available for task 'pointing'"),
-    ({"task": "detection", "categories": ["a"] * 9}, "too many categories"),
-    ({"task": "detection", "categories": ["<|box_start|>"]}, "special token"),
-    ({"task": "referring", "expression": "x" * 201}, "over the limit"),
-    ({"task": "visual_prompt", "prompt_boxes": [[5, 5, 1, 9]]}, "inverted"),
-    ({"task": "visual_prompt", "prompt_boxes": [[1, 2, 3]]}, "4 finite numbers"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"task": "detection"}, "needs field 'categories'"),
+        ({"task": "detection", "categories": ["a"], "expression": "x"}, "do not apply to task 'detection'"),
+        ({"task": "pointing", "categories": ["a"], "output": "box"}, "not available for task 'pointing'"),
+        ({"task": "detection", "categories": ["a"] * 9}, "too many categories"),
+        ({"task": "detection", "categories": ["<|box_start|>"]}, "special token"),
+        ({"task": "referring", "expression": "x" * 201}, "over the limit"),
+        ({"task": "visual_prompt", "prompt_boxes": [[5, 5, 1, 9]]}, "inverted"),
+        ({"task": "visual_prompt", "prompt_boxes": [[1, 2, 3]]}, "4 finite numbers"),
+    ],
+)
 def test_check_request_names_the_problem(body, message):
     limits = ServeConfig().limits.model_copy(update={"max_categories": 8})
     with pytest.raises(RequestError, match=message) as e:
@@ -100,9 +114,15 @@ def test_load_image_limits_and_formats():
     limits = ServeConfig().limits.model_copy(update={"max_image_bytes": 4096, "max_image_pixels": 100_000})
     assert load_image(_b64(_image_bytes()), limits).size == (W, H)
     assert load_image("data:image/jpeg;base64," + _b64(_image_bytes(fmt="JPEG")), limits).size == (W, H)
-    cases = [("http://example.com/a.png", 400, "URL"), ("%%%", 400, "base64"), (_b64(b"hello"), 400, "PNG or JPEG"),
-             (_b64(_image_bytes(fmt="GIF")), 400, "PNG or JPEG"), (_b64(os.urandom(5000)), 413, "bytes"),
-             (_b64(_image_bytes(400, 300)), 413, "pixels"), (_b64(_image_bytes(300, 1)), 422, "aspect ratio")]
+    cases = [
+        ("http://example.com/a.png", 400, "URL"),
+        ("%%%", 400, "base64"),
+        (_b64(b"hello"), 400, "PNG or JPEG"),
+        (_b64(_image_bytes(fmt="GIF")), 400, "PNG or JPEG"),
+        (_b64(os.urandom(5000)), 413, "bytes"),
+        (_b64(_image_bytes(400, 300)), 413, "pixels"),
+        (_b64(_image_bytes(300, 1)), 422, "aspect ratio"),
+    ]
     for spec, status, message in cases:
         with pytest.raises(RequestError, match=message) as e:
             load_image(spec, limits)
@@ -125,9 +145,15 @@ def server(tiny_model_dir):
 
     from rlsys.serve.app import build_app
 
-    cfg = load_serve_config(overrides=[
-        "generation.max_new_tokens=24", "limits.max_image_bytes=200000", "limits.max_image_pixels=1000000",
-        "limits.max_categories=8", "deployment.name=detector-test"])
+    cfg = load_serve_config(
+        overrides=[
+            "generation.max_new_tokens=24",
+            "limits.max_image_bytes=200000",
+            "limits.max_image_pixels=1000000",
+            "limits.max_categories=8",
+            "deployment.name=detector-test",
+        ]
+    )
     port = _free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -141,7 +167,9 @@ def server(tiny_model_dir):
 
 def _post(url: str, body) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url + "/v1/detect", data=data, method="POST", headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/v1/detect", data=data, method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -204,12 +232,22 @@ def test_bad_requests_get_4xx_and_server_stays_up(server):
         ("over pixel limit", {**det, "image": _b64(_image_bytes(1200, 1000))}, 413, "pixels"),
         ("body over limit", b"x" * (cfg.limits.max_request_bytes + 1), 413, "request body"),
         ("too many categories", {**det, "categories": [f"c{i}" for i in range(9)]}, 422, "too many categories"),
-        ("box outside image", {"image": png, "task": "visual_prompt", "prompt_boxes": [[10, 10, 500, 50]]}, 422, "outside"),
+        (
+            "box outside image",
+            {"image": png, "task": "visual_prompt", "prompt_boxes": [[10, 10, 500, 50]]},
+            422,
+            "outside",
+        ),
         ("wrong output", {**det, "output": "polygon"}, 422, "not available"),
         ("field of another task", {**det, "expression": "x"}, 422, "do not apply"),
         ("URL with fetching off", {**det, "image": "http://127.0.0.1:1/x.png"}, 400, "does not fetch URLs"),
         # valid fields, but ~1,500 prompt tokens > max_model_len 1024: vLLM refuses, we answer 422
-        ("prompt over the context", {**det, "categories": [_letters(200, seed=i) for i in range(8)]}, 422, "cannot take"),
+        (
+            "prompt over the context",
+            {**det, "categories": [_letters(200, seed=i) for i in range(8)]},
+            422,
+            "cannot take",
+        ),
     ]
     for name, body, status, message in bad:
         got, ans = _post(url, body)
@@ -251,9 +289,12 @@ def test_client_error_and_cli(server, tmp_path, capsys):
     with Image.open(out) as im:
         assert im.size == (W, H)
     # drawing handles every geometry
-    objs = [{"phrase": "a", "box": [1, 2, 50, 60]}, {"phrase": "b", "point": [10, 10]},
-            {"phrase": "c", "polygon": [1, 1, 30, 1, 30, 30]},
-            {"phrase": "d", "box": [5, 5, 20, 20], "keypoints": {"nose": [8, 8], "eye": None}}]
+    objs = [
+        {"phrase": "a", "box": [1, 2, 50, 60]},
+        {"phrase": "b", "point": [10, 10]},
+        {"phrase": "c", "polygon": [1, 1, 30, 1, 30, 30]},
+        {"phrase": "d", "box": [5, 5, 20, 20], "keypoints": {"nose": [8, 8], "eye": None}},
+    ]
     assert detect.draw_objects(Image.new("RGB", (W, H)), objs).size == (W, H)
 
 
@@ -263,13 +304,53 @@ def _fuzz_bodies(n: int, seed: int, png: str):
     import random
 
     rng = random.Random(seed)
-    tasks = ["detection", "referring", "pointing", "visual_prompt", "ocr", "gui", "keypoint", "layout", "nope", "", None, 7]
+    tasks = [
+        "detection",
+        "referring",
+        "pointing",
+        "visual_prompt",
+        "ocr",
+        "gui",
+        "keypoint",
+        "layout",
+        "nope",
+        "",
+        None,
+        7,
+    ]
     fields = ["image", "task", "categories", "expression", "prompt_boxes", "output", "keypoint_names"]
-    controls = ["<|image_pad|>", "<|im_start|>", "<|endoftext|>", "<|vision_start|>", "<|video_pad|>", "<12>", "<|box_end|>"]
+    controls = [
+        "<|image_pad|>",
+        "<|im_start|>",
+        "<|endoftext|>",
+        "<|vision_start|>",
+        "<|video_pad|>",
+        "<12>",
+        "<|box_end|>",
+    ]
 
     def scalar():
-        return rng.choice([None, True, False, 0, -1, 2**70, 1e308, -0.0, "", "a", "é漢字🙂", "\x00", "\ud800" if rng.random() < 0.1 else "x",
-                           "<|image_pad|>", "A" * rng.randint(1, 400), [], {}])
+        return rng.choice(
+            [
+                None,
+                True,
+                False,
+                0,
+                -1,
+                2**70,
+                1e308,
+                -0.0,
+                "",
+                "a",
+                "é漢字🙂",
+                "\x00",
+                "\ud800" if rng.random() < 0.1 else "x",
+                "<|image_pad|>",
+                "A" * rng.randint(1, 400),
+                [],
+                {},
+            ]
+        )
 
     def value(depth=0):
         r = rng.random()
@@ -289,20 +370,39 @@ def _fuzz_bodies(n: int, seed: int, png: str):
     for i in range(n):
         kind = rng.random()
         if kind < 0.15:  # raw bytes: truncated JSON, binary, bad UTF-8, deep nesting
-            yield rng.choice([b"", b"{", b'{"image": ', b"\xff\xfe\x00", os.urandom(rng.randint(1, 64)), b"[" * rng.randint(1000, 200_000),
-                              b'{"a":' * rng.randint(1000, 50_000), b"null", b"1e999", b'"str"', b"{}" * 3])
+            yield rng.choice(
+                [
+                    b"",
+                    b"{",
+                    b'{"image": ',
+                    b"\xff\xfe\x00",
+                    os.urandom(rng.randint(1, 64)),
+                    b"[" * rng.randint(1000, 200_000),
+                    b'{"a":' * rng.randint(1000, 50_000),
+                    b"null",
+                    b"1e999",
+                    b'"str"',
+                    b"{}" * 3,
+                ]
+            )
         elif kind < 0.45:  # random structures with the real field names
             yield {rng.choice(fields): value() for _ in range(rng.randint(0, 6))}
         else:  # well-formed shape, generated values; ~1 in 12 is fully valid and reaches the engine
             task = rng.choice(tasks)
-            body = {"image": png if rng.random() < 0.8 else rng.choice(["", "###", _b64(b"\x89PNG\r\n"), "data:image/png;base64," + png]),
-                    "task": task}
+            body = {
+                "image": png
+                if rng.random() < 0.8
+                else rng.choice(["", "###", _b64(b"\x89PNG\r\n"), "data:image/png;base64," + png]),
+                "task": task,
+            }
             if rng.random() < 0.7:
                 body["categories"] = [phrase() for _ in range(rng.randint(0, 4))]
             if rng.random() < 0.3:
                 body["expression"] = phrase()
             if rng.random() < 0.2:
-                body["prompt_boxes"] = [[rng.uniform(-50, 250) for _ in range(rng.choice([3, 4, 4, 5]))] for _ in range(rng.randint(0, 3))]
+                body["prompt_boxes"] = [
+                    [rng.uniform(-50, 250) for _ in range(rng.choice([3, 4, 4, 5]))] for _ in range(rng.randint(0, 3))
+                ]
             if rng.random() < 0.2:
                 body["output"] = rng.choice(["box", "point", "polygon", "mask", 3])
             if rng.random() < 0.1:
@@ -322,7 +422,9 @@ def test_fuzzed_requests_never_get_a_5xx(server):
 
     def send(body):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        req = urllib.request.Request(url + "/v1/detect", data=data, method="POST", headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url + "/v1/detect", data=data, method="POST", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 return r.status, r.read()

@@ -14,7 +14,16 @@ from rewards.scorer import score
 from rlsys.data.samples import Instance, Sample
 from rlsys.lang.format import KeypointInstance, Prediction
 from rlsys.lang.format import render as render_bins_markup
-from rlsys.lang.vocab import REX_BINS, GETok, QwenJson, getok_tokens, make_vocabulary, resized_size, tokenizer_grid, vocabulary_for
+from rlsys.lang.vocab import (
+    REX_BINS,
+    GETok,
+    QwenJson,
+    getok_tokens,
+    make_vocabulary,
+    resized_size,
+    tokenizer_grid,
+    vocabulary_for,
+)
 
 # 640x480 under a 56*56..224*224 budget is resized to 252x168 (scale 0.39375 x 0.35)
 QJ = QwenJson(56 * 56, 224 * 224)
@@ -54,12 +63,20 @@ def test_resized_size_is_the_processors_rule():
 
 
 def test_qwen_json_hand_worked_box_and_point():
-    text = QJ.render([Prediction("cat", "box", ((100, 50, 300, 400),)), Prediction("dog", "none", ()),
-                      Prediction("cup", "point", ((320, 240),))], 640, 480)
+    text = QJ.render(
+        [
+            Prediction("cat", "box", ((100, 50, 300, 400),)),
+            Prediction("dog", "none", ()),
+            Prediction("cup", "point", ((320, 240),)),
+        ],
+        640,
+        480,
+    )
     # 100 * 0.39375 = 39.4 -> 39; 50 * 0.35 = 17.5 -> 18 (half to even); 300 -> 118.1 -> 118; 400 -> 140
     # the absent phrase has no entry; the point 320, 240 -> 126, 84
-    assert text == ('```json\n[{"bbox_2d": [39, 18, 118, 140], "label": "cat"}, '
-                    '{"point_2d": [126, 84], "label": "cup"}]\n```')
+    assert text == (
+        '```json\n[{"bbox_2d": [39, 18, 118, 140], "label": "cat"}, {"point_2d": [126, 84], "label": "cup"}]\n```'
+    )
     p = QJ.parse(text, 640, 480)
     assert p.unreadable == 0 and p.answered
     (cat,), (cup,) = p[0].coords, p[1].coords
@@ -70,7 +87,8 @@ def test_qwen_json_hand_worked_box_and_point():
 
 
 boxes = st.tuples(st.floats(0, 639), st.floats(0, 479), st.floats(0, 639), st.floats(0, 479)).map(
-    lambda b: (min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])))
+    lambda b: (min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3]))
+)
 points = st.tuples(st.floats(0, 640), st.floats(0, 480))
 polygons = st.lists(points, min_size=3, max_size=6).map(lambda pts: tuple(v for p in pts for v in p))
 phrases = st.sampled_from(["cat", "red circle", "text", "a dog's ear", "数字"])
@@ -106,14 +124,17 @@ def test_render_then_parse_gives_the_pixels_back(v, preds):
         sent, back = want[(p.phrase, p.kind)], p.coords
         assert len(back) == len(sent)
         for b in back:  # (near-ties may swap places after rounding: matched as sets)
-            assert any(all(abs(x - y) <= (tx if k % 2 == 0 else ty) for k, (x, y) in enumerate(zip(a, b)))
-                       for a in sent), (b, sent)
+            assert any(
+                all(abs(x - y) <= (tx if k % 2 == 0 else ty) for k, (x, y) in enumerate(zip(a, b))) for a in sent
+            ), (b, sent)
 
 
 @pytest.mark.parametrize("v", VOCABS, ids=_vid)
 def test_keypoints_round_trip(v):
-    insts = [KeypointInstance("person1", (10.0, 20.0, 300.0, 400.0), {"nose": (100.0, 120.0), "left eye": None}),
-             KeypointInstance("person2", (320.0, 20.0, 600.0, 470.0), {"nose": (400.0, 100.0)})]
+    insts = [
+        KeypointInstance("person1", (10.0, 20.0, 300.0, 400.0), {"nose": (100.0, 120.0), "left eye": None}),
+        KeypointInstance("person2", (320.0, 20.0, 600.0, 470.0), {"nose": (400.0, 100.0)}),
+    ]
     tx, ty = _tolerance(v, 640, 480)
     back, bad = v.parse_keypoints(v.render_keypoints(insts, 640, 480), 640, 480)
     assert bad == 0 and [i.name for i in back] == ["person1", "person2"]
@@ -127,12 +148,34 @@ def test_keypoints_round_trip(v):
 
 @pytest.mark.parametrize("v", VOCABS, ids=_vid)
 @settings(max_examples=400, deadline=None)
-@given(text=st.one_of(st.text(), st.text(alphabet='[]{}",:0123456789.-e bbox_2dpointlabel`json<>|'),
-                      st.text(alphabet="<>_-,0123456789gridOFDELT |objectrfsabn"),
-                      st.lists(st.sampled_from(["<grid3_4>", "<grid31_0>", "<grid32_1>", "<OFF1_-1>", "<OFF2_0>", "<DELETE>",
-                                                ",", "<|box_start|>", "<|box_end|>", "<|object_ref_start|>cat<|object_ref_end|>",
-                                                "None", "<5>"])).map("".join),
-                      st.none(), st.integers(), st.lists(st.integers())))
+@given(
+    text=st.one_of(
+        st.text(),
+        st.text(alphabet='[]{}",:0123456789.-e bbox_2dpointlabel`json<>|'),
+        st.text(alphabet="<>_-,0123456789gridOFDELT |objectrfsabn"),
+        st.lists(
+            st.sampled_from(
+                [
+                    "<grid3_4>",
+                    "<grid31_0>",
+                    "<grid32_1>",
+                    "<OFF1_-1>",
+                    "<OFF2_0>",
+                    "<DELETE>",
+                    ",",
+                    "<|box_start|>",
+                    "<|box_end|>",
+                    "<|object_ref_start|>cat<|object_ref_end|>",
+                    "None",
+                    "<5>",
+                ]
+            )
+        ).map("".join),
+        st.none(),
+        st.integers(),
+        st.lists(st.integers()),
+    )
+)
 def test_garbage_never_raises(v, text):
     p = v.parse(text, 640, 480)
     assert p.unreadable >= 0 and isinstance(p.errors, list)
@@ -147,7 +190,10 @@ def test_garbage_never_raises(v, text):
 def test_every_prefix_of_an_answer_parses(v):
     """A policy's answer is cut by the token limit anywhere: each prefix parses without raising,
     and what it keeps is a prefix of the full answer's instances."""
-    preds = [Prediction("cat", "box", ((10, 20, 300, 400), (320, 30, 600, 470))), Prediction("cup", "point", ((50, 60),))]
+    preds = [
+        Prediction("cat", "box", ((10, 20, 300, 400), (320, 30, 600, 470))),
+        Prediction("cup", "point", ((50, 60),)),
+    ]
     text = v.render(preds, 640, 480)
     full = [(p.phrase, c) for p in v.parse(text, 640, 480) for c in p.coords]
     for n in range(len(text) + 1):
@@ -164,8 +210,12 @@ def test_qwen_json_reads_what_models_write():
     assert single.unreadable == 0 and single[0].coords[0] == pytest.approx((320, 240))
     cut = QJ.parse('```json\n[{"bbox_2d": [39, 18, 118, 140], "label": "cat"}, {"bbox_2d": [40, 1', w, h)
     assert len(cut[0].coords) == 1 and cut.unreadable == 1 and "unfinished" in cut.errors[0]
-    bad = QJ.parse('[{"bbox_2d": [39, 18], "label": "cat"}, {"bbox_2d": [5, 5, 9, 9]}, {"bbox_2d": [9, 9, 5, 5], "label": "x"},'
-                   ' {"point_2d": [1, 2], "label": "ok"}, 7] trailing', w, h)
+    bad = QJ.parse(
+        '[{"bbox_2d": [39, 18], "label": "cat"}, {"bbox_2d": [5, 5, 9, 9]}, {"bbox_2d": [9, 9, 5, 5], "label": "x"},'
+        ' {"point_2d": [1, 2], "label": "ok"}, 7] trailing',
+        w,
+        h,
+    )
     assert bad.unreadable == 5 and [p.phrase for p in bad] == ["ok"]  # 4 bad entries and the trailing text
     assert not QJ.parse("", w, h).answered and QJ.parse("I cannot see it", w, h).unreadable == 1
     # off the image: clamped to the resized image, then mapped back
@@ -176,7 +226,8 @@ def test_qwen_json_reads_what_models_write():
 def test_rex_bins_are_todays_markup():
     preds = [Prediction("person", "box", ((0, 35, 980, 987), (646, 0, 999, 940)))]
     assert REX_BINS.render(preds, 999, 999) == render_bins_markup(
-        [Prediction("person", "box", ((0, 35, 980, 987), (646, 0, 999, 940)))])
+        [Prediction("person", "box", ((0, 35, 980, 987), (646, 0, 999, 940)))]
+    )
     assert REX_BINS.prompt_boxes([(0, 0, 999, 999)], 999, 999) == '"<0><0><999><999>"'
     assert REX_BINS.question_hint("box") == "" and len(REX_BINS.added_tokens()) == 1000 and QJ.added_tokens() == ()
 
@@ -194,8 +245,11 @@ def test_qwen_json_rewards_are_the_box_f1():
     exact = score('[{"bbox_2d": [28, 28, 140, 140], "label": "cat"}]', smp, vocabulary=SAME)
     assert exact.reward == pytest.approx(1.0) and exact.kind == "box_iou"
     # one exact box and one that misses: precision 1/2, recall 1, F1 2/3
-    two = score('[{"bbox_2d": [28, 28, 140, 140], "label": "cat"}, {"bbox_2d": [200, 200, 250, 250], "label": "cat"}]',
-                smp, vocabulary=SAME)
+    two = score(
+        '[{"bbox_2d": [28, 28, 140, 140], "label": "cat"}, {"bbox_2d": [200, 200, 250, 250], "label": "cat"}]',
+        smp,
+        vocabulary=SAME,
+    )
     assert two.reward == pytest.approx(2 / 3) and (two.num_pred, two.num_gt) == (2, 1)
     # half the width: IoU 0.5
     half = score('[{"bbox_2d": [28, 28, 84, 140], "label": "cat"}]', smp, vocabulary=SAME)
@@ -214,9 +268,15 @@ def test_qwen_json_points_and_keypoints_score():
     gui = _sample([Instance("ok button", box=(10, 10, 60, 40))], phrases=("ok button",), output="point", task="gui")
     assert score('[{"point_2d": [30, 20], "label": "ok button"}]', gui, vocabulary=SAME).reward == 1.0
     assert score('[{"point_2d": [100, 100], "label": "ok button"}]', gui, vocabulary=SAME).reward == 0.0
-    kp = _sample([Instance("person", box=(10, 10, 200, 250), keypoints={"nose": (100, 50, 2), "left eye": (90, 40, 2)})],
-                 phrases=("person",), output="keypoint", task="keypoint")
-    text = SAME.render_keypoints([KeypointInstance("person1", (10, 10, 200, 250), {"nose": (100, 50), "left eye": (90, 40)})], 280, 280)
+    kp = _sample(
+        [Instance("person", box=(10, 10, 200, 250), keypoints={"nose": (100, 50, 2), "left eye": (90, 40, 2)})],
+        phrases=("person",),
+        output="keypoint",
+        task="keypoint",
+    )
+    text = SAME.render_keypoints(
+        [KeypointInstance("person1", (10, 10, 200, 250), {"nose": (100, 50), "left eye": (90, 40)})], 280, 280
+    )
     assert json.loads(text.strip("`json\n"))[0]["keypoints"] == {"nose": [100, 50], "left eye": [90, 40]}
     assert score(text, kp, vocabulary=SAME).reward == pytest.approx(1.0)
 
@@ -225,13 +285,28 @@ def test_sft_targets_and_questions_speak_the_vocabulary():
     from rlsys.lang.prompts import question_for_sample
     from rlsys.lang.targets import answer_text
 
-    smp = _sample([Instance("cat", box=(28, 28, 140, 140)), Instance("cat", box=(0, 0, 20, 20))], phrases=("cat", "dog"))
-    assert json.loads(answer_text(smp, SAME).strip("`json\n")) == [{"bbox_2d": [0, 0, 20, 20], "label": "cat"},
-                                                                   {"bbox_2d": [28, 28, 140, 140], "label": "cat"}]
+    smp = _sample(
+        [Instance("cat", box=(28, 28, 140, 140)), Instance("cat", box=(0, 0, 20, 20))], phrases=("cat", "dog")
+    )
+    assert json.loads(answer_text(smp, SAME).strip("`json\n")) == [
+        {"bbox_2d": [0, 0, 20, 20], "label": "cat"},
+        {"bbox_2d": [28, 28, 140, 140], "label": "cat"},
+    ]
     assert answer_text(smp).endswith("<|object_ref_start|>dog<|object_ref_end|><|box_start|>None<|box_end|>")
-    assert question_for_sample(smp, vocabulary=SAME).endswith('Answer in JSON as [{"bbox_2d": [x0, y0, x1, y1], "label": "..."}].')
-    vp = Sample("v", "img.png", 280, 280, "visual_prompt", ["cat"], [Instance("cat", box=(28, 28, 140, 140))], "box",
-                prompt_boxes=[(28, 28, 140, 140)])
+    assert question_for_sample(smp, vocabulary=SAME).endswith(
+        'Answer in JSON as [{"bbox_2d": [x0, y0, x1, y1], "label": "..."}].'
+    )
+    vp = Sample(
+        "v",
+        "img.png",
+        280,
+        280,
+        "visual_prompt",
+        ["cat"],
+        [Instance("cat", box=(28, 28, 140, 140))],
+        "box",
+        prompt_boxes=[(28, 28, 140, 140)],
+    )
     assert "[28, 28, 140, 140]" in question_for_sample(vp, vocabulary=SAME)
     assert '"<100><100><500><500>"' in question_for_sample(vp)
 
@@ -240,7 +315,9 @@ def test_serve_answers_in_request_pixels_whatever_the_vocabulary():
     from rlsys.serve.app import to_objects
 
     objs, bad = to_objects('```json\n[{"bbox_2d": [39, 18, 118, 140], "label": "cat"}]\n```', "detection", 640, 480, QJ)
-    assert bad == 0 and objs == [{"phrase": "cat", "box": [round(39 / 0.39375, 2), round(18 / 0.35, 2), round(118 / 0.39375, 2), 400.0]}]
+    assert bad == 0 and objs == [
+        {"phrase": "cat", "box": [round(39 / 0.39375, 2), round(18 / 0.35, 2), round(118 / 0.39375, 2), 400.0]}
+    ]
     # getok: cells 20 x 15 px at 640 x 480; <grid5_8><OFF-1_-1> is (103.33, 122.5), <grid0_0> (10, 7.5)
     objs, bad = to_objects(_one("<grid5_8><OFF-1_-1>, <grid0_0>"), "pointing", 640, 480, GT32)
     assert bad == 0 and objs == [{"phrase": "cat", "point": [103.33, 122.5]}, {"phrase": "cat", "point": [10.0, 7.5]}]
@@ -287,7 +364,9 @@ def test_qwen_json_takes_a_base_checkpoint_as_it_is(tiny_model_dir, tmp_path):
     cfg = load_config(overrides=[f"model.path={base}", "model.vocabulary=qwen_json"])
     assert prepare_model_dir(cfg.model, tmp_path / "run-json") == str(base.resolve())
     cfg = load_config(overrides=[f"model.path={base}"])
-    assert prepare_model_dir(cfg.model, tmp_path / "run-bins") == str((tmp_path / "run-bins" / "prepared-model").resolve())
+    assert prepare_model_dir(cfg.model, tmp_path / "run-bins") == str(
+        (tmp_path / "run-bins" / "prepared-model").resolve()
+    )
     with pytest.raises((ConfigError, ValueError), match="writes no bins"):
         SFTConfig.model_validate({"model": {"vocabulary": "qwen_json"}, "train": {"coord_label_sigma_bins": 2}})
 
@@ -327,8 +406,11 @@ def test_getok_delete_withdraws_points_and_bad_tokens_are_unreadable():
     assert quad[0].kind == "polygon" and len(quad[0].coords[0]) == 6
     assert not list(GT32.parse(_one("<grid1_1><grid9_1><DELETE><grid9_9>"), 640, 480))
     # outside the grid, an offset of 2 steps, bins in a getok answer: unreadable, with the reason
-    for body, why in (("<grid32_0>", "outside the 32x32 grid"), ("<grid3_3><OFF2_0>", "not one of the nine"),
-                      ("<12><40>", "not a run of grid tokens")):
+    for body, why in (
+        ("<grid32_0>", "outside the 32x32 grid"),
+        ("<grid3_3><OFF2_0>", "not one of the nine"),
+        ("<12><40>", "not a run of grid tokens"),
+    ):
         bad = GT32.parse(_one(body), 640, 480)
         assert bad.unreadable == 1 and not list(bad) and why in bad.errors[0]
 
@@ -364,20 +446,32 @@ PROPS = [(10, 10, 50, 50), (100, 20, 150, 80), (0, 0, 20, 20)]
 
 
 def _cr_sample(instances, proposals=PROPS, output="box", sid="s"):
-    return Sample(sid, "img.png", 200, 100, "detection", ["cat", "dog"], list(instances), output, proposals=list(proposals))
+    return Sample(
+        sid, "img.png", 200, 100, "detection", ["cat", "dog"], list(instances), output, proposals=list(proposals)
+    )
 
 
 def test_chatrex_hand_worked_render_parse_and_question():
     smp = _cr_sample([Instance("cat", box=(101, 20, 150, 79)), Instance("cat", box=(12, 11, 49, 52))])
     v = ChatRex().for_sample(smp)
     # each GT box is named by its best-IoU proposal; instances in index order, back to back
-    text = v.render([Prediction("cat", "box", ((101, 20, 150, 79), (12, 11, 49, 52))), Prediction("dog", "none", ())], 200, 100)
-    assert text == ("<|object_ref_start|>cat<|object_ref_end|><|box_start|><obj0><obj1><|box_end|>, "
-                    "<|object_ref_start|>dog<|object_ref_end|><|box_start|>None<|box_end|>")
+    text = v.render(
+        [Prediction("cat", "box", ((101, 20, 150, 79), (12, 11, 49, 52))), Prediction("dog", "none", ())], 200, 100
+    )
+    assert text == (
+        "<|object_ref_start|>cat<|object_ref_end|><|box_start|><obj0><obj1><|box_end|>, "
+        "<|object_ref_start|>dog<|object_ref_end|><|box_start|>None<|box_end|>"
+    )
     p = v.parse(text, 200, 100)
-    assert p.unreadable == 0 and p[0].coords == ((10.0, 10.0, 50.0, 50.0), (100.0, 20.0, 150.0, 80.0)) and p.written == [(0,), (1,)]
+    assert (
+        p.unreadable == 0
+        and p[0].coords == ((10.0, 10.0, 50.0, 50.0), (100.0, 20.0, 150.0, 80.0))
+        and p.written == [(0,), (1,)]
+    )
     # the question lists the proposals in bins: x 10 / 200 * 999 = 49.95 -> 50, y 10 / 100 * 999 -> 100, ...
-    assert v.question_hint("box").startswith(" Candidate boxes: <obj0>: <50><100><250><500>, <obj1>: <500><200><749><799>")
+    assert v.question_hint("box").startswith(
+        " Candidate boxes: <obj0>: <50><100><250><500>, <obj1>: <500><200><749><799>"
+    )
     # the reward is the box IoU F1 of the chosen proposals' boxes
     from rewards.box import box_iou_f1
 
@@ -388,8 +482,11 @@ def test_chatrex_hand_worked_render_parse_and_question():
 def test_chatrex_refuses_what_it_cannot_read_or_write():
     smp = _cr_sample([Instance("cat", box=(12, 11, 49, 52))])
     v = ChatRex().for_sample(smp)
-    for body, why in (("<obj3>", "names no proposal (there are 3)"), ("<12><40><100><200>", "not one <objK> token"),
-                      ("<obj1> cat", "not one <objK> token")):
+    for body, why in (
+        ("<obj3>", "names no proposal (there are 3)"),
+        ("<12><40><100><200>", "not one <objK> token"),
+        ("<obj1> cat", "not one <objK> token"),
+    ):
         bad = v.parse(_one(body), 200, 100)
         assert bad.unreadable == 1 and not list(bad) and why in bad.errors[0], bad.errors
     assert ChatRex().parse(_one("<obj0>"), 200, 100).unreadable == 1  # not bound to a sample's proposals
@@ -407,9 +504,29 @@ def test_chatrex_refuses_what_it_cannot_read_or_write():
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.one_of(st.text(), st.lists(st.sampled_from(["<obj0>", "<obj2>", "<obj99>", "<obj-1>", ",", " ", "<|box_start|>",
-                                                           "<|box_end|>", "<|object_ref_start|>cat<|object_ref_end|>",
-                                                           "None", "<5>"])).map("".join), st.none()))
+@given(
+    text=st.one_of(
+        st.text(),
+        st.lists(
+            st.sampled_from(
+                [
+                    "<obj0>",
+                    "<obj2>",
+                    "<obj99>",
+                    "<obj-1>",
+                    ",",
+                    " ",
+                    "<|box_start|>",
+                    "<|box_end|>",
+                    "<|object_ref_start|>cat<|object_ref_end|>",
+                    "None",
+                    "<5>",
+                ]
+            )
+        ).map("".join),
+        st.none(),
+    )
+)
 def test_chatrex_garbage_never_raises(text):
     v = ChatRex().for_sample(_cr_sample([Instance("cat", box=(12, 11, 49, 52))]))
     p = v.parse(text, 200, 100)
@@ -432,27 +549,42 @@ def test_synthetic_proposals_cover_every_gt_box_and_are_reproducible():
         assert all(max(box_iou(i.box, p) for p in props) >= 0.69 for i in insts)
         # and the SFT target of every such sample can be written
         v = ChatRex(proposal_source="synthetic", distractors=4).for_sample(smp)
-        assert v.parse(v.render([Prediction("cat", "box", tuple(i.box for i in insts))], 200, 100), 200, 100).unreadable == 0
+        assert (
+            v.parse(v.render([Prediction("cat", "box", tuple(i.box for i in insts))], 200, 100), 200, 100).unreadable
+            == 0
+        )
 
 
 def test_proposals_merge_tool(tmp_path):
-    from rlsys.data.samples import DataError, load_jsonl
     from rlsys.data.proposals import merge
+    from rlsys.data.samples import DataError, load_jsonl
 
     data = tmp_path / "d.jsonl"
     recs = [_cr_sample([Instance("cat", box=(12, 11, 49, 52))], proposals=(), sid=f"r{k}").to_dict() for k in range(2)]
     recs[1]["image"] = "other.png"
     data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     boxes = tmp_path / "b.jsonl"
-    boxes.write_text(json.dumps({"image": "img.png", "boxes": [[10, 10, 50, 50]]}) + "\n" +
-                     json.dumps({"id": "r1", "boxes": [[0, 0, 20, 20], [100, 20, 150, 80]]}) + "\n")
+    boxes.write_text(
+        json.dumps({"image": "img.png", "boxes": [[10, 10, 50, 50]]})
+        + "\n"
+        + json.dumps({"id": "r1", "boxes": [[0, 0, 20, 20], [100, 20, 150, 80]]})
+        + "\n"
+    )
     assert merge(data, boxes, tmp_path / "out.jsonl") == 2
     got = load_jsonl(tmp_path / "out.jsonl")
-    assert got[0].proposals == [(10.0, 10.0, 50.0, 50.0)] and got[1].proposals == [(0.0, 0.0, 20.0, 20.0), (100.0, 20.0, 150.0, 80.0)]
+    assert got[0].proposals == [(10.0, 10.0, 50.0, 50.0)] and got[1].proposals == [
+        (0.0, 0.0, 20.0, 20.0),
+        (100.0, 20.0, 150.0, 80.0),
+    ]
     boxes.write_text(json.dumps({"image": "img.png", "boxes": [[10, 10, 50, 50]]}) + "\n")
     with pytest.raises(DataError, match=r"d.jsonl:2 \(id 'r1'\): .* no boxes for image 'other.png'"):
         merge(data, boxes, tmp_path / "out2.jsonl")
-    boxes.write_text(json.dumps({"image": "img.png", "boxes": [[10, 10, 500, 50]]}) + "\n" + json.dumps({"id": "r1", "boxes": []}) + "\n")
+    boxes.write_text(
+        json.dumps({"image": "img.png", "boxes": [[10, 10, 500, 50]]})
+        + "\n"
+        + json.dumps({"id": "r1", "boxes": []})
+        + "\n"
+    )
     with pytest.raises(DataError, match=r"proposals\[0\].*outside the 200x100 image"):
         merge(data, boxes, tmp_path / "out3.jsonl")
     assert not (tmp_path / "out2.jsonl").exists() and not (tmp_path / "out3.jsonl").exists()
@@ -461,7 +593,9 @@ def test_proposals_merge_tool(tmp_path):
 def test_serve_binds_the_request_proposals_for_chatrex_only():
     from rlsys.serve.app import DetectRequest, RequestError, bind_vocabulary, to_objects
 
-    req = DetectRequest(image="x", task="detection", categories=["cat"], proposals=[[10, 10, 50, 50], [100, 20, 150, 80]])
+    req = DetectRequest(
+        image="x", task="detection", categories=["cat"], proposals=[[10, 10, 50, 50], [100, 20, 150, 80]]
+    )
     v = bind_vocabulary(req, "box", 200, 100, ChatRex())
     objs, bad = to_objects(_one("<obj1>"), "detection", 200, 100, v)
     assert bad == 0 and objs == [{"phrase": "cat", "box": [100.0, 20.0, 150.0, 80.0]}]

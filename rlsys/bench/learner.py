@@ -34,6 +34,14 @@ import threading
 import time
 from pathlib import Path
 
+from rlsys.config import ModelConfig
+from rlsys.data.prepare import prepare_model_dir
+from rlsys.grpo.algorithm import policy_loss
+from rlsys.grpo.records import LearnerItem
+from rlsys.grpo.sequences import banned_token_ids, build_batch, token_logprobs
+from rlsys.lang.prompts import chat_prompt
+from rlsys.models import load_model, load_processor
+
 MODELS = {
     # name: image side px, answers in the batch, tokens per answer, micro-batch
     "tiny": dict(image_px=112, answers=8, answer_tokens=48, micro_batch=8),
@@ -46,17 +54,26 @@ MODELS = {
 
 def _model_dir(name: str, out_dir: Path) -> str:
     """The benchmark's model, built once under ``out_dir``."""
-    from rlsys.config import ModelConfig
-    from rlsys.data.prepare import prepare_model_dir
 
     if name == "tiny":
         cfg = ModelConfig()
     elif name == "30m":
-        cfg = ModelConfig(tiny_hidden_size=512, tiny_num_layers=8, tiny_intermediate_size=1536, tiny_vision_hidden_size=256,
-                          tiny_vision_depth=4, tiny_max_pixels=224 * 224)
+        cfg = ModelConfig(
+            tiny_hidden_size=512,
+            tiny_num_layers=8,
+            tiny_intermediate_size=1536,
+            tiny_vision_hidden_size=256,
+            tiny_vision_depth=4,
+            tiny_max_pixels=224 * 224,
+        )
     else:  # Qwen's token layout with the coordinate tokens mapped onto its last free rows, as for a real base checkpoint
-        cfg = ModelConfig(tiny_shape="qwen2_5_vl_3b", tiny_num_layers=2, tiny_vision_depth=1, tiny_max_pixels=672 * 672,
-                          coord_tokens="map_last")
+        cfg = ModelConfig(
+            tiny_shape="qwen2_5_vl_3b",
+            tiny_num_layers=2,
+            tiny_vision_depth=1,
+            tiny_max_pixels=672 * 672,
+            coord_tokens="map_last",
+        )
     return prepare_model_dir(cfg, out_dir / f"model-{name}")
 
 
@@ -101,11 +118,6 @@ def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: in
     import torch
     from PIL import Image
 
-    from rlsys.grpo.algorithm import policy_loss
-    from rlsys.models import load_model, load_processor
-    from rlsys.lang.prompts import chat_prompt
-    from rlsys.grpo.sequences import banned_token_ids, build_batch, token_logprobs
-
     torch.manual_seed(seed)
     m = MODELS[model_name]
     model_dir = _model_dir(model_name, out_dir)
@@ -121,10 +133,17 @@ def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: in
         Image.effect_noise((m["image_px"], m["image_px"]), 60).convert("RGB").save(img)
     prompt = chat_prompt(proc, "Detect every circle and square in the image.")
     vocab = proc.tokenizer.vocab_size  # ordinary BPE ids, below every added token
-    items = [{"prompt": prompt, "image": str(img), "response_ids": [rng.randrange(10, vocab) for _ in range(m["answer_tokens"])],
-              "advantage": rng.uniform(-1, 1)} for _ in range(m["answers"])]
+    items = [
+        LearnerItem(
+            prompt=prompt,
+            image=str(img),
+            response_ids=[rng.randrange(10, vocab) for _ in range(m["answer_tokens"])],
+            advantage=rng.uniform(-1, 1),
+        )
+        for _ in range(m["answers"])
+    ]
     banned = banned_token_ids(proc.tokenizer)
-    n_tokens = sum(len(it["response_ids"]) for it in items)
+    n_tokens = sum(len(it.response_ids) for it in items)
     cache: dict = {}
 
     def step(mb: int, items=items):
@@ -147,7 +166,7 @@ def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: in
             else:
                 logp, ent = token_logprobs(model, inputs, targets, mask=mask, banned_ids=banned)
                 old = logp.detach()
-            adv = torch.tensor([it["advantage"] for it in c])
+            adv = torch.tensor([it.advantage for it in c])
             loss, _ = policy_loss(logp, old, r, adv, mask, kl_coef=0.01, num_tokens=n_tokens)
             loss.backward()
         opt.step()
@@ -164,12 +183,20 @@ def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: in
     with PeakRSS() as half:  # half the micro-batch (and half the answers: one micro-batch either way)
         step(mb // 2, items[: mb // 2])
     full = statistics.median(peaks)
-    return {"model": model_name, "variant": variant, "step_s": statistics.median(times),
-            "peak_mib_step": full / 2**20, "peak_mib_per_answer": (full - (half.peak - half.start)) / (mb - mb // 2) / 2**20,
-            "answers": m["answers"], "answer_tokens": m["answer_tokens"], "image_px": m["image_px"],
-            "prompt_tokens": int(build_batch(proc, items[:1], proc.tokenizer.pad_token_id)[0]["input_ids"].shape[1]) - m["answer_tokens"],
-            "vocab_rows": int(model.get_output_embeddings().weight.shape[0]),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "model": model_name,
+        "variant": variant,
+        "step_s": statistics.median(times),
+        "peak_mib_step": full / 2**20,
+        "peak_mib_per_answer": (full - (half.peak - half.start)) / (mb - mb // 2) / 2**20,
+        "answers": m["answers"],
+        "answer_tokens": m["answer_tokens"],
+        "image_px": m["image_px"],
+        "prompt_tokens": int(build_batch(proc, items[:1], proc.tokenizer.pad_token_id)[0]["input_ids"].shape[1])
+        - m["answer_tokens"],
+        "vocab_rows": int(model.get_output_embeddings().weight.shape[0]),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def compare(out_dir: Path, models=("tiny", "30m", "qwen3b"), timeout_s: int = 1800) -> dict:
@@ -180,10 +207,27 @@ def compare(out_dir: Path, models=("tiny", "30m", "qwen3b"), timeout_s: int = 18
     res: dict = {}
     for name in models:
         for variant in ("before", "after"):
-            r = subprocess.run([sys.executable, "-m", "rlsys.bench.learner", "--model", name, "--variant", variant,
-                                "--out", str(out_dir)], capture_output=True, text=True, timeout=timeout_s, env=env)
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "rlsys.bench.learner",
+                    "--model",
+                    name,
+                    "--variant",
+                    variant,
+                    "--out",
+                    str(out_dir),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                env=env,
+            )
             lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
-            res.setdefault(name, {})[variant] = json.loads(lines[-1]) if r.returncode == 0 and lines else {"error": r.stderr[-800:]}
+            res.setdefault(name, {})[variant] = (
+                json.loads(lines[-1]) if r.returncode == 0 and lines else {"error": r.stderr[-800:]}
+            )
         b, a = res[name]["before"], res[name]["after"]
         if "error" not in a and "error" not in b:
             res[name]["time_ratio_after_over_before"] = a["step_s"] / b["step_s"]

@@ -34,6 +34,13 @@ import sys
 import time
 from pathlib import Path
 
+from rewards.scorer import load_scorer, score
+from rlsys.config import ConfigError, load_config
+from rlsys.data.samples import load_dataset
+from rlsys.lang.prompts import question_for_sample
+from rlsys.lang.vocab import vocabulary_for
+from rlsys.models import load_model, param_part, processor_for
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_GRPO_CONFIG = REPO / "configs" / "demo_grpo_tiny_cpu.yaml"
 
@@ -58,12 +65,14 @@ def _run(cmd: list[str], log: Path, timeout_s: float) -> float:
 def subset(src: Path, n: int, dst: Path, tasks=None) -> Path:
     """The first ``n`` records of a JSONL data file whose task is in ``tasks`` (default: any),
     relative image paths made absolute so the copy reads the same images."""
-    from rlsys.data.samples import load_dataset
 
     keep = [k for k, s in enumerate(load_dataset(src)) if tasks is None or s.task in tasks]
     if len(keep) < n:
-        raise ValueError(f"{src}: {len(keep)} samples" + (f" of tasks {sorted(tasks)}" if tasks else "")
-                         + f", fewer than the {n} asked for")
+        raise ValueError(
+            f"{src}: {len(keep)} samples"
+            + (f" of tasks {sorted(tasks)}" if tasks else "")
+            + f", fewer than the {n} asked for"
+        )
     dst.parent.mkdir(parents=True, exist_ok=True)
     lines = [l for l in src.read_text().splitlines() if l.strip()]
     lines = [lines[k] for k in keep[:n]]
@@ -86,8 +95,10 @@ def _cached(out: Path, done: str, args: dict) -> bool:
     args = json.loads(json.dumps(args))  # str paths, lists: as they read back
     if rec.is_file() and json.loads(rec.read_text()) != args:
         if (out / done).is_file():
-            raise RuntimeError(f"{out} holds a result of other settings ({rec}: {rec.read_text().strip()}); "
-                               f"pass another --out, or delete it to redo")
+            raise RuntimeError(
+                f"{out} holds a result of other settings ({rec}: {rec.read_text().strip()}); "
+                f"pass another --out, or delete it to redo"
+            )
     finished = (out / done).is_file() and rec.is_file()
     if not finished:
         out.mkdir(parents=True, exist_ok=True)
@@ -97,47 +108,131 @@ def _cached(out: Path, done: str, args: dict) -> bool:
 
 def greedy_eval(checkpoint: Path, data: Path, out: Path, config: Path, overrides: list[str], timeout_s: float) -> dict:
     """``rlsys.eval`` (greedy, the GRPO config's engine settings) of one model on ``data``."""
-    if not _cached(out, "metrics.json", {"checkpoint": str(checkpoint), "data": str(data), "config": str(config),
-                                         "overrides": overrides}):
-        _run([sys.executable, "-m", "rlsys.eval", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out),
-              "--config", str(config), *overrides], out.with_suffix(".log"), timeout_s)
+    if not _cached(
+        out,
+        "metrics.json",
+        {"checkpoint": str(checkpoint), "data": str(data), "config": str(config), "overrides": overrides},
+    ):
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "rlsys.eval",
+                "--checkpoint",
+                str(checkpoint),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--config",
+                str(config),
+                *overrides,
+            ],
+            out.with_suffix(".log"),
+            timeout_s,
+        )
     m = json.loads((out / "metrics.json").read_text())
-    return {"mean_reward": m["mean_reward"], "F1@mIoU": m.get("detection", {}).get("F1@mIoU"),
-            "F1@0.50": m.get("detection", {}).get("F1@0.50"), "pointing_F1": m.get("pointing", {}).get("F1"),
-            "under_count_rate": m.get("detection", {}).get("under_count_rate")}
+    return {
+        "mean_reward": m["mean_reward"],
+        "F1@mIoU": m.get("detection", {}).get("F1@mIoU"),
+        "F1@0.50": m.get("detection", {}).get("F1@0.50"),
+        "pointing_F1": m.get("pointing", {}).get("F1"),
+        "under_count_rate": m.get("detection", {}).get("under_count_rate"),
+    }
 
 
-def run_rlsys(out: Path, init: Path, train: Path, steps: int, prompts_per_step: int, checkpoint_every: int,
-              config: Path, overrides: list[str], timeout_s: float) -> dict:
+def run_rlsys(
+    out: Path,
+    init: Path,
+    train: Path,
+    steps: int,
+    prompts_per_step: int,
+    checkpoint_every: int,
+    config: Path,
+    overrides: list[str],
+    timeout_s: float,
+) -> dict:
     """One rlsys GRPO run; returns its per-step records and times."""
-    args = {"init": str(init), "train": str(train), "steps": steps, "prompts_per_step": prompts_per_step,
-            "checkpoint_every": checkpoint_every, "config": str(config), "overrides": overrides}
+    args = {
+        "init": str(init),
+        "train": str(train),
+        "steps": steps,
+        "prompts_per_step": prompts_per_step,
+        "checkpoint_every": checkpoint_every,
+        "config": str(config),
+        "overrides": overrides,
+    }
     if not _cached(out, "wall_s.txt", args):
-        wall = _run([sys.executable, "-m", "rlsys.grpo", "--config", str(config), f"run.out_dir={out}",
-                     f"run.init_checkpoint={init}", f"data.train={train}", f"run.steps={steps}",
-                     f"run.prompts_per_step={prompts_per_step}", f"run.checkpoint_every_steps={checkpoint_every}",
-                     "run.resume=false", "tracking.mode=disabled", *overrides], out.with_suffix(".log"), timeout_s)
+        wall = _run(
+            [
+                sys.executable,
+                "-m",
+                "rlsys.grpo",
+                "--config",
+                str(config),
+                f"run.out_dir={out}",
+                f"run.init_checkpoint={init}",
+                f"data.train={train}",
+                f"run.steps={steps}",
+                f"run.prompts_per_step={prompts_per_step}",
+                f"run.checkpoint_every_steps={checkpoint_every}",
+                "run.resume=false",
+                "tracking.mode=disabled",
+                *overrides,
+            ],
+            out.with_suffix(".log"),
+            timeout_s,
+        )
         (out / "wall_s.txt").write_text(f"{wall}\n")
     steps_rec = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
-    return {"rewards": [r["reward/mean"] for r in steps_rec], "kl": [r["learner/kl"] for r in steps_rec],
-            "step_s": [r["time/step_s"] for r in steps_rec], "wall_s": float((out / "wall_s.txt").read_text()),
-            "samples_per_step": steps_rec[0]["learner/answers"] if steps_rec else 0,
-            "checkpoints": sorted(str(p / "hf") for p in (out / "checkpoints").glob("step_*[0-9]"))}
+    return {
+        "rewards": [r["reward/mean"] for r in steps_rec],
+        "kl": [r["learner/kl"] for r in steps_rec],
+        "step_s": [r["time/step_s"] for r in steps_rec],
+        "wall_s": float((out / "wall_s.txt").read_text()),
+        "samples_per_step": steps_rec[0]["learner/answers"] if steps_rec else 0,
+        "checkpoints": sorted(str(p / "hf") for p in (out / "checkpoints").glob("step_*[0-9]")),
+    }
 
 
-def run_trl(out: Path, init: Path, train: Path, steps: int, prompts_per_step: int, config: Path, overrides: list[str],
-            timeout_s: float, checkpoint_every: int = 0) -> dict:
+def run_trl(
+    out: Path,
+    init: Path,
+    train: Path,
+    steps: int,
+    prompts_per_step: int,
+    config: Path,
+    overrides: list[str],
+    timeout_s: float,
+    checkpoint_every: int = 0,
+) -> dict:
     """One TRL GRPOTrainer run in a subprocess (:func:`trl_worker`)."""
-    args = {"out": str(out), "init": str(init), "train": str(train), "steps": steps, "prompts_per_step": prompts_per_step,
-            "config": str(config), "overrides": overrides, "checkpoint_every": checkpoint_every}
+    args = {
+        "out": str(out),
+        "init": str(init),
+        "train": str(train),
+        "steps": steps,
+        "prompts_per_step": prompts_per_step,
+        "config": str(config),
+        "overrides": overrides,
+        "checkpoint_every": checkpoint_every,
+    }
     if not _cached(out, "wall_s.txt", args):
-        wall = _run([sys.executable, "-m", "rlsys.bench.learning", "--trl-worker", json.dumps(args)],
-                    out.with_suffix(".log"), timeout_s)
+        wall = _run(
+            [sys.executable, "-m", "rlsys.bench.learning", "--trl-worker", json.dumps(args)],
+            out.with_suffix(".log"),
+            timeout_s,
+        )
         (out / "wall_s.txt").write_text(f"{wall}\n")
     recs = [json.loads(l) for l in (out / "trl_steps.jsonl").read_text().splitlines()]
-    return {"rewards": [r["reward"] for r in recs], "kl": [r.get("kl", 0.0) for r in recs], "step_s": [r["step_s"] for r in recs],
-            "wall_s": float((out / "wall_s.txt").read_text()), "samples_per_step": recs[0]["samples"] if recs else 0,
-            "checkpoints": sorted(str(p) for p in out.glob("step_*[0-9]") if (p / "config.json").is_file())}
+    return {
+        "rewards": [r["reward"] for r in recs],
+        "kl": [r.get("kl", 0.0) for r in recs],
+        "step_s": [r["step_s"] for r in recs],
+        "wall_s": float((out / "wall_s.txt").read_text()),
+        "samples_per_step": recs[0]["samples"] if recs else 0,
+        "checkpoints": sorted(str(p) for p in out.glob("step_*[0-9]") if (p / "config.json").is_file()),
+    }
 
 
 def trl_reward_function(samples_by_id: dict, tokenizer, vocabulary, scorer=None, **scorer_kwargs):
@@ -146,7 +241,6 @@ def trl_reward_function(samples_by_id: dict, tokenizer, vocabulary, scorer=None,
     decoded completions with special tokens skipped, which drops the markup and the coordinate
     tokens this scorer reads; so it decodes ``completion_ids`` itself, as the rollout engines' text
     is decoded (``skip_special_tokens=False``). The sample is found by the dataset's ``sample_id`` column."""
-    from rewards.scorer import score
 
     scorer = scorer or score
     # as the reward workers: a scorer without vocabulary= (None here) reads the default bins
@@ -192,12 +286,6 @@ def trl_worker(args: dict) -> None:
     from trl import GRPOTrainer
 
     from actors.rewards import scorer_vocabulary
-    from rewards.scorer import load_scorer
-    from rlsys.config import load_config
-    from rlsys.data.samples import load_dataset
-    from rlsys.models import load_model, param_part, processor_for
-    from rlsys.lang.prompts import question_for_sample
-    from rlsys.lang.vocab import vocabulary_for
 
     out = Path(args["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -225,16 +313,37 @@ def trl_worker(args: dict) -> None:
                 p.requires_grad_(False)
     r, G = cfg.rollout, cfg.rollout.samples_per_prompt
     targs = TRLConfig(
-        output_dir=str(out / "trainer"), max_steps=args["steps"], per_device_train_batch_size=G,
+        output_dir=str(out / "trainer"),
+        max_steps=args["steps"],
+        per_device_train_batch_size=G,
         gradient_accumulation_steps=args["prompts_per_step"],  # one optimizer step per prompts x G answers, as rlsys
         # HF's warm-up gives update k (from 0) lr x k/N, rlsys's x (k+1)/N: one update apart
-        num_generations=G, learning_rate=cfg.learner.lr, warmup_steps=cfg.learner.warmup_steps,
+        num_generations=G,
+        learning_rate=cfg.learner.lr,
+        warmup_steps=cfg.learner.warmup_steps,
         lr_scheduler_type="constant_with_warmup" if cfg.learner.warmup_steps else "constant",
-        weight_decay=cfg.learner.weight_decay, max_grad_norm=cfg.learner.grad_clip, beta=cfg.learner.kl_coef,
-        epsilon=cfg.learner.clip_low, epsilon_high=cfg.learner.clip_high, temperature=r.temperature, top_p=r.top_p,
-        max_completion_length=r.max_new_tokens, loss_type="dapo", scale_rewards=TRL_SCALE_REWARDS[cfg.learner.advantage_scaling], num_iterations=1,
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False, seed=cfg.run.seed,
-        remove_unused_columns=False, dataloader_num_workers=0, log_completions=False)
+        weight_decay=cfg.learner.weight_decay,
+        max_grad_norm=cfg.learner.grad_clip,
+        beta=cfg.learner.kl_coef,
+        epsilon=cfg.learner.clip_low,
+        epsilon_high=cfg.learner.clip_high,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_completion_length=r.max_new_tokens,
+        loss_type="dapo",
+        scale_rewards=TRL_SCALE_REWARDS[cfg.learner.advantage_scaling],
+        num_iterations=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=cfg.run.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        log_completions=False,
+    )
     recs: list[dict] = []
 
     class Record(TrainerCallback):
@@ -243,13 +352,22 @@ def trl_worker(args: dict) -> None:
         def on_log(self, _args, state, control, logs=None, **kw):
             if logs and "reward" in logs:
                 now = time.perf_counter()
-                recs.append({"step": state.global_step, "reward": logs["reward"], "kl": logs.get("kl", 0.0),
-                             "step_s": now - Record.t0, "samples": args["prompts_per_step"] * G})
+                recs.append(
+                    {
+                        "step": state.global_step,
+                        "reward": logs["reward"],
+                        "kl": logs.get("kl", 0.0),
+                        "step_s": now - Record.t0,
+                        "samples": args["prompts_per_step"] * G,
+                    }
+                )
                 Record.t0 = now
                 with (out / "trl_steps.partial.jsonl").open("a") as f:
                     f.write(json.dumps(recs[-1]) + "\n")
-                print(f"trl step {state.global_step}/{args['steps']} reward {logs['reward']:.3f} ({recs[-1]['step_s']:.1f} s/step)",
-                      flush=True)
+                print(
+                    f"trl step {state.global_step}/{args['steps']} reward {logs['reward']:.3f} ({recs[-1]['step_s']:.1f} s/step)",
+                    flush=True,
+                )
 
         def on_step_end(self, _args, state, control, **kw):
             every = args.get("checkpoint_every") or 0
@@ -258,11 +376,22 @@ def trl_worker(args: dict) -> None:
                 processor.save_pretrained(str(out / f"step_{state.global_step:06d}"))
 
     scorer = load_scorer(cfg.reward.scorer)
-    reward_fn = trl_reward_function(by_id, processor.tokenizer, scorer_vocabulary(cfg.reward.scorer, vocabulary), scorer,
-                                    matching=cfg.reward.matching, mask_source=None)
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn],
-                          args=targs, train_dataset=Dataset.from_list(rows), processing_class=processor,
-                          callbacks=[Record()])
+    reward_fn = trl_reward_function(
+        by_id,
+        processor.tokenizer,
+        scorer_vocabulary(cfg.reward.scorer, vocabulary),
+        scorer,
+        matching=cfg.reward.matching,
+        mask_source=None,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[reward_fn],
+        args=targs,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+        callbacks=[Record()],
+    )
     trainer.train()
     final = out / f"step_{args['steps']:06d}"
     trainer.save_model(str(final))
@@ -281,8 +410,11 @@ def per_1000_samples(run: dict) -> dict:
 
 
 def markdown(res: dict) -> str:
-    rows = ["| setting | system | greedy reward before -> after | held-out F1@mIoU after (fresh) | sampled reward, first -> last 10 steps "
-            "| s per 1,000 samples (median step / whole run) |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| setting | system | greedy reward before -> after | held-out F1@mIoU after (fresh) | sampled reward, first -> last 10 steps "
+        "| s per 1,000 samples (median step / whole run) |",
+        "|---|---|---|---|---|---|",
+    ]
     for setting in ("fixed", "fresh"):
         for system in ("rlsys", "trl"):
             r = res.get(setting, {}).get(system)
@@ -292,29 +424,41 @@ def markdown(res: dict) -> str:
             first, last = sum(tr[:10]) / len(tr[:10]), sum(tr[-10:]) / len(tr[-10:])
             t = per_1000_samples(r["train"])
             f1 = r["after"].get("F1@mIoU") if setting == "fresh" else None  # fixed: scored on its training prompts
-            rows.append(f"| {setting} | {system} | {r['before']['mean_reward']:.3f} -> {r['after']['mean_reward']:.3f} | "
-                        f"{'-' if f1 is None else f'{f1 * 100:.1f}'} | {first:.3f} -> {last:.3f} | {t['steps_s']:.0f} / {t['wall_s']:.0f} |")
+            rows.append(
+                f"| {setting} | {system} | {r['before']['mean_reward']:.3f} -> {r['after']['mean_reward']:.3f} | "
+                f"{'-' if f1 is None else f'{f1 * 100:.1f}'} | {first:.3f} -> {last:.3f} | {t['steps_s']:.0f} / {t['wall_s']:.0f} |"
+            )
         both = res.get(setting, {})
         if "rlsys" in both and "trl" in both:
             a, b = per_1000_samples(both["rlsys"]["train"]), per_1000_samples(both["trl"]["train"])
             gain = lambda r: r["after"]["mean_reward"] - r["before"]["mean_reward"]  # noqa: E731
-            rows.append(f"| {setting} | rlsys / TRL | gain {gain(both['rlsys']):+.3f} vs {gain(both['trl']):+.3f} | | | "
-                        f"TRL takes {b['steps_s'] / a['steps_s']:.2f}x rlsys's step time ({b['wall_s'] / a['wall_s']:.2f}x whole run) |")
+            rows.append(
+                f"| {setting} | rlsys / TRL | gain {gain(both['rlsys']):+.3f} vs {gain(both['trl']):+.3f} | | | "
+                f"TRL takes {b['steps_s'] / a['steps_s']:.2f}x rlsys's step time ({b['wall_s'] / a['wall_s']:.2f}x whole run) |"
+            )
+
     def point(m: dict) -> str:
         f1 = m.get("F1@mIoU")
         return f"{m['mean_reward']:.3f} / " + ("-" if f1 is None else f"{f1 * 100:.1f}")
 
     for system, r in res.get("fresh", {}).items():
         if r.get("curve"):
-            rows += ["", f"fresh prompts, {system}, held-out greedy reward / F1@mIoU by step: "
-                     + ", ".join(f"{k}: {point(m)}" for k, m in r["curve"])]
+            rows += [
+                "",
+                f"fresh prompts, {system}, held-out greedy reward / F1@mIoU by step: "
+                + ", ".join(f"{k}: {point(m)}" for k, m in r["curve"]),
+            ]
     return "\n".join(rows)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsys.bench.learning", description=__doc__.split("\n\n")[0])
-    p.add_argument("--init", default="runs/demo/sft2/final", help="the SFT model GRPO starts from (the demo's by default)")
-    p.add_argument("--train", default=None, help="training data (default: the SFT run's data/train.jsonl beside --init)")
+    p.add_argument(
+        "--init", default="runs/demo/sft2/final", help="the SFT model GRPO starts from (the demo's by default)"
+    )
+    p.add_argument(
+        "--train", default=None, help="training data (default: the SFT run's data/train.jsonl beside --init)"
+    )
     p.add_argument("--val", default=None, help="held-out data (default: the SFT run's data/val.jsonl beside --init)")
     p.add_argument("--config", default=str(DEMO_GRPO_CONFIG))
     p.add_argument("--out", default="runs/bench/learning")
@@ -333,7 +477,6 @@ def main(argv=None) -> int:
     if a.trl_worker:
         trl_worker(json.loads(a.trl_worker))
         return 0
-    from rlsys.config import ConfigError, load_config
 
     try:
         tasks = load_config(a.config, a.overrides).data.tasks
@@ -342,8 +485,10 @@ def main(argv=None) -> int:
         return 2
     init = Path(a.init).resolve()
     if not (init / "config.json").is_file():
-        print(f"error: {init} is not a model directory; run the demo's SFT first (python -m rlsys.demo) or pass --init",
-              file=sys.stderr)
+        print(
+            f"error: {init} is not a model directory; run the demo's SFT first (python -m rlsys.demo) or pass --init",
+            file=sys.stderr,
+        )
         return 2
     train = Path(a.train or init.parent / "data" / "train.jsonl").resolve()
     val = Path(a.val or init.parent / "data" / "val.jsonl").resolve()
@@ -352,14 +497,21 @@ def main(argv=None) -> int:
             print(f"error: {path}: no such data file (pass --train / --val)", file=sys.stderr)
             return 2
     out = Path(a.out).resolve()
-    from rlsys.data.samples import load_dataset
 
     # the tasks the GRPO config trains on, as many as there are up to --val-limit
     n_val = sum(1 for s in load_dataset(val) if not tasks or s.task in tasks)
     val = subset(val, min(a.val_limit, n_val), out / "val.jsonl", tasks or None)
-    res: dict = {"init": str(init), "train": str(train), "val": str(val), "config": a.config, "overrides": a.overrides,
-                 "cores": os.cpu_count()}
-    ev = lambda ckpt, data, name: greedy_eval(Path(ckpt), data, out / "eval" / name, Path(a.config), a.overrides, a.timeout_s)  # noqa: E731
+    res: dict = {
+        "init": str(init),
+        "train": str(train),
+        "val": str(val),
+        "config": a.config,
+        "overrides": a.overrides,
+        "cores": os.cpu_count(),
+    }
+    ev = lambda ckpt, data, name: greedy_eval(
+        Path(ckpt), data, out / "eval" / name, Path(a.config), a.overrides, a.timeout_s
+    )  # noqa: E731
     if "fixed" in a.only:
         fixed = subset(train, a.fixed_prompts, out / "fixed" / "data.jsonl", tasks or None)
         res["fixed"] = {}
@@ -367,9 +519,18 @@ def main(argv=None) -> int:
         for system in a.systems:
             run_dir = out / "fixed" / system
             n = a.fixed_prompts
-            t = (run_rlsys(run_dir, init, fixed, a.fixed_steps, n, a.fixed_steps, Path(a.config), a.overrides, a.timeout_s)
-                 if system == "rlsys" else run_trl(run_dir, init, fixed, a.fixed_steps, n, Path(a.config), a.overrides, a.timeout_s))
-            res["fixed"][system] = {"before": before, "after": ev(t["checkpoints"][-1], fixed, f"fixed_{system}"), "train": t}
+            t = (
+                run_rlsys(
+                    run_dir, init, fixed, a.fixed_steps, n, a.fixed_steps, Path(a.config), a.overrides, a.timeout_s
+                )
+                if system == "rlsys"
+                else run_trl(run_dir, init, fixed, a.fixed_steps, n, Path(a.config), a.overrides, a.timeout_s)
+            )
+            res["fixed"][system] = {
+                "before": before,
+                "after": ev(t["checkpoints"][-1], fixed, f"fixed_{system}"),
+                "train": t,
+            }
             print(markdown(res), flush=True)
     if "fresh" in a.only:
         res["fresh"] = {}
@@ -378,12 +539,38 @@ def main(argv=None) -> int:
         before = ev(init, val, "fresh_before")
         for system in a.systems:
             run_dir = out / "fresh" / system
-            t = (run_rlsys(run_dir, init, fresh, a.fresh_steps, a.prompts_per_step, a.eval_every, Path(a.config), a.overrides, a.timeout_s)
-                 if system == "rlsys" else run_trl(run_dir, init, fresh, a.fresh_steps, a.prompts_per_step, Path(a.config), a.overrides,
-                                                   a.timeout_s, checkpoint_every=a.eval_every))
-            curve = [(0, before)] + [(int(Path(c).parent.name.split("_")[1]) if system == "rlsys" else int(Path(c).name.split("_")[1]),
-                                      ev(c, val, f"fresh_{system}_{Path(c).parent.name if system == 'rlsys' else Path(c).name}"))
-                                     for c in t["checkpoints"]]
+            t = (
+                run_rlsys(
+                    run_dir,
+                    init,
+                    fresh,
+                    a.fresh_steps,
+                    a.prompts_per_step,
+                    a.eval_every,
+                    Path(a.config),
+                    a.overrides,
+                    a.timeout_s,
+                )
+                if system == "rlsys"
+                else run_trl(
+                    run_dir,
+                    init,
+                    fresh,
+                    a.fresh_steps,
+                    a.prompts_per_step,
+                    Path(a.config),
+                    a.overrides,
+                    a.timeout_s,
+                    checkpoint_every=a.eval_every,
+                )
+            )
+            curve = [(0, before)] + [
+                (
+                    int(Path(c).parent.name.split("_")[1]) if system == "rlsys" else int(Path(c).name.split("_")[1]),
+                    ev(c, val, f"fresh_{system}_{Path(c).parent.name if system == 'rlsys' else Path(c).name}"),
+                )
+                for c in t["checkpoints"]
+            ]
             res["fresh"][system] = {"before": before, "after": curve[-1][1], "curve": curve, "train": t}
             print(markdown(res), flush=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -64,11 +64,21 @@ def main(argv=None) -> int:
     print(f"  vectorised : {vec_s * 1e3:9.2f} ms  (best of {a.repeats})")
     print(f"  reference  : {ref_s * 1e3:9.2f} ms  (plain Python loop)")
     print(f"  speed-up   : {ratio:9.1f}x   max |difference| {max_diff:.2e}   mean reward {np.mean(fast):.4f}")
-    print(json.dumps({
-        "bench": "box_iou_f1", "matching": a.matching, "samples": a.samples, "boxes": a.boxes,
-        "vectorised_s": vec_s, "reference_s": ref_s, "speedup": ratio, "max_abs_diff": max_diff,
-        "mean_reward": float(np.mean(fast)),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "box_iou_f1",
+                "matching": a.matching,
+                "samples": a.samples,
+                "boxes": a.boxes,
+                "vectorised_s": vec_s,
+                "reference_s": ref_s,
+                "speedup": ratio,
+                "max_abs_diff": max_diff,
+                "mean_reward": float(np.mean(fast)),
+            }
+        )
+    )
     assert np.allclose(fast, slow, rtol=1e-9, atol=1e-12), f"vectorised and reference disagree by {max_diff}"
     return 0
 

@@ -27,6 +27,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from rlsys.config import ConfigError, engine_memory
+from rlsys.lang.prompts import chat_prompt
+from rlsys.models import load_processor
+from rlsys.serve.app import DetectRequest, build_app, check_request, load_serve_config, question_for, resolve_model_dir
+from rlsys.serve.client import DetectClient, DetectError
+
 CATEGORIES = ["red rectangle", "blue circle"]
 CLIENTS = (1, 4, 16, 64)
 
@@ -51,7 +57,6 @@ def _free_port() -> int:
 
 def load(url: str, n: int, concurrency: int, image: bytes, timeout_s: float) -> tuple[list[float], list[str], float]:
     """Send ``n`` requests from ``concurrency`` threads: (latencies of answered ones in ms, errors, wall s)."""
-    from rlsys.serve.client import DetectClient, DetectError
 
     client = DetectClient(url, timeout_s)
 
@@ -109,10 +114,15 @@ def summarise(lat: list[float], errors: list[str], wall_s: float) -> dict:
     import numpy as np
 
     a = np.array(lat)
-    return {"answered": len(lat), "errors": len(errors), "first_error": errors[0] if errors else None,
-            "wall_s": round(wall_s, 3), "requests_per_s": round(len(lat) / wall_s, 2),
-            "p50_ms": round(float(np.percentile(a, 50)), 1) if a.size else None,
-            "p99_ms": round(float(np.percentile(a, 99)), 1) if a.size else None}
+    return {
+        "answered": len(lat),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "wall_s": round(wall_s, 3),
+        "requests_per_s": round(len(lat) / wall_s, 2),
+        "p50_ms": round(float(np.percentile(a, 50)), 1) if a.size else None,
+        "p99_ms": round(float(np.percentile(a, 99)), 1) if a.size else None,
+    }
 
 
 def offline_rate(cfg, model_dir: str, n_at: dict[int, int]) -> dict:
@@ -123,11 +133,6 @@ def offline_rate(cfg, model_dir: str, n_at: dict[int, int]) -> dict:
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    from rlsys.config import engine_memory
-    from rlsys.models import load_processor
-    from rlsys.lang.prompts import chat_prompt
-    from rlsys.serve.app import DetectRequest, check_request, question_for
-
     e, g = cfg.engine, cfg.generation
     pixels = cfg.model.pixel_budget()  # the server's budget, so both paths see the same image tokens
     processor = load_processor(model_dir, trust_remote_code=cfg.model.trust_remote_code, pixels=pixels)
@@ -136,17 +141,27 @@ def offline_rate(cfg, model_dir: str, n_at: dict[int, int]) -> dict:
     output, phrases = check_request(req, cfg.limits)
     question = question_for(req, output, phrases, *image.size)
     prompt = chat_prompt(processor, question)
-    llm = LLM(model=model_dir, max_model_len=e.max_model_len_tokens, max_num_seqs=e.max_num_seqs,
-              **engine_memory(e.gpu_memory_utilization, e.kv_cache_mib), enforce_eager=e.enforce_eager, seed=e.seed,
-              dtype=cfg.model.dtype, limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_kwargs=pixels or None,
-              trust_remote_code=cfg.model.trust_remote_code)
-    sp = SamplingParams(max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, skip_special_tokens=False)
+    llm = LLM(
+        model=model_dir,
+        max_model_len=e.max_model_len_tokens,
+        max_num_seqs=e.max_num_seqs,
+        **engine_memory(e.gpu_memory_utilization, e.kv_cache_mib),
+        enforce_eager=e.enforce_eager,
+        seed=e.seed,
+        dtype=cfg.model.dtype,
+        limit_mm_per_prompt={"image": 1, "video": 0},
+        mm_processor_kwargs=pixels or None,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    sp = SamplingParams(
+        max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, skip_special_tokens=False
+    )
 
     def run(n: int, chunk: int) -> tuple[float, int]:
         inputs = [{"prompt": prompt, "multi_modal_data": {"image": image}} for _ in range(n)]
         t0, tokens = time.perf_counter(), 0
         for i in range(0, n, chunk):
-            tokens += sum(len(o.outputs[0].token_ids) for o in llm.generate(inputs[i:i + chunk], sp, use_tqdm=False))
+            tokens += sum(len(o.outputs[0].token_ids) for o in llm.generate(inputs[i : i + chunk], sp, use_tqdm=False))
         return time.perf_counter() - t0, tokens
 
     run(8, 8)  # warm-up
@@ -154,14 +169,24 @@ def offline_rate(cfg, model_dir: str, n_at: dict[int, int]) -> dict:
     before = cpu_snapshot()
     wall, tokens = run(n, n)
     cpu = cpu_per_request(before, cpu_snapshot(), n)
-    out = {"requests": n, "wall_s": round(wall, 3), "requests_per_s": round(n / wall, 2),
-           "mean_answer_tokens": round(tokens / n, 1), "max_num_seqs": e.max_num_seqs, "cpu_ms_per_request": cpu,
-           "at_concurrency": {}}
+    out = {
+        "requests": n,
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(n / wall, 2),
+        "mean_answer_tokens": round(tokens / n, 1),
+        "max_num_seqs": e.max_num_seqs,
+        "cpu_ms_per_request": cpu,
+        "at_concurrency": {},
+    }
     for c, m in n_at.items():
         before = cpu_snapshot()
         w, _ = run(m, min(c, e.max_num_seqs))
-        out["at_concurrency"][c] = {"requests": m, "wall_s": round(w, 3), "requests_per_s": round(m / w, 2),
-                                    "cpu_ms_per_request": cpu_per_request(before, cpu_snapshot(), m)}
+        out["at_concurrency"][c] = {
+            "requests": m,
+            "wall_s": round(w, 3),
+            "requests_per_s": round(m / w, 2),
+            "cpu_ms_per_request": cpu_per_request(before, cpu_snapshot(), m),
+        }
     return out
 
 
@@ -174,12 +199,12 @@ def _replicas(app: str, deployment: str) -> int:
     return int(st.deployments[deployment].replica_states.get("RUNNING", 0))
 
 
-def autoscale(base, model_dir: str, url: str, image: bytes, timeout_s: float, clients: int = 64, limit_s: float = 240.0) -> dict:
+def autoscale(
+    base, model_dir: str, url: str, image: bytes, timeout_s: float, clients: int = 64, limit_s: float = 240.0
+) -> dict:
     """Deploy a 1..2-replica application, load it with ``clients`` until a second replica runs
     (or ``limit_s`` passes), then measure again."""
     from ray import serve
-
-    from rlsys.serve.app import build_app
 
     cfg = base.model_copy(deep=True)
     cfg.deployment.name = "bench-autoscale"
@@ -199,22 +224,33 @@ def autoscale(base, model_dir: str, url: str, image: bytes, timeout_s: float, cl
     replicas = _replicas(cfg.deployment.name, cfg.deployment.name)
     after = summarise(*load(app_url, 2 * clients, clients, image, timeout_s)) if replicas >= 2 else None
     serve.delete(cfg.deployment.name)
-    return {"clients": clients, "target_ongoing_requests": 2.0, "replicas_reached": replicas,
-            "seconds_to_2_replicas": round(scaled_s, 1) if replicas >= 2 else None, "load_rounds": rounds,
-            "one_replica": before, "two_replicas": after}
+    return {
+        "clients": clients,
+        "target_ongoing_requests": 2.0,
+        "replicas_reached": replicas,
+        "seconds_to_2_replicas": round(scaled_s, 1) if replicas >= 2 else None,
+        "load_rounds": rounds,
+        "one_replica": before,
+        "two_replicas": after,
+    }
 
 
 def main(argv=None) -> int:
-    from rlsys.config import ConfigError
-    from rlsys.serve.app import load_serve_config, resolve_model_dir
 
     p = argparse.ArgumentParser(prog="python -m rlsys.bench.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="ServeConfig YAML (default configs/serve_tiny_cpu.yaml)")
     p.add_argument("--checkpoint", help="model to serve (default: the config's; none: the tiny model)")
-    p.add_argument("--requests-per-client", type=int, default=4, help="measured requests per client at each level (at least 16 in all)")
+    p.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=4,
+        help="measured requests per client at each level (at least 16 in all)",
+    )
     p.add_argument("--timeout-s", type=float, default=300.0)
     p.add_argument("--no-autoscale", action="store_true", help="skip the autoscaling part")
-    p.add_argument("--offline-only", metavar="JSON", help=argparse.SUPPRESS)  # the child process of part 1: {clients: requests}
+    p.add_argument(
+        "--offline-only", metavar="JSON", help=argparse.SUPPRESS
+    )  # the child process of part 1: {clients: requests}
     p.add_argument("--address", default="local", help="Ray address ('local' starts one on this machine)")
     p.add_argument("overrides", nargs="*", help="ServeConfig key=value")
     a = p.parse_args(argv)
@@ -230,7 +266,11 @@ def main(argv=None) -> int:
 
     n_at = {c: max(16, c * a.requests_per_client) for c in CLIENTS}
     child = [sys.executable, "-m", "rlsys.bench.serve", "--offline-only", json.dumps(n_at)]
-    child += (["--config", a.config] if a.config else []) + (["--checkpoint", a.checkpoint] if a.checkpoint else []) + a.overrides
+    child += (
+        (["--config", a.config] if a.config else [])
+        + (["--checkpoint", a.checkpoint] if a.checkpoint else [])
+        + a.overrides
+    )
     print("offline LLM.generate ...", file=sys.stderr, flush=True)
     r = subprocess.run(child, capture_output=True, text=True, timeout=1800)
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
@@ -242,8 +282,6 @@ def main(argv=None) -> int:
 
     import ray
     from ray import serve
-
-    from rlsys.serve.app import build_app
 
     image = _image_png()
     ray.init(address=a.address, include_dashboard=False, log_to_driver=False)
@@ -273,7 +311,8 @@ def main(argv=None) -> int:
             served[c]["cpu_ms_per_request"] = cpu_per_request(before, cpu_snapshot(), served[c]["answered"])
             served[c]["share_of_offline"] = round(served[c]["requests_per_s"] / offline["requests_per_s"], 3)
             served[c]["share_of_offline_same_concurrency"] = round(
-                served[c]["requests_per_s"] / offline["at_concurrency"][str(c)]["requests_per_s"], 3)
+                served[c]["requests_per_s"] / offline["at_concurrency"][str(c)]["requests_per_s"], 3
+            )
             print(f"{c} clients: {served[c]}", file=sys.stderr, flush=True)
         serve.delete(cfg.deployment.name)
         if not a.no_autoscale:
@@ -284,36 +323,63 @@ def main(argv=None) -> int:
         ray.shutdown()
 
     b = base.batching
-    print(f"\nmodel {model_dir}; max_new_tokens {base.generation.max_new_tokens} (mean answer {offline['mean_answer_tokens']} tokens); "
-          f"@serve.batch {'on' if b.enabled else 'off'} (max_batch_size {b.max_batch_size}, wait {b.batch_wait_timeout_s} s); "
-          f"{os.cpu_count()} cores\n")
-    print("| path | clients | requests | req/s | share of offline, all at once | share of offline, same concurrency | p50 ms | p99 ms | errors |")
+    print(
+        f"\nmodel {model_dir}; max_new_tokens {base.generation.max_new_tokens} (mean answer {offline['mean_answer_tokens']} tokens); "
+        f"@serve.batch {'on' if b.enabled else 'off'} (max_batch_size {b.max_batch_size}, wait {b.batch_wait_timeout_s} s); "
+        f"{os.cpu_count()} cores\n"
+    )
+    print(
+        "| path | clients | requests | req/s | share of offline, all at once | share of offline, same concurrency | p50 ms | p99 ms | errors |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| offline `LLM.generate`, one call (batch up to {offline['max_num_seqs']}) | - | {offline['requests']} | {offline['requests_per_s']} | 1.0 | | | | |")
+    print(
+        f"| offline `LLM.generate`, one call (batch up to {offline['max_num_seqs']}) | - | {offline['requests']} | {offline['requests_per_s']} | 1.0 | | | | |"
+    )
     for c, o in offline["at_concurrency"].items():
-        print(f"| offline `LLM.generate`, calls of {min(int(c), offline['max_num_seqs'])} | {c} | {o['requests']} | {o['requests_per_s']} | "
-              f"{round(o['requests_per_s'] / offline['requests_per_s'], 3)} | 1.0 | | | |")
+        print(
+            f"| offline `LLM.generate`, calls of {min(int(c), offline['max_num_seqs'])} | {c} | {o['requests']} | {o['requests_per_s']} | "
+            f"{round(o['requests_per_s'] / offline['requests_per_s'], 3)} | 1.0 | | | |"
+        )
     for c, s in served.items():
-        print(f"| Serve, 1 replica | {c} | {s['answered'] + s['errors']} | {s['requests_per_s']} | {s['share_of_offline']} | "
-              f"{s['share_of_offline_same_concurrency']} | {s['p50_ms']} | {s['p99_ms']} | {s['errors']} |")
+        print(
+            f"| Serve, 1 replica | {c} | {s['answered'] + s['errors']} | {s['requests_per_s']} | {s['share_of_offline']} | "
+            f"{s['share_of_offline_same_concurrency']} | {s['p50_ms']} | {s['p99_ms']} | {s['errors']} |"
+        )
     if scaling:
         for k, label in (("one_replica", "autoscaling app, before"), ("two_replicas", "autoscaling app, 2 replicas")):
             s = scaling[k]
             if s:
-                print(f"| {label} | {scaling['clients']} | {s['answered'] + s['errors']} | {s['requests_per_s']} | "
-                      f"{round(s['requests_per_s'] / offline['requests_per_s'], 3)} | | {s['p50_ms']} | {s['p99_ms']} | {s['errors']} |")
-        print(f"\nautoscaling 1 -> 2 replicas: {scaling['replicas_reached']} running after "
-              f"{scaling['seconds_to_2_replicas']} s of load ({scaling['load_rounds']} rounds of {scaling['clients']} requests)")
+                print(
+                    f"| {label} | {scaling['clients']} | {s['answered'] + s['errors']} | {s['requests_per_s']} | "
+                    f"{round(s['requests_per_s'] / offline['requests_per_s'], 3)} | | {s['p50_ms']} | {s['p99_ms']} | {s['errors']} |"
+                )
+        print(
+            f"\nautoscaling 1 -> 2 replicas: {scaling['replicas_reached']} running after "
+            f"{scaling['seconds_to_2_replicas']} s of load ({scaling['load_rounds']} rounds of {scaling['clients']} requests)"
+        )
     if "16" in offline["at_concurrency"] and 16 in served:
         o, sv = offline["at_concurrency"]["16"]["cpu_ms_per_request"], served[16]["cpu_ms_per_request"]
-        print(f"\nCPU ms per request at 16 clients, by process ({os.cpu_count()} cores; what the served path adds to the engine's own):\n")
+        print(
+            f"\nCPU ms per request at 16 clients, by process ({os.cpu_count()} cores; what the served path adds to the engine's own):\n"
+        )
         print("| process group | offline, calls of 16 | Serve, 16 clients |")
         print("|---|---:|---:|")
         for g in sorted(set(o) | set(sv), key=lambda g: -(sv.get(g, 0) + o.get(g, 0))):
             print(f"| {g} | {o.get(g, '')} | {sv.get(g, '')} |")
         print(f"| all | {round(sum(o.values()), 1)} | {round(sum(sv.values()), 1)} |")
-    print(json.dumps({"bench": "serve_vs_offline", "model": model_dir, "cpus": os.cpu_count(), "offline": offline,
-                      "served": served, "autoscaling": scaling, "goal_share_at_16": 0.8}))
+    print(
+        json.dumps(
+            {
+                "bench": "serve_vs_offline",
+                "model": model_dir,
+                "cpus": os.cpu_count(),
+                "offline": offline,
+                "served": served,
+                "autoscaling": scaling,
+                "goal_share_at_16": 0.8,
+            }
+        )
+    )
     errors = sum(s["errors"] for s in served.values())
     return 0 if not errors else 1
 

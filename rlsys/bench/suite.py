@@ -40,7 +40,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from rlsys.bench import learning as bench_learning
+from rlsys.bench.learner import compare
 from rlsys.config import DEFAULT_CONFIG, load_config
+from rlsys.grpo.run import actor_env, prepare_data, prepare_model, start_trainer
+from rlsys.lang.prompts import chat_prompt, question_for_sample
+from rlsys.lang.targets import answer_text
+from rlsys.lang.vocab import VOCABULARIES, make_vocabulary, vocabulary_for
+from rlsys.models import load_model, load_processor
 
 REPO = Path(__file__).resolve().parent.parent
 ALL = ("rewards", "rollout", "step", "sync", "distributed", "scaling", "async", "learner", "vocab", "serve")
@@ -50,9 +57,8 @@ DEMO_GRPO_CONFIG = REPO / "configs" / "demo_grpo_tiny_cpu.yaml"
 
 
 def _trainer(cfg):
-    from rlsys.grpo.trainer import Trainer, prepare_data, prepare_model
 
-    return Trainer(cfg, prepare_model(cfg), prepare_data(cfg))
+    return start_trainer(cfg, prepare_model(cfg), prepare_data(cfg))
 
 
 def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32) -> dict:
@@ -63,15 +69,19 @@ def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32)
     import torch
     from PIL import Image
 
-    from rlsys.grpo.trainer import _chat_prompt
-    from rlsys.models import load_model, load_processor
-    from rlsys.lang.prompts import question_for_sample
-
     t = _trainer(cfg)
     try:
-        reqs = [{"prompt": _chat_prompt(t.processor, question_for_sample(s)), "image": s.image} for s in t.samples[:prompts]]
-        kw = dict(n=samples, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=new_tokens,
-                  min_new_tokens=new_tokens, seed=0)
+        reqs = [
+            {"prompt": chat_prompt(t.processor, question_for_sample(s)), "image": s.image} for s in t.samples[:prompts]
+        ]
+        kw = dict(
+            n=samples,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            seed=0,
+        )
         ray.get(t.rollouts.engines[0].generate.remote(reqs, **kw))  # warm-up
         t0 = time.perf_counter()
         out = ray.get(t.rollouts.engines[0].generate.remote(reqs, **kw))
@@ -85,8 +95,15 @@ def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32)
     images = [Image.open(r["image"]).convert("RGB") for r in reqs]
     inputs = proc(text=[r["prompt"] for r in reqs], images=images, return_tensors="pt", padding=True)
     torch.manual_seed(0)
-    gen = dict(do_sample=True, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_new_tokens=new_tokens,
-               min_new_tokens=new_tokens, num_return_sequences=samples, pad_token_id=proc.tokenizer.pad_token_id)
+    gen = dict(
+        do_sample=True,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        num_return_sequences=samples,
+        pad_token_id=proc.tokenizer.pad_token_id,
+    )
     with torch.no_grad():
         model.generate(**inputs, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
         t0 = time.perf_counter()
@@ -94,9 +111,14 @@ def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32)
         hf_s = time.perf_counter() - t0
     hf_tokens = (seqs.shape[1] - inputs["input_ids"].shape[1]) * seqs.shape[0]
     random.seed(0)
-    return {"vllm_tokens_per_s": vllm_tokens / vllm_s, "hf_tokens_per_s": hf_tokens / hf_s,
-            "ratio_vllm_over_hf": (vllm_tokens / vllm_s) / (hf_tokens / hf_s),
-            "prompts": prompts, "samples_per_prompt": samples, "new_tokens": new_tokens}
+    return {
+        "vllm_tokens_per_s": vllm_tokens / vllm_s,
+        "hf_tokens_per_s": hf_tokens / hf_s,
+        "ratio_vllm_over_hf": (vllm_tokens / vllm_s) / (hf_tokens / hf_s),
+        "prompts": prompts,
+        "samples_per_prompt": samples,
+        "new_tokens": new_tokens,
+    }
 
 
 def bench_async(out: Path, steps: int = 5, overrides=()) -> dict:
@@ -105,21 +127,48 @@ def bench_async(out: Path, steps: int = 5, overrides=()) -> dict:
     (no batch generated ahead yet) is dropped. ``time/step_s`` is the wall time between step ends."""
     res: dict = {}
     for n in (0, 1):
-        cfg = load_config(DEMO_GRPO_CONFIG, [f"run.out_dir={out / 'run-async'}", "run.resume=false", "tracking.mode=disabled",
-                                             f"run.steps={steps}", f"run.max_staleness_steps={n}", *overrides])
+        cfg = load_config(
+            DEMO_GRPO_CONFIG,
+            [
+                f"run.out_dir={out / 'run-async'}",
+                "run.resume=false",
+                "tracking.mode=disabled",
+                f"run.steps={steps}",
+                f"run.max_staleness_steps={n}",
+                *overrides,
+            ],
+        )
         t = _trainer(cfg)
         try:
             recs = [t.step() for _ in range(steps)][1:]
         finally:
             t.shutdown()
         step_s = statistics.mean(r["time/step_s"] for r in recs)
-        res[n] = {"step_s": step_s, "steps_per_s": 1 / step_s,
-                  "stage_s": {k: statistics.mean(r.get(f"time/{k}_s", 0.0) for r in recs)
-                              for k in ("generate", "reward", "reference", "learn", "sync", "idle")},
-                  "staleness_hist": dict(sum((Counter({int(k.rsplit("/", 1)[1]): v for k, v in r.items()
-                                                       if k.startswith("rollout/staleness/")}) for r in recs), Counter()))}
-    return {"by_staleness": res, "speedup_staleness_1": res[0]["step_s"] / res[1]["step_s"], "steps": steps,
-            "cores": os.cpu_count()}
+        res[n] = {
+            "step_s": step_s,
+            "steps_per_s": 1 / step_s,
+            "stage_s": {
+                k: statistics.mean(r.get(f"time/{k}_s", 0.0) for r in recs)
+                for k in ("generate", "reward", "reference", "learn", "sync", "idle")
+            },
+            "staleness_hist": dict(
+                sum(
+                    (
+                        Counter(
+                            {int(k.rsplit("/", 1)[1]): v for k, v in r.items() if k.startswith("rollout/staleness/")}
+                        )
+                        for r in recs
+                    ),
+                    Counter(),
+                )
+            ),
+        }
+    return {
+        "by_staleness": res,
+        "speedup_staleness_1": res[0]["step_s"] / res[1]["step_s"],
+        "steps": steps,
+        "cores": os.cpu_count(),
+    }
 
 
 def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
@@ -140,7 +189,9 @@ def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
             protocol.append(t.weights.push())
             phases.append(t.learners.weights_timing())
         in_sync = t.weights_in_sync()
-        store = WeightSync(t.learners, t.rollouts, "object_store", cfg.rollout.weight_bucket_mib << 20, cfg.rollout.timeout_s)
+        store = WeightSync(
+            t.learners, t.rollouts, "object_store", cfg.rollout.weight_bucket_mib << 20, cfg.rollout.timeout_s
+        )
         object_store = [store.push() for _ in range(sync_repeats)]
         naive = []
         engine, learner = t.rollouts.engines[0], t.learners.ranks[0]
@@ -155,14 +206,27 @@ def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
     finally:
         t.shutdown()
     p, o, n = (statistics.median(x) for x in (protocol, object_store, naive))
-    return {"step_s": step_s, "share": share, "sync_protocol_s": p, "sync_object_store_s": o, "sync_per_tensor_s": n,
-            "ratio_object_store_over_protocol": o / p, "ratio_per_tensor_over_protocol": n / p,
-            "sync_share_of_step": p / step_s, "tensors": n_tensors, "parameters": n_params, "bytes": n_bytes,
-            "backend": cfg.weight_transfer_backend, "bucket_mib": cfg.rollout.weight_bucket_mib,
-            # the protocol's phases (median): start and finish are RPCs to every engine's workers;
-            # update waits for the workers to load what the broadcast delivered
-            "protocol_phases_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]} if phases and phases[0] else {},
-            "weights_in_sync_after": in_sync}
+    return {
+        "step_s": step_s,
+        "share": share,
+        "sync_protocol_s": p,
+        "sync_object_store_s": o,
+        "sync_per_tensor_s": n,
+        "ratio_object_store_over_protocol": o / p,
+        "ratio_per_tensor_over_protocol": n / p,
+        "sync_share_of_step": p / step_s,
+        "tensors": n_tensors,
+        "parameters": n_params,
+        "bytes": n_bytes,
+        "backend": cfg.weight_transfer_backend,
+        "bucket_mib": cfg.rollout.weight_bucket_mib,
+        # the protocol's phases (median): start and finish are RPCs to every engine's workers;
+        # update waits for the workers to load what the broadcast delivered
+        "protocol_phases_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+        if phases and phases[0]
+        else {},
+        "weights_in_sync_after": in_sync,
+    }
 
 
 def bench_distributed(cfg, steps: int = 3) -> dict:
@@ -177,10 +241,16 @@ def bench_distributed(cfg, steps: int = 3) -> dict:
             recs = [t.step() for _ in range(steps)][1:]
         finally:
             t.shutdown()
-        out[f"{ranks}x{engines}"] = {k: statistics.mean(r[f"time/{k}_s"] for r in recs) for k in ("step", "generate", "learn", "sync")}
+        out[f"{ranks}x{engines}"] = {
+            k: statistics.mean(r[f"time/{k}_s"] for r in recs) for k in ("step", "generate", "learn", "sync")
+        }
     base = out["1x1"]["step"]
-    return {"by_ranks_x_engines": out, "ratio_2_ranks": out["2x1"]["step"] / base, "ratio_2_engines": out["1x2"]["step"] / base,
-            "cores": os.cpu_count()}
+    return {
+        "by_ranks_x_engines": out,
+        "ratio_2_ranks": out["2x1"]["step"] / base,
+        "ratio_2_engines": out["1x2"]["step"] / base,
+        "cores": os.cpu_count(),
+    }
 
 
 def bench_scaling(cfg, sizes=(2, 4, 8, 16), steps: int = 2) -> dict:
@@ -194,17 +264,15 @@ def bench_scaling(cfg, sizes=(2, 4, 8, 16), steps: int = 2) -> dict:
         finally:
             t.shutdown()
         out[n] = recs[-1]["time/step_s"]
-    return {"step_s_by_prompts_per_step": out,
-            "growth_per_doubling": [out[b] / out[a] for a, b in zip(sizes, sizes[1:])]}
+    return {
+        "step_s_by_prompts_per_step": out,
+        "growth_per_doubling": [out[b] / out[a] for a, b in zip(sizes, sizes[1:])],
+    }
 
 
 def bench_vocab(cfg, max_samples: int = 500) -> dict:
     """Answer tokens per box and per point for each vocabulary on the same samples' targets
     (chatrex: boxes only, and the tokens its question spends listing the candidate boxes)."""
-    from rlsys.grpo.trainer import prepare_data, prepare_model
-    from rlsys.models import load_processor
-    from rlsys.lang.targets import answer_text
-    from rlsys.lang.vocab import VOCABULARIES, make_vocabulary, vocabulary_for
 
     proc = load_processor(prepare_model(cfg), pixels=cfg.model.pixel_budget())
     samples = [s for s in prepare_data(cfg) if s.output in ("box", "point") and s.instances][:max_samples]
@@ -212,9 +280,14 @@ def bench_vocab(cfg, max_samples: int = 500) -> dict:
     for name in VOCABULARIES:
         tok = proc.tokenizer
         if name in ("getok", "chatrex"):  # the tokenizer as rlsys.data.prepare leaves it: the vocabulary's tokens added
-            v = make_vocabulary(name, getok_grid=cfg.model.getok_grid, getok_offsets=cfg.model.getok_offsets,
-                                chatrex_max_proposals=cfg.model.chatrex_max_proposals, chatrex_proposals="synthetic",
-                                chatrex_distractors=cfg.model.chatrex_distractors)
+            v = make_vocabulary(
+                name,
+                getok_grid=cfg.model.getok_grid,
+                getok_offsets=cfg.model.getok_offsets,
+                chatrex_max_proposals=cfg.model.chatrex_max_proposals,
+                chatrex_proposals="synthetic",
+                chatrex_distractors=cfg.model.chatrex_distractors,
+            )
             tok = copy.deepcopy(tok)
             tok.add_tokens([t for t in v.added_tokens() if t not in tok.get_vocab()])
         else:
@@ -234,13 +307,20 @@ def bench_vocab(cfg, max_samples: int = 500) -> dict:
         if name == "chatrex":
             res[name]["question_tokens_listing_proposals"] = round(listed[0] / max(listed[1], 1), 1)
     for name in VOCABULARIES[1:]:
-        res[f"ratio_{name}_over_rex_bins_per_box"] = round(res[name]["tokens_per_box"] / res["rex_bins"]["tokens_per_box"], 2)
+        res[f"ratio_{name}_over_rex_bins_per_box"] = round(
+            res[name]["tokens_per_box"] / res["rex_bins"]["tokens_per_box"], 2
+        )
     return res
 
 
 def _module_json(args: list[str], timeout_s: int) -> dict | None:
-    r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout_s,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
     if r.returncode != 0 or not lines:
         return {"error": (r.stderr or r.stdout)[-800:]}
@@ -251,72 +331,108 @@ def markdown(res: dict, cmd: str) -> str:
     rows = ["| part | figure | alternative | ratio | command |", "|---|---|---|---|---|"]
     if "rewards" in res and "speedup" in res["rewards"]:
         r = res["rewards"]
-        rows.append(f"| rewards: box-IoU F1, 64 x 100 x 100 | {r['vectorised_s'] * 1e3:.1f} ms | loop {r['reference_s'] * 1e3:.0f} ms | {r['speedup']:.0f}x | `python -m rlsys.bench.rewards` |")
+        rows.append(
+            f"| rewards: box-IoU F1, 64 x 100 x 100 | {r['vectorised_s'] * 1e3:.1f} ms | loop {r['reference_s'] * 1e3:.0f} ms | {r['speedup']:.0f}x | `python -m rlsys.bench.rewards` |"
+        )
     for key in ("rollout", "rollout_demo_batch"):
         if key in res:
             r = res[key]
-            rows.append(f"| rollout tokens/s (vLLM actor), {r['prompts']} prompts x {r['samples_per_prompt']} | {r['vllm_tokens_per_s']:.0f} "
-                        f"| HF generate {r['hf_tokens_per_s']:.0f} | {r['ratio_vllm_over_hf']:.1f}x | `{cmd} --only rollout` |")
+            rows.append(
+                f"| rollout tokens/s (vLLM actor), {r['prompts']} prompts x {r['samples_per_prompt']} | {r['vllm_tokens_per_s']:.0f} "
+                f"| HF generate {r['hf_tokens_per_s']:.0f} | {r['ratio_vllm_over_hf']:.1f}x | `{cmd} --only rollout` |"
+            )
     if "async" in res:
         r = res["async"]
         s0, s1 = r["by_staleness"][0], r["by_staleness"][1]
         stage = lambda s: ", ".join(f"{k} {v:.1f}" for k, v in s["stage_s"].items() if v)  # noqa: E731
-        rows.append(f"| GRPO step, demo config, asynchronous (staleness 1) | {s1['step_s']:.1f} s ({stage(s1)}); staleness "
-                    f"{s1['staleness_hist']} | synchronous {s0['step_s']:.1f} s ({stage(s0)}) | {r['speedup_staleness_1']:.2f}x steps/s "
-                    f"({r['cores']} cores) | `{cmd} --only async` |")
+        rows.append(
+            f"| GRPO step, demo config, asynchronous (staleness 1) | {s1['step_s']:.1f} s ({stage(s1)}); staleness "
+            f"{s1['staleness_hist']} | synchronous {s0['step_s']:.1f} s ({stage(s0)}) | {r['speedup_staleness_1']:.2f}x steps/s "
+            f"({r['cores']} cores) | `{cmd} --only async` |"
+        )
     for name, r in res.get("learner", {}).items():
         b, a = r.get("before", {}), r.get("after", {})
         if "time_ratio_after_over_before" in r:
-            rows.append(f"| learner step, {name} ({a['parameters'] / 1e6:.0f}M params, {a['vocab_rows']} vocab rows, "
-                        f"{a['prompt_tokens']} prompt + {a['answer_tokens']} answer tokens, {a['answers']} answers) | "
-                        f"{a['step_s']:.2f} s, {a['peak_mib_per_answer']:.0f} MiB peak per answer | before: {b['step_s']:.2f} s, "
-                        f"{b['peak_mib_per_answer']:.0f} MiB | time x{r['time_ratio_after_over_before']:.2f}, memory "
-                        f"{r['memory_ratio_before_over_after']:.1f}x lower | `python -m rlsys.bench --only learner` |")
+            rows.append(
+                f"| learner step, {name} ({a['parameters'] / 1e6:.0f}M params, {a['vocab_rows']} vocab rows, "
+                f"{a['prompt_tokens']} prompt + {a['answer_tokens']} answer tokens, {a['answers']} answers) | "
+                f"{a['step_s']:.2f} s, {a['peak_mib_per_answer']:.0f} MiB peak per answer | before: {b['step_s']:.2f} s, "
+                f"{b['peak_mib_per_answer']:.0f} MiB | time x{r['time_ratio_after_over_before']:.2f}, memory "
+                f"{r['memory_ratio_before_over_after']:.1f}x lower | `python -m rlsys.bench --only learner` |"
+            )
         else:
-            rows.append(f"| learner step, {name} | failed: {str(r)[:200]} | | | `python -m rlsys.bench --only learner` |")
+            rows.append(
+                f"| learner step, {name} | failed: {str(r)[:200]} | | | `python -m rlsys.bench --only learner` |"
+            )
     for key, label in (("sync", "tiny"), ("sync_large", "larger")):
         if key in res:
             r = res[key]
-            rows.append(f"| weight sync, {label} model ({r['parameters'] / 1e6:.1f}M params, {r['bytes'] / 2**20:.0f} MiB, {r['tensors']} tensors), "
-                        f"{r['backend']} | {r['sync_protocol_s'] * 1e3:.0f} ms, {r['sync_share_of_step'] * 100:.1f}% of a {r['step_s']:.2f} s step "
-                        f"| object store {r['sync_object_store_s'] * 1e3:.0f} ms; per-tensor calls {r['sync_per_tensor_s'] * 1e3:.0f} ms "
-                        f"| {r['ratio_object_store_over_protocol']:.1f}x; {r['ratio_per_tensor_over_protocol']:.1f}x | `{cmd} --only sync` |")
+            rows.append(
+                f"| weight sync, {label} model ({r['parameters'] / 1e6:.1f}M params, {r['bytes'] / 2**20:.0f} MiB, {r['tensors']} tensors), "
+                f"{r['backend']} | {r['sync_protocol_s'] * 1e3:.0f} ms, {r['sync_share_of_step'] * 100:.1f}% of a {r['step_s']:.2f} s step "
+                f"| object store {r['sync_object_store_s'] * 1e3:.0f} ms; per-tensor calls {r['sync_per_tensor_s'] * 1e3:.0f} ms "
+                f"| {r['ratio_object_store_over_protocol']:.1f}x; {r['ratio_per_tensor_over_protocol']:.1f}x | `{cmd} --only sync` |"
+            )
             if r.get("protocol_phases_s"):
-                rows.append(f"| protocol phases, {label} model | " + ", ".join(f"{k[:-2]} {v * 1e3:.0f} ms" for k, v in r["protocol_phases_s"].items())
-                            + " | | | |")
+                rows.append(
+                    f"| protocol phases, {label} model | "
+                    + ", ".join(f"{k[:-2]} {v * 1e3:.0f} ms" for k, v in r["protocol_phases_s"].items())
+                    + " | | | |"
+                )
     if "sync" in res:
         sh = res["sync"]["share"]
-        rows.append("| step time shares (tiny default) | " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in sh.items())
-                    + f" of {res['sync']['step_s']:.2f} s | | | `{cmd} --only step` |")
+        rows.append(
+            "| step time shares (tiny default) | "
+            + ", ".join(f"{k} {v * 100:.0f}%" for k, v in sh.items())
+            + f" of {res['sync']['step_s']:.2f} s | | | `{cmd} --only step` |"
+        )
     if "distributed" in res:
         d = res["distributed"]["by_ranks_x_engines"]
-        rows.append("| step time, learner ranks x engines | " + ", ".join(f"{k}: {v['step']:.2f} s (learn {v['learn']:.2f}, generate {v['generate']:.2f})" for k, v in d.items())
-                    + f" | 1x1 | 2 ranks x{res['distributed']['ratio_2_ranks']:.2f}, 2 engines x{res['distributed']['ratio_2_engines']:.2f} "
-                    f"({res['distributed']['cores']} cores) | `{cmd} --only distributed` |")
+        rows.append(
+            "| step time, learner ranks x engines | "
+            + ", ".join(
+                f"{k}: {v['step']:.2f} s (learn {v['learn']:.2f}, generate {v['generate']:.2f})" for k, v in d.items()
+            )
+            + f" | 1x1 | 2 ranks x{res['distributed']['ratio_2_ranks']:.2f}, 2 engines x{res['distributed']['ratio_2_engines']:.2f} "
+            f"({res['distributed']['cores']} cores) | `{cmd} --only distributed` |"
+        )
     if "scaling" in res:
         s = res["scaling"]["step_s_by_prompts_per_step"]
-        rows.append("| step time vs prompts per step | " + ", ".join(f"{k}: {v:.2f} s" for k, v in s.items())
-                    + " | | x" + ", x".join(f"{g:.2f}" for g in res["scaling"]["growth_per_doubling"]) + f" per doubling | `{cmd} --only scaling` |")
+        rows.append(
+            "| step time vs prompts per step | "
+            + ", ".join(f"{k}: {v:.2f} s" for k, v in s.items())
+            + " | | x"
+            + ", x".join(f"{g:.2f}" for g in res["scaling"]["growth_per_doubling"])
+            + f" per doubling | `{cmd} --only scaling` |"
+        )
     if "vocab" in res:
         v = res["vocab"]
-        rows.append(f"| answer tokens per box / per point, rex_bins | {v['rex_bins']['tokens_per_box']} / {v['rex_bins']['tokens_per_point']} "
-                    f"| qwen_json {v['qwen_json']['tokens_per_box']} / {v['qwen_json']['tokens_per_point']} "
-                    f"| {v['ratio_qwen_json_over_rex_bins_per_box']}x per box | `{cmd} --only vocab` |")
+        rows.append(
+            f"| answer tokens per box / per point, rex_bins | {v['rex_bins']['tokens_per_box']} / {v['rex_bins']['tokens_per_point']} "
+            f"| qwen_json {v['qwen_json']['tokens_per_box']} / {v['qwen_json']['tokens_per_point']} "
+            f"| {v['ratio_qwen_json_over_rex_bins_per_box']}x per box | `{cmd} --only vocab` |"
+        )
         if "chatrex" in v:
-            rows.append(f"| answer tokens per box, chatrex (+ question tokens listing the proposals) | {v['chatrex']['tokens_per_box']} "
-                        f"(+{v['chatrex']['question_tokens_listing_proposals']} per question) | rex_bins {v['rex_bins']['tokens_per_box']} "
-                        f"| {v['ratio_chatrex_over_rex_bins_per_box']}x per box | `{cmd} --only vocab` |")
+            rows.append(
+                f"| answer tokens per box, chatrex (+ question tokens listing the proposals) | {v['chatrex']['tokens_per_box']} "
+                f"(+{v['chatrex']['question_tokens_listing_proposals']} per question) | rex_bins {v['rex_bins']['tokens_per_box']} "
+                f"| {v['ratio_chatrex_over_rex_bins_per_box']}x per box | `{cmd} --only vocab` |"
+            )
         if "getok" in v:
-            rows.append(f"| answer tokens per box / per point, getok | {v['getok']['tokens_per_box']} / {v['getok']['tokens_per_point']} "
-                        f"| rex_bins {v['rex_bins']['tokens_per_box']} / {v['rex_bins']['tokens_per_point']} "
-                        f"| {v['ratio_getok_over_rex_bins_per_box']}x per box | `{cmd} --only vocab` |")
+            rows.append(
+                f"| answer tokens per box / per point, getok | {v['getok']['tokens_per_box']} / {v['getok']['tokens_per_point']} "
+                f"| rex_bins {v['rex_bins']['tokens_per_box']} / {v['rex_bins']['tokens_per_point']} "
+                f"| {v['ratio_getok_over_rex_bins_per_box']}x per box | `{cmd} --only vocab` |"
+            )
     if "serve" in res and res["serve"] and "error" not in res["serve"]:
         off = res["serve"]["offline"]
         for c, r in res["serve"]["served"].items():
             same = off["at_concurrency"][str(c)]["requests_per_s"]
-            rows.append(f"| serve, 1 replica, {c} concurrent clients | {r['requests_per_s']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms "
-                        f"| offline LLM.generate, {c} at a time: {same} req/s | {r['share_of_offline_same_concurrency']:.2f} of offline "
-                        f"| `python -m rlsys.bench.serve` |")
+            rows.append(
+                f"| serve, 1 replica, {c} concurrent clients | {r['requests_per_s']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms "
+                f"| offline LLM.generate, {c} at a time: {same} req/s | {r['share_of_offline_same_concurrency']:.2f} of offline "
+                f"| `python -m rlsys.bench.serve` |"
+            )
     elif "serve" in res:
         rows.append(f"| serve | failed: {str(res['serve'])[:200]} | | | `python -m rlsys.bench.serve` |")
     return "\n".join(rows)
@@ -326,20 +442,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsys.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--out", default="runs/bench")
-    p.add_argument("--only", nargs="*", choices=ALL + ON_REQUEST, default=list(ALL),
-                   help="parts to run (default: all but learning, which trains for tens of minutes: rlsys.bench.learning)")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        choices=ALL + ON_REQUEST,
+        default=list(ALL),
+        help="parts to run (default: all but learning, which trains for tens of minutes: rlsys.bench.learning)",
+    )
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(a.out)
-    cfg = load_config(a.config, [f"run.out_dir={out / 'run'}", "run.resume=false", "tracking.mode=disabled", *a.overrides])
+    cfg = load_config(
+        a.config, [f"run.out_dir={out / 'run'}", "run.resume=false", "tracking.mode=disabled", *a.overrides]
+    )
     cmd = "python -m rlsys.bench" + (f" --config {a.config}" if a.config != str(DEFAULT_CONFIG) else "")
     res: dict = {"device": "CPU, " + str(os.cpu_count()) + " cores", "config": a.config}
     if "rewards" in a.only:
         res["rewards"] = _module_json(["rlsys.bench.rewards"], 600)
     if set(a.only) & {"rollout", "step", "sync", "distributed", "scaling", "async"}:
         import ray
-
-        from rlsys.grpo.trainer import actor_env
 
         ray.init(runtime_env={"env_vars": actor_env(cpu_only=cfg.learner.gpus_per_rank == 0)})
         if "rollout" in a.only:
@@ -361,16 +482,12 @@ def main(argv=None) -> int:
         if "async" in a.only:
             res["async"] = bench_async(out)
     if "learner" in a.only:
-        from rlsys.bench.learner import compare
-
         res["learner"] = compare(out / "learner")
     if "vocab" in a.only:
         res["vocab"] = bench_vocab(cfg)
     if "serve" in a.only:
         res["serve"] = _module_json(["rlsys.bench.serve"], 1200)
     if "learning" in a.only:
-        from rlsys.bench.suite import learning as bench_learning
-
         # its own defaults (the demo's SFT model and GRPO config), its own report
         if bench_learning.main(["--out", str(out / "learning")]) != 0:
             return 2

@@ -13,7 +13,16 @@ import logging
 import shutil
 from pathlib import Path
 
+from rewards.sam import SamMaskSource
+from rewards.scorer import load_scorer
 from rlsys.config import ConfigError, DataConfig, ModelConfig
+from rlsys.data import synthetic
+from rlsys.data.samples import load_dataset
+from rlsys.lang.format import check_sample_phrases
+from rlsys.lang.prompts import build_question, chat_prompt, templates_for
+from rlsys.lang.targets import answer_text
+from rlsys.lang.vocab import REX_BINS, check_writes_masks, model_tokens
+from rlsys.models import ensure_tiny_model, prepare_checkpoint, processor_for
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +31,12 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
     out = Path(out_dir)
     path = init_checkpoint or model.path
     if path is None:
-        from rlsys.models import ensure_tiny_model
-
         # the tiny model has the bins; a Qwen-layout base has no coordinate tokens, and neither has
         # GETok's or ChatRex's tokens: what its vocabulary lacks is added below, as for a real base
         path = ensure_tiny_model(out / "tiny-model", model.tiny_spec())
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {path}: not a Hugging Face checkpoint directory (no config.json)")
-    from rlsys.models import prepare_checkpoint, processor_for
-    from rlsys.lang.vocab import model_tokens
 
     try:
         # a vocabulary without added tokens (qwen_json) takes a base checkpoint as it is
@@ -39,10 +44,14 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
     except ValueError:
         prepared = out / "prepared-model"
         stamp = prepared / "rlsys_prepared_from.json"
-        source = {"source": str(path.resolve()), "coord_tokens": model.coord_tokens, "vocabulary": model.vocabulary,
-                  "getok_grid": model.getok_grid if model.vocabulary == "getok" else None,
-                  "chatrex_max_proposals": model.chatrex_max_proposals if model.vocabulary == "chatrex" else None,
-                  "source_config_mtime_ns": (path / "config.json").stat().st_mtime_ns}
+        source = {
+            "source": str(path.resolve()),
+            "coord_tokens": model.coord_tokens,
+            "vocabulary": model.vocabulary,
+            "getok_grid": model.getok_grid if model.vocabulary == "getok" else None,
+            "chatrex_max_proposals": model.chatrex_max_proposals if model.vocabulary == "chatrex" else None,
+            "source_config_mtime_ns": (path / "config.json").stat().st_mtime_ns,
+        }
         if stamp.is_file() and json.loads(stamp.read_text()) == source:
             return str(prepared.resolve())  # prepared by an earlier start of this run
         log.info("adding the %s tokens to %s (%s) -> %s", model.vocabulary, path, model.coord_tokens, prepared)
@@ -60,16 +69,21 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
 
 
 def _synthetic(data: DataConfig, out_dir, split: str) -> Path:
-    from rlsys.data.samples import synthetic
 
     d = Path(out_dir) / "data"
     path = d / f"{split}.jsonl"
     n = data.synthetic_train_images if split == "train" else data.synthetic_val_images
-    params = {"num_images": n, "seed": data.seed, "split": split, "image_size": data.synthetic_image_size_px,
-              "max_objects": data.synthetic_max_objects, "position_ramp_levels": data.synthetic_position_ramp_levels,
-              "one_kind_per_scene": data.synthetic_one_kind_per_scene,
-              # only the tasks the run trains on: every image is used (detection twice as often by default)
-              "tasks": list(data.tasks) if data.tasks else list(synthetic.TASK_MIX)}
+    params = {
+        "num_images": n,
+        "seed": data.seed,
+        "split": split,
+        "image_size": data.synthetic_image_size_px,
+        "max_objects": data.synthetic_max_objects,
+        "position_ramp_levels": data.synthetic_position_ramp_levels,
+        "one_kind_per_scene": data.synthetic_one_kind_per_scene,
+        # only the tasks the run trains on: every image is used (detection twice as often by default)
+        "tasks": list(data.tasks) if data.tasks else list(synthetic.TASK_MIX),
+    }
     if data.synthetic_mask_fraction:  # only when used: the stamps of data made before it stay valid
         params["mask_fraction"] = data.synthetic_mask_fraction
     # The parameters are stamped next to the data: a run with other settings regenerates it
@@ -96,7 +110,6 @@ def prepare_data_path(data: DataConfig, out_dir, split: str = "train") -> Path:
 
 
 def load_samples(data: DataConfig, out_dir, split: str = "train"):
-    from rlsys.data.samples import load_dataset
 
     samples = load_dataset(prepare_data_path(data, out_dir, split))
     if data.tasks:
@@ -110,7 +123,6 @@ def check_phrases(samples, tokenizer) -> None:
     """No phrase of ``samples`` carries a control token of the model's tokenizer (an
     ``<|image_pad|>`` in a category would add an image slot to the prompt); the first that does
     raises ``ValueError`` naming the file, line, record and field."""
-    from rlsys.lang.format import check_sample_phrases
 
     check_sample_phrases(samples, tokenizer)
 
@@ -120,7 +132,6 @@ def check_targets(samples, vocabulary) -> None:
     mask output needs a vocabulary that writes masks (getok); for chatrex each needs proposals,
     a box output, and a proposal of IoU >= 0.5 for every GT box (else its answer cannot name
     it). The first that cannot raises ``ConfigError`` naming it."""
-    from rlsys.lang.vocab import check_writes_masks
 
     masks = [s for s in samples if s.output == "mask"]
     if masks:
@@ -128,11 +139,12 @@ def check_targets(samples, vocabulary) -> None:
             check_writes_masks(vocabulary)
         except ValueError as exc:
             first = masks[0]
-            raise ConfigError(f"{len(masks)} sample(s) ask for masks (first: {first.id!r} at {first.source}): {exc}; set "
-                              "model.vocabulary=getok or leave mask samples out of the data") from None
+            raise ConfigError(
+                f"{len(masks)} sample(s) ask for masks (first: {first.id!r} at {first.source}): {exc}; set "
+                "model.vocabulary=getok or leave mask samples out of the data"
+            ) from None
     if vocabulary.name != "chatrex":
         return  # the other vocabularies write any valid record's geometry
-    from rlsys.lang.targets import answer_text
 
     for s in samples:
         try:
@@ -145,7 +157,6 @@ def scorer_mask_decoder(scorer: str) -> str | None:
     """The mask decoder ``reward.scorer`` (``module:function``) decodes mask answers with: its
     ``mask_decoder`` attribute (:mod:`rewards.scorer`), ``"sam"``, ``"grid_cells"``, None for
     one that decodes nothing, ``"unknown"`` for a scorer that does not say."""
-    from rewards.scorer import load_scorer
 
     try:
         f = load_scorer(scorer)
@@ -164,13 +175,13 @@ def mask_decoding(reward) -> tuple[str, object | None]:
     if dec == "grid_cells":
         return "grid_cells", None
     if reward.sam_checkpoint:
-        from rewards.sam import SamMaskSource
-
         return "sam", SamMaskSource(reward.sam_checkpoint)
-    raise ConfigError(f"mask answers need a decoder for the mask IoU metric, and reward.scorer {reward.scorer} "
-                      f"({'SAM' if dec == 'sam' else 'no decoder of its own'}) has none without reward.sam_checkpoint: "
-                      "set reward.sam_checkpoint to a local SAM checkpoint, or choose the SAM-free grid-cell decoder "
-                      "with reward.scorer=rewards.scorer:score_cell_masks")
+    raise ConfigError(
+        f"mask answers need a decoder for the mask IoU metric, and reward.scorer {reward.scorer} "
+        f"({'SAM' if dec == 'sam' else 'no decoder of its own'}) has none without reward.sam_checkpoint: "
+        "set reward.sam_checkpoint to a local SAM checkpoint, or choose the SAM-free grid-cell decoder "
+        "with reward.scorer=rewards.scorer:score_cell_masks"
+    )
 
 
 def check_point_masks(samples, reward) -> int:
@@ -183,7 +194,9 @@ def check_point_masks(samples, reward) -> int:
     (``reward.scorer``'s ``mask_decoder``, e.g. the default) without ``reward.sam_checkpoint``
     is refused, naming the SAM-free and decoder-free scorers."""
     _check_mask_decoder(samples, reward)
-    lacking = [s for s in samples if s.output == "point" and s.task != "gui" and any(i.mask is None for i in s.instances)]
+    lacking = [
+        s for s in samples if s.output == "point" and s.task != "gui" and any(i.mask is None for i in s.instances)
+    ]
     if not lacking or reward.sam_checkpoint:
         return len(lacking) if not reward.sam_checkpoint else 0
     first = lacking[0]
@@ -192,9 +205,13 @@ def check_point_masks(samples, reward) -> int:
             f"{len(lacking)} pointing sample(s) have no masks (first: {first.id!r} at {first.source}) and "
             "reward.sam_checkpoint is not set: they would be scored point-in-box, not point-in-mask. Add masks to "
             "the data, set reward.sam_checkpoint to a local SAM checkpoint, or accept point-in-box with "
-            "reward.points_without_masks=box")
-    log.warning("%d pointing samples have no masks and no SAM checkpoint is set: they are scored point-in-box "
-                "(reward.points_without_masks=box; counted per step as reward/kind/point_in_box_fallback)", len(lacking))
+            "reward.points_without_masks=box"
+        )
+    log.warning(
+        "%d pointing samples have no masks and no SAM checkpoint is set: they are scored point-in-box "
+        "(reward.points_without_masks=box; counted per step as reward/kind/point_in_box_fallback)",
+        len(lacking),
+    )
     return len(lacking)
 
 
@@ -208,7 +225,8 @@ def _check_mask_decoder(samples, reward) -> None:
         f"{reward.scorer} decodes mask answers with SAM, but reward.sam_checkpoint is not set. Set it to a local SAM "
         "checkpoint, or choose by name: rewards.scorer:score_cell_masks (mask IoU, SAM-free: the union of the "
         "points' grid cells), rewards.scorer:score_getok_mask_points (the point-set reward, nothing decoded), "
-        "rewards.scorer:score_getok_grid_stage_cell_masks")
+        "rewards.scorer:score_getok_grid_stage_cell_masks"
+    )
 
 
 def image_tokens(processor, width: int, height: int) -> tuple[int, int, int]:
@@ -219,21 +237,20 @@ def image_tokens(processor, width: int, height: int) -> tuple[int, int, int]:
 
     ip = processor.image_processor
     factor = ip.patch_size * ip.merge_size
-    h, w = smart_resize(height, width, factor=factor, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+    h, w = smart_resize(
+        height, width, factor=factor, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"]
+    )
     return (h // factor) * (w // factor), w, h
 
 
-def check_fit(samples, processor, max_model_len: int, max_new_tokens: int, too_long: str = "refuse",
-              vocabulary=None) -> tuple[list, int]:
+def check_fit(
+    samples, processor, max_model_len: int, max_new_tokens: int, too_long: str = "refuse", vocabulary=None
+) -> tuple[list, int]:
     """Keep only samples whose longest prompt (every question template of its task, the chat
     markup, its image tokens under the pixel budget) plus ``max_new_tokens`` fits the engines'
     context; such a request would be refused by vLLM at generation time. ``too_long="refuse"``
     raises ``ConfigError`` on the first one, naming it and the numbers; ``"skip"`` leaves them
     out and returns how many. Returns ``(kept samples, skipped count)``."""
-    from rlsys.lang.prompts import build_question, templates_for
-    from rlsys.lang.vocab import REX_BINS
-
-    from rlsys.lang.prompts import chat_prompt
 
     tok = processor.tokenizer
     # the chat markup with an empty question; its one <|image_pad|> becomes the image's tokens
@@ -250,9 +267,19 @@ def check_fit(samples, processor, max_model_len: int, max_new_tokens: int, too_l
     for j, s in enumerate(samples):
         kp = list(dict.fromkeys(n for i in s.instances for n in (i.keypoints or {})))
         for k in range(len(templates_for(s.task, s.output))):
-            questions.append(build_question(s.task, s.output, s.phrases, width=s.width, height=s.height,
-                                            prompt_boxes=s.prompt_boxes, keypoint_names=kp, rng=_Pick(k),
-                                            vocabulary=(vocabulary or REX_BINS).for_sample(s)))  # chatrex lists its proposals
+            questions.append(
+                build_question(
+                    s.task,
+                    s.output,
+                    s.phrases,
+                    width=s.width,
+                    height=s.height,
+                    prompt_boxes=s.prompt_boxes,
+                    keypoint_names=kp,
+                    rng=_Pick(k),
+                    vocabulary=(vocabulary or REX_BINS).for_sample(s),
+                )
+            )  # chatrex lists its proposals
             owner.append(j)
     longest = [0] * len(samples)
     # tokenised apart from the markup: never fewer tokens than inside it (a merge across the
@@ -271,9 +298,14 @@ def check_fit(samples, processor, max_model_len: int, max_new_tokens: int, too_l
                 f"{s.source} sample {s.id!r}: prompt {markup + q} tokens + {img} image tokens ({s.width}x{s.height} px "
                 f"resized to {w}x{h}) + rollout.max_new_tokens {max_new_tokens} = {total} > rollout.max_model_len_tokens "
                 f"{max_model_len}; lower model.max_pixels, raise rollout.max_model_len_tokens, or skip such samples with "
-                "data.too_long=skip")
+                "data.too_long=skip"
+            )
         skipped += 1
     if skipped:
-        log.warning("skipped %d of %d samples whose prompt and answer cannot fit rollout.max_model_len_tokens %d (data.too_long=skip)",
-                    skipped, len(samples), max_model_len)
+        log.warning(
+            "skipped %d of %d samples whose prompt and answer cannot fit rollout.max_model_len_tokens %d (data.too_long=skip)",
+            skipped,
+            len(samples),
+            max_model_len,
+        )
     return kept, skipped

@@ -27,7 +27,7 @@ def read_boxes(path) -> tuple[dict, dict]:
     by_image, by_id = {}, {}
     for where, rec in jsonl_records(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("boxes"), list) or not ("image" in rec or "id" in rec):
-            raise DataError(f"{where}: expected {{\"image\": ... or \"id\": ..., \"boxes\": [[x0, y0, x1, y1], ...]}}")
+            raise DataError(f'{where}: expected {{"image": ... or "id": ..., "boxes": [[x0, y0, x1, y1], ...]}}')
         key, table = (str(rec["image"]), by_image) if "image" in rec else (str(rec["id"]), by_id)
         if key in table:
             raise DataError(f"{where}: boxes for {key!r} are given twice")
@@ -62,7 +62,7 @@ def merge(data_path, boxes_path, out_path) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsys.data.proposals", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="the dataset (JSONL records)")
-    p.add_argument("--proposals", required=True, help="JSONL: {\"image\" or \"id\": ..., \"boxes\": [[x0, y0, x1, y1], ...]}")
+    p.add_argument("--proposals", required=True, help='JSONL: {"image" or "id": ..., "boxes": [[x0, y0, x1, y1], ...]}')
     p.add_argument("--out", required=True, help="where the records with their proposals go")
     a = p.parse_args(argv)
     try:

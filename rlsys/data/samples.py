@@ -62,7 +62,9 @@ class Instance:
         for k in ("box", "point", "polygon", "mask", "keypoints"):
             v = getattr(self, k)
             if v is not None:
-                d[k] = list(v) if isinstance(v, tuple) else ({n: list(p) for n, p in v.items()} if k == "keypoints" else v)
+                d[k] = (
+                    list(v) if isinstance(v, tuple) else ({n: list(p) for n, p in v.items()} if k == "keypoints" else v)
+                )
         return d
 
 
@@ -167,8 +169,11 @@ def _check_mask_area(rle: dict, src: str, fname: str) -> None:
     try:
         h, w = rle["size"]
         counts = rle["counts"]
-        obj = mask_utils.frPyObjects(rle, h, w) if isinstance(counts, list) else \
-            {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        obj = (
+            mask_utils.frPyObjects(rle, h, w)
+            if isinstance(counts, list)
+            else {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        )
         with warnings.catch_warnings():  # pycocotools 2.0.x under numpy 2 warns on every call
             warnings.simplefilter("ignore", DeprecationWarning)
             area = int(mask_utils.area(obj))
@@ -308,7 +313,10 @@ def load_coco(annotation_file, image_dir=None, *, task: str = "detection") -> li
                 except Exception as exc:
                     raise DataError(f"{where}, field 'segmentation': unreadable ({exc})") from None
                 counts = rle["counts"]
-                inst["mask"] = {"size": [h, w], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+                inst["mask"] = {
+                    "size": [h, w],
+                    "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+                }
             if a.get("keypoints") and cat.get("keypoints"):
                 kp = a["keypoints"]
                 names = cat["keypoints"]
@@ -319,8 +327,14 @@ def load_coco(annotation_file, image_dir=None, *, task: str = "detection") -> li
             if cat["name"] not in phrases:
                 phrases.append(cat["name"])
         rec = {
-            "id": str(img_id), "image": img.get("file_name"), "width": w, "height": h, "task": task,
-            "output": "keypoint" if task == "keypoint" else "box", "phrases": phrases, "instances": insts,
+            "id": str(img_id),
+            "image": img.get("file_name"),
+            "width": w,
+            "height": h,
+            "task": task,
+            "output": "keypoint" if task == "keypoint" else "box",
+            "phrases": phrases,
+            "instances": insts,
         }
         out.append(Sample.from_dict(rec, source, root=root))
     if not out:

@@ -127,7 +127,9 @@ def _shape_samples(rng, image_name, size, objects, task) -> Sample:
         for o in objects:
             ys, xs = np.nonzero(o["mask"])
             k = len(xs) // 2  # a pixel that surely lies in the mask (a triangle's centroid may not)
-            insts.append(Instance(o["shape"], box=o["box"], point=(float(xs[k]) + 0.5, float(ys[k]) + 0.5), mask=_rle(o["mask"])))
+            insts.append(
+                Instance(o["shape"], box=o["box"], point=(float(xs[k]) + 0.5, float(ys[k]) + 0.5), mask=_rle(o["mask"]))
+            )
         return Sample(sid, image_name, size, size, "pointing", phrases, insts, "point")
     if task == "referring":
         o = rng.choice(objects)
@@ -138,7 +140,16 @@ def _shape_samples(rng, image_name, size, objects, task) -> Sample:
             which = rng.choice(("largest", "smallest"))
             o = max(same, key=lambda p: p["area"]) if which == "largest" else min(same, key=lambda p: p["area"])
             phrase = f"the {which} {o['color']} {o['shape']}"
-        return Sample(sid, image_name, size, size, "referring", [phrase], [Instance(phrase, box=o["box"], mask=_rle(o["mask"]))], "box")
+        return Sample(
+            sid,
+            image_name,
+            size,
+            size,
+            "referring",
+            [phrase],
+            [Instance(phrase, box=o["box"], mask=_rle(o["mask"]))],
+            "box",
+        )
     if task == "visual_prompt":
         shape = rng.choice(present)
         group = [o for o in objects if o["shape"] == shape]
@@ -151,7 +162,10 @@ def _shape_samples(rng, image_name, size, objects, task) -> Sample:
         insts = []
         for o in tris:
             pts = _shape_polygon("triangle", o["cx"], o["cy"], o["r"])
-            kps = {name: (min(max(x, 0.0), size), min(max(y, 0.0), size), 2) for name, (x, y) in zip(TRIANGLE_KEYPOINTS, pts)}
+            kps = {
+                name: (min(max(x, 0.0), size), min(max(y, 0.0), size), 2)
+                for name, (x, y) in zip(TRIANGLE_KEYPOINTS, pts)
+            }
             insts.append(Instance("triangle", box=o["box"], keypoints=kps))
         return Sample(sid, image_name, size, size, "keypoint", ["triangle"], insts, "keypoint")
     raise ValueError(task)
@@ -188,7 +202,9 @@ def _gui_sample(rng, image_name, size, buttons, task) -> Sample:
         phrase = f"the {b['label']} button"
         output = rng.choice(("point", "box"))
         cx, cy = (b["box"][0] + b["box"][2]) / 2, (b["box"][1] + b["box"][3]) / 2
-        return Sample(sid, image_name, size, size, "gui", [phrase], [Instance(phrase, box=b["box"], point=(cx, cy))], output)
+        return Sample(
+            sid, image_name, size, size, "gui", [phrase], [Instance(phrase, box=b["box"], point=(cx, cy))], output
+        )
     if task == "ocr":
         insts = []
         for b in buttons:
@@ -222,9 +238,19 @@ def paint_position_ramp(img, levels: int):
 MASK_TASKS = ("detection", "referring")  # the synthetic tasks that may ask for masks
 
 
-def generate(out_dir, *, num_images: int, seed: int, split: str = "train", image_size: int = 224,
-             max_objects: int = 6, tasks=TASK_MIX, position_ramp_levels: int = 0,
-             one_kind_per_scene: bool = False, mask_fraction: float = 0.0) -> Path:
+def generate(
+    out_dir,
+    *,
+    num_images: int,
+    seed: int,
+    split: str = "train",
+    image_size: int = 224,
+    max_objects: int = 6,
+    tasks=TASK_MIX,
+    position_ramp_levels: int = 0,
+    one_kind_per_scene: bool = False,
+    mask_fraction: float = 0.0,
+) -> Path:
     """Write ``num_images`` images and ``<split>.jsonl`` (+ ``<split>_coco.json``) to ``out_dir``.
 
     Each image yields one sample of a task drawn from ``tasks``. Same seed, same bytes.
@@ -243,9 +269,14 @@ def generate(out_dir, *, num_images: int, seed: int, split: str = "train", image
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{seed}-{split}")
     samples: list[Sample] = []
-    coco = {"images": [], "annotations": [], "categories": [
-        {"id": k + 1, "name": s, "keypoints": list(TRIANGLE_KEYPOINTS) if s == "triangle" else []}
-        for k, s in enumerate(SHAPES)]}
+    coco = {
+        "images": [],
+        "annotations": [],
+        "categories": [
+            {"id": k + 1, "name": s, "keypoints": list(TRIANGLE_KEYPOINTS) if s == "triangle" else []}
+            for k, s in enumerate(SHAPES)
+        ],
+    }
     for i in range(num_images):
         task = rng.choice(tasks)
         name = f"images/{split}_{i:05d}.png"
@@ -262,12 +293,17 @@ def generate(out_dir, *, num_images: int, seed: int, split: str = "train", image
             coco["images"].append({"id": i + 1, "file_name": name, "width": image_size, "height": image_size})
             for o in objects:
                 x0, y0, x1, y1 = o["box"]
-                coco["annotations"].append({
-                    "id": len(coco["annotations"]) + 1, "image_id": i + 1,
-                    "category_id": SHAPES.index(o["shape"]) + 1,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": o["area"], "iscrowd": 0,
-                    "segmentation": _rle(o["mask"]),
-                })
+                coco["annotations"].append(
+                    {
+                        "id": len(coco["annotations"]) + 1,
+                        "image_id": i + 1,
+                        "category_id": SHAPES.index(o["shape"]) + 1,
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "area": o["area"],
+                        "iscrowd": 0,
+                        "segmentation": _rle(o["mask"]),
+                    }
+                )
         if position_ramp_levels:
             img = paint_position_ramp(img, position_ramp_levels)
         img.save(out / name, format="PNG", optimize=False)
@@ -290,13 +326,27 @@ def main(argv=None) -> int:
     p.add_argument("--position-ramp", type=int, default=0, help="paint positions into the pixels (levels; 0: off)")
     p.add_argument("--max-objects", type=int, default=6, help="most shapes in one scene")
     p.add_argument("--one-kind-per-scene", action="store_true", help="all shapes of a scene are of one kind")
-    p.add_argument("--mask-fraction", type=float, default=0.0,
-                   help="share of detection and referring samples asking for masks (output mask; for model.vocabulary=getok)")
+    p.add_argument(
+        "--mask-fraction",
+        type=float,
+        default=0.0,
+        help="share of detection and referring samples asking for masks (output mask; for model.vocabulary=getok)",
+    )
     a = p.parse_args(argv)
     for split, n in (("train", a.train_images), ("val", a.val_images)):
-        print(generate(a.out, num_images=n, seed=a.seed, split=split, image_size=a.image_size,
-                       max_objects=a.max_objects, position_ramp_levels=a.position_ramp,
-                       one_kind_per_scene=a.one_kind_per_scene, mask_fraction=a.mask_fraction))
+        print(
+            generate(
+                a.out,
+                num_images=n,
+                seed=a.seed,
+                split=split,
+                image_size=a.image_size,
+                max_objects=a.max_objects,
+                position_ramp_levels=a.position_ramp,
+                one_kind_per_scene=a.one_kind_per_scene,
+                mask_fraction=a.mask_fraction,
+            )
+        )
     return 0
 
 

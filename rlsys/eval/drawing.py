@@ -45,5 +45,9 @@ def example_table(examples, vocabulary=None):
 
     table = wandb.Table(columns=["image", "caption", "answer"])
     for sample, text, reward in examples:
-        table.add_data(wandb.Image(draw_predictions(sample, text, vocabulary=vocabulary)), f"{sample.task}: reward {reward:.2f}", text)
+        table.add_data(
+            wandb.Image(draw_predictions(sample, text, vocabulary=vocabulary)),
+            f"{sample.task}: reward {reward:.2f}",
+            text,
+        )
     return table

@@ -14,6 +14,34 @@ import os
 import sys
 from pathlib import Path
 
+from rewards.geometry import decode_masks
+from rewards.mask import decode_point_sets
+from rewards.metrics import (
+    CountTable,
+    _detection_dict,
+    _pointing_dict,
+    count_rates,
+    count_rates_weighted,
+    count_table,
+    detection_f1,
+    detection_table,
+    duplicate_rate,
+    gui_accuracy,
+    large_box_rate,
+    mask_f1,
+    pointing_f1,
+    pointing_table,
+)
+from rewards.scorer import leave_one_out_gain, load_scorer, score, takes_vocabulary
+from rlsys.config import ConfigError, engine_memory, load_config
+from rlsys.data import synthetic
+from rlsys.data.prepare import check_targets, mask_decoding
+from rlsys.data.samples import load_dataset
+from rlsys.eval.drawing import draw_predictions, predictions_in_pixels
+from rlsys.lang.prompts import chat_prompt, question_for_sample
+from rlsys.lang.vocab import REX_BINS, vocabulary_for
+from rlsys.models import processor_for
+
 BOX_TASKS = ("detection", "referring", "visual_prompt", "layout")
 
 
@@ -25,24 +53,34 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    from rlsys.models import processor_for
-    from rlsys.lang.prompts import chat_prompt, question_for_sample
-    from rlsys.lang.vocab import vocabulary_for
-
     r, pixels = cfg.rollout, cfg.model.pixel_budget()
     max_new_tokens = max_new_tokens or r.max_new_tokens
     proc = processor or processor_for(cfg.model, model_dir)
     vocabulary = vocabulary_for(cfg.model, proc)
-    from rlsys.config import engine_memory
 
-    llm = LLM(model=model_dir, max_model_len=r.max_model_len_tokens, **engine_memory(r.gpu_memory_utilization, r.kv_cache_mib),
-              enforce_eager=r.enforce_eager, dtype=cfg.model.dtype, limit_mm_per_prompt={"image": 1, "video": 0},
-              mm_processor_kwargs=pixels or None, seed=0, trust_remote_code=cfg.model.trust_remote_code)
+    llm = LLM(
+        model=model_dir,
+        max_model_len=r.max_model_len_tokens,
+        **engine_memory(r.gpu_memory_utilization, r.kv_cache_mib),
+        enforce_eager=r.enforce_eager,
+        dtype=cfg.model.dtype,
+        limit_mm_per_prompt={"image": 1, "video": 0},
+        mm_processor_kwargs=pixels or None,
+        seed=0,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     inputs = []
     for s in samples:
         with Image.open(s.image) as im:
-            inputs.append({"prompt": chat_prompt(proc, question_for_sample(s, vocabulary=vocabulary)), "multi_modal_data": {"image": im.convert("RGB")}})
-    outs = llm.generate(inputs, SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=False), use_tqdm=False)
+            inputs.append(
+                {
+                    "prompt": chat_prompt(proc, question_for_sample(s, vocabulary=vocabulary)),
+                    "multi_modal_data": {"image": im.convert("RGB")},
+                }
+            )
+    outs = llm.generate(
+        inputs, SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=False), use_tqdm=False
+    )
     del llm
     return [o.outputs[0].text for o in outs]
 
@@ -55,14 +93,23 @@ def task_images(samples, answers, vocabulary=None) -> dict:
     for row, (s, text) in enumerate(zip(samples, answers)):
         preds = predictions_in_pixels(text, s, vocabulary)
         if s.task in BOX_TASKS and s.output == "box":
-            d["det"].append({"gt": [(i.phrase, i.box) for i in s.instances],
-                             "pred": [(ph, c) for ph, k, c in preds if k == "box"],
-                             "width": s.width, "height": s.height})
+            d["det"].append(
+                {
+                    "gt": [(i.phrase, i.box) for i in s.instances],
+                    "pred": [(ph, c) for ph, k, c in preds if k == "box"],
+                    "width": s.width,
+                    "height": s.height,
+                }
+            )
             d["det_rows"].append(row)
             d["det_tasks"].append(s.task)
         elif s.task == "pointing" and all(i.mask is not None for i in s.instances):
-            d["point"].append({"gt": [(i.phrase, i.mask) for i in s.instances],
-                               "pred": [(ph, c) for ph, k, c in preds if k == "point"]})
+            d["point"].append(
+                {
+                    "gt": [(i.phrase, i.mask) for i in s.instances],
+                    "pred": [(ph, c) for ph, k, c in preds if k == "point"],
+                }
+            )
             d["point_rows"].append(row)
         elif s.task == "gui" and s.output == "point":
             pts = [c for _, k, c in preds if k == "point"]
@@ -72,9 +119,13 @@ def task_images(samples, answers, vocabulary=None) -> dict:
 
 
 # The figures the demo's report puts intervals on: (name, family, key of the family's figures).
-BOOTSTRAP_METRICS = (("box F1@0.50", "box", "F1@0.50"), ("box F1@mIoU", "box", "F1@mIoU"),
-                     ("too few boxes", "count", "under_count_rate"), ("too many boxes", "count", "over_count_rate"),
-                     ("pointing F1", "point", "F1"))
+BOOTSTRAP_METRICS = (
+    ("box F1@0.50", "box", "F1@0.50"),
+    ("box F1@mIoU", "box", "F1@mIoU"),
+    ("too few boxes", "count", "under_count_rate"),
+    ("too many boxes", "count", "over_count_rate"),
+    ("pointing F1", "point", "F1"),
+)
 
 
 def weighted_metrics(samples, answers, vocabulary=None) -> tuple[list[str], dict]:
@@ -84,9 +135,6 @@ def weighted_metrics(samples, answers, vocabulary=None) -> tuple[list[str], dict
     of :data:`BOOTSTRAP_METRICS` under those image multiplicities (with weights of one: the value
     :func:`compute_metrics` reports). Figures whose family has no sample are left out."""
     import numpy as np
-
-    from rewards.metrics import (CountTable, _detection_dict, _pointing_dict, count_rates_weighted, count_table,
-                                 detection_table, pointing_table)
 
     d = task_images(samples, answers, vocabulary)
     units = sorted({str(s.image) for s in samples})
@@ -103,7 +151,9 @@ def weighted_metrics(samples, answers, vocabulary=None) -> tuple[list[str], dict
         ct = count_table(d["det"])
         for name, fam, key in BOOTSTRAP_METRICS:
             if fam == "box":
-                fns[name] = over_rows(d["det_rows"], lambda w, key=key: _detection_dict(*dt.scores(w), dt.thresholds)[key])
+                fns[name] = over_rows(
+                    d["det_rows"], lambda w, key=key: _detection_dict(*dt.scores(w), dt.thresholds)[key]
+                )
             elif fam == "count":
                 fns[name] = over_rows(d["det_rows"], lambda w, key=key: count_rates_weighted(ct, w)[key])
     if d["point"]:
@@ -116,25 +166,33 @@ def mask_images(samples, answers, vocabulary, mask_decoder: str, mask_source=Non
     """The mask-output samples' answers as :func:`rewards.metrics.mask_f1` images (the point sets
     read by ``vocabulary.parse_masks``, :func:`predictions_in_pixels`, decoded by
     ``mask_decoder``: :mod:`rewards.mask`), and each one's task."""
-    from rewards.geometry import decode_masks
-    from rewards.mask import decode_point_sets
 
     imgs, tasks = [], []
     for s, text in zip(samples, answers):
         if s.output != "mask":
             continue
         preds = [(ph, c) for ph, k, c in predictions_in_pixels(text, s, vocabulary) if k == "mask"]
-        decoded = decode_point_sets([c for _, c in preds], s, decoder=mask_decoder, mask_source=mask_source,
-                                    grid=getattr(vocabulary, "grid", None))
+        decoded = decode_point_sets(
+            [c for _, c in preds],
+            s,
+            decoder=mask_decoder,
+            mask_source=mask_source,
+            grid=getattr(vocabulary, "grid", None),
+        )
         gt = decode_masks([i.mask for i in s.instances], s.height, s.width, f"sample {s.id!r} masks")
-        imgs.append({"gt": [(i.phrase, m) for i, m in zip(s.instances, gt)],
-                     "pred": [(ph, m) for (ph, _), m in zip(preds, decoded)]})
+        imgs.append(
+            {
+                "gt": [(i.phrase, m) for i, m in zip(s.instances, gt)],
+                "pred": [(ph, m) for (ph, _), m in zip(preds, decoded)],
+            }
+        )
         tasks.append(s.task)
     return imgs, tasks
 
 
-def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | None = None, mask_source=None,
-                    reward=None) -> dict:
+def compute_metrics(
+    samples, answers, vocabulary=None, *, mask_decoder: str | None = None, mask_source=None, reward=None
+) -> dict:
     """The paper's metrics over the samples, by task family; answers read by ``vocabulary``
     (default: the bins). Mask-output samples (GETok) are decoded by ``mask_decoder`` (``"sam"``
     with ``mask_source``, or ``"grid_cells"``; :func:`rlsys.data.prepare.mask_decoding` picks the
@@ -146,12 +204,8 @@ def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | No
     best change."""
     import numpy as np
 
-    from rewards.metrics import count_rates, detection_f1, duplicate_rate, gui_accuracy, large_box_rate, pointing_f1
-    from rewards.scorer import score
-
     d = task_images(samples, answers, vocabulary)
     det, det_tasks, point_imgs, gui_pts, gui_boxes = d["det"], d["det_tasks"], d["point"], d["gui_pts"], d["gui_boxes"]
-    from rlsys.lang.vocab import REX_BINS
 
     out: dict = {"num_samples": len(samples)}
     if det:
@@ -161,7 +215,9 @@ def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | No
         out["detection"].update(count_rates(det))
         out["detection"]["num_images"] = len(det)
         out["detection"]["predictions_per_image"] = float(np.mean([len(d["pred"]) for d in det]))
-        out["detection"]["leave_one_out"] = _leave_one_out(samples, answers, vocabulary or REX_BINS, reward, mask_source)
+        out["detection"]["leave_one_out"] = _leave_one_out(
+            samples, answers, vocabulary or REX_BINS, reward, mask_source
+        )
         # Categories are averaged (paper 5.1), so in the pooled figure every referring phrase is
         # a category of its own and outweighs the few detection categories; the paper reports
         # each task on its own benchmark, and so does this.
@@ -174,17 +230,23 @@ def compute_metrics(samples, answers, vocabulary=None, *, mask_decoder: str | No
     if gui_pts:
         out["gui"] = {"accuracy": gui_accuracy(gui_pts, gui_boxes), "num_queries": len(gui_pts)}
     if any(s.output == "mask" for s in samples):
-        from rewards.metrics import mask_f1
-
         if mask_decoder is None:
-            raise ValueError("mask-output samples need a mask decoder for their metric (mask_decoder='sam' with a "
-                             "mask_source, or 'grid_cells'; rlsys.data.prepare.mask_decoding picks the config's)")
+            raise ValueError(
+                "mask-output samples need a mask decoder for their metric (mask_decoder='sam' with a "
+                "mask_source, or 'grid_cells'; rlsys.data.prepare.mask_decoding picks the config's)"
+            )
         imgs, tasks = mask_images(samples, answers, vocabulary or REX_BINS, mask_decoder, mask_source)
         out["mask"] = {**mask_f1(imgs), "num_images": len(imgs), "decoder": mask_decoder}
-        out["mask_tasks"] = {t: {**mask_f1([m for m, u in zip(imgs, tasks) if u == t]), "num_images": tasks.count(t)}
-                             for t in sorted(set(tasks))}
-    rewards = [score(t, s, vocabulary=vocabulary or REX_BINS, mask_source=mask_source, mask_decoder=mask_decoder or "sam").reward
-               for s, t in zip(samples, answers)]
+        out["mask_tasks"] = {
+            t: {**mask_f1([m for m, u in zip(imgs, tasks) if u == t]), "num_images": tasks.count(t)}
+            for t in sorted(set(tasks))
+        }
+    rewards = [
+        score(
+            t, s, vocabulary=vocabulary or REX_BINS, mask_source=mask_source, mask_decoder=mask_decoder or "sam"
+        ).reward
+        for s, t in zip(samples, answers)
+    ]
     out["mean_reward"] = float(np.mean(rewards))
     return out
 
@@ -193,24 +255,32 @@ def _leave_one_out(samples, answers, vocabulary, reward, mask_source) -> dict:
     """``detection.leave_one_out`` of :func:`compute_metrics`, under ``reward``'s scorer and matching."""
     import numpy as np
 
-    from rewards.scorer import leave_one_out_gain, load_scorer, score, takes_vocabulary
-
     scorer, matching = (reward.scorer, reward.matching) if reward is not None else ("rewards.scorer:score", "paper")
     score_fn = load_scorer(scorer)
     if not takes_vocabulary(score_fn):  # a scorer of its own making reads the bins only
         scorer, score_fn = "rewards.scorer:score", score
-    gains = [g for s, t in zip(samples, answers)
-             if (g := leave_one_out_gain(t, s, score_fn, vocabulary, matching=matching, mask_source=mask_source)) is not None]
-    return {"scorer": scorer, "matching": matching, "answers": len(gains), "drop_pays_rate": float(np.mean([g > 1e-9 for g in gains])) if gains else None,
-            "mean_best_gain": float(np.mean(gains)) if gains else None}
+    gains = [
+        g
+        for s, t in zip(samples, answers)
+        if (g := leave_one_out_gain(t, s, score_fn, vocabulary, matching=matching, mask_source=mask_source)) is not None
+    ]
+    return {
+        "scorer": scorer,
+        "matching": matching,
+        "answers": len(gains),
+        "drop_pays_rate": float(np.mean([g > 1e-9 for g in gains])) if gains else None,
+        "mean_best_gain": float(np.mean(gains)) if gains else None,
+    }
 
 
 def draw_grid(samples, answers, path, cols: int = 4, max_images: int = 16, vocabulary=None) -> None:
     """PNG grid: ground-truth boxes green, predictions red, the question's task on top."""
     from PIL import Image
 
-
-    tiles = [draw_predictions(s, text, label=s.task, vocabulary=vocabulary) for s, text in list(zip(samples, answers))[:max_images]]
+    tiles = [
+        draw_predictions(s, text, label=s.task, vocabulary=vocabulary)
+        for s, text in list(zip(samples, answers))[:max_images]
+    ]
     if not tiles:
         return
     w, h = max(t.width for t in tiles), max(t.height for t in tiles)
@@ -223,10 +293,6 @@ def draw_grid(samples, answers, path, cols: int = 4, max_images: int = 16, vocab
 
 def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | None = None) -> dict:
     """``cfg``: the GRPO config whose engine settings to use (default: configs/tiny_cpu.yaml)."""
-    from rlsys.config import load_config
-
-    from rlsys.models import processor_for
-    from rlsys.lang.vocab import vocabulary_for
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,12 +301,12 @@ def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | No
     vocabulary = vocabulary_for(cfg.model, proc)
     decoder, mask_source = None, None
     if any(s.output == "mask" for s in samples):  # decided before generating: a missing decoder fails fast
-        from rlsys.data.prepare import check_targets, mask_decoding
-
         check_targets(samples, vocabulary)
         decoder, mask_source = mask_decoding(cfg.reward)
     answers = generate_answers(str(checkpoint), samples, cfg, max_new_tokens=max_new_tokens, processor=proc)
-    metrics = compute_metrics(samples, answers, vocabulary, mask_decoder=decoder, mask_source=mask_source, reward=cfg.reward)
+    metrics = compute_metrics(
+        samples, answers, vocabulary, mask_decoder=decoder, mask_source=mask_source, reward=cfg.reward
+    )
     metrics["vocabulary"] = vocabulary.name
     metrics["checkpoint"] = str(checkpoint)
     with (out / "predictions.jsonl").open("w") as f:
@@ -254,13 +320,25 @@ def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | No
 def format_table(metrics: dict) -> str:
     d = metrics.get("detection", {})
     rows = ["| metric | value |", "|---|---|"]
-    for k in ("F1@0.50", "F1@0.95", "F1@mIoU", "R@mIoU", "P@mIoU", "duplicate_rate", "large_box_rate",
-              "exact_count_rate", "over_count_rate", "under_count_rate"):
+    for k in (
+        "F1@0.50",
+        "F1@0.95",
+        "F1@mIoU",
+        "R@mIoU",
+        "P@mIoU",
+        "duplicate_rate",
+        "large_box_rate",
+        "exact_count_rate",
+        "over_count_rate",
+        "under_count_rate",
+    ):
         if k in d:
             rows.append(f"| {k} | {d[k]:.3f} |")
     loo = d.get("leave_one_out") or {}
     if loo.get("drop_pays_rate") is not None:
-        rows.append(f"| dropping a box pays, {loo['scorer'].split(':')[-1]} ({loo['answers']} answers) | {loo['drop_pays_rate']:.3f} |")
+        rows.append(
+            f"| dropping a box pays, {loo['scorer'].split(':')[-1]} ({loo['answers']} answers) | {loo['drop_pays_rate']:.3f} |"
+        )
     for task, m in metrics.get("box_tasks", {}).items():
         rows.append(f"| {task}: F1@0.50 / F1@mIoU | {m['F1@0.50']:.3f} / {m['F1@mIoU']:.3f} |")
     if "pointing" in metrics:
@@ -281,30 +359,41 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/eval")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
     p.add_argument("--tasks", default=None, help="comma-separated tasks to keep")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the config's rollout.max_new_tokens)")
-    p.add_argument("--config", help="GRPO config whose model and rollout sections set the engine (dtype, context length, "
-                                    "memory share, eager mode, pixel budget); default configs/tiny_cpu.yaml")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="answer length limit (default: the config's rollout.max_new_tokens)",
+    )
+    p.add_argument(
+        "--config",
+        help="GRPO config whose model and rollout sections set the engine (dtype, context length, "
+        "memory share, eager mode, pixel budget); default configs/tiny_cpu.yaml",
+    )
     p.add_argument("overrides", nargs="*", help="config key=value, e.g. rollout.gpu_memory_utilization=0.8")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not (Path(a.checkpoint) / "config.json").is_file():
         print(f"error: {a.checkpoint} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
         return 2
-    from rlsys.config import ConfigError, load_config
 
     try:
         cfg = load_config(a.config, a.overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from rlsys.data.samples import load_dataset
 
     if a.data:
         samples = load_dataset(a.data)
     else:
-        from rlsys.data.samples import synthetic
-
-        samples = load_dataset(synthetic.generate(Path(a.out) / "data", num_images=200, seed=1234, split="val",
-                                                  mask_fraction=cfg.data.synthetic_mask_fraction))
+        samples = load_dataset(
+            synthetic.generate(
+                Path(a.out) / "data",
+                num_images=200,
+                seed=1234,
+                split="val",
+                mask_fraction=cfg.data.synthetic_mask_fraction,
+            )
+        )
     if a.tasks:
         keep = set(a.tasks.split(","))
         samples = [s for s in samples if s.task in keep]

@@ -60,13 +60,9 @@ def _grouped(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> t
         raise ValueError(f"group_size must be an int, got {group_size!r}")
     if group_size < 2:
         # The unbiased std divides by n - 1; a group of one has no spread to compare against.
-        raise ValueError(
-            f"group_size must be >= 2 (unbiased std needs 2 samples), got {group_size}"
-        )
+        raise ValueError(f"group_size must be >= 2 (unbiased std needs 2 samples), got {group_size}")
     if rewards.numel() % group_size:
-        raise ValueError(
-            f"number of rewards ({rewards.numel()}) is not divisible by group_size ({group_size})"
-        )
+        raise ValueError(f"number of rewards ({rewards.numel()}) is not divisible by group_size ({group_size})")
     if valid is None:
         valid = torch.ones(rewards.shape, dtype=torch.bool)
     elif valid.shape != rewards.shape:
@@ -95,8 +91,9 @@ def _grouped(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> t
     return r, mean, std, v
 
 
-def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, valid: Tensor | None = None,
-                     scale: str = "group_std") -> Tensor:
+def group_advantages(
+    rewards: Tensor, group_size: int, eps: float = 1e-6, valid: Tensor | None = None, scale: str = "group_std"
+) -> Tensor:
     """GRPO advantages ``(r - group mean) / (group std + eps)``, shape ``[B]``.
 
     ``rewards`` ``[B]``: consecutive groups of ``group_size`` samples of one prompt. The std is
@@ -175,8 +172,7 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """
     if logp.shape != ref_logp.shape:
         raise ValueError(
-            f"logp and ref_logp must have the same shape, got {tuple(logp.shape)} "
-            f"and {tuple(ref_logp.shape)}"
+            f"logp and ref_logp must have the same shape, got {tuple(logp.shape)} and {tuple(ref_logp.shape)}"
         )
     d = ref_logp - logp
     return (torch.expm1(d) - d).clamp_min(0.0)
@@ -189,9 +185,7 @@ def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
     gives 0 rather than nan (the denominator is clamped at 1).
     """
     if x.shape != mask.shape:
-        raise ValueError(
-            f"x and mask must have the same shape, got {tuple(x.shape)} and {tuple(mask.shape)}"
-        )
+        raise ValueError(f"x and mask must have the same shape, got {tuple(x.shape)} and {tuple(mask.shape)}")
     m = mask if mask.dtype == torch.bool else mask != 0
     total = torch.where(m, x, torch.zeros_like(x))
     count = m.sum() if dim is None else m.sum(dim=dim)
@@ -245,7 +239,11 @@ def behaviour_weights(old_logp: Tensor, behaviour_logp: Tensor, mask: Tensor, ca
         raise ValueError(f"the importance-weight cap must be >= 1, got {cap}")
     m = (mask if mask.dtype == torch.bool else mask != 0) & torch.isfinite(behaviour_logp)
     dtype = torch.promote_types(old_logp.dtype, torch.float32)
-    d = torch.where(m, old_logp.detach().to(dtype) - behaviour_logp.detach().to(dtype), torch.zeros((), dtype=dtype, device=old_logp.device))
+    d = torch.where(
+        m,
+        old_logp.detach().to(dtype) - behaviour_logp.detach().to(dtype),
+        torch.zeros((), dtype=dtype, device=old_logp.device),
+    )
     w = torch.exp(d)
     return w.clamp(max=cap), w > cap
 
@@ -326,9 +324,7 @@ def policy_loss(
     if kl_coef < 0.0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     if kl_coef != 0.0 and ref_logp is None:
-        raise ValueError(
-            f"ref_logp is None but kl_coef = {kl_coef}; pass ref_logp or set kl_coef=0"
-        )
+        raise ValueError(f"ref_logp is None but kl_coef = {kl_coef}; pass ref_logp or set kl_coef=0")
 
     m = mask if mask.dtype == torch.bool else mask != 0
     dtype = torch.promote_types(logp.dtype, torch.float32)
@@ -378,7 +374,9 @@ def policy_loss(
             "num_tokens": local_count.to(dtype),
         }
         if behaviour_logp is not None:
-            raw = torch.exp(torch.where(m & torch.isfinite(behaviour_logp), old - behaviour_logp.detach().to(dtype), zero))
+            raw = torch.exp(
+                torch.where(m & torch.isfinite(behaviour_logp), old - behaviour_logp.detach().to(dtype), zero)
+            )
             metrics["behaviour_ratio_mean"] = masked_mean(raw, m)
             metrics["behaviour_ratio_max"] = torch.where(m, raw, zero).max() if raw.numel() else zero.clone()
             metrics["is_truncated_fraction"] = masked_mean(truncated.to(dtype), m)

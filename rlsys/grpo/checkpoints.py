@@ -22,8 +22,11 @@ class Checkpoints:
 
     def complete(self) -> list[Path]:
         """Committed step checkpoints, oldest first."""
-        return sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")
-                      and (p / "trainer_state.json").is_file())
+        return sorted(
+            p
+            for p in self.root.glob("step_*")
+            if p.is_dir() and not p.name.endswith(".partial") and (p / "trainer_state.json").is_file()
+        )
 
     def latest(self) -> Path | None:
         f = self.root / "latest"

@@ -15,13 +15,26 @@ SMALL_GROUP_STD = 0.02
 
 def rewards_and_valid(scores: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards ``[B]`` and whether each was computed (False: the scorer failed twice)."""
-    return (torch.tensor([s.reward for s in scores], dtype=torch.float32),
-            torch.tensor([not s.failed for s in scores], dtype=torch.bool))
+    return (
+        torch.tensor([s.reward for s in scores], dtype=torch.float32),
+        torch.tensor([not s.failed for s in scores], dtype=torch.bool),
+    )
 
 
-def step_metrics(*, step: int, groups: list[ScoredGroup], tasks: list[str], group_size: int, drawn_groups: int,
-                 zero_std_groups: int, learn: LearnerStats, times: dict[str, float], engine_restarts: int,
-                 refused_requests: int, inflight_batches: int) -> dict:
+def step_metrics(
+    *,
+    step: int,
+    groups: list[ScoredGroup],
+    tasks: list[str],
+    group_size: int,
+    drawn_groups: int,
+    zero_std_groups: int,
+    learn: LearnerStats,
+    times: dict[str, float],
+    engine_restarts: int,
+    refused_requests: int,
+    inflight_batches: int,
+) -> dict:
     """The step's figures. ``tasks``: each group's sample task; ``drawn_groups`` /
     ``zero_std_groups``: groups drawn over the dynamic-sampling rounds and those among them whose
     rewards had no spread. Reward statistics are over the answers that were scored (a failed

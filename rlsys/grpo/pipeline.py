@@ -89,8 +89,13 @@ class RolloutPipeline:
         if version - b.version > N:
             # drawn under a looser bound (max_staleness_steps lowered since): the same prompts
             # are generated again with the current weights, not dropped
-            log.warning("step %d: the batch drawn ahead is %d versions old, past run.max_staleness_steps %d: "
-                        "generating its prompts again", version + 1, version - b.version, N)
+            log.warning(
+                "step %d: the batch drawn ahead is %d versions old, past run.max_staleness_steps %d: "
+                "generating its prompts again",
+                version + 1,
+                version - b.version,
+                N,
+            )
             self.answers(b, {})
             b = self.submit(b.step, b.idx)
         while len(self.inflight) < N:

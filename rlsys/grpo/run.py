@@ -21,7 +21,14 @@ from collections import deque
 from pathlib import Path
 
 from rlsys.config import ConfigError, GRPOConfig, describe, load_config
-from rlsys.data.prepare import check_fit, check_phrases, check_point_masks, check_targets, load_samples, prepare_model_dir
+from rlsys.data.prepare import (
+    check_fit,
+    check_phrases,
+    check_point_masks,
+    check_targets,
+    load_samples,
+    prepare_model_dir,
+)
 from rlsys.eval.drawing import example_table
 from rlsys.grpo.trainer import Groups, Trainer
 from rlsys.lang.vocab import vocabulary_for
@@ -51,7 +58,12 @@ def keep_step_records(path: Path, last_step: int) -> int:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in kept))
         tmp.replace(path)
-        log.info("%s: dropped %d records of steps after %d (redone after the resume)", path, len(lines) - len(kept), last_step)
+        log.info(
+            "%s: dropped %d records of steps after %d (redone after the resume)",
+            path,
+            len(lines) - len(kept),
+            last_step,
+        )
     return len(lines) - len(kept)
 
 
@@ -69,9 +81,13 @@ def start_groups(cfg: GRPOConfig, model_dir: str, vocabulary) -> Groups:
 
     have = ray.cluster_resources().get("CPU", 0)
     if cfg.cpus_requested() > have:
-        log.warning("the actor groups ask for %.1f CPUs but the cluster has %.1f now: they start only if an "
-                    "autoscaler adds nodes (lower rollout.cpus_per_engine / learner.cpus_per_rank / "
-                    "reward.cpus_per_worker on a small machine)", cfg.cpus_requested(), have)
+        log.warning(
+            "the actor groups ask for %.1f CPUs but the cluster has %.1f now: they start only if an "
+            "autoscaler adds nodes (lower rollout.cpus_per_engine / learner.cpus_per_rank / "
+            "reward.cpus_per_worker on a small machine)",
+            cfg.cpus_requested(),
+            have,
+        )
     start = cfg.run.actor_start_timeout_s
     t0 = time.perf_counter()
     groups = Groups(None, None, None, None)
@@ -84,8 +100,13 @@ def start_groups(cfg: GRPOConfig, model_dir: str, vocabulary) -> Groups:
         groups.shutdown()
         raise
     log.info("actors ready in %.1f s", time.perf_counter() - t0)
-    groups.weights = WeightSync(groups.learners, groups.rollouts, cfg.weight_transfer_backend,
-                                cfg.rollout.weight_bucket_mib << 20, cfg.rollout.timeout_s)
+    groups.weights = WeightSync(
+        groups.learners,
+        groups.rollouts,
+        cfg.weight_transfer_backend,
+        cfg.rollout.weight_bucket_mib << 20,
+        cfg.rollout.timeout_s,
+    )
     return groups
 
 
@@ -102,8 +123,11 @@ def start_trainer(cfg: GRPOConfig, model_dir: str, samples, processor=None) -> T
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m rlsys.grpo", description=__doc__.split("\n\n")[0],
-                                epilog="Overrides are dotted keys, e.g. run.steps=10 rollout.samples_per_prompt=8.")
+    p = argparse.ArgumentParser(
+        prog="python -m rlsys.grpo",
+        description=__doc__.split("\n\n")[0],
+        epilog="Overrides are dotted keys, e.g. run.steps=10 rollout.samples_per_prompt=8.",
+    )
     p.add_argument("--config", help="YAML values for the schema in rlsys/config.py (default: configs/tiny_cpu.yaml)")
     p.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
     p.add_argument("overrides", nargs="*", help="key=value")
@@ -127,9 +151,11 @@ def run(cfg: GRPOConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model(cfg)
     if cfg.model.path is None and cfg.run.init_checkpoint is None:
-        log.warning("starting GRPO from the random-weight tiny model: it cannot write the output format yet, so "
-                    "rewards stay near 0. Run SFT first (python -m rlsys.sft) and pass "
-                    "run.init_checkpoint=runs/sft-tiny/final, or run the whole demo: python -m rlsys.demo")
+        log.warning(
+            "starting GRPO from the random-weight tiny model: it cannot write the output format yet, so "
+            "rewards stay near 0. Run SFT first (python -m rlsys.sft) and pass "
+            "run.init_checkpoint=runs/sft-tiny/final, or run the whole demo: python -m rlsys.demo"
+        )
     samples = prepare_data(cfg)
     processor = processor_for(cfg.model, model_dir)
     vocabulary = vocabulary_for(cfg.model, processor)
@@ -137,11 +163,14 @@ def run(cfg: GRPOConfig) -> dict:
     check_point_masks(samples, cfg.reward)
     check_targets(samples, vocabulary)  # chatrex: proposals for every sample
     # every prompt fits the engines' context under the pixel budget (else refused here, by name)
-    samples, too_long = check_fit(samples, processor, cfg.rollout.max_model_len_tokens, cfg.rollout.max_new_tokens,
-                                  cfg.data.too_long, vocabulary)
+    samples, too_long = check_fit(
+        samples, processor, cfg.rollout.max_model_len_tokens, cfg.rollout.max_new_tokens, cfg.data.too_long, vocabulary
+    )
     if not samples:
-        raise ConfigError(f"no training sample fits rollout.max_model_len_tokens {cfg.rollout.max_model_len_tokens} "
-                          f"({too_long} skipped)")
+        raise ConfigError(
+            f"no training sample fits rollout.max_model_len_tokens {cfg.rollout.max_model_len_tokens} "
+            f"({too_long} skipped)"
+        )
     import ray
 
     if not ray.is_initialized():
@@ -156,9 +185,15 @@ def run(cfg: GRPOConfig) -> dict:
     tracker = start_tracking(wandb_init_args(cfg.tracking, out, out.name, cfg.model_dump(), continue_run=resumed))
     wandb_last = int(getattr(tracker, "step", 0) or 0) if resumed else 0
     if wandb_last > trainer.step_no:
-        log.warning("the W&B run already holds steps up to %d, logged before the checkpoint of step %d this run resumed "
-                    "from; W&B keeps those first values for steps %d..%d (it refuses earlier steps), steps.jsonl holds "
-                    "the redone ones", wandb_last, trainer.step_no, trainer.step_no + 1, wandb_last)
+        log.warning(
+            "the W&B run already holds steps up to %d, logged before the checkpoint of step %d this run resumed "
+            "from; W&B keeps those first values for steps %d..%d (it refuses earlier steps), steps.jsonl holds "
+            "the redone ones",
+            wandb_last,
+            trainer.step_no,
+            trainer.step_no + 1,
+            wandb_last,
+        )
     metrics: dict = {}
     recent: deque[float] = deque(maxlen=5)  # step times, for the time left
     label = f"{cfg.run.progress_label} " if cfg.run.progress_label else ""
@@ -173,9 +208,12 @@ def run(cfg: GRPOConfig) -> dict:
             recent.append(t["step"])
             left_s = (cfg.run.steps - s) * sum(recent) / len(recent)
             stale = f" staleness {metrics['rollout/staleness_mean']:.2f}" if cfg.run.max_staleness_steps else ""
-            print(f"{label}step {s}/{cfg.run.steps} reward {metrics['reward/mean']:.3f} kl {metrics['learner/kl']:.4f} "
-                  f"len {metrics['answer/length_tokens']:.1f}{stale} | {t['step']:.1f} s/step, {left_s / 60:.1f} min left | "
-                  + " ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "step"), flush=True)
+            print(
+                f"{label}step {s}/{cfg.run.steps} reward {metrics['reward/mean']:.3f} kl {metrics['learner/kl']:.4f} "
+                f"len {metrics['answer/length_tokens']:.1f}{stale} | {t['step']:.1f} s/step, {left_s / 60:.1f} min left | "
+                + " ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "step"),
+                flush=True,
+            )
             log_payload = dict(metrics)
             every = cfg.tracking.image_table_every_steps
             if every and s % every == 0:

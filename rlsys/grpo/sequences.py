@@ -29,17 +29,17 @@ _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 def encode_prompts(processor, items, cache: dict | None = None) -> list[dict]:
-    """Processor outputs for each item's ``prompt`` and ``image`` (cached by both: the G
-    answers of one prompt share one encoding)."""
+    """Processor outputs for each item's ``prompt`` and ``image`` (:class:`LearnerItem` or
+    anything with those attributes; cached by both: the G answers of one prompt share one encoding)."""
     from PIL import Image
 
     cache = {} if cache is None else cache
     out = []
     for it in items:
-        key = (it["prompt"], it["image"])
+        key = (it.prompt, it.image)
         if key not in cache:
-            with Image.open(it["image"]) as im:
-                cache[key] = processor(text=[it["prompt"]], images=[im.convert("RGB")], return_tensors="pt")
+            with Image.open(it.image) as im:
+                cache[key] = processor(text=[it.prompt], images=[im.convert("RGB")], return_tensors="pt")
         out.append(cache[key])
     return out
 
@@ -52,13 +52,16 @@ def check_prompt_ids(engine_ids, learner_ids: torch.Tensor, where: str) -> None:
     if mine == theirs:
         return
     k = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-    raise ValueError(f"the learner's prompt for {where} differs from the engine's at token {k} "
-                     f"(learner {mine[k:k + 5]}, engine {theirs[k:k + 5]}; lengths {len(mine)} and {len(theirs)}): "
-                     "the engines and the learner must share the processor, chat template and model.min_pixels/max_pixels")
+    raise ValueError(
+        f"the learner's prompt for {where} differs from the engine's at token {k} "
+        f"(learner {mine[k : k + 5]}, engine {theirs[k : k + 5]}; lengths {len(mine)} and {len(theirs)}): "
+        "the engines and the learner must share the processor, chat template and model.min_pixels/max_pixels"
+    )
 
 
 def build_batch(processor, items, pad_id: int, cache: dict | None = None):
-    """Right-padded inputs for ``items`` (dicts with prompt, image, response_ids).
+    """Right-padded inputs for ``items`` (:class:`~rlsys.grpo.records.LearnerItem`: prompt,
+    image, response_ids and, when the engine reported them, prompt_ids).
 
     Returns ``(inputs, targets, mask)``: ``inputs`` for the model's forward; ``targets[b, t]``
     is the token at position t+1 and ``mask[b, t]`` is True where that token belongs to the
@@ -68,18 +71,24 @@ def build_batch(processor, items, pad_id: int, cache: dict | None = None):
     encs = encode_prompts(processor, items, cache)
     seqs, starts = [], []
     for enc, it in zip(encs, items):
-        resp = torch.as_tensor(it["response_ids"], dtype=torch.long)
+        resp = torch.as_tensor(it.response_ids, dtype=torch.long)
         if resp.numel() == 0:
             raise ValueError("an answer with no tokens cannot be scored by the learner")
-        placeholders = [t for t in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None)) if t is not None]
+        placeholders = [
+            t
+            for t in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
+            if t is not None
+        ]
         if placeholders and bool(torch.isin(resp, torch.tensor(placeholders)).any()):
-            raise ValueError(f"an answer to {it['image']} contains an image/video placeholder token {placeholders}: the model "
-                             "would read it as an image slot; the rollout engine must not sample these tokens")
+            raise ValueError(
+                f"an answer to {it.image} contains an image/video placeholder token {placeholders}: the model "
+                "would read it as an image slot; the rollout engine must not sample these tokens"
+            )
         prompt = enc["input_ids"][0]
-        if it.get("prompt_ids") is not None:
+        if it.prompt_ids is not None:
             # the engine's token ids for this prompt (image placeholders expanded): the learner
             # must score the sequence the engine sampled from, so its own rendering has to agree
-            check_prompt_ids(it["prompt_ids"], prompt, it["image"])
+            check_prompt_ids(it.prompt_ids, prompt, it.image)
         seqs.append(torch.cat([prompt, resp]))
         starts.append(prompt.numel())
     L = max(s.numel() for s in seqs)
@@ -124,8 +133,15 @@ def _sampling_logits(logits: torch.Tensor, temperature: float, banned_ids) -> to
     return logits / temperature if temperature != 1.0 else logits
 
 
-def token_logprobs(model, inputs, targets, temperature: float = 1.0, mask: torch.Tensor | None = None,
-                   entropy: bool = True, banned_ids=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_logprobs(
+    model,
+    inputs,
+    targets,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    entropy: bool = True,
+    banned_ids=None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of each target token and the logits' entropy, both ``[B, L-1]``, float32.
 
     ``temperature`` is the one the answers were sampled at: the policy GRPO optimises is the

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.weight_sync import compare_digests
+from actors.weight_digest import compare_digests
 from rlsys.config import GRPOConfig
 from rlsys.data.samples import Sample
 from rlsys.grpo.algorithm import group_advantages, group_reward_std
@@ -115,7 +115,9 @@ class Trainer:
         """The chat prompts of samples ``idx`` drawn for ``step`` (a question is drawn per step)."""
         out = []
         for i in idx:
-            q = question_for_sample(self.samples[i], random.Random(f"{self.cfg.run.seed}-{step - 1}-{i}"), self.vocabulary)
+            q = question_for_sample(
+                self.samples[i], random.Random(f"{self.cfg.run.seed}-{step - 1}-{i}"), self.vocabulary
+            )
             out.append({"prompt": chat_prompt(self.processor, q), "image": self.samples[i].image})
         return out
 
@@ -163,10 +165,19 @@ class Trainer:
         for g in groups:
             self.staleness[g.staleness] += len(g.answers)
         self.last_examples = [(self.samples[g.idx], g.answers[0].text, g.scores[0].reward) for g in groups[:4]]
-        metrics = step_metrics(step=self.step_no, groups=groups, tasks=[self.samples[g.idx].task for g in groups],
-                               group_size=G, drawn_groups=drawn, zero_std_groups=zero_std, learn=learn, times=times,
-                               engine_restarts=self.groups.rollouts.restarts, refused_requests=self.refused_requests,
-                               inflight_batches=len(self.pipeline.inflight))
+        metrics = step_metrics(
+            step=self.step_no,
+            groups=groups,
+            tasks=[self.samples[g.idx].task for g in groups],
+            group_size=G,
+            drawn_groups=drawn,
+            zero_std_groups=zero_std,
+            learn=learn,
+            times=times,
+            engine_restarts=self.groups.rollouts.restarts,
+            refused_requests=self.refused_requests,
+            inflight_batches=len(self.pipeline.inflight),
+        )
         metrics["prompt_ids"] = [self.samples[g.idx].id for g in groups]
         return metrics
 
@@ -190,16 +201,23 @@ class Trainer:
                 b = self.pipeline.submit(self.step_no + 1, self.pipeline.order.take(need))
             staleness = self.step_no - b.version
             if staleness > cfg.run.max_staleness_steps:  # the pipeline's invariant; never expected
-                raise RuntimeError(f"step {self.step_no + 1}: a batch from learner version {b.version} is {staleness} versions "
-                                   f"old, past run.max_staleness_steps {cfg.run.max_staleness_steps}")
+                raise RuntimeError(
+                    f"step {self.step_no + 1}: a batch from learner version {b.version} is {staleness} versions "
+                    f"old, past run.max_staleness_steps {cfg.run.max_staleness_steps}"
+                )
             answers = self.pipeline.answers(b, times)
             # a request the engine refused (e.g. longer than its context) fails alone: its group
             # is left out of this step and counted, the engine and the other groups go on
             new = []
             for i, p, a in zip(b.idx, b.prompts, answers):
                 if isinstance(a, Refusal):
-                    log.error("step %d: the engine refused sample %r (%s), left out of the step: %s",
-                              self.step_no + 1, self.samples[i].id, self.samples[i].source, a.reason)
+                    log.error(
+                        "step %d: the engine refused sample %r (%s), left out of the step: %s",
+                        self.step_no + 1,
+                        self.samples[i].id,
+                        self.samples[i].source,
+                        a.reason,
+                    )
                     self.refused_requests += 1
                 else:
                     new.append((i, p, a))
@@ -234,9 +252,17 @@ class Trainer:
                     continue  # an empty answer has no tokens to learn from; its group still normalised it
                 if not valid[g * G + k]:
                     continue  # its reward failed (counted in reward/failures): no advantage to learn
-                items.append(LearnerItem(prompt=grp.prompt, image=self.samples[grp.idx].image, response_ids=a.token_ids,
-                                         prompt_ids=a.prompt_ids, advantage=float(adv[g * G + k]),
-                                         engine_logp=a.logprobs, correct=correct))
+                items.append(
+                    LearnerItem(
+                        prompt=grp.prompt,
+                        image=self.samples[grp.idx].image,
+                        response_ids=a.token_ids,
+                        prompt_ids=a.prompt_ids,
+                        advantage=float(adv[g * G + k]),
+                        engine_logp=a.logprobs,
+                        correct=correct,
+                    )
+                )
         return items
 
     # -- checks of the weight sync ---------------------------------------------------------------
@@ -277,8 +303,13 @@ class Trainer:
         ahead (a resumed run generates those first)."""
         part = self.ckpt.partial(self.step_no)
         self.groups.learners.save(str(part))
-        state = {"step": self.step_no, "data_position": self.pipeline.order.position, "config": self.cfg.model_dump(),
-                 "final": final, "pending_batches": self.pipeline.pending()}
+        state = {
+            "step": self.step_no,
+            "data_position": self.pipeline.order.position,
+            "config": self.cfg.model_dump(),
+            "final": final,
+            "pending_batches": self.pipeline.pending(),
+        }
         path = self.ckpt.commit(part, self.step_no, state)
         log.info("checkpoint written: %s", path)
         return path

@@ -129,7 +129,9 @@ def check_phrase_tokens(phrase: str, tokens: frozenset[str], where: str) -> None
     """Raise ``ValueError`` naming ``where`` and the token when ``phrase`` contains one of ``tokens``."""
     tok = find_control_token(phrase, tokens)
     if tok is not None:
-        raise ValueError(f"{where}: {phrase[:80]!r} contains the tokenizer's control token {tok} (phrases are plain text)")
+        raise ValueError(
+            f"{where}: {phrase[:80]!r} contains the tokenizer's control token {tok} (phrases are plain text)"
+        )
 
 
 def check_sample_phrases(samples, tokenizer) -> None:
@@ -142,7 +144,7 @@ def check_sample_phrases(samples, tokenizer) -> None:
             check_phrase_tokens(ph, tokens, f"{where} field phrases[{i}]")
         for i, inst in enumerate(s.instances):
             check_phrase_tokens(inst.phrase, tokens, f"{where} field instances[{i}].phrase")
-            for name in (inst.keypoints or {}):
+            for name in inst.keypoints or {}:
                 check_phrase_tokens(name, tokens, f"{where} field instances[{i}].keypoints name")
 
 
@@ -168,7 +170,9 @@ def render_prediction(pred: Prediction, write=render_instance) -> str:
         if pred.kind not in KINDS:
             raise ValueError(f"phrase {pred.phrase!r}: unknown kind {pred.kind!r}")
         if not pred.coords:
-            raise ValueError(f"phrase {pred.phrase!r}: kind {pred.kind!r} needs at least one instance (use kind 'none')")
+            raise ValueError(
+                f"phrase {pred.phrase!r}: kind {pred.kind!r} needs at least one instance (use kind 'none')"
+            )
         for inst in pred.coords:
             try:
                 check_kind(inst, pred.kind)
@@ -192,7 +196,13 @@ def sort_boxes(instances):
 # Parsing (model answers). Never raises.
 # ---------------------------------------------------------------------------------------------
 _SEGMENT = re.compile(
-    re.escape(REF_START) + r"(.*?)" + re.escape(REF_END) + r"\s*" + re.escape(BOX_START) + r"(.*?)" + re.escape(BOX_END),
+    re.escape(REF_START)
+    + r"(.*?)"
+    + re.escape(REF_END)
+    + r"\s*"
+    + re.escape(BOX_START)
+    + r"(.*?)"
+    + re.escape(BOX_END),
     re.DOTALL,
 )
 _INSTANCE = re.compile(r"\s*(?:<\d+>\s*)+")
@@ -326,9 +336,7 @@ def render_keypoints(instances, write=render_instance) -> str:
                 if len(xy) != 2:
                     raise ValueError(f"keypoint {kname!r} of {inst.name!r}: needs 2 bins, got {xy}")
                 kps.append(f"{json.dumps(kname)}: {write(xy)}")
-        parts.append(
-            f"{json.dumps(inst.name)}: {{\"box\": {write(inst.box)}, \"keypoints\": {{{', '.join(kps)}}}}}"
-        )
+        parts.append(f'{json.dumps(inst.name)}: {{"box": {write(inst.box)}, "keypoints": {{{", ".join(kps)}}}}}')
     return "{" + ", ".join(parts) + "}"
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+from rewards.geometry import decode_masks
+from rewards.mask import mask_to_grid_points
 from rlsys.lang import prompts
 from rlsys.lang.format import KeypointInstance, Prediction
-from rlsys.lang.vocab import REX_BINS
+from rlsys.lang.vocab import REX_BINS, check_writes_masks
 
 
 def answer_text(sample, vocabulary=REX_BINS) -> str:
@@ -50,9 +52,6 @@ def mask_points(mask, width: int, height: int, vocabulary) -> tuple[float, ...]:
     """A GT mask (COCO RLE or ``H x W`` array) as the flat grid points that write it in
     ``vocabulary`` (:func:`rewards.mask.mask_to_grid_points` on its grid; the cell footprint,
     i.e. the SAM-free decoder's). A vocabulary without masks is refused, naming it."""
-    from rewards.geometry import decode_masks
-    from rewards.mask import mask_to_grid_points
-    from rlsys.lang.vocab import check_writes_masks
 
     check_writes_masks(vocabulary)
     m = decode_masks([mask], height, width, "mask")[0]
@@ -83,8 +82,9 @@ def augment(sample, rng: random.Random, all_phrases=(), max_phrases: int = 4):
     return sample
 
 
-def conversation(sample, rng: random.Random | None = None, all_phrases=(), max_phrases: int = 4,
-                 vocabulary=REX_BINS) -> tuple:
+def conversation(
+    sample, rng: random.Random | None = None, all_phrases=(), max_phrases: int = 4, vocabulary=REX_BINS
+) -> tuple:
     """``(sample_as_asked, question, answer)``; with ``rng``, randomised as for SFT."""
     if rng is not None:
         sample = augment(sample, rng, all_phrases, max_phrases)

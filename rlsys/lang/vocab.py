@@ -61,8 +61,8 @@ from dataclasses import dataclass, replace
 from rlsys.lang import coords
 from rlsys.lang.format import (
     IM_END,
-    Deleted,
     INVISIBLE,
+    Deleted,
     KeypointInstance,
     Parsed,
     Prediction,
@@ -70,13 +70,23 @@ from rlsys.lang.format import (
     _note,
     check_kind,
     kind_of,
-    parse as parse_bins,
-    parse_keypoints as parse_keypoint_bins,
-    render as render_bins,
     render_instance,
-    render as render_markup,
-    render_keypoints as render_keypoint_bins,
     sort_boxes,
+)
+from rlsys.lang.format import (
+    parse as parse_bins,
+)
+from rlsys.lang.format import (
+    parse_keypoints as parse_keypoint_bins,
+)
+from rlsys.lang.format import (
+    render as render_bins,
+)
+from rlsys.lang.format import (
+    render as render_markup,
+)
+from rlsys.lang.format import (
+    render_keypoints as render_keypoint_bins,
 )
 
 VOCABULARIES = ("rex_bins", "qwen_json", "getok", "chatrex")
@@ -86,8 +96,10 @@ MASK_VOCABULARIES = ("getok",)
 
 
 def _no_masks(name: str) -> str:
-    return (f"model.vocabulary {name} cannot write masks (output 'mask'): only "
-            f"{', '.join(MASK_VOCABULARIES)} writes a mask, as a set of grid points")
+    return (
+        f"model.vocabulary {name} cannot write masks (output 'mask'): only "
+        f"{', '.join(MASK_VOCABULARIES)} writes a mask, as a set of grid points"
+    )
 
 
 def check_writes_masks(vocabulary) -> None:
@@ -182,17 +194,28 @@ class RexBins:
 
     def parse(self, text, width: int, height: int) -> Parsed:
         b = parse_bins(text)
-        preds = [Prediction(p.phrase, p.kind, tuple(tuple(float(v) for v in coords.decode_xy(c, width, height)) for c in p.coords))
-                 for p in b]
+        preds = [
+            Prediction(
+                p.phrase, p.kind, tuple(tuple(float(v) for v in coords.decode_xy(c, width, height)) for c in p.coords)
+            )
+            for p in b
+        ]
         return _parsed(preds, b.unreadable, b.errors, bool(b), [c for p in b for c in p.coords])
 
     def parse_masks(self, text, width: int, height: int) -> Parsed:
         return _unread_masks(self.name)
 
     def render_keypoints(self, instances, width: int, height: int) -> str:
-        return render_keypoint_bins([KeypointInstance(i.name, self._bins(i.box, width, height),
-                                                      {k: None if v is None else self._bins(v, width, height)
-                                                       for k, v in i.keypoints.items()}) for i in instances])
+        return render_keypoint_bins(
+            [
+                KeypointInstance(
+                    i.name,
+                    self._bins(i.box, width, height),
+                    {k: None if v is None else self._bins(v, width, height) for k, v in i.keypoints.items()},
+                )
+                for i in instances
+            ]
+        )
 
     def parse_keypoints(self, text, width: int, height: int) -> tuple[list[KeypointInstance], int]:
         insts, bad = parse_keypoint_bins(text)
@@ -200,8 +223,13 @@ class RexBins:
         def px(c):
             return tuple(float(v) for v in coords.decode_xy(c, width, height))
 
-        return _Instances([KeypointInstance(i.name, px(i.box), {k: None if v is None else px(v) for k, v in i.keypoints.items()})
-                           for i in insts], [i.box for i in insts]), bad
+        return _Instances(
+            [
+                KeypointInstance(i.name, px(i.box), {k: None if v is None else px(v) for k, v in i.keypoints.items()})
+                for i in insts
+            ],
+            [i.box for i in insts],
+        ), bad
 
     def prompt_boxes(self, boxes, width: int, height: int) -> str:
         """``"<12><412><339><568>", ...`` (quoted coordinate-token strings)."""
@@ -256,8 +284,7 @@ class QwenJson:
 
     def _to_pixels(self, c, width, height) -> tuple[float, ...]:
         sx, sy, rw, rh = self._scale(width, height)
-        return tuple(min(max(float(v), 0.0), lim) / s for v, (lim, s) in
-                     zip(c, [(rw, sx), (rh, sy)] * (len(c) // 2)))
+        return tuple(min(max(float(v), 0.0), lim) / s for v, (lim, s) in zip(c, [(rw, sx), (rh, sy)] * (len(c) // 2)))
 
     def _entry(self, kind, c, width, height) -> list:
         xy = self._to_model(c, width, height)
@@ -334,7 +361,7 @@ class QwenJson:
                 value, pos = dec.raw_decode(text, pos)
             except ValueError:
                 bad += 1
-                _note(errors, f"unfinished or unreadable JSON {text[pos:pos + 40]!r}")
+                _note(errors, f"unfinished or unreadable JSON {text[pos : pos + 40]!r}")
                 break
             objs.append(value)
         return objs, bad, bool(objs) or bad == 0
@@ -363,7 +390,11 @@ class QwenJson:
             return "point", tuple(p)
         if "polygon" in obj:
             pts = obj["polygon"]
-            flat = [v for pt in pts for v in pt] if isinstance(pts, list) and all(isinstance(pt, list) and len(pt) == 2 for pt in pts) else None
+            flat = (
+                [v for pt in pts for v in pt]
+                if isinstance(pts, list) and all(isinstance(pt, list) and len(pt) == 2 for pt in pts)
+                else None
+            )
             flat = self._numbers(flat) if flat is not None else None
             if flat is None or len(flat) < 6 or min(flat) < 0:
                 return f"polygon {str(pts)[:40]} is not 3 or more [x, y] points"
@@ -481,8 +512,11 @@ def getok_tokens(grid: int) -> tuple[str, ...]:
     offsets ``<OFFdx_dy>`` (dx, dy in -1, 0, 1) and ``<DELETE>``: grid² + 10 tokens. The paper
     spells them ``<gridX,Y>`` and ``<OFFdx,dy>``; the comma would clash with the markup's
     instance separator, so an underscore takes its place (the tokens are learned either way)."""
-    return tuple(f"<grid{x}_{y}>" for y in range(grid) for x in range(grid)) + \
-        tuple(f"<OFF{dx}_{dy}>" for dx, dy in OFFSETS) + (DELETE,)
+    return (
+        tuple(f"<grid{x}_{y}>" for y in range(grid) for x in range(grid))
+        + tuple(f"<OFF{dx}_{dy}>" for dx, dy in OFFSETS)
+        + (DELETE,)
+    )
 
 
 @dataclass(frozen=True)
@@ -605,7 +639,7 @@ class GETok:
                     except ValueError as exc:
                         raise ValueError(f"phrase {p.phrase!r}: {exc}") from None
             # boxes left to right, then top to bottom (ordered by their tokens, as the bins are)
-            key = (lambda c: (self._token(float(c[0]), width), self._token(float(c[1]), height)))
+            key = lambda c: (self._token(float(c[0]), width), self._token(float(c[1]), height))
             out.append(p if p.kind == "none" else Prediction(p.phrase, p.kind, tuple(sorted(p.coords, key=key))))
         return render_markup(out, lambda c: self.write(c, width, height))
 
@@ -633,8 +667,13 @@ class GETok:
         def px(c):
             return self._pixels(c, width, height)
 
-        return _Instances([KeypointInstance(i.name, px(i.box), {k: None if v is None else px(v) for k, v in i.keypoints.items()})
-                           for i in insts], [i.box for i in insts]), bad
+        return _Instances(
+            [
+                KeypointInstance(i.name, px(i.box), {k: None if v is None else px(v) for k, v in i.keypoints.items()})
+                for i in insts
+            ],
+            [i.box for i in insts],
+        ), bad
 
     def prompt_boxes(self, boxes, width: int, height: int) -> str:
         """``"<grid1_12><OFF0_1><grid10_18><OFF-1_0>", ...`` (quoted, as the bins' are)."""
@@ -680,8 +719,12 @@ def synthetic_proposals(sample, distractors: int = 5, jitter: float = 0.1, min_i
         bw, bh = gt[2] - gt[0], gt[3] - gt[1]
         best = gt
         for _ in range(20):
-            c = (max(0.0, gt[0] + rng.uniform(-jitter, jitter) * bw), max(0.0, gt[1] + rng.uniform(-jitter, jitter) * bh),
-                 min(float(W), gt[2] + rng.uniform(-jitter, jitter) * bw), min(float(H), gt[3] + rng.uniform(-jitter, jitter) * bh))
+            c = (
+                max(0.0, gt[0] + rng.uniform(-jitter, jitter) * bw),
+                max(0.0, gt[1] + rng.uniform(-jitter, jitter) * bh),
+                min(float(W), gt[2] + rng.uniform(-jitter, jitter) * bw),
+                min(float(H), gt[3] + rng.uniform(-jitter, jitter) * bh),
+            )
             if c[2] > c[0] and c[3] > c[1] and box_iou(c, gt) >= min_iou:
                 best = c
                 break
@@ -733,24 +776,31 @@ class ChatRex:
         if not boxes:
             raise ValueError("chatrex needs at least one proposal box to answer with")
         if len(boxes) > self.max_proposals:
-            raise ValueError(f"{len(boxes)} proposals, more than the {self.max_proposals} index tokens "
-                             "(model.chatrex_max_proposals)")
+            raise ValueError(
+                f"{len(boxes)} proposals, more than the {self.max_proposals} index tokens (model.chatrex_max_proposals)"
+            )
         if any(len(b) != 4 or not (0 <= b[0] < b[2] <= width and 0 <= b[1] < b[3] <= height) for b in boxes):
-            bad = next(b for b in boxes if len(b) != 4 or not (0 <= b[0] < b[2] <= width and 0 <= b[1] < b[3] <= height))
+            bad = next(
+                b for b in boxes if len(b) != 4 or not (0 <= b[0] < b[2] <= width and 0 <= b[1] < b[3] <= height)
+            )
             raise ValueError(f"proposal {list(bad)} is not an [x0, y0, x1, y1] box inside the {width}x{height} image")
         return replace(self, proposals=boxes, size=(int(width), int(height)))
 
     def for_sample(self, sample) -> "ChatRex":
         where = f"sample {sample.id!r} ({getattr(sample, 'source', '<memory>')})"
         if sample.output != "box":
-            raise ValueError(f"{where}: chatrex answers with proposal indices, so boxes only; output is {sample.output!r} "
-                             "(set data.tasks to box tasks)")
+            raise ValueError(
+                f"{where}: chatrex answers with proposal indices, so boxes only; output is {sample.output!r} "
+                "(set data.tasks to box tasks)"
+            )
         props = list(getattr(sample, "proposals", None) or [])
         if not props:
             if self.proposal_source != "synthetic":
-                raise ValueError(f"{where}: no proposals (add a 'proposals' list of boxes to its record, e.g. with "
-                                 "python -m rlsys.data.proposals; model.chatrex_proposals=synthetic makes them from the GT, "
-                                 "for synthetic data only)")
+                raise ValueError(
+                    f"{where}: no proposals (add a 'proposals' list of boxes to its record, e.g. with "
+                    "python -m rlsys.data.proposals; model.chatrex_proposals=synthetic makes them from the GT, "
+                    "for synthetic data only)"
+                )
             props = synthetic_proposals(sample, self.distractors)
         try:
             return self.for_proposals(props, sample.width, sample.height)
@@ -768,8 +818,9 @@ class ChatRex:
         ious = [box_iou(box, p) for p in props]
         k = max(range(len(props)), key=ious.__getitem__)
         if ious[k] < 0.5:
-            raise ValueError(f"box {tuple(box)} has no proposal with IoU >= 0.5 (best {ious[k]:.2f}): "
-                             "the answer cannot name it")
+            raise ValueError(
+                f"box {tuple(box)} has no proposal with IoU >= 0.5 (best {ious[k]:.2f}): the answer cannot name it"
+            )
         return k
 
     def render(self, preds, width: int, height: int) -> str:
@@ -779,8 +830,10 @@ class ChatRex:
             if p.kind not in ("box", "none"):
                 raise ValueError(f"phrase {p.phrase!r}: chatrex answers boxes only, not {p.kind}")
         # instances by proposal index, written back to back as ChatRex writes them
-        out = [p if p.kind == "none" else Prediction(p.phrase, p.kind, tuple(sorted(p.coords, key=self.index_of)))
-               for p in preds]
+        out = [
+            p if p.kind == "none" else Prediction(p.phrase, p.kind, tuple(sorted(p.coords, key=self.index_of)))
+            for p in preds
+        ]
         return render_markup(out, lambda c: f"<obj{self.index_of(c)}>").replace(">,<obj", "><obj")
 
     def read(self, raw) -> tuple[float, ...]:
@@ -817,8 +870,10 @@ class ChatRex:
     def question_hint(self, output: str) -> str:
         if self.proposals is None:
             return ""
-        listed = ", ".join(f"<obj{k}>: {render_instance(tuple(int(v) for v in coords.encode_xy(b, *self.size)))}"
-                           for k, b in enumerate(self.proposals))
+        listed = ", ".join(
+            f"<obj{k}>: {render_instance(tuple(int(v) for v in coords.encode_xy(b, *self.size)))}"
+            for k, b in enumerate(self.proposals)
+        )
         return f" Candidate boxes: {listed}. Answer with their indices."
 
 
@@ -854,9 +909,18 @@ def model_tokens(model_cfg) -> tuple[str, ...]:
     return required_tokens(model_cfg.vocabulary, grid or 32)
 
 
-def make_vocabulary(name: str, min_pixels: int | None = None, max_pixels: int | None = None, factor: int = 28, *,
-                    getok_grid: int = 32, getok_offsets: bool = True, chatrex_max_proposals: int = 100,
-                    chatrex_proposals: str = "record", chatrex_distractors: int = 5) -> Vocabulary:
+def make_vocabulary(
+    name: str,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    factor: int = 28,
+    *,
+    getok_grid: int = 32,
+    getok_offsets: bool = True,
+    chatrex_max_proposals: int = 100,
+    chatrex_proposals: str = "record",
+    chatrex_distractors: int = 5,
+) -> Vocabulary:
     """The vocabulary ``name`` (``model.vocabulary``). ``qwen_json`` needs the processor's pixel
     budget and patch factor (its coordinates are pixels of the resized image); ``getok`` its grid
     size and whether targets carry offsets."""
@@ -893,10 +957,15 @@ def vocabulary_for(model_cfg, processor) -> Vocabulary:
         k = tokenizer_proposals(tok)
         want = getattr(model_cfg, "chatrex_max_proposals", None)
         if want is not None and want != k:
-            raise ValueError(f"model.chatrex_max_proposals is {want} but the checkpoint's tokenizer has {k} <objK> tokens")
-        return make_vocabulary(name, chatrex_max_proposals=k,
-                               chatrex_proposals=getattr(model_cfg, "chatrex_proposals", "record"),
-                               chatrex_distractors=getattr(model_cfg, "chatrex_distractors", 5))
+            raise ValueError(
+                f"model.chatrex_max_proposals is {want} but the checkpoint's tokenizer has {k} <objK> tokens"
+            )
+        return make_vocabulary(
+            name,
+            chatrex_max_proposals=k,
+            chatrex_proposals=getattr(model_cfg, "chatrex_proposals", "record"),
+            chatrex_distractors=getattr(model_cfg, "chatrex_distractors", 5),
+        )
     if name != "qwen_json":
         return make_vocabulary(name)
     ip = getattr(processor, "image_processor", processor)
@@ -908,12 +977,16 @@ def vocabulary_for(model_cfg, processor) -> Vocabulary:
 
 def tokenizer_grid(tokenizer) -> int:
     """The GETok grid size of a tokenizer: n when it holds all of :func:`getok_tokens` (n)."""
-    found = [_GRID_TOKEN.fullmatch(t) for t in (tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else tokenizer)]
+    found = [
+        _GRID_TOKEN.fullmatch(t) for t in (tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else tokenizer)
+    ]
     cells = {(int(m.group(1)), int(m.group(2))) for m in found if m}
     n = math.isqrt(len(cells))
     if not cells or n * n != len(cells) or cells != {(x, y) for x in range(n) for y in range(n)}:
-        raise ValueError(f"the tokenizer holds no complete GETok grid ({len(cells)} <gridX_Y> tokens); prepare the "
-                         "checkpoint with model.vocabulary=getok (rlsys.data.prepare adds them)")
+        raise ValueError(
+            f"the tokenizer holds no complete GETok grid ({len(cells)} <gridX_Y> tokens); prepare the "
+            "checkpoint with model.vocabulary=getok (rlsys.data.prepare adds them)"
+        )
     return n
 
 
@@ -924,6 +997,8 @@ def tokenizer_proposals(tokenizer) -> int:
     while f"<obj{k}>" in vocab:
         k += 1
     if k == 0:
-        raise ValueError("the tokenizer holds no ChatRex index tokens <obj0>..; prepare the checkpoint with "
-                         "model.vocabulary=chatrex (rlsys.data.prepare adds them)")
+        raise ValueError(
+            "the tokenizer holds no ChatRex index tokens <obj0>..; prepare the checkpoint with "
+            "model.vocabulary=chatrex (rlsys.data.prepare adds them)"
+        )
     return k

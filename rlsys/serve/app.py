@@ -34,8 +34,23 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rlsys.config import REPO_ROOT, ConfigError, KvCacheMiB, MaxPixels, MinPixels, describe, engine_memory, load_config, pixel_budget
-from rlsys.lang.prompts import chat_prompt
+from rewards.mask import grid_cell_masks
+from rlsys.config import (
+    REPO_ROOT,
+    ConfigError,
+    KvCacheMiB,
+    MaxPixels,
+    MinPixels,
+    describe,
+    engine_memory,
+    load_config,
+    pixel_budget,
+)
+from rlsys.lang.format import _check_phrase as check_output_phrase
+from rlsys.lang.format import control_tokens, find_control_token
+from rlsys.lang.prompts import build_question, chat_prompt
+from rlsys.lang.vocab import REX_BINS, check_writes_masks, vocabulary_for
+from rlsys.models import ensure_tiny_model, processor_for
 
 log = logging.getLogger("rlsys.serve")
 DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "serve_tiny_cpu.yaml"
@@ -49,11 +64,24 @@ class _Section(BaseModel):
 
 
 class ServeModelConfig(_Section):
-    checkpoint: str | None = Field(None, description="Hugging Face checkpoint directory with coordinate tokens (a GRPO checkpoint's step_N/ works: its hf/ is used). None: build (once) the tiny random-weight model in model.tiny_model_dir.")
-    tiny_model_dir: str = Field("runs/serve-tiny/tiny-model", description="Where the tiny model is built when model.checkpoint is None.")
-    trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code (off: the Qwen2.5-VL classes in transformers/vLLM suffice).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Engine weight dtype (float32 on CPUs, bfloat16 on GPUs).")
-    vocabulary: Literal["rex_bins", "qwen_json", "getok", "chatrex"] = Field("rex_bins", description="The vocabulary the checkpoint was trained to answer in (model.vocabulary of its SFT/GRPO config; rlsys.lang.vocab; getok reads its grid size from the checkpoint's tokenizer; chatrex needs the request's 'proposals'). Answers are returned in the request image's pixels whatever it is.")
+    checkpoint: str | None = Field(
+        None,
+        description="Hugging Face checkpoint directory with coordinate tokens (a GRPO checkpoint's step_N/ works: its hf/ is used). None: build (once) the tiny random-weight model in model.tiny_model_dir.",
+    )
+    tiny_model_dir: str = Field(
+        "runs/serve-tiny/tiny-model", description="Where the tiny model is built when model.checkpoint is None."
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow a checkpoint's own Python code (off: the Qwen2.5-VL classes in transformers/vLLM suffice).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Engine weight dtype (float32 on CPUs, bfloat16 on GPUs)."
+    )
+    vocabulary: Literal["rex_bins", "qwen_json", "getok", "chatrex"] = Field(
+        "rex_bins",
+        description="The vocabulary the checkpoint was trained to answer in (model.vocabulary of its SFT/GRPO config; rlsys.lang.vocab; getok reads its grid size from the checkpoint's tokenizer; chatrex needs the request's 'proposals'). Answers are returned in the request image's pixels whatever it is.",
+    )
     min_pixels: MinPixels = None
     max_pixels: MaxPixels = None
 
@@ -62,50 +90,87 @@ class ServeModelConfig(_Section):
 
 
 class EngineConfig(_Section):
-    max_model_len_tokens: int = Field(1024, ge=64, description="vLLM context length: prompt (image tokens included) + answer.")
+    max_model_len_tokens: int = Field(
+        1024, ge=64, description="vLLM context length: prompt (image tokens included) + answer."
+    )
     max_num_seqs: int = Field(32, ge=1, le=4096, description="Sequences vLLM runs in one continuous batch per replica.")
-    gpu_memory_utilization: float = Field(0.1, gt=0, le=0.95, description="vLLM's share of device memory (weights, activations, KV cache); on the CPU backend, of the RAM of the engine's NUMA node. Ignored for the KV cache when kv_cache_mib is set.")
+    gpu_memory_utilization: float = Field(
+        0.1,
+        gt=0,
+        le=0.95,
+        description="vLLM's share of device memory (weights, activations, KV cache); on the CPU backend, of the RAM of the engine's NUMA node. Ignored for the KV cache when kv_cache_mib is set.",
+    )
     kv_cache_mib: KvCacheMiB = None
-    enforce_eager: bool = Field(True, description="Disable CUDA graphs / torch.compile (faster start; required on CPU).")
+    enforce_eager: bool = Field(
+        True, description="Disable CUDA graphs / torch.compile (faster start; required on CPU)."
+    )
     seed: int = Field(0, description="Engine seed (answers are greedy unless generation.temperature > 0).")
 
 
 class GenerationConfig(_Section):
     max_new_tokens: int = Field(512, ge=1, le=32768, description="Answer length limit, in tokens.")
-    temperature: float = Field(0.0, ge=0, le=2.0, description="Sampling temperature; 0 is greedy (same image, same answer).")
+    temperature: float = Field(
+        0.0, ge=0, le=2.0, description="Sampling temperature; 0 is greedy (same image, same answer)."
+    )
     top_p: float = Field(1.0, gt=0, le=1.0, description="Nucleus sampling mass (with temperature > 0).")
 
 
 class BatchingConfig(_Section):
-    enabled: bool = Field(True, description="Serve dynamic batching (@serve.batch) in front of the engine; off: each request goes to the engine on its own.")
+    enabled: bool = Field(
+        True,
+        description="Serve dynamic batching (@serve.batch) in front of the engine; off: each request goes to the engine on its own.",
+    )
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests gathered into one batch.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long the first request of a batch waits for others.")
-    max_concurrent_batches: int = Field(8, ge=1, le=1024, description="Batches in the engine at once. A batch returns when its slowest answer is done, so with 1 (Serve's default) new requests wait for the whole batch and vLLM's continuous batching degrades to static batches.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="How long the first request of a batch waits for others."
+    )
+    max_concurrent_batches: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Batches in the engine at once. A batch returns when its slowest answer is done, so with 1 (Serve's default) new requests wait for the whole batch and vLLM's continuous batching degrades to static batches.",
+    )
 
 
 class DeploymentConfig(_Section):
     name: str = Field("detector", min_length=1, description="Serve application and deployment name.")
-    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound (0 scales to zero when idle; the next request waits for an engine start).")
+    min_replicas: int = Field(
+        1,
+        ge=0,
+        description="Autoscaling lower bound (0 scales to zero when idle; the next request waits for an engine start).",
+    )
     max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound; each replica holds one vLLM engine.")
     target_ongoing_requests: float = Field(8.0, gt=0, description="Autoscaling target: in-flight requests per replica.")
-    max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica accepts at once; more wait in the proxy.")
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests one replica accepts at once; more wait in the proxy."
+    )
     cpus_per_replica: float = Field(1.0, ge=0, description="CPUs each replica requests from Ray.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs each replica requests from Ray (0 on CPU machines).")
 
 
 class HttpConfig(_Section):
-    host: str = Field("127.0.0.1", description="Address the Serve proxy listens on (0.0.0.0 to accept other machines); python -m rlsys.serve only: serve run takes it from the Serve config file.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the Serve proxy listens on (0.0.0.0 to accept other machines); python -m rlsys.serve only: serve run takes it from the Serve config file.",
+    )
     port: int = Field(8000, ge=1, le=65535, description="Port of the Serve proxy (python -m rlsys.serve only).")
     route_prefix: str = Field("/", pattern=r"^/", description="Route prefix of the application.")
 
 
 class LimitsConfig(_Section):
     max_image_bytes: int = Field(10 * 2**20, ge=1024, description="Largest encoded image accepted (413 above).")
-    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest width x height accepted (413 above); the processor resizes to the model's budget anyway.")
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=1,
+        description="Largest width x height accepted (413 above); the processor resizes to the model's budget anyway.",
+    )
     max_categories: int = Field(50, ge=1, description="Most categories in one request (422 above).")
     max_phrase_chars: int = Field(200, ge=1, description="Longest category or expression, in characters.")
     max_prompt_boxes: int = Field(16, ge=1, description="Most visual-prompt boxes in one request.")
-    allow_url_fetch: bool = Field(False, description="Fetch an http(s) URL given as image. Off: a URL is answered 400. On, the server fetches any address it can reach (mind internal networks).")
+    allow_url_fetch: bool = Field(
+        False,
+        description="Fetch an http(s) URL given as image. Off: a URL is answered 400. On, the server fetches any address it can reach (mind internal networks).",
+    )
     url_fetch_timeout_s: float = Field(10.0, gt=0, description="Limit for fetching one image URL.")
 
     @property
@@ -127,13 +192,19 @@ class ServeConfig(_Section):
     def _consistent(self):
         d = self.deployment
         if d.min_replicas > d.max_replicas:
-            raise ValueError(f"deployment.min_replicas ({d.min_replicas}) exceeds deployment.max_replicas ({d.max_replicas})")
+            raise ValueError(
+                f"deployment.min_replicas ({d.min_replicas}) exceeds deployment.max_replicas ({d.max_replicas})"
+            )
         if self.batching.enabled and self.batching.max_batch_size > d.max_ongoing_requests:
-            raise ValueError(f"batching.max_batch_size ({self.batching.max_batch_size}) exceeds deployment.max_ongoing_requests "
-                             f"({d.max_ongoing_requests}): a replica never holds enough requests to fill a batch")
+            raise ValueError(
+                f"batching.max_batch_size ({self.batching.max_batch_size}) exceeds deployment.max_ongoing_requests "
+                f"({d.max_ongoing_requests}): a replica never holds enough requests to fill a batch"
+            )
         if self.generation.max_new_tokens >= self.engine.max_model_len_tokens:
-            raise ValueError(f"generation.max_new_tokens ({self.generation.max_new_tokens}) leaves no room for the prompt in "
-                             f"engine.max_model_len_tokens ({self.engine.max_model_len_tokens})")
+            raise ValueError(
+                f"generation.max_new_tokens ({self.generation.max_new_tokens}) leaves no room for the prompt in "
+                f"engine.max_model_len_tokens ({self.engine.max_model_len_tokens})"
+            )
         return self
 
 
@@ -149,8 +220,6 @@ def _resolve(path: str | os.PathLike) -> Path:
 def resolve_model_dir(cfg: ServeConfig) -> Path:
     """The checkpoint directory to serve; builds the tiny model when none is configured."""
     if cfg.model.checkpoint is None:
-        from rlsys.models import ensure_tiny_model
-
         return ensure_tiny_model(_resolve(cfg.model.tiny_model_dir)).resolve()
     p = _resolve(cfg.model.checkpoint)
     for cand in (p, p / "hf"):  # a GRPO checkpoint keeps its Hugging Face directory in hf/
@@ -176,15 +245,30 @@ class DetectRequest(BaseModel):
     ``categorie`` would otherwise silently detect nothing."""
 
     model_config = ConfigDict(extra="forbid")
-    image: str = Field(description="Base64 PNG or JPEG (a data: URI prefix is accepted); an http(s) URL only if the server allows it.")
+    image: str = Field(
+        description="Base64 PNG or JPEG (a data: URI prefix is accepted); an http(s) URL only if the server allows it."
+    )
     task: Literal["detection", "referring", "pointing", "visual_prompt", "ocr", "gui", "keypoint"]
-    categories: list[str] | None = Field(None, description="Phrases to find (detection, pointing, keypoint; optional for ocr).")
-    expression: str | None = Field(None, description="The referring expression or GUI element description (referring, gui).")
-    prompt_boxes: list[list[float]] | None = Field(None, description="Example boxes [x0, y0, x1, y1] in image pixels (visual_prompt).")
+    categories: list[str] | None = Field(
+        None, description="Phrases to find (detection, pointing, keypoint; optional for ocr)."
+    )
+    expression: str | None = Field(
+        None, description="The referring expression or GUI element description (referring, gui)."
+    )
+    prompt_boxes: list[list[float]] | None = Field(
+        None, description="Example boxes [x0, y0, x1, y1] in image pixels (visual_prompt)."
+    )
     output: Literal["box", "point", "polygon", "keypoint", "mask"] | None = Field(
-        None, description="Answer geometry; default per task. 'mask' (detection, referring) needs a model that writes masks (vocabulary getok).")
-    keypoint_names: list[str] | None = Field(None, description="Keypoints to locate (keypoint; default: the model's own).")
-    proposals: list[list[float]] | None = Field(None, description="Candidate boxes [x0, y0, x1, y1] in image pixels, for a model trained with vocabulary chatrex (which answers with their indices); required there, refused otherwise.")
+        None,
+        description="Answer geometry; default per task. 'mask' (detection, referring) needs a model that writes masks (vocabulary getok).",
+    )
+    keypoint_names: list[str] | None = Field(
+        None, description="Keypoints to locate (keypoint; default: the model's own)."
+    )
+    proposals: list[list[float]] | None = Field(
+        None,
+        description="Candidate boxes [x0, y0, x1, y1] in image pixels, for a model trained with vocabulary chatrex (which answers with their indices); required there, refused otherwise.",
+    )
 
 
 # task -> (required field, optional fields, allowed outputs with the default first)
@@ -232,8 +316,6 @@ def parse_request(body: bytes) -> DetectRequest:
 
 
 def _check_phrase(what: str, phrase: str, limits: LimitsConfig, control: frozenset[str] = frozenset()) -> str:
-    from rlsys.lang.format import _check_phrase as check_output_phrase
-    from rlsys.lang.format import find_control_token
 
     phrase = phrase.strip()
     if not phrase:
@@ -250,7 +332,9 @@ def _check_phrase(what: str, phrase: str, limits: LimitsConfig, control: frozens
     return phrase
 
 
-def check_request(req: DetectRequest, limits: LimitsConfig, control: frozenset[str] = frozenset()) -> tuple[str, list[str]]:
+def check_request(
+    req: DetectRequest, limits: LimitsConfig, control: frozenset[str] = frozenset()
+) -> tuple[str, list[str]]:
     """Task-specific rules that need no image. Returns ``(output, phrases)`` for the prompt.
     ``control``: the tokenizer's control tokens (:func:`rlsys.lang.format.control_tokens`), refused in
     every phrase."""
@@ -263,7 +347,9 @@ def check_request(req: DetectRequest, limits: LimitsConfig, control: frozenset[s
         raise RequestError(422, f"field(s) {', '.join(sorted(extra))} do not apply to task '{req.task}'")
     output = req.output or outputs[0]
     if output not in outputs:
-        raise RequestError(422, f"output '{output}' is not available for task '{req.task}' (choose: {', '.join(outputs)})")
+        raise RequestError(
+            422, f"output '{output}' is not available for task '{req.task}' (choose: {', '.join(outputs)})"
+        )
     phrases: list[str] = []
     if req.categories is not None:
         if not req.categories:
@@ -279,7 +365,9 @@ def check_request(req: DetectRequest, limits: LimitsConfig, control: frozenset[s
         if not req.prompt_boxes:
             raise RequestError(422, "prompt_boxes is empty")
         if len(req.prompt_boxes) > limits.max_prompt_boxes:
-            raise RequestError(422, f"too many prompt_boxes: {len(req.prompt_boxes)}, the limit is {limits.max_prompt_boxes}")
+            raise RequestError(
+                422, f"too many prompt_boxes: {len(req.prompt_boxes)}, the limit is {limits.max_prompt_boxes}"
+            )
         for i, b in enumerate(req.prompt_boxes):
             if len(b) != 4 or not all(math.isfinite(v) for v in b):
                 raise RequestError(422, f"prompt_boxes[{i}] must be 4 finite numbers [x0, y0, x1, y1], got {b}")
@@ -313,8 +401,13 @@ def _fetch_url(url: str, limits: LimitsConfig) -> bytes:
 
     # Only http(s) handlers: no file://, ftp:// or data: through this opener.
     opener = urllib.request.OpenerDirector()
-    for h in (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(), HttpOnlyRedirects(),
-              urllib.request.HTTPErrorProcessor(), urllib.request.HTTPDefaultErrorHandler()):
+    for h in (
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        HttpOnlyRedirects(),
+        urllib.request.HTTPErrorProcessor(),
+        urllib.request.HTTPDefaultErrorHandler(),
+    ):
         opener.add_handler(h)
     try:
         with opener.open(url, timeout=limits.url_fetch_timeout_s) as r:
@@ -338,7 +431,10 @@ def load_image(spec: str, limits: LimitsConfig):
     if _URL.match(spec):
         scheme = spec.split("://", 1)[0].lower()
         if not limits.allow_url_fetch:
-            raise RequestError(400, "image is a URL, and this server does not fetch URLs (limits.allow_url_fetch is off): send the image bytes as base64")
+            raise RequestError(
+                400,
+                "image is a URL, and this server does not fetch URLs (limits.allow_url_fetch is off): send the image bytes as base64",
+            )
         if scheme not in ("http", "https"):
             raise RequestError(400, f"image URL scheme '{scheme}' is not allowed (only http and https)")
         data = _fetch_url(spec, limits)
@@ -379,8 +475,6 @@ def bind_vocabulary(req: DetectRequest, output: str, width: int, height: int, vo
     they are; a mask request only for a vocabulary that writes masks. The request body's byte
     limit bounds the list's length."""
     if output == "mask":
-        from rlsys.lang.vocab import REX_BINS, check_writes_masks
-
         try:
             check_writes_masks(vocabulary or REX_BINS)
         except ValueError as exc:
@@ -390,7 +484,9 @@ def bind_vocabulary(req: DetectRequest, output: str, width: int, height: int, vo
             raise RequestError(422, "field 'proposals' applies only to a model trained with vocabulary chatrex")
         return vocabulary
     if req.proposals is None:
-        raise RequestError(422, "this model answers with proposal indices (vocabulary chatrex): the request needs 'proposals'")
+        raise RequestError(
+            422, "this model answers with proposal indices (vocabulary chatrex): the request needs 'proposals'"
+        )
     if output != "box":
         raise RequestError(422, f"a chatrex model answers boxes (proposal indices), not output '{output}'")
     for i, b in enumerate(req.proposals):
@@ -403,36 +499,47 @@ def bind_vocabulary(req: DetectRequest, output: str, width: int, height: int, vo
 
 
 def question_for(req: DetectRequest, output: str, phrases: list[str], width: int, height: int, vocabulary=None) -> str:
-    from rlsys.lang.prompts import build_question
-    from rlsys.lang.vocab import REX_BINS
 
     if req.task == "ocr" and not phrases:
         phrases = ["text"]
-    return build_question(req.task, output, phrases, width=width, height=height,
-                          prompt_boxes=req.prompt_boxes or (), keypoint_names=req.keypoint_names or (),
-                          vocabulary=vocabulary or REX_BINS)
+    return build_question(
+        req.task,
+        output,
+        phrases,
+        width=width,
+        height=height,
+        prompt_boxes=req.prompt_boxes or (),
+        keypoint_names=req.keypoint_names or (),
+        vocabulary=vocabulary or REX_BINS,
+    )
 
 
 def _px(c) -> list[float]:
     return [round(float(v), 2) for v in c]
 
 
-def to_objects(text: str, task: str, width: int, height: int, vocabulary=None, output: str | None = None) -> tuple[list[dict], int]:
+def to_objects(
+    text: str, task: str, width: int, height: int, vocabulary=None, output: str | None = None
+) -> tuple[list[dict], int]:
     """Model text -> objects in the request image's pixels, and how much could not be read
     (``vocabulary``: the one the model answers in; default the bins). A mask answer
     (``output="mask"``) gives each instance its points and the mask they decode to: COCO RLE
     (``pycocotools.mask.decode`` reads it) of the union of the points' grid cells, the SAM-free
     decoder; the points are also SAM's prompts for an outline (``rewards.sam.SamMaskSource``)."""
-    from rlsys.lang.vocab import REX_BINS
 
     vocabulary = vocabulary or REX_BINS
     if output == "mask":
         return _mask_objects(vocabulary.parse_masks(text, width, height), vocabulary.grid, width, height)
     if task == "keypoint":
         insts, bad = vocabulary.parse_keypoints(text, width, height)
-        return [{"phrase": i.name, "box": _px(i.box),
-                 "keypoints": {k: (_px(v) if v is not None else None) for k, v in i.keypoints.items()}}
-                for i in insts], bad
+        return [
+            {
+                "phrase": i.name,
+                "box": _px(i.box),
+                "keypoints": {k: (_px(v) if v is not None else None) for k, v in i.keypoints.items()},
+            }
+            for i in insts
+        ], bad
     parsed = vocabulary.parse(text, width, height)
     objects = [{"phrase": p.phrase, p.kind: _px(c)} for p in parsed for c in p.coords]
     return objects, parsed.unreadable
@@ -442,16 +549,19 @@ def _mask_objects(parsed, grid: int, width: int, height: int) -> tuple[list[dict
     import numpy as np
     from pycocotools import mask as mask_utils
 
-    from rewards.mask import grid_cell_masks
-
     sets = [(p.phrase, c) for p in parsed for c in p.coords]
     masks = grid_cell_masks([c for _, c in sets], grid, height, width)
     objects = []
     for (phrase, c), m in zip(sets, masks):
         rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-        objects.append({"phrase": phrase, "points": [_px(c[i:i + 2]) for i in range(0, len(c), 2)],
-                        "mask": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
-                        "mask_decoder": "grid_cells"})
+        objects.append(
+            {
+                "phrase": phrase,
+                "points": [_px(c[i : i + 2]) for i in range(0, len(c), 2)],
+                "mask": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                "mask_decoder": "grid_cells",
+            }
+        )
     return objects, parsed.unreadable
 
 
@@ -496,30 +606,40 @@ def _detector_class(max_concurrent_batches: int):
             from vllm.sampling_params import RequestOutputKind
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            from rlsys.models import processor_for
-
             self.cfg = ServeConfig.model_validate(cfg)
             self.model_dir = model_dir
             e, g = self.cfg.engine, self.cfg.generation
             pixels = self.cfg.model.pixel_budget()
             self.processor = processor_for(self.cfg.model, model_dir)
-            from rlsys.lang.format import control_tokens
-            from rlsys.lang.vocab import vocabulary_for
 
             self.control = control_tokens(self.processor.tokenizer)
             self.vocabulary = vocabulary_for(self.cfg.model, self.processor)
             t0 = time.perf_counter()
-            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-                model=model_dir, max_model_len=e.max_model_len_tokens, max_num_seqs=e.max_num_seqs,
-                **engine_memory(e.gpu_memory_utilization, e.kv_cache_mib), enforce_eager=e.enforce_eager, seed=e.seed,
-                dtype=self.cfg.model.dtype, limit_mm_per_prompt={"image": 1, "video": 0},
-                mm_processor_kwargs=pixels or None, trust_remote_code=self.cfg.model.trust_remote_code))
+            self.engine = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(
+                    model=model_dir,
+                    max_model_len=e.max_model_len_tokens,
+                    max_num_seqs=e.max_num_seqs,
+                    **engine_memory(e.gpu_memory_utilization, e.kv_cache_mib),
+                    enforce_eager=e.enforce_eager,
+                    seed=e.seed,
+                    dtype=self.cfg.model.dtype,
+                    limit_mm_per_prompt={"image": 1, "video": 0},
+                    mm_processor_kwargs=pixels or None,
+                    trust_remote_code=self.cfg.model.trust_remote_code,
+                )
+            )
             self.engine_start_s = time.perf_counter() - t0
             # special tokens kept: the output language is made of them. FINAL_ONLY: the answer is
             # returned whole, so the engine need not wake this coroutine (and build a cumulative
             # output) at every token of every request in the batch
-            self.sampling = SamplingParams(max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                                           skip_special_tokens=False, output_kind=RequestOutputKind.FINAL_ONLY)
+            self.sampling = SamplingParams(
+                max_tokens=g.max_new_tokens,
+                temperature=g.temperature,
+                top_p=g.top_p,
+                skip_special_tokens=False,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
             b = self.cfg.batching
             self._generate_batch.set_max_batch_size(b.max_batch_size)
             self._generate_batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
@@ -534,8 +654,9 @@ def _detector_class(max_concurrent_batches: int):
 
         async def _generate(self, prompt: str, image) -> str:
             out = None
-            async for out in self.engine.generate({"prompt": prompt, "multi_modal_data": {"image": image}},
-                                                  self.sampling, uuid.uuid4().hex):
+            async for out in self.engine.generate(
+                {"prompt": prompt, "multi_modal_data": {"image": image}}, self.sampling, uuid.uuid4().hex
+            ):
                 pass
             return out.outputs[0].text
 
@@ -547,8 +668,13 @@ def _detector_class(max_concurrent_batches: int):
 
         @api.get("/v1/health")
         async def health(self):
-            return {"status": "ok", "model": self.model_dir, "engine_start_s": round(self.engine_start_s, 2),
-                    "batching": self.cfg.batching.model_dump(), "max_new_tokens": self.cfg.generation.max_new_tokens}
+            return {
+                "status": "ok",
+                "model": self.model_dir,
+                "engine_start_s": round(self.engine_start_s, 2),
+                "batching": self.cfg.batching.model_dump(),
+                "max_new_tokens": self.cfg.generation.max_new_tokens,
+            }
 
         @api.post("/v1/detect")
         async def detect(self, request: Request):
@@ -583,8 +709,13 @@ def _detector_class(max_concurrent_batches: int):
                 log.exception("engine failed on a request")
                 return error(503, f"the engine failed on this request ({type(exc).__name__}: {exc}); try again")
             objects, unreadable = to_objects(text, req.task, w, h, vocabulary, output)
-            return {"objects": objects, "raw": text, "image_size": [w, h],
-                    "latency_ms": round((time.perf_counter() - t0) * 1000, 2), "unreadable": unreadable}
+            return {
+                "objects": objects,
+                "raw": text,
+                "image_size": [w, h],
+                "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
+                "unreadable": unreadable,
+            }
 
     return Detector
 
@@ -593,14 +724,21 @@ def build_app(cfg: ServeConfig, model_dir: str | os.PathLike | None = None):
     """The Serve application for ``cfg`` (model directory resolved, tiny model built if needed)."""
     model_dir = Path(model_dir) if model_dir is not None else resolve_model_dir(cfg)
     d = cfg.deployment
-    return _detector_class(cfg.batching.max_concurrent_batches).options(
-        name=d.name,
-        max_ongoing_requests=d.max_ongoing_requests,
-        autoscaling_config={"min_replicas": d.min_replicas, "max_replicas": d.max_replicas,
-                            "initial_replicas": max(d.min_replicas, 1),
-                            "target_ongoing_requests": d.target_ongoing_requests},
-        ray_actor_options={"num_cpus": d.cpus_per_replica, "num_gpus": d.gpus_per_replica},
-    ).bind(cfg.model_dump(), str(model_dir))
+    return (
+        _detector_class(cfg.batching.max_concurrent_batches)
+        .options(
+            name=d.name,
+            max_ongoing_requests=d.max_ongoing_requests,
+            autoscaling_config={
+                "min_replicas": d.min_replicas,
+                "max_replicas": d.max_replicas,
+                "initial_replicas": max(d.min_replicas, 1),
+                "target_ongoing_requests": d.target_ongoing_requests,
+            },
+            ray_actor_options={"num_cpus": d.cpus_per_replica, "num_gpus": d.gpus_per_replica},
+        )
+        .bind(cfg.model_dump(), str(model_dir))
+    )
 
 
 class AppArgs(BaseModel):
@@ -629,9 +767,14 @@ def app_builder(args: dict):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rlsys.serve", description=__doc__.split("\n\n")[0],
-                                epilog="Overrides are dotted keys, e.g. batching.enabled=false deployment.max_replicas=2.")
-    p.add_argument("--checkpoint", help="Hugging Face checkpoint directory (default: model.checkpoint; none: the tiny model)")
+    p = argparse.ArgumentParser(
+        prog="python -m rlsys.serve",
+        description=__doc__.split("\n\n")[0],
+        epilog="Overrides are dotted keys, e.g. batching.enabled=false deployment.max_replicas=2.",
+    )
+    p.add_argument(
+        "--checkpoint", help="Hugging Face checkpoint directory (default: model.checkpoint; none: the tiny model)"
+    )
     p.add_argument("--config", help=f"ServeConfig YAML (default: {DEFAULT_SERVE_CONFIG.relative_to(REPO_ROOT)})")
     p.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
     p.add_argument("overrides", nargs="*", help="key=value")

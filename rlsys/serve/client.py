@@ -54,8 +54,9 @@ class DetectClient:
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+        req = urllib.request.Request(
+            self.base_url + path, data=data, method=method, headers={"Content-Type": "application/json"} if data else {}
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                 return json.loads(r.read())
@@ -70,15 +71,29 @@ class DetectClient:
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             raise DetectError(None, f"cannot reach {self.base_url}: {getattr(exc, 'reason', exc)}") from None
 
-    def detect(self, image, task: str = "detection", *, categories=None, expression: str | None = None,
-               prompt_boxes=None, output: str | None = None, keypoint_names=None) -> dict:
+    def detect(
+        self,
+        image,
+        task: str = "detection",
+        *,
+        categories=None,
+        expression: str | None = None,
+        prompt_boxes=None,
+        output: str | None = None,
+        keypoint_names=None,
+    ) -> dict:
         """``POST /v1/detect``; returns ``{"objects", "raw", "image_size", "latency_ms", ...}``.
 
         Only the fields given are sent; the server checks which ones the task takes.
         """
         body = {"image": encode_image(image), "task": task}
-        for k, v in (("categories", categories), ("expression", expression), ("prompt_boxes", prompt_boxes),
-                     ("output", output), ("keypoint_names", keypoint_names)):
+        for k, v in (
+            ("categories", categories),
+            ("expression", expression),
+            ("prompt_boxes", prompt_boxes),
+            ("output", output),
+            ("keypoint_names", keypoint_names),
+        ):
             if v is not None:
                 body[k] = list(v) if k in ("categories", "keypoint_names") else v
         if "prompt_boxes" in body:

@@ -13,8 +13,18 @@ import zlib
 
 from rlsys.serve.client import DetectClient, DetectError
 
-_PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-            (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40))
+_PALETTE = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (0, 128, 128),
+    (170, 110, 40),
+)
 
 
 def draw_objects(image, objects):
@@ -57,12 +67,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsys.serve.detect", description=__doc__.split("\n\n")[0])
     p.add_argument("image", help="PNG or JPEG file (or an http(s) URL, if the server fetches URLs)")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
-    p.add_argument("--task", default="detection",
-                   choices=("detection", "referring", "pointing", "visual_prompt", "ocr", "gui", "keypoint"))
+    p.add_argument(
+        "--task",
+        default="detection",
+        choices=("detection", "referring", "pointing", "visual_prompt", "ocr", "gui", "keypoint"),
+    )
     p.add_argument("--categories", help='comma-separated phrases, e.g. "person,dog"')
     p.add_argument("--expression", help="referring expression or GUI element (referring, gui)")
     p.add_argument("--prompt-boxes", type=_boxes, help='visual prompt boxes in pixels: "x0,y0,x1,y1;..."')
-    p.add_argument("--output", choices=("box", "point", "polygon", "keypoint"), help="answer geometry (default per task)")
+    p.add_argument(
+        "--output", choices=("box", "point", "polygon", "keypoint"), help="answer geometry (default per task)"
+    )
     p.add_argument("--keypoint-names", help="comma-separated keypoint names (keypoint)")
     p.add_argument("--timeout-s", type=float, default=120.0)
     p.add_argument("--save", metavar="OUT.png", help="write the image with the predictions drawn")
@@ -71,8 +86,14 @@ def main(argv=None) -> int:
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     try:
         result = DetectClient(a.url, a.timeout_s).detect(
-            a.image, a.task, categories=split(a.categories), expression=a.expression, prompt_boxes=a.prompt_boxes,
-            output=a.output, keypoint_names=split(a.keypoint_names))
+            a.image,
+            a.task,
+            categories=split(a.categories),
+            expression=a.expression,
+            prompt_boxes=a.prompt_boxes,
+            output=a.output,
+            keypoint_names=split(a.keypoint_names),
+        )
     except (DetectError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

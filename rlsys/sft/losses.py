@@ -41,7 +41,9 @@ def answer_token_loss(
     coordinate position is still penalised.
     """
     if logits.shape[:2] != targets.shape or targets.shape != mask.shape:
-        raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, mask {tuple(mask.shape)}")
+        raise ValueError(
+            f"shapes differ: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, mask {tuple(mask.shape)}"
+        )
     if sigma_bins < 0:
         raise ValueError(f"sigma_bins must be >= 0, got {sigma_bins}")
     logp = torch.log_softmax(logits.float(), dim=-1)

@@ -22,6 +22,17 @@ import time
 from pathlib import Path
 
 from rlsys.config import ConfigError, SFTConfig, describe, load_config
+from rlsys.data.prepare import check_phrases, check_targets, prepare_data_path, prepare_model_dir
+from rlsys.data.samples import load_dataset
+from rlsys.grpo.records import LearnerItem
+from rlsys.grpo.run import actor_env
+from rlsys.grpo.sequences import build_batch
+from rlsys.lang.prompts import chat_prompt
+from rlsys.lang.targets import conversation
+from rlsys.lang.vocab import vocabulary_for
+from rlsys.models import coordinate_token_ids, load_model, param_part, processor_for
+from rlsys.sft.losses import answer_token_loss
+from rlsys.tracking import start_tracking, wandb_init_args
 
 log = logging.getLogger("rlsys.sft")
 DEFAULT_SFT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_tiny_cpu.yaml"
@@ -30,7 +41,6 @@ DEFAULT_SFT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_t
 def param_groups(model, lrs: dict, weight_decay: float) -> list[dict]:
     """Vision encoder / projector (merger) / LLM parameter groups, each with its own lr.
     Norms and biases take no weight decay."""
-    from rlsys.models import param_part
 
     groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
@@ -39,8 +49,16 @@ def param_groups(model, lrs: dict, weight_decay: float) -> list[dict]:
         part = param_part(name)
         decay = p.ndim >= 2
         groups.setdefault((part, decay), []).append(p)
-    return [{"params": ps, "lr": lrs[part], "initial_lr": lrs[part], "weight_decay": weight_decay if decay else 0.0, "name": f"{part}{'' if decay else '_nodecay'}"}
-            for (part, decay), ps in groups.items()]
+    return [
+        {
+            "params": ps,
+            "lr": lrs[part],
+            "initial_lr": lrs[part],
+            "weight_decay": weight_decay if decay else 0.0,
+            "name": f"{part}{'' if decay else '_nodecay'}",
+        }
+        for (part, decay), ps in groups.items()
+    ]
 
 
 def lr_metrics(groups) -> dict[str, float]:
@@ -68,38 +86,34 @@ def train_loop(config: dict) -> None:
     import ray.train
     import torch
 
-    from rlsys.data.samples import load_dataset
-    from rlsys.sft.losses import answer_token_loss
-    from rlsys.models import coordinate_token_ids, load_model, processor_for
-    from rlsys.grpo.sequences import build_batch
-    from rlsys.lang.prompts import chat_prompt
-    from rlsys.lang.targets import conversation
-
     cfg = SFTConfig.model_validate(config["cfg"])
     tr = cfg.train
     label = f"{cfg.run.progress_label} " if cfg.run.progress_label else ""
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     torch.manual_seed(tr.seed + rank)
     processor = processor_for(cfg.model, config["model_dir"])
     tok = processor.tokenizer
     model = load_model(config["model_dir"], dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     lrs = {"vision": tr.lr_vision, "projector": tr.lr_projector, "llm": tr.lr_llm}
     optim = torch.optim.AdamW(param_groups(model, lrs, tr.weight_decay))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, config={
-        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-        "gradient_accumulation_steps": tr.grad_accum_steps,
-        "gradient_clipping": tr.grad_clip,
-        "zero_optimization": {"stage": tr.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        "steps_per_print": 10**9,
-    })
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optim,
+        config={
+            "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+            "gradient_accumulation_steps": tr.grad_accum_steps,
+            "gradient_clipping": tr.grad_clip,
+            "zero_optimization": {"stage": tr.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+            "steps_per_print": 10**9,
+        },
+    )
     samples = load_dataset(config["train_path"])
     if cfg.data.tasks:
         samples = [s for s in samples if s.task in cfg.data.tasks]
     all_phrases = sorted({p for s in samples for p in s.phrases})
-    from rlsys.lang.vocab import vocabulary_for
 
     vocabulary = vocabulary_for(cfg.model, processor)  # the targets' language
     start = 0
@@ -114,8 +128,6 @@ def train_loop(config: dict) -> None:
     cache: dict = {}
     tracker = None
     if rank == 0 and config.get("wandb"):
-        from rlsys.tracking import start_tracking
-
         tracker = start_tracking(config["wandb"])
     t0 = time.perf_counter()
     for step in range(start, tr.steps):
@@ -132,7 +144,7 @@ def train_loop(config: dict) -> None:
                 _, q, a = conversation(s, rng, all_phrases, tr.max_phrases, vocabulary)
                 prompt = chat_prompt(processor, q)
                 ids = tok(a, add_special_tokens=False)["input_ids"] + [im_end]
-                items.append({"prompt": prompt, "image": s.image, "response_ids": ids})
+                items.append(LearnerItem(prompt=prompt, image=s.image, response_ids=ids))
             inputs, targets, mask = build_batch(processor, items, tok.pad_token_id, cache)
             if len(cache) > 4096:
                 cache.clear()
@@ -146,18 +158,27 @@ def train_loop(config: dict) -> None:
             n_tok_step += int(n_tok)
         done = step + 1
         if done % tr.log_every_steps == 0 or done == tr.steps:
-            m = {"sft/loss": total, "sft/answer_tokens": n_tok_step, "sft/s_per_step": (time.perf_counter() - t0) / (done - start),
-                 **lr_metrics(engine.optimizer.param_groups)}
+            m = {
+                "sft/loss": total,
+                "sft/answer_tokens": n_tok_step,
+                "sft/s_per_step": (time.perf_counter() - t0) / (done - start),
+                **lr_metrics(engine.optimizer.param_groups),
+            }
             if rank == 0:
                 left_min = (tr.steps - done) * m["sft/s_per_step"] / 60
                 # to the process's own stdout: Ray Train routes a plain print through its logger
                 # and, while W&B wraps sys.stdout, also through W&B's copy: every line came twice
-                print(f"{label}sft step {done}/{tr.steps} loss {total:.4f} ({m['sft/s_per_step']:.2f} s/step, {left_min:.1f} min left)",
-                      file=sys.__stdout__, flush=True)
+                print(
+                    f"{label}sft step {done}/{tr.steps} loss {total:.4f} ({m['sft/s_per_step']:.2f} s/step, {left_min:.1f} min left)",
+                    file=sys.__stdout__,
+                    flush=True,
+                )
             if tracker:
                 tracker.log(m, step=done)
         if done % tr.checkpoint_every_steps == 0 or done == tr.steps:
-            save_checkpoint(engine, processor, rank, done, final=done == tr.steps, metrics={"step": done, "loss": total})
+            save_checkpoint(
+                engine, processor, rank, done, final=done == tr.steps, metrics={"step": done, "loss": total}
+            )
     if tracker:
         tracker.finish()
 
@@ -192,8 +213,12 @@ def save_checkpoint(engine, processor, rank: int, step: int, *, final: bool, met
         d = storage.build_checkpoint_path_from_name(name)
         os.makedirs(d, exist_ok=True)
         write(d)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name,
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
+        )
         return
     with tempfile.TemporaryDirectory() as d:
         write(d)
@@ -202,18 +227,11 @@ def save_checkpoint(engine, processor, rank: int, step: int, *, final: bool, met
 
 def run(cfg: SFTConfig) -> Path:
     """Run the Ray Train job; returns the final Hugging Face directory."""
-    from rlsys.data.prepare import prepare_data_path, prepare_model_dir
 
     out = Path(cfg.run.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model_dir(cfg.model, out, None)
     train_path = prepare_data_path(cfg.data, out)
-    from rlsys.data.samples import load_dataset
-    from rlsys.models import processor_for
-    from rlsys.data.prepare import check_phrases
-
-    from rlsys.data.prepare import check_targets
-    from rlsys.lang.vocab import vocabulary_for
 
     # the workers read the file themselves; a phrase with a control token, or a target the
     # vocabulary cannot write (chatrex without a matching proposal), is refused here, before Ray starts
@@ -229,13 +247,9 @@ def run(cfg: SFTConfig) -> Path:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        from rlsys.grpo.trainer import actor_env
-
         ray.init(runtime_env={"env_vars": actor_env(cpu_only=not cfg.train.use_gpu)})
     wandb_cfg = None
     if cfg.tracking.mode != "disabled":
-        from rlsys.tracking import wandb_init_args
-
         # Ray Train resumes from its latest checkpoint in storage: then the W&B run continues too
         resuming = cfg.run.resume and any((out / "ray_train" / "sft").glob("checkpoint_*"))
         wandb_cfg = wandb_init_args(cfg.tracking, out, out.name + "-sft", cfg.model_dump(), continue_run=resuming)
@@ -243,9 +257,17 @@ def run(cfg: SFTConfig) -> Path:
     storage = out / "ray_train"
     trainer_kwargs = dict(
         train_loop_per_worker=train_loop,
-        train_loop_config={"cfg": cfg.model_dump(), "model_dir": model_dir, "train_path": str(train_path), "wandb": wandb_cfg},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "model_dir": model_dir,
+            "train_path": str(train_path),
+            "wandb": wandb_cfg,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
