@@ -72,11 +72,11 @@ def test_two_nodes_two_ranks_two_engines_three_reward_workers(cluster, sft_run, 
     )
     t = start_trainer(cfg, prepare_model(cfg), prepare_data(cfg))
     driver = ray.get_runtime_context().get_node_id()
-    learner_nodes, engine_nodes = t.learners.node_ids(), t.rollouts.node_ids()
+    learner_nodes, engine_nodes = t.groups.learners.node_ids(), t.groups.rollouts.node_ids()
     # learner ranks packed on one node, rank 0 not the driver's; engines on the other node
     assert len(set(learner_nodes)) == 1 and learner_nodes[0] != driver
     assert set(engine_nodes) == {driver}
-    assert t.weights.backend == "rlsys_gloo" and t.weights.connects == 1
+    assert t.groups.weights.backend == "rlsys_gloo" and t.groups.weights.connects == 1
 
     from actors.group import micro_batch_plan
 
@@ -93,12 +93,12 @@ def test_two_nodes_two_ranks_two_engines_three_reward_workers(cluster, sft_run, 
         assert m1["learner/micro_batches_per_rank"] == 3 and m1["learner/padded_micro_batches"] == 1
 
     # kill engine 1 mid-run: step 2 restarts it, syncs it and retries its prompts only
-    ray.kill(t.rollouts.engines[1], no_restart=True)
+    ray.kill(t.groups.rollouts.engines[1], no_restart=True)
     m2 = t.step()
-    assert t.rollouts.restarts == 1 and m2["rollout/engine_restarts"] == 1
+    assert t.groups.rollouts.restarts == 1 and m2["rollout/engine_restarts"] == 1
     # prompts 0, 2, 4 went to engine 0 and were kept; prompts 1 and 3 were engine 1's and retried (in step 2)
-    assert t.rollouts.retried == [(2, 1, [1, 3])]
-    assert t.weights.connects == 2  # the transfer group reopened with the new engine's worker
+    assert t.groups.rollouts.retried == [(2, 1, [1, 3])]
+    assert t.groups.weights.connects == 2  # the transfer group reopened with the new engine's worker
 
     steps = [m1, m2, t.step()]
     # the real geometric scorer must have given groups with reward spread (an update with signal)
@@ -125,5 +125,5 @@ def test_two_nodes_two_ranks_two_engines_three_reward_workers(cluster, sft_run, 
     from safetensors.torch import load_file
 
     start = load_file(sft_out / "final" / "model.safetensors")
-    now = t.learners.parameters()[0]
+    now = t.groups.learners.parameters()[0]
     assert any(not bool((now[k] == start[k]).all()) for k in now if k in start)

@@ -2,11 +2,14 @@
 dynamic sampling draws more prompts when groups carry no signal; answers whose reward failed are
 left out of the group statistics and the loss."""
 
+from dataclasses import replace
 import os
 import re
 import sys
 
 import pytest
+
+from rlsys.grpo.records import Refusal
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +54,7 @@ def trainer(tmp_path_factory):
 def test_dead_rollout_engine_is_restarted_and_the_step_retried(trainer):
     import ray
 
-    ray.kill(trainer.rollouts.engines[0], no_restart=True)
+    ray.kill(trainer.groups.rollouts.engines[0], no_restart=True)
     m = trainer.step()
     assert m["step"] == 1 and trainer.step_no == 1
     # the new engine got the learner's weights before it retried the prompts
@@ -89,16 +92,16 @@ def test_rollout_batch_larger_than_one_prefill_chunk(trainer):
         for s in trainer.samples[:16]
     ]
     out = ray.get(
-        trainer.rollouts.engines[0].generate.remote(
+        trainer.groups.rollouts.engines[0].generate.remote(
             reqs, n=4, temperature=1.0, top_p=1.0, max_new_tokens=8, min_new_tokens=8, seed=0
         ),
         timeout=600,
     )
     assert len(out) == 16 and all(len(o) == 4 for o in out)
-    assert all(len(a["token_ids"]) == 8 and len(a["logprobs"]) == 8 for o in out for a in o)
+    assert all(len(a.token_ids) == 8 and len(a.logprobs) == 8 for o in out for a in o)
     # vision placeholders are never sampled (the learner would read one as an image slot)
     vision = {trainer.processor.image_token_id, trainer.processor.video_token_id}
-    assert not any(set(a["token_ids"]) & vision for o in out for a in o)
+    assert not any(set(a.token_ids) & vision for o in out for a in o)
 
 
 def test_failed_rewards_are_left_out_of_the_loss_and_counted(trainer):
@@ -133,11 +136,11 @@ def test_a_request_the_engine_refuses_fails_alone(trainer):
     s = trainer.samples[1]
     good = {"prompt": chat_prompt(trainer.processor, question_for_sample(s)), "image": s.image}
     too_long = {"prompt": chat_prompt(trainer.processor, "circle " * 1500), "image": s.image}
-    engine = trainer.rollouts.engines[0]
+    engine = trainer.groups.rollouts.engines[0]
     kw = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0)
     out = ray.get(engine.generate.remote([good, too_long, good], **kw), timeout=600)
-    assert isinstance(out[1], dict) and re.search(r"maximum (model|context) length", out[1]["refused"]), out[1]
-    assert [len(out[0]), len(out[2])] == [2, 2] and all(len(a["token_ids"]) == 4 for a in out[0] + out[2])
+    assert isinstance(out[1], Refusal) and re.search(r"maximum (model|context) length", out[1].reason), out[1]
+    assert [len(out[0]), len(out[2])] == [2, 2] and all(len(a.token_ids) == 4 for a in out[0] + out[2])
     assert len(ray.get(engine.generate.remote([good], **kw), timeout=600)[0]) == 2
 
 
@@ -152,9 +155,9 @@ def test_asynchronous_rollouts_respect_the_staleness_bound_and_weight_stale_answ
     P, G = cfg.prompts_per_step, trainer.cfg.rollout.samples_per_prompt
     # The random model scores 0 everywhere, so no advantage and no update: the answers' lengths
     # (which vary) stand in for the reward, so each step moves the policy.
-    score = trainer.rewards.score
-    trainer.rewards.score = lambda batch, group_size: [
-        dict(r, reward=min(1.0, len(text) / 60)) for r, (text, _) in zip(score(batch, group_size=group_size), batch)
+    score = trainer.groups.rewards.score
+    trainer.groups.rewards.score = lambda batch, group_size: [
+        replace(r, reward=min(1.0, len(text) / 60)) for r, (text, _) in zip(score(batch, group_size=group_size), batch)
     ]
     # the items each step hands the learner (answers with a failed reward or no tokens are not among them)
     made, learner_items = [], trainer._learner_items
@@ -164,7 +167,7 @@ def test_asynchronous_rollouts_respect_the_staleness_bound_and_weight_stale_answ
         recs = [trainer.step() for _ in range(3)]
     finally:
         cfg.max_staleness_steps, cfg.dynamic_sampling = 0, True
-        trainer.rewards.score = score
+        trainer.groups.rewards.score = score
         del trainer._learner_items
     assert [r["rollout/staleness_max"] for r in recs] == [0, 1, 1]
     assert recs[0]["rollout/staleness/0"] == P * G and recs[1]["rollout/staleness/1"] == P * G

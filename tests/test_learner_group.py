@@ -33,6 +33,7 @@ def _items(processor, synthetic_dir, n: int, seed: int):
     import random
 
     from rlsys.data.samples import load_dataset
+    from rlsys.grpo.records import LearnerItem
     from rlsys.lang.prompts import chat_prompt, question_for_sample
 
     samples = load_dataset(synthetic_dir / "train.jsonl")
@@ -43,12 +44,12 @@ def _items(processor, synthetic_dir, n: int, seed: int):
         # answers of 1-12 ordinary tokens (ids below the specials), advantages of both signs
         ids = [rng.randrange(20, 900) for _ in range(rng.randrange(1, 13))]
         out.append(
-            {
-                "prompt": chat_prompt(processor, question_for_sample(s)),
-                "image": s.image,
-                "response_ids": ids,
-                "advantage": rng.uniform(-1.5, 1.5),
-            }
+            LearnerItem(
+                prompt=chat_prompt(processor, question_for_sample(s)),
+                image=s.image,
+                response_ids=ids,
+                advantage=rng.uniform(-1.5, 1.5),
+            )
         )
     return out
 
@@ -81,8 +82,9 @@ def _run(tiny_model_dir, synthetic_dir, num_ranks: int, batches, overrides=()):
     params, metrics = [], []
     for n, seed in batches:
         items = _items(processor, synthetic_dir, n, seed)
-        g.reference(items)
-        metrics.append(g.train(copy.deepcopy(items)))
+        items = g.reference(items)
+        g.train(copy.deepcopy(items))
+        metrics.append(g.last_ranks)  # each rank's figures
         ps = g.parameters()
         # ZeRO-2 keeps whole parameters on every rank: all ranks agree after every step
         for other in ps[1:]:
@@ -98,17 +100,17 @@ def test_two_ranks_give_the_one_rank_update_on_uneven_shards(ray_local, tiny_mod
     _, two, m2 = _run(tiny_model_dir, synthetic_dir, 2, batches)
     # the plans: 9 -> shards 5 and 4 -> 2 micro-batches each, rank 1 pads one; 1 -> rank 1 has
     # none and runs one zero-weight micro-batch; 6 -> 3 and 3 -> 1 each
-    assert [[m["micro_batches"] for m in step] for step in m2] == [[2, 2], [1, 1], [1, 1]]
-    assert [[m["padded_micro_batches"] for m in step] for step in m2] == [[0, 1], [0, 1], [0, 0]]
-    assert [[m["tokens"] > 0 for m in step] for step in m2] == [[True, True], [True, False], [True, True]]
+    assert [[m.micro_batches for m in step] for step in m2] == [[2, 2], [1, 1], [1, 1]]
+    assert [[m.padded_micro_batches for m in step] for step in m2] == [[0, 1], [0, 1], [0, 0]]
+    assert [[m.tokens > 0 for m in step] for step in m2] == [[True, True], [True, False], [True, True]]
     # exactly one optimizer step per call on every rank
-    assert [[m["optimizer_steps"] for m in step] for step in m2] == [[1, 1], [2, 2], [3, 3]]
-    assert [m[0]["optimizer_steps"] for m in m1] == [1, 2, 3]
+    assert [[m.optimizer_steps for m in step] for step in m2] == [[1, 1], [2, 2], [3, 3]]
+    assert [m[0].optimizer_steps for m in m1] == [1, 2, 3]
     for k, (a, b, ma, mb) in enumerate(zip(one, two, m1, m2)):
         # the global gradient norm is the same: loss x world_size against DeepSpeed's average,
         # and no division by the accumulation steps (a factor 2 here would show at once)
-        assert mb[0]["grad_norm"] == pytest.approx(ma[0]["grad_norm"], rel=1e-4), (k, ma, mb)
-        assert sum(m["tokens"] for m in mb) == ma[0]["tokens"]
+        assert mb[0]["grad_norm"] == pytest.approx(ma[0].grad_norm, rel=1e-4), (k, ma, mb)
+        assert sum(m.tokens for m in mb) == ma[0].tokens
         # the parameters agree to float32 tolerance, measured against how far the step moved them
         ref = one[k - 1] if k else before
         moved = max(float((a[n] - ref[n]).abs().max()) for n in a)
@@ -134,7 +136,7 @@ def test_learning_rate_warm_up_scales_the_first_updates(ray_local, tiny_model_di
     batches = [(4, 0), (4, 1), (4, 2), (4, 0)]  # seeds whose random answers hold no image placeholder id
     before, warm, mw = _run(tiny_model_dir, synthetic_dir, 1, batches, ["learner.warmup_steps=3"])
     _, cold, mc = _run(tiny_model_dir, synthetic_dir, 1, batches[:1])
-    assert [m[0]["lr"] for m in mw] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+    assert [m[0].lr for m in mw] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
     assert mc[0][0]["lr"] == pytest.approx(1e-3)
     moved = lambda p: max(float((p[n] - before[n]).abs().max()) for n in p)  # noqa: E731
     assert moved(warm[0]) / moved(cold[0]) == pytest.approx(1 / 3, rel=0.05)

@@ -53,13 +53,15 @@ from rlsys.data.samples import load_dataset
 from rlsys.lang.prompts import chat_prompt
 from rlsys.models import param_part
 w = LearnerWorker.__ray_actor_class__(rank=0, world_size=1)
-cfg = dict(lr=1e-2, weight_decay=0.0, micro_batch_size=2, grad_clip=1.0, zero_stage=2, kl_coef=0.0,
-           gpus_per_rank=0, clip_low=0.2, clip_high=0.28, is_cap=2.0, freeze_vision=True)
+from rlsys.config import LearnerConfig
+from rlsys.grpo.records import LearnerItem
+cfg = LearnerConfig(lr=1e-2, weight_decay=0.0, micro_batch_size=2, grad_clip=1.0, zero_stage=2, kl_coef=0.0,
+                    gpus_per_rank=0, clip_low=0.2, clip_high=0.28, is_cap=2.0, freeze_vision=True)
 w.setup(sys.argv[1], cfg, master_addr="127.0.0.1", master_port=int(sys.argv[2]), seed=0)
 before = {n: p.detach().clone() for n, p in w.engine.module.named_parameters()}
 s = load_dataset(sys.argv[3])[0]
 prompt = chat_prompt(w.processor, "Detect circle.")
-items = [{"prompt": prompt, "image": s.image, "response_ids": ids, "advantage": a}
+items = [LearnerItem(prompt=prompt, image=s.image, response_ids=ids, advantage=a)
          for ids, a in (([5, 6, 7], 1.0), ([8, 9], -1.0))]
 w.train(items, num_tokens_global=5)  # kl_coef 0: no reference pass, the proximal policy from this forward
 moved = {}

@@ -1,13 +1,17 @@
 """rlsys.grpo.sequences: prompt + sampled answer -> model inputs, targets and the answer mask."""
 
+from dataclasses import replace
+
 import pytest
 import torch
+
+from rlsys.grpo.records import LearnerItem
 
 
 def _item(proc, sample, response_ids):
     from rlsys.lang.prompts import chat_prompt
 
-    return {"prompt": chat_prompt(proc, "Detect circle."), "image": sample.image, "response_ids": response_ids}
+    return LearnerItem(prompt=chat_prompt(proc, "Detect circle."), image=sample.image, response_ids=response_ids)
 
 
 def test_answer_mask_targets_and_padding(tiny_model_dir, synthetic_dir):
@@ -102,7 +106,7 @@ def test_answer_positions_only_give_the_full_forwards_log_probs_and_gradients(ti
 
     items = [
         _item(proc, samples[0], [5, 6, 7, 8]),
-        {"prompt": chat_prompt(proc, "Point to the square."), "image": samples[1].image, "response_ids": [9, 10]},
+        LearnerItem(prompt=chat_prompt(proc, "Point to the square."), image=samples[1].image, response_ids=[9, 10]),
     ]
     inputs, targets, mask = build_batch(proc, items, proc.tokenizer.pad_token_id)
     out = {}
@@ -129,13 +133,13 @@ def test_the_engines_prompt_ids_are_checked_against_the_learners(tiny_model_dir,
     s = load_dataset(synthetic_dir / "train.jsonl")[0]
     it = _item(proc, s, [5, 6])
     ids = encode_prompts(proc, [it])[0]["input_ids"][0].tolist()
-    build_batch(proc, [{**it, "prompt_ids": ids}], proc.tokenizer.pad_token_id)  # the same: accepted
+    build_batch(proc, [replace(it, prompt_ids=ids)], proc.tokenizer.pad_token_id)  # the same: accepted
     wrong = ids[:10] + [ids[10] + 1] + ids[11:]
     with pytest.raises(ValueError, match="differs from the engine's at token 10") as e:
-        build_batch(proc, [{**it, "prompt_ids": wrong}], proc.tokenizer.pad_token_id)
+        build_batch(proc, [replace(it, prompt_ids=wrong)], proc.tokenizer.pad_token_id)
     assert s.image in str(e.value)
     with pytest.raises(ValueError, match="lengths"):
-        build_batch(proc, [{**it, "prompt_ids": ids[:-3]}], proc.tokenizer.pad_token_id)
+        build_batch(proc, [replace(it, prompt_ids=ids[:-3])], proc.tokenizer.pad_token_id)
 
 
 def test_banned_tokens_get_the_engines_bias_before_the_temperature():

@@ -82,9 +82,9 @@ def bench_rollout(cfg, prompts: int = 4, samples: int = 4, new_tokens: int = 32)
             min_new_tokens=new_tokens,
             seed=0,
         )
-        ray.get(t.rollouts.engines[0].generate.remote(reqs, **kw))  # warm-up
+        ray.get(t.groups.rollouts.engines[0].generate.remote(reqs, **kw))  # warm-up
         t0 = time.perf_counter()
-        out = ray.get(t.rollouts.engines[0].generate.remote(reqs, **kw))
+        out = ray.get(t.groups.rollouts.engines[0].generate.remote(reqs, **kw))
         vllm_s = time.perf_counter() - t0
         vllm_tokens = sum(len(a["token_ids"]) for o in out for a in o)
     finally:
@@ -186,21 +186,21 @@ def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
         share = {s: statistics.mean(r.get(f"time/{s}_s", 0.0) for r in recs) / step_s for s in stages}
         protocol, phases = [], []
         for _ in range(sync_repeats):
-            protocol.append(t.weights.push())
-            phases.append(t.learners.weights_timing())
+            protocol.append(t.groups.weights.push())
+            phases.append(t.groups.learners.weights_timing())
         in_sync = t.weights_in_sync()
         store = WeightSync(
-            t.learners, t.rollouts, "object_store", cfg.rollout.weight_bucket_mib << 20, cfg.rollout.timeout_s
+            t.groups.learners, t.groups.rollouts, "object_store", cfg.rollout.weight_bucket_mib << 20, cfg.rollout.timeout_s
         )
         object_store = [store.push() for _ in range(sync_repeats)]
         naive = []
-        engine, learner = t.rollouts.engines[0], t.learners.ranks[0]
+        engine, learner = t.groups.rollouts.engines[0], t.groups.learners.ranks[0]
         for _ in range(sync_repeats):
             t0 = time.perf_counter()
             sd = ray.get(learner.state_dict_cpu.remote())
             ray.get([engine.stage_tensor.remote(k, v) for k, v in sd.items()])
             ray.get(engine.load_staged.remote())
-            naive.append((time.perf_counter() - t0) * len(t.rollouts.engines))  # one engine timed; each costs the same
+            naive.append((time.perf_counter() - t0) * len(t.groups.rollouts.engines))  # one engine timed; each costs the same
         n_tensors, n_params = len(sd), sum(v.numel() for v in sd.values())
         n_bytes = sum(v.numel() * v.element_size() for v in sd.values())
     finally:
