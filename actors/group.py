@@ -9,8 +9,21 @@ Sharding helpers are pure (no Ray) so they are tested on their own.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def actor_env(cpu_only: bool) -> dict:
+    """Environment the actors need that the driver's does not already carry (a local cluster's
+    workers inherit the driver's; under `ray job submit` the job's runtime env provides its own,
+    and Ray refuses a driver that sets a variable the job already sets): the repository on
+    PYTHONPATH, and DeepSpeed's CPU accelerator when no GPU is used."""
+    wanted = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if cpu_only:
+        wanted["DS_ACCELERATOR"] = "cpu"
+    return {k: v for k, v in wanted.items() if k not in os.environ}
 
 
 class MemberFailed(RuntimeError):

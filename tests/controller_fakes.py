@@ -21,8 +21,15 @@ from rlsys.grpo.records import Answer, LearnerStats, Refusal, Score
 def samples(n: int) -> list[Sample]:
     """``n`` one-box detection samples; sample ``i``'s image is ``img{i}.png`` (never opened)."""
     return [
-        Sample(id=f"s{i}", image=f"img{i}.png", width=100, height=100, task="detection", phrases=["circle"],
-               instances=[Instance("circle", box=(10.0, 10.0, 40.0, 40.0))])
+        Sample(
+            id=f"s{i}",
+            image=f"img{i}.png",
+            width=100,
+            height=100,
+            task="detection",
+            phrases=["circle"],
+            instances=[Instance("circle", box=(10.0, 10.0, 40.0, 40.0))],
+        )
         for i in range(n)
     ]
 
@@ -63,11 +70,17 @@ class FakeRollouts:
             if r["image"] in self.refuse:
                 out.append(Refusal("prompt longer than the context"))
                 continue
-            out.append([
-                Answer(text=f"{r['image']}#{k}@v{job['version']}", token_ids=[10 + k, 100 + job["version"]], logprobs=[-1.0, -1.0],
-                       prompt_ids=None)
-                for k in range(self.G)
-            ])
+            out.append(
+                [
+                    Answer(
+                        text=f"{r['image']}#{k}@v{job['version']}",
+                        token_ids=[10 + k, 100 + job["version"]],
+                        logprobs=[-1.0, -1.0],
+                        prompt_ids=None,
+                    )
+                    for k in range(self.G)
+                ]
+            )
         return out
 
     def shutdown(self):

@@ -125,7 +125,7 @@ def test_a_refused_request_is_left_out_of_the_step_and_counted(tmp_path):
 
 def test_a_failed_reward_is_left_out_of_its_group_statistics_and_the_loss(tmp_path):
     # sample 0's answers: [failed, 1, 0, 1]; the others: a spread
-    reward = lambda i, k: ([None, 1.0, 0.0, 1.0][k] if i == 0 else spread(i, k))
+    reward = lambda i, k: [None, 1.0, 0.0, 1.0][k] if i == 0 else spread(i, k)
     t = _trainer(_cfg(tmp_path, "run.steps=1", "learner.advantage_scaling=group_std"), reward, n_samples=4)
     m = t.step()
     _, items = t.groups.learners.trained[0]

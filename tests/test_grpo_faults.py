@@ -2,10 +2,10 @@
 dynamic sampling draws more prompts when groups carry no signal; answers whose reward failed are
 left out of the group statistics and the loss."""
 
-from dataclasses import replace
 import os
 import re
 import sys
+from dataclasses import replace
 
 import pytest
 

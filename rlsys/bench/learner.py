@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from rlsys.config import ModelConfig
+from rlsys.config import REPO_ROOT, ModelConfig
 from rlsys.data.prepare import prepare_model_dir
 from rlsys.grpo.algorithm import policy_loss
 from rlsys.grpo.records import LearnerItem
@@ -203,7 +203,7 @@ def compare(out_dir: Path, models=("tiny", "30m", "qwen3b"), timeout_s: int = 18
     """Every model x variant in its own process; the after/before ratios."""
     import subprocess
 
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO_ROOT)}
     res: dict = {}
     for name in models:
         for variant in ("before", "after"):

@@ -35,13 +35,13 @@ import time
 from pathlib import Path
 
 from rewards.scorer import load_scorer, score
-from rlsys.config import ConfigError, load_config
+from rlsys.config import REPO_ROOT, ConfigError, load_config
 from rlsys.data.samples import load_dataset
 from rlsys.lang.prompts import question_for_sample
 from rlsys.lang.vocab import vocabulary_for
 from rlsys.models import load_model, param_part, processor_for
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_ROOT
 DEMO_GRPO_CONFIG = REPO / "configs" / "demo_grpo_tiny_cpu.yaml"
 
 

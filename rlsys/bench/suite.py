@@ -40,16 +40,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from actors.group import actor_env
 from rlsys.bench import learning as bench_learning
 from rlsys.bench.learner import compare
-from rlsys.config import DEFAULT_CONFIG, load_config
-from rlsys.grpo.run import actor_env, prepare_data, prepare_model, start_trainer
+from rlsys.config import DEFAULT_CONFIG, REPO_ROOT, load_config
+from rlsys.grpo.run import prepare_data, prepare_model, start_trainer
 from rlsys.lang.prompts import chat_prompt, question_for_sample
 from rlsys.lang.targets import answer_text
 from rlsys.lang.vocab import VOCABULARIES, make_vocabulary, vocabulary_for
 from rlsys.models import load_model, load_processor
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_ROOT
 ALL = ("rewards", "rollout", "step", "sync", "distributed", "scaling", "async", "learner", "vocab", "serve")
 # Long (tens of minutes to hours, from the demo's SFT model): only when asked for by name.
 ON_REQUEST = ("learning",)
@@ -190,7 +191,11 @@ def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
             phases.append(t.groups.learners.weights_timing())
         in_sync = t.weights_in_sync()
         store = WeightSync(
-            t.groups.learners, t.groups.rollouts, "object_store", cfg.rollout.weight_bucket_mib << 20, cfg.rollout.timeout_s
+            t.groups.learners,
+            t.groups.rollouts,
+            "object_store",
+            cfg.rollout.weight_bucket_mib << 20,
+            cfg.rollout.timeout_s,
         )
         object_store = [store.push() for _ in range(sync_repeats)]
         naive = []
@@ -200,7 +205,9 @@ def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
             sd = ray.get(learner.state_dict_cpu.remote())
             ray.get([engine.stage_tensor.remote(k, v) for k, v in sd.items()])
             ray.get(engine.load_staged.remote())
-            naive.append((time.perf_counter() - t0) * len(t.groups.rollouts.engines))  # one engine timed; each costs the same
+            naive.append(
+                (time.perf_counter() - t0) * len(t.groups.rollouts.engines)
+            )  # one engine timed; each costs the same
         n_tensors, n_params = len(sd), sum(v.numel() for v in sd.values())
         n_bytes = sum(v.numel() * v.element_size() for v in sd.values())
     finally:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections import deque
 from pathlib import Path
 
+from actors.group import actor_env
 from rlsys.config import ConfigError, GRPOConfig, describe, load_config
 from rlsys.data.prepare import (
     check_fit,
@@ -132,17 +132,6 @@ def parse_args(argv):
     p.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
     p.add_argument("overrides", nargs="*", help="key=value")
     return p.parse_args(argv)
-
-
-def actor_env(cpu_only: bool) -> dict:
-    """Environment the actors need that the driver's does not already carry (a local cluster's
-    workers inherit the driver's; under `ray job submit` the job's runtime env provides its own,
-    and Ray refuses a driver that sets a variable the job already sets): the repository on
-    PYTHONPATH, and DeepSpeed's CPU accelerator when no GPU is used."""
-    wanted = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    if cpu_only:
-        wanted["DS_ACCELERATOR"] = "cpu"
-    return {k: v for k, v in wanted.items() if k not in os.environ}
 
 
 def run(cfg: GRPOConfig) -> dict:

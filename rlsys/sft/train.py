@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlsys.config import ConfigError, SFTConfig, describe, load_config
+from actors.group import actor_env
+from rlsys.config import REPO_ROOT, ConfigError, SFTConfig, describe, load_config
 from rlsys.data.prepare import check_phrases, check_targets, prepare_data_path, prepare_model_dir
 from rlsys.data.samples import load_dataset
 from rlsys.grpo.records import LearnerItem
-from rlsys.grpo.run import actor_env
 from rlsys.grpo.sequences import build_batch
 from rlsys.lang.prompts import chat_prompt
 from rlsys.lang.targets import conversation
@@ -35,7 +35,7 @@ from rlsys.sft.losses import answer_token_loss
 from rlsys.tracking import start_tracking, wandb_init_args
 
 log = logging.getLogger("rlsys.sft")
-DEFAULT_SFT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sft_tiny_cpu.yaml"
+DEFAULT_SFT_CONFIG = REPO_ROOT / "configs" / "sft_tiny_cpu.yaml"
 
 
 def param_groups(model, lrs: dict, weight_decay: float) -> list[dict]:
