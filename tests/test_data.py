@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rlsys.data import samples as data
 from rlsys.data import synthetic
 from rlsys.data.samples import DataError, Sample, load_coco, load_jsonl
-from rlsys.data.samples import samples as data
 
 
 def _rec(**kw):

@@ -14,7 +14,8 @@ SCRIPT = r"""
 import json, pickle, sys
 from actors.learner import LearnerWorker
 w = LearnerWorker.__ray_actor_class__(rank=0, world_size=1)
-cfg = dict(lr=1e-4, weight_decay=0.0, micro_batch_size=1, grad_clip=1.0, zero_stage=2, kl_coef=0.0,
+from rlsys.config import LearnerConfig
+cfg = LearnerConfig(lr=1e-4, weight_decay=0.0, micro_batch_size=1, grad_clip=1.0, zero_stage=2, kl_coef=0.0,
            gpus_per_rank=0, clip_low=0.2, clip_high=0.28, is_cap=2.0)
 w.setup(sys.argv[1], cfg, master_addr="127.0.0.1", master_port=int(sys.argv[2]), seed=0)
 flat_views = sum(p.untyped_storage().nbytes() > p.numel() * p.element_size() for p in w.engine.module.parameters())
