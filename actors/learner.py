@@ -21,7 +21,7 @@ from actors.group import (
     tear_down,
 )
 from actors.weight_sync import LearnerWeightSender, params_checksum, state_dict_buckets
-from rlsys.config import LearnerConfig
+from rlsys.config import LearnerConfig, deepspeed_config
 from rlsys.grpo.algorithm import policy_loss, warmup_factor
 from rlsys.grpo.records import LearnerItem, LearnerStats
 from rlsys.grpo.sequences import banned_token_ids, build_batch, encode_prompts, token_logprobs
@@ -109,20 +109,16 @@ class LearnerWorker:
             raise ValueError("learner: no trainable parameters (freeze_vision left nothing to train?)")
         self.trainable_params = sum(p.numel() for p in trainable)
         optim = torch.optim.AdamW(trainable, lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": learner_cfg.micro_batch_size,
-            # One optimizer step per GRPO step whatever the shard: train() marks the last
-            # micro-batch as the accumulation boundary itself (set_gradient_accumulation_boundary),
-            # so a step with more or fewer micro-batches than the last one cannot move the
-            # optimizer step into the next GRPO step.
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": learner_cfg.grad_clip,
-            "zero_optimization": {"stage": learner_cfg.zero_stage},
-            # A torch AdamW, not DeepSpeed's fused CPU Adam: that one compiles a C++ op at first start.
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": dtype == "bfloat16"},
-            "steps_per_print": 10**9,
-        }
+        # One optimizer step per GRPO step whatever the shard (accumulation steps 1): train() marks
+        # the last micro-batch as the accumulation boundary itself (set_gradient_accumulation_boundary),
+        # so a step with more or fewer micro-batches than the last one cannot move the optimizer
+        # step into the next GRPO step.
+        ds_config = deepspeed_config(
+            micro_batch_size=learner_cfg.micro_batch_size,
+            grad_clip=learner_cfg.grad_clip,
+            zero_stage=learner_cfg.zero_stage,
+            dtype=dtype,
+        )
 
         # DeepSpeed steps the schedule with each optimizer step and saves it in its checkpoints,
         # so a resumed run continues the warm-up where it stopped.

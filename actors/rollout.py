@@ -16,7 +16,7 @@ import ray
 import actors.weight_sync  # noqa: F401  registers rlsys_gloo in vLLM's factories (here and in the workers)
 from actors.group import bundle, call, in_bundle, placement_group, round_robin, tear_down
 from actors.weight_sync import write_shm
-from rlsys.config import engine_memory
+from rlsys.config import vllm_engine_args
 from rlsys.grpo.records import Answer, Refusal
 from rlsys.grpo.sequences import BANNED_LOGIT_BIAS, banned_token_ids
 
@@ -25,18 +25,10 @@ log = logging.getLogger(__name__)
 
 @ray.remote
 class RolloutWorker:
-    def __init__(
-        self,
-        model_dir: str,
-        *,
-        max_model_len: int,
-        memory: dict,
-        enforce_eager: bool,
-        seed: int,
-        dtype: str = "float32",
-        weight_transfer: str = "rlsys_gloo",
-        pixels: dict | None = None,
-    ):
+    def __init__(self, engine_args: dict, weight_transfer: str = "rlsys_gloo"):
+        """``engine_args``: :func:`rlsys.config.vllm_engine_args`, built on the driver; the
+        rollout engine adds the weight-transfer protocol, the worker extension that receives
+        weights, and log-probs of the distribution tokens were drawn from."""
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         from vllm import LLM
 
@@ -48,18 +40,8 @@ class RolloutWorker:
 
         t0 = time.perf_counter()
         self.llm = LLM(
-            model=model_dir,
-            max_model_len=max_model_len,
-            **memory,  # rlsys.config.engine_memory: the KV cache's size
-            enforce_eager=enforce_eager,
-            limit_mm_per_prompt={"image": 1, "video": 0},
-            # the config's pixel budget, as the learner's processor uses it
-            mm_processor_kwargs=pixels or None,
-            seed=seed,
-            # the learner's dtype: after a sync the engine's weights equal the learner's bit for bit
-            dtype=dtype,
+            **engine_args,
             worker_extension_cls="actors.weight_sync.VllmWorkerExtension",
-            trust_remote_code=False,
             # log-probs of the distribution tokens were drawn from (after temperature, top-p and
             # the logit bias below), so the controller can compare them with the learner's
             logprobs_mode="processed_logprobs",
@@ -265,14 +247,8 @@ class RolloutGroup:
         return RolloutWorker.options(
             num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine, scheduling_strategy=in_bundle(self.pg, i)
         ).remote(
-            self.model_dir,
-            max_model_len=ro.max_model_len_tokens,
-            memory=engine_memory(ro.gpu_memory_utilization, ro.kv_cache_mib),
-            enforce_eager=ro.enforce_eager,
-            seed=self.cfg.run.seed + i,
-            dtype=self.cfg.model.dtype,
+            vllm_engine_args(self.cfg.model, self.model_dir, ro, seed=self.cfg.run.seed + i),
             weight_transfer=self.cfg.weight_transfer_backend,
-            pixels=self.cfg.model.pixel_budget(),
         )
 
     def ready_refs(self) -> list:

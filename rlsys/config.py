@@ -8,6 +8,7 @@ importing Ray, vLLM or DeepSpeed, so a bad value fails in a second with the fiel
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -18,6 +19,7 @@ from rlsys.lang.vocab import MASK_VOCABULARIES
 from rlsys.models import TinySpec, qwen2_5_vl_3b_shaped
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "serve_tiny_cpu.yaml"
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
 
 
@@ -79,6 +81,44 @@ def engine_memory(gpu_memory_utilization: float, kv_cache_mib: int | None) -> di
     if kv_cache_mib is not None:
         out["kv_cache_memory_bytes"] = kv_cache_mib << 20
     return out
+
+
+def vllm_engine_args(model, model_dir: str, engine, *, seed: int) -> dict:
+    """The one set of vLLM engine arguments, for the rollout engines, eval, Serve and the benches.
+    ``model``: a :class:`ModelConfig`; ``engine``: a section with ``max_model_len_tokens``,
+    ``gpu_memory_utilization``, ``kv_cache_mib``, ``enforce_eager`` and optionally
+    ``max_num_seqs`` (the rollout section, or Serve's engine section). The engines see images
+    under the model's pixel budget, as the learner's processor does, in the learner's dtype."""
+    args = {
+        "model": model_dir,
+        "max_model_len": engine.max_model_len_tokens,
+        **engine_memory(engine.gpu_memory_utilization, engine.kv_cache_mib),
+        "enforce_eager": engine.enforce_eager,
+        "seed": seed,
+        "dtype": model.dtype,
+        "limit_mm_per_prompt": {"image": 1, "video": 0},
+        "mm_processor_kwargs": model.pixel_budget() or None,
+        "trust_remote_code": model.trust_remote_code,
+    }
+    if getattr(engine, "max_num_seqs", None) is not None:
+        args["max_num_seqs"] = engine.max_num_seqs
+    return args
+
+
+def deepspeed_config(
+    *, micro_batch_size: int, grad_clip: float, zero_stage: int, dtype: str, gradient_accumulation_steps: int = 1
+) -> dict:
+    """The one DeepSpeed config, for the GRPO learner and SFT. A torch AdamW is passed in, not
+    DeepSpeed's fused CPU Adam (which compiles a C++ op at first start)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+    }
 
 
 def pixel_budget(min_pixels: int | None, max_pixels: int | None) -> dict:
@@ -602,3 +642,151 @@ class SFTConfig(_Section):
             "conversations_seen": g * self.train.steps,
             "warmup_steps": int(self.train.warmup_fraction * self.train.steps),
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving (python -m rlsys.serve; values in configs/serve_*.yaml)
+# ---------------------------------------------------------------------------------------------
+class ServeModelConfig(_Section):
+    checkpoint: str | None = Field(
+        None,
+        description="Hugging Face checkpoint directory with coordinate tokens (a GRPO checkpoint's step_N/ works: its hf/ is used). None: build (once) the tiny random-weight model in model.tiny_model_dir.",
+    )
+    tiny_model_dir: str = Field(
+        "runs/serve-tiny/tiny-model", description="Where the tiny model is built when model.checkpoint is None."
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow a checkpoint's own Python code (off: the Qwen2.5-VL classes in transformers/vLLM suffice).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Engine weight dtype (float32 on CPUs, bfloat16 on GPUs)."
+    )
+    vocabulary: Literal["rex_bins", "qwen_json", "getok", "chatrex"] = Field(
+        "rex_bins",
+        description="The vocabulary the checkpoint was trained to answer in (model.vocabulary of its SFT/GRPO config; rlsys.lang.vocab; getok reads its grid size from the checkpoint's tokenizer; chatrex needs the request's 'proposals'). Answers are returned in the request image's pixels whatever it is.",
+    )
+    min_pixels: MinPixels = None
+    max_pixels: MaxPixels = None
+
+    def pixel_budget(self) -> dict:
+        return pixel_budget(self.min_pixels, self.max_pixels)
+
+
+class EngineConfig(_Section):
+    max_model_len_tokens: int = Field(
+        1024, ge=64, description="vLLM context length: prompt (image tokens included) + answer."
+    )
+    max_num_seqs: int = Field(32, ge=1, le=4096, description="Sequences vLLM runs in one continuous batch per replica.")
+    gpu_memory_utilization: float = Field(
+        0.1,
+        gt=0,
+        le=0.95,
+        description="vLLM's share of device memory (weights, activations, KV cache); on the CPU backend, of the RAM of the engine's NUMA node. Ignored for the KV cache when kv_cache_mib is set.",
+    )
+    kv_cache_mib: KvCacheMiB = None
+    enforce_eager: bool = Field(
+        True, description="Disable CUDA graphs / torch.compile (faster start; required on CPU)."
+    )
+    seed: int = Field(0, description="Engine seed (answers are greedy unless generation.temperature > 0).")
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(512, ge=1, le=32768, description="Answer length limit, in tokens.")
+    temperature: float = Field(
+        0.0, ge=0, le=2.0, description="Sampling temperature; 0 is greedy (same image, same answer)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1.0, description="Nucleus sampling mass (with temperature > 0).")
+
+
+class BatchingConfig(_Section):
+    enabled: bool = Field(
+        True,
+        description="Serve dynamic batching (@serve.batch) in front of the engine; off: each request goes to the engine on its own.",
+    )
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests gathered into one batch.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="How long the first request of a batch waits for others."
+    )
+    max_concurrent_batches: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Batches in the engine at once. A batch returns when its slowest answer is done, so with 1 (Serve's default) new requests wait for the whole batch and vLLM's continuous batching degrades to static batches.",
+    )
+
+
+class DeploymentConfig(_Section):
+    name: str = Field("detector", min_length=1, description="Serve application and deployment name.")
+    min_replicas: int = Field(
+        1,
+        ge=0,
+        description="Autoscaling lower bound (0 scales to zero when idle; the next request waits for an engine start).",
+    )
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound; each replica holds one vLLM engine.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Autoscaling target: in-flight requests per replica.")
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests one replica accepts at once; more wait in the proxy."
+    )
+    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs each replica requests from Ray.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs each replica requests from Ray (0 on CPU machines).")
+
+
+class HttpConfig(_Section):
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the Serve proxy listens on (0.0.0.0 to accept other machines); python -m rlsys.serve only: serve run takes it from the Serve config file.",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="Port of the Serve proxy (python -m rlsys.serve only).")
+    route_prefix: str = Field("/", pattern=r"^/", description="Route prefix of the application.")
+
+
+class LimitsConfig(_Section):
+    max_image_bytes: int = Field(10 * 2**20, ge=1024, description="Largest encoded image accepted (413 above).")
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=1,
+        description="Largest width x height accepted (413 above); the processor resizes to the model's budget anyway.",
+    )
+    max_categories: int = Field(50, ge=1, description="Most categories in one request (422 above).")
+    max_phrase_chars: int = Field(200, ge=1, description="Longest category or expression, in characters.")
+    max_prompt_boxes: int = Field(16, ge=1, description="Most visual-prompt boxes in one request.")
+    allow_url_fetch: bool = Field(
+        False,
+        description="Fetch an http(s) URL given as image. Off: a URL is answered 400. On, the server fetches any address it can reach (mind internal networks).",
+    )
+    url_fetch_timeout_s: float = Field(10.0, gt=0, description="Limit for fetching one image URL.")
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The body limit follows from the image limit: base64 grows 4/3, plus room for fields."""
+        return math.ceil(self.max_image_bytes * 4 / 3) + 64 * 1024
+
+
+class ServeConfig(_Section):
+    model: ServeModelConfig = ServeModelConfig()
+    engine: EngineConfig = EngineConfig()
+    generation: GenerationConfig = GenerationConfig()
+    batching: BatchingConfig = BatchingConfig()
+    deployment: DeploymentConfig = DeploymentConfig()
+    http: HttpConfig = HttpConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        d = self.deployment
+        if d.min_replicas > d.max_replicas:
+            raise ValueError(
+                f"deployment.min_replicas ({d.min_replicas}) exceeds deployment.max_replicas ({d.max_replicas})"
+            )
+        if self.batching.enabled and self.batching.max_batch_size > d.max_ongoing_requests:
+            raise ValueError(
+                f"batching.max_batch_size ({self.batching.max_batch_size}) exceeds deployment.max_ongoing_requests "
+                f"({d.max_ongoing_requests}): a replica never holds enough requests to fill a batch"
+            )
+        if self.generation.max_new_tokens >= self.engine.max_model_len_tokens:
+            raise ValueError(
+                f"generation.max_new_tokens ({self.generation.max_new_tokens}) leaves no room for the prompt in "
+                f"engine.max_model_len_tokens ({self.engine.max_model_len_tokens})"
+            )
+        return self

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
+from rlsys.config import ServeConfig
 from rlsys.data.samples import Instance, Sample
 from rlsys.lang.format import check_sample_phrases, control_tokens, find_control_token
-from rlsys.serve.app import DetectRequest, RequestError, ServeConfig, check_request, parse_request
+from rlsys.serve.requests import DetectRequest, RequestError, check_request, parse_request
 
 VISION_AND_TURN = [
     "<|image_pad|>",

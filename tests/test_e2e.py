@@ -568,7 +568,8 @@ def _serve_one_request_in_pixels(
     from rlsys.data.samples import Sample
     from rlsys.lang.vocab import synthetic_proposals, vocabulary_for
     from rlsys.models import load_processor
-    from rlsys.serve.app import build_app, load_serve_config, to_objects
+    from rlsys.serve.app import build_app, load_serve_config
+    from rlsys.serve.requests import to_objects
     from tests.test_serve import _free_port, _post
 
     cfg = load_serve_config(

@@ -529,7 +529,8 @@ def test_serve_answers_a_mask_request_in_request_pixels():
     request with 422 before anything is generated."""
     from pycocotools import mask as mask_utils
 
-    from rlsys.serve.app import LimitsConfig, RequestError, bind_vocabulary, check_request, parse_request, to_objects
+    from rlsys.config import LimitsConfig
+    from rlsys.serve.requests import RequestError, bind_vocabulary, check_request, parse_request, to_objects
 
     req = parse_request(b'{"image": "x", "task": "detection", "categories": ["cat"], "output": "mask"}')
     assert check_request(req, LimitsConfig()) == ("mask", ["cat"])

@@ -15,17 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from rlsys.config import REPO_ROOT
-from rlsys.serve.app import (
-    AppArgs,
-    DetectRequest,
-    RequestError,
-    ServeConfig,
-    check_request,
-    load_image,
-    load_serve_config,
-    to_objects,
-)
+from rlsys.config import REPO_ROOT, ServeConfig
+from rlsys.serve.app import AppArgs, load_serve_config
+from rlsys.serve.requests import DetectRequest, RequestError, check_request, load_image, to_objects
 
 W, H = 160, 120
 
@@ -273,7 +265,7 @@ def test_concurrent_burst_all_answered(server):
 
 @pytest.mark.slow
 def test_client_error_and_cli(server, tmp_path, capsys):
-    from rlsys.serve.app import detect
+    from rlsys.serve import detect
     from rlsys.serve.client import DetectClient, DetectError
 
     url, _ = server

@@ -312,7 +312,7 @@ def test_sft_targets_and_questions_speak_the_vocabulary():
 
 
 def test_serve_answers_in_request_pixels_whatever_the_vocabulary():
-    from rlsys.serve.app import to_objects
+    from rlsys.serve.requests import to_objects
 
     objs, bad = to_objects('```json\n[{"bbox_2d": [39, 18, 118, 140], "label": "cat"}]\n```', "detection", 640, 480, QJ)
     assert bad == 0 and objs == [
@@ -591,7 +591,7 @@ def test_proposals_merge_tool(tmp_path):
 
 
 def test_serve_binds_the_request_proposals_for_chatrex_only():
-    from rlsys.serve.app import DetectRequest, RequestError, bind_vocabulary, to_objects
+    from rlsys.serve.requests import DetectRequest, RequestError, bind_vocabulary, to_objects
 
     req = DetectRequest(
         image="x", task="detection", categories=["cat"], proposals=[[10, 10, 50, 50], [100, 20, 150, 80]]

@@ -27,11 +27,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from rlsys.config import ConfigError, engine_memory
+from rlsys.config import ConfigError, vllm_engine_args
 from rlsys.lang.prompts import chat_prompt
 from rlsys.models import load_processor
-from rlsys.serve.app import DetectRequest, build_app, check_request, load_serve_config, question_for, resolve_model_dir
+from rlsys.serve.app import build_app, load_serve_config, resolve_model_dir
 from rlsys.serve.client import DetectClient, DetectError
+from rlsys.serve.requests import DetectRequest, check_request, question_for
 
 CATEGORIES = ["red rectangle", "blue circle"]
 CLIENTS = (1, 4, 16, 64)
@@ -141,18 +142,7 @@ def offline_rate(cfg, model_dir: str, n_at: dict[int, int]) -> dict:
     output, phrases = check_request(req, cfg.limits)
     question = question_for(req, output, phrases, *image.size)
     prompt = chat_prompt(processor, question)
-    llm = LLM(
-        model=model_dir,
-        max_model_len=e.max_model_len_tokens,
-        max_num_seqs=e.max_num_seqs,
-        **engine_memory(e.gpu_memory_utilization, e.kv_cache_mib),
-        enforce_eager=e.enforce_eager,
-        seed=e.seed,
-        dtype=cfg.model.dtype,
-        limit_mm_per_prompt={"image": 1, "video": 0},
-        mm_processor_kwargs=pixels or None,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    llm = LLM(**vllm_engine_args(cfg.model, model_dir, e, seed=e.seed))
     sp = SamplingParams(
         max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, skip_special_tokens=False
     )

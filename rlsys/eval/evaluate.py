@@ -33,7 +33,7 @@ from rewards.metrics import (
     pointing_table,
 )
 from rewards.scorer import leave_one_out_gain, load_scorer, score, takes_vocabulary
-from rlsys.config import ConfigError, engine_memory, load_config
+from rlsys.config import ConfigError, load_config, vllm_engine_args
 from rlsys.data import synthetic
 from rlsys.data.prepare import check_targets, mask_decoding
 from rlsys.data.samples import load_dataset
@@ -53,22 +53,12 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    r, pixels = cfg.rollout, cfg.model.pixel_budget()
+    r = cfg.rollout
     max_new_tokens = max_new_tokens or r.max_new_tokens
     proc = processor or processor_for(cfg.model, model_dir)
     vocabulary = vocabulary_for(cfg.model, proc)
 
-    llm = LLM(
-        model=model_dir,
-        max_model_len=r.max_model_len_tokens,
-        **engine_memory(r.gpu_memory_utilization, r.kv_cache_mib),
-        enforce_eager=r.enforce_eager,
-        dtype=cfg.model.dtype,
-        limit_mm_per_prompt={"image": 1, "video": 0},
-        mm_processor_kwargs=pixels or None,
-        seed=0,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    llm = LLM(**vllm_engine_args(cfg.model, model_dir, r, seed=0))
     inputs = []
     for s in samples:
         with Image.open(s.image) as im:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from actors.group import actor_env
-from rlsys.config import REPO_ROOT, ConfigError, SFTConfig, describe, load_config
+from rlsys.config import REPO_ROOT, ConfigError, SFTConfig, deepspeed_config, describe, load_config
 from rlsys.data.prepare import check_phrases, check_targets, prepare_data_path, prepare_model_dir
 from rlsys.data.samples import load_dataset
 from rlsys.grpo.records import LearnerItem
@@ -100,15 +100,13 @@ def train_loop(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optim,
-        config={
-            "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-            "gradient_accumulation_steps": tr.grad_accum_steps,
-            "gradient_clipping": tr.grad_clip,
-            "zero_optimization": {"stage": tr.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-            "steps_per_print": 10**9,
-        },
+        config=deepspeed_config(
+            micro_batch_size=tr.micro_batch_size,
+            grad_clip=tr.grad_clip,
+            zero_stage=tr.zero_stage,
+            dtype=cfg.model.dtype,
+            gradient_accumulation_steps=tr.grad_accum_steps,
+        ),
     )
     samples = load_dataset(config["train_path"])
     if cfg.data.tasks:
