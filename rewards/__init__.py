@@ -3,7 +3,8 @@
 Pure functions on numpy arrays in pixels: nothing here imports Ray, vLLM or DeepSpeed (a test
 checks), so reward workers, evaluation and notebooks share one implementation.
 
-- :func:`score` (``rewards.scorer``): model text + :class:`rlsys.data.samples.Sample` -> :class:`RewardResult`;
+- ``rewards.scorer`` (import it by name: it reads answers in :mod:`rlsys.lang`, which itself uses
+  the geometry here): :func:`score`, model text + :class:`rlsys.data.samples.Sample` -> :class:`RewardResult`;
   :func:`score_coco_thresholds` credits boxes at IoU 0.50:0.95 instead of by IoU.
 - Rewards, each -> :class:`F1Result` (``.f1`` is the reward): :func:`box_iou_f1`,
   :func:`polygon_iou_f1`, :func:`point_in_mask_f1`, :func:`point_in_box_f1`, :func:`keypoint_oks_f1`,
@@ -34,11 +35,9 @@ from rewards.metrics import (
     pointing_f1,
 )
 from rewards.point import point_in_box, point_in_box_f1, point_in_mask_f1
-from rewards.scorer import RewardResult, score, score_coco_thresholds
 
 __all__ = [
     "F1Result",
-    "RewardResult",
     "box_iou_f1",
     "detection_f1",
     "duplicate_flags",
@@ -59,8 +58,6 @@ __all__ = [
     "point_in_mask_f1",
     "pointing_f1",
     "polygon_iou_f1",
-    "score",
-    "score_coco_thresholds",
     "threshold_credit",
     "COCO_IOU_THRESHOLDS",
 ]

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rlsys.lang.vocab import MASK_VOCABULARIES
+from rlsys.lang.vocab import MASK_VOCABULARIES, VOCABULARIES
 from rlsys.models import TinySpec, qwen2_5_vl_3b_shaped
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +73,10 @@ KvCacheMiB = Annotated[
         description="vLLM KV-cache size in MiB (vLLM's kv_cache_memory_bytes); when set, gpu_memory_utilization no longer sizes the cache. Set it on CPU machines (the tiny configs use 256: the tiny model needs ~1 KiB per token). None: gpu_memory_utilization decides.",
     ),
 ]
+
+
+# The names come from the vocabulary table (rlsys/lang/vocab/__init__.py), not a second list.
+VocabularyName = Literal[VOCABULARIES]
 
 
 def engine_memory(gpu_memory_utilization: float, kv_cache_mib: int | None) -> dict:
@@ -137,7 +141,7 @@ class ModelConfig(_Section):
         None,
         description="Local Hugging Face checkpoint directory. None: build (once) the tiny random-weight Qwen2.5-VL under run.out_dir/tiny-model.",
     )
-    vocabulary: Literal["rex_bins", "qwen_json", "getok", "chatrex"] = Field(
+    vocabulary: VocabularyName = Field(
         "rex_bins",
         description="How the model writes geometry (rlsys.lang.vocab): rex_bins, Rex-Omni's coordinate tokens <0>..<999>; qwen_json, Qwen2.5-VL's own grounding JSON (bbox_2d / point_2d in pixels of the resized image), what a base Qwen2.5-VL already answers; getok, GETok's grid tokens <gridX_Y> with offset tokens <OFFdx_dy> and <DELETE>; chatrex, ChatRex's proposal indices <obj0>.. into candidate boxes listed in the question. Used by SFT targets, questions, rewards, eval and Serve.",
     )
@@ -662,7 +666,7 @@ class ServeModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Engine weight dtype (float32 on CPUs, bfloat16 on GPUs)."
     )
-    vocabulary: Literal["rex_bins", "qwen_json", "getok", "chatrex"] = Field(
+    vocabulary: VocabularyName = Field(
         "rex_bins",
         description="The vocabulary the checkpoint was trained to answer in (model.vocabulary of its SFT/GRPO config; rlsys.lang.vocab; getok reads its grid size from the checkpoint's tokenizer; chatrex needs the request's 'proposals'). Answers are returned in the request image's pixels whatever it is.",
     )

@@ -416,7 +416,7 @@ def test_box_reward_at_iou_thresholds_does_not_pay_for_a_grown_box():
 
 
 def test_score_coco_thresholds_scores_boxes_at_thresholds_and_points_as_before():
-    from rewards import score, score_coco_thresholds
+    from rewards.scorer import score, score_coco_thresholds
     from rlsys.data.samples import Instance, Sample
 
     s = Sample("s", "img.png", 999, 999, "detection", ["cat"], [Instance("cat", box=(0, 0, 100, 100))], "box")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rewards import score
+from rewards.scorer import score
 from rlsys.data.samples import Instance, Sample, load_jsonl
 from rlsys.lang import coords
 from rlsys.lang.format import KeypointInstance, Prediction, render, render_keypoints
