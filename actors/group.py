@@ -1,5 +1,5 @@
 """What the three actor groups (rollout, reward, learner) share: placement, sharding and calls
-with a limit. Each group is a driver-side object owning its placement group, how a batch is
+with a limit (:class:`Members`, :func:`wait_members`). Each group is a driver-side object owning its placement group, how a batch is
 split over its members, a timeout on every call, and what a dead member costs; the controller
 holds groups, never single actors.
 
@@ -61,50 +61,102 @@ def placement_group(name: str, bundles: list[dict], strategy: str, timeout_s: fl
     return pg
 
 
-def tear_down(members: list, pg) -> None:
-    """Kill a group's members and free its placement group."""
-    import ray
-    from ray.util.placement_group import remove_placement_group
-
-    for m in members:
-        ray.kill(m, no_restart=True)
-    remove_placement_group(pg)
-
-
 def in_bundle(pg, index: int):
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
 
 
-def call(refs, timeout_s: float, what: str):
-    """``ray.get`` with a limit and a message that says what did not finish."""
+def wait_members(group: str, refs: dict[int, object], timeout_s: float, what: str) -> dict[int, object]:
+    """The one deadline wait: calls already started, one per member (keyed by the member's
+    index), waited for together within ``timeout_s``. Returns each member's result, or a
+    :class:`MemberFailed` naming the member that died, raised or was late. Never raises, so each
+    group applies its own failure policy (restart and retry, replace and retry, or stop)."""
     import ray
 
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"{what} did not finish within {timeout_s:.0f} s") from None
-
-
-def call_each(group: str, refs: list, timeout_s: float, what: str) -> list:
-    """Wait for one call per member (all started already) within one deadline; the first member
-    that died or ran past it is named in a :class:`MemberFailed`."""
-    import time
-
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    out = []
-    for k, ref in enumerate(refs):
-        ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            raise MemberFailed(group, k, what, f"no answer within {timeout_s:.0f} s")
+    if not refs:
+        return {}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    done = set(ready)
+    out: dict[int, object] = {}
+    for k, ref in refs.items():
+        if ref not in done:
+            out[k] = MemberFailed(group, k, what, f"no answer within {timeout_s:.0f} s")
+            continue
         try:
-            out.append(ray.get(ref))
+            out[k] = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-            raise MemberFailed(group, k, what, exc) from exc
+            out[k] = MemberFailed(group, k, what, exc)
     return out
+
+
+def node_id(_actor) -> str:
+    """The node an actor runs on (for :meth:`Members.inspect`)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def call_each(group: str, refs: list, timeout_s: float, what: str, advice: str = "") -> list:
+    """:func:`wait_members` for calls that must all succeed: the first failed member is raised
+    (with ``advice``, what the user can do about it)."""
+    res = wait_members(group, dict(enumerate(refs)), timeout_s, what)
+    for k in range(len(refs)):
+        if isinstance(res[k], MemberFailed):
+            err = res[k]
+            if advice:
+                err.args = (f"{err.args[0]}. {advice}",)
+            raise err
+    return [res[k] for k in range(len(refs))]
+
+
+class Members:
+    """The shape every actor group has: one placement group, its members (member ``k`` in bundle
+    ``k``), start-up, restart of member ``k`` in its own bundle, calls with one deadline, and
+    shutdown. The rollout, reward and learner groups hold one and differ only in their failure
+    policy. ``start(k, scheduling_strategy)`` creates member ``k``'s actor."""
+
+    def __init__(self, name: str, bundles: list[dict], strategy: str, start_timeout_s: float, start):
+        self.name, self._start, self.start_timeout_s = name, start, start_timeout_s
+        self.pg = placement_group(name, bundles, strategy, start_timeout_s)
+        self.handles = [start(k, in_bundle(self.pg, k)) for k in range(len(bundles))]
+        self.restarts = 0
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def each(self, refs: list, timeout_s: float, what: str, advice: str = "") -> list:
+        return call_each(self.name, refs, timeout_s, what, advice)
+
+    def wait(self, refs: dict[int, object], timeout_s: float, what: str) -> dict[int, object]:
+        return wait_members(self.name, refs, timeout_s, what)
+
+    def restart(self, k: int, ready: str | None = None) -> None:
+        """Kill member ``k`` (its running calls die with it) and start a fresh one in its bundle;
+        with ``ready`` (a method name), wait until the new member answers it."""
+        import ray
+
+        ray.kill(self.handles[k], no_restart=True)
+        self.handles[k] = self._start(k, in_bundle(self.pg, k))
+        self.restarts += 1
+        if ready:
+            self.each(
+                [getattr(self.handles[k], ready).remote()], self.start_timeout_s, f"restarted member {k} start-up"
+            )
+
+    def inspect(self, fn, *args, timeout_s: float = 600.0) -> list:
+        """``fn(actor_instance, *args)`` run inside every member (Ray's ``__ray_call__``): for
+        tests and diagnostics, so the actors carry no RPCs of their own for them."""
+        return self.each([h.__ray_call__.remote(fn, *args) for h in self.handles], timeout_s, f"inspect {fn.__name__}")
+
+    def shutdown(self) -> None:
+        """Kill the members and free the placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for h in self.handles:
+            ray.kill(h, no_restart=True)
+        remove_placement_group(self.pg)
 
 
 # ----------------------------------------------------------------------------------------------

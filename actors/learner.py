@@ -9,17 +9,7 @@ from dataclasses import replace
 
 import ray
 
-from actors.group import (
-    MemberFailed,
-    bundle,
-    call,
-    call_each,
-    in_bundle,
-    micro_batch_plan,
-    placement_group,
-    round_robin,
-    tear_down,
-)
+from actors.group import Members, bundle, micro_batch_plan, node_id, round_robin
 from actors.weight_sync import LearnerWeightSender, params_checksum, state_dict_buckets
 from rlsys.config import LearnerConfig, deepspeed_config
 from rlsys.grpo.algorithm import policy_loss, warmup_factor
@@ -39,6 +29,10 @@ def rendezvous_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
+def _parameters_cpu(worker) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in worker.engine.module.named_parameters()}
+
+
 @ray.remote
 class LearnerWorker:
     """Construct all ranks, ask rank 0 for :meth:`address`, then call :meth:`setup` on every rank
@@ -49,9 +43,6 @@ class LearnerWorker:
 
     def address(self) -> tuple[str, int]:
         return rendezvous_address()
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
 
     def setup(
         self,
@@ -297,7 +288,7 @@ class LearnerWorker:
         return out
 
     # -- weights out (rank 0) --------------------------------------------------------------------
-    def weights_connect(
+    def connect_weights(
         self, engines: list, workers_per_engine: int, backend: str, bucket_bytes: int, timeout_s: float
     ) -> float:
         """Open the weight-transfer group with ``engines`` (vLLM's protocol; this rank is its
@@ -315,7 +306,7 @@ class LearnerWorker:
             timeout_s=timeout_s,
         )
 
-    def weights_send(self) -> float:
+    def send_weights(self) -> float:
         """One round of the protocol: start, update (buckets broadcast), finish on every engine."""
         return self.sender.send()
 
@@ -350,13 +341,9 @@ class LearnerWorker:
         return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
 
     def checksum(self) -> dict:
-        """Digest of exactly what a weight sync sends (see :meth:`weights_connect`)."""
+        """Digest of exactly what a weight sync sends (see :meth:`connect_weights`)."""
 
         return params_checksum(self.engine.module.named_parameters())
-
-    def parameters_cpu(self) -> dict:
-        """Every parameter, cloned to CPU (tests compare ranks and runs with it)."""
-        return {k: v.detach().cpu().clone() for k, v in self.engine.module.named_parameters()}
 
     def save(self, path: str, hf: bool) -> None:
         """DeepSpeed state (model, optimizer, per-rank) under path/ds; rank 0 also writes a Hugging
@@ -398,23 +385,18 @@ class LearnerGroup:
     name = "learner"
 
     def __init__(self, cfg, model_dir: str, start_timeout_s: float):
-
         self.cfg = cfg
         le = cfg.learner
         self.timeout_s = le.timeout_s
-        self.pg = placement_group(
-            "learner",
-            [bundle(le.cpus_per_rank, le.gpus_per_rank, le.resources_per_rank)] * le.num_ranks,
-            "PACK",
-            start_timeout_s,
-        )
-        self.ranks = [
-            LearnerWorker.options(
-                num_cpus=le.cpus_per_rank, num_gpus=le.gpus_per_rank, scheduling_strategy=in_bundle(self.pg, r)
-            ).remote(rank=r, world_size=le.num_ranks)
-            for r in range(le.num_ranks)
-        ]
-        addr, port = call(self.ranks[0].address.remote(), start_timeout_s, "learner rank 0 start")
+
+        def start(rank: int, strategy):
+            return LearnerWorker.options(
+                num_cpus=le.cpus_per_rank, num_gpus=le.gpus_per_rank, scheduling_strategy=strategy
+            ).remote(rank=rank, world_size=le.num_ranks)
+
+        bundles = [bundle(le.cpus_per_rank, le.gpus_per_rank, le.resources_per_rank)] * le.num_ranks
+        self.members = Members(self.name, bundles, "PACK", start_timeout_s, start)
+        addr, port = self.members.each([self.ranks[0].address.remote()], start_timeout_s, "rank 0 start")[0]
         self._setup = [
             w.setup.remote(
                 model_dir,
@@ -431,18 +413,24 @@ class LearnerGroup:
             for w in self.ranks
         ]
 
-    def ready_refs(self) -> list:
-        return self._setup
+    @property
+    def ranks(self) -> list:
+        return self.members.handles
+
+    def ready(self, timeout_s: float) -> None:
+        """Wait until every rank has loaded the model and joined the process group."""
+        self.members.each(self._setup, timeout_s, "start-up")
 
     def _each(self, refs, what: str, timeout_s: float | None = None) -> list:
-
-        try:
-            return call_each(self.name, refs, timeout_s or self.timeout_s, what)
-        except MemberFailed as exc:
-            raise RuntimeError(
-                f"{exc}. A learner rank cannot be replaced inside a running group: restart the run; "
-                "it resumes from the last checkpoint (run.resume)"
-            ) from exc
+        """Failure policy: none can be retried. A dead rank cannot be replaced inside a running
+        torch.distributed group, so the error names it and says how the run goes on."""
+        return self.members.each(
+            refs,
+            timeout_s or self.timeout_s,
+            what,
+            advice="A learner rank cannot be replaced inside a running group: restart the run; "
+            "it resumes from the last checkpoint (run.resume)",
+        )
 
     def shard(self, items: list) -> list[list]:
 
@@ -487,7 +475,8 @@ class LearnerGroup:
         return self._each([self.ranks[0].checksum.remote()], "learner checksum", 600)[0]
 
     def parameters(self) -> list[dict]:
-        return self._each([w.parameters_cpu.remote() for w in self.ranks], "parameter export", 600)
+        """Every rank's parameters, cloned to CPU (tests compare ranks and runs with them)."""
+        return self.members.inspect(_parameters_cpu)
 
     def prompt_logprobs(self, prompt: str, image: str):
         return self._each([self.ranks[0].prompt_logprobs.remote(prompt, image)], "learner log-probs", 600)[0]
@@ -497,13 +486,13 @@ class LearnerGroup:
         self, engines: list, workers_per_engine: int, backend: str, bucket_bytes: int, timeout_s: float
     ) -> float:
         return self._each(
-            [self.ranks[0].weights_connect.remote(engines, workers_per_engine, backend, bucket_bytes, timeout_s)],
+            [self.ranks[0].connect_weights.remote(engines, workers_per_engine, backend, bucket_bytes, timeout_s)],
             "weight-transfer connect",
             timeout_s,
         )[0]
 
     def send_weights(self, timeout_s: float) -> float:
-        return self._each([self.ranks[0].weights_send.remote()], "weight send", timeout_s)[0]
+        return self._each([self.ranks[0].send_weights.remote()], "weight send", timeout_s)[0]
 
     def weights_timing(self) -> dict:
         return self._each([self.ranks[0].weights_timing.remote()], "weight-transfer timing", 60)[0]
@@ -512,10 +501,7 @@ class LearnerGroup:
         return self._each([self.ranks[0].weight_buckets.remote(bucket_bytes)], "weight export")[0]
 
     def node_ids(self) -> list[str]:
-
-        return call([w.node_id.remote() for w in self.ranks], 60, "learner node ids")
+        return self.members.inspect(node_id, timeout_s=60)
 
     def shutdown(self) -> None:
-        """Kill the members and free the placement group."""
-
-        tear_down(self.ranks, self.pg)
+        self.members.shutdown()

@@ -14,7 +14,7 @@ import time
 import ray
 
 import actors.weight_sync  # noqa: F401  registers rlsys_gloo in vLLM's factories (here and in the workers)
-from actors.group import bundle, call, in_bundle, placement_group, round_robin, tear_down
+from actors.group import MemberFailed, Members, bundle, node_id, round_robin
 from actors.weight_sync import write_shm
 from rlsys.config import vllm_engine_args
 from rlsys.grpo.records import Answer, Refusal
@@ -58,9 +58,6 @@ class RolloutWorker:
 
     def ready(self) -> float:
         return self.start_s
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
 
     def generate(
         self,
@@ -198,79 +195,55 @@ class RolloutWorker:
         lps = [d[t].logprob for t, d in zip(ids[1:], out.prompt_logprobs[1:])]
         return ids, lps
 
-    # The naive transport the benchmark compares against: one Ray call per tensor, then one reload.
-    def stage_tensor(self, name: str, tensor) -> None:
-        self._staged = getattr(self, "_staged", {})
-        self._staged[name] = tensor
-
-    def load_staged(self) -> int:
-        from safetensors.torch import save
-
-        staged, self._staged = getattr(self, "_staged", {}), {}
-        return self.load_weight_buckets(save(staged))
-
     def checksum(self) -> dict:
         return self.llm.collective_rpc("rlsys_checksum")[0]
 
 
 class RolloutGroup:
-    """Driver-side handle over ``num_engines`` engine actors (one placement group, SPREAD).
+    """Driver-side handle over ``num_engines`` engine actors (:class:`actors.group.Members`, one
+    placement group, SPREAD).
 
-    Sharding: prompts are dealt to the engines in turn. Per call: ``rollout.timeout_s``. A dead or
-    stuck engine is killed and restarted in its own bundle, given the current weights
-    (``on_restart``, set by the controller to its weight sync) and only its prompts are retried,
-    once; the answers of the engines that succeeded are kept. A second failure is an error naming
-    the engine and the step. ``generation`` counts restarts, so a weight transfer group that
-    includes the dead engine's workers knows to reconnect."""
+    Sharding: prompts are dealt to the engines in turn. Per call: ``rollout.timeout_s``, one
+    deadline for all engines. Failure policy: a dead or stuck engine is killed and restarted in its
+    own bundle, given the current weights (``on_restart``, set by the controller to its weight
+    sync) and only its prompts are retried, once; the answers of the engines that succeeded are
+    kept. A second failure is an error naming the engine and the step."""
 
     name = "rollout"
 
     def __init__(self, cfg, model_dir: str, start_timeout_s: float):
-
         self.cfg, self.model_dir = cfg, model_dir
         ro = cfg.rollout
-        self.pg = placement_group(
-            "rollout",
-            [bundle(ro.cpus_per_engine, ro.gpus_per_engine, ro.resources_per_engine)] * ro.num_engines,
-            "SPREAD",
-            start_timeout_s,
-        )
-        self.engines = [self._start(i) for i in range(ro.num_engines)]
-        self.generation = 0
-        self.restarts = 0
+
+        def start(k: int, strategy):
+            return RolloutWorker.options(
+                num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine, scheduling_strategy=strategy
+            ).remote(
+                vllm_engine_args(cfg.model, model_dir, ro, seed=cfg.run.seed + k),
+                weight_transfer=cfg.weight_transfer_backend,
+            )
+
+        bundles = [bundle(ro.cpus_per_engine, ro.gpus_per_engine, ro.resources_per_engine)] * ro.num_engines
+        self.members = Members(self.name, bundles, "SPREAD", start_timeout_s, start)
         self.retried: list[tuple[int, int, list[int]]] = []  # (step, engine, request indices) per retry
         self.on_restart = None  # callable(engine indices) -> None: brings restarted engines to the current weights
 
-    def _start(self, i: int):
+    @property
+    def engines(self) -> list:
+        return self.members.handles
 
-        ro = self.cfg.rollout
-        return RolloutWorker.options(
-            num_cpus=ro.cpus_per_engine, num_gpus=ro.gpus_per_engine, scheduling_strategy=in_bundle(self.pg, i)
-        ).remote(
-            vllm_engine_args(self.cfg.model, self.model_dir, ro, seed=self.cfg.run.seed + i),
-            weight_transfer=self.cfg.weight_transfer_backend,
-        )
+    @property
+    def restarts(self) -> int:
+        return self.members.restarts
 
-    def ready_refs(self) -> list:
-        return [e.ready.remote() for e in self.engines]
-
-    def restart(self, k: int) -> None:
-        import ray
-
-        ray.kill(self.engines[k], no_restart=True)
-        self.engines[k] = self._start(k)
-        self.generation += 1
-        self.restarts += 1
-
-    def generate(self, requests: list[dict], *, step: int) -> list[list[dict]]:
-        """``samples_per_prompt`` answers per request, requests spread over the engines."""
-        return self.collect(self.submit(requests, step=step))
+    def ready(self, timeout_s: float) -> None:
+        """Wait until every engine has loaded the model."""
+        self.members.each([e.ready.remote() for e in self.engines], timeout_s, "start-up")
 
     def submit(self, requests: list[dict], *, step: int) -> dict:
         """Start generating (returns at once); :meth:`collect` waits for the answers. An engine
         runs its calls in the order they were submitted, so a weight push submitted after this
         reaches that engine between this batch and the next."""
-
         shards = round_robin(len(requests), len(self.engines))
         job = {"requests": requests, "step": step, "shards": shards, "calls": {}}
         job["calls"] = {k: self._call(job, k, attempt=0) for k, sh in enumerate(shards) if sh}
@@ -289,47 +262,48 @@ class RolloutGroup:
         )
         return engine, ref
 
-    def collect(self, job: dict) -> list[list[dict]]:
+    def collect(self, job: dict) -> list[list[Answer] | Refusal]:
         """The answers of a :meth:`submit`: a dead or stuck engine is restarted (unless another
         batch's collect already replaced it) and its prompts retried once."""
-        import ray
-
         ro, step, shards = self.cfg.rollout, job["step"], job["shards"]
         out: list = [None] * len(job["requests"])
         calls = job["calls"]
         for attempt in (0, 1):
+            res = self.members.wait(
+                {k: ref for k, (_, ref) in calls.items()}, ro.timeout_s, f"generation of step {step}"
+            )
             failed, restarted = [], []
-            for k, (engine, ref) in calls.items():
-                try:
-                    for j, ans in zip(shards[k], call(ref, ro.timeout_s, f"rollout engine {k}")):
+            for k, r in res.items():
+                if not isinstance(r, MemberFailed):
+                    for j, ans in zip(shards[k], r):
                         out[j] = ans
-                except (TimeoutError, ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                    if attempt == 1:
-                        raise RuntimeError(f"rollout engine {k} failed twice in step {step}: {exc}") from exc
-                    failed.append(k)
-                    if self.engines[k] is not engine:
-                        # a batch submitted before this one found the engine dead and replaced it
-                        # (with the current weights): only this batch's prompts are retried
-                        log.warning(
-                            "rollout engine %d was replaced while this batch waited (step %d); retrying its %d prompts",
-                            k,
-                            step,
-                            len(shards[k]),
-                        )
-                        continue
+                    continue
+                if attempt == 1:
+                    raise RuntimeError(f"rollout engine {k} failed twice in step {step}: {r}") from r
+                failed.append(k)
+                if self.engines[k] is not calls[k][0]:
+                    # a batch submitted before this one found the engine dead and replaced it
+                    # (with the current weights): only this batch's prompts are retried
                     log.warning(
-                        "rollout engine %d failed in step %d (%s); restarting it and retrying its %d prompts",
+                        "rollout engine %d was replaced while this batch waited (step %d); retrying its %d prompts",
                         k,
                         step,
-                        str(exc).splitlines()[0],
                         len(shards[k]),
                     )
-                    self.restart(k)
-                    restarted.append(k)
+                    continue
+                log.warning(
+                    "rollout engine %d failed in step %d (%s); restarting it and retrying its %d prompts",
+                    k,
+                    step,
+                    str(r).splitlines()[0],
+                    len(shards[k]),
+                )
+                self.members.restart(k)
+                restarted.append(k)
             if not failed:
                 break
             if restarted:
-                call(
+                self.members.each(
                     [self.engines[k].ready.remote() for k in restarted],
                     self.cfg.run.actor_start_timeout_s,
                     "restarted rollout engine start-up",
@@ -341,8 +315,7 @@ class RolloutGroup:
         return out
 
     def transfer_workers(self) -> int:
-
-        per = call(
+        per = self.members.each(
             [e.transfer_workers.remote() for e in self.engines], self.cfg.rollout.timeout_s, "engine transfer workers"
         )
         if len(set(per)) != 1:
@@ -350,18 +323,15 @@ class RolloutGroup:
         return per[0]
 
     def checksums(self) -> list[dict | None]:
-
-        return call([e.checksum.remote() for e in self.engines], 600, "engine checksum")
+        return self.members.each([e.checksum.remote() for e in self.engines], 600, "engine checksum")
 
     def prompt_logprobs(self, prompt: str, image: str) -> list[tuple[list[int], list[float]]]:
-
-        return call([e.prompt_logprobs.remote(prompt, image) for e in self.engines], 600, "engine log-probs")
+        return self.members.each(
+            [e.prompt_logprobs.remote(prompt, image) for e in self.engines], 600, "engine log-probs"
+        )
 
     def node_ids(self) -> list[str]:
-
-        return call([e.node_id.remote() for e in self.engines], 60, "engine node ids")
+        return self.members.inspect(node_id, timeout_s=60)
 
     def shutdown(self) -> None:
-        """Kill the members and free the placement group."""
-
-        tear_down(self.engines, self.pg)
+        self.members.shutdown()

@@ -33,7 +33,6 @@ the protocol against.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -41,7 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from actors.group import call
+from actors.group import call_each, wait_members
 from actors.weight_digest import (  # noqa: F401
     DIGEST_CHUNK_ELEMENTS,
     _dtype,
@@ -358,19 +357,7 @@ class EngineGroupClient:
         self.handles, self.per, self.timeout_s = list(handles), workers_per_engine, timeout_s
 
     def _all(self, what: str, refs):
-        import ray
-
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        if pending:
-            late = [k for k, r in enumerate(refs) if r in pending]
-            raise TimeoutError(
-                f"weight transfer: {what} did not finish on engine(s) {late} within {self.timeout_s:.0f} s"
-            )
-        for k, r in enumerate(refs):
-            try:
-                ray.get(r)
-            except Exception as exc:
-                raise RuntimeError(f"weight transfer: {what} failed on engine {k}: {exc}") from exc
+        call_each("rollout", refs, self.timeout_s, f"weight transfer {what}")
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         self._all(
@@ -535,13 +522,6 @@ class VllmWorkerExtension:
         return getattr(self, "_rlsys_received", None)
 
 
-def digest(blobs) -> str:
-    h = hashlib.sha256()
-    for b in blobs:
-        h.update(b)
-    return h.hexdigest()[:16]
-
-
 class WeightSync:
     """Driver side of a sync: the learner group's rank 0 sends, the rollout group's engines
     receive. With the protocol, the transfer group is opened once and reopened only when an
@@ -562,7 +542,8 @@ class WeightSync:
         t0 = time.perf_counter()
         if self.backend == "object_store":
             buckets = self.learners.weight_buckets(self.bucket_bytes)
-            call(
+            call_each(
+                "rollout",
                 [e.load_weight_buckets.remote(*buckets) for e in self.rollouts.engines],
                 self.timeout_s,
                 "weight load into vLLM",
@@ -584,14 +565,13 @@ class WeightSync:
 
     def _close_survivors(self, engines: list) -> None:
         """Engines still alive from the previous group leave it before the new one opens."""
-        import ray
-
         if self._members is None:
             return
-        alive = [a for a, b in zip(self._members, engines) if a is b]
-        refs = [e.shutdown_weight_transfer_engine.remote() for e in alive]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(self.timeout_s, 60.0))
-        if len(ready) < len(refs):
-            log.warning(
-                "weight transfer: %d engine(s) did not leave the old transfer group in time", len(refs) - len(ready)
-            )
+        refs = {
+            k: a.shutdown_weight_transfer_engine.remote()
+            for k, (a, b) in enumerate(zip(self._members, engines))
+            if a is b
+        }
+        for r in wait_members("rollout", refs, min(self.timeout_s, 60.0), "leaving the old transfer group").values():
+            if isinstance(r, Exception):  # it leaves with its group when it is next restarted
+                log.warning("weight transfer: %s", r)

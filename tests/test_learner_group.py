@@ -57,7 +57,6 @@ def _items(processor, synthetic_dir, n: int, seed: int):
 def _run(tiny_model_dir, synthetic_dir, num_ranks: int, batches, overrides=()):
     import copy
 
-    from actors.group import call
     from actors.learner import LearnerGroup
     from rlsys.config import load_config
     from rlsys.models import load_processor
@@ -77,7 +76,7 @@ def _run(tiny_model_dir, synthetic_dir, num_ranks: int, batches, overrides=()):
     )
     processor = load_processor(str(tiny_model_dir))
     g = LearnerGroup(cfg, str(tiny_model_dir), 300)
-    call(g.ready_refs(), 300, "learner start")
+    g.ready(300)
     before = g.parameters()[0]
     params, metrics = [], []
     for n, seed in batches:

@@ -92,3 +92,33 @@ def test_a_prompts_answers_go_to_one_worker(ray_local):
     assert g.last_shards == [[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7]]
     assert [r.reward > 0.99 for r in res] == [True] * 12
     g.shutdown()
+
+
+def test_the_one_deadline_wait_names_the_late_and_the_dead_member(ray_local):
+    # actors/group.py's wait, which every group uses: one answer, one member past the deadline,
+    # one dead; each failure names its member, and the answer is kept
+    import ray
+
+    from actors.group import MemberFailed, call_each, wait_members
+
+    @ray.remote(num_cpus=0)
+    class Member:
+        def work(self, s: float) -> float:
+            time.sleep(s)
+            return s
+
+    fast, slow, dead = Member.remote(), Member.remote(), Member.remote()
+    ray.get(dead.work.remote(0))
+    ray.kill(dead, no_restart=True)
+    t0 = time.monotonic()
+    res = wait_members(
+        "toy", {0: fast.work.remote(0.0), 1: slow.work.remote(30.0), 2: dead.work.remote(0.0)}, 3, "work"
+    )
+    assert time.monotonic() - t0 < 15  # one deadline for all, not one per member
+    assert res[0] == 0.0
+    assert isinstance(res[1], MemberFailed) and res[1].member == 1 and "no answer within 3 s" in str(res[1])
+    assert isinstance(res[2], MemberFailed) and res[2].member == 2 and "toy member 2 failed during work" in str(res[2])
+    with pytest.raises(MemberFailed, match="toy member 1 failed during work.*Restart it"):
+        call_each("toy", [fast.work.remote(0.0), slow.work.remote(30.0)], 2, "work", advice="Restart it")
+    for a in (fast, slow):
+        ray.kill(a, no_restart=True)

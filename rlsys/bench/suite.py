@@ -172,6 +172,20 @@ def bench_async(out: Path, steps: int = 5, overrides=()) -> dict:
     }
 
 
+# The naive transport the sync benchmark compares against: one Ray call per tensor into the
+# engine actor (run there through Ray's __ray_call__, so the production actor carries no RPC for
+# it), then one reload.
+def _stage_tensor(engine, name: str, tensor) -> None:
+    engine.__dict__.setdefault("_staged", {})[name] = tensor
+
+
+def _load_staged(engine) -> int:
+    from safetensors.torch import save
+
+    staged, engine._staged = engine.__dict__.get("_staged", {}), {}
+    return engine.load_weight_buckets(save(staged))
+
+
 def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
     """Step breakdown (steady state: the first step is dropped) and one sync three ways, on the
     same learner and engines: vLLM's protocol, the object-store fallback, one call per tensor."""
@@ -203,8 +217,8 @@ def bench_step_and_sync(cfg, steps: int = 3, sync_repeats: int = 3) -> dict:
         for _ in range(sync_repeats):
             t0 = time.perf_counter()
             sd = ray.get(learner.state_dict_cpu.remote())
-            ray.get([engine.stage_tensor.remote(k, v) for k, v in sd.items()])
-            ray.get(engine.load_staged.remote())
+            ray.get([engine.__ray_call__.remote(_stage_tensor, k, v) for k, v in sd.items()])
+            ray.get(engine.__ray_call__.remote(_load_staged))
             naive.append(
                 (time.perf_counter() - t0) * len(t.groups.rollouts.engines)
             )  # one engine timed; each costs the same

@@ -73,7 +73,6 @@ def start_groups(cfg: GRPOConfig, model_dir: str, vocabulary) -> Groups:
     import ray
 
     # actors/ import Ray at module level (their classes are Ray actors): imported when a run starts
-    from actors.group import call
     from actors.learner import LearnerGroup
     from actors.rewards import RewardGroup
     from actors.rollout import RolloutGroup
@@ -95,7 +94,9 @@ def start_groups(cfg: GRPOConfig, model_dir: str, vocabulary) -> Groups:
         groups.learners = LearnerGroup(cfg, model_dir, start)
         groups.rollouts = RolloutGroup(cfg, model_dir, start)
         groups.rewards = RewardGroup(cfg.reward, start, vocabulary=vocabulary)
-        call(groups.learners.ready_refs() + groups.rollouts.ready_refs(), start, "actor start-up")
+        # both groups load their models at once; each then waits within the same limit
+        groups.learners.ready(start)
+        groups.rollouts.ready(start)
     except BaseException:
         groups.shutdown()
         raise
