@@ -27,12 +27,9 @@ from torch import Tensor
 __all__ = [
     "group_advantages",
     "group_reward_std",
-    "zero_std_groups_mask",
-    "select_groups_with_signal",
     "kl_k3",
     "policy_loss",
     "behaviour_weights",
-    "token_entropy",
     "masked_mean",
 ]
 
@@ -137,28 +134,6 @@ def group_reward_std(rewards: Tensor, group_size: int, valid: Tensor | None = No
     return _grouped(rewards, group_size, valid)[2].reshape(-1)
 
 
-def zero_std_groups_mask(rewards: Tensor, group_size: int, tol: float = 0.0) -> Tensor:
-    """Bool ``[num_groups]``: True where the group's reward std is ``<= tol``.
-
-    Dynamic sampling (DAPO) drops these groups. It filters on the std, never on the mean:
-    rewards here are continuous (IoU-like), so an all-0.7 group is as uninformative as an
-    all-0 or all-1 group, while a group averaging 1.0 cannot exist without being constant.
-    """
-    if tol < 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    return group_reward_std(rewards, group_size) <= tol
-
-
-def select_groups_with_signal(rewards: Tensor, group_size: int) -> Tensor:
-    """Indices (int64, ascending) of the samples whose group has reward std > 0.
-
-    Whole groups are kept or dropped together, so the result is still laid out in groups of
-    ``group_size``; the controller then draws more prompts until it has enough groups.
-    """
-    keep = ~zero_std_groups_mask(rewards, group_size)
-    return torch.nonzero(keep.repeat_interleave(group_size), as_tuple=False).reshape(-1)
-
-
 # ----------------------------------------------------------------------------- token-level terms
 
 
@@ -191,23 +166,6 @@ def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
     count = m.sum() if dim is None else m.sum(dim=dim)
     total = total.sum() if dim is None else total.sum(dim=dim)
     return total / count.clamp_min(1).to(total.dtype)
-
-
-def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy of the next-token distribution at every position: ``[B, T, V] -> [B, T]``.
-
-    Computed from ``log_softmax`` in (at least) float32, so large logits do not overflow and
-    bf16 logits do not lose the tail. Entries with probability exactly 0 (``-inf`` logits, e.g.
-    a banned vocabulary) contribute 0, in the forward and the backward pass. For very large
-    vocabularies the caller chunks along T: this materialises a float32 ``[B, T, V]``.
-    """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
-    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    p = logp.exp()
-    # Replace -inf by 0 before multiplying: 0 * -inf is nan, forward and backward.
-    logp = torch.where(p > 0, logp, torch.zeros_like(logp))
-    return -(p * logp).sum(dim=-1)
 
 
 # ----------------------------------------------------------------------------- the loss
