@@ -17,6 +17,7 @@ import actors.weight_sync  # noqa: F401  registers rlsys_gloo in vLLM's factorie
 from actors.group import MemberFailed, Members, bundle, node_id, round_robin
 from actors.weight_sync import write_shm
 from rlsys.config import vllm_engine_args
+from rlsys.data.images import open_rgb
 from rlsys.grpo.records import Answer, Refusal
 from rlsys.grpo.sequences import BANNED_LOGIT_BIAS, banned_token_ids
 
@@ -72,7 +73,6 @@ class RolloutWorker:
     ) -> list[list[Answer] | Refusal]:
         """``requests``: ``{"prompt": chat text, "image": path}``; returns per request ``n`` answers,
         or a :class:`Refusal` for a request the engine would not take (the others still run)."""
-        from PIL import Image
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
         from vllm.platforms import current_platform
@@ -94,29 +94,37 @@ class RolloutWorker:
             logit_bias=self.banned or None,
         )
         inputs = []
-        for r in requests:
-            with Image.open(r["image"]) as im:
-                inputs.append({"prompt": r["prompt"], "multi_modal_data": {"image": im.convert("RGB")}})
-        refused: dict[int, str] = {}
+        # An image that passed the check at start but does not decode now (changed on disk, a
+        # network file system) fails its request alone, as a Refusal the controller counts
+        refused: dict[int, Refusal] = {}
+        for k, r in enumerate(requests):
+            try:
+                image = open_rgb(r["image"])
+            except Exception as exc:  # PIL raises several types for a file it cannot decode
+                refused[k] = Refusal(f"{r['image']}: {type(exc).__name__}: {exc}", image_unreadable=True)
+                image = None
+            inputs.append({"prompt": r["prompt"], "multi_modal_data": {"image": image}})
+        ok = [k for k in range(len(inputs)) if k not in refused]
         try:
-            outs = self.llm.generate(inputs, sp, use_tqdm=False)
+            got = self.llm.generate([inputs[k] for k in ok], sp, use_tqdm=False) if ok else []
         except (ValueError, VLLMClientError) as exc:
             # vLLM refused a request before running the batch (longer than the context, say):
             # that request fails, not the engine. Find which ones, then run the others.
             log.warning("the engine refused a request of this batch (%s); checking them one by one", exc)
             probe = SamplingParams(n=1, max_tokens=1, logit_bias=self.banned or None)
-            for k, inp in enumerate(inputs):
+            for k in ok:
                 try:
-                    self.llm.generate([inp], probe, use_tqdm=False)
+                    self.llm.generate([inputs[k]], probe, use_tqdm=False)
                 except (ValueError, VLLMClientError) as e:
-                    refused[k] = f"{type(e).__name__}: {e}"
-            ok = [k for k in range(len(inputs)) if k not in refused]
-            got = iter(self.llm.generate([inputs[k] for k in ok], sp, use_tqdm=False) if ok else [])
-            outs = [None if k in refused else next(got) for k in range(len(inputs))]
+                    refused[k] = Refusal(f"{type(e).__name__}: {e}")
+            ok = [k for k in ok if k not in refused]
+            got = self.llm.generate([inputs[k] for k in ok], sp, use_tqdm=False) if ok else []
+        outs = dict(zip(ok, got))
         result = []
-        for k, o in enumerate(outs):
+        for k in range(len(inputs)):
+            o = outs.get(k)
             if o is None:
-                result.append(Refusal(refused[k]))
+                result.append(refused[k])
                 continue
             answers = []
             for c in o.outputs:
@@ -183,11 +191,9 @@ class RolloutWorker:
     def prompt_logprobs(self, prompt: str, image: str) -> tuple[list[int], list[float]]:
         """The engine's log-prob of every prompt token after the first (image placeholders
         included), to compare with the learner's on the same input."""
-        from PIL import Image
         from vllm import SamplingParams
 
-        with Image.open(image) as im:
-            inp = {"prompt": prompt, "multi_modal_data": {"image": im.convert("RGB")}}
+        inp = {"prompt": prompt, "multi_modal_data": {"image": open_rgb(image)}}
         out = self.llm.generate(
             [inp], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False
         )[0]

@@ -40,6 +40,7 @@ import numpy as np
 
 from rewards import geometry as geo
 from rewards.mask import as_point_set
+from rlsys.data.images import open_rgb
 
 
 class SamMaskSource:
@@ -226,11 +227,9 @@ class SamMaskSource:
         return result  # type: ignore[return-value]
 
     def _load_image(self, sample, h: int, w: int):
-        from PIL import Image
 
         try:
-            with Image.open(sample.image) as im:
-                image = im.convert("RGB")
+            image = open_rgb(sample.image)
         except OSError as exc:
             raise ValueError(f"sample {sample.id!r}: cannot read image {sample.image!r} for SAM ({exc})") from None
         if image.size != (w, h):

@@ -268,6 +268,15 @@ class DataConfig(_Section):
         description="Share of synthetic detection and referring samples that ask for their objects' masks instead of boxes (output mask: each mask written as a set of grid points, GETok section 3.2.1; needs model.vocabulary getok, and a reward that decodes masks: reward.sam_checkpoint, or reward.scorer=rewards.scorer:score_cell_masks on CPUs). 0: none.",
     )
     tasks: list[str] | None = Field(None, description="Keep only samples of these tasks (None: all).")
+    on_bad_record: Literal["refuse", "skip"] = Field(
+        "refuse",
+        description="A record that cannot be used (not UTF-8, not JSON, a bad field, a missing or unreadable image, a width/height that disagree with its image): refuse names it (file:line, id, why) and stops before Ray starts; skip leaves it out, counts it and prints the first few with their reasons at start.",
+    )
+    max_bad_images: int = Field(
+        5,
+        ge=0,
+        description="Images that passed the check at start but fail to decode in a rollout worker are reported with their sample and left out of the step; past this many the run stops with the list.",
+    )
     too_long: Literal["refuse", "skip"] = Field(
         "refuse",
         description="A sample whose prompt (image tokens under the pixel budget included) plus rollout.max_new_tokens cannot fit rollout.max_model_len_tokens: refuse the data at load, naming the sample and the numbers, or skip such samples and count them.",

@@ -51,10 +51,11 @@ class FakeProcessor:
 
 class FakeRollouts:
     """G answers per request, from the weights version the engines hold when it is submitted.
-    Requests for an image in ``refuse`` come back as a :class:`Refusal`."""
+    Requests for an image in ``refuse`` come back as a :class:`Refusal`, for one in ``unreadable``
+    as a Refusal of an image that did not decode."""
 
-    def __init__(self, group_size: int, refuse: set[str] = frozenset()):
-        self.G, self.refuse = group_size, set(refuse)
+    def __init__(self, group_size: int, refuse: set[str] = frozenset(), unreadable: set[str] = frozenset()):
+        self.G, self.refuse, self.unreadable = group_size, set(refuse), set(unreadable)
         self.version = 0  # set by FakeWeights.push
         self.submitted: list[tuple[int, list[str]]] = []  # (step, images) per submit
         self.restarts = 0
@@ -69,6 +70,9 @@ class FakeRollouts:
         for r in job["requests"]:
             if r["image"] in self.refuse:
                 out.append(Refusal("prompt longer than the context"))
+                continue
+            if r["image"] in self.unreadable:
+                out.append(Refusal(f"{r['image']}: OSError: image file is truncated", image_unreadable=True))
                 continue
             out.append(
                 [

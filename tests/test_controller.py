@@ -38,8 +38,8 @@ def _cfg(tmp_path, *overrides):
     )
 
 
-def _trainer(cfg, reward, n_samples=16, refuse=frozenset(), learners=None):
-    rollouts = FakeRollouts(G, refuse)
+def _trainer(cfg, reward, n_samples=16, refuse=frozenset(), learners=None, unreadable=frozenset()):
+    rollouts = FakeRollouts(G, refuse, unreadable)
     learners = learners or FakeLearners()
     groups = Groups(rollouts, FakeRewards(reward), learners, FakeWeights(learners, rollouts))
     return Trainer(cfg, groups, samples(n_samples), FakeProcessor(), REX_BINS)
@@ -138,3 +138,22 @@ def test_a_failed_reward_is_left_out_of_its_group_statistics_and_the_loss(tmp_pa
     assert mine[0].advantage > 0 > mine[1].advantage
     assert m["reward/failures"] == 1
     assert m["reward/mean"] == pytest.approx((2.0 + 3 * sum(spread(0, k) for k in range(G))) / 15)
+
+
+def test_images_that_fail_to_decode_in_a_worker_are_reported_and_stop_the_run_past_the_limit(tmp_path):
+    # samples 1 and 2's images passed the check at start but do not decode in the rollout worker
+    cfg = _cfg(tmp_path, "run.steps=1", "run.prompts_per_step=4", "data.max_bad_images=1")
+    t = _trainer(cfg, spread, n_samples=4, unreadable={"img1.png"})
+    m = t.step()
+    assert m["rollout/bad_images"] == 1 and m["rollout/refused_requests"] == 1
+    assert t.bad_images == ["<memory>, id 's1': img1.png: OSError: image file is truncated"]
+    t = _trainer(
+        _cfg(tmp_path / "b", "run.steps=1", "data.max_bad_images=1"),
+        spread,
+        n_samples=4,
+        unreadable={"img1.png", "img2.png"},
+    )
+    with pytest.raises(
+        RuntimeError, match=r"2 images failed to decode .* past data.max_bad_images 1[\s\S]*id 's1'[\s\S]*id 's2'"
+    ):
+        t.step()

@@ -556,9 +556,13 @@ def test_synthetic_proposals_cover_every_gt_box_and_are_reproducible():
 
 
 def test_proposals_merge_tool(tmp_path):
+    from PIL import Image
+
     from rlsys.data.proposals import merge
     from rlsys.data.samples import DataError, load_jsonl
 
+    for name in ("img.png", "other.png"):  # the merge checks each record's image and its size
+        Image.new("RGB", (200, 100)).save(tmp_path / name)
     data = tmp_path / "d.jsonl"
     recs = [_cr_sample([Instance("cat", box=(12, 11, 49, 52))], proposals=(), sid=f"r{k}").to_dict() for k in range(2)]
     recs[1]["image"] = "other.png"

@@ -17,7 +17,8 @@ from rewards.sam import SamMaskSource
 from rewards.scorer import load_scorer
 from rlsys.config import ConfigError, DataConfig, ModelConfig
 from rlsys.data import synthetic
-from rlsys.data.samples import load_dataset
+from rlsys.data.images import check_images
+from rlsys.data.samples import DataError, load_dataset
 from rlsys.lang.format import check_sample_phrases
 from rlsys.lang.prompts import build_question, chat_prompt, templates_for
 from rlsys.lang.targets import answer_text
@@ -109,9 +110,39 @@ def prepare_data_path(data: DataConfig, out_dir, split: str = "train") -> Path:
     return _synthetic(data, out_dir, split)
 
 
-def load_samples(data: DataConfig, out_dir, split: str = "train"):
+def load_checked(path, on_bad_record: str = "refuse", *, task: str | None = None, say=print) -> list:
+    """The dataset at ``path`` with every record checked before anything starts: its bytes are
+    UTF-8, it is JSON, its fields are valid (:mod:`rlsys.data.samples`) and its image exists,
+    reads whole and has the record's size (:func:`rlsys.data.images.check_images`).
+    ``on_bad_record`` "refuse": the first bad record's :class:`DataError` (or, for images, the
+    list of them) names file:line, id and why; "skip": bad records are left out, counted and the
+    first few printed through ``say``."""
+    bad: list | None = [] if on_bad_record == "skip" else None
+    samples = load_dataset(path, task=task, bad=bad)
+    unusable = check_images(samples)
+    if unusable:
+        lines = [f"{s.source}, id {s.id!r}: {why}" for s, why in unusable]
+        if bad is None:
+            raise DataError(
+                f"{len(unusable)} record(s) of {path} cannot be used (data.on_bad_record=skip would leave them out):\n  "
+                + "\n  ".join(lines[:10])
+                + (f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else "")
+            )
+        drop = {id(s) for s, _ in unusable}
+        samples = [s for s in samples if id(s) not in drop]
+        bad.extend((s.source, why) for s, why in unusable)
+    if bad:
+        say(
+            f"[data] {path}: {len(bad)} bad record(s) left out (data.on_bad_record=skip), {len(samples)} kept; first:\n  "
+            + "\n  ".join(f"{src}: {why}" for src, why in bad[:5])
+        )
+    if not samples:
+        raise DataError(f"{path}: no usable record")
+    return samples
 
-    samples = load_dataset(prepare_data_path(data, out_dir, split))
+
+def load_samples(data: DataConfig, out_dir, split: str = "train"):
+    samples = load_checked(prepare_data_path(data, out_dir, split), data.on_bad_record)
     if data.tasks:
         samples = [s for s in samples if s.task in data.tasks]
         if not samples:

@@ -19,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rlsys.data.images import check_images
 from rlsys.data.samples import DataError, Sample, jsonl_records
 
 
@@ -40,7 +41,7 @@ def merge(data_path, boxes_path, out_path) -> int:
     the number of records."""
     data_path, out_path = Path(data_path), Path(out_path)
     by_image, by_id = read_boxes(boxes_path)
-    lines = []
+    lines, samples = [], []
     for where, rec in jsonl_records(data_path):
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object")
@@ -48,10 +49,17 @@ def merge(data_path, boxes_path, out_path) -> int:
         if boxes is None:
             raise DataError(f"{where} (id {rec.get('id')!r}): {boxes_path} has no boxes for image {rec.get('image')!r}")
         rec["proposals"] = boxes
-        Sample.from_dict(rec, where)  # every box inside its image, and the rest of the record valid
+        # every box inside its image, and the rest of the record valid
+        samples.append(Sample.from_dict(rec, where, root=data_path.parent))
         lines.append(json.dumps(rec))
     if not lines:
         raise DataError(f"{data_path}: holds no records")
+    unusable = check_images(samples)  # the image exists, reads and has the record's size
+    if unusable:
+        raise DataError(
+            f"{len(unusable)} record(s) cannot be used:\n  "
+            + "\n  ".join(f"{s.source}, id {s.id!r}: {why}" for s, why in unusable[:10])
+        )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")

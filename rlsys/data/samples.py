@@ -226,29 +226,56 @@ def _instance_from_dict(r, src: str, fname: str, phrases: list[str], w: int, h: 
     return inst
 
 
-def jsonl_records(path):
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8"
+        ) from None
+
+
+def jsonl_records(path, bad: list | None = None):
     """``(source, record)`` for each non-empty line of a JSONL file (``source`` is ``file:line``);
-    a missing file or a line that is not JSON raises :class:`DataError` naming it."""
+    a missing file, or a line that is not UTF-8 or not JSON, raises :class:`DataError` naming it
+    (with ``bad`` a list, a bad line is appended to it as ``(source, reason)`` instead)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
             source = f"{path}:{lineno}"
             try:
-                yield source, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{source}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                line = _utf8(raw, source)
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{source}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except DataError as exc:
+                if bad is None:
+                    raise
+                bad.append((source, str(exc)))
+                continue
+            yield source, rec
 
 
-def load_jsonl(path) -> list[Sample]:
-    """Load a JSONL dataset; image paths are relative to the file's folder."""
+def load_jsonl(path, bad: list | None = None) -> list[Sample]:
+    """Load a JSONL dataset; image paths are relative to the file's folder. A bad record raises
+    :class:`DataError` naming file, line and field; with ``bad`` a list it is appended there as
+    ``(source, reason)`` and left out instead (``data.on_bad_record=skip``)."""
     path = Path(path)
-    out = [Sample.from_dict(rec, source, root=path.parent) for source, rec in jsonl_records(path)]
+    out = []
+    for source, rec in jsonl_records(path, bad):
+        try:
+            out.append(Sample.from_dict(rec, source, root=path.parent))
+        except DataError as exc:
+            if bad is None:
+                raise
+            bad.append((source, str(exc)))
     if not out:
-        raise DataError(f"{path}: holds no records")
+        raise DataError(f"{path}: holds no usable records" + (f" ({len(bad)} bad)" if bad else ""))
     return out
 
 
@@ -277,7 +304,15 @@ def load_coco(annotation_file, image_dir=None, *, task: str = "detection") -> li
         raise DataError(f"{ann_path}: no such file")
     root = Path(image_dir) if image_dir is not None else ann_path.parent
     try:
-        raw = json.loads(ann_path.read_text())
+        data = ann_path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise DataError(
+                f"{ann_path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+            ) from None
+        raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{ann_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     for key in ("images", "annotations", "categories"):
@@ -342,11 +377,12 @@ def load_coco(annotation_file, image_dir=None, *, task: str = "detection") -> li
     return out
 
 
-def load_dataset(path, *, task: str | None = None) -> list[Sample]:
-    """Load by extension: ``.jsonl`` -> :func:`load_jsonl`; ``.json`` -> :func:`load_coco`."""
+def load_dataset(path, *, task: str | None = None, bad: list | None = None) -> list[Sample]:
+    """Load by extension: ``.jsonl`` -> :func:`load_jsonl` (``bad``: see there); ``.json`` ->
+    :func:`load_coco` (refuses a bad record whatever ``bad`` is)."""
     p = Path(path)
     if p.suffix == ".jsonl":
-        return load_jsonl(p)
+        return load_jsonl(p, bad)
     if p.suffix == ".json":
         return load_coco(p, task=task or "detection")
     raise DataError(f"{p}: unknown dataset format (expected .jsonl or a COCO .json)")

@@ -3,8 +3,9 @@ points (red), for eval's grids and W&B's example tables."""
 
 from __future__ import annotations
 
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 
+from rlsys.data.images import open_rgb
 from rlsys.lang.vocab import REX_BINS
 
 
@@ -20,8 +21,7 @@ def draw_predictions(sample, text: str, label: str | None = None, vocabulary=Non
     """The sample's image with its ground-truth boxes (green) and the answer's boxes and points
     (red), parsed from ``text`` into pixels by ``vocabulary`` (default: the bins); ``label``
     written in the corner."""
-    with Image.open(sample.image) as im:
-        img = im.convert("RGB")
+    img = open_rgb(sample.image)
     d = ImageDraw.Draw(img)
     for inst in sample.instances:
         if inst.box:

@@ -35,8 +35,9 @@ from rewards.metrics import (
 from rewards.scorer import leave_one_out_gain, load_scorer, score, takes_vocabulary
 from rlsys.config import ConfigError, load_config, vllm_engine_args
 from rlsys.data import synthetic
-from rlsys.data.prepare import check_targets, mask_decoding
-from rlsys.data.samples import load_dataset
+from rlsys.data.images import open_rgb
+from rlsys.data.prepare import check_targets, load_checked, mask_decoding
+from rlsys.data.samples import DataError, load_dataset
 from rlsys.eval.drawing import draw_predictions, predictions_in_pixels
 from rlsys.lang.prompts import chat_prompt, question_for_sample
 from rlsys.lang.vocab import REX_BINS, vocabulary_for
@@ -50,7 +51,6 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
     settings (dtype, context length, memory share, eager mode, pixel budget) are the GRPO
     config's (``model`` and ``rollout``), so a 3B config evaluates on its GPU settings."""
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    from PIL import Image
     from vllm import LLM, SamplingParams
 
     r = cfg.rollout
@@ -61,13 +61,12 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
     llm = LLM(**vllm_engine_args(cfg.model, model_dir, r, seed=0))
     inputs = []
     for s in samples:
-        with Image.open(s.image) as im:
-            inputs.append(
-                {
-                    "prompt": chat_prompt(proc, question_for_sample(s, vocabulary=vocabulary)),
-                    "multi_modal_data": {"image": im.convert("RGB")},
-                }
-            )
+        inputs.append(
+            {
+                "prompt": chat_prompt(proc, question_for_sample(s, vocabulary=vocabulary)),
+                "multi_modal_data": {"image": open_rgb(s.image)},
+            }
+        )
     outs = llm.generate(
         inputs, SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=False), use_tqdm=False
     )
@@ -373,7 +372,11 @@ def main(argv=None) -> int:
         return 2
 
     if a.data:
-        samples = load_dataset(a.data)
+        try:
+            samples = load_checked(a.data, cfg.data.on_bad_record)
+        except DataError as exc:
+            print(f"data error: {exc}", file=sys.stderr)
+            return 2
     else:
         samples = load_dataset(
             synthetic.generate(

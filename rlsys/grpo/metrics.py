@@ -34,6 +34,7 @@ def step_metrics(
     engine_restarts: int,
     refused_requests: int,
     inflight_batches: int,
+    bad_images: int = 0,
 ) -> dict:
     """The step's figures. ``tasks``: each group's sample task; ``drawn_groups`` /
     ``zero_std_groups``: groups drawn over the dynamic-sampling rounds and those among them whose
@@ -77,6 +78,7 @@ def step_metrics(
         "rollout/logprob_gap": learn.gap_sum / learn.gap_tokens if learn.gap_tokens else float("nan"),
         "rollout/engine_restarts": engine_restarts,
         "rollout/refused_requests": refused_requests,
+        "rollout/bad_images": bad_images,  # of those, images that did not decode in a worker
         # how many learner versions behind the weights that made each answer were
         "rollout/staleness_mean": sum(k * c for k, c in stale.items()) / max(sum(stale.values()), 1),
         "rollout/staleness_max": max(stale) if stale else 0,

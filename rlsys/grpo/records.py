@@ -25,9 +25,11 @@ class Answer:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A request the engine would not take (longer than its context, say): it fails alone."""
+    """A request the engine would not take (longer than its context, say), or whose image did
+    not decode (``image_unreadable``): it fails alone."""
 
     reason: str
+    image_unreadable: bool = False
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from rlsys.data.prepare import (
     load_samples,
     prepare_model_dir,
 )
+from rlsys.data.samples import DataError
 from rlsys.eval.drawing import example_table
 from rlsys.grpo.trainer import Groups, Trainer
 from rlsys.lang.vocab import vocabulary_for
@@ -139,6 +140,8 @@ def run(cfg: GRPOConfig) -> dict:
     """Run GRPO to ``cfg.run.steps``; returns the last step's metrics and the final checkpoint."""
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # the data first: a record that cannot be used is named in seconds, before a model is built
+    samples = prepare_data(cfg)
     model_dir = prepare_model(cfg)
     if cfg.model.path is None and cfg.run.init_checkpoint is None:
         log.warning(
@@ -146,7 +149,6 @@ def run(cfg: GRPOConfig) -> dict:
             "rewards stay near 0. Run SFT first (python -m rlsys.sft) and pass "
             "run.init_checkpoint=runs/sft-tiny/final, or run the whole demo: python -m rlsys.demo"
         )
-    samples = prepare_data(cfg)
     processor = processor_for(cfg.model, model_dir)
     vocabulary = vocabulary_for(cfg.model, processor)
     check_phrases(samples, processor.tokenizer)
@@ -238,6 +240,9 @@ def main(argv=None) -> int:
         m = run(cfg)
     except ConfigError as exc:  # the data or model did not fit the config (named in the message)
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:  # a record that cannot be used, named with file:line (before Ray started)
+        print(f"data error: {exc}", file=sys.stderr)
         return 2
     print("final:", json.dumps({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}), flush=True)
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from rlsys.data.images import open_rgb
+
 # Vision placeholders must never be sampled: the learner re-reads prompt + answer through the
 # processor, and an <|image_pad|> in an answer is taken for an image slot with no features. The
 # engines add this bias (vLLM's floor) to their logits, and the learner adds the same, so both
@@ -31,15 +33,13 @@ _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
 def encode_prompts(processor, items, cache: dict | None = None) -> list[dict]:
     """Processor outputs for each item's ``prompt`` and ``image`` (:class:`LearnerItem` or
     anything with those attributes; cached by both: the G answers of one prompt share one encoding)."""
-    from PIL import Image
 
     cache = {} if cache is None else cache
     out = []
     for it in items:
         key = (it.prompt, it.image)
         if key not in cache:
-            with Image.open(it.image) as im:
-                cache[key] = processor(text=[it.prompt], images=[im.convert("RGB")], return_tensors="pt")
+            cache[key] = processor(text=[it.prompt], images=[open_rgb(it.image)], return_tensors="pt")
         out.append(cache[key])
     return out
 

@@ -75,6 +75,7 @@ class Trainer:
         self.ckpt = Checkpoints(self.out, keep=cfg.run.keep_checkpoints)
         self.step_no = 0  # learner updates so far: the learner's policy version
         self.refused_requests = 0  # prompts the engines would not take, over the run
+        self.bad_images: list[str] = []  # images that did not decode in a worker, with their samples
         self.staleness = Counter()  # answers learnt from, by staleness, over the run
         self.last_examples: list = []
         self._last_step_end: float | None = None
@@ -120,6 +121,16 @@ class Trainer:
             )
             out.append({"prompt": chat_prompt(self.processor, q), "image": self.samples[i].image})
         return out
+
+    def _bad_image(self, sample: Sample, reason: str) -> None:
+        """An image that passed the check at start but did not decode in a worker: counted,
+        reported with its sample; past ``data.max_bad_images`` the run stops with the list."""
+        self.bad_images.append(f"{sample.source}, id {sample.id!r}: {reason}")
+        if len(self.bad_images) > self.cfg.data.max_bad_images:
+            raise RuntimeError(
+                f"{len(self.bad_images)} images failed to decode in the rollout workers, past data.max_bad_images "
+                f"{self.cfg.data.max_bad_images}; fix or remove them and resume:\n  " + "\n  ".join(self.bad_images)
+            )
 
     def sync_weights(self) -> float:
         """The learner's weights into every engine (vLLM's weight-transfer protocol), between
@@ -176,6 +187,7 @@ class Trainer:
             times=times,
             engine_restarts=self.groups.rollouts.restarts,
             refused_requests=self.refused_requests,
+            bad_images=len(self.bad_images),
             inflight_batches=len(self.pipeline.inflight),
         )
         metrics["prompt_ids"] = [self.samples[g.idx].id for g in groups]
@@ -219,6 +231,8 @@ class Trainer:
                         a.reason,
                     )
                     self.refused_requests += 1
+                    if a.image_unreadable:
+                        self._bad_image(self.samples[i], a.reason)
                 else:
                     new.append((i, p, a))
             if not new:

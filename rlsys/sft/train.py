@@ -23,8 +23,8 @@ from pathlib import Path
 
 from actors.group import actor_env
 from rlsys.config import REPO_ROOT, ConfigError, SFTConfig, deepspeed_config, describe, load_config
-from rlsys.data.prepare import check_phrases, check_targets, prepare_data_path, prepare_model_dir
-from rlsys.data.samples import load_dataset
+from rlsys.data.prepare import check_phrases, check_targets, load_checked, prepare_data_path, prepare_model_dir
+from rlsys.data.samples import DataError
 from rlsys.grpo.records import LearnerItem
 from rlsys.grpo.sequences import build_batch
 from rlsys.lang.prompts import chat_prompt
@@ -108,7 +108,8 @@ def train_loop(config: dict) -> None:
             gradient_accumulation_steps=tr.grad_accum_steps,
         ),
     )
-    samples = load_dataset(config["train_path"])
+    # checked on the driver already; skipped records are left out here the same way
+    samples = load_checked(config["train_path"], cfg.data.on_bad_record, say=lambda _msg: None)
     if cfg.data.tasks:
         samples = [s for s in samples if s.task in cfg.data.tasks]
     all_phrases = sorted({p for s in samples for p in s.phrases})
@@ -228,13 +229,13 @@ def run(cfg: SFTConfig) -> Path:
 
     out = Path(cfg.run.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = prepare_model_dir(cfg.model, out, None)
+    # the workers read the file themselves; a record that cannot be used, a phrase with a control
+    # token, or a target the vocabulary cannot write (chatrex without a matching proposal), is
+    # refused here, before Ray starts (the data first: it is named before a model is built)
     train_path = prepare_data_path(cfg.data, out)
-
-    # the workers read the file themselves; a phrase with a control token, or a target the
-    # vocabulary cannot write (chatrex without a matching proposal), is refused here, before Ray starts
+    samples = load_checked(train_path, cfg.data.on_bad_record)
+    model_dir = prepare_model_dir(cfg.model, out, None)
     processor = processor_for(cfg.model, model_dir, pixels=False)
-    samples = load_dataset(train_path)
     if cfg.data.tasks:
         samples = [s for s in samples if s.task in cfg.data.tasks]
     check_phrases(samples, processor.tokenizer)
@@ -307,7 +308,11 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print("rlsys SFT:", json.dumps(cfg.totals()), flush=True)
-    run(cfg)
+    try:
+        run(cfg)
+    except DataError as exc:  # a record that cannot be used, named with file:line (before Ray started)
+        print(f"data error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
