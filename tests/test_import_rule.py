@@ -29,6 +29,7 @@ LAYERS = [  # (layer, path prefixes), first match wins
             "rewards/",
             "rlsys/lang/",
             "rlsys/data/samples.py",
+            "rlsys/data/images.py",
             "rlsys/data/synthetic.py",
             "rlsys/data/__init__.py",
             "rlsys/grpo/__init__.py",

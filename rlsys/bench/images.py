@@ -13,6 +13,7 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rlsys.data import synthetic
@@ -35,7 +36,7 @@ def _dataset(out: Path, records: int) -> list[Sample]:
         dst = imgs / f"{k:06d}.png"
         if not dst.exists():
             shutil.copyfile(s.image, dst)
-        samples.append(Sample(f"r{k}", str(dst), s.width, s.height, s.task, s.phrases, s.instances, s.output))
+        samples.append(replace(s, id=f"r{k}", image=str(dst)))
     write_jsonl(samples, path)
     return load_jsonl(path)
 
