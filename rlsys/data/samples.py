@@ -275,7 +275,7 @@ def load_jsonl(path, bad: list | None = None) -> list[Sample]:
                 raise
             bad.append((source, str(exc)))
     if not out:
-        raise DataError(f"{path}: holds no usable records" + (f" ({len(bad)} bad)" if bad else ""))
+        raise DataError(f"{path}: holds no records" + (f" that can be used ({len(bad)} bad)" if bad else ""))
     return out
 
 
