@@ -177,7 +177,7 @@ def test_asynchronous_rollouts_respect_the_staleness_bound_and_weight_stale_answ
     # the processor ran once per prompt per step (one learner rank here): the reference pass's
     # encodings served the update
     assert trainer.cfg.learner.num_ranks == 1 and trainer.cfg.learner.kl_coef > 0
-    prompts = [len({(it["prompt"], it["image"]) for it in items}) for items in made]
+    prompts = [len({(it.prompt, it.image) for it in items}) for items in made]
     assert all(0 < n <= P for n in prompts), prompts
     assert [r["learner/encoded_prompts"] for r in recs] == prompts
     # the stale steps were corrected, the on-policy one was not

@@ -108,7 +108,7 @@ def test_two_ranks_give_the_one_rank_update_on_uneven_shards(ray_local, tiny_mod
     for k, (a, b, ma, mb) in enumerate(zip(one, two, m1, m2)):
         # the global gradient norm is the same: loss x world_size against DeepSpeed's average,
         # and no division by the accumulation steps (a factor 2 here would show at once)
-        assert mb[0]["grad_norm"] == pytest.approx(ma[0].grad_norm, rel=1e-4), (k, ma, mb)
+        assert mb[0].grad_norm == pytest.approx(ma[0].grad_norm, rel=1e-4), (k, ma, mb)
         assert sum(m.tokens for m in mb) == ma[0].tokens
         # the parameters agree to float32 tolerance, measured against how far the step moved them
         ref = one[k - 1] if k else before
@@ -136,6 +136,6 @@ def test_learning_rate_warm_up_scales_the_first_updates(ray_local, tiny_model_di
     before, warm, mw = _run(tiny_model_dir, synthetic_dir, 1, batches, ["learner.warmup_steps=3"])
     _, cold, mc = _run(tiny_model_dir, synthetic_dir, 1, batches[:1])
     assert [m[0].lr for m in mw] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
-    assert mc[0][0]["lr"] == pytest.approx(1e-3)
+    assert mc[0][0].lr == pytest.approx(1e-3)
     moved = lambda p: max(float((p[n] - before[n]).abs().max()) for n in p)  # noqa: E731
     assert moved(warm[0]) / moved(cold[0]) == pytest.approx(1 / 3, rel=0.05)
