@@ -20,6 +20,7 @@ from rlsys.config import vllm_engine_args
 from rlsys.data.images import open_rgb
 from rlsys.grpo.records import Answer, Refusal
 from rlsys.grpo.sequences import BANNED_LOGIT_BIAS, banned_token_ids
+from rlsys.models import check_token_layout
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class RolloutWorker:
             **extra,
         )
         self.start_s = time.perf_counter() - t0
+        # vLLM reads the tokenizer itself: it must give the ids the driver checked
+        check_token_layout(self.llm.get_tokenizer(), engine_args["model"], "vLLM engine's tokenizer")
         self.llm.collective_rpc("rlsys_track_received")
         # Vision placeholders must never be sampled: the learner re-reads prompt + answer through
         # the processor, and an <|image_pad|> in an answer is taken for an image slot with no
@@ -70,6 +73,7 @@ class RolloutWorker:
         max_new_tokens: int,
         seed: int,
         min_new_tokens: int = 0,
+        repetition_penalty: float = 1.0,
     ) -> list[list[Answer] | Refusal]:
         """``requests``: ``{"prompt": chat text, "image": path}``; returns per request ``n`` answers,
         or a :class:`Refusal` for a request the engine would not take (the others still run)."""
@@ -86,6 +90,7 @@ class RolloutWorker:
             n=n,
             temperature=temperature,
             top_p=top_p,
+            repetition_penalty=repetition_penalty,
             max_tokens=max_new_tokens,
             min_tokens=min_new_tokens,
             logprobs=0,
@@ -263,6 +268,7 @@ class RolloutGroup:
             n=ro.samples_per_prompt,
             temperature=ro.temperature,
             top_p=ro.top_p,
+            repetition_penalty=ro.repetition_penalty,
             max_new_tokens=ro.max_new_tokens,
             seed=seed * 100003 + job["step"] * 101 + k + attempt,
         )

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rlsys.lang.format import KEYPOINT_STYLES
+from rlsys.lang.prompts import PROMPT_SETS
 from rlsys.lang.vocab import MASK_VOCABULARIES, VOCABULARIES
 from rlsys.models import TinySpec, qwen2_5_vl_3b_shaped
 
@@ -77,6 +79,24 @@ KvCacheMiB = Annotated[
 
 # The names come from the vocabulary table (rlsys/lang/vocab/__init__.py), not a second list.
 VocabularyName = Literal[VOCABULARIES]
+PromptSetName = Literal[tuple(PROMPT_SETS)]
+PROMPT_SET_HELP = (
+    "The questions' wording and system prompt (rlsys.lang.prompts): paper, the Rex-Omni paper's table 1 "
+    "with paraphrases drawn in training; rex_release, the released Rex-Omni's inference wording (one "
+    "question per task, its system prompt, visual-prompt boxes in its JSON, encoded by floor), what a "
+    "release checkpoint was trained to read. SFT, GRPO, eval and Serve of one model use the same."
+)
+# the released Rex-Omni decodes with this penalty (its wrapper); 1.0 is none
+RELEASE_REPETITION_PENALTY = 1.05
+RepetitionPenalty = Annotated[
+    float,
+    Field(
+        ge=1.0,
+        le=2.0,
+        description="vLLM repetition penalty (1.0: none; the released Rex-Omni decodes with 1.05). Divides the "
+        "logits of tokens already in the prompt or answer.",
+    ),
+]
 
 
 def engine_memory(gpu_memory_utilization: float, kv_cache_mib: int | None) -> dict:
@@ -141,6 +161,7 @@ class ModelConfig(_Section):
         None,
         description="Local Hugging Face checkpoint directory. None: build (once) the tiny random-weight Qwen2.5-VL under run.out_dir/tiny-model.",
     )
+    prompt_set: PromptSetName = Field("paper", description=PROMPT_SET_HELP)
     vocabulary: VocabularyName = Field(
         "rex_bins",
         description="How the model writes geometry (rlsys.lang.vocab): rex_bins, Rex-Omni's coordinate tokens <0>..<999>; qwen_json, Qwen2.5-VL's own grounding JSON (bbox_2d / point_2d in pixels of the resized image), what a base Qwen2.5-VL already answers; getok, GETok's grid tokens <gridX_Y> with offset tokens <OFFdx_dy> and <DELETE>; chatrex, ChatRex's proposal indices <obj0>.. into candidate boxes listed in the question. Used by SFT targets, questions, rewards, eval and Serve.",
@@ -173,7 +194,7 @@ class ModelConfig(_Section):
     )
     coord_tokens: Literal["add", "map_last"] = Field(
         "add",
-        description="For a base Qwen2.5-VL without its vocabulary's tokens: add them to the vocabulary, or (rex_bins only) map <0>..<999> onto the last 1,000 embedding rows as Rex-Omni did.",
+        description="For a base Qwen2.5-VL without its vocabulary's tokens: add them to the vocabulary, or (rex_bins only) map <0>..<999> onto the last 1,000 BPE rows below the added tokens (150643..151642 on Qwen2.5-VL), the released Rex-Omni's ids.",
     )
     trust_remote_code: bool = Field(
         False,
@@ -267,6 +288,10 @@ class DataConfig(_Section):
         le=1.0,
         description="Share of synthetic detection and referring samples that ask for their objects' masks instead of boxes (output mask: each mask written as a set of grid points, GETok section 3.2.1; needs model.vocabulary getok, and a reward that decodes masks: reward.sam_checkpoint, or reward.scorer=rewards.scorer:score_cell_masks on CPUs). 0: none.",
     )
+    keypoint_style: Literal[KEYPOINT_STYLES] = Field(
+        "paper",
+        description='How SFT targets write keypoint answers: paper, the paper\'s form ({"person1": {"box": <x0><y0><x1><y1>, "keypoints": {...}}}), or rex_release, the released Rex-Omni model\'s (a ```json block, "bbox": " <x0> <y0> <x1> <y1> ", keypoints " <x> <y> " or "unvisible"; model.vocabulary rex_bins only). Answers in either form are read.',
+    )
     tasks: list[str] | None = Field(None, description="Keep only samples of these tasks (None: all).")
     on_bad_record: Literal["refuse", "skip"] = Field(
         "refuse",
@@ -293,6 +318,8 @@ class RolloutConfig(_Section):
     )
     temperature: float = Field(1.0, gt=0, le=2.0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1.0, description="Nucleus sampling mass.")
+    # in the engines' processed log-probs, so the behaviour ratio sees the distribution sampled from
+    repetition_penalty: RepetitionPenalty = 1.0
     max_new_tokens: int = Field(128, ge=1, le=32768, description="Answer length limit, in tokens.")
     max_model_len_tokens: int = Field(
         1024, ge=64, description="vLLM context length (prompt with image tokens + answer)."
@@ -646,6 +673,11 @@ class SFTConfig(_Section):
                 f"model.vocabulary {self.model.vocabulary} writes no bins (set it to 0)"
             )
         _masks_need_a_mask_vocabulary(self.model, self.data)
+        if self.data.keypoint_style == "rex_release" and self.model.vocabulary != "rex_bins":
+            raise ValueError(
+                "data.keypoint_style rex_release writes the release's quoted coordinate bins; "
+                f"model.vocabulary {self.model.vocabulary} writes no bins (use keypoint_style paper)"
+            )
         return self
 
     def totals(self) -> dict:
@@ -675,6 +707,7 @@ class ServeModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Engine weight dtype (float32 on CPUs, bfloat16 on GPUs)."
     )
+    prompt_set: PromptSetName = Field("paper", description=PROMPT_SET_HELP)
     vocabulary: VocabularyName = Field(
         "rex_bins",
         description="The vocabulary the checkpoint was trained to answer in (model.vocabulary of its SFT/GRPO config; rlsys.lang.vocab; getok reads its grid size from the checkpoint's tokenizer; chatrex needs the request's 'proposals'). Answers are returned in the request image's pixels whatever it is.",
@@ -710,6 +743,7 @@ class GenerationConfig(_Section):
         0.0, ge=0, le=2.0, description="Sampling temperature; 0 is greedy (same image, same answer)."
     )
     top_p: float = Field(1.0, gt=0, le=1.0, description="Nucleus sampling mass (with temperature > 0).")
+    repetition_penalty: RepetitionPenalty = 1.0
 
 
 class BatchingConfig(_Section):

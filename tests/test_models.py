@@ -145,7 +145,9 @@ def test_prepare_checkpoint_map_last(tiny_model_dir, tmp_path):
     assert {t: proc.tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS} == special_before
     rows = json.loads((out / "config.json").read_text())["text_config"]["vocab_size"]
     ids = coordinate_token_ids(proc.tokenizer)
-    # <k> is the embedding row V - 1000 + k, as Rex-Omni repurposed the last 1,000 rows
+    # the tiny BPE has fewer than 1,000 entries, so its added tokens sit below row 1,000 and
+    # <k> is the row V - 1000 + k (a Qwen-sized vocabulary: test_map_last_on_qwen_layout_...)
+    assert min(special_before.values()) < 1000
     assert ids == list(range(rows - 1000, rows))
     assert proc.tokenizer.decode(proc.tokenizer("<5><999>", add_special_tokens=False)["input_ids"]) == "<5><999>"
     # the model itself is unchanged: same number of embedding rows
@@ -204,8 +206,8 @@ def test_qwen_layout_tokenizer_has_the_real_ids(qwen_layout_base):
 
 
 def test_map_last_on_qwen_layout_skips_the_added_tokens(qwen_layout_base, tmp_path):
-    """Today's Qwen2.5-VL layout puts 22 added tokens inside the last 1,000 rows: map_last takes
-    the 1,000 highest rows that hold none (the 271 unused rows and the 729 highest BPE rows)."""
+    """Qwen2.5-VL's layout: map_last takes the last 1,000 BPE rows 150643..151642, below the 22
+    added tokens, the released Rex-Omni's rows (the 271 unused rows above stay unused)."""
     from rlsys.models import QWEN2_5_VL_ADDED_TOKENS
 
     before = {t: i for i, (t, _) in enumerate(QWEN2_5_VL_ADDED_TOKENS, start=151643)}
@@ -214,11 +216,11 @@ def test_map_last_on_qwen_layout_skips_the_added_tokens(qwen_layout_base, tmp_pa
     out = prepare_checkpoint(qwen_layout_base, tmp_path / "mapped", mode="map_last")
     tok = load_processor(out).tokenizer
     ids = coordinate_token_ids(tok)
-    assert ids == list(range(150914, 151643)) + list(range(151665, 151936))
+    assert ids == list(range(150643, 151643))
     assert ids == map_last_ids(before.values(), 151936)
     # every added token keeps its id, special or not
     assert {t: tok.convert_tokens_to_ids(t) for t in before} == before
-    assert len(tok) == 151936  # every row holds one token now; the 729 highest BPE rows became coordinates
+    assert len(tok) == 151665  # the 1,000 last BPE rows became coordinates; 151665..151935 stay unused
     # coordinates encode to one id each and decode back, in the middle of text and specials
     text = "<|box_start|><5><999><0><|box_end|>"
     enc = tok(text, add_special_tokens=False)["input_ids"]
@@ -226,7 +228,7 @@ def test_map_last_on_qwen_layout_skips_the_added_tokens(qwen_layout_base, tmp_pa
     assert tok.decode(enc) == text
     # the BPE entries that gave their rows no longer come out of the BPE: their text still
     # tokenises (into smaller pieces) and decodes back, with no coordinate id among its tokens
-    for old_id in (150914, 151000, 151642):
+    for old_id in (150643, 151000, 151642):
         piece = tok.convert_tokens_to_string([id_to_bpe[old_id]])
         enc = tok(piece, add_special_tokens=False)["input_ids"]
         assert not set(enc) & set(ids) and tok.decode(enc) == piece, (old_id, piece, enc)
@@ -235,9 +237,11 @@ def test_map_last_on_qwen_layout_skips_the_added_tokens(qwen_layout_base, tmp_pa
 
 
 def test_map_last_ids_rule():
-    # added tokens below the last 1,000 rows: Rex-Omni's rows V-1000..V-1
+    # Qwen2.5-VL: the last 1,000 BPE rows below its 22 added tokens, as the release
+    assert map_last_ids(range(151643, 151665), 151936) == list(range(150643, 151643))
+    # no added token (or only some below row 1,000): the last 1,000 rows, skipping those
+    assert map_last_ids([], 2000) == list(range(1000, 2000))
     assert map_last_ids([0, 1, 5], 2000) == list(range(1000, 2000))
-    # added tokens inside: skipped, the rule reaches lower
-    assert map_last_ids([1999, 1500], 2000) == list(range(998, 1500)) + list(range(1501, 1999))
+    assert map_last_ids([0, 1500, 1999], 2000) == list(range(500, 1500))
     with pytest.raises(ValueError, match="fewer than 1000 rows"):
-        map_last_ids(range(100), 1050)
+        map_last_ids([999, 1000], 2000)  # 999 free rows below the first added token

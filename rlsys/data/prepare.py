@@ -275,7 +275,13 @@ def image_tokens(processor, width: int, height: int) -> tuple[int, int, int]:
 
 
 def check_fit(
-    samples, processor, max_model_len: int, max_new_tokens: int, too_long: str = "refuse", vocabulary=None
+    samples,
+    processor,
+    max_model_len: int,
+    max_new_tokens: int,
+    too_long: str = "refuse",
+    vocabulary=None,
+    prompt_set: str = "paper",
 ) -> tuple[list, int]:
     """Keep only samples whose longest prompt (every question template of its task, the chat
     markup, its image tokens under the pixel budget) plus ``max_new_tokens`` fits the engines'
@@ -285,7 +291,7 @@ def check_fit(
 
     tok = processor.tokenizer
     # the chat markup with an empty question; its one <|image_pad|> becomes the image's tokens
-    markup = len(tok(chat_prompt(processor, ""), add_special_tokens=False)["input_ids"]) - 1
+    markup = len(tok(chat_prompt(processor, "", prompt_set), add_special_tokens=False)["input_ids"]) - 1
 
     class _Pick:  # build_question's rng, fixed on template k
         def __init__(self, k):
@@ -297,7 +303,7 @@ def check_fit(
     questions, owner = [], []
     for j, s in enumerate(samples):
         kp = list(dict.fromkeys(n for i in s.instances for n in (i.keypoints or {})))
-        for k in range(len(templates_for(s.task, s.output))):
+        for k in range(len(templates_for(s.task, s.output, prompt_set))):
             questions.append(
                 build_question(
                     s.task,
@@ -309,6 +315,7 @@ def check_fit(
                     keypoint_names=kp,
                     rng=_Pick(k),
                     vocabulary=(vocabulary or REX_BINS).for_sample(s),
+                    prompt_set=prompt_set,
                 )
             )  # chatrex lists its proposals
             owner.append(j)

@@ -2,8 +2,10 @@
 
 Runs the model through vLLM (greedy decoding) on every sample, then the paper's metrics
 (section 5.1 F1@IoU table, 5.6 pointing F1, 5.7 GUI accuracy, 6.1.2 duplicate and large-box
-rates) from :mod:`rewards.metrics`. Writes ``metrics.json``, ``predictions.jsonl`` and a PNG grid
-of predictions drawn on images.
+rates) from :mod:`rewards.metrics`, and/or the public Rex-Omni release's evaluation of the same
+figures from :mod:`rewards.release_metrics` (``--protocol paper|rex_release|both``; ``both``, the
+default, keeps the paper's keys and adds the release's under ``rex_release``). Writes
+``metrics.json``, ``predictions.jsonl`` and a PNG grid of predictions drawn on images.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from rewards import release_metrics
 from rewards.geometry import decode_masks
 from rewards.mask import decode_point_sets
 from rewards.metrics import (
@@ -33,7 +36,7 @@ from rewards.metrics import (
     pointing_table,
 )
 from rewards.scorer import leave_one_out_gain, load_scorer, score, takes_vocabulary
-from rlsys.config import ConfigError, load_config, vllm_engine_args
+from rlsys.config import RELEASE_REPETITION_PENALTY, ConfigError, load_config, vllm_engine_args
 from rlsys.data import synthetic
 from rlsys.data.images import open_rgb
 from rlsys.data.prepare import check_targets, load_checked, mask_decoding
@@ -41,35 +44,53 @@ from rlsys.data.samples import DataError, load_dataset
 from rlsys.eval.drawing import draw_predictions, predictions_in_pixels
 from rlsys.lang.prompts import chat_prompt, question_for_sample
 from rlsys.lang.vocab import REX_BINS, vocabulary_for
-from rlsys.models import processor_for
+from rlsys.models import check_token_layout, processor_for
 
 BOX_TASKS = ("detection", "referring", "visual_prompt", "layout")
+# Which evaluation rules compute_metrics applies: the paper's (rewards.metrics), the public
+# release's (rewards.release_metrics), or both (the paper's keys plus "rex_release").
+PROTOCOLS = ("paper", "rex_release", "both")
 
 
-def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None = None, processor=None) -> list[str]:
-    """Greedy answers for the samples' canonical questions (the first template). The engine's
-    settings (dtype, context length, memory share, eager mode, pixel budget) are the GRPO
-    config's (``model`` and ``rollout``), so a 3B config evaluates on its GPU settings."""
+def generate_answers(
+    model_dir: str,
+    samples,
+    cfg,
+    *,
+    max_new_tokens: int | None = None,
+    processor=None,
+    repetition_penalty: float | None = None,
+) -> list[str]:
+    """Greedy answers for the samples' canonical questions (the first template of
+    ``model.prompt_set``). The engine's settings (dtype, context length, memory share, eager mode,
+    pixel budget) are the GRPO config's (``model`` and ``rollout``), so a 3B config evaluates on
+    its GPU settings. ``repetition_penalty`` None: the prompt set's decoding (the release's 1.05
+    for ``rex_release``, none for ``paper``)."""
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     from vllm import LLM, SamplingParams
 
     r = cfg.rollout
     max_new_tokens = max_new_tokens or r.max_new_tokens
+    if repetition_penalty is None:
+        repetition_penalty = RELEASE_REPETITION_PENALTY if cfg.model.prompt_set == "rex_release" else 1.0
+    ps = cfg.model.prompt_set
     proc = processor or processor_for(cfg.model, model_dir)
     vocabulary = vocabulary_for(cfg.model, proc)
 
     llm = LLM(**vllm_engine_args(cfg.model, model_dir, r, seed=0))
+    check_token_layout(llm.get_tokenizer(), model_dir, "vLLM engine's tokenizer")
     inputs = []
     for s in samples:
         inputs.append(
             {
-                "prompt": chat_prompt(proc, question_for_sample(s, vocabulary=vocabulary)),
+                "prompt": chat_prompt(proc, question_for_sample(s, vocabulary=vocabulary, prompt_set=ps), ps),
                 "multi_modal_data": {"image": open_rgb(s.image)},
             }
         )
-    outs = llm.generate(
-        inputs, SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=False), use_tqdm=False
+    sampling = SamplingParams(
+        temperature=0.0, max_tokens=max_new_tokens, repetition_penalty=repetition_penalty, skip_special_tokens=False
     )
+    outs = llm.generate(inputs, sampling, use_tqdm=False)
     del llm
     return [o.outputs[0].text for o in outs]
 
@@ -77,8 +98,11 @@ def generate_answers(model_dir: str, samples, cfg, *, max_new_tokens: int | None
 def task_images(samples, answers, vocabulary=None) -> dict:
     """The metrics' inputs, by task family: ``det`` (box-output box tasks, with ``det_rows`` their
     sample indices and ``det_tasks``), ``point`` (pointing with masks, ``point_rows``), ``gui_pts``
-    and ``gui_boxes``; answers read by ``vocabulary`` (default: the bins)."""
-    d: dict = {k: [] for k in ("det", "det_rows", "det_tasks", "point", "point_rows", "gui_pts", "gui_boxes")}
+    and ``gui_boxes`` (point-output GUI: the first predicted point, the paper's metric), and
+    ``gui_all`` with ``gui_all_boxes`` (every GUI sample with a target box: all its predicted
+    points and boxes, the release's metric); answers read by ``vocabulary`` (default: the bins)."""
+    keys = ("det", "det_rows", "det_tasks", "point", "point_rows", "gui_pts", "gui_boxes", "gui_all", "gui_all_boxes")
+    d: dict = {k: [] for k in keys}
     for row, (s, text) in enumerate(zip(samples, answers)):
         preds = predictions_in_pixels(text, s, vocabulary)
         if s.task in BOX_TASKS and s.output == "box":
@@ -104,7 +128,37 @@ def task_images(samples, answers, vocabulary=None) -> dict:
             pts = [c for _, k, c in preds if k == "point"]
             d["gui_pts"].append(pts[0] if pts else None)
             d["gui_boxes"].append(s.instances[0].box)
+        if s.task == "gui" and s.instances and s.instances[0].box is not None:
+            d["gui_all"].append([c for _, k, c in preds if k in ("point", "box")])
+            d["gui_all_boxes"].append(s.instances[0].box)
     return d
+
+
+def release_figures(d: dict) -> dict:
+    """The public Rex-Omni release's figures (:mod:`rewards.release_metrics`) of a
+    :func:`task_images` result, by family: ``box`` (box tasks pooled, per-sample averaging, each
+    sample's labels read by its task's rule) with ``box_tasks`` (each task on its own, as the
+    release reports each task and dataset), ``point`` and ``gui``. Families without samples are
+    left out."""
+    out: dict = {}
+    if d["det"]:
+        modes = [release_metrics.label_mode(t) for t in d["det_tasks"]]
+        out["box"] = {**release_metrics.detection_f1(d["det"], label_mode=modes), "num_images": len(d["det"])}
+        out["box_tasks"] = {}
+        for task in sorted(set(d["det_tasks"])):
+            sub = [im for im, t in zip(d["det"], d["det_tasks"]) if t == task]
+            out["box_tasks"][task] = {
+                **release_metrics.detection_f1(sub, label_mode=release_metrics.label_mode(task)),
+                "num_images": len(sub),
+            }
+    if d["point"]:
+        out["point"] = {**release_metrics.pointing_f1(d["point"]), "num_images": len(d["point"])}
+    if d["gui_all"]:
+        out["gui"] = {
+            "accuracy": release_metrics.gui_accuracy(d["gui_all"], d["gui_all_boxes"]),
+            "num_queries": len(d["gui_all"]),
+        }
+    return out
 
 
 # The figures the demo's report puts intervals on: (name, family, key of the family's figures).
@@ -180,10 +234,21 @@ def mask_images(samples, answers, vocabulary, mask_decoder: str, mask_source=Non
 
 
 def compute_metrics(
-    samples, answers, vocabulary=None, *, mask_decoder: str | None = None, mask_source=None, reward=None
+    samples,
+    answers,
+    vocabulary=None,
+    *,
+    mask_decoder: str | None = None,
+    mask_source=None,
+    reward=None,
+    protocol: str = "both",
 ) -> dict:
     """The paper's metrics over the samples, by task family; answers read by ``vocabulary``
-    (default: the bins). Mask-output samples (GETok) are decoded by ``mask_decoder`` (``"sam"``
+    (default: the bins). ``protocol`` (:data:`PROTOCOLS`): ``"paper"`` gives the keys below;
+    ``"rex_release"`` only the release's figures under ``rex_release`` (:func:`release_figures`;
+    the release has no mask F1, duplicate, large-box, count or leave-one-out figures, so those
+    are left out), with ``num_samples`` and ``mean_reward``; ``"both"`` (default) the paper's keys
+    unchanged plus ``rex_release``. Mask-output samples (GETok) are decoded by ``mask_decoder`` (``"sam"``
     with ``mask_source``, or ``"grid_cells"``; :func:`rlsys.data.prepare.mask_decoding` picks the
     config's) and scored by mask IoU F1 (``mask``, ``mask_tasks``); without a decoder they raise.
     ``reward``: the run's ``RewardConfig`` (default: the paper's scorer and matching), whose pull
@@ -193,8 +258,13 @@ def compute_metrics(
     best change."""
     import numpy as np
 
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    paper = protocol in ("paper", "both")
     d = task_images(samples, answers, vocabulary)
     det, det_tasks, point_imgs, gui_pts, gui_boxes = d["det"], d["det_tasks"], d["point"], d["gui_pts"], d["gui_boxes"]
+    if not paper:  # the paper's figures below are skipped
+        det, point_imgs, gui_pts = [], [], []
 
     out: dict = {"num_samples": len(samples)}
     if det:
@@ -218,7 +288,7 @@ def compute_metrics(
         out["pointing"] = {**pointing_f1(point_imgs), "num_images": len(point_imgs)}
     if gui_pts:
         out["gui"] = {"accuracy": gui_accuracy(gui_pts, gui_boxes), "num_queries": len(gui_pts)}
-    if any(s.output == "mask" for s in samples):
+    if paper and any(s.output == "mask" for s in samples):
         if mask_decoder is None:
             raise ValueError(
                 "mask-output samples need a mask decoder for their metric (mask_decoder='sam' with a "
@@ -230,6 +300,8 @@ def compute_metrics(
             t: {**mask_f1([m for m, u in zip(imgs, tasks) if u == t]), "num_images": tasks.count(t)}
             for t in sorted(set(tasks))
         }
+    if protocol in ("rex_release", "both"):
+        out["rex_release"] = release_figures(d)
     rewards = [
         score(
             t, s, vocabulary=vocabulary or REX_BINS, mask_source=mask_source, mask_decoder=mask_decoder or "sam"
@@ -280,8 +352,21 @@ def draw_grid(samples, answers, path, cols: int = 4, max_images: int = 16, vocab
     grid.save(path)
 
 
-def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | None = None) -> dict:
-    """``cfg``: the GRPO config whose engine settings to use (default: configs/tiny_cpu.yaml)."""
+def evaluate(
+    checkpoint,
+    samples,
+    out_dir,
+    cfg=None,
+    *,
+    max_new_tokens: int | None = None,
+    protocol: str = "both",
+    repetition_penalty: float | None = None,
+) -> dict:
+    """``cfg``: the GRPO config whose engine settings to use (default: configs/tiny_cpu.yaml);
+    ``protocol``: which metrics (:func:`compute_metrics`); ``repetition_penalty``: see
+    :func:`generate_answers`."""
+    if protocol not in PROTOCOLS:  # before the engine starts
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,9 +377,22 @@ def evaluate(checkpoint, samples, out_dir, cfg=None, *, max_new_tokens: int | No
     if any(s.output == "mask" for s in samples):  # decided before generating: a missing decoder fails fast
         check_targets(samples, vocabulary)
         decoder, mask_source = mask_decoding(cfg.reward)
-    answers = generate_answers(str(checkpoint), samples, cfg, max_new_tokens=max_new_tokens, processor=proc)
+    answers = generate_answers(
+        str(checkpoint),
+        samples,
+        cfg,
+        max_new_tokens=max_new_tokens,
+        processor=proc,
+        repetition_penalty=repetition_penalty,
+    )
     metrics = compute_metrics(
-        samples, answers, vocabulary, mask_decoder=decoder, mask_source=mask_source, reward=cfg.reward
+        samples,
+        answers,
+        vocabulary,
+        mask_decoder=decoder,
+        mask_source=mask_source,
+        reward=cfg.reward,
+        protocol=protocol,
     )
     metrics["vocabulary"] = vocabulary.name
     metrics["checkpoint"] = str(checkpoint)
@@ -337,6 +435,16 @@ def format_table(metrics: dict) -> str:
     if "mask" in metrics:
         m = metrics["mask"]
         rows.append(f"| mask F1@0.50 / F1@mIoU ({m['decoder']}) | {m['F1@0.50']:.3f} / {m['F1@mIoU']:.3f} |")
+    rel = metrics.get("rex_release", {})
+    if "box" in rel:
+        b = rel["box"]
+        rows.append(f"| release protocol: F1@0.50 / F1@mIoU (mean of F1s) | {b['F1@0.50']:.3f} / {b['F1@mIoU']:.3f} |")
+    for task, m in rel.get("box_tasks", {}).items():
+        rows.append(f"| release protocol, {task}: F1@0.50 / F1@mIoU | {m['F1@0.50']:.3f} / {m['F1@mIoU']:.3f} |")
+    if "point" in rel:
+        rows.append(f"| release protocol: pointing F1 | {rel['point']['F1']:.3f} |")
+    if "gui" in rel:
+        rows.append(f"| release protocol: GUI accuracy (any point or box centre) | {rel['gui']['accuracy']:.3f} |")
     rows.append(f"| mean reward | {metrics['mean_reward']:.3f} |")
     return "\n".join(rows)
 
@@ -352,12 +460,25 @@ def main(argv=None) -> int:
         "--max-new-tokens",
         type=int,
         default=None,
-        help="answer length limit (default: the config's rollout.max_new_tokens)",
+        help="answer length limit (default: the config's rollout.max_new_tokens; the release decodes up to 4096)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="vLLM repetition penalty (default: 1.05 with model.prompt_set=rex_release, as the release decodes; else none)",
     )
     p.add_argument(
         "--config",
         help="GRPO config whose model and rollout sections set the engine (dtype, context length, "
         "memory share, eager mode, pixel budget); default configs/tiny_cpu.yaml",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="both",
+        help="metrics: the paper's (section 5.1 wording), the public Rex-Omni release's evaluation code, "
+        "or both (default: the paper's keys plus the release's under 'rex_release')",
     )
     p.add_argument("overrides", nargs="*", help="config key=value, e.g. rollout.gpu_memory_utilization=0.8")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -391,7 +512,20 @@ def main(argv=None) -> int:
         keep = set(a.tasks.split(","))
         samples = [s for s in samples if s.task in keep]
     samples = samples[: a.limit] if a.limit else samples
-    m = evaluate(a.checkpoint, samples, a.out, cfg, max_new_tokens=a.max_new_tokens)
+    try:  # a tokenizer that does not fit the checkpoint, or lacks the vocabulary's tokens: say so
+        processor_for(cfg.model, a.checkpoint, pixels=False)
+    except ValueError as exc:
+        print(f"model error: {exc}", file=sys.stderr)
+        return 2
+    m = evaluate(
+        a.checkpoint,
+        samples,
+        a.out,
+        cfg,
+        max_new_tokens=a.max_new_tokens,
+        protocol=a.protocol,
+        repetition_penalty=a.repetition_penalty,
+    )
     print(format_table(m))
     print(json.dumps(m))
     return 0

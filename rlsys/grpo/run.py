@@ -156,7 +156,13 @@ def run(cfg: GRPOConfig) -> dict:
     check_targets(samples, vocabulary)  # chatrex: proposals for every sample
     # every prompt fits the engines' context under the pixel budget (else refused here, by name)
     samples, too_long = check_fit(
-        samples, processor, cfg.rollout.max_model_len_tokens, cfg.rollout.max_new_tokens, cfg.data.too_long, vocabulary
+        samples,
+        processor,
+        cfg.rollout.max_model_len_tokens,
+        cfg.rollout.max_new_tokens,
+        cfg.data.too_long,
+        vocabulary,
+        cfg.model.prompt_set,
     )
     if not samples:
         raise ConfigError(

@@ -117,9 +117,14 @@ class Trainer:
         out = []
         for i in idx:
             q = question_for_sample(
-                self.samples[i], random.Random(f"{self.cfg.run.seed}-{step - 1}-{i}"), self.vocabulary
+                self.samples[i],
+                random.Random(f"{self.cfg.run.seed}-{step - 1}-{i}"),
+                self.vocabulary,
+                self.cfg.model.prompt_set,
             )
-            out.append({"prompt": chat_prompt(self.processor, q), "image": self.samples[i].image})
+            out.append(
+                {"prompt": chat_prompt(self.processor, q, self.cfg.model.prompt_set), "image": self.samples[i].image}
+            )
         return out
 
     def _bad_image(self, sample: Sample, reason: str) -> None:
@@ -288,7 +293,8 @@ class Trainer:
         """Per engine, the largest |engine - learner| log-prob over one prompt's tokens: ~0 when
         the engine computes with the learner's weights."""
         s = self.samples[sample_index]
-        prompt = chat_prompt(self.processor, question_for_sample(s, vocabulary=self.vocabulary))
+        ps = self.cfg.model.prompt_set
+        prompt = chat_prompt(self.processor, question_for_sample(s, vocabulary=self.vocabulary, prompt_set=ps), ps)
         ids, lp = self.groups.learners.prompt_logprobs(prompt, s.image)
         gaps = []
         for eids, elp in self.groups.rollouts.prompt_logprobs(prompt, s.image):

@@ -21,8 +21,8 @@ def _check_size(size) -> None:
         raise ValueError(f"image size must be positive, got {size!r}")
 
 
-def encode(value, size):
-    """Pixel coordinate -> bin: ``round(clamp(value / size, 0, 1) * 999)``.
+def encode(value, size, floor: bool = False):
+    """Pixel coordinate -> bin: ``round(clamp(value / size, 0, 1) * 999)`` (``floor``: rounded down).
 
     ``value`` and ``size`` are scalars or numpy arrays (broadcast together). Returns a Python
     ``int`` for scalar input, an ``int64`` array otherwise. Values outside ``[0, size]`` are
@@ -36,7 +36,9 @@ def encode(value, size):
         raise ValueError(f"cannot encode NaN coordinate (value={value!r})")
     # np.rint rounds half to even; the half-bin case needs value/size*999 exactly x.5, which
     # floating point makes practically irrelevant, and either neighbour is within size/1998.
-    bins = np.rint(np.clip(v / s, 0.0, 1.0) * MAX_BIN).astype(np.int64)
+    scaled = np.clip(v / s, 0.0, 1.0) * MAX_BIN
+    # floor: the released Rex-Omni's encoding of visual-prompt boxes (int(x / W * 999))
+    bins = (np.floor(scaled) if floor else np.rint(scaled)).astype(np.int64)
     return int(bins) if bins.ndim == 0 else bins
 
 
@@ -57,10 +59,10 @@ def decode(bin_, size):
     return float(out) if out.ndim == 0 else out
 
 
-def encode_xy(coords, width, height):
+def encode_xy(coords, width, height, floor: bool = False):
     """Encode a flat ``[x0, y0, x1, y1, ...]`` pixel sequence (box, point or polygon) to bins."""
     c = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
-    return encode(c, np.array([width, height], dtype=np.float64)).reshape(-1)
+    return encode(c, np.array([width, height], dtype=np.float64), floor=floor).reshape(-1)
 
 
 def decode_xy(bins, width, height):

@@ -10,7 +10,8 @@ A *mask* (GETok's: a mask written as a set of points, :mod:`rewards.mask`) is an
 number of points; the text cannot tell it from a point, box or polygon, so a mask answer is read
 as such only when masks were asked for (``parse(text, kind="mask")``), as keypoints are.
 Several phrases are joined by ``", "``. Keypoints use a JSON-like form with coordinate tokens in
-place of numbers (:func:`render_keypoints` / :func:`parse_keypoints`).
+place of numbers, the paper's or the released model's (:func:`render_keypoints` /
+:func:`parse_keypoints`).
 
 :func:`parse` is what rewards, evaluation and Serve read model text with. It must never raise:
 a policy under RL writes anything, and one exception would kill a reward worker. Whatever it
@@ -230,16 +231,23 @@ class Deleted(ValueError):
     not written, so neither a prediction nor an unreadable fragment."""
 
 
-def _parse_coords(phrase: str, body: str, out: list, errors: list[str], read=read_bins, kind: str | None = None) -> int:
+def _parse_coords(
+    phrase: str, body: str, out: list, errors: list[str], read=read_bins, kind: str | None = None, cut: bool = False
+) -> int:
     """Parse one COORDS body into ``out``; return the number of unreadable instances. ``kind``:
-    every instance is one (``"mask"``: any number of points), else each is what its count says."""
+    every instance is one (``"mask"``: any number of points), else each is what its count says.
+    ``cut``: the body of a phrase cut off before its ``<|box_end|>`` (see :func:`parse`): its last
+    instance, the one no ``,`` follows, is the cut one and counts 1 unreadable; the others are
+    read as in a closed phrase."""
     body = body.strip()
-    if body == NONE_TEXT:
+    raws = body.split(",")
+    last = raws.pop() if cut else None
+    if not cut and body == NONE_TEXT:
         out.append(Prediction(phrase, "none", ()))
         return 0
     bad = 0
     by_kind: dict[str, list[tuple[int, ...]]] = {}
-    for raw in body.split(","):
+    for raw in raws:
         if not raw.strip():
             bad += 1
             _note(errors, f"{phrase!r}: empty instance")
@@ -267,6 +275,9 @@ def _parse_coords(phrase: str, body: str, out: list, errors: list[str], read=rea
     # order of first appearance: nothing the model wrote is lost, and each keeps a single kind.
     for kind, insts in by_kind.items():
         out.append(Prediction(phrase, kind, tuple(insts)))
+    if last is not None:
+        bad += 1
+        _note(errors, f"{phrase!r}: cut off before {BOX_END}, last instance {last.strip()[:40]!r} not read")
     return bad
 
 
@@ -275,6 +286,23 @@ def parse(text, read=read_bins, kind: str | None = None) -> Parsed:
     turns one instance's text into its values or raises ``ValueError`` (the bins by default).
     ``kind="mask"`` reads every instance as a mask (a set of points: the question asked for
     masks); by default an instance's value count says its kind.
+
+    An answer cut off (by the token limit) inside its last phrase's instance list, i.e. ending
+    ``<|object_ref_start|>P<|object_ref_end|><|box_start|>I1,I2,...,Ik`` with no ``<|box_end|>``,
+    keeps every instance that a ``,`` closes (I1..Ik-1, read as in a closed phrase) and counts
+    the last one, Ik, as 1 unreadable, whatever it holds, even nothing (the text ended right
+    after a ``,`` or right after ``<|box_start|>``). Why not read Ik as well, as the Rex-Omni
+    release does (it appends ``<|box_end|>`` and reads everything)? Nothing in the text says Ik
+    is whole: a box cut after 2 of its 4 tokens reads as a point, a polygon cut after 6 of its
+    8 values as a smaller polygon, a bin ``<512>`` cut to ``<51>``... so Ik is what the cut
+    leaves, and counting it keeps the cut visible to the reward (a policy must not learn that
+    running into the limit is free), 1 unreadable per cut answer as before this rule, while
+    the finished instances stop being lost (a dense single-phrase answer cut by the limit used
+    to read 0 boxes). The text cannot tell a cut by the limit from a model that stopped without
+    ``<|box_end|>`` (the stop token is stripped), so both read this way; an answer whose last
+    phrase is closed is read whole. A cut before ``<|box_start|>`` (inside the phrase, or
+    between ``<|object_ref_end|>`` and ``<|box_start|>``) leaves no instance list: the rest
+    counts as one unreadable fragment.
 
     Never raises: any input, including non-strings, yields a :class:`Parsed` (possibly empty)
     whose ``unreadable`` counts the fragments that could not be read.
@@ -288,32 +316,68 @@ def parse(text, read=read_bins, kind: str | None = None) -> Parsed:
         unreadable = 0
         pos = 0
         for m in _SEGMENT.finditer(text):
-            gap = text[pos : m.start()]
-            if gap.strip(" ,\n\t"):
-                unreadable += 1
-                _note(errors, f"stray text {gap.strip()[:40]!r}")
+            unreadable += _stray(text[pos : m.start()], errors, "stray text")
             pos = m.end()
             phrase = m.group(1).strip()
-            if not phrase or any(tok in phrase for tok in SPECIAL_TOKENS):
+            if not _good_phrase(phrase):
                 unreadable += 1
                 _note(errors, f"bad phrase {m.group(1)[:40]!r}")
                 continue
             unreadable += _parse_coords(phrase, m.group(2), preds, errors, read, kind)
         tail = text[pos:]
-        if tail.strip(" ,\n\t"):
-            # Most often a phrase cut off by the token limit.
-            unreadable += 1
-            _note(errors, f"unfinished or stray text at the end {tail.strip()[:40]!r}")
+        start = tail.rfind(REF_START)
+        cut = _CUT_PHRASE.match(tail, start) if start >= 0 else None
+        if cut is None or not _good_phrase(cut.group(1).strip()):
+            # text cut before its instance list, or stray text at the end
+            unreadable += _stray(tail, errors, "unfinished or stray text at the end")
+        else:
+            unreadable += _stray(tail[:start], errors, "stray text")
+            unreadable += _parse_coords(cut.group(1).strip(), cut.group(2), preds, errors, read, kind, cut=True)
         return Parsed(preds, unreadable, errors)
     except Exception as exc:  # pragma: no cover - defensive: parse must never take a worker down
         return Parsed([], 1, [f"parser error: {exc!r}"])
 
 
+# The last phrase of an answer cut inside its instance list: no <|box_end|> follows (the closed
+# phrases before it were read by _SEGMENT, and it starts at the tail's last <|object_ref_start|>).
+_CUT_PHRASE = re.compile(
+    re.escape(REF_START) + r"(.*?)" + re.escape(REF_END) + r"\s*" + re.escape(BOX_START) + r"(.*)\Z",
+    re.DOTALL,
+)
+
+
+def _good_phrase(phrase: str) -> bool:
+    return bool(phrase) and not any(tok in phrase for tok in SPECIAL_TOKENS)
+
+
+def _stray(gap: str, errors: list[str], what: str) -> int:
+    """1 (and a note) when ``gap``, text between or after phrases, holds more than separators."""
+    if not gap.strip(" ,\n\t"):
+        return 0
+    _note(errors, f"{what} {gap.strip()[:40]!r}")
+    return 1
+
+
 # ---------------------------------------------------------------------------------------------
-# Keypoints: {"person1": {"box": <x0><y0><x1><y1>, "keypoints": {"left eye": <x><y>, ...}}, ...}
-# An invisible keypoint is written "unvisible", as in the released Rex-Omni data.
+# Keypoints, in one of two forms (KEYPOINT_STYLES); parse_keypoints reads both.
+#   paper (the paper's figure, section 2.3), coordinate runs unquoted:
+#     {"person1": {"box": <x0><y0><x1><y1>, "keypoints": {"left eye": <x><y>, ...}}, ...}
+#   rex_release (what the released Rex-Omni's keypoint parser reads, rex_omni/parser.py
+#   parse_keypoint_prediction), a fenced JSON block, key "bbox", each run a quoted string
+#   with a space before and after every token:
+#     ```json
+#     {
+#         "person1": {
+#             "bbox": " <1> <36> <987> <984> ",
+#             "keypoints": {
+#                 "nose": " <540> <351> ",
+#                 "right eye": "unvisible"
+# ...
+#     ```
+# An invisible keypoint is written "unvisible" in both, as in the released Rex-Omni data.
 # ---------------------------------------------------------------------------------------------
 INVISIBLE = "unvisible"
+KEYPOINT_STYLES: tuple[str, ...] = ("paper", "rex_release")
 
 
 @dataclass(frozen=True)
@@ -323,43 +387,79 @@ class KeypointInstance:
     keypoints: dict[str, tuple[int, int] | None] = field(default_factory=dict)
 
 
-def render_keypoints(instances, write=render_instance) -> str:
-    parts = []
+_TOKEN = re.compile(r"<[^<>]+>")
+
+
+def _spaced(tokens: str) -> str:
+    """``"<12><40>"`` -> ``" <12> <40> "``, the release's way of writing a run of tokens."""
+    parts = _TOKEN.findall(tokens)
+    if not parts or "".join(parts) != tokens:
+        raise ValueError(f"{tokens[:40]!r} is not a run of <...> tokens")
+    return " " + " ".join(parts) + " "
+
+
+def render_keypoints(instances, write=render_instance, style: str = "paper") -> str:
+    """Keypoint instances as the model should write them, in ``style`` (:data:`KEYPOINT_STYLES`:
+    ``"paper"``, the paper's unquoted form, or ``"rex_release"``, the released model's fenced
+    JSON; see above). ``write`` turns one box's or point's values into its tokens."""
+    if style not in KEYPOINT_STYLES:
+        raise ValueError(f"keypoint style {style!r} is not one of {', '.join(KEYPOINT_STYLES)}")
+    rows = []  # (name, box tokens, [(keypoint name, tokens or None)])
     for inst in instances:
         if len(inst.box) != 4:
             raise ValueError(f"keypoint instance {inst.name!r}: box needs 4 bins, got {inst.box}")
         kps = []
         for kname, xy in inst.keypoints.items():
-            if xy is None:
-                kps.append(f"{json.dumps(kname)}: {json.dumps(INVISIBLE)}")
-            else:
-                if len(xy) != 2:
-                    raise ValueError(f"keypoint {kname!r} of {inst.name!r}: needs 2 bins, got {xy}")
-                kps.append(f"{json.dumps(kname)}: {write(xy)}")
-        parts.append(f'{json.dumps(inst.name)}: {{"box": {write(inst.box)}, "keypoints": {{{", ".join(kps)}}}}}')
-    return "{" + ", ".join(parts) + "}"
+            if xy is not None and len(xy) != 2:
+                raise ValueError(f"keypoint {kname!r} of {inst.name!r}: needs 2 bins, got {xy}")
+            kps.append((kname, None if xy is None else write(xy)))
+        rows.append((inst.name, write(inst.box), kps))
+    if style == "paper":
+        parts = []
+        for name, box, kps in rows:
+            kp = ", ".join(f"{json.dumps(k)}: {json.dumps(INVISIBLE) if t is None else t}" for k, t in kps)
+            parts.append(f'{json.dumps(name)}: {{"box": {box}, "keypoints": {{{kp}}}}}')
+        return "{" + ", ".join(parts) + "}"
+    obj: dict[str, dict] = {}
+    for name, box, kps in rows:
+        if name in obj:
+            raise ValueError(f"keypoint instance name {name!r} written twice (JSON keeps one)")
+        obj[name] = {"bbox": _spaced(box), "keypoints": {k: INVISIBLE if t is None else _spaced(t) for k, t in kps}}
+    return "```json\n" + json.dumps(obj, indent=4, ensure_ascii=False) + "\n```"
 
 
 _KP_TOKEN = re.compile(r"((?:<\d+>)+)")
+_JSON_STRING = r'"(?:[^"\\]|\\.)*"'
+_FENCE = re.compile(r"```(?:json)?(.*?)```", re.DOTALL)
 
 
 def parse_keypoints(text, read=read_bins, run=_KP_TOKEN) -> tuple[list[KeypointInstance], int]:
-    """Parse the keypoint form; returns ``(instances, unreadable)``. Never raises. ``run``
-    matches a run of coordinate tokens (quoted to make the text JSON), ``read`` reads one."""
+    """Parse either keypoint form (see above); returns ``(instances, unreadable)``. Never
+    raises. ``run`` matches a run of coordinate tokens (the paper form's bare runs are quoted
+    to make the text JSON; runs inside JSON strings, the release's, are left as they are),
+    ``read`` reads one run (spaces between tokens allowed). A fenced block is read when there
+    is one (text around it counts 1 unreadable); the box is ``"box"`` or ``"bbox"``."""
     try:
         if not isinstance(text, str):
             return [], 1
         text = text.split(IM_END, 1)[0].strip()
-        # Quote the coordinate runs so the text becomes JSON: <1><2> -> "<1><2>".
-        data = json.loads(run.sub(lambda m: json.dumps(m.group(1)), text))
+        bad = 0
+        fence = _FENCE.search(text)
+        if fence is not None:
+            if (text[: fence.start()] + text[fence.end() :]).strip():
+                bad += 1
+            text = fence.group(1).strip()
+        # Quote the bare coordinate runs so the text becomes JSON: <1><2> -> "<1><2>".
+        runs = re.compile(f"({_JSON_STRING})|(?:{run.pattern})")
+        data = json.loads(runs.sub(lambda m: m.group(1) or json.dumps(m.group(0)), text))
         if not isinstance(data, dict):
             return [], 1
     except Exception:
         return [], 1
-    out, bad = [], 0
+    out = []
     for name, body in data.items():
         try:
-            box = read(body["box"])
+            box = read(body["bbox"] if "bbox" in body else body["box"])
             if len(box) != 4:
                 raise ValueError("box")
             kps: dict[str, tuple[int, int] | None] = {}

@@ -5,6 +5,8 @@ of 1..N of the image's phrases (plus, sometimes, an absent category whose answer
 for visual prompts a random 1..N of a category's boxes. The answer is the sample's geometry in
 pixels, written by the vocabulary (:mod:`rlsys.lang.vocab`; Rex-Omni's bins by default, boxes sorted
 by x0 as in section 2.3); a mask is written as the grid points of GETok's greedy conversion.
+Keypoint answers take the paper's form, or with ``keypoint_style="rex_release"`` the released
+Rex-Omni model's fenced JSON (:func:`rlsys.lang.format.render_keypoints`; Rex bins only).
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ from dataclasses import replace
 
 from rewards.geometry import decode_masks
 from rewards.mask import mask_to_grid_points
-from rlsys.lang import prompts
-from rlsys.lang.format import KeypointInstance, Prediction
+from rlsys.lang import coords, prompts
+from rlsys.lang.format import KEYPOINT_STYLES, KeypointInstance, Prediction, render_keypoints
 from rlsys.lang.vocab import REX_BINS, check_writes_masks
 
 
-def answer_text(sample, vocabulary=REX_BINS) -> str:
+def answer_text(sample, vocabulary=REX_BINS, keypoint_style: str = "paper") -> str:
     """The target answer for a sample as it stands (phrases in the sample's order), written in
-    ``vocabulary``."""
+    ``vocabulary``; a keypoint answer in ``keypoint_style`` (``data.keypoint_style``)."""
+    if keypoint_style not in KEYPOINT_STYLES:
+        raise ValueError(f"keypoint style {keypoint_style!r} is not one of {', '.join(KEYPOINT_STYLES)}")
     w, h = sample.width, sample.height
     vocabulary = vocabulary.for_sample(sample)  # chatrex: the sample's proposals
     if sample.output == "keypoint":
@@ -29,7 +33,9 @@ def answer_text(sample, vocabulary=REX_BINS) -> str:
         for k, inst in enumerate(sample.instances):
             kps = {n: (None if v == 0 else (x, y)) for n, (x, y, v) in (inst.keypoints or {}).items()}
             insts.append(KeypointInstance(f"{inst.phrase}{k + 1}", tuple(inst.box), kps))
-        return vocabulary.render_keypoints(insts, w, h)
+        if keypoint_style == "paper":
+            return vocabulary.render_keypoints(insts, w, h)
+        return release_keypoints(insts, w, h, vocabulary)
     preds = []
     for phrase in sample.phrases:
         insts = sample.instances_of(phrase)
@@ -46,6 +52,26 @@ def answer_text(sample, vocabulary=REX_BINS) -> str:
             geo = [tuple(i.polygon) for i in insts]
         preds.append(Prediction(phrase, sample.output, tuple(geo)))
     return vocabulary.render(preds, w, h)
+
+
+def release_keypoints(instances, width: int, height: int, vocabulary=REX_BINS) -> str:
+    """Keypoint instances in pixels written in the released Rex-Omni model's form (fenced JSON,
+    ``"bbox"``, spaced quoted bins), which only the bins vocabulary writes."""
+    if vocabulary.name != "rex_bins":
+        raise ValueError(
+            f"keypoint style rex_release writes Rex-Omni's bins; model.vocabulary {vocabulary.name} does not"
+        )
+
+    def bins(c):
+        return tuple(int(b) for b in coords.encode_xy(c, width, height))
+
+    return render_keypoints(
+        [
+            KeypointInstance(i.name, bins(i.box), {k: None if v is None else bins(v) for k, v in i.keypoints.items()})
+            for i in instances
+        ],
+        style="rex_release",
+    )
 
 
 def mask_points(mask, width: int, height: int, vocabulary) -> tuple[float, ...]:
@@ -83,9 +109,17 @@ def augment(sample, rng: random.Random, all_phrases=(), max_phrases: int = 4):
 
 
 def conversation(
-    sample, rng: random.Random | None = None, all_phrases=(), max_phrases: int = 4, vocabulary=REX_BINS
+    sample,
+    rng: random.Random | None = None,
+    all_phrases=(),
+    max_phrases: int = 4,
+    vocabulary=REX_BINS,
+    keypoint_style: str = "paper",
+    prompt_set: str = "paper",
 ) -> tuple:
-    """``(sample_as_asked, question, answer)``; with ``rng``, randomised as for SFT."""
+    """``(sample_as_asked, question, answer)``; with ``rng``, randomised as for SFT; the question
+    in ``prompt_set``'s wording (``model.prompt_set``)."""
     if rng is not None:
         sample = augment(sample, rng, all_phrases, max_phrases)
-    return sample, prompts.question_for_sample(sample, rng, vocabulary), answer_text(sample, vocabulary)
+    question = prompts.question_for_sample(sample, rng, vocabulary, prompt_set)
+    return sample, question, answer_text(sample, vocabulary, keypoint_style)

@@ -40,7 +40,7 @@ from rlsys.config import (
 from rlsys.lang.format import control_tokens
 from rlsys.lang.prompts import chat_prompt
 from rlsys.lang.vocab import vocabulary_for
-from rlsys.models import ensure_tiny_model, processor_for
+from rlsys.models import check_token_layout, ensure_tiny_model, processor_for
 from rlsys.serve.requests import (
     RequestError,
     bind_vocabulary,
@@ -72,6 +72,10 @@ def resolve_model_dir(cfg: ServeConfig) -> Path:
     p = _resolve(cfg.model.checkpoint)
     for cand in (p, p / "hf"):  # a GRPO checkpoint keeps its Hugging Face directory in hf/
         if (cand / "config.json").is_file():
+            try:  # before Ray: a tokenizer that does not fit the weights (the release's files, say)
+                processor_for(cfg.model, cand, pixels=False)
+            except ValueError as exc:
+                raise ConfigError(f"model.checkpoint {cand}: {exc}") from None
             return cand
     raise ConfigError(f"model.checkpoint {p}: not a Hugging Face checkpoint directory (no config.json in it or in hf/)")
 
@@ -112,6 +116,7 @@ def _detector_class(max_concurrent_batches: int):
                 AsyncEngineArgs(**vllm_engine_args(self.cfg.model, model_dir, e, seed=e.seed))
             )
             self.engine_start_s = time.perf_counter() - t0
+            check_token_layout(self.engine.get_tokenizer(), model_dir, "vLLM engine's tokenizer")
             # special tokens kept: the output language is made of them. FINAL_ONLY: the answer is
             # returned whole, so the engine need not wake this coroutine (and build a cumulative
             # output) at every token of every request in the batch
@@ -119,6 +124,7 @@ def _detector_class(max_concurrent_batches: int):
                 max_tokens=g.max_new_tokens,
                 temperature=g.temperature,
                 top_p=g.top_p,
+                repetition_penalty=g.repetition_penalty,
                 skip_special_tokens=False,
                 output_kind=RequestOutputKind.FINAL_ONLY,
             )
@@ -171,13 +177,13 @@ def _detector_class(max_concurrent_batches: int):
                 w, h = image.size
                 check_boxes_inside(req, w, h)
                 vocabulary = bind_vocabulary(req, output, w, h, self.vocabulary)
-                question = question_for(req, output, phrases, w, h, vocabulary)
+                question = question_for(req, output, phrases, w, h, vocabulary, self.cfg.model.prompt_set)
             except RequestError as exc:
                 return error(exc.status, exc.message)
             except Exception as exc:  # a request that broke a check instead of failing it: still the client's input
                 log.exception("request validation raised instead of refusing")
                 return error(400, f"the request could not be read: {type(exc).__name__}: {exc}")
-            prompt = chat_prompt(self.processor, question)
+            prompt = chat_prompt(self.processor, question, self.cfg.model.prompt_set)
             try:
                 if self.cfg.batching.enabled:
                     text = await self._generate_batch((prompt, image))

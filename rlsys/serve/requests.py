@@ -292,7 +292,15 @@ def bind_vocabulary(req: DetectRequest, output: str, width: int, height: int, vo
         raise RequestError(422, f"proposals: {exc}") from None
 
 
-def question_for(req: DetectRequest, output: str, phrases: list[str], width: int, height: int, vocabulary=None) -> str:
+def question_for(
+    req: DetectRequest,
+    output: str,
+    phrases: list[str],
+    width: int,
+    height: int,
+    vocabulary=None,
+    prompt_set: str = "paper",
+) -> str:
 
     if req.task == "ocr" and not phrases:
         phrases = ["text"]
@@ -305,6 +313,7 @@ def question_for(req: DetectRequest, output: str, phrases: list[str], width: int
         prompt_boxes=req.prompt_boxes or (),
         keypoint_names=req.keypoint_names or (),
         vocabulary=vocabulary or REX_BINS,
+        prompt_set=prompt_set,
     )
 
 

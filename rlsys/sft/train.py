@@ -140,8 +140,16 @@ def train_loop(config: dict) -> None:
             items = []
             for _ in range(tr.micro_batch_size):
                 s = samples[rng.randrange(len(samples))]
-                _, q, a = conversation(s, rng, all_phrases, tr.max_phrases, vocabulary)
-                prompt = chat_prompt(processor, q)
+                _, q, a = conversation(
+                    s,
+                    rng,
+                    all_phrases,
+                    tr.max_phrases,
+                    vocabulary,
+                    keypoint_style=cfg.data.keypoint_style,
+                    prompt_set=cfg.model.prompt_set,
+                )
+                prompt = chat_prompt(processor, q, cfg.model.prompt_set)
                 ids = tok(a, add_special_tokens=False)["input_ids"] + [im_end]
                 items.append(LearnerItem(prompt=prompt, image=s.image, response_ids=ids))
             inputs, targets, mask = build_batch(processor, items, tok.pad_token_id, cache)

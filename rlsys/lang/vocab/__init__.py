@@ -17,8 +17,9 @@ metrics, Serve's JSON) works in the sample image's pixels, so a vocabulary only 
   mask written as a set of points (kind ``"mask"``; ``render`` writes such predictions). Only
   ``getok`` writes masks (:data:`MASK_VOCABULARIES`); the others refuse to render them and
   read every mask answer as unreadable.
-- ``prompt_boxes(boxes, width, height)``: visual-prompt boxes written in the vocabulary, so the
-  model reads boxes in the language it writes them.
+- ``prompt_boxes(boxes, width, height, floor=False)``: visual-prompt boxes written in the
+  vocabulary, so the model reads boxes in the language it writes them (``floor``: bins by floor,
+  as the released Rex-Omni encodes them; vocabularies without bins ignore it).
 - ``question_hint(output)``: wording appended to the task's question ("" for none).
 - ``added_tokens()``: the tokens the vocabulary needs in the tokenizer (added to a base
   checkpoint by ``rlsys.data.prepare``; none for ``qwen_json``).

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from rewards.geometry import box_iou
 from rlsys.lang import coords
 from rlsys.lang.format import (
+    IM_END,
     KeypointInstance,
     Parsed,
     Prediction,
@@ -26,6 +27,9 @@ from rlsys.lang.vocab.rex_bins import REX_BINS
 # ---------------------------------------------------------------------------------------------
 _OBJ = re.compile(r"\s*<obj(\d+)>\s*")
 _OBJ_RUN = re.compile(r"(<obj\d+>)(?=\s*<obj\d+>)")
+# An answer that ends on an index token was cut after it: <objK> is one token, so it is whole and
+# is kept (a "," closes it); the cut itself still counts 1 unreadable (rlsys.lang.format.parse).
+_OBJ_AT_END = re.compile(r"(<obj\d+>)(\s*)\Z")
 
 
 def chatrex_tokens(max_proposals: int) -> tuple[str, ...]:
@@ -180,6 +184,7 @@ class ChatRex:
             return _parsed([], 1, ["chatrex: no proposals bound to read indices against"], False, [])
         if isinstance(text, str):
             text = _OBJ_RUN.sub(r"\1,", text)  # <obj1><obj5> -> one instance each
+            text = _OBJ_AT_END.sub(r"\1,\2", text.split(IM_END, 1)[0])
         b = parse_bins(text, self.read)
         written = [(self.proposals.index(c),) for p in b for c in p.coords]
         return _parsed(list(b), b.unreadable, b.errors, bool(b), written)
@@ -193,8 +198,8 @@ class ChatRex:
     def parse_keypoints(self, text, width: int, height: int) -> tuple[list[KeypointInstance], int]:
         return _Instances(), 1
 
-    def prompt_boxes(self, boxes, width: int, height: int) -> str:
-        return REX_BINS.prompt_boxes(boxes, width, height)
+    def prompt_boxes(self, boxes, width: int, height: int, floor: bool = False) -> str:
+        return REX_BINS.prompt_boxes(boxes, width, height, floor)
 
     def question_hint(self, output: str) -> str:
         if self.proposals is None:

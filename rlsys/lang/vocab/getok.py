@@ -203,7 +203,7 @@ class GETok:
             [i.box for i in insts],
         ), bad
 
-    def prompt_boxes(self, boxes, width: int, height: int) -> str:
+    def prompt_boxes(self, boxes, width: int, height: int, floor: bool = False) -> str:
         """``"<grid1_12><OFF0_1><grid10_18><OFF-1_0>", ...`` (quoted, as the bins' are)."""
         return ", ".join(f'"{self.write(b, width, height)}"' for b in boxes)
 

@@ -264,7 +264,7 @@ class QwenJson:
         except Exception:  # pragma: no cover - defensive
             return _Instances(), 1
 
-    def prompt_boxes(self, boxes, width: int, height: int) -> str:
+    def prompt_boxes(self, boxes, width: int, height: int, floor: bool = False) -> str:
         """``[x0, y0, x1, y1], ...`` in the resized image's pixels."""
         return ", ".join(json.dumps(self._to_model(b, width, height)) for b in boxes)
 

@@ -43,8 +43,8 @@ class RexBins:
     def added_tokens(self) -> tuple[str, ...]:
         return coords.COORD_TOKENS
 
-    def _bins(self, c, width, height) -> tuple[int, ...]:
-        return tuple(int(b) for b in coords.encode_xy(c, width, height))
+    def _bins(self, c, width, height, floor: bool = False) -> tuple[int, ...]:
+        return tuple(int(b) for b in coords.encode_xy(c, width, height, floor))
 
     def render(self, preds, width: int, height: int) -> str:
         _refuse_masks(self.name, preds)
@@ -96,9 +96,9 @@ class RexBins:
             [i.box for i in insts],
         ), bad
 
-    def prompt_boxes(self, boxes, width: int, height: int) -> str:
-        """``"<12><412><339><568>", ...`` (quoted coordinate-token strings)."""
-        return ", ".join(f'"{render_instance(self._bins(b, width, height))}"' for b in boxes)
+    def prompt_boxes(self, boxes, width: int, height: int, floor: bool = False) -> str:
+        """``"<12><412><339><568>", ...`` (quoted coordinate-token strings; ``floor``: bins by floor)."""
+        return ", ".join(f'"{render_instance(self._bins(b, width, height, floor))}"' for b in boxes)
 
     def question_hint(self, output: str) -> str:
         return ""
