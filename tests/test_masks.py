@@ -180,6 +180,24 @@ def _holds_a_centre(m, grid):
     return any(m[int((j + 0.5) * h / grid), int((i + 0.5) * w / grid)] for i in range(grid) for j in range(grid))
 
 
+@pytest.mark.parametrize("offsets", [False, True])
+def test_a_grid_centre_on_a_pixel_border_reads_back_on_the_mask(offsets):
+    # 78 x 8 image, grid 13: cells are 6 px wide, so column 7's centre x = 7.5 * 78 / 13 = 45.0
+    # lies on the border of pixels 44 and 45 and reads pixel 45 (floor). A mask of the one pixel
+    # (x 45, y 0) holds cell (7, 0)'s centre (45, 4/13) and is written <grid7_0>. Read back as
+    # 7.5 / 13 * 78 that was 44.99999999999999: pixel 44, off the mask, hit 0 and reward 0.
+    # Read back as 7.5 * 78 / 13 it is 45.0, the mask conversion's own centre: reward 1.
+    m = box_mask(45, 0, 46, 1, w=78, h=8)
+    v = GETok(13, offsets)
+    assert mask_to_grid_points(m, 13) == [(45.0, 0.5 * 8 / 13)]
+    smp = mask_sample([m], w=78, h=8)
+    text = answer_text(smp, v)
+    assert text == seg("cat", "<grid7_0><OFF0_0>" if offsets else "<grid7_0>")
+    (pred,) = v.parse_masks(text, 78, 8)
+    assert pred.coords == ((45.0, 0.5 * 8 / 13),)
+    assert score_getok_mask_points(text, smp, vocabulary=v).reward == 1.0
+
+
 GARBAGE = st.one_of(
     st.text(),
     st.text(alphabet="<>_-,0123456789gridOFDELT |objectrfsabn"),

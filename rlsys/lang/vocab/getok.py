@@ -155,7 +155,11 @@ class GETok:
         return tuple(pts), deleted
 
     def _pixels(self, c, width, height) -> tuple[float, ...]:
-        return tuple(v / self.grid * (width if k % 2 == 0 else height) for k, v in enumerate(c))
+        # size * v / grid, in the order rewards.mask.grid_centres computes a cell centre
+        # ((i + 0.5) * size / grid): a grid centre read back is then the very float the mask
+        # conversion tested against the mask. v / grid * size can land an ulp short of a centre
+        # that lies on a pixel border (78 px, grid 13: 7.5 / 13 * 78 = 44.999..., pixel 44, not 45).
+        return tuple(v * (width if k % 2 == 0 else height) / self.grid for k, v in enumerate(c))
 
     def render(self, preds, width: int, height: int) -> str:
         out = []
