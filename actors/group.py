@@ -167,6 +167,24 @@ def round_robin(n_items: int, n_members: int) -> list[list[int]]:
     return [list(range(k, n_items, n_members)) for k in range(n_members)]
 
 
+def balance_groups(groups: list[list[int]], costs: list[float], n_members: int) -> list[list[int]]:
+    """Item indices per member with each group (a list of item indices) whole on one member,
+    members balanced by cost: the largest group first onto the least loaded member (ties: the
+    lower member). Within a member, items keep the groups' order."""
+    if len(groups) != len(costs):
+        raise ValueError(f"{len(groups)} groups but {len(costs)} costs")
+    load = [0.0] * n_members
+    owner = [0] * len(groups)
+    for g in sorted(range(len(groups)), key=lambda g: (-costs[g], g)):
+        m = min(range(n_members), key=lambda k: (load[k], k))
+        owner[g] = m
+        load[m] += costs[g]
+    out: list[list[int]] = [[] for _ in range(n_members)]
+    for g, items in enumerate(groups):
+        out[owner[g]].extend(items)
+    return out
+
+
 def by_group(n_groups: int, group_size: int, n_members: int) -> list[list[int]]:
     """Flat item indices per member with every group's ``group_size`` items on one member, the
     groups dealt in turn (per-image state such as a SAM embedding is then computed once)."""

@@ -9,12 +9,20 @@ from dataclasses import replace
 
 import ray
 
-from actors.group import Members, bundle, micro_batch_plan, node_id, round_robin
+from actors.group import Members, balance_groups, bundle, micro_batch_plan, node_id, round_robin
 from actors.weight_sync import LearnerWeightSender, params_checksum, state_dict_buckets
 from rlsys.config import LearnerConfig, deepspeed_config
 from rlsys.grpo.algorithm import policy_loss, warmup_factor
 from rlsys.grpo.records import LearnerItem, LearnerStats
-from rlsys.grpo.sequences import banned_token_ids, build_batch, encode_prompts, token_logprobs
+from rlsys.grpo.sequences import (
+    banned_token_ids,
+    build_batch,
+    build_shared_batch,
+    encode_prompts,
+    prompt_groups,
+    shared_token_logprobs,
+    token_logprobs,
+)
 from rlsys.lang.vocab import model_tokens
 from rlsys.models import load_model, load_processor, param_part
 
@@ -123,17 +131,32 @@ class LearnerWorker:
         self._encoded = 0
         return self.rank
 
-    def _batch(self, chunk):
-
+    def _logprobs(self, model, chunk, entropy: bool = True):
+        """``(logp, entropy, mask)`` of ``chunk``'s answers under ``model``: shared-prefix rows
+        (``learner.shared_prefix``, compact ``[B, T]``) or one sequence per answer (``[B, L-1]``);
+        the loss reads either through ``mask``."""
         before = len(self._cache)
-        inputs, targets, mask = build_batch(self.processor, chunk, self.pad_id, self._cache)
+        if self.cfg.shared_prefix:
+            batch = build_shared_batch(self.processor, chunk, self.pad_id, self._cache)
+            out = shared_token_logprobs(
+                model, batch, self.device, self.temperature, entropy=entropy, banned_ids=self.banned
+            )
+        else:
+            inputs, targets, mask = build_batch(self.processor, chunk, self.pad_id, self._cache)
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            mask = mask.to(self.device)
+            logp, ent = token_logprobs(
+                model,
+                inputs,
+                targets.to(self.device),
+                self.temperature,
+                mask=mask,
+                entropy=entropy,
+                banned_ids=self.banned,
+            )
+            out = (logp, ent, mask)
         self._encoded += len(self._cache) - before  # processor runs this step (once per prompt)
-        return {k: v.to(self.device) for k, v in inputs.items()}, targets.to(self.device), mask.to(self.device)
-
-    def _batches(self, items):
-        mb = self.cfg.micro_batch_size
-        for i in range(0, len(items), mb):
-            yield i, *self._batch(items[i : i + mb])
+        return out
 
     def reference(self, items: list[LearnerItem]) -> list:
         """Per item, the frozen reference policy's log-probs of its answer (the step's only extra
@@ -147,11 +170,10 @@ class LearnerWorker:
         self._cache.clear()
         self._encoded = 0
         refs = []
+        mb = self.cfg.micro_batch_size
         with torch.no_grad():
-            for _, inputs, targets, mask in self._batches(items):
-                ref, _ = token_logprobs(
-                    self.ref, inputs, targets, self.temperature, mask=mask, entropy=False, banned_ids=self.banned
-                )
+            for i in range(0, len(items), mb):
+                ref, _, mask = self._logprobs(self.ref, items[i : i + mb], entropy=False)
                 refs.extend(ref[b][mask[b]].cpu() for b in range(mask.shape[0]))
         # the processor's outputs stay cached for train() on the same items (it clears them)
         return refs
@@ -195,10 +217,7 @@ class LearnerWorker:
         beh = {"w_sum": 0.0, "w_max": 0.0, "abs_log": 0.0, "truncated": 0, "n": 0}  # corrected answers
         cap = self.cfg.is_cap
         for k, (chunk, weight) in enumerate(chunks):
-            inputs, targets, mask = self._batch(chunk)
-            logp, entropy = token_logprobs(
-                self.engine, inputs, targets, self.temperature, mask=mask, banned_ids=self.banned
-            )
+            logp, entropy, mask = self._logprobs(self.engine, chunk)
             # the proximal ("old") policy: these weights, before this step's one update
             old = logp.detach()
             ref = None
@@ -372,7 +391,9 @@ class LearnerGroup:
     """Driver-side handle over ``num_ranks`` DeepSpeed ranks (one placement group, PACK: ranks on
     as few nodes as hold them, NCCL inside a node).
 
-    Sharding: answers are dealt to the ranks in turn; every rank then runs the same number of
+    Sharding: with ``learner.shared_prefix`` each prompt group goes whole to one rank, ranks
+    balanced by tokens (:meth:`shard_indices`), else answers are dealt to the ranks in turn; every
+    rank then runs the same number of
     micro-batches (:func:`actors.group.micro_batch_plan`), padding with zero-weight ones, and
     takes exactly one optimizer step per call, so uneven shards, dropped empty answers or a rank
     with no data cannot desynchronise ZeRO's collectives. The loss is normalised by the global
@@ -432,15 +453,25 @@ class LearnerGroup:
             "it resumes from the last checkpoint (run.resume)",
         )
 
+    def shard_indices(self, items: list) -> list[list[int]]:
+        """Item indices per rank. Shared prefix: each prompt group whole on one rank (its prompt
+        then runs once), ranks balanced by the tokens they will run (the prompt once, as the engine
+        reported it, plus every answer). Otherwise answers dealt in turn."""
+        if not self.cfg.learner.shared_prefix:
+            return round_robin(len(items), len(self.ranks))
+        groups = prompt_groups(items)
+        costs = [len(items[g[0]].prompt_ids or ()) + sum(len(items[i].response_ids) for i in g) for g in groups]
+        return balance_groups(groups, costs, len(self.ranks))
+
     def shard(self, items: list) -> list[list]:
 
-        return [[items[i] for i in idx] for idx in round_robin(len(items), len(self.ranks))]
+        return [[items[i] for i in idx] for idx in self.shard_indices(items)]
 
     def reference(self, items: list[LearnerItem]) -> list[LearnerItem]:
         """The items with their ``ref_logp`` (the frozen reference policy), in the same order,
         computed sharded as :meth:`train` will shard them, so each rank's processor outputs are
         reused by its update."""
-        idx = round_robin(len(items), len(self.ranks))
+        idx = self.shard_indices(items)
         shards = [[items[i] for i in ix] for ix in idx]
         res = self._each([w.reference.remote(sh) for w, sh in zip(self.ranks, shards)], "reference log-probs")
         out: list = [None] * len(items)

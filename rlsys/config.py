@@ -402,6 +402,10 @@ class LearnerConfig(_Section):
     freeze_vision: bool = Field(
         False, description="Keep the vision encoder fixed during GRPO; the projector and the LLM still learn."
     )
+    shared_prefix: bool = Field(
+        True,
+        description="One sequence per prompt group in the learner's training and reference passes: the prompt (with its image) once, then its answers, each attending to the prompt and itself only (rlsys.grpo.sequences.build_shared_batch); the same log-probs and gradients as one sequence per answer, with the vision tower and the prompt run once per group. A group's answers go to one rank (ranks balanced by tokens). false: one sequence per answer, answers dealt to ranks in turn.",
+    )
     off_policy_correction: Literal["stale", "always", "off"] = Field(
         "stale",
         description="Importance-weight the loss by the engines' log-probs (the behaviour policy; rlsys.grpo.algorithm.policy_loss): stale: answers made by older weights than the learner's (run.max_staleness_steps, sync_every_steps > 1); always: every answer, also correcting engine/learner numeric differences (bf16 engines); off: never.",

@@ -29,7 +29,7 @@ def ray_local():
     ray.shutdown()
 
 
-def _items(processor, synthetic_dir, n: int, seed: int):
+def _items(processor, synthetic_dir, n: int, seed: int, group: int = 1):
     import random
 
     from rlsys.data.samples import load_dataset
@@ -40,7 +40,7 @@ def _items(processor, synthetic_dir, n: int, seed: int):
     rng = random.Random(seed)
     out = []
     for k in range(n):
-        s = samples[k % len(samples)]
+        s = samples[(k // group) % len(samples)]  # `group` answers per prompt
         # answers of 1-12 ordinary tokens (ids below the specials), advantages of both signs
         ids = [rng.randrange(20, 900) for _ in range(rng.randrange(1, 13))]
         out.append(
@@ -54,7 +54,7 @@ def _items(processor, synthetic_dir, n: int, seed: int):
     return out
 
 
-def _run(tiny_model_dir, synthetic_dir, num_ranks: int, batches, overrides=()):
+def _run(tiny_model_dir, synthetic_dir, num_ranks: int, batches, overrides=(), group: int = 1):
     import copy
 
     from actors.learner import LearnerGroup
@@ -80,7 +80,7 @@ def _run(tiny_model_dir, synthetic_dir, num_ranks: int, batches, overrides=()):
     before = g.parameters()[0]
     params, metrics = [], []
     for n, seed in batches:
-        items = _items(processor, synthetic_dir, n, seed)
+        items = _items(processor, synthetic_dir, n, seed, group)
         items = g.reference(items)
         g.train(copy.deepcopy(items))
         metrics.append(g.last_ranks)  # each rank's figures
@@ -93,10 +93,47 @@ def _run(tiny_model_dir, synthetic_dir, num_ranks: int, batches, overrides=()):
     return before, params, metrics
 
 
+def _assert_same_update(one, two, m1, m2, before):
+    for k, (a, b, ma, mb) in enumerate(zip(one, two, m1, m2)):
+        # the global gradient norm is the same: loss x world_size against DeepSpeed's average,
+        # and no division by the accumulation steps (a factor 2 here would show at once)
+        assert mb[0].grad_norm == pytest.approx(ma[0].grad_norm, rel=1e-4), (k, ma, mb)
+        assert sum(m.tokens for m in mb) == sum(m.tokens for m in ma)
+        # the parameters agree to float32 tolerance, measured against how far the step moved them
+        ref = one[k - 1] if k else before
+        moved = max(float((a[n] - ref[n]).abs().max()) for n in a)
+        d = torch.cat([(a[n] - b[n]).abs().flatten() for n in a])
+        assert moved > 1e-4, f"step {k} did not move the parameters"
+        # Adam divides each gradient by its own magnitude, so an element whose gradient is a
+        # cancellation (true value ~0, sign set by the summation order) may move by up to lr in
+        # either run (see the test above); the bulk agrees to float32 rounding
+        assert float((d > 1e-3 * moved).float().mean()) < 1e-3, (
+            f"step {k}: {int((d > 1e-3 * moved).sum())} elements differ"
+        )
+        assert float(d.mean()) < 1e-3 * moved, f"step {k}: mean difference {float(d.mean()):.3g} (moved {moved:.3g})"
+
+
+def test_shared_prefix_groups_over_two_ranks_give_the_per_answer_update(ray_local, tiny_model_dir, synthetic_dir):
+    """learner.shared_prefix: groups of 4 answers to one prompt (and a group of 1), whole on one
+    rank each; 2 ranks with shared prefixes give the 1-rank per-answer update (the reference
+    pass runs shared too), every rank runs the same number of micro-batches."""
+    batches = [(9, 0), (4, 1)]  # 9 answers: groups of 4, 4, 1; then one group of 4 (rank 1 empty)
+    before, plain, mp = _run(tiny_model_dir, synthetic_dir, 1, batches, ["learner.shared_prefix=false"], group=4)
+    _, shared, ms = _run(tiny_model_dir, synthetic_dir, 2, batches, ["learner.shared_prefix=true"], group=4)
+    # balanced by tokens, each group whole on a rank: 9 -> one group of 4 on each rank and the
+    # group of 1 with the lighter; 4 -> all on one rank, the other pads
+    assert sorted(m.answers for m in ms[0]) in ([4, 5],) and sorted(m.answers for m in ms[1]) == [0, 4]
+    assert [[m.micro_batches for m in step] for step in ms] == [[2, 2], [1, 1]]
+    # the prompt is encoded once per group on its rank: 2 + 1 prompts, then 1
+    assert sum(m.encoded_prompts for m in ms[0]) == 3 and sum(m.encoded_prompts for m in ms[1]) == 1
+    _assert_same_update(plain, shared, mp, ms, before)
+
+
 def test_two_ranks_give_the_one_rank_update_on_uneven_shards(ray_local, tiny_model_dir, synthetic_dir):
     batches = [(9, 0), (1, 1), (6, 2)]
-    before, one, m1 = _run(tiny_model_dir, synthetic_dir, 1, batches)
-    _, two, m2 = _run(tiny_model_dir, synthetic_dir, 2, batches)
+    # answers dealt in turn (the per-answer path; the shared-prefix path shards by group, above)
+    before, one, m1 = _run(tiny_model_dir, synthetic_dir, 1, batches, ["learner.shared_prefix=false"])
+    _, two, m2 = _run(tiny_model_dir, synthetic_dir, 2, batches, ["learner.shared_prefix=false"])
     # the plans: 9 -> shards 5 and 4 -> 2 micro-batches each, rank 1 pads one; 1 -> rank 1 has
     # none and runs one zero-weight micro-batch; 6 -> 3 and 3 -> 1 each
     assert [[m.micro_batches for m in step] for step in m2] == [[2, 2], [1, 1], [1, 1]]

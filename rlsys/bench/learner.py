@@ -1,6 +1,6 @@
 """The learner's work per GRPO step, before and after it was made lean, on the same batch.
 
-``python -m rlsys.bench.learner --model {tiny,30m,qwen3b} --variant {before,after} [--out DIR]``
+``python -m rlsys.bench.learner --model NAME --variant {before,after,shared} [--out DIR]``
 prints one JSON line; ``python -m rlsys.bench --only learner`` runs every pair, each variant in
 its own process (so peak memory is that variant's alone), and prints the ratios.
 
@@ -10,6 +10,10 @@ its own process (so peak memory is that variant's alone), and prints the ratios.
 - ``after``: :func:`rlsys.grpo.sequences.token_logprobs` with the answer mask: no old pass (the
   training forward, detached, is the proximal policy), logits only at answer positions, the
   entropy without a graph.
+- ``shared``: ``after`` with one sequence per prompt group (``learner.shared_prefix``,
+  :func:`rlsys.grpo.sequences.build_shared_batch`): the image and prompt once per group, each
+  answer attending to the prompt and itself. Compared with ``after`` on the ``*_g8_*`` models
+  (G = 8 answers to one image), with the LLM token counts of both layouts beside the time ratio.
 
 Both take one AdamW step after the backward. Time: median of ``--repeats`` steps after one
 warm-up. Memory, sampled every 5 ms as the resident size above the size just before the step
@@ -38,7 +42,13 @@ from rlsys.config import REPO_ROOT, ModelConfig
 from rlsys.data.prepare import prepare_model_dir
 from rlsys.grpo.algorithm import policy_loss
 from rlsys.grpo.records import LearnerItem
-from rlsys.grpo.sequences import banned_token_ids, build_batch, token_logprobs
+from rlsys.grpo.sequences import (
+    banned_token_ids,
+    build_batch,
+    build_shared_batch,
+    shared_token_logprobs,
+    token_logprobs,
+)
 from rlsys.lang.prompts import chat_prompt
 from rlsys.models import load_model, load_processor
 
@@ -49,13 +59,21 @@ MODELS = {
     # Qwen2.5-VL-3B's widths and real 151,936-row vocabulary, 2 LLM layers, one vision block;
     # a 672 px image is 576 image tokens (the paper's budget allows 2,560)
     "qwen3b": dict(image_px=672, answers=2, answer_tokens=64, micro_batch=2),
+    # one GRPO group (G = 8 answers of 64 tokens to one image) at 256 and 1,024 image tokens, the
+    # 3B widths with 1 LLM layer and 1 vision block (what bounds a shared prefix is the share of
+    # the sequence the prompt is, not the depth); and the demo's shape (tiny model, 112 px)
+    "qwen3b_g8_256": dict(image_px=448, answers=8, answer_tokens=64, micro_batch=8, layers=1),
+    "qwen3b_g8_1024": dict(image_px=896, answers=8, answer_tokens=64, micro_batch=8, layers=1),
+    "demo_g8": dict(image_px=112, answers=8, answer_tokens=48, micro_batch=8),
 }
+# (before, after) pairs compared per model
+PAIRS = {"qwen3b_g8_256": ("after", "shared"), "qwen3b_g8_1024": ("after", "shared"), "demo_g8": ("after", "shared")}
 
 
 def _model_dir(name: str, out_dir: Path) -> str:
     """The benchmark's model, built once under ``out_dir``."""
 
-    if name == "tiny":
+    if name in ("tiny", "demo_g8"):
         cfg = ModelConfig()
     elif name == "30m":
         cfg = ModelConfig(
@@ -66,14 +84,16 @@ def _model_dir(name: str, out_dir: Path) -> str:
             tiny_vision_depth=4,
             tiny_max_pixels=224 * 224,
         )
-    else:  # Qwen's token layout with the coordinate tokens mapped onto its last free rows, as for a real base checkpoint
+    else:  # Qwen's token layout with the coordinate tokens mapped onto its last BPE rows, as for a real base checkpoint
+        m = MODELS[name]
         cfg = ModelConfig(
             tiny_shape="qwen2_5_vl_3b",
-            tiny_num_layers=2,
+            tiny_num_layers=m.get("layers", 2),
             tiny_vision_depth=1,
-            tiny_max_pixels=672 * 672,
+            tiny_max_pixels=m["image_px"] ** 2,
             coord_tokens="map_last",
         )
+        name = f"qwen3b-l{m.get('layers', 2)}-{m['image_px']}"
     return prepare_model_dir(cfg, out_dir / f"model-{name}")
 
 
@@ -146,10 +166,28 @@ def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: in
     n_tokens = sum(len(it.response_ids) for it in items)
     cache: dict = {}
 
-    def step(mb: int, items=items):
+    pad = proc.tokenizer.pad_token_id
+
+    def shared_step(mb: int, items=items):
         cache.clear()
         chunks = [items[i : i + mb] for i in range(0, len(items), mb)]
-        batches = [build_batch(proc, c, proc.tokenizer.pad_token_id, cache) for c in chunks]
+        batches = [build_shared_batch(proc, c, pad, cache) for c in chunks]
+        with torch.no_grad():
+            refs = [shared_token_logprobs(ref, b, "cpu", entropy=False, banned_ids=banned)[0] for b in batches]
+        opt.zero_grad(set_to_none=False)
+        for b, r, c in zip(batches, refs, chunks):
+            logp, _, mask = shared_token_logprobs(model, b, "cpu", banned_ids=banned)
+            adv = torch.tensor([it.advantage for it in c])
+            loss, _ = policy_loss(logp, logp.detach(), r, adv, mask, kl_coef=0.01, num_tokens=n_tokens)
+            loss.backward()
+        opt.step()
+
+    def step(mb: int, items=items):
+        if variant == "shared":
+            return shared_step(mb, items)
+        cache.clear()
+        chunks = [items[i : i + mb] for i in range(0, len(items), mb)]
+        batches = [build_batch(proc, c, pad, cache) for c in chunks]
         olds, refs = [], []
         with torch.no_grad():
             for inputs, targets, mask in batches:
@@ -183,6 +221,7 @@ def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: in
     with PeakRSS() as half:  # half the micro-batch (and half the answers: one micro-batch either way)
         step(mb // 2, items[: mb // 2])
     full = statistics.median(peaks)
+    prompt_tokens = int(build_batch(proc, items[:1], pad)[0]["input_ids"].shape[1]) - m["answer_tokens"]
     return {
         "model": model_name,
         "variant": variant,
@@ -192,21 +231,25 @@ def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: in
         "answers": m["answers"],
         "answer_tokens": m["answer_tokens"],
         "image_px": m["image_px"],
-        "prompt_tokens": int(build_batch(proc, items[:1], proc.tokenizer.pad_token_id)[0]["input_ids"].shape[1])
-        - m["answer_tokens"],
+        "prompt_tokens": prompt_tokens,
+        # tokens through the LLM per step (each pass): per answer, the prompt once per answer;
+        # shared, once per group (all the answers here share one prompt)
+        "llm_tokens": (prompt_tokens + n_tokens) if variant == "shared" else len(items) * prompt_tokens + n_tokens,
         "vocab_rows": int(model.get_output_embeddings().weight.shape[0]),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 
 
-def compare(out_dir: Path, models=("tiny", "30m", "qwen3b"), timeout_s: int = 1800) -> dict:
-    """Every model x variant in its own process; the after/before ratios."""
+def compare(out_dir: Path, models=("tiny", "30m", "qwen3b", *PAIRS), timeout_s: int = 1800) -> dict:
+    """Every model x variant in its own process; the after/before ratios (``PAIRS``: shared
+    against after, with the LLM token ratio)."""
     import subprocess
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO_ROOT)}
     res: dict = {}
     for name in models:
-        for variant in ("before", "after"):
+        first, second = PAIRS.get(name, ("before", "after"))
+        for variant in (first, second):
             r = subprocess.run(
                 [
                     sys.executable,
@@ -228,17 +271,20 @@ def compare(out_dir: Path, models=("tiny", "30m", "qwen3b"), timeout_s: int = 18
             res.setdefault(name, {})[variant] = (
                 json.loads(lines[-1]) if r.returncode == 0 and lines else {"error": r.stderr[-800:]}
             )
-        b, a = res[name]["before"], res[name]["after"]
+        b, a = res[name][first], res[name][second]
         if "error" not in a and "error" not in b:
-            res[name]["time_ratio_after_over_before"] = a["step_s"] / b["step_s"]
-            res[name]["memory_ratio_before_over_after"] = b["peak_mib_per_answer"] / max(a["peak_mib_per_answer"], 1e-9)
+            res[name][f"time_ratio_{second}_over_{first}"] = a["step_s"] / b["step_s"]
+            res[name][f"memory_ratio_{first}_over_{second}"] = b["peak_mib_per_answer"] / max(
+                a["peak_mib_per_answer"], 1e-9
+            )
+            res[name][f"llm_token_ratio_{first}_over_{second}"] = b["llm_tokens"] / a["llm_tokens"]
     return res
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsys.bench.learner", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=tuple(MODELS), default="tiny")
-    p.add_argument("--variant", choices=("before", "after"), default="after")
+    p.add_argument("--variant", choices=("before", "after", "shared"), default="after")
     p.add_argument("--out", default="runs/bench/learner")
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)

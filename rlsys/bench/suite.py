@@ -18,7 +18,9 @@ command that produced it.
   synchronous loop (0) on the demo's GRPO config, and the staleness of what was learnt;
 - learner: seconds and peak memory per answer of one learner step before and after it was made
   lean (no old log-prob pass, logits at answer positions only), tiny, ~30M and Qwen2.5-VL-3B-shaped
-  models (``rlsys.bench.learner``);
+  models; and with the shared-prefix layout against one sequence per answer (G = 8 answers to one
+  image at 256 and 1,024 image tokens on the 3B widths, and the demo's shape), the LLM token
+  ratio beside the time ratio (``rlsys.bench.learner``);
 - vocab: answer tokens per box for each spatial vocabulary (``rlsys.lang.vocab``) on the same
   answers (the SFT targets of the same samples), with the model's tokenizer (Rex-Omni's table 17:
   7.6 tokens per box for its bins);
@@ -380,6 +382,15 @@ def markdown(res: dict, cmd: str) -> str:
                 f"{a['step_s']:.2f} s, {a['peak_mib_per_answer']:.0f} MiB peak per answer | before: {b['step_s']:.2f} s, "
                 f"{b['peak_mib_per_answer']:.0f} MiB | time x{r['time_ratio_after_over_before']:.2f}, memory "
                 f"{r['memory_ratio_before_over_after']:.1f}x lower | `python -m rlsys.bench --only learner` |"
+            )
+        elif "time_ratio_shared_over_after" in r:
+            b, a = r["after"], r["shared"]
+            rows.append(
+                f"| learner step, shared prefix, {name} ({a['parameters'] / 1e6:.0f}M params, {a['prompt_tokens']} "
+                f"prompt + {a['answer_tokens']} answer tokens, {a['answers']} answers to one image) | {a['step_s']:.2f} s, "
+                f"{a['peak_mib_step']:.0f} MiB step peak, {a['llm_tokens']} LLM tokens | per answer: {b['step_s']:.2f} s, "
+                f"{b['peak_mib_step']:.0f} MiB, {b['llm_tokens']} tokens | {1 / r['time_ratio_shared_over_after']:.2f}x "
+                f"throughput (token ratio {r['llm_token_ratio_after_over_shared']:.2f}x) | `python -m rlsys.bench --only learner` |"
             )
         else:
             rows.append(

@@ -181,3 +181,175 @@ def token_logprobs(
             e = -(logp_all.exp() * logp_all).sum(-1)
             ent = torch.zeros(targets.shape, dtype=e.dtype, device=e.device).masked_scatter(mask, e)
     return logp, ent
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared-prefix passes: one sequence per prompt group (learner.shared_prefix)
+# ---------------------------------------------------------------------------------------------
+# In perception GRPO the prompt is mostly image (hundreds to thousands of image tokens) and each
+# prompt gets G answers of tens of tokens. Run per answer, the vision tower and the whole prompt
+# go through the forward and backward G times. Here a group's prompt is laid out once, followed
+# by its answers: [prompt | answer 1 | answer 2 | ...]. Each answer attends to the whole prompt
+# and causally to itself, never to another answer (a 4-D additive mask, as SDPA and eager
+# attention take it), and its position ids continue from the prompt as if it followed the prompt
+# alone, so every answer token sees exactly the keys, values and rotary phases it sees in its own
+# sequence. The loss is a sum over answer tokens, so the prompt's gradient is the sum of what each
+# answer sends it: the same gradient, computed once. (Prefix Grouper, arXiv 2506.05433, shows the
+# same for text prompts.) On GPUs the dense mask would be replaced by FlexAttention block masks
+# or a prefix/suffix two-stage kernel; on the CPU, SDPA with the explicit mask is what runs.
+
+
+def prompt_groups(items) -> list[list[int]]:
+    """Indices of ``items`` grouped by (prompt, image), groups in order of first appearance."""
+    groups: dict = {}
+    for i, it in enumerate(items):
+        groups.setdefault((it.prompt, it.image), []).append(i)
+    return list(groups.values())
+
+
+def _check_answer(processor, it, resp) -> None:
+    if resp.numel() == 0:
+        raise ValueError("an answer with no tokens cannot be scored by the learner")
+    placeholders = [
+        t
+        for t in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
+        if t is not None
+    ]
+    if placeholders and bool(torch.isin(resp, torch.tensor(placeholders)).any()):
+        raise ValueError(
+            f"an answer to {it.image} contains an image/video placeholder token {placeholders}: the model "
+            "would read it as an image slot; the rollout engine must not sample these tokens"
+        )
+
+
+def build_shared_batch(processor, items, pad_id: int, cache: dict | None = None) -> dict:
+    """The shared-prefix layout of ``items`` (:class:`~rlsys.grpo.records.LearnerItem`), one row
+    per prompt group (answers of one prompt and image need not be adjacent in ``items``).
+
+    Returns a dict: ``input_ids`` ``[S, L]`` (right-padded), ``allowed`` ``[S, L, L]`` bool
+    (query i may attend to key j), ``answer_pos`` ``[S, L]`` (an answer token's offset in its
+    answer, -1 for prompt and padding), ``prompt_len`` per row, ``encs`` (the processor output of
+    each row's prompt), and per item ``rows[i]``, ``pred[i]`` (the positions whose hidden states
+    predict its answer tokens: the prompt's last, then its own but last) and ``targets[i]``.
+    """
+    encs = encode_prompts(processor, items, cache)
+    groups = prompt_groups(items)
+    rows, pred, targets = [None] * len(items), [None] * len(items), [None] * len(items)
+    seqs, layouts, row_encs = [], [], []
+    for r, g in enumerate(groups):
+        enc = encs[g[0]]
+        prompt = enc["input_ids"][0]
+        p = prompt.numel()
+        parts, spans, start = [prompt], [], p
+        for i in g:
+            it = items[i]
+            resp = torch.as_tensor(it.response_ids, dtype=torch.long)
+            _check_answer(processor, it, resp)
+            if it.prompt_ids is not None:
+                check_prompt_ids(it.prompt_ids, prompt, it.image)
+            n = resp.numel()
+            parts.append(resp)
+            spans.append((start, n))
+            rows[i] = r
+            pred[i] = torch.cat([torch.tensor([p - 1]), torch.arange(start, start + n - 1)])
+            targets[i] = resp
+            start += n
+        seqs.append(torch.cat(parts))
+        layouts.append((p, spans))
+        row_encs.append(enc)
+    S, L = len(seqs), max(s.numel() for s in seqs)
+    input_ids = torch.full((S, L), pad_id, dtype=torch.long)
+    allowed = torch.zeros((S, L, L), dtype=torch.bool)
+    answer_pos = torch.full((S, L), -1, dtype=torch.long)
+    idx = torch.arange(L)
+    causal = idx[None, :] <= idx[:, None]
+    for r, (s, (p, spans)) in enumerate(zip(seqs, layouts)):
+        input_ids[r, : s.numel()] = s
+        allowed[r, :p, :p] = causal[:p, :p]
+        for a0, n in spans:
+            allowed[r, a0 : a0 + n, :p] = True  # the whole prompt
+            allowed[r, a0 : a0 + n, a0 : a0 + n] = causal[:n, :n]  # its own earlier tokens
+            answer_pos[r, a0 : a0 + n] = torch.arange(n)
+        pad = torch.arange(s.numel(), L)
+        allowed[r, pad, pad] = True  # padding sees itself only (no empty softmax row)
+    return {
+        "input_ids": input_ids,
+        "allowed": allowed,
+        "answer_pos": answer_pos,
+        "prompt_len": [lay[0] for lay in layouts],
+        "encs": row_encs,
+        "rows": rows,
+        "pred": pred,
+        "targets": targets,
+    }
+
+
+def shared_position_ids(decoder, batch: dict) -> torch.Tensor:
+    """``[3, S, L]`` M-RoPE position ids of a :func:`build_shared_batch` layout: the prompt's as the
+    model computes them for the prompt alone (image tokens in 3-D), every answer's continuing from
+    the prompt's largest position + 1, as a single answer after the prompt would."""
+    S, L = batch["input_ids"].shape
+    pos = torch.zeros((3, S, L), dtype=torch.long)
+    for r, (enc, p) in enumerate(zip(batch["encs"], batch["prompt_len"])):
+        kw = {k: enc[k] for k in ("image_grid_thw", "video_grid_thw", "mm_token_type_ids") if k in enc}
+        if "mm_token_type_ids" not in kw:
+            kw["mm_token_type_ids"] = torch.zeros_like(enc["input_ids"], dtype=torch.int)
+        prompt_pos, _ = decoder.get_rope_index(input_ids=enc["input_ids"], **kw)
+        pos[:, r, :p] = prompt_pos[:, 0, :p]
+        ans = batch["answer_pos"][r]
+        on = ans >= 0
+        pos[:, r, on] = prompt_pos[:, 0, :p].max() + 1 + ans[on]
+    return pos
+
+
+def shared_token_logprobs(
+    model,
+    batch: dict,
+    device,
+    temperature: float = 1.0,
+    entropy: bool = True,
+    banned_ids=None,
+    mm_encoder_outputs=None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Answer log-probs (and entropies) of a :func:`build_shared_batch` layout, as
+    :func:`token_logprobs` gives them per answer, in a compact ``[B, T]`` layout: row ``b`` is
+    item ``b``'s answer, ``T`` the longest answer, ``mask[b, :len_b]`` True. ``mm_encoder_outputs``:
+    the image features, when already computed (a frozen vision tower serves both passes)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    decoder, head = _decoder_and_head(model)
+    dtype = next(head.parameters()).dtype
+    ids = batch["input_ids"].to(device)
+    mask4d = torch.zeros(batch["allowed"].shape, dtype=dtype).masked_fill(~batch["allowed"], torch.finfo(dtype).min)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": mask4d[:, None].to(device),
+        "position_ids": shared_position_ids(decoder, batch).to(device),
+        "use_cache": False,
+    }
+    encs = batch["encs"]
+    if mm_encoder_outputs is not None:
+        kwargs["mm_encoder_outputs"] = mm_encoder_outputs
+    else:
+        for k in ("pixel_values", "image_grid_thw"):
+            if k in encs[0]:
+                kwargs[k] = torch.cat([e[k] for e in encs], dim=0).to(device)
+    if "image_grid_thw" in encs[0] and "image_grid_thw" not in kwargs:
+        kwargs["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encs], dim=0).to(device)
+    hidden = decoder(**kwargs).last_hidden_state  # [S, L, H]
+    rows = torch.cat([torch.full((p.numel(),), r) for r, p in zip(batch["rows"], batch["pred"])]).to(device)
+    pred = torch.cat(batch["pred"]).to(device)
+    tgt = torch.cat(batch["targets"]).to(device)
+    logits = _sampling_logits(head(hidden[rows, pred]), temperature, banned_ids)  # [N, V]
+    logp_all = torch.log_softmax(logits, dim=-1)
+    picked = logp_all.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    lens = torch.tensor([t.numel() for t in batch["targets"]])
+    B, T = len(lens), int(lens.max())
+    mask = (torch.arange(T)[None, :] < lens[:, None]).to(device)
+    logp = torch.zeros((B, T), dtype=picked.dtype, device=device).masked_scatter(mask, picked)
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            e = -(logp_all.exp() * logp_all).sum(-1)
+            ent = torch.zeros((B, T), dtype=e.dtype, device=device).masked_scatter(mask, e)
+    return logp, ent, mask
