@@ -194,6 +194,65 @@ def by_group(n_groups: int, group_size: int, n_members: int) -> list[list[int]]:
     return out
 
 
+def pack_micro_batches(
+    groups: list[list[int]],
+    prompt_tokens: list[int],
+    answer_tokens: list[int],
+    *,
+    max_answers: int,
+    max_tokens: int | None = None,
+    shared: bool = True,
+) -> list[list[int]]:
+    """A rank's micro-batches: lists of item indices, in the groups' order.
+
+    ``groups``: item indices per prompt group; ``prompt_tokens[g]``: group g's prompt length;
+    ``answer_tokens[i]``: item i's. Without ``max_tokens``: ``max_answers`` items at a time.
+    With it (``max_answers`` then unused): whole groups packed while the micro-batch's tokens stay within it, a group counting
+    its prompt once (``shared``, the shared-prefix layout) or once per answer. A group larger than
+    the budget is split into pieces of the prompt and some of its answers (each piece shares the
+    prompt); a prompt and one answer that do not fit are refused, with the numbers."""
+    if max_answers < 1:
+        raise ValueError(f"max_answers must be >= 1, got {max_answers}")
+    flat = [i for g in groups for i in g]
+    if max_tokens is None:
+        return [flat[k : k + max_answers] for k in range(0, len(flat), max_answers)]
+    out: list[list[int]] = []
+    cur: list[int] = []
+    cur_tokens = 0
+    for g, items in enumerate(groups):
+        p = prompt_tokens[g]
+        for i in items:
+            one = p + answer_tokens[i]
+            if one > max_tokens:
+                raise ValueError(
+                    f"learner.max_tokens_per_micro_batch {max_tokens} cannot hold one answer: its prompt has {p} "
+                    f"tokens and the answer {answer_tokens[i]} ({one}); raise the budget or lower the pixel budget "
+                    "or rollout.max_new_tokens"
+                )
+        # the group whole, or in pieces that each repeat the prompt
+        pieces: list[list[int]] = []
+        piece: list[int] = []
+        t = p if shared else 0
+        for i in items:
+            add = answer_tokens[i] + (0 if shared else p)
+            if piece and t + add > max_tokens:
+                pieces.append(piece)
+                piece, t = [], (p if shared else 0)
+            piece.append(i)
+            t += add
+        pieces.append(piece)
+        for piece in pieces:
+            cost = sum(answer_tokens[i] for i in piece) + (p if shared else p * len(piece))
+            if cur and cur_tokens + cost > max_tokens:
+                out.append(cur)
+                cur, cur_tokens = [], 0
+            cur.extend(piece)
+            cur_tokens += cost
+    if cur:
+        out.append(cur)
+    return out
+
+
 def micro_batch_plan(shard_sizes: list[int], micro_batch_size: int) -> int:
     """Micro-batches every rank runs in one update: enough for the largest shard, at least one.
     All ranks run the same number (ranks with less data run zero-weight micro-batches), because

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import ray
 
-from actors.group import Members, balance_groups, bundle, micro_batch_plan, node_id, round_robin
+from actors.group import Members, balance_groups, bundle, micro_batch_plan, node_id, pack_micro_batches, round_robin
 from actors.weight_sync import LearnerWeightSender, params_checksum, state_dict_buckets
 from rlsys.config import LearnerConfig, deepspeed_config
 from rlsys.grpo.algorithm import policy_loss, warmup_factor
@@ -131,6 +131,30 @@ class LearnerWorker:
         self._encoded = 0
         return self.rank
 
+    def _chunk_indices(self, items) -> list[list[int]]:
+        """This rank's micro-batches over ``items`` (indices; :func:`actors.group.pack_micro_batches`):
+        ``micro_batch_size`` answers, or whole groups within ``max_tokens_per_micro_batch``."""
+        groups = prompt_groups(items)
+        prompt_tokens = []
+        if self.cfg.max_tokens_per_micro_batch is not None:
+            before = len(self._cache)
+            encs = encode_prompts(self.processor, [items[g[0]] for g in groups], self._cache)
+            self._encoded += len(self._cache) - before
+            prompt_tokens = [int(e["input_ids"].shape[1]) for e in encs]
+        return pack_micro_batches(
+            groups,
+            prompt_tokens,
+            [len(it.response_ids) for it in items],
+            max_answers=self.cfg.micro_batch_size,
+            max_tokens=self.cfg.max_tokens_per_micro_batch,
+            shared=self.cfg.shared_prefix,
+        )
+
+    def plan(self, items: list[LearnerItem]) -> int:
+        """How many micro-batches :meth:`train` needs for ``items`` (the driver takes the largest
+        over the ranks, so every rank runs that many)."""
+        return len(self._chunk_indices(items))
+
     def _logprobs(self, model, chunk, entropy: bool = True):
         """``(logp, entropy, mask)`` of ``chunk``'s answers under ``model``: shared-prefix rows
         (``learner.shared_prefix``, compact ``[B, T]``) or one sequence per answer (``[B, L-1]``);
@@ -169,12 +193,12 @@ class LearnerWorker:
             raise ValueError("learner: reference log-probs asked for, but kl_coef is 0 (no reference model loaded)")
         self._cache.clear()
         self._encoded = 0
-        refs = []
-        mb = self.cfg.micro_batch_size
+        refs: list = [None] * len(items)
         with torch.no_grad():
-            for i in range(0, len(items), mb):
-                ref, _, mask = self._logprobs(self.ref, items[i : i + mb], entropy=False)
-                refs.extend(ref[b][mask[b]].cpu() for b in range(mask.shape[0]))
+            for idx in self._chunk_indices(items):
+                ref, _, mask = self._logprobs(self.ref, [items[i] for i in idx], entropy=False)
+                for b, i in enumerate(idx):
+                    refs[i] = ref[b][mask[b]].cpu()
         # the processor's outputs stay cached for train() on the same items (it clears them)
         return refs
 
@@ -196,20 +220,25 @@ class LearnerWorker:
         ``num_tokens_global``: answer tokens over all ranks, the loss's normaliser."""
         import torch
 
-        mb = self.cfg.micro_batch_size
-        need = -(-len(items) // mb)
+        idx_chunks = self._chunk_indices(items)
+        need = len(idx_chunks)
         M = need if num_micro_batches is None else num_micro_batches
         if M < max(need, 1):
+            budget = (
+                f"{self.cfg.max_tokens_per_micro_batch} tokens"
+                if self.cfg.max_tokens_per_micro_batch is not None
+                else f"{self.cfg.micro_batch_size} answers"
+            )
             raise ValueError(
                 f"learner rank {self.rank}: {len(items)} items need {need} micro-batches of "
-                f"{mb}, but the step plans {M}"
+                f"{budget}, but the step plans {M}"
             )
         if need < M and pad_item is None and not items:
             raise ValueError(
                 f"learner rank {self.rank}: an empty shard needs a pad_item to run its zero-weight micro-batches"
             )
         pad = pad_item if pad_item is not None else items[0]
-        chunks = [(items[k * mb : (k + 1) * mb], 1.0) for k in range(need)] + [([pad], 0.0)] * (M - need)
+        chunks = [([items[i] for i in idx], 1.0) for idx in idx_chunks] + [([pad], 0.0)] * (M - need)
         self.engine.train()
         sums = {"kl": 0.0, "clip": 0.0, "entropy": 0.0, "loss": 0.0}
         n_tok = 0
@@ -217,7 +246,10 @@ class LearnerWorker:
         beh = {"w_sum": 0.0, "w_max": 0.0, "abs_log": 0.0, "truncated": 0, "n": 0}  # corrected answers
         cap = self.cfg.is_cap
         for k, (chunk, weight) in enumerate(chunks):
+            encoded = self._encoded
             logp, entropy, mask = self._logprobs(self.engine, chunk)
+            if weight == 0.0:
+                self._encoded = encoded  # a pad's prompt is not this step's data: not counted
             # the proximal ("old") policy: these weights, before this step's one update
             old = logp.detach()
             ref = None
@@ -393,8 +425,8 @@ class LearnerGroup:
 
     Sharding: with ``learner.shared_prefix`` each prompt group goes whole to one rank, ranks
     balanced by tokens (:meth:`shard_indices`), else answers are dealt to the ranks in turn; every
-    rank then runs the same number of
-    micro-batches (:func:`actors.group.micro_batch_plan`), padding with zero-weight ones, and
+    rank then runs the same number of micro-batches (``micro_batch_size`` answers each,
+    :func:`actors.group.micro_batch_plan`, or packed by ``max_tokens_per_micro_batch``), padding with zero-weight ones, and
     takes exactly one optimizer step per call, so uneven shards, dropped empty answers or a rank
     with no data cannot desynchronise ZeRO's collectives. The loss is normalised by the global
     token count, so N ranks give the one-rank update.
@@ -487,7 +519,13 @@ class LearnerGroup:
         if not items:
             raise ValueError("learner update with no answers to learn from")
         shards = self.shard(items)
-        M = micro_batch_plan([len(sh) for sh in shards], self.cfg.learner.micro_batch_size)
+        if self.cfg.learner.max_tokens_per_micro_batch is None:
+            M = micro_batch_plan([len(sh) for sh in shards], self.cfg.learner.micro_batch_size)
+        else:
+            # packed by tokens: only a rank knows its prompts' lengths (its processor), so each
+            # plans its own shard and all run the largest count
+            plans = self._each([w.plan.remote(sh) for w, sh in zip(self.ranks, shards)], "micro-batch plan")
+            M = max(1, *plans)
         num_tokens = sum(len(it.response_ids) for it in items)
         pad = items[0]
         self.last_ranks = self._each(

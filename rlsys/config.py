@@ -402,6 +402,11 @@ class LearnerConfig(_Section):
     freeze_vision: bool = Field(
         False, description="Keep the vision encoder fixed during GRPO; the projector and the LLM still learn."
     )
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=64,
+        description="Pack a rank's micro-batches by tokens instead of micro_batch_size answers: whole prompt groups while the tokens through the LLM (a shared prompt counted once) stay within this; a group above it is split into pieces that each repeat the prompt; a prompt plus one answer above it is refused with the numbers. None: micro_batch_size answers per micro-batch.",
+    )
     shared_prefix: bool = Field(
         True,
         description="One sequence per prompt group in the learner's training and reference passes: the prompt (with its image) once, then its answers, each attending to the prompt and itself only (rlsys.grpo.sequences.build_shared_batch); the same log-probs and gradients as one sequence per answer, with the vision tower and the prompt run once per group. A group's answers go to one rank (ranks balanced by tokens). false: one sequence per answer, answers dealt to ranks in turn.",

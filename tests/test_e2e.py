@@ -306,7 +306,7 @@ for seed in (0, 1):
                              "tracking.mode=disabled", "run.actor_start_timeout_s=120",
                              "run.init_checkpoint={sft_out / "final"}", "data.train={sft_out / "data" / "train.jsonl"}"])
     print("run", seed, "step", grpo.run(cfg)["step"], flush=True)
-print("placement groups", json.dumps(sorted(v["state"] for v in placement_group_table().values())))
+print("placement groups", json.dumps(sorted(v["state"] for v in placement_group_table().values())), flush=True)
 """
     r = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900
@@ -314,6 +314,7 @@ print("placement groups", json.dumps(sorted(v["state"] for v in placement_group_
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
     assert "run 0 step 1" in r.stdout and "run 1 step 1" in r.stdout, r.stdout[-3000:]
     # three groups per run, every one removed
+    assert "placement groups " in r.stdout, f"{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
     states = json.loads(r.stdout.split("placement groups ")[1].splitlines()[0])
     assert states == ["REMOVED"] * 6, states
     for seed in (0, 1):

@@ -118,3 +118,38 @@ def test_vllm_reload_warnings_for_buffer_only_layers_are_dropped_and_others_kept
     finally:
         layerwise.logger.removeHandler(h)
     assert seen == ["QKVParallelLinear: Failed to load weights", "Allocating 3.0 MB"]
+
+
+def test_balance_groups_keeps_groups_whole_and_balances_tokens():
+    from actors.group import balance_groups
+
+    groups = [[0, 1, 2, 3], [4], [5, 6], [7, 8, 9]]
+    costs = [100.0, 10.0, 60.0, 50.0]
+    out = balance_groups(groups, costs, 2)
+    # largest first onto the least loaded: 100 -> 0; 60 -> 1; 50 -> 1 (60 < 100); 10 -> 0 (100 < 110)
+    assert out == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert balance_groups(groups, costs, 5)[4] == []  # more ranks than groups: some get none
+    with pytest.raises(ValueError, match="4 groups but 3 costs"):
+        balance_groups(groups, costs[:3], 2)
+
+
+def test_pack_micro_batches_by_answers_or_by_token_budget():
+    from actors.group import pack_micro_batches
+
+    groups = [[0, 1, 2], [3, 4]]
+    prompt = [100, 50]
+    ans = [10, 20, 30, 5, 5]
+    # no budget: micro_batch_size answers at a time, groups in order
+    assert pack_micro_batches(groups, prompt, ans, max_answers=2) == [[0, 1], [2, 3], [4]]
+    # shared prefix, budget 170: group 0 costs 100 + 60 = 160, group 1 costs 60: one each
+    assert pack_micro_batches(groups, prompt, ans, max_answers=2, max_tokens=170) == [[0, 1, 2], [3, 4]]
+    # budget 230: both groups fit in one micro-batch (220)
+    assert pack_micro_batches(groups, prompt, ans, max_answers=2, max_tokens=230) == [[0, 1, 2, 3, 4]]
+    # budget 135: group 0 is split into pieces that each repeat its prompt: 100+10+20, 100+30;
+    # group 1 (60) joins the second piece? 130 + 60 > 135: no, its own
+    assert pack_micro_batches(groups, prompt, ans, max_answers=2, max_tokens=135) == [[0, 1], [2], [3, 4]]
+    # per answer (not shared): every answer carries its prompt: 110, 120, 130, 55, 55 ->
+    # 110 + 120 = 230; 130 + 55 + 55 = 240 (the budget, exactly)
+    assert pack_micro_batches(groups, prompt, ans, max_answers=2, max_tokens=240, shared=False) == [[0, 1], [2, 3, 4]]
+    with pytest.raises(ValueError, match="cannot hold one answer: its prompt has 100 tokens and the answer 30"):
+        pack_micro_batches(groups, prompt, ans, max_answers=2, max_tokens=120)

@@ -128,6 +128,24 @@ def test_shared_prefix_groups_over_two_ranks_give_the_per_answer_update(ray_loca
     assert sum(m.encoded_prompts for m in ms[0]) == 3 and sum(m.encoded_prompts for m in ms[1]) == 1
     _assert_same_update(plain, shared, mp, ms, before)
 
+    # packed by tokens (learner.max_tokens_per_micro_batch): a budget of the longest prompt plus
+    # 12 tokens holds one prompt and a few of the 1-12 token answers, so each group of 4 is split
+    # into pieces that repeat its prompt; the update is still the per-answer one
+    from rlsys.grpo.sequences import encode_prompts
+    from rlsys.models import load_processor
+
+    processor = load_processor(str(tiny_model_dir))
+    longest = max(
+        int(e["input_ids"].shape[1]) for e in encode_prompts(processor, _items(processor, synthetic_dir, 9, 0, 4)[::4])
+    )
+    budget = ["learner.shared_prefix=true", f"learner.max_tokens_per_micro_batch={longest + 12}"]
+    _, packed, mk = _run(tiny_model_dir, synthetic_dir, 2, batches, budget, group=4)
+    counts = [[m.micro_batches for m in step] for step in mk]
+    assert all(len(set(c)) == 1 for c in counts), counts  # every rank runs the step's count
+    assert counts[0][0] > 2 and counts[1][0] > 1, counts  # more, smaller micro-batches than by answers
+    assert sum(m.answers for m in mk[0]) == 9 and sum(m.answers for m in mk[1]) == 4
+    _assert_same_update(plain, packed, mp, mk, before)
+
 
 def test_two_ranks_give_the_one_rank_update_on_uneven_shards(ray_local, tiny_model_dir, synthetic_dir):
     batches = [(9, 0), (1, 1), (6, 2)]
