@@ -481,8 +481,8 @@ class LearnerGroup:
             refs,
             timeout_s or self.timeout_s,
             what,
-            advice="A learner rank cannot be replaced inside a running group: restart the run; "
-            "it resumes from the last checkpoint (run.resume)",
+            advice="A learner rank cannot be replaced inside a running group: the run rebuilds its groups "
+            "from the last checkpoint (run.max_restarts), or, past that, resumes from it when started again",
         )
 
     def shard_indices(self, items: list) -> list[list[int]]:

@@ -291,7 +291,7 @@ class RolloutGroup:
                         out[j] = ans
                     continue
                 if attempt == 1:
-                    raise RuntimeError(f"rollout engine {k} failed twice in step {step}: {r}") from r
+                    raise MemberFailed("rollout", k, f"generation of step {step}, after a restart", r) from r
                 failed.append(k)
                 if self.engines[k] is not calls[k][0]:
                     # a batch submitted before this one found the engine dead and replaced it

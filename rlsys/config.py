@@ -491,6 +491,16 @@ class RunConfig(_Section):
         gt=0,
         description="Limit for placing and starting the actor groups (a cold autoscaled GPU node can take long).",
     )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times a run rebuilds its actor groups and goes on from its last checkpoint after losing a learner rank, an engine that could not be restarted in place, a reward worker or a node (waiting up to actor_start_timeout_s for the cluster to offer the resources again); each restart is logged with its cause in restarts.jsonl. 0: the first loss ends the run.",
+    )
+    stop_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="After SIGTERM (ray job stop, a spot preemption notice) the run finishes its step and writes a checkpoint; past this many seconds, or on a second SIGTERM, it exits at once. Under ray job stop set RAY_JOB_STOP_WAIT_TIME_S above it in the job's env (Ray's default kills after 3 s).",
+    )
 
 
 def _masks_need_a_mask_vocabulary(model: ModelConfig, data: DataConfig) -> None:

@@ -87,6 +87,13 @@ class FakeRollouts:
             )
         return out
 
+    def checksums(self) -> list[dict]:
+        """One engine's digest: the weights version it holds, as a one-tensor digest."""
+        return [{"per_name": {"version": (1, float(self.version), 0.0)}}]
+
+    def prompt_logprobs(self, prompt: str, image: str):
+        return [([1, 2], [-float(self.version), -1.0])]
+
     def shutdown(self):
         pass
 
@@ -135,6 +142,12 @@ class FakeLearners:
     def load(self, path: str):
         self.loaded.append(path)
         self.updates = int((Path(path) / "learner.txt").read_text())
+
+    def checksum(self) -> dict:
+        return {"per_name": {"version": (1, float(self.updates), 0.0)}}
+
+    def prompt_logprobs(self, prompt: str, image: str):
+        return [1, 2], [-float(self.updates), -1.0]
 
     def shutdown(self):
         pass

@@ -238,6 +238,56 @@ def test_grpo_end_to_end_kill_and_resume(sft_run, tmp_path):
     assert len(runs) == 2 and all(f.name == f"run-{run_id}.wandb" for f in runs), runs
 
 
+def test_grpo_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_every_step_once(sft_run, tmp_path):
+    """SIGTERM (what `ray job stop` and a spot preemption notice send) to `python -m rlsys.grpo`
+    mid-run: the step in progress finishes, a checkpoint is written at that step (no checkpoint
+    step falls there), the run exits 143 saying how to resume; the resume runs each remaining step
+    once and the prompts follow the uninterrupted order. Before the clean stop the signal killed
+    the run where it was: no checkpoint, every step since the start lost."""
+    sft_out, _ = sft_run
+    out = tmp_path / "grpo-stop"
+    args = [
+        sys.executable,
+        "-m",
+        "rlsys.grpo",
+        f"run.out_dir={out}",
+        f"run.init_checkpoint={sft_out / 'final'}",
+        "run.checkpoint_every_steps=10",
+        "run.max_staleness_steps=1",  # a batch generating ahead when the signal comes: saved, not lost
+        "run.dynamic_sampling=false",
+        "run.steps=5",
+        "tracking.mode=disabled",
+        "reward.scorer=tests.scorers_for_tests:coordinate_count_reward",
+    ]
+    p = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = _wait_for(p, r"^step 2/5", 900)
+        p.send_signal(signal.SIGTERM)
+        rest, _ = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            _kill_tree(p)
+    text = "".join(seen) + rest
+    assert p.returncode == 143, text[-4000:]
+    m = re.search(r"stopped by SIGTERM after step (\d+) \(checkpoint (\S+)\)", text)
+    assert m, text[-4000:]
+    stopped = int(m.group(1))
+    assert stopped in (2, 3) and m.group(2).endswith(f"step_{stopped:06d}")  # the step in progress finished
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"step_{stopped:06d}" and not list(ckpts.glob("*.partial"))
+    state = json.loads((ckpts / f"step_{stopped:06d}" / "trainer_state.json").read_text())
+    assert state["pending_batches"]  # the batch drawn ahead, to be generated again on resume
+
+    r = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert [int(s) for s in re.findall(r"^step (\d+)/5", r.stdout, re.M)] == list(range(stopped + 1, 6))
+    records = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [1, 2, 3, 4, 5]
+    drawn = [i for rec in records for i in rec["prompt_ids"]]
+    assert len({len(rec["prompt_ids"]) for rec in records}) == 1  # each step its prompts_per_step
+    assert len(set(drawn)) == len(drawn)  # none lost to the stop, none drawn twice (400 images, no epoch wraps)
+
+
 def test_grpo_asynchronous_rollouts_train_and_resume_without_losing_or_repeating_prompts(sft_run, tmp_path):
     """run.max_staleness_steps=1 as a user runs it: the reward rises on the dense test reward,
     no answer is more than one version old, and a run killed with a batch generating ahead

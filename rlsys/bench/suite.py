@@ -26,6 +26,8 @@ command that produced it.
   7.6 tokens per box for its bins);
 - learning (on request only): does GRPO learn, on fixed and on fresh prompts, beside TRL's
   GRPOTrainer on the same model, data, reward and settings (``rlsys.bench.learning``);
+- soak (on request only): 100 steps of the tiny default on a two-node cluster with an engine,
+  a reward worker and the learners' node lost at seeded steps (``rlsys.bench.soak``);
 - serve: requests/s and p50/p99 latency at 1-64 clients against vLLM's offline ``LLM.generate`` on the same requests, and autoscaling (``rlsys.bench.serve``).
 """
 
@@ -55,7 +57,7 @@ from rlsys.models import load_model, load_processor
 REPO = REPO_ROOT
 ALL = ("rewards", "rollout", "step", "sync", "distributed", "scaling", "async", "learner", "vocab", "serve")
 # Long (tens of minutes to hours, from the demo's SFT model): only when asked for by name.
-ON_REQUEST = ("learning",)
+ON_REQUEST = ("learning", "soak")
 DEMO_GRPO_CONFIG = REPO / "configs" / "demo_grpo_tiny_cpu.yaml"
 
 
@@ -519,6 +521,10 @@ def main(argv=None) -> int:
         res["vocab"] = bench_vocab(cfg)
     if "serve" in a.only:
         res["serve"] = _module_json(["rlsys.bench.serve"], 1200)
+    if "soak" in a.only:
+        # its own two-node cluster and config (rlsys.bench.soak): a separate process
+        if subprocess.run([sys.executable, "-m", "rlsys.bench.soak", "--out", str(out / "soak")]).returncode != 0:
+            return 2
     if "learning" in a.only:
         # its own defaults (the demo's SFT model and GRPO config), its own report
         if bench_learning.main(["--out", str(out / "learning")]) != 0:

@@ -17,6 +17,7 @@ import logging
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from actors.group import actor_env
@@ -31,6 +32,7 @@ from rlsys.data.prepare import (
 )
 from rlsys.data.samples import DataError
 from rlsys.eval.drawing import example_table
+from rlsys.grpo.lifecycle import STOPPED_EXIT_CODE, StopSignal, cause_of, lost_worker
 from rlsys.grpo.trainer import Groups, Trainer
 from rlsys.lang.vocab import vocabulary_for
 from rlsys.models import processor_for
@@ -176,58 +178,121 @@ def run(cfg: GRPOConfig) -> dict:
         # starts one here. Only variables the job has not set itself go into the runtime env: Ray
         # refuses a driver that sets one the job's runtime env already sets.
         ray.init(runtime_env={"env_vars": actor_env(cpu_only=cfg.learner.gpus_per_rank == 0)}, log_to_driver=True)
-    trainer = start_trainer(cfg, model_dir, samples, processor)
-    resumed = trainer.step_no > 0
-    # steps after the checkpoint resumed from are redone: their old records go
-    keep_step_records(out / "steps.jsonl", trainer.step_no)
-    tracker = start_tracking(wandb_init_args(cfg.tracking, out, out.name, cfg.model_dump(), continue_run=resumed))
-    wandb_last = int(getattr(tracker, "step", 0) or 0) if resumed else 0
-    if wandb_last > trainer.step_no:
-        log.warning(
-            "the W&B run already holds steps up to %d, logged before the checkpoint of step %d this run resumed "
-            "from; W&B keeps those first values for steps %d..%d (it refuses earlier steps), steps.jsonl holds "
-            "the redone ones",
-            wandb_last,
-            trainer.step_no,
-            trainer.step_no + 1,
-            wandb_last,
-        )
-    metrics: dict = {}
-    recent: deque[float] = deque(maxlen=5)  # step times, for the time left
-    label = f"{cfg.run.progress_label} " if cfg.run.progress_label else ""
-    try:
-        while trainer.step_no < cfg.run.steps:
-            metrics = trainer.step()
-            s = metrics["step"]
-            # A plain per-step record beside W&B: greppable, and what resume tests compare.
-            with (out / "steps.jsonl").open("a") as f:
-                f.write(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list))}) + "\n")
-            t = {k[5:-2]: v for k, v in metrics.items() if k.startswith("time/")}
-            recent.append(t["step"])
-            left_s = (cfg.run.steps - s) * sum(recent) / len(recent)
-            stale = f" staleness {metrics['rollout/staleness_mean']:.2f}" if cfg.run.max_staleness_steps else ""
-            print(
-                f"{label}step {s}/{cfg.run.steps} reward {metrics['reward/mean']:.3f} kl {metrics['learner/kl']:.4f} "
-                f"len {metrics['answer/length_tokens']:.1f}{stale} | {t['step']:.1f} s/step, {left_s / 60:.1f} min left | "
-                + " ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "step"),
-                flush=True,
+    return drive(cfg, lambda c: start_trainer(c, model_dir, samples, processor))
+
+
+def drive(cfg: GRPOConfig, start: Callable[[GRPOConfig], Trainer]) -> dict:
+    """The run loop over a trainer that ``start(cfg)`` builds (groups started, resumed from the
+    last checkpoint when there is one): steps, their records and progress, checkpoints. A lost
+    worker or node (:func:`lifecycle.lost_worker`) tears the groups down and starts them again
+    from the last checkpoint, up to ``run.max_restarts`` times; SIGTERM stops at the next step
+    boundary with a checkpoint (:class:`lifecycle.StopSignal`). Returns the last step's metrics
+    (``stopped``: the signal's name, when the run stopped early)."""
+    out = Path(cfg.run.out_dir)
+    restarts: list[dict] = []
+    with StopSignal(cfg.run.stop_timeout_s) as stop:
+        trainer = start(cfg)
+        resumed = trainer.step_no > 0
+        # steps after the checkpoint resumed from are redone: their old records go
+        keep_step_records(out / "steps.jsonl", trainer.step_no)
+        tracker = start_tracking(wandb_init_args(cfg.tracking, out, out.name, cfg.model_dump(), continue_run=resumed))
+        wandb_last = int(getattr(tracker, "step", 0) or 0) if resumed else 0
+        if wandb_last > trainer.step_no:
+            log.warning(
+                "the W&B run already holds steps up to %d, logged before the checkpoint of step %d this run resumed "
+                "from; W&B keeps those first values for steps %d..%d (it refuses earlier steps), steps.jsonl holds "
+                "the redone ones",
+                wandb_last,
+                trainer.step_no,
+                trainer.step_no + 1,
+                wandb_last,
             )
-            log_payload = dict(metrics)
-            every = cfg.tracking.image_table_every_steps
-            if every and s % every == 0:
-                log_payload["examples"] = example_table(trainer.last_examples, trainer.vocabulary)
-            log_payload.pop("prompt_ids")
-            if s > wandb_last:
-                tracker.log(log_payload, step=s)
-            if s % cfg.run.checkpoint_every_steps == 0 or s == cfg.run.steps:
-                metrics["checkpoint"] = str(trainer.save(final=s == cfg.run.steps))
-        if trainer.step_no % cfg.run.sync_every_steps:
-            trainer.sync_weights()
-        metrics["weights_in_sync"] = trainer.weights_in_sync()
-    finally:
-        tracker.finish()
-        trainer.shutdown()  # its placement groups freed: a next run in this Ray session can place its own
+        metrics: dict = {}
+        at_step = trainer.step_no  # the last step finished (a restart's record says after which)
+        recent: deque[float] = deque(maxlen=5)  # step times, for the time left
+        label = f"{cfg.run.progress_label} " if cfg.run.progress_label else ""
+        try:
+            while True:
+                try:
+                    if trainer is None:
+                        # a restart: the same config, resumed from the last checkpoint whatever run.resume says
+                        trainer = start(cfg.model_copy(update={"run": cfg.run.model_copy(update={"resume": True})}))
+                        dropped = keep_step_records(out / "steps.jsonl", trainer.step_no)
+                        restarts[-1].update(resumed_at_step=trainer.step_no, step_records_dropped=dropped)
+                        _append_jsonl(out / "restarts.jsonl", restarts[-1])
+                        log.warning("restart %d: running again from step %d", len(restarts), trainer.step_no)
+                    at_step = trainer.step_no
+                    while trainer.step_no < cfg.run.steps and not stop.requested:
+                        metrics = trainer.step()
+                        s = at_step = metrics["step"]
+                        metrics["run/restarts"] = len(restarts)
+                        # A plain per-step record beside W&B: greppable, and what resume tests compare.
+                        _append_jsonl(
+                            out / "steps.jsonl",
+                            {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list))},
+                        )
+                        t = {k[5:-2]: v for k, v in metrics.items() if k.startswith("time/")}
+                        recent.append(t["step"])
+                        left_s = (cfg.run.steps - s) * sum(recent) / len(recent)
+                        stale = (
+                            f" staleness {metrics['rollout/staleness_mean']:.2f}" if cfg.run.max_staleness_steps else ""
+                        )
+                        print(
+                            f"{label}step {s}/{cfg.run.steps} reward {metrics['reward/mean']:.3f} kl {metrics['learner/kl']:.4f} "
+                            f"len {metrics['answer/length_tokens']:.1f}{stale} | {t['step']:.1f} s/step, {left_s / 60:.1f} min left | "
+                            + " ".join(f"{k} {v:.1f}s" for k, v in t.items() if k != "step"),
+                            flush=True,
+                        )
+                        log_payload = dict(metrics)
+                        every = cfg.tracking.image_table_every_steps
+                        if every and s % every == 0:
+                            log_payload["examples"] = example_table(trainer.last_examples, trainer.vocabulary)
+                        log_payload.pop("prompt_ids")
+                        if s > wandb_last:  # a step redone after a restart is not logged twice
+                            tracker.log(log_payload, step=s)
+                            wandb_last = s
+                        if s % cfg.run.checkpoint_every_steps == 0 or s == cfg.run.steps:
+                            metrics["checkpoint"] = str(trainer.save(final=s == cfg.run.steps))
+                        elif stop.requested:
+                            metrics["checkpoint"] = str(trainer.save())
+                    break
+                except Exception as exc:
+                    if trainer is None:  # a restart's start-up failed: its record says so
+                        restarts[-1].update(resumed_at_step=None)
+                        _append_jsonl(out / "restarts.jsonl", restarts[-1])
+                    if stop.requested or not lost_worker(exc) or len(restarts) >= cfg.run.max_restarts:
+                        raise
+                    restarts.append({"restart": len(restarts) + 1, "after_step": at_step, **cause_of(exc)})
+                    log.warning(
+                        "restart %d of run.max_restarts %d after step %d: %s -- tearing the groups down and "
+                        "starting them again from the last checkpoint (waiting up to run.actor_start_timeout_s "
+                        "%.0f s for the cluster to offer their resources)",
+                        len(restarts),
+                        cfg.run.max_restarts,
+                        at_step,
+                        restarts[-1]["error"],
+                        cfg.run.actor_start_timeout_s,
+                    )
+                    if trainer is not None:
+                        trainer.shutdown()
+                    trainer = None
+            metrics["run/restarts"] = len(restarts)
+            if stop.requested:
+                metrics.update(stopped=stop.requested, step=trainer.step_no)
+                return metrics
+            if trainer.step_no % cfg.run.sync_every_steps:
+                trainer.sync_weights()
+            metrics["weights_in_sync"] = trainer.weights_in_sync()
+        finally:
+            tracker.finish()
+            if trainer is not None:
+                trainer.shutdown()  # its placement groups freed: a next run in this Ray session can place its own
     return metrics
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def main(argv=None) -> int:
@@ -251,6 +316,15 @@ def main(argv=None) -> int:
         print(f"data error: {exc}", file=sys.stderr)
         return 2
     print("final:", json.dumps({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}), flush=True)
+    if m.get("stopped"):
+        where = f"checkpoint {m['checkpoint']}" if m.get("checkpoint") else "no step was run; nothing new to save"
+        print(
+            f"stopped by {m['stopped']} after step {m['step']} ({where}). Resume: run the same command again "
+            "(run.resume is on by default)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return STOPPED_EXIT_CODE
     return 0
 
 

@@ -195,6 +195,8 @@ class Trainer:
             bad_images=len(self.bad_images),
             inflight_batches=len(self.pipeline.inflight),
         )
+        # reward workers replaced since these groups started (a dead or stuck one, its answers retried)
+        metrics["reward/worker_replacements"] = getattr(self.groups.rewards, "replaced", 0)
         metrics["prompt_ids"] = [self.samples[g.idx].id for g in groups]
         return metrics
 
