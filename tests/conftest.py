@@ -52,3 +52,17 @@ def sft_run(tmp_path_factory):
     r = subprocess.run([sys.executable, "-m", *args], cwd=out, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"rlsys.sft failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return out, r.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The two-node local cluster of :func:`rlsys.bench.soak.two_node_cluster` (head: engines and
+    reward workers, ``rollout_node``; second node: learner ranks, ``learner_node``)."""
+    import ray
+
+    from rlsys.bench.soak import two_node_cluster
+
+    c = two_node_cluster()
+    yield c
+    ray.shutdown()
+    c.shutdown()

@@ -10,32 +10,9 @@ issue's 3 x 3 with micro-batch 4 is the same case. The short SFT localises poorl
 one run in two had no group with reward spread in 3 steps; so 5 x 5, and more steps, up to 9,
 until one has.)"""
 
-import os
-import sys
-
 import pytest
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    # Logical CPUs: the head (the driver's node) holds the engines and the reward workers, the
-    # second node the learner ranks; custom resources pin each group to its node.
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "resources": {"rollout_node": 8}, "include_dashboard": False},
-    )
-    c.add_node(num_cpus=2, resources={"learner_node": 8})
-    c.wait_for_nodes()
-    ray.init(address=c.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}})
-    yield c
-    ray.shutdown()
-    c.shutdown()
 
 
 def test_two_nodes_two_ranks_two_engines_three_reward_workers(cluster, sft_run, tmp_path):

@@ -10,32 +10,12 @@ The controller's restart logic is tested in milliseconds in test_lifecycle.py; t
 path through real Ray, vLLM and DeepSpeed actors."""
 
 import json
-import os
-import sys
 import threading
 import time
 
 import pytest
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "resources": {"rollout_node": 8}, "include_dashboard": False},
-    )
-    c.add_node(num_cpus=2, resources={"learner_node": 8})
-    c.wait_for_nodes()
-    ray.init(address=c.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}})
-    yield c
-    ray.shutdown()
-    c.shutdown()
 
 
 def test_losing_the_learner_node_restarts_from_the_checkpoint_and_finishes(cluster, sft_run, tmp_path):

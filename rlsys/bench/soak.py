@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -29,14 +30,21 @@ from collections import Counter
 from pathlib import Path
 
 from rlsys.config import DEFAULT_CONFIG, load_config
+from rlsys.grpo import run as grpo
+from rlsys.grpo.pipeline import PromptOrder
 
 
 def _pids(class_name: str) -> list[int]:
-    from ray.util.state import list_actors
+    """Processes of live actors of one class on this machine: Ray titles an actor's process
+    ``ray::ClassName`` (``ray::ClassName.method`` while it runs one)."""
+    import psutil
 
-    return sorted(
-        a.pid for a in list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")]) if a.pid
-    )
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd and cmd[0].split(".")[0] == f"ray::{class_name}":
+            out.append(proc.pid)
+    return sorted(out)
 
 
 def _records(path: Path) -> list[dict]:
@@ -61,25 +69,38 @@ def inject(what: str, cluster, learner_resources: dict) -> dict:
     return {"injected": True}
 
 
-def soak(steps: int, seed: int, out: Path, overrides: list[str] = ()) -> dict:
+LEARNER_NODE = {"learner_node": 8}
+
+
+def two_node_cluster():
+    """A Ray cluster of two raylets on this machine (Ray's ``ray.cluster_utils.Cluster``) with
+    logical CPUs, joined by this process: the head (the driver's node) advertises ``rollout_node``
+    for the engines and reward workers, the second node ``learner_node`` for the learner ranks
+    (``resources_per_*`` pin each group). Also the distributed and node-loss tests' cluster."""
     import ray
     from ray.cluster_utils import Cluster
 
-    from rlsys.grpo import run as grpo
-    from rlsys.grpo.pipeline import PromptOrder
-
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    learner_res = {"learner_node": 8}
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "resources": {"rollout_node": 8}, "include_dashboard": False},
     )
-    cluster.add_node(num_cpus=2, resources=learner_res)
+    cluster.add_node(num_cpus=2, resources=LEARNER_NODE)
     cluster.wait_for_nodes()
     ray.init(
         address=cluster.address,
         runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}},
     )
+    return cluster
+
+
+def soak(steps: int, seed: int, out: Path, overrides: list[str] = ()) -> dict:
+    import ray
+
+    learner_res = LEARNER_NODE
+    # a fresh run directory: the faults are timed by its steps.jsonl, which must not be an old run's
+    shutil.rmtree(out / "run", ignore_errors=True)
+    cluster = two_node_cluster()
     cfg = load_config(
         DEFAULT_CONFIG,
         [
@@ -143,7 +164,6 @@ def soak(steps: int, seed: int, out: Path, overrides: list[str] = ()) -> dict:
     recs = _records(steps_file)
     restarts = _records(Path(cfg.run.out_dir) / "restarts.jsonl")
     got = Counter(r["step"] for r in recs)
-    last = recs[-1] if recs else {}
     res = {
         "command": f"python -m rlsys.bench.soak --steps {steps} --seed {seed}",
         "steps_asked": steps,
@@ -155,8 +175,8 @@ def soak(steps: int, seed: int, out: Path, overrides: list[str] = ()) -> dict:
         "restarts": len(restarts),
         "restarts_by_group": dict(Counter(r.get("group") or "other" for r in restarts)),
         "restart_records": restarts,
-        "engine_restarts_in_place_last_groups": last.get("rollout/engine_restarts"),
-        "reward_workers_replaced_last_groups": last.get("reward/worker_replacements"),
+        "engine_restarts_in_place": _over_rebuilds(recs, "rollout/engine_restarts"),
+        "reward_workers_replaced": _over_rebuilds(recs, "reward/worker_replacements"),
         "weights_in_sync_at_end": m.get("weights_in_sync"),
         "error": error,
         "wall_s": round(time.time() - t0, 1),
@@ -173,6 +193,17 @@ def soak(steps: int, seed: int, out: Path, overrides: list[str] = ()) -> dict:
     return res
 
 
+def _over_rebuilds(recs: list[dict], key: str) -> int:
+    """A per-groups counter summed over the run: it starts again at 0 when the groups are rebuilt,
+    so its rises are added up."""
+    total, prev = 0, 0
+    for r in sorted(recs, key=lambda r: r["step"]):
+        v = int(r.get(key, 0))
+        total += max(0, v - prev) if v >= prev else v
+        prev = v
+    return total
+
+
 def table(res: dict) -> str:
     rows = [
         ("steps asked / run", f"{res['steps_asked']} / {res['steps_run']}"),
@@ -183,8 +214,8 @@ def table(res: dict) -> str:
             ", ".join(f"{k} {v['after_step']}" for k, v in res["faults_injected"].items()),
         ),
         ("restarts of the run, by group", f"{res['restarts']} {res['restarts_by_group']}"),
-        ("engine restarts in place (since the last rebuild)", res["engine_restarts_in_place_last_groups"]),
-        ("reward workers replaced (since the last rebuild)", res["reward_workers_replaced_last_groups"]),
+        ("engine restarts in place", res["engine_restarts_in_place"]),
+        ("reward workers replaced", res["reward_workers_replaced"]),
         ("weights in sync at the end", res["weights_in_sync_at_end"]),
         ("every step's prompts as in an uninterrupted run", res["prompts_in_uninterrupted_order"]),
         ("error", res["error"] or "none"),
