@@ -19,9 +19,11 @@ from rlsys.grpo.sequences import (
     build_batch,
     build_shared_batch,
     encode_prompts,
+    merged_image_features,
     prompt_groups,
     shared_token_logprobs,
     token_logprobs,
+    vision_tower_features,
 )
 from rlsys.lang.vocab import model_tokens
 from rlsys.models import load_model, load_processor, param_part
@@ -129,6 +131,9 @@ class LearnerWorker:
             self.ref.to(self.device)
         self._cache: dict = {}
         self._encoded = 0
+        # freeze_vision: the tower's output per (prompt, image), for this step's passes
+        self._vision: dict = {}
+        self._vision_runs = 0
         return self.rank
 
     def _chunk_indices(self, items) -> list[list[int]]:
@@ -163,7 +168,13 @@ class LearnerWorker:
         if self.cfg.shared_prefix:
             batch = build_shared_batch(self.processor, chunk, self.pad_id, self._cache)
             out = shared_token_logprobs(
-                model, batch, self.device, self.temperature, entropy=entropy, banned_ids=self.banned
+                model,
+                batch,
+                self.device,
+                self.temperature,
+                entropy=entropy,
+                banned_ids=self.banned,
+                mm_encoder_outputs=self._frozen_vision(model, chunk, batch),
             )
         else:
             inputs, targets, mask = build_batch(self.processor, chunk, self.pad_id, self._cache)
@@ -182,6 +193,22 @@ class LearnerWorker:
         self._encoded += len(self._cache) - before  # processor runs this step (once per prompt)
         return out
 
+    def _frozen_vision(self, model, chunk, batch):
+        """With ``freeze_vision``: the image features for ``model``'s forward from the tower's
+        output computed once per image per step (shared by the reference and the training pass;
+        each model applies its own merger, the projector, which trains). None otherwise: the
+        model runs its tower itself."""
+        if not self.cfg.freeze_vision or "pixel_values" not in batch["encs"][0]:
+            return None
+        feats = []
+        for g, enc in zip(prompt_groups(chunk), batch["encs"]):
+            key = (chunk[g[0]].prompt, chunk[g[0]].image)
+            if key not in self._vision:
+                self._vision[key] = vision_tower_features(self.engine.module, enc, self.device)
+                self._vision_runs += 1
+            feats.append(self._vision[key])
+        return merged_image_features(model, feats)
+
     def reference(self, items: list[LearnerItem]) -> list:
         """Per item, the frozen reference policy's log-probs of its answer (the step's only extra
         forward; there is none with ``kl_coef`` 0). No "old" log-prob pass: with one optimizer
@@ -192,7 +219,9 @@ class LearnerWorker:
         if self.ref is None:
             raise ValueError("learner: reference log-probs asked for, but kl_coef is 0 (no reference model loaded)")
         self._cache.clear()
+        self._vision.clear()
         self._encoded = 0
+        self._vision_runs = 0
         refs: list = [None] * len(items)
         with torch.no_grad():
             for idx in self._chunk_indices(items):
@@ -246,10 +275,11 @@ class LearnerWorker:
         beh = {"w_sum": 0.0, "w_max": 0.0, "abs_log": 0.0, "truncated": 0, "n": 0}  # corrected answers
         cap = self.cfg.is_cap
         for k, (chunk, weight) in enumerate(chunks):
-            encoded = self._encoded
+            encoded, seen = self._encoded, self._vision_runs
             logp, entropy, mask = self._logprobs(self.engine, chunk)
             if weight == 0.0:
-                self._encoded = encoded  # a pad's prompt is not this step's data: not counted
+                # a pad's prompt is not this step's data: not counted
+                self._encoded, self._vision_runs = encoded, seen
             # the proximal ("old") policy: these weights, before this step's one update
             old = logp.detach()
             ref = None
@@ -314,6 +344,7 @@ class LearnerWorker:
         lr = self.engine.get_lr()[0] if self.engine.get_lr() else self.cfg.lr  # the rate this update uses
         self.engine.step()  # the one optimizer step of this GRPO step (the boundary was the last backward)
         self._cache.clear()
+        self._vision.clear()
         out = LearnerStats(
             tokens=n_tok,
             answers=len(items),
@@ -324,6 +355,7 @@ class LearnerWorker:
             micro_batches=M,
             padded_micro_batches=M - need,
             encoded_prompts=self._encoded,
+            vision_tower_runs=self._vision_runs,
             gap_sum=gap["sum"],
             gap_tokens=gap["n"],
             behaviour_tokens=beh["n"],
@@ -336,6 +368,7 @@ class LearnerWorker:
             optimizer_steps=self.engine.global_steps,
         )
         self._encoded = 0
+        self._vision_runs = 0
         return out
 
     # -- weights out (rank 0) --------------------------------------------------------------------

@@ -194,3 +194,21 @@ def test_learning_rate_warm_up_scales_the_first_updates(ray_local, tiny_model_di
     assert mc[0][0].lr == pytest.approx(1e-3)
     moved = lambda p: max(float((p[n] - before[n]).abs().max()) for n in p)  # noqa: E731
     assert moved(warm[0]) / moved(cold[0]) == pytest.approx(1 / 3, rel=0.05)
+
+
+def test_a_frozen_tower_runs_once_per_image_per_step_and_gives_the_same_update(
+    ray_local, tiny_model_dir, synthetic_dir
+):
+    """learner.freeze_vision with the shared prefix: the tower's output is computed once per image
+    per step and serves the reference and the training pass (each model's own merger on it); 2
+    ranks give the 1-rank update of the path where every pass runs the tower itself."""
+    batches = [(9, 0), (4, 1)]
+    frozen = ["learner.freeze_vision=true"]
+    before, plain, mp = _run(
+        tiny_model_dir, synthetic_dir, 1, batches, [*frozen, "learner.shared_prefix=false"], group=4
+    )
+    _, reused, mr = _run(tiny_model_dir, synthetic_dir, 2, batches, [*frozen, "learner.shared_prefix=true"], group=4)
+    # 3 images (groups of 4, 4, 1) then 1: one tower run each, over both passes
+    assert [sum(m.vision_tower_runs for m in step) for step in mr] == [3, 1]
+    assert all(m.vision_tower_runs == 0 for step in mp for m in step)  # the per-answer path runs it in each pass
+    _assert_same_update(plain, reused, mp, mr, before)

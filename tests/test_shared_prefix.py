@@ -131,3 +131,57 @@ def test_shared_prefix_is_exact_on_the_3b_shape(tmp_path, synthetic_dir):
     for n in ga:
         scale = float(ga[n].abs().max()) + 1e-12
         assert float((ga[n] - gb[n]).abs().max()) <= 1e-3 * scale, n
+
+
+def test_a_frozen_towers_features_computed_once_give_the_same_logprobs_and_gradients(tiny_model_dir, synthetic_dir):
+    """learner.freeze_vision: the tower's output before the merger, computed once without a graph
+    and shared by the reference and the training pass (each model applies its own merger), gives
+    the log-probs and gradients of the model running its tower itself; the merger (the projector)
+    still gets its gradient through the shared features."""
+    from rlsys.grpo.sequences import merged_image_features, vision_tower_features
+    from rlsys.models import param_part
+
+    proc = load_processor(str(tiny_model_dir))
+    items = _items(proc, load_dataset(synthetic_dir / "train.jsonl")[:2], [(4, 1, 6), (3, 2)])
+    batch = build_shared_batch(proc, items, proc.tokenizer.pad_token_id)
+    assert len(batch["encs"]) >= 2  # two images, one row each
+
+    def run(model, shared_features):
+        model.zero_grad(set_to_none=True)
+        mm = merged_image_features(model, shared_features) if shared_features is not None else None
+        logp, _, mask = shared_token_logprobs(model, batch, "cpu", mm_encoder_outputs=mm)
+        (logp[mask].sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logp.detach(), grads
+
+    model = load_model(str(tiny_model_dir))
+    for n, p in model.named_parameters():
+        if param_part(n) == "vision":
+            p.requires_grad_(False)
+    features = [vision_tower_features(model, enc, "cpu") for enc in batch["encs"]]
+    own_logp, own_grads = run(model, None)
+    shared_logp, shared_grads = run(model, features)
+    assert torch.allclose(own_logp, shared_logp, atol=1e-5)
+    assert own_grads.keys() == shared_grads.keys()
+    assert any(param_part(n) == "projector" for n in shared_grads)  # the merger learns
+    for n in own_grads:
+        assert torch.allclose(own_grads[n], shared_grads[n], atol=1e-5, rtol=1e-4), n
+
+    # the reference (another copy of the checkpoint) reads the policy's tower output as its own
+    ref = load_model(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        own = shared_token_logprobs(ref, batch, "cpu", entropy=False)[0]
+        reused = shared_token_logprobs(
+            ref, batch, "cpu", entropy=False, mm_encoder_outputs=merged_image_features(ref, features)
+        )[0]
+    assert torch.allclose(own, reused, atol=1e-5)
+
+    # and the window permutation is undone: the same features left in the tower's windowed order
+    # give other log-probs (the synthetic images span several 112 px windows)
+    assert any(not torch.equal(rev, torch.arange(rev.numel())) for _, rev in features)
+    wrong = [(h, torch.arange(rev.numel())) for h, rev in features]
+    with torch.no_grad():
+        bad = shared_token_logprobs(
+            ref, batch, "cpu", entropy=False, mm_encoder_outputs=merged_image_features(ref, wrong)
+        )[0]
+    assert not torch.allclose(own, bad, atol=1e-4)

@@ -92,6 +92,7 @@ def step_metrics(
         "learner/micro_batches_per_rank": learn.micro_batches,
         "learner/padded_micro_batches": learn.padded_micro_batches,
         "learner/encoded_prompts": learn.encoded_prompts,
+        "learner/vision_tower_runs": learn.vision_tower_runs,
         # off-policy correction over the answers it applied to (exp(learner - engine) per token)
         "learner/corrected_tokens": beh,
         "learner/behaviour_ratio_mean": learn.behaviour_w_sum / beh if beh else 1.0,

@@ -105,6 +105,7 @@ class LearnerStats:
     micro_batches: int = 0  # per rank (the same on every rank)
     padded_micro_batches: int = 0  # zero-weight micro-batches run to keep the collectives aligned
     encoded_prompts: int = 0  # processor runs (once per prompt and image, not per answer)
+    vision_tower_runs: int = 0  # freeze_vision: tower runs shared by both passes (once per image)
     gap_sum: float = 0.0  # |engine - learner| log-prob over on-policy tokens
     gap_tokens: int = 0
     behaviour_tokens: int = 0  # tokens under the off-policy correction

@@ -353,3 +353,42 @@ def shared_token_logprobs(
             e = -(logp_all.exp() * logp_all).sum(-1)
             ent = torch.zeros((B, T), dtype=e.dtype, device=device).masked_scatter(mask, e)
     return logp, ent, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# A frozen vision tower's features, computed once per image per step (learner.freeze_vision)
+# ----------------------------------------------------------------------------------------------
+def _visual(model):
+    """The vision tower of a Qwen2.5-VL-style model (``model.model.visual`` or ``model.visual``)."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "visual", None) or getattr(model, "visual", None)
+
+
+def vision_tower_features(model, enc: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision tower's output for one prompt's images before the merger (the trainable
+    projector), with the order that undoes the tower's window permutation: ``(features,
+    reverse_index)``. Computed without a graph: only for a frozen tower, whose features are the
+    same for the policy and the reference (both start from one checkpoint and the tower never
+    moves), so one encoding serves both passes of a step."""
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = _visual(model)
+    grid = enc["image_grid_thw"].to(device)
+    with torch.no_grad():
+        out = visual(enc["pixel_values"].to(device).type(visual.dtype), grid_thw=grid)
+    vc = visual.config
+    window_index, _ = get_vision_window_index(
+        grid, spatial_merge_size=visual.spatial_merge_size, window_size=vc.window_size, patch_size=vc.patch_size
+    )
+    return out.last_hidden_state, torch.argsort(window_index.to(device))
+
+
+def merged_image_features(model, features: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """``mm_encoder_outputs`` for ``model``'s forward from :func:`vision_tower_features` of each
+    row's prompt: ``model``'s own merger (with its graph, when the projector trains) on the
+    shared tower output, in the order the model's own forward would give."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    merger = _visual(model).merger
+    pooled = tuple(merger(h)[rev] for h, rev in features)
+    return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
