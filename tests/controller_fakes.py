@@ -104,6 +104,7 @@ class FakeRewards:
     def __init__(self, reward):
         self.reward = reward
         self.calls = 0
+        self.replaced = 0
 
     def score(self, batch: list[tuple[str, dict]], group_size: int = 1) -> list[Score]:
         self.calls += 1

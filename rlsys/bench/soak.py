@@ -97,7 +97,6 @@ def two_node_cluster():
 def soak(steps: int, seed: int, out: Path, overrides: list[str] = ()) -> dict:
     import ray
 
-    learner_res = LEARNER_NODE
     # a fresh run directory: the faults are timed by its steps.jsonl, which must not be an old run's
     shutil.rmtree(out / "run", ignore_errors=True)
     cluster = two_node_cluster()
@@ -153,7 +152,7 @@ def soak(steps: int, seed: int, out: Path, overrides: list[str] = ()) -> dict:
             last = recs[-1]["step"] if recs else 0
             if pending and last >= pending[0][1]:
                 what, _ = pending.pop(0)
-                done[what] = {"after_step": last, **inject(what, cluster, learner_res)}
+                done[what] = {"after_step": last, **inject(what, cluster, LEARNER_NODE)}
                 print(f"soak: {what} lost after step {last}", flush=True)
             time.sleep(0.2)
         run.join()
@@ -199,7 +198,7 @@ def _over_rebuilds(recs: list[dict], key: str) -> int:
     total, prev = 0, 0
     for r in sorted(recs, key=lambda r: r["step"]):
         v = int(r.get(key, 0))
-        total += max(0, v - prev) if v >= prev else v
+        total += v - prev if v >= prev else v
         prev = v
     return total
 

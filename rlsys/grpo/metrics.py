@@ -32,6 +32,7 @@ def step_metrics(
     learn: LearnerStats,
     times: dict[str, float],
     engine_restarts: int,
+    reward_worker_replacements: int,
     refused_requests: int,
     inflight_batches: int,
     bad_images: int = 0,
@@ -77,6 +78,8 @@ def step_metrics(
         # temperature mismatch; with top_p < 1 it also holds the nucleus renormalisation).
         "rollout/logprob_gap": learn.gap_sum / learn.gap_tokens if learn.gap_tokens else float("nan"),
         "rollout/engine_restarts": engine_restarts,
+        # reward workers replaced since these groups started (a dead or stuck one, its answers retried)
+        "reward/worker_replacements": reward_worker_replacements,
         "rollout/refused_requests": refused_requests,
         "rollout/bad_images": bad_images,  # of those, images that did not decode in a worker
         # how many learner versions behind the weights that made each answer were

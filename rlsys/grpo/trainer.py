@@ -39,7 +39,8 @@ class Groups:
 
     - ``rollouts``: ``submit(requests, step=) -> job``, ``collect(job) -> [list[Answer] | Refusal]``,
       ``restarts``, ``on_restart``, ``checksums()``, ``prompt_logprobs(prompt, image)``, ``shutdown()``;
-    - ``rewards``: ``score([(text, sample dict)], group_size=) -> [Score]``, ``shutdown()``;
+    - ``rewards``: ``score([(text, sample dict)], group_size=) -> [Score]``, ``replaced`` (workers
+      replaced so far), ``shutdown()``;
     - ``learners``: ``reference(items) -> items with ref_logp``, ``train(items) -> LearnerStats``,
       ``save(path)``, ``load(path)``, ``checksum()``, ``prompt_logprobs(prompt, image)``, ``shutdown()``;
     - ``weights``: ``push() -> seconds`` (the learner's weights into every engine).
@@ -191,12 +192,11 @@ class Trainer:
             learn=learn,
             times=times,
             engine_restarts=self.groups.rollouts.restarts,
+            reward_worker_replacements=self.groups.rewards.replaced,
             refused_requests=self.refused_requests,
             bad_images=len(self.bad_images),
             inflight_batches=len(self.pipeline.inflight),
         )
-        # reward workers replaced since these groups started (a dead or stuck one, its answers retried)
-        metrics["reward/worker_replacements"] = getattr(self.groups.rewards, "replaced", 0)
         metrics["prompt_ids"] = [self.samples[g.idx].id for g in groups]
         return metrics
 
