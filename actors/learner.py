@@ -13,6 +13,8 @@ from actors.group import Members, balance_groups, bundle, micro_batch_plan, node
 from actors.weight_sync import LearnerWeightSender, params_checksum, state_dict_buckets
 from rlsys.config import LearnerConfig, deepspeed_config
 from rlsys.grpo.algorithm import policy_loss, warmup_factor
+from rlsys.grpo.attention import resolve as attention_path
+from rlsys.grpo.attention import use_block_masks
 from rlsys.grpo.records import LearnerItem, LearnerStats
 from rlsys.grpo.sequences import (
     banned_token_ids,
@@ -95,6 +97,12 @@ class LearnerWorker:
             self.ref = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code).eval()
             for p in self.ref.parameters():
                 p.requires_grad_(False)
+        # how a shared-prefix row keeps its answers apart (rlsys.grpo.attention): flex on GPUs
+        self.attention = attention_path(learner_cfg.shared_prefix_attention, cuda)
+        if learner_cfg.shared_prefix and self.attention == "flex":
+            for m in (model, self.ref):
+                if m is not None:
+                    use_block_masks(m)
         if learner_cfg.freeze_vision:
             for name, p in model.named_parameters():
                 if param_part(name) == "vision":
@@ -175,6 +183,7 @@ class LearnerWorker:
                 entropy=entropy,
                 banned_ids=self.banned,
                 mm_encoder_outputs=self._frozen_vision(model, chunk, batch),
+                attention=self.attention,
             )
         else:
             inputs, targets, mask = build_batch(self.processor, chunk, self.pad_id, self._cache)

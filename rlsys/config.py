@@ -411,6 +411,10 @@ class LearnerConfig(_Section):
         True,
         description="One sequence per prompt group in the learner's training and reference passes: the prompt (with its image) once, then its answers, each attending to the prompt and itself only (rlsys.grpo.sequences.build_shared_batch); the same log-probs and gradients as one sequence per answer, with the vision tower and the prompt run once per group. A group's answers go to one rank (ranks balanced by tokens). false: one sequence per answer, answers dealt to ranks in turn.",
     )
+    shared_prefix_attention: Literal["auto", "dense_mask", "flex"] = Field(
+        "auto",
+        description="How a shared-prefix row's answers are kept apart (rlsys.grpo.attention): dense_mask: SDPA with an explicit L x L mask per row (runs anywhere; memory and work over the whole square); flex: torch FlexAttention with a block mask of the same rule, skipping the blocks where one answer would meet another (GPUs only: torch has no CPU backward for it); auto: flex when the learner has GPUs, dense_mask otherwise.",
+    )
     off_policy_correction: Literal["stale", "always", "off"] = Field(
         "stale",
         description="Importance-weight the loss by the engines' log-probs (the behaviour policy; rlsys.grpo.algorithm.policy_loss): stale: answers made by older weights than the learner's (run.max_staleness_steps, sync_every_steps > 1); always: every answer, also correcting engine/learner numeric differences (bf16 engines); off: never.",
@@ -429,6 +433,15 @@ class LearnerConfig(_Section):
         default_factory=dict,
         description="Custom Ray node resources each learner bundle asks for, e.g. {learner_node: 1}.",
     )
+
+    @model_validator(mode="after")
+    def _flex_needs_gpus(self):
+        if self.shared_prefix_attention == "flex" and self.gpus_per_rank <= 0:
+            raise ValueError(
+                "learner.shared_prefix_attention flex needs learner.gpus_per_rank > 0 (torch's FlexAttention has "
+                "no CPU backward); use auto or dense_mask on CPUs"
+            )
+        return self
 
     @model_validator(mode="after")
     def _reference_in_rank(self):

@@ -7,6 +7,9 @@ bf16, too large to carry); its processor files come from ``--model-files``, a di
 config and the tokenizer/processor files and no weights, which ``--prepare DIR`` writes here from
 rlsys's 3B-shaped model (the real widths and token layout).
 
+On CUDA a third variant runs the shared prefix with FlexAttention block masks
+(``learner.shared_prefix_attention`` flex, the learner's GPU default) beside the dense mask.
+
 One step, as the learner runs it: the reference policy's forward (no graph), then the policy's
 forward and backward with the GRPO loss, for one group of ``--answers`` answers of
 ``--answer-tokens`` tokens to one ``--image-px`` square image. Prints per variant: step time,
@@ -108,6 +111,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from rlsys.grpo.algorithm import policy_loss
+    from rlsys.grpo.attention import use_block_masks
     from rlsys.grpo.records import LearnerItem
     from rlsys.grpo.sequences import (
         banned_token_ids,
@@ -152,18 +156,24 @@ def main(argv=None) -> int:
         logp, _ = token_logprobs(model, inputs, targets, mask=mask, banned_ids=banned)
         return logp, ref, mask
 
-    def shared():
+    def shared(attention="dense_mask"):
         batch = build_shared_batch(processor, items, pad, {})
+        kw = {"banned_ids": banned, "attention": attention}
         with torch.no_grad():
-            ref, _, _ = shared_token_logprobs(model, batch, device, entropy=False, banned_ids=banned)
-        logp, _, mask = shared_token_logprobs(model, batch, device, banned_ids=banned)
+            ref, _, _ = shared_token_logprobs(model, batch, device, entropy=False, **kw)
+        logp, _, mask = shared_token_logprobs(model, batch, device, **kw)
         return logp, ref, mask
+
+    variants = [("per_answer", per_answer), ("shared", shared)]
+    if device.type == "cuda":  # FlexAttention's backward runs on GPUs only
+        use_block_masks(model)  # other masks still go to SDPA: the two variants above are unchanged
+        variants.append(("shared_flex", lambda: shared("flex")))
 
     enc = processor(text=[prompt], images=[Image.open(img)], return_tensors="pt")
     prompt_tokens = int(enc["input_ids"].shape[1])
     patches = int(enc["pixel_values"].shape[0])
     results, logps = {}, {}
-    for name, fn in (("per_answer", per_answer), ("shared", shared)):
+    for name, fn in variants:
         times = []
         for k in range(a.repeats + 1):  # the first is a warm-up (kernels chosen, allocator grown)
             if device.type == "cuda":
@@ -198,6 +208,12 @@ def main(argv=None) -> int:
             "executed_tflop": flops / 1e12,
         }
     gap = float((logps["shared"] - logps["per_answer"]).abs().max())
+    flex = {}
+    if "shared_flex" in results:
+        flex = {
+            "speedup_flex": results["per_answer"]["step_s"] / results["shared_flex"]["step_s"],
+            "max_logp_difference_flex": float((logps["shared_flex"] - logps["per_answer"]).abs().max()),
+        }
     res = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         "dtype": a.dtype,
@@ -212,23 +228,28 @@ def main(argv=None) -> int:
         "speedup": results["per_answer"]["step_s"] / results["shared"]["step_s"],
         "llm_token_ratio": results["per_answer"]["llm_tokens"] / results["shared"]["llm_tokens"],
         "max_logp_difference": gap,
+        **flex,
     }
     print(
         f"{res['device']} {a.dtype}, {a.layers} layers + {a.vision_depth} vision blocks, {prompt_tokens} prompt tokens, "
         f"G={a.answers} x {a.answer_tokens} answer tokens"
     )
-    for name in ("per_answer", "shared"):
-        r = results[name]
+    for name, r in results.items():
         mem = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "n/a"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(
-            f"  {name:10s} {r['step_s']:.3f} s/step  {r['answer_tokens_per_s']:.0f} answer tok/s  "
+            f"  {name:11s} {r['step_s']:.3f} s/step  {r['answer_tokens_per_s']:.0f} answer tok/s  "
             f"peak {mem}  MFU {mfu}  ({r['llm_tokens']} LLM tokens)"
         )
     print(
         f"  shared vs per answer: {res['speedup']:.2f}x faster, {res['llm_token_ratio']:.2f}x fewer LLM tokens; "
         f"answer log-probs differ by at most {gap:.2e}"
     )
+    if flex:
+        print(
+            f"  shared with FlexAttention block masks: {flex['speedup_flex']:.2f}x faster than per answer; "
+            f"log-probs differ by at most {flex['max_logp_difference_flex']:.2e}"
+        )
     print(json.dumps(res))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))

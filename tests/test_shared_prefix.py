@@ -107,6 +107,65 @@ def test_the_equality_fails_when_an_answer_sees_another(tiny):
         assert float((a - b).abs().max()) > 1e-3
 
 
+def test_the_attention_rule_by_hand():
+    """A row of prompt (2 tokens), answer 1 (2), answer 2 (1), padding (1): each answer sees the
+    prompt and its own earlier tokens; padding sees the prompt and itself."""
+    from rlsys.grpo.attention import dense_allowed
+
+    allowed = dense_allowed(torch.tensor([[0, 0, 1, 1, 2, -1]]))[0].int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [1, 1, 0, 0, 0, 1],
+    ]
+
+
+def _flex_logprobs(model, proc, items, merge_answers=False):
+    batch = build_shared_batch(proc, items, proc.tokenizer.pad_token_id)
+    if merge_answers:  # every answer in one segment: plain concatenation of the group
+        batch["segments"][batch["segments"] > 0] = 1
+    with torch.no_grad():
+        logp, _, mask = shared_token_logprobs(model, batch, "cpu", 0.7, attention="flex")
+    return [logp[b][mask[b]] for b in range(len(items))]
+
+
+def test_flex_block_masks_give_the_per_answer_log_probs(tiny_model_dir, synthetic_dir):
+    """learner.shared_prefix_attention flex (the GPU path): FlexAttention with a block mask of the
+    same rule gives every answer's per-answer log-probs. Forward only: torch has no CPU backward
+    for FlexAttention, so its gradients are checked on a GPU (scripts/gpu_learner_bench.py)."""
+    from rlsys.grpo.attention import use_block_masks
+
+    proc = load_processor(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir)).eval()
+    use_block_masks(model)
+    assert model.config.text_config._attn_implementation == "rlsys_shared_prefix"
+    assert model.config.vision_config._attn_implementation == "sdpa"  # the tower keeps its own
+    items = _items(proc, load_dataset(synthetic_dir / "train.jsonl")[:2], [(5, 1, 9), (3, 7)])
+    items = [items[0], items[3], items[1], items[4], items[2]]
+    with torch.no_grad():
+        ref_lp, _ = _per_answer(model, proc, items, 0.7)  # a dense mask: SDPA through the same function
+    for a, b in zip(ref_lp, _flex_logprobs(model, proc, items)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    # seen failing: with the answers in one segment, the later ones see the earlier ones
+    leaked = _flex_logprobs(model, proc, items, merge_answers=True)
+    assert any(float((a - b).abs().max()) > 1e-3 for a, b in zip(ref_lp, leaked))
+
+
+def test_flex_is_refused_without_gpus():
+    from rlsys.config import LearnerConfig
+    from rlsys.grpo.attention import resolve
+
+    assert resolve("auto", cuda=False) == "dense_mask" and resolve("auto", cuda=True) == "flex"
+    with pytest.raises(ValueError, match="CPU backward"):
+        resolve("flex", cuda=False)
+    with pytest.raises(ValueError, match="gpus_per_rank"):
+        LearnerConfig(shared_prefix_attention="flex")
+    assert LearnerConfig(shared_prefix_attention="flex", gpus_per_rank=1).shared_prefix_attention == "flex"
+
+
 @pytest.mark.slow
 def test_shared_prefix_is_exact_on_the_3b_shape(tmp_path, synthetic_dir):
     """Qwen2.5-VL-3B's widths (2048 wide, 16 heads over 2 KV heads, M-RoPE sections [16, 24, 24],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from rlsys.data.images import open_rgb
+from rlsys.grpo.attention import PAD, PROMPT, additive_mask, block_mask, dense_allowed
 
 # Vision placeholders must never be sampled: the learner re-reads prompt + answer through the
 # processor, and an <|image_pad|> in an answer is taken for an image slot with no features. The
@@ -226,8 +227,9 @@ def build_shared_batch(processor, items, pad_id: int, cache: dict | None = None)
     """The shared-prefix layout of ``items`` (:class:`~rlsys.grpo.records.LearnerItem`), one row
     per prompt group (answers of one prompt and image need not be adjacent in ``items``).
 
-    Returns a dict: ``input_ids`` ``[S, L]`` (right-padded), ``allowed`` ``[S, L, L]`` bool
-    (query i may attend to key j), ``answer_pos`` ``[S, L]`` (an answer token's offset in its
+    Returns a dict: ``input_ids`` ``[S, L]`` (right-padded), ``segments`` ``[S, L]`` (0 prompt,
+    k the k-th answer, -1 padding; :mod:`rlsys.grpo.attention`), ``allowed`` ``[S, L, L]`` bool
+    (query i may attend to key j: the rule over ``segments``), ``answer_pos`` ``[S, L]`` (an answer token's offset in its
     answer, -1 for prompt and padding), ``prompt_len`` per row, ``encs`` (the processor output of
     each row's prompt), and per item ``rows[i]``, ``pred[i]`` (the positions whose hidden states
     predict its answer tokens: the prompt's last, then its own but last) and ``targets[i]``.
@@ -259,22 +261,18 @@ def build_shared_batch(processor, items, pad_id: int, cache: dict | None = None)
         row_encs.append(enc)
     S, L = len(seqs), max(s.numel() for s in seqs)
     input_ids = torch.full((S, L), pad_id, dtype=torch.long)
-    allowed = torch.zeros((S, L, L), dtype=torch.bool)
+    segments = torch.full((S, L), PAD, dtype=torch.long)
     answer_pos = torch.full((S, L), -1, dtype=torch.long)
-    idx = torch.arange(L)
-    causal = idx[None, :] <= idx[:, None]
     for r, (s, (p, spans)) in enumerate(zip(seqs, layouts)):
         input_ids[r, : s.numel()] = s
-        allowed[r, :p, :p] = causal[:p, :p]
-        for a0, n in spans:
-            allowed[r, a0 : a0 + n, :p] = True  # the whole prompt
-            allowed[r, a0 : a0 + n, a0 : a0 + n] = causal[:n, :n]  # its own earlier tokens
+        segments[r, :p] = PROMPT
+        for k, (a0, n) in enumerate(spans, start=1):
+            segments[r, a0 : a0 + n] = k
             answer_pos[r, a0 : a0 + n] = torch.arange(n)
-        pad = torch.arange(s.numel(), L)
-        allowed[r, pad, pad] = True  # padding sees itself only (no empty softmax row)
     return {
         "input_ids": input_ids,
-        "allowed": allowed,
+        "segments": segments,
+        "allowed": dense_allowed(segments),
         "answer_pos": answer_pos,
         "prompt_len": [lay[0] for lay in layouts],
         "encs": row_encs,
@@ -310,20 +308,28 @@ def shared_token_logprobs(
     entropy: bool = True,
     banned_ids=None,
     mm_encoder_outputs=None,
+    attention: str = "dense_mask",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Answer log-probs (and entropies) of a :func:`build_shared_batch` layout, as
     :func:`token_logprobs` gives them per answer, in a compact ``[B, T]`` layout: row ``b`` is
     item ``b``'s answer, ``T`` the longest answer, ``mask[b, :len_b]`` True. ``mm_encoder_outputs``:
-    the image features, when already computed (a frozen vision tower serves both passes)."""
+    the image features, when already computed (a frozen vision tower serves both passes).
+    ``attention``: ``dense_mask`` (SDPA with ``batch["allowed"]``) or ``flex`` (a block mask of
+    ``batch["segments"]``; the model switched by :func:`rlsys.grpo.attention.use_block_masks`)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     decoder, head = _decoder_and_head(model)
     dtype = next(head.parameters()).dtype
     ids = batch["input_ids"].to(device)
-    mask4d = torch.zeros(batch["allowed"].shape, dtype=dtype).masked_fill(~batch["allowed"], torch.finfo(dtype).min)
+    if attention == "flex":
+        attn_mask = block_mask(batch["segments"], device)
+    elif attention == "dense_mask":
+        attn_mask = additive_mask(batch["allowed"], dtype).to(device)
+    else:
+        raise ValueError(f"attention must be dense_mask or flex, got {attention!r}")
     kwargs = {
         "input_ids": ids,
-        "attention_mask": mask4d[:, None].to(device),
+        "attention_mask": attn_mask,
         "position_ids": shared_position_ids(decoder, batch).to(device),
         "use_cache": False,
     }
