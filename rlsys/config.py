@@ -164,7 +164,7 @@ class ModelConfig(_Section):
     prompt_set: PromptSetName = Field("paper", description=PROMPT_SET_HELP)
     vocabulary: VocabularyName = Field(
         "rex_bins",
-        description="How the model writes geometry (rlsys.lang.vocab): rex_bins, Rex-Omni's coordinate tokens <0>..<999>; qwen_json, Qwen2.5-VL's own grounding JSON (bbox_2d / point_2d in pixels of the resized image), what a base Qwen2.5-VL already answers; getok, GETok's grid tokens <gridX_Y> with offset tokens <OFFdx_dy> and <DELETE>; chatrex, ChatRex's proposal indices <obj0>.. into candidate boxes listed in the question. Used by SFT targets, questions, rewards, eval and Serve.",
+        description="How the model writes geometry (rlsys.lang.vocab): rex_bins, Rex-Omni's coordinate tokens <0>..<999>; qwen_json, Qwen2.5-VL's own grounding JSON (bbox_2d / point_2d in pixels of the resized image), what a base Qwen2.5-VL already answers; qwen3_json, Qwen3-VL's (the same JSON on a 0..1000 grid relative to the image); getok, GETok's grid tokens <gridX_Y> with offset tokens <OFFdx_dy> and <DELETE>; chatrex, ChatRex's proposal indices <obj0>.. into candidate boxes listed in the question. Used by SFT targets, questions, rewards, eval and Serve.",
     )
     getok_grid: int = Field(
         32,

@@ -15,6 +15,7 @@ from rlsys.data.samples import Instance, Sample
 from rlsys.lang.format import KeypointInstance, Prediction
 from rlsys.lang.format import render as render_bins_markup
 from rlsys.lang.vocab import (
+    QWEN3_JSON,
     REX_BINS,
     GETok,
     QwenJson,
@@ -29,7 +30,7 @@ from rlsys.lang.vocab import (
 QJ = QwenJson(56 * 56, 224 * 224)
 GT32 = GETok(32)  # the paper's grid, with offsets: a 96 x 96 lattice
 GT8 = GETok(8, offsets=False)  # grid tokens alone
-VOCABS = [REX_BINS, QJ, GT32, GT8]
+VOCABS = [REX_BINS, QJ, QWEN3_JSON, GT32, GT8]
 
 
 def _vid(v):
@@ -44,6 +45,8 @@ def _tolerance(v, width, height):
     if isinstance(v, GETok):
         n = v.grid * (3 if v.offsets else 1)
         return width / (2 * n) + 1e-9, height / (2 * n) + 1e-9
+    if v.frame == "relative_1000":  # half a step of the 0..1000 grid
+        return width / 2000 + 1e-9, height / 2000 + 1e-9
     rw, rh = resized_size(width, height, v.min_pixels, v.max_pixels)
     return 0.5 * width / rw + 1e-9, 0.5 * height / rh + 1e-9
 
@@ -117,7 +120,7 @@ def test_render_then_parse_gives_the_pixels_back(v, preds):
     tx, ty = _tolerance(v, w, h)
     got = v.parse(v.render(preds, w, h), w, h)
     assert got.unreadable == 0, got.errors
-    want = {(p.phrase, p.kind): p.coords for p in preds if v is not QJ or p.kind != "none"}
+    want = {(p.phrase, p.kind): p.coords for p in preds if not isinstance(v, QwenJson) or p.kind != "none"}
     assert {(p.phrase, p.kind) for p in got} == set(want)
     for p in got:
         # instances come back sorted (left to right), each within the vocabulary's resolution
@@ -199,6 +202,22 @@ def test_every_prefix_of_an_answer_parses(v):
     for n in range(len(text) + 1):
         got = [(p.phrase, c) for p in v.parse(text[:n], 640, 480) for c in p.coords]
         assert all(g in full for g in got), (n, text[:n])
+
+
+def test_qwen3_json_hand_worked_box_and_point():
+    """Qwen3-VL's frame: integers on 0..1000 relative to the image, whatever its size or the
+    processor's resize; 200 x 100 px: x * 5, y * 10."""
+    preds = [Prediction("cat", "box", [(50, 25, 150, 75)]), Prediction("dog", "point", [(20.2, 99.96)])]
+    text = QWEN3_JSON.render(preds, 200, 100)
+    objs = json.loads(text.removeprefix("```json\n").removesuffix("\n```"))
+    assert objs == [{"bbox_2d": [250, 250, 750, 750], "label": "cat"}, {"point_2d": [101, 1000], "label": "dog"}]
+    answer = '[{"bbox_2d": [250, 250, 750, 750], "label": "cat"}]'
+    got = QWEN3_JSON.parse(answer, 200, 100)
+    assert got.unreadable == 0 and [(p.phrase, p.kind) for p in got] == [("cat", "box")]
+    assert got[0].coords == [(50.0, 25.0, 150.0, 75.0)] or list(got[0].coords) == [(50.0, 25.0, 150.0, 75.0)]
+    # read as Qwen2.5-VL's resized pixels, the same text is another box: the bug the frame check stops
+    assert list(QJ.parse(answer, 200, 100)[0].coords) != list(got[0].coords)
+    assert make_vocabulary("qwen3_json") is QWEN3_JSON and QWEN3_JSON.added_tokens() == ()
 
 
 def test_qwen_json_reads_what_models_write():

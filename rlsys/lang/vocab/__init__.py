@@ -42,6 +42,9 @@ max_pixels]). A phrase absent from the image has no entry; ``[]`` is a readable 
 object). Parsing takes fenced or bare JSON, a single object for a list, and a list cut short
 by the token limit (the objects before the cut are kept, the cut counts as unreadable).
 
+``qwen3_json``: what a base Qwen3-VL answers: the same JSON, with integer coordinates on a
+0..1000 grid relative to the image (``round(x * 1000 / width)``), so no pixel budget enters.
+
 ``getok``: GETok's grid tokens ``<gridX_Y>`` with offsets ``<OFFdx_dy>`` and ``<DELETE>`` in the
 markup of the bins (:class:`GETok`).
 
@@ -60,11 +63,13 @@ from rlsys.lang import coords
 from rlsys.lang.vocab.base import MASK_VOCABULARIES, check_writes_masks, resized_size
 from rlsys.lang.vocab.chatrex import ChatRex, chatrex_tokens, synthetic_proposals, tokenizer_proposals
 from rlsys.lang.vocab.getok import GETok, getok_tokens, tokenizer_grid
-from rlsys.lang.vocab.qwen_json import QwenJson
+from rlsys.lang.vocab.qwen_json import QWEN3_JSON, RELATIVE_1000, RESIZED_PIXELS, QwenJson
 from rlsys.lang.vocab.rex_bins import REX_BINS, RexBins
 
 __all__ = [
+    "FRAMES",
     "MASK_VOCABULARIES",
+    "QWEN3_JSON",
     "REX_BINS",
     "VOCABULARIES",
     "ChatRex",
@@ -108,6 +113,7 @@ def _qwen_json(min_pixels=None, max_pixels=None, factor=28, **_):
 TABLE: dict[str, _Entry] = {
     "rex_bins": _Entry(build=lambda **_: REX_BINS, tokens=lambda **_: coords.COORD_TOKENS),
     "qwen_json": _Entry(build=_qwen_json, tokens=lambda **_: ()),
+    "qwen3_json": _Entry(build=lambda **_: QWEN3_JSON, tokens=lambda **_: ()),
     "getok": _Entry(
         build=lambda getok_grid=32, getok_offsets=True, **_: GETok(int(getok_grid), bool(getok_offsets)),
         tokens=lambda getok_grid=32, **_: getok_tokens(getok_grid),
@@ -120,6 +126,17 @@ TABLE: dict[str, _Entry] = {
     ),
 }
 VOCABULARIES = tuple(TABLE)
+
+# The coordinate frame each vocabulary writes. The two JSON ones are a model family's native
+# answers (pixels of the resized image for Qwen2.5-VL, the 0..1000 grid for Qwen3-VL); the token
+# vocabularies are new tokens any family learns in SFT ("tokens": they fit every family).
+FRAMES = {
+    "rex_bins": "tokens",
+    "qwen_json": RESIZED_PIXELS,
+    "qwen3_json": RELATIVE_1000,
+    "getok": "tokens",
+    "chatrex": "tokens",
+}
 
 
 def _entry(name: str) -> _Entry:
@@ -187,7 +204,7 @@ def vocabulary_for(model_cfg, processor) -> Vocabulary:
             chatrex_proposals=getattr(model_cfg, "chatrex_proposals", "record"),
             chatrex_distractors=getattr(model_cfg, "chatrex_distractors", 5),
         )
-    if name != "qwen_json":
+    if name != "qwen_json":  # qwen3_json's grid is relative: no pixel budget enters
         return make_vocabulary(name)
     ip = getattr(processor, "image_processor", processor)
     size = getattr(ip, "size", None) or {}

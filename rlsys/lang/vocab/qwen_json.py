@@ -1,4 +1,9 @@
-"""Qwen2.5-VL's own grounding answers: JSON in the resized image's pixels."""
+"""The Qwen families' own grounding answers: JSON of ``bbox_2d``/``point_2d`` entries, in one of
+two coordinate frames. Qwen2.5-VL (``qwen_json``) writes integer pixels of the image as its
+processor resized it; Qwen3-VL (``qwen3_json``) writes integers on a 0..1000 grid relative to the
+image (x * 1000 / width), whatever the resize. The text is the same; reading one frame as the
+other is the classic near-zero-IoU bug, so each vocabulary names its frame and
+:func:`rlsys.models.check_vocabulary_frame` refuses a frame the model family does not write."""
 
 from __future__ import annotations
 
@@ -23,14 +28,22 @@ _JSON_KEY = {"box": "bbox_2d", "point": "point_2d", "polygon": "polygon"}
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?")
 
 
+RESIZED_PIXELS = "resized_pixels"
+RELATIVE_1000 = "relative_1000"
+RELATIVE_GRID = 1000  # Qwen3-VL's grid: 0 is the left/top edge, 1000 the right/bottom edge
+
+
 @dataclass(frozen=True)
 class QwenJson:
-    """Qwen2.5-VL's native grounding JSON, in pixels of the processor-resized image."""
+    """Qwen's native grounding JSON. ``frame`` ``resized_pixels`` (Qwen2.5-VL): pixels of the
+    processor-resized image, which needs the processor's ``min_pixels``, ``max_pixels`` and patch
+    ``factor``; ``relative_1000`` (Qwen3-VL): 0..1000 relative to the image, nothing needed."""
 
-    min_pixels: int
-    max_pixels: int
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     factor: int = 28
     name: str = "qwen_json"
+    frame: str = RESIZED_PIXELS
 
     def for_sample(self, sample):
         return self  # nothing per sample: the answer's geometry is self-contained
@@ -39,14 +52,22 @@ class QwenJson:
         return self
 
     def __post_init__(self):
-        if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError(f"qwen_json: need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        if self.frame not in (RESIZED_PIXELS, RELATIVE_1000):
+            raise ValueError(f"{self.name}: frame must be {RESIZED_PIXELS} or {RELATIVE_1000}, got {self.frame!r}")
+        if self.frame == RESIZED_PIXELS and not (
+            self.min_pixels is not None and self.max_pixels is not None and 0 < self.min_pixels <= self.max_pixels
+        ):
+            raise ValueError(
+                f"{self.name}: need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}"
+            )
 
     def added_tokens(self) -> tuple[str, ...]:
         return ()
 
-    # pixels of the sample <-> pixels of the resized image the model sees
+    # pixels of the sample <-> the model's frame: the resized image's pixels, or the 0..1000 grid
     def _scale(self, width, height) -> tuple[float, float, int, int]:
+        if self.frame == RELATIVE_1000:
+            return RELATIVE_GRID / width, RELATIVE_GRID / height, RELATIVE_GRID, RELATIVE_GRID
         rw, rh = resized_size(width, height, self.min_pixels, self.max_pixels, self.factor)
         return rw / width, rh / height, rw, rh
 
@@ -276,3 +297,6 @@ class QwenJson:
             return ""
         example = {"box": "[x0, y0, x1, y1]", "point": "[x, y]", "polygon": "[[x, y], ...]"}[output]
         return f' Answer in JSON as [{{"{key}": {example}, "label": "..."}}].'
+
+
+QWEN3_JSON = QwenJson(name="qwen3_json", frame=RELATIVE_1000)
