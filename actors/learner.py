@@ -28,7 +28,7 @@ from rlsys.grpo.sequences import (
     vision_tower_features,
 )
 from rlsys.lang.vocab import model_tokens
-from rlsys.models import load_model, load_processor, param_part
+from rlsys.models import family_of, load_model, load_processor, param_part
 
 
 def rendezvous_address() -> tuple[str, int]:
@@ -90,6 +90,7 @@ class LearnerWorker:
         self.processor = load_processor(model_dir, trust_remote_code=trust_remote_code, pixels=pixels, tokens=tokens)
         self.pad_id = self.processor.tokenizer.pad_token_id
 
+        self.family = family_of(model_dir)
         self.banned = banned_token_ids(self.processor.tokenizer)  # biased as the engines bias them
         model = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
         self.ref = None
@@ -206,8 +207,9 @@ class LearnerWorker:
         """With ``freeze_vision``: the image features for ``model``'s forward from the tower's
         output computed once per image per step (shared by the reference and the training pass;
         each model applies its own merger, the projector, which trains). None otherwise: the
-        model runs its tower itself."""
-        if not self.cfg.freeze_vision or "pixel_values" not in batch["encs"][0]:
+        model runs its tower itself, as it does on a family whose tower this reuse is not
+        written for (Qwen3-VL: DeepStack features beside the output, each with its own merger)."""
+        if not (self.cfg.freeze_vision and self.family.reuses_frozen_tower) or "pixel_values" not in batch["encs"][0]:
             return None
         feats = []
         for g, enc in zip(prompt_groups(chunk), batch["encs"]):

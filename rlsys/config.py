@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from rlsys.lang.format import KEYPOINT_STYLES
 from rlsys.lang.prompts import PROMPT_SETS
 from rlsys.lang.vocab import MASK_VOCABULARIES, VOCABULARIES
-from rlsys.models import TinySpec, qwen2_5_vl_3b_shaped
+from rlsys.models import TinySpec, check_vocabulary_frame, family_named, qwen2_5_vl_3b_shaped
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "serve_tiny_cpu.yaml"
@@ -159,7 +159,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     path: str | None = Field(
         None,
-        description="Local Hugging Face checkpoint directory. None: build (once) the tiny random-weight Qwen2.5-VL under run.out_dir/tiny-model.",
+        description="Local Hugging Face checkpoint directory. None: build (once) the tiny random-weight model (model.tiny_family) under run.out_dir/tiny-model.",
     )
     prompt_set: PromptSetName = Field("paper", description=PROMPT_SET_HELP)
     vocabulary: VocabularyName = Field(
@@ -214,17 +214,35 @@ class ModelConfig(_Section):
         False, description="Tiny model: tie the output projection to the input embedding, as Qwen2.5-VL-3B does."
     )
     tiny_max_pixels: int = Field(
-        224 * 224, ge=56 * 56, description="Tiny model's image processor budget in pixels (28 x 28 px per image token)."
+        224 * 224,
+        ge=56 * 56,
+        description="Tiny model's image processor budget in pixels (28 x 28 px per image token on Qwen2.5-VL, 32 x 32 on Qwen3-VL).",
     )
     tiny_shape: Literal["tiny", "qwen2_5_vl_3b"] = Field(
         "tiny",
         description="Built model (path None): tiny (the tiny_* widths) or qwen2_5_vl_3b (Qwen2.5-VL-3B's real widths, 151,936-row vocabulary, tied embeddings and tokenizer id layout, with tiny_num_layers LLM layers and tiny_vision_depth vision blocks; its coordinate tokens come from coord_tokens, as for a real base checkpoint).",
+    )
+    tiny_family: Literal["qwen2_5_vl", "qwen3_vl"] = Field(
+        "qwen2_5_vl",
+        description="Built model (path None): its architecture (rlsys.models.families): qwen2_5_vl, or qwen3_vl (patch 16, 32 px per image token, DeepStack, interleaved M-RoPE). A checkpoint's family is read from its config.json.",
+    )
+    force_vocabulary_frame: bool = Field(
+        False,
+        description="Train or read a JSON vocabulary in a coordinate frame that is not the model family's own (qwen_json's resized pixels on Qwen3-VL, qwen3_json's 0..1000 grid on Qwen2.5-VL), refused otherwise: only for a checkpoint fine-tuned to that frame.",
     )
     min_pixels: MinPixels = None
     max_pixels: MaxPixels = None
 
     def pixel_budget(self) -> dict:
         return pixel_budget(self.min_pixels, self.max_pixels)
+
+    @model_validator(mode="after")
+    def _tiny_family_frame(self):
+        if self.path is None:
+            check_vocabulary_frame(self.vocabulary, family_named(self.tiny_family), self.force_vocabulary_frame)
+        if self.tiny_shape == "qwen2_5_vl_3b" and self.tiny_family != "qwen2_5_vl":
+            raise ValueError("model.tiny_shape qwen2_5_vl_3b is a Qwen2.5-VL shape: set model.tiny_family qwen2_5_vl")
+        return self
 
     @model_validator(mode="after")
     def _tiny_heads(self):
@@ -255,6 +273,7 @@ class ModelConfig(_Section):
             vision_intermediate_size=2 * self.tiny_vision_hidden_size,
             max_pixels=self.tiny_max_pixels,
             tie_word_embeddings=self.tiny_tie_word_embeddings,
+            family=self.tiny_family,
         )
 
 

@@ -52,7 +52,7 @@ LAYERS = [  # (layer, path prefixes), first match wins
         1,
         (
             "rlsys/config.py",
-            "rlsys/models.py",
+            "rlsys/models/",
             "rlsys/tracking.py",
             "rlsys/data/prepare.py",
             "rlsys/data/proposals.py",
