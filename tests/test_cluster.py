@@ -50,6 +50,9 @@ def test_the_expected_files_are_shipped():
         "cluster/kuberay/rayservice.yaml",
         "configs/grpo_qwen2_5_vl_3b.yaml",
         "configs/sft_qwen2_5_vl_3b.yaml",
+        "configs/grpo_qwen3_vl_4b.yaml",
+        "configs/sft_qwen3_vl_4b.yaml",
+        "configs/serve_qwen3_vl.yaml",
         "configs/tiny_cpu.yaml",
     } <= names
     assert (CLUSTER / "README.md").is_file()
@@ -241,8 +244,9 @@ def test_shipped_grpo_config_loads(path):
     assert isinstance(load_config(path), GRPOConfig)
 
 
-def test_real_grpo_config_has_the_papers_settings():
-    cfg = load_config(REAL_GRPO)
+@pytest.mark.parametrize("name", ["grpo_qwen2_5_vl_3b", "grpo_qwen3_vl_4b"])
+def test_real_grpo_config_has_the_papers_settings(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert cfg.rollout.samples_per_prompt == 8 and cfg.learner.kl_coef == 0.01  # section 4.2.4
     assert cfg.samples_per_step == 64  # "batch size of 64": 8 prompts x 8 rollouts per update
     assert cfg.model.path.startswith("/") and cfg.model.coord_tokens == "map_last" and cfg.model.dtype == "bfloat16"
@@ -252,9 +256,17 @@ def test_real_grpo_config_has_the_papers_settings():
     )
 
 
-def test_real_sft_values_are_the_papers():
+def test_qwen3_vl_configs_budget_its_32_px_tokens():
+    """The paper's 2,560 image tokens at Qwen3-VL's 32 x 32 px per token, in both stages."""
+    for name in ("grpo_qwen3_vl_4b", "sft_qwen3_vl_4b"):
+        model = _load(ROOT / "configs" / f"{name}.yaml")["model"]
+        assert model["max_pixels"] == 2560 * 32 * 32 and model["min_pixels"] == 16 * 32 * 32, name
+
+
+@pytest.mark.parametrize("name", ["sft_qwen2_5_vl_3b", "sft_qwen3_vl_4b"])
+def test_real_sft_values_are_the_papers(name):
     # Raw values only: the SFT schema (rlsys.sft) validates the file itself.
-    train = _load(REAL_SFT)["train"]
+    train = _load(ROOT / "configs" / f"{name}.yaml")["train"]
     assert (train["lr_vision"], train["lr_projector"], train["lr_llm"]) == (2e-6, 2e-5, 2e-5)
     assert (train["warmup_fraction"], train["weight_decay"]) == (0.03, 0.01)
 

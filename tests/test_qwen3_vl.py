@@ -164,3 +164,24 @@ def test_qwen3_vl_sft_grpo_on_two_ranks_eval_and_serve_in_qwen3_json(tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["vocabulary"] == "qwen3_json" and metrics["num_samples"] == 8 and "F1@0.50" in ev
     _serve_one_request_in_pixels(trained, "qwen3_json", tmp_path, max_new_tokens=64)
+
+
+@pytest.mark.parametrize("mode", ["add", "map_last"])
+def test_prepare_adds_or_maps_the_bins_on_a_tied_qwen3_vl(tmp_path, mode):
+    """``rlsys.models prepare`` on a base Qwen3-VL (tied lm_head, as the 2B/4B): the bins added
+    (the embedding and the tied head grow together) or mapped onto existing rows."""
+    from rlsys.lang.coords import COORD_TOKENS
+    from rlsys.models import coordinate_token_ids, prepare_checkpoint
+    from tests.test_models import _tiny_base_without_coords
+
+    tiny = build_tiny_model(tmp_path / "q3", TinySpec(family="qwen3_vl", tie_word_embeddings=True))
+    base = _tiny_base_without_coords(tiny, tmp_path)
+    with pytest.raises(ValueError, match="coordinate tokens"):
+        load_processor(base)
+    out = prepare_checkpoint(base, tmp_path / mode, mode=mode)
+    assert family_of(out).model_type == "qwen3_vl"
+    ids = coordinate_token_ids(load_processor(out).tokenizer)
+    model = load_model(out)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert len(set(ids)) == len(COORD_TOKENS) and max(ids) < rows
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
