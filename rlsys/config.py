@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from rlsys.lang.format import KEYPOINT_STYLES
 from rlsys.lang.prompts import PROMPT_SETS
 from rlsys.lang.vocab import MASK_VOCABULARIES, VOCABULARIES
-from rlsys.models import TinySpec, check_vocabulary_frame, family_named, qwen2_5_vl_3b_shaped
+from rlsys.models import TinySpec, check_vocabulary_frame, family_named, qwen2_5_vl_3b_shaped, qwen3_vl_4b_shaped
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "serve_tiny_cpu.yaml"
@@ -218,9 +218,9 @@ class ModelConfig(_Section):
         ge=56 * 56,
         description="Tiny model's image processor budget in pixels (28 x 28 px per image token on Qwen2.5-VL, 32 x 32 on Qwen3-VL).",
     )
-    tiny_shape: Literal["tiny", "qwen2_5_vl_3b"] = Field(
+    tiny_shape: Literal["tiny", "qwen2_5_vl_3b", "qwen3_vl_4b"] = Field(
         "tiny",
-        description="Built model (path None): tiny (the tiny_* widths) or qwen2_5_vl_3b (Qwen2.5-VL-3B's real widths, 151,936-row vocabulary, tied embeddings and tokenizer id layout, with tiny_num_layers LLM layers and tiny_vision_depth vision blocks; its coordinate tokens come from coord_tokens, as for a real base checkpoint).",
+        description="Built model (path None): tiny (the tiny_* widths) or a real model's widths with tiny_num_layers LLM layers and tiny_vision_depth vision blocks: qwen2_5_vl_3b (Qwen2.5-VL-3B: 151,936-row vocabulary, tied embeddings, Qwen2.5's tokenizer id layout) or qwen3_vl_4b (Qwen3-VL-4B, with model.tiny_family qwen3_vl: head_dim 128, DeepStack, Qwen3's 26 added tokens); their coordinate tokens come from coord_tokens, as for a real base checkpoint.",
     )
     tiny_family: Literal["qwen2_5_vl", "qwen3_vl"] = Field(
         "qwen2_5_vl",
@@ -240,8 +240,11 @@ class ModelConfig(_Section):
     def _tiny_family_frame(self):
         if self.path is None:
             check_vocabulary_frame(self.vocabulary, family_named(self.tiny_family), self.force_vocabulary_frame)
-        if self.tiny_shape == "qwen2_5_vl_3b" and self.tiny_family != "qwen2_5_vl":
-            raise ValueError("model.tiny_shape qwen2_5_vl_3b is a Qwen2.5-VL shape: set model.tiny_family qwen2_5_vl")
+        shape_family = {"qwen2_5_vl_3b": "qwen2_5_vl", "qwen3_vl_4b": "qwen3_vl"}.get(self.tiny_shape)
+        if shape_family not in (None, self.tiny_family):
+            raise ValueError(
+                f"model.tiny_shape {self.tiny_shape} is a {shape_family} shape: set model.tiny_family {shape_family}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -256,8 +259,9 @@ class ModelConfig(_Section):
 
     def tiny_spec(self):
 
-        if self.tiny_shape == "qwen2_5_vl_3b":
-            return qwen2_5_vl_3b_shaped(
+        shaped = {"qwen2_5_vl_3b": qwen2_5_vl_3b_shaped, "qwen3_vl_4b": qwen3_vl_4b_shaped}.get(self.tiny_shape)
+        if shaped is not None:
+            return shaped(
                 num_layers=self.tiny_num_layers, vision_depth=self.tiny_vision_depth, max_pixels=self.tiny_max_pixels
             )
 

@@ -129,12 +129,10 @@ def test_the_model_has_qwen2_5_vl_3b_shapes_and_layout(sft_final):
     assert coordinate_token_ids(tok) == list(range(150643, 151643))  # map_last: the release's rows
 
 
-def test_the_checkpoint_reloads_in_transformers_and_vllm(sft_final, tmp_path):
-    """The checkpoint rlsys wrote (SFT's, through Ray Train) loads in transformers (one tensor for
-    the tied embedding and output) and in vLLM, and both give the same log-probs for the same
-    prompt and image."""
-    ckpt = sft_final
-    image = sorted((sft_final.parent / "data" / "images").glob("*.png"))[0]
+def transformers_and_vllm_logprobs(ckpt, image, tmp_path, answer: str = "<|box_start|><12><500><999><0>") -> dict:
+    """Load ``ckpt`` in vLLM and in transformers, give both one prompt with ``image`` and an
+    answer, and return whether the prompt ids are the same, whether the output embedding is the
+    input one (tied), and both libraries' log-probs of the last 8 tokens."""
     script = tmp_path / "both.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -146,7 +144,7 @@ def test_the_checkpoint_reloads_in_transformers_and_vllm(sft_final, tmp_path):
         if __name__ == "__main__":
             ckpt, image = {str(ckpt)!r}, Image.open({str(image)!r}).convert("RGB")
             proc = load_processor(ckpt)
-            text = chat_prompt(proc, "Detect red circle.") + "<|box_start|><12><500><999><0>"
+            text = chat_prompt(proc, "Detect red circle.") + {answer!r}
             llm = LLM(model=ckpt, max_model_len=512, kv_cache_memory_bytes=256 << 20, enforce_eager=True, dtype="float32",
                       limit_mm_per_prompt={{"image": 1, "video": 0}}, seed=0)
             o = llm.generate([{{"prompt": text, "multi_modal_data": {{"image": image}}}}],
@@ -168,7 +166,15 @@ def test_the_checkpoint_reloads_in_transformers_and_vllm(sft_final, tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stderr[-3000:]
-    res = json.loads(line[0][7:])
+    return json.loads(line[0][7:])
+
+
+def test_the_checkpoint_reloads_in_transformers_and_vllm(sft_final, tmp_path):
+    """The checkpoint rlsys wrote (SFT's, through Ray Train) loads in transformers (one tensor for
+    the tied embedding and output) and in vLLM, and both give the same log-probs for the same
+    prompt and image."""
+    image = sorted((sft_final.parent / "data" / "images").glob("*.png"))[0]
+    res = transformers_and_vllm_logprobs(sft_final, image, tmp_path)
     assert res["same_ids"] and res["tied"]
     # the answer's last tokens, coordinate tokens on remapped rows included
     assert all(abs(a - b) < 2e-3 for a, b in zip(res["vllm"], res["hf"])), res

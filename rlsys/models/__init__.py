@@ -30,12 +30,13 @@ from rlsys.models.checkpoints import (
 )
 from rlsys.models.families import FAMILIES, check_vocabulary_frame, family_named, family_of
 from rlsys.models.family import Family
-from rlsys.models.tiny import TinySpec, build_tiny_model, ensure_tiny_model, qwen2_5_vl_3b_shaped
+from rlsys.models.tiny import TinySpec, build_tiny_model, ensure_tiny_model, qwen2_5_vl_3b_shaped, qwen3_vl_4b_shaped
 from rlsys.models.tokenizers import (
     CHAT_TEMPLATE,
     QWEN2_5_VL_ADDED_TOKENS,
     QWEN2_5_VL_BPE_ENTRIES,
     QWEN2_5_VL_VOCAB_ROWS,
+    QWEN3_VL_ADDED_TOKENS,
     QWEN_SPECIAL_TOKENS,
     build_qwen_layout_tokenizer,
     build_tokenizer,
@@ -48,6 +49,7 @@ __all__ = [
     "QWEN2_5_VL_ADDED_TOKENS",
     "QWEN2_5_VL_BPE_ENTRIES",
     "QWEN2_5_VL_VOCAB_ROWS",
+    "QWEN3_VL_ADDED_TOKENS",
     "QWEN_SPECIAL_TOKENS",
     "Family",
     "TinySpec",
@@ -70,6 +72,7 @@ __all__ = [
     "prepare_checkpoint",
     "processor_for",
     "qwen2_5_vl_3b_shaped",
+    "qwen3_vl_4b_shaped",
     "repair_declared_ids",
     "token_ids",
     "token_layout_problems",

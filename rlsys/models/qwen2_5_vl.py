@@ -10,7 +10,7 @@ from rlsys.models.family import Family
 def tiny_config(spec, ids: dict[str, int], vocab_rows: int):
     from transformers import Qwen2_5_VLConfig
 
-    head_dim = spec.hidden_size // spec.num_heads
+    head_dim = spec.attention_head_dim
     # M-RoPE splits head_dim/2 rotary frequencies over (time, height, width); Qwen2.5-VL uses
     # [16, 24, 24] for head_dim 128, scaled here to the tiny head.
     mrope = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]

@@ -12,7 +12,7 @@ from rlsys.models.family import Family
 def tiny_config(spec, ids: dict[str, int], vocab_rows: int):
     from transformers import Qwen3VLConfig
 
-    head_dim = spec.hidden_size // spec.num_heads
+    head_dim = spec.attention_head_dim
     # Qwen3-VL interleaves its M-RoPE frequencies over (time, height, width) in sections
     # [24, 20, 20] of head_dim/2 = 64, scaled here to the tiny head
     mrope = [3 * head_dim // 16, 5 * head_dim // 32, head_dim // 2 - 3 * head_dim // 16 - 5 * head_dim // 32]

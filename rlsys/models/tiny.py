@@ -14,6 +14,7 @@ from rlsys.models.families import family_named
 from rlsys.models.tokenizers import (
     CHAT_TEMPLATE,
     QWEN2_5_VL_VOCAB_ROWS,
+    QWEN_LAYOUTS,
     QWEN_SPECIAL_TOKENS,
     build_qwen_layout_tokenizer,
     build_tokenizer,
@@ -51,11 +52,43 @@ class TinySpec:
     # Qwen2.5-VL-3B ties lm_head to the input embedding (7B does not); a tied tiny model checks
     # that weight sync and checkpoints handle one tensor under two names
     tie_word_embeddings: bool = False
+    head_dim: int | None = None  # None: hidden_size / num_heads (Qwen3-VL-4B: 128 x 32 heads over 2560)
     tokenizer_layout: str = "tiny"
     # the architecture (rlsys.models.families): qwen2_5_vl or qwen3_vl
     family: str = "qwen2_5_vl"
     vocab_rows: int | None = None  # None: the tokenizer's length rounded up to 64
     seed: int = 0
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+def qwen3_vl_4b_shaped(num_layers: int = 1, vision_depth: int = 2, **kw) -> TinySpec:
+    """Qwen3-VL-4B-Instruct's shapes (its public config: LLM 2560 wide, 32 heads of 128 over 8 KV
+    heads, MLP 9728, 151,936 vocabulary rows, tied embeddings, rope theta 5e6; vision 1024 wide,
+    16 heads, MLP 4096, patch 16, merger to 2560) and Qwen3's tokenizer layout (26 added tokens),
+    with the layer counts cut (36 LLM layers and 24 vision blocks in the real model, DeepStack from
+    blocks 5, 11, 17 here from the first ones) so it loads on a CPU."""
+    return TinySpec(
+        family="qwen3_vl",
+        hidden_size=2560,
+        num_layers=num_layers,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=9728,
+        vision_hidden_size=1024,
+        vision_depth=vision_depth,
+        vision_heads=16,
+        vision_intermediate_size=4096,
+        tie_word_embeddings=True,
+        tokenizer_layout="qwen3_vl",
+        vocab_rows=QWEN2_5_VL_VOCAB_ROWS,
+        max_position_embeddings=262144,
+        rope_theta=5000000.0,
+        **kw,
+    )
 
 
 def qwen2_5_vl_3b_shaped(num_layers: int = 2, vision_depth: int = 2, **kw) -> TinySpec:
@@ -96,12 +129,14 @@ def build_tiny_model(out_dir, spec: TinySpec = TinySpec(), *, overwrite: bool = 
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
         shutil.rmtree(out)
-    if spec.hidden_size % spec.num_heads or spec.hidden_size // spec.num_heads < 64:
+    if spec.head_dim is None and spec.hidden_size % spec.num_heads:
+        raise ValueError(f"hidden_size {spec.hidden_size} is not a multiple of num_heads {spec.num_heads}")
+    if spec.attention_head_dim < 64:
+        raise ValueError(f"head_dim must be at least 64 for vLLM's CPU attention, got {spec.attention_head_dim}")
+    if spec.tokenizer_layout not in ("tiny", *QWEN_LAYOUTS):
         raise ValueError(
-            f"head_dim must be at least 64 for vLLM's CPU attention, got {spec.hidden_size / spec.num_heads:g}"
+            f"tokenizer_layout must be one of tiny, {', '.join(QWEN_LAYOUTS)}; got {spec.tokenizer_layout!r}"
         )
-    if spec.tokenizer_layout not in ("tiny", "qwen2_5_vl"):
-        raise ValueError(f"tokenizer_layout must be 'tiny' or 'qwen2_5_vl', got {spec.tokenizer_layout!r}")
 
     tokenizer = build_tokenizer(spec) if spec.tokenizer_layout == "tiny" else build_qwen_layout_tokenizer(spec)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}

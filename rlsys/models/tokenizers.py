@@ -44,6 +44,13 @@ QWEN2_5_VL_ADDED_TOKENS = tuple((t, True) for t in QWEN_SPECIAL_TOKENS) + tuple(
         "<|file_sep|>",
     )
 )
+# Qwen3 (Qwen3-VL included) keeps that BPE and those 22 and adds 4 more after them, at
+# 151665..151668: the tool-response pair and the reasoning markers, none "special".
+QWEN3_VL_ADDED_TOKENS = QWEN2_5_VL_ADDED_TOKENS + tuple(
+    (t, False) for t in ("<tool_response>", "</tool_response>", "<think>", "</think>")
+)
+# the real id layouts the built tokenizers can take (TinySpec.tokenizer_layout)
+QWEN_LAYOUTS = {"qwen2_5_vl": QWEN2_5_VL_ADDED_TOKENS, "qwen3_vl": QWEN3_VL_ADDED_TOKENS}
 
 # Written here (not copied): the Qwen2.5-VL conversation layout, so our prompts tokenise the way
 # the real model was trained to read them. Images become <|vision_start|><|image_pad|><|vision_end|>,
@@ -106,10 +113,11 @@ def build_tokenizer(spec):
 
 
 def build_qwen_layout_tokenizer(spec):
-    """A byte-level BPE with Qwen2.5-VL's id layout: exactly 151,643 BPE entries (the 256 byte
-    symbols, the merges learnt here on the prompt corpus, then filler merges of byte pairs and
-    triples up to the count, so the highest ids are real merges as in Qwen's vocabulary), then
-    Qwen's 22 added tokens at 151643..151664 with their special flags. No coordinate tokens."""
+    """A byte-level BPE with a Qwen checkpoint's id layout (``spec.tokenizer_layout``): exactly
+    151,643 BPE entries (the 256 byte symbols, the merges learnt here on the prompt corpus, then
+    filler merges of byte pairs and triples up to the count, so the highest ids are real merges as
+    in Qwen's vocabulary), then the layout's added tokens from 151643 with their special flags
+    (Qwen2.5-VL's 22; Qwen3-VL's 26). No coordinate tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -146,7 +154,8 @@ def build_qwen_layout_tokenizer(spec):
         raise AssertionError(f"built {len(vocab)} BPE entries with gaps; expected ids 0..{QWEN2_5_VL_BPE_ENTRIES - 1}")
     tj["model"]["merges"] = merges
     tok = Tokenizer.from_str(json.dumps(tj))
-    for content, special in QWEN2_5_VL_ADDED_TOKENS:
+    added = QWEN_LAYOUTS[spec.tokenizer_layout]
+    for content, special in added:
         at = AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special)
         (tok.add_special_tokens if special else tok.add_tokens)([at])
     fast = PreTrainedTokenizerFast(
@@ -157,12 +166,10 @@ def build_qwen_layout_tokenizer(spec):
         model_max_length=spec.max_position_embeddings,
     )
     # as Qwen's tokenizer_config lists them (they exist already: no id moves)
-    fast.add_special_tokens(
-        {"additional_special_tokens": [t for t, sp in QWEN2_5_VL_ADDED_TOKENS if sp and t != "<|endoftext|>"]}
-    )
-    want = {t: QWEN2_5_VL_BPE_ENTRIES + k for k, (t, _) in enumerate(QWEN2_5_VL_ADDED_TOKENS)}
+    fast.add_special_tokens({"additional_special_tokens": [t for t, sp in added if sp and t != "<|endoftext|>"]})
+    want = {t: QWEN2_5_VL_BPE_ENTRIES + k for k, (t, _) in enumerate(added)}
     got = {t: fast.convert_tokens_to_ids(t) for t in want}
     if got != want:
-        raise AssertionError(f"added tokens landed at other ids than Qwen2.5-VL's: {got}")
+        raise AssertionError(f"added tokens landed at other ids than {spec.tokenizer_layout}'s: {got}")
     fast.chat_template = CHAT_TEMPLATE
     return fast
