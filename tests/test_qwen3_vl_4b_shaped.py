@@ -9,6 +9,7 @@ import json
 import pytest
 
 from rlsys.lang.coords import COORD_TOKENS
+from rlsys.lang.format import control_tokens
 from rlsys.models import (
     QWEN3_VL_ADDED_TOKENS,
     build_tiny_model,
@@ -49,6 +50,8 @@ def test_the_4b_shape_maps_the_bins_and_loads_in_transformers_and_vllm(tmp_path,
     proc = load_processor(out)
     assert coordinate_token_ids(proc.tokenizer) == list(range(151643 - len(COORD_TOKENS), 151643))
     assert proc.tokenizer.convert_tokens_to_ids("<think>") == 151667  # the added tokens keep their ids
+    # the control-token rule is read from the tokenizer: a phrase may not smuggle Qwen3's markers in
+    assert {"<think>", "</think>", "<tool_response>"} <= control_tokens(proc.tokenizer)
     image = sorted((synthetic_dir / "images").glob("*.png"))[0]
     res = transformers_and_vllm_logprobs(out, image, tmp_path)
     assert res["same_ids"] and res["tied"]
