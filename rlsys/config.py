@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from rlsys.lang.format import KEYPOINT_STYLES
 from rlsys.lang.prompts import PROMPT_SETS
 from rlsys.lang.vocab import MASK_VOCABULARIES, VOCABULARIES
-from rlsys.models import TinySpec, check_vocabulary_frame, family_named, qwen2_5_vl_3b_shaped, qwen3_vl_4b_shaped
+from rlsys.models import TinySpec, qwen2_5_vl_3b_shaped, qwen3_vl_4b_shaped
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "serve_tiny_cpu.yaml"
@@ -237,9 +237,9 @@ class ModelConfig(_Section):
         return pixel_budget(self.min_pixels, self.max_pixels)
 
     @model_validator(mode="after")
-    def _tiny_family_frame(self):
-        if self.path is None:
-            check_vocabulary_frame(self.vocabulary, family_named(self.tiny_family), self.force_vocabulary_frame)
+    def _tiny_family_shape(self):
+        # (the vocabulary's frame is checked against the checkpoint a run starts from, which may be
+        # run.init_checkpoint: rlsys.data.prepare.prepare_model_dir)
         shape_family = {"qwen2_5_vl_3b": "qwen2_5_vl", "qwen3_vl_4b": "qwen3_vl"}.get(self.tiny_shape)
         if shape_family not in (None, self.tiny_family):
             raise ValueError(

@@ -60,8 +60,13 @@ def test_a_json_frame_the_family_does_not_write_is_refused(qwen3_dir, tiny_model
         assert processor_for(
             load_config(overrides=[f"model.path={qwen3_dir}", f"model.vocabulary={vocab}"]).model, qwen3_dir
         )
-    with pytest.raises(ValueError, match="writes coordinates"):  # the built model is checked before it exists
-        load_config(overrides=["model.tiny_family=qwen3_vl", "model.vocabulary=qwen_json"])
+    # before any run starts: the model a run starts from (built, model.path or run.init_checkpoint)
+    from rlsys.config import ConfigError
+    from rlsys.data.prepare import prepare_model_dir
+
+    cfg = load_config(overrides=["model.tiny_family=qwen3_vl", "model.vocabulary=qwen_json"])
+    with pytest.raises(ConfigError, match="writes coordinates as resized_pixels"):
+        prepare_model_dir(cfg.model, qwen3_dir.parent / "run", init_checkpoint=str(qwen3_dir))
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

@@ -23,7 +23,7 @@ from rlsys.lang.format import check_sample_phrases
 from rlsys.lang.prompts import build_question, chat_prompt, templates_for
 from rlsys.lang.targets import answer_text
 from rlsys.lang.vocab import REX_BINS, check_writes_masks, model_tokens
-from rlsys.models import ensure_tiny_model, prepare_checkpoint, processor_for
+from rlsys.models import check_vocabulary_frame, ensure_tiny_model, family_of, prepare_checkpoint, processor_for
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ def prepare_model_dir(model: ModelConfig, out_dir, init_checkpoint: str | None =
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {path}: not a Hugging Face checkpoint directory (no config.json)")
+    try:  # the family is known and writes the vocabulary's frame: refused here, never "prepared" away
+        check_vocabulary_frame(model.vocabulary, family_of(path), model.force_vocabulary_frame)
+    except ValueError as exc:
+        raise ConfigError(f"model {path}: {exc}") from exc
 
     try:
         # a vocabulary without added tokens (qwen_json) takes a base checkpoint as it is
