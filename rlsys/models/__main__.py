@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from rlsys.lang.vocab import required_tokens
 from rlsys.models.checkpoints import prepare_checkpoint
@@ -32,17 +33,21 @@ def main(argv=None) -> int:
     c.add_argument("--chatrex-max-proposals", type=int, default=100)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if a.cmd == "tiny":
-        print(build_tiny_model(a.out, TinySpec(family=a.family), overwrite=a.overwrite))
-    else:
-        print(
-            prepare_checkpoint(
-                a.checkpoint,
-                a.out,
-                a.coord_tokens,
-                required_tokens(a.vocabulary, a.getok_grid, a.chatrex_max_proposals),
+    try:
+        if a.cmd == "tiny":
+            print(build_tiny_model(a.out, TinySpec(family=a.family), overwrite=a.overwrite))
+        else:
+            print(
+                prepare_checkpoint(
+                    a.checkpoint,
+                    a.out,
+                    a.coord_tokens,
+                    required_tokens(a.vocabulary, a.getok_grid, a.chatrex_max_proposals),
+                )
             )
-        )
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # a wrong path or family: said, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
