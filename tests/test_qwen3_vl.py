@@ -38,10 +38,15 @@ def test_the_tiny_qwen3_vl_is_the_real_architecture(qwen3_dir):
     assert int((torch.as_tensor(enc["input_ids"]) == proc.image_token_id).sum()) == 49
 
 
-def test_an_unknown_family_is_refused_with_the_known_ones(tmp_path):
+def test_an_unknown_family_is_refused_with_the_known_ones(tmp_path, capsys):
+    from rlsys.models.__main__ import main
+
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(ValueError, match="'llava'.*qwen2_5_vl, qwen3_vl"):
         family_of(tmp_path)
+    # the prepare command says it in one line, before it writes anything
+    assert main(["prepare", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "model_type 'llava' is not a model family" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_a_json_frame_the_family_does_not_write_is_refused(qwen3_dir, tiny_model_dir):
