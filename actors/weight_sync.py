@@ -460,6 +460,17 @@ def write_shm(blob: bytes) -> str:
     return path
 
 
+def tied_heads(model) -> list:
+    """``(head, embedding)`` module pairs of a loaded vLLM model whose output head shares the
+    embedding's weight tensor without being the embedding module (vLLM's ``tie_weights``)."""
+    embeds = {id(m.weight): m for m in model.modules() if type(m).__name__ == "VocabParallelEmbedding"}
+    return [
+        (m, embeds[id(m.weight)])
+        for m in model.modules()
+        if type(m).__name__ == "ParallelLMHead" and id(getattr(m, "weight", None)) in embeds
+    ]
+
+
 class VllmWorkerExtension:
     """Mixed into vLLM's worker (``worker_extension_cls``); runs in the worker process. Its
     methods are prefixed ``rlsys_`` because vLLM's worker already defines ``update_weights``."""
@@ -484,6 +495,23 @@ class VllmWorkerExtension:
 
         model.load_weights = load_weights
         model._rlsys_tracked = True
+        self._rlsys_tied = tied_heads(model)
+
+    def _rlsys_retie(self) -> int:
+        """Refresh each output head tied to its input embedding after an update. Where the head
+        is the embedding module itself (Qwen2.5-VL's language model in vLLM) the reload handles
+        it; where it is its own module sharing the embedding's parameter (Qwen3-VL's
+        ``lm_head.tie_weights``) it receives no weights (a tied head is sent once, under the
+        embedding's name), so vLLM's layerwise reload never post-processes it: on CPUs its packed
+        GEMM copy stayed the old weights and the engine sampled from the new body and the old
+        head (0.63 nats apart after one noisy update of a tiny Qwen3-VL; the digest check, which
+        reads what arrived, cannot see it). The tie is restored if the reload gave the embedding
+        a new tensor, and the head post-processed again."""
+        for head, embed in getattr(self, "_rlsys_tied", ()):
+            if head.weight is not embed.weight:
+                head.quant_method.tie_weights(head, embed)
+            head.quant_method.process_weights_after_loading(head)
+        return len(getattr(self, "_rlsys_tied", ()))
 
     def _rlsys_commit_received(self) -> None:
         self._rlsys_received = checksum_of(dict(getattr(self, "_rlsys_pending", [])))
@@ -503,6 +531,7 @@ class VllmWorkerExtension:
 
         self._rlsys_pending = []
         self.model_runner.reload_weights(weights_iterator=weights())
+        self._rlsys_retie()
         self._rlsys_commit_received()
         return len(self._rlsys_received["per_name"])
 
@@ -510,6 +539,7 @@ class VllmWorkerExtension:
         """After the protocol's finish: clear state computed from the old weights (the finish
         does not reset the model runner's encoder and multi-modal caches; reload_weights does)
         and keep the digest of what arrived."""
+        self._rlsys_retie()
         self.model_runner.reset_encoder_cache()
         self.model_runner.reset_mm_cache()
         self._rlsys_commit_received()
