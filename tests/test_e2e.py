@@ -665,7 +665,8 @@ def _serve_one_request_in_pixels(
         assert status == 200, ans
         w, h = ans["image_size"]
         v = v0.for_proposals(body["proposals"], rec["width"], rec["height"]) if vocabulary == "chatrex" else v0
-        assert {"getok": "<grid", "chatrex": "<obj"}[vocabulary] in ans["raw"], ans
+        marker = {"getok": "<grid", "chatrex": "<obj", "qwen_json": "_2d", "qwen3_json": "_2d"}.get(vocabulary, "<")
+        assert marker in ans["raw"], ans  # the answer is in the vocabulary's own language
         assert (w, h) == (rec["width"], rec["height"])
         assert (ans["objects"], ans["unreadable"]) == to_objects(ans["raw"], "referring", w, h, v, output), ans
         for o in ans["objects"]:
