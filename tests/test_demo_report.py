@@ -235,3 +235,36 @@ def test_intervals_from_eval_predictions_match_the_metrics_and_refuse_other_samp
     assert "pointing F1" not in iv  # no pointing samples: no figure
     with pytest.raises(ValueError, match="not the held-out samples in order"):
         intervals_for(write("other.jsonl", sft[:3]), [write("g.jsonl", grpo)], samples, REX_BINS)
+
+
+@pytest.mark.slow
+def test_make_run_chains_every_stage_with_tiny_step_counts(tmp_path):
+    """`make run` as shipped (the demo's own configs and code path), each stage cut to a couple of
+    steps: both SFT stages through Ray Train, one GRPO seed through the actor groups, the
+    evaluations and the report. A change that breaks the README's main command, or leaves a
+    stage's config unable to chain into the next, fails here rather than in a user's hour-long run."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    args = [
+        *("--out", str(out), "--seeds", "0", "--max-new-tokens", "16", "--bootstrap-resamples", "10"),
+        "--sft",
+        *("train.steps=2", "train.log_every_steps=1", "train.checkpoint_every_steps=2", "train.micro_batch_size=2"),
+        *("data.synthetic_train_images=8", "data.synthetic_val_images=4", "tracking.mode=disabled"),
+        "--grpo",
+        *("run.steps=1", "run.prompts_per_step=2", "run.checkpoint_every_steps=1", "rollout.samples_per_prompt=2"),
+        *("learner.micro_batch_size=4", "tracking.mode=disabled"),
+    ]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}
+    r = subprocess.run(
+        [sys.executable, "-m", "rlsys.demo", *args], capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    for k, stage in enumerate(("sft1: 2 steps", "sft2: 2 steps", "grpo seed 0: 1 steps"), start=1):
+        assert f"[demo {k}/3] {stage}" in r.stdout, r.stdout[-3000:]
+    report_md = (out / "report.md").read_text()
+    assert "| box F1@mIoU |" in report_md and "95% interval" in report_md
+    assert (out / "sft2" / "final" / "config.json").is_file() and (out / "eval" / "sft" / "metrics.json").is_file()
+    assert (out / "eval" / "grpo_seed0" / "step_000001" / "metrics.json").is_file()
