@@ -3,6 +3,7 @@ the loss is :func:`rlsys.grpo.algorithm.policy_loss`, the inputs come from :mod:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import replace
@@ -10,8 +11,9 @@ from dataclasses import replace
 import ray
 
 from actors.group import Members, balance_groups, bundle, micro_batch_plan, node_id, pack_micro_batches, round_robin
-from actors.weight_sync import LearnerWeightSender, params_checksum, state_dict_buckets
+from actors.weight_sync import LearnerWeightSender, params_checksum, state_dict_buckets, tensors_source
 from rlsys.config import LearnerConfig, deepspeed_config
+from rlsys.grpo import lora
 from rlsys.grpo.algorithm import policy_loss, warmup_factor
 from rlsys.grpo.attention import resolve as attention_path
 from rlsys.grpo.attention import use_block_masks
@@ -94,7 +96,11 @@ class LearnerWorker:
         self.banned = banned_token_ids(self.processor.tokenizer)  # biased as the engines bias them
         model = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
         self.ref = None
-        if learner_cfg.kl_coef > 0:
+        # learner.lora: adapters on the model; the reference is the same model with them off
+        self.lora = learner_cfg.lora is not None
+        if self.lora:
+            model = lora.wrap(model, learner_cfg.lora)
+        elif learner_cfg.kl_coef > 0:
             self.ref = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code).eval()
             for p in self.ref.parameters():
                 p.requires_grad_(False)
@@ -227,16 +233,19 @@ class LearnerWorker:
         forward, detached, gives them."""
         import torch
 
-        if self.ref is None:
+        if self.ref is None and not (self.lora and self.cfg.kl_coef > 0):
             raise ValueError("learner: reference log-probs asked for, but kl_coef is 0 (no reference model loaded)")
         self._cache.clear()
         self._vision.clear()
         self._encoded = 0
         self._vision_runs = 0
         refs: list = [None] * len(items)
-        with torch.no_grad():
+        # with LoRA the reference is the policy's own base: the adapters off for this pass
+        ref_model = self.ref if self.ref is not None else self.engine
+        adapters_off = self.engine.module.disable_adapter() if self.ref is None else contextlib.nullcontext()
+        with torch.no_grad(), adapters_off:
             for idx in self._chunk_indices(items):
-                ref, _, mask = self._logprobs(self.ref, [items[i] for i in idx], entropy=False)
+                ref, _, mask = self._logprobs(ref_model, [items[i] for i in idx], entropy=False)
                 for b, i in enumerate(idx):
                     refs[i] = ref[b][mask[b]].cpu()
         # the processor's outputs stay cached for train() on the same items (it clears them)
@@ -294,7 +303,7 @@ class LearnerWorker:
             # the proximal ("old") policy: these weights, before this step's one update
             old = logp.detach()
             ref = None
-            if self.ref is not None:
+            if self.cfg.kl_coef > 0:
                 ref = torch.zeros_like(old)
                 for b, it in enumerate(chunk):
                     ref[b][mask[b]] = it.ref_logp.to(ref)
@@ -390,7 +399,7 @@ class LearnerWorker:
         rank 0 and hosts the rendezvous on a free port of its node). Returns seconds taken."""
 
         if getattr(self, "sender", None) is None or self.sender.backend != backend:
-            self.sender = LearnerWeightSender(self.engine.module, backend)
+            self.sender = LearnerWeightSender(self.engine.module, backend, self._weights_source())
         addr, port = rendezvous_address()
         return self.sender.connect(
             engines,
@@ -413,7 +422,18 @@ class LearnerWorker:
         """The fallback: the policy's weights as safetensors buckets in the object store, the
         same tensors the protocol sends (``named_parameters``, a tied embedding once)."""
 
-        return [ray.put(b) for b in state_dict_buckets(self.engine.module.named_parameters(), bucket_bytes)]
+        return [ray.put(b) for b in state_dict_buckets(self._weights_out(), bucket_bytes)]
+
+    def _weights_out(self):
+        """``(name, tensor)`` of what a sync sends: every parameter (a tied embedding once), or with
+        LoRA the adapted layers' merged weights (:func:`rlsys.grpo.lora.merged_weights`)."""
+        if self.lora:
+            return lora.merged_weights(self.engine.module, only_changed=True)
+        return self.engine.module.named_parameters()
+
+    def _weights_source(self):
+        """vLLM's ``WeightSource`` over :meth:`_weights_out` (None: the module's parameters)."""
+        return tensors_source(self._weights_out) if self.lora else None
 
     def prompt_logprobs(self, prompt: str, image: str) -> tuple[list[int], list[float]]:
         """Log-prob of every prompt token after the first, as :meth:`RolloutWorker.prompt_logprobs`."""
@@ -438,7 +458,7 @@ class LearnerWorker:
     def checksum(self) -> dict:
         """Digest of exactly what a weight sync sends (see :meth:`connect_weights`)."""
 
-        return params_checksum(self.engine.module.named_parameters())
+        return params_checksum(self._weights_out())
 
     def save(self, path: str, hf: bool) -> None:
         """DeepSpeed state (model, optimizer, per-rank) under path/ds; rank 0 also writes a Hugging
@@ -451,7 +471,14 @@ class LearnerWorker:
             client_state={"torch_rng": torch.get_rng_state(), "py_rng": random.getstate()},
         )
         if hf and self.rank == 0:
-            self.engine.module.save_pretrained(os.path.join(path, "hf"), safe_serialization=True)
+            if self.lora:  # a plain checkpoint of the family, the adapters merged: eval and Serve take it as it is
+                lora.base_of(self.engine.module).save_pretrained(
+                    os.path.join(path, "hf"),
+                    state_dict=dict(lora.merged_weights(self.engine.module)),
+                    safe_serialization=True,
+                )
+            else:
+                self.engine.module.save_pretrained(os.path.join(path, "hf"), safe_serialization=True)
             self.processor.save_pretrained(os.path.join(path, "hf"))
 
     def load(self, path: str) -> None:

@@ -383,12 +383,29 @@ class EngineGroupClient:
         self._all("shutdown_weight_transfer_engine", [h.shutdown_weight_transfer_engine.remote() for h in self.handles])
 
 
+def tensors_source(make):
+    """vLLM's ``WeightSource`` over ``make()``, a fresh ``(name, tensor)`` iterator each pass: what
+    a learner sends when it is not its module's parameters (a LoRA learner's merged layers). The
+    rest of the interface (held names, groups) is vLLM's default over these."""
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    class TensorsSource(WeightSource):
+        def metadata(self):
+            return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in make()]
+
+        def __iter__(self):
+            return iter(make())
+
+    return TensorsSource()
+
+
 class LearnerWeightSender:
     """Lives in learner rank 0: the trainer-side engine over ``named_parameters`` (a tied
     embedding is one parameter, sent once; vLLM's loader ties it on the other side)."""
 
-    def __init__(self, module, backend: str):
-        self.module, self.backend, self.engine = module, backend, None
+    def __init__(self, module, backend: str, source=None):
+        # source: what to send (a WeightSource); None: the module's parameters
+        self.module, self.backend, self.engine, self.source = module, backend, None, source
 
     def connect(
         self,
@@ -414,7 +431,8 @@ class LearnerWeightSender:
             timeout_s=timeout_s,
         )
         client = EngineGroupClient(handles, workers_per_engine, timeout_s)
-        self.engine = WeightTransferTrainerFactory.trainer_init(info, client=client, source=ModuleSource(self.module))
+        source = self.source if self.source is not None else ModuleSource(self.module)
+        self.engine = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
         return time.perf_counter() - t0
 
     def send(self) -> float:

@@ -401,6 +401,20 @@ class RewardConfig(_Section):
     )
 
 
+class LoraSection(_Section):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r of each adapter.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input while training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Names of the language model's linear layers that get adapters.",
+    )
+    vision: bool = Field(
+        False, description="Also put adapters on the vision tower's and merger's linear layers (else they stay frozen)."
+    )
+
+
 class LearnerConfig(_Section):
     num_ranks: int = Field(1, ge=1, le=4096, description="DeepSpeed data-parallel ranks (one Ray actor each).")
     gpus_per_rank: float = Field(0.0, ge=0, description="GPUs each learner rank requests (0: CPU with gloo).")
@@ -433,6 +447,10 @@ class LearnerConfig(_Section):
     shared_prefix: bool = Field(
         True,
         description="One sequence per prompt group in the learner's training and reference passes: the prompt (with its image) once, then its answers, each attending to the prompt and itself only (rlsys.grpo.sequences.build_shared_batch); the same log-probs and gradients as one sequence per answer, with the vision tower and the prompt run once per group. A group's answers go to one rank (ranks balanced by tokens). false: one sequence per answer, answers dealt to ranks in turn.",
+    )
+    lora: LoraSection | None = Field(
+        None,
+        description="Train LoRA adapters instead of every parameter (peft): the reference policy is the model with its adapters off (no second copy), a sync sends the adapted layers' merged weights, checkpoints keep the adapters and their optimizer state and export a merged Hugging Face model. None: full training. Example: learner.lora.rank=16.",
     )
     shared_prefix_attention: Literal["auto", "dense_mask", "flex"] = Field(
         "auto",

@@ -747,3 +747,45 @@ def test_chatrex_vocabulary_sft_grpo_eval_and_serve(tmp_path):
     answers = [json.loads(l)["answer"] for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert sum("<obj" in a and "<|box_start|>" in a for a in answers) >= 6, answers
     _serve_one_request_in_pixels(init, "chatrex", tmp_path)
+
+
+def test_grpo_with_lora_on_two_ranks_and_two_engines_syncs_merged_weights_and_resumes(sft_run, tmp_path):
+    """learner.lora through the whole loop: 2 learner ranks (the reference = the base with the
+    adapters off), 2 vLLM engines fed the adapted layers' merged weights through the transfer
+    protocol (each sync's digest check; the engines' log-probs on-policy equal the learner's),
+    a checkpoint of the adapters and their optimizer state that a second run resumes, and a
+    merged Hugging Face export with the checkpoint's own names."""
+    sft_out, _ = sft_run
+    init = sft_out / "final"
+    out = tmp_path / "grpo"
+    args = [
+        "rlsys.grpo",
+        f"run.out_dir={out}",
+        f"run.init_checkpoint={init}",
+        "run.checkpoint_every_steps=2",
+        "run.prompts_per_step=4",
+        "learner.lora.rank=8",
+        "learner.lora.alpha=16",
+        "learner.lr=5e-3",
+        "learner.num_ranks=2",
+        "learner.cpus_per_rank=0.25",
+        "rollout.num_engines=2",
+        "tracking.mode=disabled",
+        "reward.scorer=tests.scorers_for_tests:coordinate_count_reward",
+    ]
+    _run([*args, "run.steps=2"], 900, tmp_path)
+    stdout = _run([*args, "run.steps=3"], 900, tmp_path)
+    assert "resumed from" in stdout and "at step 2" in stdout, stdout[-2000:]
+    records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # steps 2 and 3 sample from merged weights pushed after an update
+    assert all(abs(r["rollout/logprob_gap"]) < 1e-4 for r in records), [r["rollout/logprob_gap"] for r in records]
+    final = json.loads(stdout.split("final: ", 1)[1].splitlines()[0])
+    assert final["step"] == 3 and final["weights_in_sync"] is True
+    from safetensors.torch import load_file
+
+    a = load_file(init / "model.safetensors")
+    b = load_file(out / "checkpoints" / "step_000003" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys()  # merged: a plain checkpoint, no adapter names
+    changed = [k for k in a if not (a[k] == b[k]).all()]
+    assert changed and all("language_model.layers" in k for k in changed), changed[:5]

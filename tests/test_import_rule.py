@@ -41,6 +41,7 @@ LAYERS = [  # (layer, path prefixes), first match wins
             "rlsys/grpo/checkpoints.py",
             "rlsys/grpo/sequences.py",
             "rlsys/grpo/attention.py",
+            "rlsys/grpo/lora.py",
             "rlsys/sft/__init__.py",
             "rlsys/sft/losses.py",
             "rlsys/__init__.py",

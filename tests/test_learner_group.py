@@ -212,3 +212,18 @@ def test_a_frozen_tower_runs_once_per_image_per_step_and_gives_the_same_update(
     assert [sum(m.vision_tower_runs for m in step) for step in mr] == [3, 1]
     assert all(m.vision_tower_runs == 0 for step in mp for m in step)  # the per-answer path runs it in each pass
     _assert_same_update(plain, reused, mp, mr, before)
+
+
+def test_lora_over_two_ranks_gives_the_one_rank_update_and_leaves_the_base(ray_local, tiny_model_dir, synthetic_dir):
+    """learner.lora: ZeRO-2 over 2 ranks gives the 1-rank update of the adapters (groups whole on a
+    rank, one of them empty in the second step), the reference being the base with the adapters
+    off (kl_coef 0.05, no second copy); the checkpoint's own weights never move."""
+    batches = [(9, 0), (4, 1)]
+    lora = ["learner.lora.rank=4", "learner.lora.alpha=8"]
+    before, one, m1 = _run(tiny_model_dir, synthetic_dir, 1, batches, lora, group=4)
+    _, two, m2 = _run(tiny_model_dir, synthetic_dir, 2, batches, lora, group=4)
+    assert [[m.micro_batches for m in step] for step in m2] == [[2, 2], [1, 1]]
+    _assert_same_update(one, two, m1, m2, before)
+    moved = {n for n in before if not torch.equal(before[n], two[-1][n])}
+    assert moved and all(".lora_" in n for n in moved), sorted(moved)[:5]
+    assert any(".lora_B." in n for n in moved)  # B starts at 0: the update is in the adapters

@@ -116,8 +116,10 @@ def build_batch(processor, items, pad_id: int, cache: dict | None = None):
 
 def _decoder_and_head(model):
     """The decoder (returns hidden states after the final norm) and the output projection of a
-    causal VLM, looking through a DeepSpeed engine's ``module``."""
+    causal VLM, looking through a DeepSpeed engine's ``module`` and a peft wrapper."""
     m = getattr(model, "module", model)
+    if hasattr(m, "get_base_model"):  # a peft model (learner.lora): its adapters live inside the base
+        m = m.get_base_model()
     decoder, head = getattr(m, "model", None), getattr(m, "lm_head", None)
     if decoder is None or head is None:
         raise TypeError(f"{type(m).__name__} has no .model / .lm_head: cannot take logits at answer positions only")
@@ -366,6 +368,9 @@ def shared_token_logprobs(
 # ----------------------------------------------------------------------------------------------
 def _visual(model):
     """The vision tower of a Qwen2.5-VL-style model (``model.model.visual`` or ``model.visual``)."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     inner = getattr(model, "model", model)
     return getattr(inner, "visual", None) or getattr(model, "visual", None)
 

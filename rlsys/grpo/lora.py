@@ -1,0 +1,96 @@
+"""LoRA on the learner (``learner.lora``): adapters wrapped around a Hugging Face model with peft,
+the reference policy as the same model with its adapters off, and the merged weights that leave
+the learner (the engines' weight sync, the Hugging Face export).
+
+Why merged weights out: vLLM's engines, eval and Serve then run a plain checkpoint of the
+family, exactly as for full training, and the digest and log-prob checks of a sync hold as they
+are. A sync sends only the weights LoRA changes (each adapted linear layer's ``W + B A * scale``;
+with the siblings vLLM fuses with it, so a fused layer is always complete), never the frozen
+rest, which the engines already hold from the checkpoint they started from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# vLLM fuses these projections into one layer (qkv_proj, gate_up_proj): a sync that changes one of
+# them sends all, so the engine's layerwise reload always gets whole layers
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# names of a Qwen-VL language model's linear layers (the vision tower's are qkv, proj, fc1/fc2 or
+# linear_fc1/linear_fc2 under "visual"): a regex so the vision tower is left out unless asked
+_LLM_ONLY = r"^(?!.*visual).*\.({names})$"
+
+
+def lora_config(cfg):
+    """peft's ``LoraConfig`` for a ``learner.lora`` section."""
+    from peft import LoraConfig
+
+    names = "|".join(cfg.target_modules)
+    targets = (
+        _LLM_ONLY.format(names=names) if not cfg.vision else rf"^.*\.({names}|qkv|proj|fc1|fc2|linear_fc1|linear_fc2)$"
+    )
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        init_lora_weights=True,  # B = 0: the adapted model starts as the checkpoint
+    )
+
+
+def wrap(model, cfg):
+    """``model`` with LoRA adapters (peft), only the adapters trainable."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config(cfg))
+    if not any(p.requires_grad for p in peft_model.parameters()):
+        raise ValueError(f"learner.lora: target_modules {cfg.target_modules} matched no layer of the model")
+    return peft_model
+
+
+def base_of(model):
+    """The Hugging Face model inside a DeepSpeed engine and a peft wrapper (itself otherwise)."""
+    m = getattr(model, "module", model)
+    return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+
+def is_lora(model) -> bool:
+    return hasattr(getattr(model, "module", model), "disable_adapter")
+
+
+def _lora_layers(base) -> dict:
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+
+
+def merged_weights(model, only_changed: bool = False):
+    """``(name, tensor)`` of the model with its adapters merged, under the checkpoint's names (no
+    ``base_layer``, no ``lora_*``; a tied embedding once, as ``named_parameters`` gives it).
+    ``only_changed``: just the adapted layers' weights, with their fused siblings."""
+    base = base_of(model)
+    layers = _lora_layers(base)
+    changed = set(layers)
+    if only_changed:
+        for name in list(layers):
+            parent, _, leaf = name.rpartition(".")
+            for group in FUSED_SIBLINGS:
+                if leaf in group:
+                    changed.update(f"{parent}.{s}" for s in group)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if ".lora_" in name:
+                continue
+            owner, _, tail = name.rpartition(".base_layer.")
+            out = f"{owner}.{tail}" if owner else name
+            module = out.rpartition(".")[0]
+            if only_changed and module not in changed:
+                continue
+            if owner and tail == "weight" and owner in layers:
+                layer = layers[owner]
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                yield out, (p + delta).detach()
+            else:
+                yield out, p.detach()
