@@ -10,6 +10,12 @@ its own process (so peak memory is that variant's alone), and prints the ratios.
 - ``after``: :func:`rlsys.grpo.sequences.token_logprobs` with the answer mask: no old pass (the
   training forward, detached, is the proximal policy), logits only at answer positions, the
   entropy without a graph.
+- ``lora``: ``shared`` with LoRA adapters (``learner.lora`` at its defaults: rank 16 on every
+  linear layer of the LLM) and the reference as the same model with its adapters off, no copy.
+  Compared with ``shared`` on the ``*_g8_*`` models: step time, the process's whole peak
+  (``peak_mib_total``: weights, reference, gradients and optimizer state included, where LoRA's
+  saving is), and what a weight sync would send (``sync_mib``, and ``sync_pack_s``, the seconds
+  to gather and pack it into the transfer's buckets on the learner).
 - ``shared``: ``after`` with one sequence per prompt group (``learner.shared_prefix``,
   :func:`rlsys.grpo.sequences.build_shared_batch`): the image and prompt once per group, each
   answer attending to the prompt and itself. Compared with ``after`` on the ``*_g8_*`` models
@@ -30,6 +36,7 @@ is its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -38,8 +45,10 @@ import threading
 import time
 from pathlib import Path
 
-from rlsys.config import REPO_ROOT, ModelConfig
+from actors.weight_sync import state_dict_buckets
+from rlsys.config import REPO_ROOT, LoraSection, ModelConfig
 from rlsys.data.prepare import prepare_model_dir
+from rlsys.grpo import lora
 from rlsys.grpo.algorithm import policy_loss
 from rlsys.grpo.records import LearnerItem
 from rlsys.grpo.sequences import (
@@ -68,6 +77,9 @@ MODELS = {
 }
 # (before, after) pairs compared per model
 PAIRS = {"qwen3b_g8_256": ("after", "shared"), "qwen3b_g8_1024": ("after", "shared"), "demo_g8": ("after", "shared")}
+# full training against LoRA, each on the shared-prefix path (``--only learner`` adds these pairs
+# under the model's name + "_lora")
+LORA_MODELS = ("qwen3b_g8_256", "demo_g8")
 
 
 def _model_dir(name: str, out_dir: Path) -> str:
@@ -133,20 +145,31 @@ def _full_logprobs_with_entropy_graph(model, inputs, targets, temperature):
 
 
 def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: int = 0) -> dict:
+    import torch
+
+    torch.manual_seed(seed)
+    model_dir = _model_dir(model_name, out_dir)
+    with PeakRSS() as total:  # the whole process from here: the models, the optimizer, the steps
+        return _run(model_name, variant, out_dir, repeats, seed, model_dir, total)
+
+
+def _run(model_name, variant, out_dir, repeats, seed, model_dir, total) -> dict:
     import random
 
     import torch
     from PIL import Image
 
-    torch.manual_seed(seed)
     m = MODELS[model_name]
-    model_dir = _model_dir(model_name, out_dir)
     proc = load_processor(str(model_dir))
     model = load_model(str(model_dir)).train()
-    ref = load_model(str(model_dir)).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    if variant == "lora":  # the reference is the model with its adapters off
+        model = lora.wrap(model, LoraSection())
+        ref = model
+    else:
+        ref = load_model(str(model_dir)).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     rng = random.Random(seed)
     img = out_dir / f"image-{m['image_px']}.png"
     if not img.is_file():
@@ -172,7 +195,8 @@ def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: in
         cache.clear()
         chunks = [items[i : i + mb] for i in range(0, len(items), mb)]
         batches = [build_shared_batch(proc, c, pad, cache) for c in chunks]
-        with torch.no_grad():
+        adapters_off = model.disable_adapter() if variant == "lora" else contextlib.nullcontext()
+        with torch.no_grad(), adapters_off:
             refs = [shared_token_logprobs(ref, b, "cpu", entropy=False, banned_ids=banned)[0] for b in batches]
         opt.zero_grad(set_to_none=False)
         for b, r, c in zip(batches, refs, chunks):
@@ -183,7 +207,7 @@ def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: in
         opt.step()
 
     def step(mb: int, items=items):
-        if variant == "shared":
+        if variant in ("shared", "lora"):
             return shared_step(mb, items)
         cache.clear()
         chunks = [items[i : i + mb] for i in range(0, len(items), mb)]
@@ -221,6 +245,10 @@ def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: in
     with PeakRSS() as half:  # half the micro-batch (and half the answers: one micro-batch either way)
         step(mb // 2, items[: mb // 2])
     full = statistics.median(peaks)
+    t0 = time.perf_counter()  # what a sync sends, gathered and packed as the transfer packs it
+    sent = lora.merged_weights(model, only_changed=True) if variant == "lora" else model.named_parameters()
+    sync_bytes = sum(len(b) for b in state_dict_buckets(sent))
+    sync_pack_s = time.perf_counter() - t0
     prompt_tokens = int(build_batch(proc, items[:1], pad)[0]["input_ids"].shape[1]) - m["answer_tokens"]
     return {
         "model": model_name,
@@ -234,43 +262,47 @@ def run(model_name: str, variant: str, out_dir: Path, repeats: int = 3, seed: in
         "prompt_tokens": prompt_tokens,
         # tokens through the LLM per step (each pass): per answer, the prompt once per answer;
         # shared, once per group (all the answers here share one prompt)
-        "llm_tokens": (prompt_tokens + n_tokens) if variant == "shared" else len(items) * prompt_tokens + n_tokens,
+        "llm_tokens": (prompt_tokens + n_tokens)
+        if variant in ("shared", "lora")
+        else len(items) * prompt_tokens + n_tokens,
         "vocab_rows": int(model.get_output_embeddings().weight.shape[0]),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "peak_mib_total": max(total.peak, total.proc.memory_info().rss) / 2**20,
+        "sync_mib": sync_bytes / 2**20,
+        "sync_pack_s": sync_pack_s,
     }
 
 
-def compare(out_dir: Path, models=("tiny", "30m", "qwen3b", *PAIRS), timeout_s: int = 1800) -> dict:
-    """Every model x variant in its own process; the after/before ratios (``PAIRS``: shared
-    against after, with the LLM token ratio)."""
+def _variant(name: str, variant: str, out_dir: Path, timeout_s: int) -> dict:
+    """One model x variant in its own process (so its peak memory is its own)."""
     import subprocess
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "rlsys.bench.learner", "--model", name, "--variant", variant, "--out", str(out_dir)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    return json.loads(lines[-1]) if r.returncode == 0 and lines else {"error": r.stderr[-800:]}
+
+
+def compare(
+    out_dir: Path, models=("tiny", "30m", "qwen3b", *PAIRS), lora_models=LORA_MODELS, timeout_s: int = 1800
+) -> dict:
+    """Every model x variant in its own process; the after/before ratios (``PAIRS``: shared
+    against after, with the LLM token ratio); and full training against LoRA on
+    ``lora_models`` (under ``NAME_lora``: time, whole-process peak and sync size ratios)."""
     res: dict = {}
+    for name in lora_models:
+        full, ad = _variant(name, "shared", out_dir, timeout_s), _variant(name, "lora", out_dir, timeout_s)
+        res[f"{name}_lora"] = r = {"shared": full, "lora": ad}
+        if "error" not in full and "error" not in ad:
+            r["time_ratio_lora_over_full"] = ad["step_s"] / full["step_s"]
+            r["memory_ratio_full_over_lora"] = full["peak_mib_total"] / ad["peak_mib_total"]
+            r["sync_ratio_full_over_lora"] = full["sync_mib"] / ad["sync_mib"]
     for name in models:
         first, second = PAIRS.get(name, ("before", "after"))
         for variant in (first, second):
-            r = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "rlsys.bench.learner",
-                    "--model",
-                    name,
-                    "--variant",
-                    variant,
-                    "--out",
-                    str(out_dir),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                env=env,
-            )
-            lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
-            res.setdefault(name, {})[variant] = (
-                json.loads(lines[-1]) if r.returncode == 0 and lines else {"error": r.stderr[-800:]}
-            )
+            res.setdefault(name, {})[variant] = _variant(name, variant, out_dir, timeout_s)
         b, a = res[name][first], res[name][second]
         if "error" not in a and "error" not in b:
             res[name][f"time_ratio_{second}_over_{first}"] = a["step_s"] / b["step_s"]
@@ -284,7 +316,7 @@ def compare(out_dir: Path, models=("tiny", "30m", "qwen3b", *PAIRS), timeout_s: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsys.bench.learner", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=tuple(MODELS), default="tiny")
-    p.add_argument("--variant", choices=("before", "after", "shared"), default="after")
+    p.add_argument("--variant", choices=("before", "after", "shared", "lora"), default="after")
     p.add_argument("--out", default="runs/bench/learner")
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)

@@ -385,6 +385,17 @@ def markdown(res: dict, cmd: str) -> str:
                 f"{b['peak_mib_per_answer']:.0f} MiB | time x{r['time_ratio_after_over_before']:.2f}, memory "
                 f"{r['memory_ratio_before_over_after']:.1f}x lower | `python -m rlsys.bench --only learner` |"
             )
+        elif "time_ratio_lora_over_full" in r:
+            f, a = r["shared"], r["lora"]
+            rows.append(
+                f"| learner step, LoRA rank 16, {name.removesuffix('_lora')} ({a['trainable_parameters'] / 1e6:.1f}M of "
+                f"{f['parameters'] / 1e6:.0f}M params trained, reference = adapters off) | {a['step_s']:.2f} s, "
+                f"{a['peak_mib_total']:.0f} MiB process peak, sync {a['sync_mib']:.0f} MiB packed in {a['sync_pack_s']:.2f} s "
+                f"| full: {f['step_s']:.2f} s, {f['peak_mib_total']:.0f} MiB, sync {f['sync_mib']:.0f} MiB in "
+                f"{f['sync_pack_s']:.2f} s | time x{r['time_ratio_lora_over_full']:.2f}, memory "
+                f"{r['memory_ratio_full_over_lora']:.1f}x lower, sync {r['sync_ratio_full_over_lora']:.1f}x smaller "
+                "| `python -m rlsys.bench --only learner` |"
+            )
         elif "time_ratio_shared_over_after" in r:
             b, a = r["after"], r["shared"]
             rows.append(
