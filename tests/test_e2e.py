@@ -774,8 +774,13 @@ def test_grpo_with_lora_on_two_ranks_and_two_engines_syncs_merged_weights_and_re
         "reward.scorer=tests.scorers_for_tests:coordinate_count_reward",
     ]
     _run([*args, "run.steps=2"], 900, tmp_path)
-    stdout = _run([*args, "run.steps=3"], 900, tmp_path)
-    assert "resumed from" in stdout and "at step 2" in stdout, stdout[-2000:]
+    r = subprocess.run(
+        [sys.executable, "-m", *args, "run.steps=3"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    stdout = r.stdout
+    assert "resumed from" in r.stdout + r.stderr and "at step 2" in r.stdout + r.stderr
+    assert [int(m) for m in re.findall(r"^step (\d+)/3", stdout, re.M)] == [3], stdout[-3000:]
     records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     # steps 2 and 3 sample from merged weights pushed after an update

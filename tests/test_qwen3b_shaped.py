@@ -103,6 +103,42 @@ def test_one_grpo_step_with_the_weight_transfer_and_its_equality_check(sft_final
     assert steps[0]["time/sync_s"] > 0 and steps[0]["rollout/logprob_gap"] < 1e-3
 
 
+def test_one_lora_grpo_step_with_the_reference_and_zero2(sft_final):
+    """The same step with learner.lora and what full training had to give up here: the KL term
+    (the reference is the model with its adapters off, no 1.9 GB copy) and ZeRO-2; the push sends
+    the adapted layers' merged weights, and the equality and log-prob checks hold after it."""
+    out = sft_final.parent.parent
+    stdout = _run(
+        "rlsys.grpo",
+        [
+            f"run.out_dir={out / 'grpo-lora'}",
+            f"run.init_checkpoint={sft_final}",
+            "run.steps=2",
+            "run.prompts_per_step=1",
+            "rollout.samples_per_prompt=2",
+            "rollout.max_new_tokens=8",
+            "learner.micro_batch_size=2",
+            "learner.lora.rank=16",
+            "learner.kl_coef=0.01",
+            "learner.zero_stage=2",
+            "reward.num_workers=1",
+            "run.checkpoint_every_steps=2",
+            "data.synthetic_train_images=8",
+            "data.synthetic_val_images=4",
+            "rollout.max_model_len_tokens=512",
+            *SHAPE,
+        ],
+        out,
+    )
+    final = json.loads(next(l for l in stdout.splitlines() if l.startswith("final: "))[7:])
+    assert final["step"] == 2 and final["weights_in_sync"] is True
+    steps = [json.loads(l) for l in (out / "grpo-lora" / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    # step 2 sampled from merged weights pushed after step 1's update
+    assert all(s["rollout/logprob_gap"] < 1e-3 and s["time/sync_s"] > 0 for s in steps), steps
+    assert all("learner/kl" in s for s in steps)
+
+
 def test_the_model_has_qwen2_5_vl_3b_shapes_and_layout(sft_final):
     from rlsys.models import QWEN2_5_VL_ADDED_TOKENS, coordinate_token_ids, load_processor
 
