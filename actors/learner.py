@@ -471,14 +471,7 @@ class LearnerWorker:
             client_state={"torch_rng": torch.get_rng_state(), "py_rng": random.getstate()},
         )
         if hf and self.rank == 0:
-            if self.lora:  # a plain checkpoint of the family, the adapters merged: eval and Serve take it as it is
-                lora.base_of(self.engine.module).save_pretrained(
-                    os.path.join(path, "hf"),
-                    state_dict=dict(lora.merged_weights(self.engine.module)),
-                    safe_serialization=True,
-                )
-            else:
-                self.engine.module.save_pretrained(os.path.join(path, "hf"), safe_serialization=True)
+            lora.save_pretrained(self.engine.module, os.path.join(path, "hf"))  # adapters merged
             self.processor.save_pretrained(os.path.join(path, "hf"))
 
     def load(self, path: str) -> None:

@@ -716,6 +716,10 @@ class SFTTrainConfig(_Section):
         le=100,
         description="Soft targets for coordinate tokens: a Gaussian of this width in bins over <0>..<999> instead of a one-hot (SimCC-style). 0: plain cross-entropy, as the paper.",
     )
+    lora: LoraSection | None = Field(
+        None,
+        description="Train LoRA adapters instead of every parameter (peft), each adapter at its part's learning rate; the final model is exported with them merged. None: full fine-tuning. Example: train.lora.rank=16.",
+    )
     checkpoint_every_steps: int = Field(100, ge=1, description="Ray Train checkpoint every N steps (resumable).")
     log_every_steps: int = Field(10, ge=1, description="Progress line and W&B log every N steps.")
     seed: int = Field(0, description="Seed for conversation sampling and initialisation.")

@@ -84,6 +84,37 @@ def test_sft_with_soft_coordinate_targets(tmp_path):
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
+def test_sft_with_lora_trains_adapters_and_exports_a_merged_model(tmp_path):
+    """train.lora through Ray Train and DeepSpeed: only the adapters train (the loss falls), and
+    the final model is a plain checkpoint of the family, the adapters merged into the language
+    model's linear layers and everything else the starting model's."""
+    stdout = _run(
+        [
+            "rlsys.sft",
+            f"run.out_dir={tmp_path}",
+            "train.steps=30",
+            "train.log_every_steps=10",
+            "train.checkpoint_every_steps=30",
+            "train.lora.rank=16",
+            "train.lr_llm=5e-3",
+            "data.synthetic_train_images=60",
+            "tracking.mode=disabled",
+            "data.tasks=[referring,visual_prompt]",
+        ],
+        600,
+        tmp_path,
+    )
+    losses = [float(x) for x in re.findall(r"sft step \d+/30 loss ([0-9.]+)", stdout)]
+    assert len(losses) >= 3 and losses[-1] < losses[0], losses
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "tiny-model" / "model.safetensors")
+    b = load_file(tmp_path / "final" / "model.safetensors")
+    assert a.keys() == b.keys()  # no adapter names: a plain checkpoint
+    changed = [k for k in a if not (a[k] == b[k]).all()]
+    assert changed and all("language_model.layers" in k and k.endswith("proj.weight") for k in changed), changed
+
+
 def test_sft_two_ranks_write_checkpoints_in_storage_and_resume(tmp_path):
     """Two Ray Train ranks write one checkpoint straight into Ray Train's storage (each its
     DeepSpeed shard; no staging copy), Ray keeps the newest two, and a second run with more steps

@@ -94,3 +94,14 @@ def merged_weights(model, only_changed: bool = False):
                 yield out, (p + delta).detach()
             else:
                 yield out, p.detach()
+
+
+def save_pretrained(model, path) -> None:
+    """A Hugging Face checkpoint of ``model`` (inside a DeepSpeed engine or not): with adapters,
+    the merged weights under the checkpoint's own names, a plain model of its family that eval,
+    Serve and vLLM take as they are; without, the model as it is."""
+    m = getattr(model, "module", model)
+    if is_lora(m):
+        base_of(m).save_pretrained(path, state_dict=dict(merged_weights(m)), safe_serialization=True)
+    else:
+        m.save_pretrained(path, safe_serialization=True)

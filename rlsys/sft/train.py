@@ -25,6 +25,7 @@ from actors.group import actor_env
 from rlsys.config import REPO_ROOT, ConfigError, SFTConfig, deepspeed_config, describe, load_config
 from rlsys.data.prepare import check_phrases, check_targets, load_checked, prepare_data_path, prepare_model_dir
 from rlsys.data.samples import DataError
+from rlsys.grpo import lora
 from rlsys.grpo.records import LearnerItem
 from rlsys.grpo.sequences import build_batch
 from rlsys.lang.prompts import chat_prompt
@@ -95,6 +96,8 @@ def train_loop(config: dict) -> None:
     processor = processor_for(cfg.model, config["model_dir"])
     tok = processor.tokenizer
     model = load_model(config["model_dir"], dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    if tr.lora is not None:  # adapters only; each keeps its part's lr (param_groups reads the names)
+        model = lora.wrap(model, tr.lora)
     lrs = {"vision": tr.lr_vision, "projector": tr.lr_projector, "llm": tr.lr_llm}
     optim = torch.optim.AdamW(param_groups(model, lrs, tr.weight_decay))
     engine, _, _, _ = deepspeed.initialize(
@@ -212,7 +215,7 @@ def save_checkpoint(engine, processor, rank: int, step: int, *, final: bool, met
         if rank == 0:
             Path(d, "state.json").write_text(json.dumps({"step": step}))
             if final:
-                engine.module.save_pretrained(os.path.join(d, "hf"), safe_serialization=True)
+                lora.save_pretrained(engine.module, os.path.join(d, "hf"))  # with LoRA: merged
                 processor.save_pretrained(os.path.join(d, "hf"))
 
     if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
