@@ -433,7 +433,9 @@ class LearnerWorker:
 
     def _weights_source(self):
         """vLLM's ``WeightSource`` over :meth:`_weights_out` (None: the module's parameters)."""
-        return tensors_source(self._weights_out) if self.lora else None
+        if not self.lora:
+            return None
+        return tensors_source(self._weights_out, lambda: lora.merged_shapes(self.engine.module, only_changed=True))
 
     def prompt_logprobs(self, prompt: str, image: str) -> tuple[list[int], list[float]]:
         """Log-prob of every prompt token after the first, as :meth:`RolloutWorker.prompt_logprobs`."""

@@ -383,15 +383,17 @@ class EngineGroupClient:
         self._all("shutdown_weight_transfer_engine", [h.shutdown_weight_transfer_engine.remote() for h in self.handles])
 
 
-def tensors_source(make):
+def tensors_source(make, shapes):
     """vLLM's ``WeightSource`` over ``make()``, a fresh ``(name, tensor)`` iterator each pass: what
-    a learner sends when it is not its module's parameters (a LoRA learner's merged layers). The
-    rest of the interface (held names, groups) is vLLM's default over these."""
+    a learner sends when it is not its module's parameters (a LoRA learner's merged layers).
+    ``shapes()`` gives ``(name, dtype, shape)`` of the same tensors without making them (a sync
+    asks for them first, and making a merged weight is the expensive part). The rest of the
+    interface (held names, groups) is vLLM's default over these."""
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
     class TensorsSource(WeightSource):
         def metadata(self):
-            return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in make()]
+            return [ParamMeta(n, d, s) for n, d, s in shapes()]
 
         def __iter__(self):
             return iter(make())

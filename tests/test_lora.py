@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlsys.config import LoraSection
-from rlsys.grpo.lora import base_of, merged_weights, wrap
+from rlsys.grpo.lora import base_of, merged_shapes, merged_weights, wrap
 from rlsys.models import load_model
 
 
@@ -46,6 +46,8 @@ def test_a_sync_sends_the_adapted_layers_with_their_fused_siblings(tiny_model_di
     full = dict(merged_weights(model))
     for n, t in sent.items():
         assert torch.equal(t, full[n])
+    # what a sync announces first, without merging, is what it then sends
+    assert merged_shapes(model, only_changed=True) == [(n, t.dtype, tuple(t.shape)) for n, t in sent.items()]
 
 
 def test_the_reference_is_the_base_with_adapters_off(tiny_model_dir, synthetic_dir):

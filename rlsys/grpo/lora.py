@@ -66,10 +66,9 @@ def _lora_layers(base) -> dict:
     return {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
 
 
-def merged_weights(model, only_changed: bool = False):
-    """``(name, tensor)`` of the model with its adapters merged, under the checkpoint's names (no
-    ``base_layer``, no ``lora_*``; a tied embedding once, as ``named_parameters`` gives it).
-    ``only_changed``: just the adapted layers' weights, with their fused siblings."""
+def _merge_plan(model, only_changed: bool):
+    """``(name, base parameter, LoRA layer or None)`` of each tensor :func:`merged_weights` gives,
+    in order, without computing anything: the names and shapes come from here alone."""
     base = base_of(model)
     layers = _lora_layers(base)
     changed = set(layers)
@@ -79,21 +78,33 @@ def merged_weights(model, only_changed: bool = False):
             for group in FUSED_SIBLINGS:
                 if leaf in group:
                     changed.update(f"{parent}.{s}" for s in group)
+    for name, p in base.named_parameters():
+        if ".lora_" in name:
+            continue
+        owner, _, tail = name.rpartition(".base_layer.")
+        out = f"{owner}.{tail}" if owner else name
+        if only_changed and out.rpartition(".")[0] not in changed:
+            continue
+        yield out, p, (layers[owner] if owner and tail == "weight" and owner in layers else None)
+
+
+def merged_shapes(model, only_changed: bool = False) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``(name, dtype, shape)`` of :func:`merged_weights`, without merging (a merged weight has its
+    base weight's shape and dtype): what a sync announces before it sends."""
+    return [(name, p.dtype, tuple(p.shape)) for name, p, _ in _merge_plan(model, only_changed)]
+
+
+def merged_weights(model, only_changed: bool = False):
+    """``(name, tensor)`` of the model with its adapters merged, under the checkpoint's names (no
+    ``base_layer``, no ``lora_*``; a tied embedding once, as ``named_parameters`` gives it).
+    ``only_changed``: just the adapted layers' weights, with their fused siblings."""
     with torch.no_grad():
-        for name, p in base.named_parameters():
-            if ".lora_" in name:
-                continue
-            owner, _, tail = name.rpartition(".base_layer.")
-            out = f"{owner}.{tail}" if owner else name
-            module = out.rpartition(".")[0]
-            if only_changed and module not in changed:
-                continue
-            if owner and tail == "weight" and owner in layers:
-                layer = layers[owner]
-                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-                yield out, (p + delta).detach()
+        for name, p, layer in _merge_plan(model, only_changed):
+            if layer is None:
+                yield name, p.detach()
             else:
-                yield out, p.detach()
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                yield name, (p + delta).detach()
 
 
 def save_pretrained(model, path) -> None:
