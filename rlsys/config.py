@@ -286,11 +286,21 @@ class DataConfig(_Section):
         None,
         description="Training data: a .jsonl in rlsys.data.samples's schema or a COCO instances .json. None: the synthetic set under run.out_dir/data.",
     )
-    val: str | None = Field(None, description="Held-out data, same formats. None: the synthetic validation split.")
+    val: str | None = Field(
+        None,
+        description="Held-out data for choosing settings (steps, reward, learning rate), same formats. None: the synthetic validation split.",
+    )
+    test: str | None = Field(
+        None,
+        description="Held-out data reported once, after the settings were chosen on val (python -m rlsys.demo's report), same formats. None: the synthetic test split.",
+    )
     synthetic_train_images: int = Field(
         2000, ge=1, description="Images in the synthetic training split (when train is None)."
     )
     synthetic_val_images: int = Field(200, ge=1, description="Images in the synthetic validation split.")
+    synthetic_test_images: int = Field(
+        200, ge=1, description="Images in the synthetic test split (its own random stream: no image of val or train)."
+    )
     synthetic_image_size_px: int = Field(
         224, ge=56, le=2048, description="Side of the synthetic square images, in pixels."
     )

@@ -3,8 +3,9 @@
 On one CPU machine: SFT of the tiny model on the synthetic data in two Ray Train stages (one
 shape per image, where it learns to localise; then scenes of 1-3 shapes, started from the first
 stage's model), GRPO from that checkpoint once per seed (``--seeds``, default 0 1 2; Ray actors:
-vLLM, rewards, DeepSpeed), evaluation of all on the same held-out scenes, and a markdown report
-with the paper's table (SFT vs GRPO: the seeds' mean, range and each seed's change, as tables 2,
+vLLM, rewards, DeepSpeed), evaluation of all on the same held-out scenes (every checkpoint on the
+validation split, where settings are chosen; the final models on the test split, for the report),
+and a markdown report with the paper's table (SFT vs GRPO: the seeds' mean, range and each seed's change, as tables 2,
 13 and 14), a paired bootstrap over held-out images saying which changes are more than noise,
 the smoothed reward curves and the F1-over-steps curves. Every stage is a resumable step: a
 second run reuses finished stages.
@@ -117,7 +118,7 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 def _plot(steps_by_seed: dict, f1_by_seed: dict, out: Path, window: int = 10) -> None:
     """``reward_curve.png``: each seed's per-step rollout reward (faint) and its trailing mean over
-    ``window`` steps; ``f1_over_steps.png``: held-out F1@mIoU at each checkpoint, per seed."""
+    ``window`` steps; ``f1_over_steps.png``: validation F1@mIoU at each checkpoint, per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +145,7 @@ def _plot(steps_by_seed: dict, f1_by_seed: dict, out: Path, window: int = 10) ->
             ax.plot([s for s, _ in pts], [f * 100 for _, f in pts], marker="o", label=f"seed {seed}")
 
     figure(rewards, "GRPO step", "mean reward of rollouts", "reward_curve.png")
-    figure(f1, "GRPO step (0 = SFT)", "held-out F1@mIoU (%)", "f1_over_steps.png")
+    figure(f1, "GRPO step (0 = SFT)", "validation F1@mIoU (%)", "f1_over_steps.png")
 
 
 def _get(m: dict, path: tuple):
@@ -186,11 +187,14 @@ def report(
     commands: list[str],
     intervals: dict | None = None,
     window: int = 10,
+    split: str = "test",
 ) -> str:
     """The report: per metric SFT, the mean and range of the GRPO seeds (``grpo_ms``, one final
     metrics dict per seed, in the order of ``steps_by_seed``) and the change; then, for the
     figures in ``intervals`` (name -> :func:`rewards.metrics.paired_bootstrap` result), the 95%
-    interval of the change over held-out images and whether it excludes 0."""
+    interval of the change over held-out images and whether it excludes 0. ``split``: which
+    held-out split the metrics are of (test: the report; val: choosing settings); the F1 curve
+    (``f1_by_seed``) is always the validation split's."""
     seeds = list(steps_by_seed) or list(range(len(grpo_ms)))
 
     def line(name, a, bs):  # fractions in, percent out; None when a run lacks the metric
@@ -247,9 +251,15 @@ def report(
     ]
     text = "\n".join(
         [
-            "# rlsys demo: SFT vs GRPO on the synthetic held-out set",
+            f"# rlsys demo: SFT vs GRPO on the synthetic {split} split",
             "",
-            f"Held-out images: {sft_m['num_samples']} samples ({n} box-task images; the first rows pool the box tasks, "
+            (
+                "Settings were chosen on the validation split (configs/demo_grpo_tiny_cpu.yaml says which, with its "
+                "figures); this table is the test split's, scenes no choice looked at. "
+                if split == "test"
+                else "The validation split, for choosing settings: the test split was not read. "
+            )
+            + f"Held-out images: {sft_m['num_samples']} samples ({n} box-task images; the first rows pool the box tasks, "
             "the rows named by task take each on its own). Metrics as the paper's section 5.1 "
             "(F1 at IoU 0.50, 0.95 and the mean over 0.50:0.95), 5.6 (pointing), 5.7 (GUI) and 6.1.2 (duplicate, large box). "
             f"GRPO ran {len(grpo_ms)} time(s) from the same SFT model, seeds {', '.join(map(str, seeds))}: the columns give "
@@ -281,7 +291,7 @@ def report(
             f"Training reward (rollouts, trailing mean of {window} steps):",
             *curves,
             "",
-            "Held-out F1@mIoU over GRPO steps:",
+            "Validation F1@mIoU over GRPO steps:",
             *f1_lines,
             "",
             "Commands:",
@@ -321,16 +331,20 @@ def intervals_for(
 _SETTINGS_NOT_TRAINED = ("run.progress_label", "run.resume", "run.checkpoint_every_steps", "tracking")
 
 
-def _changed_settings(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """Dotted names whose values differ between two config dumps, with both values."""
-    out = []
+def _changed_settings(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Dotted names whose values differ between two config dumps, with both values. A setting
+    the saved dump lacks (the schema gained it since) counts as changed only if ``now`` gives it
+    another value than its default in ``defaults`` (a dump of the schema's defaults)."""
+    out, defaults = [], defaults or {}
     for k in sorted(set(saved) | set(now)):
         key = f"{prefix}{k}"
         if any(key == n or key.startswith(n + ".") for n in _SETTINGS_NOT_TRAINED):
             continue
         a, b = saved.get(k), now.get(k)
+        if k not in saved and k in defaults and defaults[k] == b:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_settings(a, b, key + ".")
+            out += _changed_settings(a, b, key + ".", defaults.get(k) if isinstance(defaults.get(k), dict) else None)
         elif a != b:
             out.append(f"{key}: {a!r} then, {b!r} now")
     return out
@@ -347,7 +361,8 @@ def _stage_done(cfg: GRPOConfig) -> bool:
     if state["step"] < cfg.run.steps:
         return False  # grpo.run resumes it
     now = json.loads(json.dumps(cfg.model_dump(), default=str))
-    changed = _changed_settings(state.get("config", {}), now)
+    defaults = json.loads(json.dumps(type(cfg)().model_dump(), default=str))
+    changed = _changed_settings(state.get("config", {}), now, defaults=defaults)
     if changed:
         run_dir = Path(cfg.run.out_dir)
         raise ConfigError(
@@ -378,6 +393,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--sft", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every SFT stage")
     p.add_argument("--grpo", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for GRPO")
+    p.add_argument(
+        "--report-split",
+        choices=("test", "val"),
+        default="test",
+        help="the held-out split of the report's table and intervals: test (default), looked at once the settings "
+        "are chosen; val when choosing them (the test split is then left unread). F1 over steps is always val's.",
+    )
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--bootstrap-resamples", type=int, default=1000)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -409,43 +431,56 @@ def main(argv=None) -> int:
             continue
         banner(k, f"grpo seed {cfg.run.seed}: {cfg.run.steps} steps -> {cfg.run.out_dir}")
         grpo.run(cfg)
+    # Settings are chosen on val (F1 over steps, `--report-split val`); the report's table is the
+    # test split's, a stream of scenes no choice looked at (issue 33).
     val = prepare_data_path(sft_cfg.data, sft_cfg.run.out_dir, "val")
+    held_out = prepare_data_path(sft_cfg.data, sft_cfg.run.out_dir, a.report_split)
     tasks = ",".join(sft_cfg.data.tasks or ["detection", "referring", "pointing", "gui", "visual_prompt"])
     # the GRPO config's engine settings (dtype, context, memory share, eager, pixels) for every eval
     engine = ["--config", a.grpo_config, *a.grpo]
     print(
-        f"[demo] evaluating SFT and every GRPO checkpoint on {val} "
-        f"({(time.monotonic() - t0) / 60:.1f} min since start)",
+        f"[demo] evaluating SFT and every GRPO checkpoint on {val}"
+        + (f", and the final models on {held_out}" if held_out != val else "")
+        + f" ({(time.monotonic() - t0) / 60:.1f} min since start)",
         flush=True,
     )
-    sft_m = _eval(sft_final, val, out / "eval" / "sft", tasks, a.max_new_tokens, engine)
+
+    def evaluate(checkpoint: Path, split: str, name: str) -> tuple[dict, Path]:
+        where = out / "eval" / split / name
+        return _eval(checkpoint, val if split == "val" else held_out, where, tasks, a.max_new_tokens, engine), where
+
+    sft_val, _ = evaluate(sft_final, "val", "sft")
+    sft_m, sft_where = evaluate(sft_final, a.report_split, "sft")
     grpo_ms, steps_by_seed, f1_by_seed, finals = [], {}, {}, []
     for cfg in runs:
         seed, run_out = cfg.run.seed, Path(cfg.run.out_dir)
-        f1_by_seed[seed] = [(0, _get(sft_m, ("detection", "F1@mIoU")) or 0.0)]
-        m, last = sft_m, out / "eval" / "sft"
-        for c in sorted((run_out / "checkpoints").glob("step_*[0-9]")):
-            last = out / "eval" / f"grpo_seed{seed}" / c.name
-            m = _eval(c / "hf", val, last, tasks, a.max_new_tokens, engine)
+        f1_by_seed[seed] = [(0, _get(sft_val, ("detection", "F1@mIoU")) or 0.0)]
+        checkpoints = sorted((run_out / "checkpoints").glob("step_*[0-9]"))
+        if not checkpoints:
+            raise RuntimeError(f"GRPO seed {seed} finished without a checkpoint in {run_out / 'checkpoints'}")
+        for c in checkpoints:
+            m, _ = evaluate(c / "hf", "val", f"grpo_seed{seed}/{c.name}")
             f1_by_seed[seed].append((int(c.name.split("_")[1]), _get(m, ("detection", "F1@mIoU")) or 0.0))
+        m, where = evaluate(checkpoints[-1] / "hf", a.report_split, f"grpo_seed{seed}/{checkpoints[-1].name}")
         grpo_ms.append(m)
-        finals.append(last / "predictions.jsonl")
+        finals.append(where / "predictions.jsonl")
         steps_by_seed[seed] = [json.loads(l) for l in (run_out / "steps.jsonl").read_text().splitlines()]
     keep = set(tasks.split(","))
-    samples = [s for s in load_dataset(val) if s.task in keep]
+    samples = [s for s in load_dataset(held_out) if s.task in keep]
     vocabulary = vocabulary_for(runs[0].model, processor_for(runs[0].model, str(sft_final)))
     intervals = intervals_for(
-        out / "eval" / "sft" / "predictions.jsonl", finals, samples, vocabulary, n_resamples=a.bootstrap_resamples
+        sft_where / "predictions.jsonl", finals, samples, vocabulary, n_resamples=a.bootstrap_resamples
     )
     _plot(steps_by_seed, f1_by_seed, out)
     cmds = [
         f"python -m rlsys.demo --out {a.out}"
         + (f" --sft-configs {' '.join(a.sft_configs)}" if [str(c) for c in DEMO_SFT_CONFIGS] != a.sft_configs else "")
         + (f" --seeds {' '.join(map(str, a.seeds))}" if list(DEMO_SEEDS) != a.seeds else "")
+        + (f" --report-split {a.report_split}" if a.report_split != "test" else "")
         + (f" --sft {' '.join(a.sft)}" if a.sft else "")
         + (f" --grpo {' '.join(a.grpo)}" if a.grpo else "")
     ]
-    print(report(sft_m, grpo_ms, steps_by_seed, f1_by_seed, out, cmds, intervals))
+    print(report(sft_m, grpo_ms, steps_by_seed, f1_by_seed, out, cmds, intervals, split=a.report_split))
     print(f"[demo] done in {(time.monotonic() - t0) / 60:.1f} min: {out / 'report.md'}", flush=True)
     return 0
 

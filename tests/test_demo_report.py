@@ -1,6 +1,9 @@
 """The demo: how it chains its stages, and its report (the SFT-vs-GRPO table and both curves,
 from metrics dicts as rlsys.eval writes them)."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from rlsys.config import ConfigError
@@ -69,6 +72,18 @@ def test_a_finished_grpo_stage_is_reused_only_with_its_settings(tmp_path, capsys
         tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, ["run.steps=3", "run.checkpoint_every_steps=1"], seeds=[0]
     )
     assert _stage_done(same)
+    # a run saved before the schema gained a setting (here the test split's size) is reused while
+    # that setting stays at its default, and refused once it is given another value
+    state_file = Path(then.run.out_dir) / "checkpoints" / "step_000003" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["data"]["synthetic_test_images"]
+    state_file.write_text(json.dumps(state))
+    assert _stage_done(same)
+    _, (bigger,) = plan(
+        tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, ["run.steps=3", "data.synthetic_test_images=7"], seeds=[0]
+    )
+    with pytest.raises(ConfigError, match=r"data.synthetic_test_images: None then, 7 now"):
+        _stage_done(bigger)
     # more steps: not done, grpo.run resumes it
     _, (longer,) = plan(tmp_path, DEMO_SFT_CONFIGS, [], DEMO_GRPO_CONFIG, ["run.steps=5"], seeds=[0])
     assert not _stage_done(longer)
@@ -252,7 +267,8 @@ def test_make_run_chains_every_stage_with_tiny_step_counts(tmp_path):
         *("--out", str(out), "--seeds", "0", "--max-new-tokens", "16", "--bootstrap-resamples", "10"),
         "--sft",
         *("train.steps=2", "train.log_every_steps=1", "train.checkpoint_every_steps=2", "train.micro_batch_size=2"),
-        *("data.synthetic_train_images=8", "data.synthetic_val_images=4", "tracking.mode=disabled"),
+        *("data.synthetic_train_images=8", "data.synthetic_val_images=4", "data.synthetic_test_images=3"),
+        "tracking.mode=disabled",
         "--grpo",
         *("run.steps=1", "run.prompts_per_step=2", "run.checkpoint_every_steps=1", "rollout.samples_per_prompt=2"),
         *("learner.micro_batch_size=4", "tracking.mode=disabled"),
@@ -266,5 +282,10 @@ def test_make_run_chains_every_stage_with_tiny_step_counts(tmp_path):
         assert f"[demo {k}/3] {stage}" in r.stdout, r.stdout[-3000:]
     report_md = (out / "report.md").read_text()
     assert "| box F1@mIoU |" in report_md and "95% interval" in report_md
-    assert (out / "sft2" / "final" / "config.json").is_file() and (out / "eval" / "sft" / "metrics.json").is_file()
-    assert (out / "eval" / "grpo_seed0" / "step_000001" / "metrics.json").is_file()
+    assert report_md.startswith("# rlsys demo: SFT vs GRPO on the synthetic test split")
+    assert (out / "sft2" / "final" / "config.json").is_file()
+    # every checkpoint on val (choosing settings), the final models on test (the report), each its own split
+    for split, n in (("val", 4), ("test", 3)):
+        for name in ("sft", "grpo_seed0/step_000001"):
+            assert json.loads((out / "eval" / split / name / "metrics.json").read_text())["num_samples"] == n
+    assert "Held-out images: 3 samples" in report_md

@@ -1,7 +1,7 @@
 """What every entry point needs before Ray starts: a model directory and data on disk.
 
 With no model path, the tiny random-weight model is built once under the run's folder; with no
-data path, the synthetic set is generated once (train and val splits). Real checkpoints without
+data path, the synthetic set is generated once per split (train, val, test). Real checkpoints without
 the tokens of their vocabulary (coordinate bins, GETok's grid, ChatRex's indices) get them added
 (``model.coord_tokens``) into ``out_dir/prepared-model``.
 """
@@ -77,7 +77,9 @@ def _synthetic(data: DataConfig, out_dir, split: str) -> Path:
 
     d = Path(out_dir) / "data"
     path = d / f"{split}.jsonl"
-    n = data.synthetic_train_images if split == "train" else data.synthetic_val_images
+    n = {"train": data.synthetic_train_images, "val": data.synthetic_val_images, "test": data.synthetic_test_images}[
+        split
+    ]
     params = {
         "num_images": n,
         "seed": data.seed,
@@ -104,8 +106,15 @@ def _synthetic(data: DataConfig, out_dir, split: str) -> Path:
     return path
 
 
+SPLITS = ("train", "val", "test")
+
+
 def prepare_data_path(data: DataConfig, out_dir, split: str = "train") -> Path:
-    given = data.train if split == "train" else data.val
+    """The file of ``split`` (train, val or test): ``data.<split>`` if given, else the synthetic
+    split under ``out_dir/data``, generated on first use from its own seeded stream."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    given = {"train": data.train, "val": data.val, "test": data.test}[split]
     if given:
         p = Path(given)
         if not p.is_file():

@@ -321,6 +321,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--train-images", type=int, default=2000)
     p.add_argument("--val-images", type=int, default=200)
+    p.add_argument("--test-images", type=int, default=0, help="a test split too (its own stream; 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--position-ramp", type=int, default=0, help="paint positions into the pixels (levels; 0: off)")
@@ -333,7 +334,9 @@ def main(argv=None) -> int:
         help="share of detection and referring samples asking for masks (output mask; for model.vocabulary=getok)",
     )
     a = p.parse_args(argv)
-    for split, n in (("train", a.train_images), ("val", a.val_images)):
+    for split, n in (("train", a.train_images), ("val", a.val_images), ("test", a.test_images)):
+        if n == 0:
+            continue
         print(
             generate(
                 a.out,
