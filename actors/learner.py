@@ -29,6 +29,7 @@ from rlsys.grpo.sequences import (
     token_logprobs,
     vision_tower_features,
 )
+from rlsys.jit_builds import clear_stale_build_locks
 from rlsys.lang.vocab import model_tokens
 from rlsys.models import family_of, load_model, load_processor, param_part
 
@@ -88,6 +89,7 @@ class LearnerWorker:
         torch.manual_seed(seed + rank)
         random.seed(seed + rank)
         cuda = torch.cuda.is_available() and learner_cfg.gpus_per_rank > 0
+        clear_stale_build_locks()  # init_distributed builds DeepSpeed's CPU collective; a killed build's lock hangs it
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         self.processor = load_processor(model_dir, trust_remote_code=trust_remote_code, pixels=pixels, tokens=tokens)
         self.pad_id = self.processor.tokenizer.pad_token_id

@@ -55,6 +55,7 @@ LAYERS = [  # (layer, path prefixes), first match wins
             "rlsys/config.py",
             "rlsys/models/",
             "rlsys/tracking.py",
+            "rlsys/jit_builds.py",
             "rlsys/data/prepare.py",
             "rlsys/data/proposals.py",
             "rlsys/eval/__init__.py",

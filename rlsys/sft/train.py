@@ -28,6 +28,7 @@ from rlsys.data.samples import DataError
 from rlsys.grpo import lora
 from rlsys.grpo.records import LearnerItem
 from rlsys.grpo.sequences import build_batch
+from rlsys.jit_builds import clear_stale_build_locks
 from rlsys.lang.prompts import chat_prompt
 from rlsys.lang.targets import conversation
 from rlsys.lang.vocab import vocabulary_for
@@ -100,6 +101,7 @@ def train_loop(config: dict) -> None:
         model = lora.wrap(model, tr.lora)
     lrs = {"vision": tr.lr_vision, "projector": tr.lr_projector, "llm": tr.lr_llm}
     optim = torch.optim.AdamW(param_groups(model, lrs, tr.weight_decay))
+    clear_stale_build_locks()  # deepspeed.initialize builds DeepSpeed's CPU collective; a killed build's lock hangs it
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optim,
