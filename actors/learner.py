@@ -101,7 +101,7 @@ class LearnerWorker:
         # learner.lora: adapters on the model; the reference is the same model with them off
         self.lora = learner_cfg.lora is not None
         if self.lora:
-            model = lora.wrap(model, learner_cfg.lora)
+            model = lora.wrap(model, learner_cfg.lora, tokenizer=self.processor.tokenizer, tokens=tokens)
         elif learner_cfg.kl_coef > 0:
             self.ref = load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code).eval()
             for p in self.ref.parameters():

@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from rlsys.lang.format import KEYPOINT_STYLES
 from rlsys.lang.prompts import PROMPT_SETS
-from rlsys.lang.vocab import MASK_VOCABULARIES, VOCABULARIES
+from rlsys.lang.vocab import MASK_VOCABULARIES, VOCABULARIES, model_tokens
 from rlsys.models import TinySpec, qwen2_5_vl_3b_shaped, qwen3_vl_4b_shaped
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -423,6 +423,10 @@ class LoraSection(_Section):
     vision: bool = Field(
         False, description="Also put adapters on the vision tower's and merger's linear layers (else they stay frozen)."
     )
+    coordinate_rows: bool = Field(
+        False,
+        description="Also train the input-embedding and output-head rows of the vocabulary's own tokens (Rex-Omni's <0>..<999>, GETok's grid, ChatRex's indices; peft's trainable tokens: only those rows, not the matrices). Needed with model.coord_tokens=add, whose new rows start at the mean embedding and cannot be learned otherwise. A sync then sends the embedding and head too.",
+    )
 
 
 class LearnerConfig(_Section):
@@ -567,6 +571,16 @@ class RunConfig(_Section):
     )
 
 
+def _coordinate_rows_need_tokens(model: ModelConfig, lora: LoraSection | None, where: str) -> None:
+    """``lora.coordinate_rows`` trains the rows of the vocabulary's own tokens: refused for a
+    vocabulary without any (the JSON ones write digits) before anything loads."""
+    if lora is not None and lora.coordinate_rows and not model_tokens(model):
+        raise ValueError(
+            f"{where}.lora.coordinate_rows trains the rows of the vocabulary's own tokens, and model.vocabulary "
+            f"{model.vocabulary} has none here (qwen_json and qwen3_json write digits; getok needs model.getok_grid set)"
+        )
+
+
 def _masks_need_a_mask_vocabulary(model: ModelConfig, data: DataConfig) -> None:
     """Synthetic mask samples asked of a vocabulary that cannot write masks: refused here, in
     the config, before any data is made (a loaded dataset is checked by rlsys.data.prepare.check_targets)."""
@@ -609,6 +623,7 @@ class GRPOConfig(_Section):
                 "learner.gpus_per_rank > 0); on CPUs use rlsys_gloo or auto"
             )
         _masks_need_a_mask_vocabulary(self.model, self.data)
+        _coordinate_rows_need_tokens(self.model, self.learner.lora, "learner")
         return self
 
     @property
@@ -760,6 +775,7 @@ class SFTConfig(_Section):
                 f"model.vocabulary {self.model.vocabulary} writes no bins (set it to 0)"
             )
         _masks_need_a_mask_vocabulary(self.model, self.data)
+        _coordinate_rows_need_tokens(self.model, self.train.lora, "train")
         if self.data.keypoint_style == "rex_release" and self.model.vocabulary != "rex_bins":
             raise ValueError(
                 "data.keypoint_style rex_release writes the release's quoted coordinate bins; "

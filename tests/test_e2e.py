@@ -787,7 +787,8 @@ def test_grpo_with_lora_on_two_ranks_and_two_engines_syncs_merged_weights_and_re
     adapters off), 2 vLLM engines fed the adapted layers' merged weights through the transfer
     protocol (each sync's digest check; the engines' log-probs on-policy equal the learner's),
     a checkpoint of the adapters and their optimizer state that a second run resumes, and a
-    merged Hugging Face export with the checkpoint's own names."""
+    merged Hugging Face export with the checkpoint's own names. With lora.coordinate_rows: the
+    embedding's and head's rows of <0>..<999> train too, and reach the engines."""
     sft_out, _ = sft_run
     init = sft_out / "final"
     out = tmp_path / "grpo"
@@ -799,6 +800,7 @@ def test_grpo_with_lora_on_two_ranks_and_two_engines_syncs_merged_weights_and_re
         "run.prompts_per_step=4",
         "learner.lora.rank=8",
         "learner.lora.alpha=16",
+        "learner.lora.coordinate_rows=true",
         "learner.lr=5e-3",
         "learner.num_ranks=2",
         "learner.cpus_per_rank=0.25",
@@ -826,7 +828,17 @@ def test_grpo_with_lora_on_two_ranks_and_two_engines_syncs_merged_weights_and_re
     b = load_file(out / "checkpoints" / "step_000003" / "hf" / "model.safetensors")
     assert a.keys() == b.keys()  # merged: a plain checkpoint, no adapter names
     changed = [k for k in a if not (a[k] == b[k]).all()]
-    # the language model's linear layers only ("model.layers.*" as Qwen2.5-VL checkpoints name them on disk)
-    assert changed and all(".layers." in k and "visual" not in k and k.endswith("proj.weight") for k in changed), (
+    # the language model's linear layers ("model.layers.*" as Qwen2.5-VL checkpoints name them on
+    # disk), and the embedding's and head's coordinate rows, nothing else of them
+    rows = {k for k in changed if k.endswith(("embed_tokens.weight", "lm_head.weight"))}
+    assert len(rows) == 2, changed
+    assert all(".layers." in k and "visual" not in k and k.endswith("proj.weight") for k in set(changed) - rows), (
         changed[:5]
     )
+    from rlsys.lang.coords import COORD_TOKENS
+    from rlsys.models import load_processor
+
+    ids = set(load_processor(str(init)).tokenizer.convert_tokens_to_ids(list(COORD_TOKENS)))
+    for k in rows:
+        moved = set((a[k] != b[k]).any(dim=1).nonzero().flatten().tolist())
+        assert moved and moved <= ids, (k, sorted(moved - ids)[:5])

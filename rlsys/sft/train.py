@@ -31,7 +31,7 @@ from rlsys.grpo.sequences import build_batch
 from rlsys.jit_builds import clear_stale_build_locks
 from rlsys.lang.prompts import chat_prompt
 from rlsys.lang.targets import conversation
-from rlsys.lang.vocab import vocabulary_for
+from rlsys.lang.vocab import model_tokens, vocabulary_for
 from rlsys.models import coordinate_token_ids, load_model, param_part, processor_for
 from rlsys.sft.losses import answer_token_loss
 from rlsys.tracking import start_tracking, wandb_init_args
@@ -98,7 +98,7 @@ def train_loop(config: dict) -> None:
     tok = processor.tokenizer
     model = load_model(config["model_dir"], dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     if tr.lora is not None:  # adapters only; each keeps its part's lr (param_groups reads the names)
-        model = lora.wrap(model, tr.lora)
+        model = lora.wrap(model, tr.lora, tokenizer=tok, tokens=model_tokens(cfg.model))
     lrs = {"vision": tr.lr_vision, "projector": tr.lr_projector, "llm": tr.lr_llm}
     optim = torch.optim.AdamW(param_groups(model, lrs, tr.weight_decay))
     clear_stale_build_locks()  # deepspeed.initialize builds DeepSpeed's CPU collective; a killed build's lock hangs it
