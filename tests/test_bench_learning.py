@@ -141,11 +141,11 @@ def test_trl_grpo_trainer_trains_the_tiny_model_on_rlsys_rewards(tiny_model_dir,
         timeout_s=900,
         checkpoint_every=1,
     )
-    # the demo's reward is F1 with the count term (rewards.scorer.score_missed_penalty): [-0.2, 1]
-    from rewards.scorer import MISSED_OBJECT_PENALTY
+    # the demo's reward is F1 with the two-sided count term (rewards.scorer.score_coco_count_penalty): [-0.3, 1]
+    from rewards.scorer import COUNT_PENALTY
 
     assert len(t["rewards"]) == 2 and t["samples_per_step"] == 4
-    assert all(-MISSED_OBJECT_PENALTY <= r <= 1.0 for r in t["rewards"]), t["rewards"]
+    assert all(-COUNT_PENALTY <= r <= 1.0 for r in t["rewards"]), t["rewards"]
     assert [Path(c).name for c in t["checkpoints"]] == ["step_000001", "step_000002"]
     from rlsys.models import load_model, load_processor
 

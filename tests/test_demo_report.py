@@ -98,7 +98,7 @@ def test_a_finished_grpo_stage_is_reused_only_with_its_settings(tmp_path, capsys
     )
     with pytest.raises(
         ConfigError,
-        match=r"reward.scorer: 'rewards.scorer:score_missed_penalty' then, 'rewards.scorer:score' now; "
+        match=r"reward.scorer: 'rewards.scorer:score_coco_count_penalty' then, 'rewards.scorer:score' now; "
         r"rollout.temperature: 0.7 then, 0.5 now",
     ):
         _stage_done(other)

@@ -364,21 +364,21 @@ def test_missed_penalty_scorer_hand_worked():
 def test_count_penalty_scorers_hand_worked():
     from rewards.scorer import COUNT_PENALTY, score_coco_count_penalty, score_count_penalty, score_missed_penalty
 
-    assert COUNT_PENALTY == 0.2  # the figures below are worked for it
+    assert COUNT_PENALTY == 0.3  # the figures below are worked for it
     # A referring question: one object. One exact box scores 1 under both.
     ref = sample(instances=[Instance("person", box=(0, 0, 10, 10))])
     one = seg("person", "<0><0><10><10>")
     assert score_count_penalty(one, ref).reward == pytest.approx(1.0)
     assert score_coco_count_penalty(one, ref).reward == pytest.approx(1.0)
-    # A second box far off: P 1/2, R 1, F1 2/3; one extra for one object costs the full 0.2, where
-    # the one-sided term charged nothing (2/3: the extra box was the safe bet).
+    # A second box far off: P 1/2, R 1, F1 2/3; one extra for one object costs the full 0.3, where
+    # the one-sided term charged nothing (2/3: the extra box was the hedge).
     two = seg("person", "<0><0><10><10>,<500><500><600><600>")
     assert score_missed_penalty(two, ref).reward == pytest.approx(2 / 3)
-    assert score_count_penalty(two, ref).reward == pytest.approx(2 / 3 - 0.2)
-    # Five extra boxes: the term is capped at one penalty (the reward's floor stays -0.2).
+    assert score_count_penalty(two, ref).reward == pytest.approx(2 / 3 - 0.3)
+    # Five extra boxes: the term is capped at one penalty (the reward's floor stays -0.3).
     six = seg("person", "<0><0><10><10>" + "".join(f",<{k}00><{k}00><{k}50><{k}50>" for k in range(3, 8)))
-    assert score_count_penalty(six, ref).reward == pytest.approx(2 * (1 / 6) / (1 / 6 + 1) - 0.2)
-    # The missed side as score_missed_penalty: three objects, two found exactly.
+    assert score_count_penalty(six, ref).reward == pytest.approx(2 * (1 / 6) / (1 / 6 + 1) - 0.3)
+    # The missed side as score_missed_penalty's at 0.3: three objects, two found exactly: 0.8 - 0.3 / 3.
     smp = sample(
         instances=[
             Instance("person", box=(0, 0, 10, 10)),
@@ -387,8 +387,9 @@ def test_count_penalty_scorers_hand_worked():
         ]
     )
     found = seg("person", "<0><0><10><10>,<20><20><30><30>")
-    assert score_count_penalty(found, smp).reward == pytest.approx(score_missed_penalty(found, smp).reward)
-    assert score_count_penalty(seg("person", "None"), smp).reward == pytest.approx(-0.2)
+    assert score_count_penalty(found, smp).reward == pytest.approx(0.8 - 0.1)
+    assert score_missed_penalty(found, smp).reward == pytest.approx(0.8 - 0.2 / 3)
+    assert score_count_penalty(seg("person", "None"), smp).reward == pytest.approx(-0.3)
     # COCO thresholds: a box at IoU 0.625 (x1 16 against 10 on the 10 x 10 box: 100 / 160)
     # reaches 0.50, 0.55, 0.60 of the ten: credit 0.3 where the paper's reward pays 0.625.
     loose = seg("person", "<0><0><16><10>")
