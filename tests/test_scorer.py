@@ -30,6 +30,10 @@ def sample(task="detection", output="box", phrases=("person",), instances=(), **
 
 # The GUIDE's example of the released output format (two people).
 PEOPLE = sample(instances=[Instance("person", box=(0, 35, 980, 987)), Instance("person", box=(646, 0, 999, 940))])
+# three 10 x 10 boxes apart, for the hand-worked count terms
+THREE_PEOPLE = sample(
+    instances=[Instance("person", box=(k, k, k + 10, k + 10)) for k in (0, 20, 40)],
+)
 PAPER_TEXT = seg("person", "<0><35><980><987>,<646><0><999><940>") + "<|im_end|>"
 
 
@@ -306,13 +310,7 @@ def test_recall_weighted_scorer_hand_worked():
     with pytest.raises(ValueError):
         f_beta(0.5, 0.5, 0.0)
     # Three GT, two found exactly: P 1, R 2/3. F1 = 0.8; F2 = 5 * (2/3) / (4 + 2/3) = 0.714286.
-    smp = sample(
-        instances=[
-            Instance("person", box=(0, 0, 10, 10)),
-            Instance("person", box=(20, 20, 30, 30)),
-            Instance("person", box=(40, 40, 50, 50)),
-        ]
-    )
+    smp = THREE_PEOPLE
     two = seg("person", "<0><0><10><10>,<20><20><30><30>")
     assert score(two, smp).reward == pytest.approx(0.8)
     assert score_recall_weighted(two, smp).reward == pytest.approx(10 / 14)
@@ -331,13 +329,7 @@ def test_missed_penalty_scorer_hand_worked():
     from rewards.scorer import MISSED_OBJECT_PENALTY, score_missed_penalty
 
     assert MISSED_OBJECT_PENALTY == 0.2  # the figures below are worked for it
-    smp = sample(
-        instances=[
-            Instance("person", box=(0, 0, 10, 10)),
-            Instance("person", box=(20, 20, 30, 30)),
-            Instance("person", box=(40, 40, 50, 50)),
-        ]
-    )
+    smp = THREE_PEOPLE
     # Two of three found exactly: F1 0.8, one object missed: 0.8 - 0.2 / 3 = 0.73333.
     two = seg("person", "<0><0><10><10>,<20><20><30><30>")
     r = score_missed_penalty(two, smp)
@@ -379,13 +371,7 @@ def test_count_penalty_scorers_hand_worked():
     six = seg("person", "<0><0><10><10>" + "".join(f",<{k}00><{k}00><{k}50><{k}50>" for k in range(3, 8)))
     assert score_count_penalty(six, ref).reward == pytest.approx(2 * (1 / 6) / (1 / 6 + 1) - 0.3)
     # The missed side as score_missed_penalty's at 0.3: three objects, two found exactly: 0.8 - 0.3 / 3.
-    smp = sample(
-        instances=[
-            Instance("person", box=(0, 0, 10, 10)),
-            Instance("person", box=(20, 20, 30, 30)),
-            Instance("person", box=(40, 40, 50, 50)),
-        ]
-    )
+    smp = THREE_PEOPLE
     found = seg("person", "<0><0><10><10>,<20><20><30><30>")
     assert score_count_penalty(found, smp).reward == pytest.approx(0.8 - 0.1)
     assert score_missed_penalty(found, smp).reward == pytest.approx(0.8 - 0.2 / 3)
@@ -408,13 +394,7 @@ def test_count_penalty_scorers_hand_worked():
 def test_leave_one_out_gain_hand_worked():
     from rewards.scorer import leave_one_out_gain, score_missed_penalty, score_recall_weighted
 
-    smp = sample(
-        instances=[
-            Instance("person", box=(0, 0, 10, 10)),
-            Instance("person", box=(20, 20, 30, 30)),
-            Instance("person", box=(40, 40, 50, 50)),
-        ]
-    )
+    smp = THREE_PEOPLE
     # Two exact boxes and one far off: F1 2/3; without the far box 0.8 (P 1, R 2/3): +0.1333.
     far = seg("person", "<0><0><10><10>,<20><20><30><30>,<500><500><600><600>")
     assert leave_one_out_gain(far, smp) == pytest.approx(0.8 - 2 / 3)
