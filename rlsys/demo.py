@@ -27,6 +27,7 @@ from rlsys.data.prepare import prepare_data_path
 from rlsys.data.samples import load_dataset
 from rlsys.eval.evaluate import weighted_metrics
 from rlsys.grpo import run as grpo
+from rlsys.grpo.lifecycle import STOPPED_EXIT_CODE
 from rlsys.lang.vocab import vocabulary_for
 from rlsys.models import processor_for
 from rlsys.sft import train as sft
@@ -430,7 +431,14 @@ def main(argv=None) -> int:
             banner(k, f"grpo seed {cfg.run.seed}: done before, reused")
             continue
         banner(k, f"grpo seed {cfg.run.seed}: {cfg.run.steps} steps -> {cfg.run.out_dir}")
-        grpo.run(cfg)
+        m = grpo.run(cfg)
+        if m.get("stopped"):  # SIGTERM: the seed stopped at a step boundary with a checkpoint; so does the demo
+            banner(
+                k,
+                f"grpo seed {cfg.run.seed}: stopped by {m['stopped']} after step {m.get('step')}; the same command "
+                "resumes it, and reuses the finished stages",
+            )
+            return STOPPED_EXIT_CODE
     # Settings are chosen on val (F1 over steps, `--report-split val`); the report's table is the
     # test split's, a stream of scenes no choice looked at (issue 33).
     val = prepare_data_path(sft_cfg.data, sft_cfg.run.out_dir, "val")

@@ -107,6 +107,27 @@ def test_a_finished_grpo_stage_is_reused_only_with_its_settings(tmp_path, capsys
     assert "finished with other settings (rollout.temperature: 0.7 then, 0.5 now)" in capsys.readouterr().err
 
 
+def test_a_grpo_seed_stopped_by_sigterm_stops_the_demo(tmp_path, monkeypatch, capsys):
+    """SIGTERM during a GRPO seed (grpo.run returns at a step boundary with a checkpoint, marked
+    stopped): the demo stops there with the stop's exit code, rather than starting the next seed."""
+    from rlsys import demo
+    from rlsys.grpo.lifecycle import STOPPED_EXIT_CODE
+
+    for k in (1, 2):  # both SFT stages finished before
+        (tmp_path / f"sft{k}" / "final").mkdir(parents=True)
+        (tmp_path / f"sft{k}" / "final" / "config.json").write_text("{}")
+    seeds = []
+
+    def stopped_run(cfg):
+        seeds.append(cfg.run.seed)
+        return {"stopped": "SIGTERM", "step": 2, "checkpoint": "step_000002"}
+
+    monkeypatch.setattr(demo.grpo, "run", stopped_run)
+    assert main(["--out", str(tmp_path), "--grpo", "run.steps=3"]) == STOPPED_EXIT_CODE
+    assert seeds == [0]
+    assert "grpo seed 0: stopped by SIGTERM after step 2; the same command resumes it" in capsys.readouterr().out
+
+
 def test_plan_rejects_a_bad_stage_before_anything_runs(tmp_path, capsys):
     with pytest.raises(ConfigError, match="train.steps"):
         plan(tmp_path, DEMO_SFT_CONFIGS, ["train.steps=0"], DEMO_GRPO_CONFIG, [])
