@@ -263,11 +263,19 @@ def test_intervals_from_eval_predictions_match_the_metrics_and_refuse_other_samp
         return p
 
     iv = intervals_for(write("sft.jsonl", sft), [write("grpo.jsonl", grpo)], samples, REX_BINS, n_resamples=200)
-    for name, key in (("box F1@0.50", "F1@0.50"), ("box F1@mIoU", "F1@mIoU"), ("too few boxes", "under_count_rate")):
+    for name, key in (
+        ("box F1@0.50", "F1@0.50"),
+        ("box F1@mIoU", "F1@mIoU"),
+        ("box F1@mIoU per image", "F1@mIoU_per_image"),
+        ("too few boxes", "under_count_rate"),
+    ):
         assert iv[name]["base"] == pytest.approx(compute_metrics(samples, sft)["detection"][key])
         assert iv[name]["others"][0] == pytest.approx(compute_metrics(samples, grpo)["detection"][key])
     # SFT: two exact boxes, one at IoU 0.5 exactly (counts at 0.50), one far off: F1@0.50 0.75 -> 1.0
     assert iv["box F1@0.50"]["change"] == pytest.approx(0.25) and iv["box F1@0.50"]["lo"] >= 0.0
+    # per image: 1, the half box (IoU 0.5: 1 of the 10 thresholds) 0.1, 0, 1: mean 0.525 -> 1.0
+    assert iv["box F1@mIoU per image"]["base"] == pytest.approx(2.1 / 4)
+    assert iv["box F1@mIoU per image"]["change"] == pytest.approx(1 - 2.1 / 4)
     assert "pointing F1" not in iv  # no pointing samples: no figure
     with pytest.raises(ValueError, match="not the held-out samples in order"):
         intervals_for(write("other.jsonl", sft[:3]), [write("g.jsonl", grpo)], samples, REX_BINS)
