@@ -77,9 +77,7 @@ def _synthetic(data: DataConfig, out_dir, split: str) -> Path:
 
     d = Path(out_dir) / "data"
     path = d / f"{split}.jsonl"
-    n = {"train": data.synthetic_train_images, "val": data.synthetic_val_images, "test": data.synthetic_test_images}[
-        split
-    ]
+    n = getattr(data, f"synthetic_{split}_images")
     params = {
         "num_images": n,
         "seed": data.seed,
@@ -114,7 +112,7 @@ def prepare_data_path(data: DataConfig, out_dir, split: str = "train") -> Path:
     split under ``out_dir/data``, generated on first use from its own seeded stream."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    given = {"train": data.train, "val": data.val, "test": data.test}[split]
+    given = getattr(data, split)  # data.train, data.val, data.test
     if given:
         p = Path(given)
         if not p.is_file():
