@@ -758,6 +758,11 @@ class SFTRunConfig(_Section):
     progress_label: str = Field(
         "", description="Put in front of every progress line, e.g. '[demo 2/6 sft-multi]' (the demo sets it per stage)."
     )
+    stop_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="After SIGTERM (ray job stop, a spot preemption notice) the workers finish their step and write a checkpoint, and the run exits 143 (the same command resumes it); past this many seconds, or on a second SIGTERM, it exits at once. Under ray job stop set RAY_JOB_STOP_WAIT_TIME_S above it in the job's env.",
+    )
 
 
 class SFTConfig(_Section):

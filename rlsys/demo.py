@@ -426,7 +426,11 @@ def main(argv=None) -> int:
             banner(k, f"sft{k}: done before, reused")
             continue
         banner(k, f"sft{k}: {stage.train.steps} steps -> {stage.run.out_dir}")
-        sft.run(stage)
+        try:
+            sft.run(stage)
+        except sft.SFTStopped as exc:  # SIGTERM: the stage stopped at a step boundary with a checkpoint
+            banner(k, f"sft{k}: {exc}; the same command resumes it, and reuses the finished stages")
+            return STOPPED_EXIT_CODE
     sft_cfg = stages[-1]
     sft_final = Path(sft_cfg.run.out_dir) / "final"
     for k, (cfg, finished) in enumerate(zip(runs, done), start=len(stages) + 1):

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from rlsys.config import REPO_ROOT, ConfigError, SFTConfig, deepspeed_config, de
 from rlsys.data.prepare import check_phrases, check_targets, load_checked, prepare_data_path, prepare_model_dir
 from rlsys.data.samples import DataError
 from rlsys.grpo import lora
+from rlsys.grpo.lifecycle import STOPPED_EXIT_CODE, StopSignal
 from rlsys.grpo.records import LearnerItem
 from rlsys.grpo.sequences import build_batch
 from rlsys.jit_builds import clear_stale_build_locks
@@ -187,12 +189,63 @@ def train_loop(config: dict) -> None:
                 )
             if tracker:
                 tracker.log(m, step=done)
-        if done % tr.checkpoint_every_steps == 0 or done == tr.steps:
+        saved = done % tr.checkpoint_every_steps == 0 or done == tr.steps
+        if saved:
             save_checkpoint(
                 engine, processor, rank, done, final=done == tr.steps, metrics={"step": done, "loss": total}
             )
+        if done < tr.steps and stop_requested(config.get("stop_flag"), rank, engine.device):
+            if not saved:
+                save_checkpoint(engine, processor, rank, done, final=False, metrics={"step": done, "loss": total})
+            if rank == 0:
+                print(f"{label}sft: stopped after step {done}, checkpoint written", file=sys.__stdout__, flush=True)
+            break
     if tracker:
         tracker.finish()
+
+
+class StopFlag:
+    """Set by the driver when it gets SIGTERM, read by the workers after each step (a Ray actor:
+    it reaches workers on every node, whatever the checkpoint storage is)."""
+
+    def __init__(self):
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def requested(self) -> bool:
+        return self._set
+
+
+def stop_requested(flag, rank: int, device) -> bool:
+    """Whether the driver asked the run to stop. Rank 0 asks the flag and every rank takes its
+    answer (one all-reduce), so all ranks stop after the same step: the checkpoint they then
+    write is collective, and a rank that went on alone would wait in it for the others."""
+    import ray
+    import torch
+    import torch.distributed as dist
+
+    asked = 0
+    if rank == 0 and flag is not None:
+        try:
+            asked = int(ray.get(flag.requested.remote(), timeout=60))
+        except Exception as exc:  # the driver and its flag gone: Ray Train ends the workers with it
+            log.warning("could not read the stop flag (%s); going on", exc)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([asked], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        asked = int(t.item())
+    return bool(asked)
+
+
+class SFTStopped(Exception):
+    """The run stopped on SIGTERM at a step boundary with a checkpoint; the same command resumes
+    it. An exception, not a return value: a caller must not go on as if the final model existed."""
+
+    def __init__(self, signal_name: str, step: int | None, checkpoint: str | None):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        super().__init__(f"SFT stopped by {signal_name} after step {step} (checkpoint {checkpoint})")
 
 
 def save_checkpoint(engine, processor, rank: int, step: int, *, final: bool, metrics: dict) -> None:
@@ -287,10 +340,30 @@ def run(cfg: SFTConfig) -> Path:
     # latest checkpoint to the workers (ray.train.get_checkpoint()); resume=false starts afresh.
     if not cfg.run.resume:
         shutil.rmtree(storage / name, ignore_errors=True)
+    # SIGTERM: the driver sets the flag, the workers finish their step, write a checkpoint and
+    # return; then this raises SFTStopped (exit 143 from the command line)
+    flag = ray.remote(num_cpus=0)(StopFlag).remote()
+    trainer_kwargs["train_loop_config"]["stop_flag"] = flag
     trainer = TorchTrainer(**trainer_kwargs)
-    result = trainer.fit()
+    with StopSignal(cfg.run.stop_timeout_s) as stop:
+        fitted = threading.Event()
+
+        def pass_on() -> None:  # not from the signal handler itself: it interrupts ray.get
+            while not fitted.wait(0.2):
+                if stop.requested:
+                    flag.set.remote()
+                    return
+
+        threading.Thread(target=pass_on, daemon=True, name="sft-stop").start()
+        try:
+            result = trainer.fit()
+        finally:
+            fitted.set()
     if result.error:
         raise RuntimeError(f"SFT failed: {result.error}")
+    if stop.requested and not (result.checkpoint and (Path(result.checkpoint.path) / "hf").is_dir()):
+        step = (result.metrics or {}).get("step")
+        raise SFTStopped(stop.requested, step, result.checkpoint.path if result.checkpoint else None)
     final = out / "final"
     with result.checkpoint.as_directory() as d:
         src = Path(d) / "hf"
@@ -326,6 +399,9 @@ def main(argv=None) -> int:
     except DataError as exc:  # a record that cannot be used, named with file:line (before Ray started)
         print(f"data error: {exc}", file=sys.stderr)
         return 2
+    except SFTStopped as exc:
+        print(f"{exc}; the same command resumes it", flush=True)
+        return STOPPED_EXIT_CODE
     return 0
 
 
