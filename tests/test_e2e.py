@@ -28,8 +28,8 @@ def _run(args, timeout_s, cwd):
 
 def test_sft_loss_falls_and_checkpoint_loads_in_vllm(sft_run):
     out, stdout = sft_run
-    losses = [float(x) for x in re.findall(r"sft step \d+/150 loss ([0-9.]+)", stdout)]
-    assert len(losses) >= 6, stdout[-2000:]
+    losses = [float(x) for x in re.findall(r"sft step \d+/400 loss ([0-9.]+)", stdout)]
+    assert len(losses) >= 16, stdout[-2000:]
     # a random model starts near ln(vocab) = ln(1728) = 7.45 nats per token; by the first log
     # (step 25) it has learnt the fixed parts of the format; the coordinates must then keep improving
     assert losses[0] > 2.5 and losses[-1] < 0.6 * losses[0], losses
@@ -319,6 +319,50 @@ def test_grpo_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_eve
     drawn = [i for rec in records for i in rec["prompt_ids"]]
     assert len({len(rec["prompt_ids"]) for rec in records}) == 1  # each step its prompts_per_step
     assert len(set(drawn)) == len(drawn)  # none lost to the stop, none drawn twice (400 images, no epoch wraps)
+
+
+def test_sft_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resumes(tmp_path):
+    """SIGTERM to `python -m rlsys.sft` mid-run (no checkpoint step near): the driver passes it to
+    the Ray Train workers, which finish their step, write a checkpoint there and return; the run
+    exits 143 saying how to resume, and the same command goes on from the step after. Before,
+    the signal killed the run where it was: every step since the last periodic checkpoint lost."""
+    out = tmp_path / "sft-stop"
+    args = [
+        sys.executable,
+        "-m",
+        "rlsys.sft",
+        f"run.out_dir={out}",
+        "train.steps=200",
+        "train.log_every_steps=5",
+        "train.checkpoint_every_steps=1000",  # only the stop and the last step write one
+        "data.synthetic_train_images=60",
+        "tracking.mode=disabled",
+        "data.tasks=[referring,visual_prompt]",
+    ]
+    p = subprocess.Popen(
+        args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        seen = _wait_for(p, r"sft step 10/200", 600)
+        p.send_signal(signal.SIGTERM)
+        rest, _ = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            _kill_tree(p)
+    text = "".join(seen) + rest
+    assert p.returncode == 143, text[-4000:]
+    m = re.search(r"SFT stopped by SIGTERM after step (\d+) \(checkpoint (\S+)\); the same command resumes it", text)
+    assert m, text[-4000:]
+    stopped = int(m.group(1))
+    assert 10 <= stopped < 200 and m.group(2).endswith(f"checkpoint_step_{stopped:07d}"), m.group(0)
+    assert (Path(m.group(2)) / "ds").is_dir() and not (out / "final").exists()
+
+    r = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    logged = [int(x) for x in re.findall(r"sft step (\d+)/200 loss", r.stdout)]
+    # the resume starts after the stopped step: its first progress line is the next multiple of 5
+    assert logged and logged[0] == (stopped // 5 + 1) * 5 and logged[-1] == 200, logged
+    assert (out / "final" / "model.safetensors").is_file()
 
 
 def test_grpo_asynchronous_rollouts_train_and_resume_without_losing_or_repeating_prompts(sft_run, tmp_path):
@@ -842,3 +886,41 @@ def test_grpo_with_lora_on_two_ranks_and_two_engines_syncs_merged_weights_and_re
     for k in rows:
         moved = set((a[k] != b[k]).any(dim=1).nonzero().flatten().tolist())
         assert moved and moved <= ids, (k, sorted(moved - ids)[:5])
+
+
+def test_grpo_with_lora_raises_the_papers_reward_on_fixed_prompts(sft_run, tmp_path):
+    """learner.lora learns on the real scorer: the paper's box IoU F1 (rewards.scorer:score, in
+    the reward workers), rank-8 adapters on the SFT model, 4 fixed visual-prompt scenes (all of
+    them every step, 8 answers each, temperature 0.7). The rollouts' mean reward over the last
+    15 of 60 steps is above the first 15's. Measured when written: 0.038 -> 0.138 (lr 1e-3);
+    0.061 -> 0.155 at lr 5e-3; on the 150-step SFT model the reward was 0 for every answer."""
+    sft_out, _ = sft_run
+    out = tmp_path / "grpo"
+    stdout = _run(
+        [
+            "rlsys.grpo",
+            f"run.out_dir={out}",
+            f"run.init_checkpoint={sft_out / 'final'}",
+            "data.synthetic_train_images=4",
+            "data.tasks=[visual_prompt]",
+            "run.prompts_per_step=4",
+            "rollout.samples_per_prompt=8",
+            "rollout.temperature=0.7",
+            "run.steps=60",
+            "run.checkpoint_every_steps=60",
+            "learner.lora.rank=8",
+            "learner.lora.alpha=16",
+            "learner.lr=1e-3",
+            "reward.scorer=rewards.scorer:score",
+            "tracking.mode=disabled",
+        ],
+        900,
+        tmp_path,
+    )
+    records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
+    assert len(records) == 60 and all(r["reward/kind/box_iou"] == 32 for r in records)  # every answer: the IoU F1
+    rewards = [r["reward/mean"] for r in records]
+    first, last = sum(rewards[:15]) / 15, sum(rewards[-15:]) / 15
+    assert last > first + 0.04, [round(r, 3) for r in rewards]
+    final = json.loads(stdout.split("final: ", 1)[1].splitlines()[0])
+    assert final["weights_in_sync"] is True
