@@ -31,3 +31,32 @@ class Family:
     reuses_frozen_tower: bool
     # what a real checkpoint of it would exercise that the tiny one does not (for the docs)
     notes: str = ""
+
+
+def tiny_text_config(spec, ids: dict[str, int], vocab_rows: int, rope_parameters: dict) -> dict:
+    """The LLM half of a tiny Qwen-VL config, the same fields in every family (each passes its
+    own M-RoPE sections in ``rope_parameters``)."""
+    return dict(
+        vocab_size=vocab_rows,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta, **rope_parameters},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=spec.tie_word_embeddings,
+    )
+
+
+def tiny_special_token_ids(ids: dict[str, int]) -> dict:
+    """The vision special tokens' ids a Qwen-VL config names at its top level."""
+    return dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )

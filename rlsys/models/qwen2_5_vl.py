@@ -4,7 +4,7 @@ pixels of the processor-resized image (``qwen_json``)."""
 
 from __future__ import annotations
 
-from rlsys.models.family import Family
+from rlsys.models.family import Family, tiny_special_token_ids, tiny_text_config
 
 
 def tiny_config(spec, ids: dict[str, int], vocab_rows: int):
@@ -15,20 +15,7 @@ def tiny_config(spec, ids: dict[str, int], vocab_rows: int):
     # [16, 24, 24] for head_dim 128, scaled here to the tiny head.
     mrope = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
     return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab_rows,
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_kv_heads,
-            max_position_embeddings=spec.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta, "mrope_section": mrope},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=spec.tie_word_embeddings,
-        ),
+        text_config=tiny_text_config(spec, ids, vocab_rows, {"mrope_section": mrope}),
         vision_config=dict(
             depth=spec.vision_depth,
             hidden_size=spec.vision_hidden_size,
@@ -42,10 +29,7 @@ def tiny_config(spec, ids: dict[str, int], vocab_rows: int):
             temporal_patch_size=2,
             tokens_per_second=2,
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **tiny_special_token_ids(ids),
         tie_word_embeddings=spec.tie_word_embeddings,
     )
 

@@ -6,7 +6,7 @@ image (``qwen3_json``)."""
 
 from __future__ import annotations
 
-from rlsys.models.family import Family
+from rlsys.models.family import Family, tiny_special_token_ids, tiny_text_config
 
 
 def tiny_config(spec, ids: dict[str, int], vocab_rows: int):
@@ -22,24 +22,8 @@ def tiny_config(spec, ids: dict[str, int], vocab_rows: int):
     grid = int((spec.max_pixels**0.5) // 16) + 1  # learned positions of a square at the budget
     return Qwen3VLConfig(
         text_config=dict(
-            vocab_size=vocab_rows,
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=spec.max_position_embeddings,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": spec.rope_theta,
-                "mrope_section": mrope,
-                "mrope_interleaved": True,
-            },
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=spec.tie_word_embeddings,
+            tiny_text_config(spec, ids, vocab_rows, {"mrope_section": mrope, "mrope_interleaved": True}),
+            head_dim=head_dim,  # Qwen3 sets it apart from hidden_size / heads (4B: 128 x 32 over 2560)
         ),
         vision_config=dict(
             depth=spec.vision_depth,
@@ -53,10 +37,7 @@ def tiny_config(spec, ids: dict[str, int], vocab_rows: int):
             num_position_embeddings=grid * grid,
             deepstack_visual_indexes=deepstack,
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **tiny_special_token_ids(ids),
         tie_word_embeddings=spec.tie_word_embeddings,
     )
 
