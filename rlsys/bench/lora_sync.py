@@ -6,6 +6,8 @@ reload, as the object-store fallback does: ``rlsys_load_weights_files``); the en
 with plain kernels. ``adapter``: the learner writes the adapters alone (peft's
 ``save_pretrained``) and the engine, started with ``enable_lora``, hot-loads each new version as
 a new LoRA request (``add_lora``, the old one removed) and samples through vLLM's LoRA kernels.
+``full``: what a fully trained learner's sync moves, every weight of the model (the same update,
+merged), reloaded the same way: the figure LoRA is measured against.
 
 Per variant, each in its own process (``python -m rlsys.bench.lora_sync --model NAME --variant
 merged|adapter``): the bytes one sync moves; the learner's seconds to make them; the engine's
@@ -34,7 +36,7 @@ from rlsys.config import REPO_ROOT, LoraSection, ModelConfig, RolloutConfig, vll
 from rlsys.grpo import lora
 from rlsys.models import load_model
 
-VARIANTS = ("merged", "adapter")
+VARIANTS = ("merged", "adapter", "full")
 
 
 def _train_adapters(model, seed: int) -> None:
@@ -75,9 +77,10 @@ def run(model_name: str, variant: str, out_dir: Path, *, rank: int = 16, repeats
         for k in range(repeats):
             _train_adapters(model, seed=k)
             t0 = time.perf_counter()
-            if variant == "merged":
-                path = tmp / f"merged-{k}.safetensors"
-                tensors = {n: t.contiguous() for n, t in lora.merged_weights(model, only_changed=True)}
+            if variant in ("merged", "full"):
+                path = tmp / f"{variant}-{k}.safetensors"
+                changed = variant == "merged"
+                tensors = {n: t.contiguous() for n, t in lora.merged_weights(model, only_changed=changed)}
                 save_file(tensors, str(path))
             else:
                 path = tmp / f"adapter-{k}"
@@ -87,7 +90,7 @@ def run(model_name: str, variant: str, out_dir: Path, *, rank: int = 16, repeats
                 path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.iterdir() if f.is_file())
             )
             t0 = time.perf_counter()
-            if variant == "merged":
+            if variant in ("merged", "full"):
                 llm.collective_rpc("rlsys_load_weights_files", args=([str(path)],))
                 llm.reset_prefix_cache()
             else:
@@ -141,42 +144,48 @@ def compare(model_name: str, out_dir: Path, *, rank: int = 16, repeats: int = 3,
             raise RuntimeError(
                 f"{variant}: no greedy answer changed after the syncs: the update did not reach the engine"
             )
-    m, a = res["merged"], res["adapter"]
+    m, a, f = res["merged"], res["adapter"], res["full"]
+    m_after, a_after, f_after = m.pop("greedy_after"), a.pop("greedy_after"), f.pop("greedy_after")
     # the same last update both ways: the engines should answer alike (float rounding may flip a token)
-    res["greedy_answers_agree"] = sum(x == y for x, y in zip(m.pop("greedy_after"), a.pop("greedy_after")))
+    res["greedy_answers_agree"] = sum(x == y for x, y in zip(m_after, a_after))
+    # full and merged load the same weights (the rest reloaded as it was): the same answers
+    res["greedy_full_equals_merged"] = sum(x == y for x, y in zip(m_after, f_after))
     res["ratios"] = {
         "sync_bytes_merged_over_adapter": m["sync_mib"] / a["sync_mib"],
         "learner_s_merged_over_adapter": m["learner_s"] / a["learner_s"],
         "engine_s_merged_over_adapter": m["engine_s"] / a["engine_s"],
         "tokens_per_s_merged_over_adapter": m["tokens_per_s"] / a["tokens_per_s"],
+        "sync_bytes_full_over_merged": f["sync_mib"] / m["sync_mib"],
+        "learner_s_full_over_merged": f["learner_s"] / m["learner_s"],
+        "engine_s_full_over_merged": f["engine_s"] / m["engine_s"],
     }
     return res
 
 
 def table(res: dict) -> str:
-    m, a, r = res["merged"], res["adapter"], res["ratios"]
-    rows = [
-        ("a sync's bytes (MiB)", f"{m['sync_mib']:.1f}", f"{a['sync_mib']:.1f}", r["sync_bytes_merged_over_adapter"]),
-        (
-            "learner: make them (s)",
-            f"{m['learner_s']:.3f}",
-            f"{a['learner_s']:.3f}",
-            r["learner_s_merged_over_adapter"],
-        ),
-        ("engine: take them (s)", f"{m['engine_s']:.3f}", f"{a['engine_s']:.3f}", r["engine_s_merged_over_adapter"]),
-        (
-            "engine: tokens/s after",
-            f"{m['tokens_per_s']:.1f}",
-            f"{a['tokens_per_s']:.1f}",
-            r["tokens_per_s_merged_over_adapter"],
-        ),
-    ]
+    m, a, f = res["merged"], res["adapter"], res["full"]
+
+    def row(name: str, key: str, fmt: str) -> str:
+        return (
+            f"| {name} | {f[key]:{fmt}} | {m[key]:{fmt}} | {a[key]:{fmt}} "
+            f"| {f[key] / m[key]:.2f}x | {m[key] / a[key]:.2f}x |"
+        )
+
     head = (
-        f"| {m['model']}, LoRA rank {m['rank']} | merged layers, reloaded | adapters, hot-loaded | merged / adapters |"
+        f"| {m['model']}, LoRA rank {m['rank']} | full training: every weight, reloaded "
+        "| LoRA: merged layers, reloaded | LoRA: adapters, hot-loaded | full / merged | merged / adapters |"
     )
-    agree = f"Greedy answers to {m['prompts']} prompts after the last sync, the same both ways: {res['greedy_answers_agree']}."
-    body = [f"| {n} | {x} | {y} | {q:.2f}x |" for n, x, y, q in rows]
-    return "\n".join([head, "|---|---|---|---|", *body, "", agree])
+    agree = (
+        f"Greedy answers to {m['prompts']} prompts after the last sync, the same as the merged engine's: "
+        f"adapters {res['greedy_answers_agree']}, full {res['greedy_full_equals_merged']}."
+    )
+    body = [
+        row("a sync's bytes (MiB)", "sync_mib", ".1f"),
+        row("learner: make them (s)", "learner_s", ".3f"),
+        row("engine: take them (s)", "engine_s", ".3f"),
+        row("engine: tokens/s after", "tokens_per_s", ".1f"),
+    ]
+    return "\n".join([head, "|---|---|---|---|---|---|", *body, "", agree])
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,9 @@ command that produced it.
 - sync: seconds per weight sync through vLLM's weight-transfer protocol (rlsys_gloo here, nccl on
   GPUs) vs the object-store fallback vs one Ray call per tensor, for the tiny model and a larger
   random model of the same architecture, and the sync's share of step time;
+- sync with LoRA (with ``sync``): on the Qwen2.5-VL-3B shape, the bytes and seconds of one sync of a
+  LoRA learner (merged layers reloaded, what rlsys does; adapters hot-loaded) against full
+  training's (every weight), each in its own process and engine (``rlsys.bench.lora_sync``);
 - distributed: step time with 1 vs 2 learner ranks and 1 vs 2 rollout engines, same batch;
 - step: share of step time in generate, reward, reference, learn, sync and idle;
 - scaling: step time as prompts per step doubles (2, 4, 8, 16);
@@ -46,6 +49,7 @@ from pathlib import Path
 
 from actors.group import actor_env
 from rlsys.bench import learning as bench_learning
+from rlsys.bench import lora_sync
 from rlsys.bench.learner import compare
 from rlsys.config import DEFAULT_CONFIG, REPO_ROOT, load_config
 from rlsys.grpo.run import prepare_data, prepare_model, start_trainer
@@ -59,6 +63,7 @@ ALL = ("rewards", "rollout", "step", "sync", "distributed", "scaling", "async", 
 # Long (tens of minutes to hours, from the demo's SFT model): only when asked for by name.
 ON_REQUEST = ("learning", "soak")
 DEMO_GRPO_CONFIG = REPO / "configs" / "demo_grpo_tiny_cpu.yaml"
+LORA_SYNC_MODEL = "qwen3b_g8_256"  # the Qwen2.5-VL-3B widths, 1 LLM layer (rlsys.bench.learner.MODELS)
 
 
 def _trainer(cfg):
@@ -424,6 +429,22 @@ def markdown(res: dict, cmd: str) -> str:
                     + ", ".join(f"{k[:-2]} {v * 1e3:.0f} ms" for k, v in r["protocol_phases_s"].items())
                     + " | | | |"
                 )
+    if "lora_sync" in res:
+        r = res["lora_sync"]
+        if "ratios" in r:
+            f, m, ad, q = r["full"], r["merged"], r["adapter"], r["ratios"]
+            rows.append(
+                f"| weight sync with LoRA, {m['model']} rank {m['rank']}: merged layers reloaded | "
+                f"{m['sync_mib']:.1f} MiB, learner {m['learner_s']:.2f} s, engine {m['engine_s']:.2f} s "
+                f"| full training {f['sync_mib']:.1f} MiB, {f['learner_s']:.2f} s, {f['engine_s']:.2f} s; "
+                f"adapters hot-loaded {ad['sync_mib']:.1f} MiB, {ad['learner_s']:.2f} s, {ad['engine_s']:.2f} s "
+                f"| full / merged: bytes {q['sync_bytes_full_over_merged']:.1f}x, engine {q['engine_s_full_over_merged']:.1f}x; "
+                f"merged / adapters: bytes {q['sync_bytes_merged_over_adapter']:.0f}x, engine "
+                f"{q['engine_s_merged_over_adapter']:.1f}x, tokens/s after {q['tokens_per_s_merged_over_adapter']:.2f}x "
+                f"| `{cmd} --only sync` |"
+            )
+        else:
+            rows.append(f"| weight sync with LoRA | failed: {str(r)[:200]} | | | `{cmd} --only sync` |")
     if "sync" in res:
         sh = res["sync"]["share"]
         rows.append(
@@ -528,6 +549,11 @@ def main(argv=None) -> int:
             res["async"] = bench_async(out)
     if "learner" in a.only:
         res["learner"] = compare(out / "learner")
+    if "sync" in a.only:
+        try:  # its own processes and engines, after the Ray sections' actors are gone
+            res["lora_sync"] = lora_sync.compare(LORA_SYNC_MODEL, out / "lora_sync")
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            res["lora_sync"] = {"error": str(exc)[-800:]}
     if "vocab" in a.only:
         res["vocab"] = bench_vocab(cfg)
     if "serve" in a.only:
