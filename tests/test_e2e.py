@@ -186,6 +186,20 @@ def _wait_for(proc, pattern, timeout_s):
     raise AssertionError(f"never saw {pattern!r}; last output:\n{''.join(seen[-40:])}")
 
 
+def _sigterm_when(args, cwd, pattern, *, wait_s, exit_s, **popen):
+    """Start ``args``, send SIGTERM once a line of its output matches ``pattern`` and wait for it to
+    exit: (exit code, all its output). The run and what it started are killed if it outlives it."""
+    p = subprocess.Popen(args, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    try:
+        seen = _wait_for(p, pattern, wait_s)
+        p.send_signal(signal.SIGTERM)
+        rest, _ = p.communicate(timeout=exit_s)
+    finally:
+        if p.poll() is None:
+            _kill_tree(p)
+    return p.returncode, "".join(seen) + rest
+
+
 def test_grpo_end_to_end_kill_and_resume(sft_run, tmp_path):
     sft_out, _ = sft_run
     init = sft_out / "final"
@@ -292,16 +306,8 @@ def test_grpo_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_eve
         "tracking.mode=disabled",
         "reward.scorer=tests.scorers_for_tests:coordinate_count_reward",
     ]
-    p = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        seen = _wait_for(p, r"^step 2/5", 900)
-        p.send_signal(signal.SIGTERM)
-        rest, _ = p.communicate(timeout=600)
-    finally:
-        if p.poll() is None:
-            _kill_tree(p)
-    text = "".join(seen) + rest
-    assert p.returncode == 143, text[-4000:]
+    code, text = _sigterm_when(args, tmp_path, r"^step 2/5", wait_s=900, exit_s=600)
+    assert code == 143, text[-4000:]
     m = re.search(r"stopped by SIGTERM after step (\d+) \(checkpoint (\S+)\)", text)
     assert m, text[-4000:]
     stopped = int(m.group(1))
@@ -339,18 +345,8 @@ def test_sft_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resumes(tmp_
         "tracking.mode=disabled",
         "data.tasks=[referring,visual_prompt]",
     ]
-    p = subprocess.Popen(
-        args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        seen = _wait_for(p, r"sft step 10/200", 600)
-        p.send_signal(signal.SIGTERM)
-        rest, _ = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            _kill_tree(p)
-    text = "".join(seen) + rest
-    assert p.returncode == 143, text[-4000:]
+    code, text = _sigterm_when(args, tmp_path, r"sft step 10/200", wait_s=600, exit_s=300, start_new_session=True)
+    assert code == 143, text[-4000:]
     m = re.search(r"SFT stopped by SIGTERM after step (\d+) \(checkpoint (\S+)\); the same command resumes it", text)
     assert m, text[-4000:]
     stopped = int(m.group(1))
