@@ -1,4 +1,5 @@
-"""How a LoRA learner's weights reach a vLLM engine, both ways, on one model shape (issue 31).
+"""How a LoRA learner's weights reach a vLLM engine, two ways, beside full training's sync, on one
+model shape (issue 31).
 
 ``merged`` (what rlsys does): the learner merges each adapted layer (``W + B A * alpha / r``, with
 the layers vLLM fuses with it) and the engine reloads those tensors in place (vLLM's layerwise
@@ -10,12 +11,12 @@ a new LoRA request (``add_lora``, the old one removed) and samples through vLLM'
 merged), reloaded the same way: the figure LoRA is measured against.
 
 Per variant, each in its own process (``python -m rlsys.bench.lora_sync --model NAME --variant
-merged|adapter``): the bytes one sync moves; the learner's seconds to make them; the engine's
+merged|adapter|full``): the bytes one sync moves; the learner's seconds to make them; the engine's
 seconds to take them (median of ``--repeats`` syncs, each a new random update); and the engine's
 tokens/s on the same text prompts after the sync (with the adapter active for ``adapter``); and
-whether both engines then give the same greedy answers (the same update either way). Both
-go through local files, so neither pays a network here: over a link the bytes ratio is what
-matters. ``python -m rlsys.bench.lora_sync --model NAME`` runs both and prints the ratios.
+whether the engines then give the same greedy answers (the same update every way). All three
+go through local files, so none pays a network here: over a link the bytes ratio is what
+matters. ``python -m rlsys.bench.lora_sync --model NAME`` runs all three and prints the ratios.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def run(model_name: str, variant: str, out_dir: Path, *, rank: int = 16, repeats
 
 
 def compare(model_name: str, out_dir: Path, *, rank: int = 16, repeats: int = 3, timeout_s: int = 1800) -> dict:
-    """Both variants, each in its own process (one vLLM engine per process), and their ratios."""
+    """Every variant, each in its own process (one vLLM engine per process), and their ratios."""
     res = {}
     for variant in VARIANTS:
         cmd = [
@@ -146,7 +147,7 @@ def compare(model_name: str, out_dir: Path, *, rank: int = 16, repeats: int = 3,
             )
     m, a, f = res["merged"], res["adapter"], res["full"]
     m_after, a_after, f_after = m.pop("greedy_after"), a.pop("greedy_after"), f.pop("greedy_after")
-    # the same last update both ways: the engines should answer alike (float rounding may flip a token)
+    # the same last update, merged or as adapters: the engines should answer alike (float rounding may flip a token)
     res["greedy_answers_agree"] = sum(x == y for x, y in zip(m_after, a_after))
     # full and merged load the same weights (the rest reloaded as it was): the same answers
     res["greedy_full_equals_merged"] = sum(x == y for x, y in zip(m_after, f_after))
@@ -191,7 +192,7 @@ def table(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlsys.bench.lora_sync", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo_g8", help="a model of rlsys.bench.learner.MODELS")
-    p.add_argument("--variant", choices=VARIANTS, help="one variant in this process (default: both, compared)")
+    p.add_argument("--variant", choices=VARIANTS, help="one variant in this process (default: all, compared)")
     p.add_argument("--out", default="runs/bench/lora_sync")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
