@@ -73,18 +73,7 @@ def build_batch(processor, items, pad_id: int, cache: dict | None = None):
     seqs, starts = [], []
     for enc, it in zip(encs, items):
         resp = torch.as_tensor(it.response_ids, dtype=torch.long)
-        if resp.numel() == 0:
-            raise ValueError("an answer with no tokens cannot be scored by the learner")
-        placeholders = [
-            t
-            for t in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
-            if t is not None
-        ]
-        if placeholders and bool(torch.isin(resp, torch.tensor(placeholders)).any()):
-            raise ValueError(
-                f"an answer to {it.image} contains an image/video placeholder token {placeholders}: the model "
-                "would read it as an image slot; the rollout engine must not sample these tokens"
-            )
+        _check_answer(processor, it, resp)
         prompt = enc["input_ids"][0]
         if it.prompt_ids is not None:
             # the engine's token ids for this prompt (image placeholders expanded): the learner
