@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from rlsys.lang.format import (
+    KeypointInstance,
     Parsed,
     Prediction,
 )
@@ -80,3 +81,16 @@ class _Instances(list):
     def __init__(self, items=(), written=()):
         super().__init__(items)
         self.written = [tuple(c) for c in written]
+
+    @classmethod
+    def in_pixels(cls, insts, px) -> _Instances:
+        """``insts`` (parsed, in the vocabulary's coordinates) with every box and keypoint mapped
+        by ``px`` to pixels; an invisible keypoint stays ``None``; ``written`` keeps the boxes
+        as written."""
+        return cls(
+            [
+                KeypointInstance(i.name, px(i.box), {k: None if v is None else px(v) for k, v in i.keypoints.items()})
+                for i in insts
+            ],
+            [i.box for i in insts],
+        )

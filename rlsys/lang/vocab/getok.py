@@ -199,13 +199,7 @@ class GETok:
         def px(c):
             return self._pixels(c, width, height)
 
-        return _Instances(
-            [
-                KeypointInstance(i.name, px(i.box), {k: None if v is None else px(v) for k, v in i.keypoints.items()})
-                for i in insts
-            ],
-            [i.box for i in insts],
-        ), bad
+        return _Instances.in_pixels(insts, px), bad
 
     def prompt_boxes(self, boxes, width: int, height: int, floor: bool = False) -> str:
         """``"<grid1_12><OFF0_1><grid10_18><OFF-1_0>", ...`` (quoted, as the bins' are)."""

@@ -88,13 +88,7 @@ class RexBins:
         def px(c):
             return tuple(float(v) for v in coords.decode_xy(c, width, height))
 
-        return _Instances(
-            [
-                KeypointInstance(i.name, px(i.box), {k: None if v is None else px(v) for k, v in i.keypoints.items()})
-                for i in insts
-            ],
-            [i.box for i in insts],
-        ), bad
+        return _Instances.in_pixels(insts, px), bad
 
     def prompt_boxes(self, boxes, width: int, height: int, floor: bool = False) -> str:
         """``"<12><412><339><568>", ...`` (quoted coordinate-token strings; ``floor``: bins by floor)."""
