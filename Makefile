@@ -1,6 +1,6 @@
 # The two commands of the README. Both create .venv/ and install everything on first use
 # (scripts/setup_venv.sh; a second run reuses it), then run.
-.PHONY: setup run grpo sft test lint bench bench-rewards
+.PHONY: setup run grpo sft test test-fast lint bench bench-rewards
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -18,8 +18,15 @@ lint: setup
 	.venv/bin/ruff check rlsys actors rewards tests scripts
 	.venv/bin/ruff format --check rlsys actors rewards tests scripts
 
+# The whole suite (what CI runs): every capability end to end. It prints the 25 slowest tests and
+# the total, so a change sees what it costs; keep it under 40 minutes from a fresh clone on 2 cores.
 test: setup
-	.venv/bin/python -m pytest -q tests $(ARGS)
+	.venv/bin/python -m pytest -q tests --durations=25 $(ARGS)
+
+# The edit loop: the tests that start no Ray, vLLM or DeepSpeed (conftest.py fails a test outside
+# the `slow` mark that leaves Ray or torch.distributed running), a couple of minutes.
+test-fast: setup
+	.venv/bin/python -m pytest -q tests -m "not slow" --durations=10 $(ARGS)
 
 sft: setup
 	.venv/bin/python -m rlsys.sft $(ARGS)

@@ -16,7 +16,7 @@ import ray
 import actors.weight_sync  # noqa: F401  registers rlsys_gloo in vLLM's factories (here and in the workers)
 from actors.group import MemberFailed, Members, bundle, node_id, round_robin
 from actors.weight_sync import write_shm
-from rlsys.config import vllm_engine_args
+from rlsys.config import prepare_sync_engine_process, vllm_engine_args
 from rlsys.data.images import open_rgb
 from rlsys.grpo.records import Answer, Refusal
 from rlsys.grpo.sequences import BANNED_LOGIT_BIAS, banned_token_ids
@@ -31,7 +31,7 @@ class RolloutWorker:
         """``engine_args``: :func:`rlsys.config.vllm_engine_args`, built on the driver; the
         rollout engine adds the weight-transfer protocol, the worker extension that receives
         weights, and log-probs of the distribution tokens were drawn from."""
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        prepare_sync_engine_process()
         from vllm import LLM
 
         extra = {}

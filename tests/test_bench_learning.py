@@ -56,14 +56,30 @@ def test_figures_per_1000_samples_and_the_table():
     }
     lines = markdown(res).splitlines()
     # F1@mIoU is a held-out figure: the fixed setting scores its training prompts, so it has none
-    assert "| fixed | rlsys | 0.300 -> 0.500 | - | 0.400 -> 0.400 | 100 / 300 |" in lines
-    assert "| fixed | trl | 0.300 -> 0.400 | - | 0.400 -> 0.400 | 200 / 400 |" in lines
+    # three steps, windows of ten: both windows are all three steps (mean 0.4), no change; the
+    # bootstrap of two resampled means of {0.2, 0.4, 0.6} spans +-0.267 (2/3 of a 0.4 range)
+    assert "| fixed | rlsys | 0.300 -> 0.500 | - | 0.400 -> 0.400 (+0.000 [-0.267, +0.267]) | 100 / 300 |" in lines
+    assert "| fixed | trl | 0.300 -> 0.400 | - | 0.400 -> 0.400 (+0.000 [-0.267, +0.267]) | 200 / 400 |" in lines
     assert (
         "| fixed | rlsys / TRL | gain +0.200 vs +0.100 | | | TRL takes 2.00x rlsys's step time (1.33x whole run) |"
         in lines
     )
     fresh = markdown({"fresh": {"rlsys": {**res["fixed"]["rlsys"], "curve": []}}}).splitlines()
-    assert "| fresh | rlsys | 0.300 -> 0.500 | 25.0 | 0.400 -> 0.400 | 100 / 300 |" in fresh
+    assert "| fresh | rlsys | 0.300 -> 0.500 | 25.0 | 0.400 -> 0.400 (+0.000 [-0.267, +0.267]) | 100 / 300 |" in fresh
+
+
+def test_window_change_and_its_interval():
+    from rlsys.bench.learning import window_change
+
+    # each window constant: first 0, last 1, and every resample gives the same change
+    assert window_change([0.0, 0.0, 1.0, 1.0], 2) == (0.0, 1.0, 1.0, 1.0, 1.0)
+    # windows of 2 over [0.1, 0.3, 0.5, 0.9]: 0.2 -> 0.7, +0.5. A resampled first window's mean is
+    # 0.1, 0.2 or 0.3, the last's 0.5, 0.7 or 0.9: every change lies in [0.5 - 0.3, 0.9 - 0.1] = [0.2, 0.8]
+    first, last, change, lo, hi = window_change([0.1, 0.3, 0.5, 0.9], 2)
+    assert (first, last, change) == pytest.approx((0.2, 0.7, 0.5))
+    assert 0.2 - 1e-9 <= lo < 0.5 < hi <= 0.8 + 1e-9
+    with pytest.raises(ValueError, match="at least one"):
+        window_change([], 10)
 
 
 def test_trl_run_shares_the_settings_or_refuses(tiny_model_dir):
@@ -151,3 +167,35 @@ def test_trl_grpo_trainer_trains_the_tiny_model_on_rlsys_rewards(tiny_model_dir,
 
     load_model(t["checkpoints"][-1])
     load_processor(t["checkpoints"][-1])
+
+
+@pytest.mark.slow
+def test_the_learning_benchmark_runs_at_toy_size_and_writes_its_table(sft_run, tmp_path):
+    """`python -m rlsys.bench.learning` end to end at toy size, on the shared SFT model: the
+    greedy evaluation before, rlsys's GRPO run (LoRA, the paper's reward on visual prompts: the
+    settings of the LoRA figure in the README) and the evaluation after, then its table. What it
+    measures at full size (a reward that rises, beside TRL's) is a benchmark's figure, not a
+    test's: 2 steps here show the path works, not that it learns."""
+    import json
+
+    from rlsys.bench import learning
+
+    sft_out, _ = sft_run
+    out = tmp_path / "bench"
+    code = learning.main(
+        [
+            *("--init", str(sft_out / "final"), "--out", str(out), "--only", "fixed", "--systems", "rlsys"),
+            *("--fixed-prompts", "2", "--fixed-steps", "2", "--val-limit", "2", "--timeout-s", "900"),
+            *("data.tasks=[visual_prompt]", "reward.scorer=rewards.scorer:score", "rollout.samples_per_prompt=4"),
+            *("rollout.max_new_tokens=24", "learner.lora.rank=8", "learner.lora.alpha=16", "learner.lr=1e-3"),
+        ]
+    )
+    assert code == 0
+    res = json.loads((out / "learning.json").read_text())
+    run = res["fixed"]["rlsys"]
+    assert len(run["train"]["rewards"]) == 2 and run["train"]["samples_per_step"] == 2 * 4
+    assert 0.0 <= run["before"]["mean_reward"] <= 1.0 and 0.0 <= run["after"]["mean_reward"] <= 1.0
+    # the model after is the run's last checkpoint, not the start
+    assert run["train"]["checkpoints"][-1].endswith("step_000002/hf")
+    md = (out / "learning.md").read_text()
+    assert "| fixed | rlsys |" in md and "[95% interval]" in md

@@ -60,34 +60,12 @@ def test_sft_loss_falls_and_checkpoint_loads_in_vllm(sft_run):
     assert "F1@0.50" in ev
 
 
-def test_sft_with_soft_coordinate_targets(tmp_path):
-    """The soft-target loss (train.coord_label_sigma_bins) through Ray Train and DeepSpeed: it
-    runs, the loss falls, and the final model is written."""
-    stdout = _run(
-        [
-            "rlsys.sft",
-            f"run.out_dir={tmp_path}",
-            "train.steps=30",
-            "train.log_every_steps=10",
-            "train.checkpoint_every_steps=30",
-            "train.coord_label_sigma_bins=5",
-            "data.synthetic_train_images=60",
-            "tracking.mode=disabled",
-            "data.tasks=[referring,visual_prompt]",
-        ],
-        600,
-        tmp_path,
-    )
-    losses = [float(x) for x in re.findall(r"sft step \d+/30 loss ([0-9.]+)", stdout)]
-    assert len(losses) >= 3, stdout[-2000:]
-    assert losses[-1] < losses[0], losses
-    assert (tmp_path / "final" / "model.safetensors").is_file()
-
-
-def test_sft_with_lora_trains_adapters_and_exports_a_merged_model(tmp_path):
-    """train.lora through Ray Train and DeepSpeed: only the adapters train (the loss falls), and
-    the final model is a plain checkpoint of the family, the adapters merged into the language
-    model's linear layers and everything else the starting model's."""
+def test_sft_with_lora_and_soft_coordinate_targets_trains_adapters_and_exports_a_merged_model(tmp_path):
+    """train.lora and the soft-target loss (train.coord_label_sigma_bins) through Ray Train and
+    DeepSpeed, in one run: only the adapters train (the loss falls), and the final model is a
+    plain checkpoint of the family, the adapters merged into the language model's linear layers
+    and everything else the starting model's. (Two runs before, one per knob; the soft targets'
+    arithmetic is tested in test_losses.)"""
     stdout = _run(
         [
             "rlsys.sft",
@@ -97,6 +75,7 @@ def test_sft_with_lora_trains_adapters_and_exports_a_merged_model(tmp_path):
             "train.checkpoint_every_steps=30",
             "train.lora.rank=16",
             "train.lr_llm=5e-3",
+            "train.coord_label_sigma_bins=5",
             "data.synthetic_train_images=60",
             "tracking.mode=disabled",
             "data.tasks=[referring,visual_prompt]",
@@ -115,38 +94,6 @@ def test_sft_with_lora_trains_adapters_and_exports_a_merged_model(tmp_path):
     assert changed and all(".layers." in k and "visual" not in k and k.endswith("proj.weight") for k in changed), (
         changed
     )
-
-
-def test_sft_two_ranks_write_checkpoints_in_storage_and_resume(tmp_path):
-    """Two Ray Train ranks write one checkpoint straight into Ray Train's storage (each its
-    DeepSpeed shard; no staging copy), Ray keeps the newest two, and a second run with more steps
-    resumes after the last one instead of starting over. Each progress line is printed once."""
-    args = [
-        "rlsys.sft",
-        f"run.out_dir={tmp_path}",
-        "train.log_every_steps=1",
-        "train.checkpoint_every_steps=1",
-        "data.synthetic_train_images=40",
-        "tracking.mode=offline",
-        "train.num_workers=2",
-        "train.cpus_per_worker=0.5",
-    ]
-    first = _run(args + ["train.steps=2"], 600, tmp_path)
-    assert len(re.findall(r"sft step 1/2 loss", first)) == 1, first[-2000:]
-    store = tmp_path / "ray_train" / "sft"
-    ck = store / "checkpoint_step_0000002"
-    assert sorted(p.name for p in (ck / "ds" / "state").glob("zero_pp_rank_*")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-    ]
-    assert json.loads((ck / "state.json").read_text()) == {"step": 2} and (ck / "hf" / "model.safetensors").is_file()
-    second = _run(args + ["train.steps=3", "run.resume=true"], 600, tmp_path)
-    assert re.findall(r"sft step (\d+)/3 loss", second) == ["3"], second[-2000:]
-    assert sorted(p.name for p in store.glob("checkpoint_step_*")) == [
-        "checkpoint_step_0000002",
-        "checkpoint_step_0000003",
-    ]
-    assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
 def _kill_tree(proc):
@@ -200,172 +147,85 @@ def _sigterm_when(args, cwd, pattern, *, wait_s, exit_s, **popen):
     return p.returncode, "".join(seen) + rest
 
 
-def test_grpo_end_to_end_kill_and_resume(sft_run, tmp_path):
-    sft_out, _ = sft_run
-    init = sft_out / "final"
-    out = tmp_path / "grpo"
-    # A short SFT teaches the format, not localisation (see the demo's report), so on geometric
-    # rewards every group of this tiny policy would score 0 and nothing would be learnt. The
-    # system test plugs in a dense text reward instead (reward.scorer); the geometry is tested in
-    # test_rewards/test_scorer, and GRPO with the real scorer runs in test_job_submit and
-    # test_grpo_faults.
-    args = [
-        sys.executable,
-        "-m",
-        "rlsys.grpo",
-        f"run.out_dir={out}",
-        f"run.init_checkpoint={init}",
-        "run.checkpoint_every_steps=2",
-        "tracking.image_table_every_steps=2",
-        "learner.lr=5e-4",
-        "reward.scorer=tests.scorers_for_tests:coordinate_count_reward",
-    ]
-    # First run: 4 steps asked, killed after step 3 is logged (its last checkpoint is step 2).
-    p = subprocess.Popen(
-        args + ["run.steps=4"],
-        cwd=tmp_path,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _wait_for(p, r"^step 3/4", 900)
-    finally:
-        _kill_tree(p)
-    first = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in first] == [1, 2, 3]
-    ckpts = out / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_000002"
-    assert not list(ckpts.glob("*.partial"))
-    # the rewards vary inside groups, so the advantages (and the update) are not zero
-    assert all(r["groups/zero_std_fraction"] < 1.0 for r in first), first
-    assert all(r["reward/mean"] > 0 for r in first), first
-
-    # Second run resumes from step 2 and finishes step 3 (again) and 4, keeping one checkpoint.
-    r = subprocess.run(
-        args + ["run.steps=4", "run.keep_checkpoints=1"],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "resumed from" in r.stdout + r.stderr and "at step 2" in r.stdout + r.stderr
-    steps = [int(m) for m in re.findall(r"^step (\d+)/4", r.stdout, re.M)]
-    assert steps == [3, 4], r.stdout[-3000:]
-    records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
-    # each step once: the killed run's step 3 (after its last checkpoint) was dropped and redone
-    assert [rec["step"] for rec in records] == [1, 2, 3, 4]
-    # same data order after resume: step 3 draws the same prompts as in the killed run
-    assert records[2]["prompt_ids"] == first[2]["prompt_ids"]
-    assert all(rec["reward/kind/coordinate_count"] == 4 * 4 for rec in records)  # which reward scored, per step
-    # run.keep_checkpoints=1: the newest (also the final) stays, step 2 was pruned
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000004"]
-    final = json.loads(r.stdout.split("final: ", 1)[1].splitlines()[0])
-    assert final["step"] == 4 and final["weights_in_sync"] is True
-    for stage in ("generate", "reward", "reference", "learn", "sync"):
-        assert final[f"time/{stage}_s"] > 0
-    state = json.loads((ckpts / "step_000004" / "trainer_state.json").read_text())
-    assert state["step"] == 4 and state["data_position"] == 4 * 4  # 4 steps x 4 prompts
-    # the learner's weights changed: the final policy differs from the SFT start
-    from safetensors.torch import load_file
-
-    a = load_file(init / "model.safetensors")
-    b = load_file(ckpts / "step_000004" / "hf" / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert any(not (a[k] == b[k]).all() for k in a)
-    # metrics went to an offline W&B run
-    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert runs and all(f.stat().st_size > 0 for f in runs)
-    # the resumed run continued the killed run's W&B run (one id, kept in out_dir)
-    run_id = (out / "wandb_run_id").read_text().strip()
-    assert len(runs) == 2 and all(f.name == f"run-{run_id}.wandb" for f in runs), runs
-
-
-def test_grpo_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_every_step_once(sft_run, tmp_path):
-    """SIGTERM (what `ray job stop` and a spot preemption notice send) to `python -m rlsys.grpo`
-    mid-run: the step in progress finishes, a checkpoint is written at that step (no checkpoint
-    step falls there), the run exits 143 saying how to resume; the resume runs each remaining step
-    once and the prompts follow the uninterrupted order. Before the clean stop the signal killed
-    the run where it was: no checkpoint, every step since the start lost."""
-    sft_out, _ = sft_run
-    out = tmp_path / "grpo-stop"
-    args = [
-        sys.executable,
-        "-m",
-        "rlsys.grpo",
-        f"run.out_dir={out}",
-        f"run.init_checkpoint={sft_out / 'final'}",
-        "run.checkpoint_every_steps=10",
-        "run.max_staleness_steps=1",  # a batch generating ahead when the signal comes: saved, not lost
-        "run.dynamic_sampling=false",
-        "run.steps=5",
-        "tracking.mode=disabled",
-        "reward.scorer=tests.scorers_for_tests:coordinate_count_reward",
-    ]
-    code, text = _sigterm_when(args, tmp_path, r"^step 2/5", wait_s=900, exit_s=600)
-    assert code == 143, text[-4000:]
-    m = re.search(r"stopped by SIGTERM after step (\d+) \(checkpoint (\S+)\)", text)
-    assert m, text[-4000:]
-    stopped = int(m.group(1))
-    assert stopped in (2, 3) and m.group(2).endswith(f"step_{stopped:06d}")  # the step in progress finished
-    ckpts = out / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == f"step_{stopped:06d}" and not list(ckpts.glob("*.partial"))
-    state = json.loads((ckpts / f"step_{stopped:06d}" / "trainer_state.json").read_text())
-    assert state["pending_batches"]  # the batch drawn ahead, to be generated again on resume
-
-    r = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert [int(s) for s in re.findall(r"^step (\d+)/5", r.stdout, re.M)] == list(range(stopped + 1, 6))
-    records = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-    assert [rec["step"] for rec in records] == [1, 2, 3, 4, 5]
-    drawn = [i for rec in records for i in rec["prompt_ids"]]
-    assert len({len(rec["prompt_ids"]) for rec in records}) == 1  # each step its prompts_per_step
-    assert len(set(drawn)) == len(drawn)  # none lost to the stop, none drawn twice (400 images, no epoch wraps)
-
-
-def test_sft_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resumes(tmp_path):
-    """SIGTERM to `python -m rlsys.sft` mid-run (no checkpoint step near): the driver passes it to
-    the Ray Train workers, which finish their step, write a checkpoint there and return; the run
-    exits 143 saying how to resume, and the same command goes on from the step after. Before,
-    the signal killed the run where it was: every step since the last periodic checkpoint lost."""
+def test_sft_two_ranks_stop_on_sigterm_with_a_checkpoint_in_storage_and_resume(tmp_path):
+    """SIGTERM to `python -m rlsys.sft` on two Ray Train ranks mid-run (no periodic checkpoint
+    step near): the driver passes it to the workers, which agree on the step to stop after (one
+    all-reduce), finish it, write one checkpoint straight into Ray Train's storage (each rank its
+    DeepSpeed shard; no staging copy) and return; the run exits 143 saying how to resume. The
+    same command goes on from the step after, each progress line printed once, and Ray keeps the
+    newest two checkpoints. Before the clean stop the signal killed the run where it was: every
+    step since the last periodic checkpoint lost. (Two tests before: two ranks resuming a
+    finished run, and one rank stopped by SIGTERM; four runs for two.)"""
     out = tmp_path / "sft-stop"
     args = [
         sys.executable,
         "-m",
         "rlsys.sft",
         f"run.out_dir={out}",
-        "train.steps=200",
-        "train.log_every_steps=5",
-        "train.checkpoint_every_steps=1000",  # only the stop and the last step write one
-        "data.synthetic_train_images=60",
-        "tracking.mode=disabled",
-        "data.tasks=[referring,visual_prompt]",
+        "train.steps=20",
+        "train.log_every_steps=1",
+        "train.checkpoint_every_steps=5",
+        "data.synthetic_train_images=40",
+        "tracking.mode=offline",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
     ]
-    code, text = _sigterm_when(args, tmp_path, r"sft step 10/200", wait_s=600, exit_s=300, start_new_session=True)
+    code, text = _sigterm_when(args, tmp_path, r"sft step 2/20 loss", wait_s=600, exit_s=300, start_new_session=True)
     assert code == 143, text[-4000:]
     m = re.search(r"SFT stopped by SIGTERM after step (\d+) \(checkpoint (\S+)\); the same command resumes it", text)
     assert m, text[-4000:]
     stopped = int(m.group(1))
-    assert 10 <= stopped < 200 and m.group(2).endswith(f"checkpoint_step_{stopped:07d}"), m.group(0)
-    assert (Path(m.group(2)) / "ds").is_dir() and not (out / "final").exists()
+    assert 2 <= stopped < 20 and m.group(2).endswith(f"checkpoint_step_{stopped:07d}"), m.group(0)
+    assert len(re.findall(r"sft step 1/20 loss", text)) == 1, text[-2000:]  # each progress line once
+    ck = Path(m.group(2))
+    store = out / "ray_train" / "sft"
+    assert ck.resolve().parent == store.resolve() and not (out / "final").exists()
+    assert sorted(p.name for p in (ck / "ds" / "state").glob("zero_pp_rank_*")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    assert json.loads((ck / "state.json").read_text()) == {"step": stopped}
 
-    r = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    logged = [int(x) for x in re.findall(r"sft step (\d+)/200 loss", r.stdout)]
-    # the resume starts after the stopped step: its first progress line is the next multiple of 5
-    assert logged and logged[0] == (stopped // 5 + 1) * 5 and logged[-1] == 200, logged
+    second = _run(args[2:], 600, tmp_path)
+    logged = [int(x) for x in re.findall(r"sft step (\d+)/20 loss", second)]
+    # the resume starts after the stopped step, and logs each step once
+    assert logged == list(range(stopped + 1, 21)), logged
+    assert sorted(p.name for p in store.glob("checkpoint_step_*")) == [
+        "checkpoint_step_0000015",
+        "checkpoint_step_0000020",
+    ]
+    last = store / "checkpoint_step_0000020"
+    assert (
+        json.loads((last / "state.json").read_text()) == {"step": 20} and (last / "hf" / "model.safetensors").is_file()
+    )
     assert (out / "final" / "model.safetensors").is_file()
 
 
-def test_grpo_asynchronous_rollouts_train_and_resume_without_losing_or_repeating_prompts(sft_run, tmp_path):
-    """run.max_staleness_steps=1 as a user runs it: the reward rises on the dense test reward,
-    no answer is more than one version old, and a run killed with a batch generating ahead
-    resumes with that batch's prompts: over the run each prompt is drawn once, none is lost."""
+def test_grpo_stopped_by_sigterm_then_killed_resumes_every_step_once_and_learns(sft_run, tmp_path):
+    """`python -m rlsys.grpo` as a user runs it, with asynchronous rollouts
+    (run.max_staleness_steps=1, so a batch is always generating ahead), stopped twice and run
+    again each time with the same command:
+
+    1. SIGTERM (what `ray job stop` and a spot preemption notice send) after step 2 is logged:
+       the step in progress finishes, a checkpoint is written at that step (no periodic one falls
+       there) with the batch drawn ahead, and the run exits 143 saying how to resume. (Before
+       the clean stop the signal killed the run where it was: every step since the start lost.)
+    2. The resume goes on from the step after, and is SIGKILLed after step 5 is logged: its last
+       checkpoint is step 3's, which holds the batch drawn for step 4.
+    3. The second resume redoes step 4 with the same prompts, keeps one checkpoint and finishes.
+
+    Over the three runs every step is recorded once and every prompt drawn once (none lost to a
+    stop, none drawn twice), no answer is more than one version old, the W&B run is continued, the
+    policy moved and the dense reward rose.
+
+    A short SFT teaches the format, not localisation (see the demo's report), so on geometric
+    rewards every group of this tiny policy would score 0 and nothing would be learnt: the test
+    plugs in a dense text reward (reward.scorer). The geometry is tested in test_rewards and
+    test_scorer; GRPO with the real scorer runs in test_job_submit, test_grpo_faults and
+    test_distributed_grpo. This one test was three (SIGTERM, kill, asynchronous rollouts), six
+    processes for four; the synchronous loop's resume is the LoRA test's and the node-loss test's."""
     sft_out, _ = sft_run
+    init = sft_out / "final"
     out = tmp_path / "grpo-async"
     steps = 10
     args = [
@@ -373,43 +233,91 @@ def test_grpo_asynchronous_rollouts_train_and_resume_without_losing_or_repeating
         "-m",
         "rlsys.grpo",
         f"run.out_dir={out}",
-        f"run.init_checkpoint={sft_out / 'final'}",
+        f"run.init_checkpoint={init}",
         "run.max_staleness_steps=1",
         "run.checkpoint_every_steps=3",
+        "tracking.image_table_every_steps=2",
         "learner.lr=5e-4",
-        "tracking.mode=disabled",
         "reward.scorer=tests.scorers_for_tests:coordinate_count_reward",
         f"run.steps={steps}",
     ]
+    ckpts = out / "checkpoints"
+
+    # 1. SIGTERM after step 2: the step in progress finishes and is checkpointed
+    code, text = _sigterm_when(args, tmp_path, rf"^step 2/{steps}", wait_s=900, exit_s=600, start_new_session=True)
+    assert code == 143, text[-4000:]
+    m = re.search(r"stopped by SIGTERM after step (\d+) \(checkpoint (\S+)\)", text)
+    assert m, text[-4000:]
+    stopped = int(m.group(1))
+    assert stopped in (2, 3) and m.group(2).endswith(f"step_{stopped:06d}")  # the step in progress finished
+    assert (ckpts / "latest").read_text().strip() == f"step_{stopped:06d}" and not list(ckpts.glob("*.partial"))
+    state = json.loads((ckpts / f"step_{stopped:06d}" / "trainer_state.json").read_text())
+    assert [b["step"] for b in state["pending_batches"]] == [stopped + 1]  # drawn ahead, generated again on resume
+    stopped_records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in stopped_records] == list(range(1, stopped + 1))
+    # the rewards vary inside groups, so the advantages (and the update) are not zero
+    assert all(r["groups/zero_std_fraction"] < 1.0 and r["reward/mean"] > 0 for r in stopped_records), stopped_records
+
+    # 2. the resume, SIGKILLed after step 5 (its last checkpoint is step 3's)
     p = subprocess.Popen(
         args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     try:
-        _wait_for(p, rf"^step 4/{steps}", 900)
+        seen = "".join(_wait_for(p, rf"^step 5/{steps}", 900))
     finally:
         _kill_tree(p)
-    first = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
-    state = json.loads((out / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert [int(s) for s in re.findall(rf"^step (\d+)/{steps}", seen, re.M)] == list(range(stopped + 1, 6))
+    killed = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in killed] == [1, 2, 3, 4, 5]
+    assert (ckpts / "latest").read_text().strip() == "step_000003" and not list(ckpts.glob("*.partial"))
+    state = json.loads((ckpts / "step_000003" / "trainer_state.json").read_text())
     # the checkpoint after step 3 holds the batch drawn for step 4, generating when it was written
     assert [b["step"] for b in state["pending_batches"]] == [4] and len(state["pending_batches"][0]["idx"]) == 4
     assert state["data_position"] == 4 * 4
 
-    r = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    # 3. the second resume redoes steps 4 and 5 and finishes, keeping one checkpoint
+    r = subprocess.run(
+        args + ["run.keep_checkpoints=1"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "resumed from" in r.stdout + r.stderr and "at step 3" in r.stdout + r.stderr
+    assert [int(s) for s in re.findall(rf"^step (\d+)/{steps}", r.stdout, re.M)] == list(range(4, steps + 1))
     records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
+    # each step once: the killed run's steps 4 and 5 (after its last checkpoint) were dropped and redone
     assert [rec["step"] for rec in records] == list(range(1, steps + 1))
-    # the pending batch was generated again after the resume: the same prompts at step 4
-    assert records[3]["prompt_ids"] == first[3]["prompt_ids"]
+    # the batch pending in a checkpoint was generated again after each resume: the same prompts
+    assert records[3]["prompt_ids"] == killed[3]["prompt_ids"]
+    assert records[stopped]["prompt_ids"] == killed[stopped]["prompt_ids"]
     ids = [i for rec in records for i in rec["prompt_ids"]]
     assert len(ids) == steps * 4 and len(set(ids)) == len(ids), "a prompt was drawn twice"  # 40 of 400: one epoch
-    # staleness: 0 for the first batch and the one regenerated after the resume, else 1
-    assert [rec["rollout/staleness_max"] for rec in records] == [0, 1, 1, 0] + [1] * (steps - 4)
+    assert all(rec["reward/kind/coordinate_count"] == 4 * 4 for rec in records)  # which reward scored, per step
+    # staleness: 0 for the first batch and for the ones generated again after each resume, else 1
+    fresh = {1, stopped + 1, 4}
+    assert [rec["rollout/staleness_max"] for rec in records] == [int(k not in fresh) for k in range(1, steps + 1)]
     assert all(rec["learner/corrected_tokens"] > 0 for rec in records if rec["rollout/staleness_max"] == 1)
     # it learns: the dense reward of the last three steps is above the first three's
     rewards = [rec["reward/mean"] for rec in records]
     assert sum(rewards[-3:]) > sum(rewards[:3]), rewards
     final = json.loads(r.stdout.split("final: ", 1)[1].splitlines()[0])
-    assert final["weights_in_sync"] is True
+    assert final["step"] == steps and final["weights_in_sync"] is True
+    for stage in ("generate", "reward", "reference", "learn", "sync"):
+        assert final[f"time/{stage}_s"] > 0
+    # run.keep_checkpoints=1: the newest (also the final) stays, the others were pruned
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_{steps:06d}"]
+    state = json.loads((ckpts / f"step_{steps:06d}" / "trainer_state.json").read_text())
+    assert state["step"] == steps and state["data_position"] == steps * 4 and state["pending_batches"] == []
+    # the learner's weights changed: the final policy differs from the SFT start
+    from safetensors.torch import load_file
+
+    a = load_file(init / "model.safetensors")
+    b = load_file(ckpts / f"step_{steps:06d}" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert any(not (a[k] == b[k]).all() for k in a)
+    # metrics went to an offline W&B run, and each resume continued it (one id, kept in out_dir)
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs and all(f.stat().st_size > 0 for f in runs)
+    run_id = (out / "wandb_run_id").read_text().strip()
+    assert len(runs) == 3 and all(f.name == f"run-{run_id}.wandb" for f in runs), runs
 
 
 def test_two_grpo_runs_in_one_process_as_the_demo_runs_its_seeds(sft_run, tmp_path):
@@ -518,12 +426,22 @@ def test_qwen_json_vocabulary_sft_grpo_and_eval(tmp_path):
     assert metrics["detection"]["predictions_per_image"] > 0
 
 
-def test_getok_vocabulary_sft_grpo_and_eval(tmp_path):
-    """model.vocabulary=getok through every stage: rlsys.data.prepare adds the 32 x 32 grid, the nine
-    offsets and <DELETE> to the tiny model (embedding rows grown), SFT learns the grid-token
-    answers, GRPO scores them with GETok's grid-stage reward in the reward workers, and
-    rlsys.eval reads them back into pixels."""
-    vocab = ["model.vocabulary=getok", "tracking.mode=disabled", "data.tasks=[referring,visual_prompt]"]
+def test_getok_vocabulary_boxes_and_masks_sft_grpo_eval_and_serve(tmp_path):
+    """model.vocabulary=getok through every stage, boxes and masks from one SFT model:
+    rlsys.data.prepare adds the 32 x 32 grid, the nine offsets and <DELETE> to the tiny model
+    (embedding rows grown); half the referring questions ask for masks; SFT learns the grid-token
+    answers of both; GRPO scores them with GETok's grid-stage reward in the reward workers (boxes
+    by IoU + L1 corners, masks by grid-cell decoding and their points: no SAM on a CPU test);
+    rlsys.eval reads the answers back into pixels and reports mask F1 beside box F1; and Serve
+    answers box and mask requests in the request's pixels. (Two tests before, each with its own
+    SFT: the boxes on this grid, the masks on a 16 x 16 grid without offsets; the vocabulary's
+    parsing of both settings is tested in test_vocab.)"""
+    vocab = [
+        "model.vocabulary=getok",
+        "tracking.mode=disabled",
+        "data.tasks=[referring,visual_prompt]",
+        "data.synthetic_mask_fraction=0.5",
+    ]
     stdout = _run(
         [
             "rlsys.sft",
@@ -541,6 +459,9 @@ def test_getok_vocabulary_sft_grpo_and_eval(tmp_path):
     # the markup is learned early; which of 1,024 grid tokens a box corner takes is what the loss
     # keeps paying for (a run: 2.09, 1.67, 1.66), so the bar is lower than for the JSON answers
     assert len(losses) >= 3 and losses[-1] < 0.85 * losses[0], losses
+    data = tmp_path / "sft" / "data"
+    rows = [json.loads(l) for l in (data / "train.jsonl").read_text().splitlines()]
+    assert {r["output"] for r in rows} == {"box", "mask"}
     from rlsys.lang.vocab import getok_tokens
     from rlsys.models import load_processor
 
@@ -555,10 +476,11 @@ def test_getok_vocabulary_sft_grpo_and_eval(tmp_path):
             f"run.out_dir={out}",
             f"run.init_checkpoint={init}",
             "run.steps=2",
-            "run.prompts_per_step=4",
-            "rollout.max_new_tokens=48",
+            "run.prompts_per_step=6",
+            "rollout.max_new_tokens=64",
             "run.dynamic_sampling=false",
-            "reward.scorer=rewards.scorer:score_getok_grid_stage",
+            "reward.scorer=rewards.scorer:score_getok_grid_stage_cell_masks",
+            f"data.train={data / 'train.jsonl'}",
             *vocab,
         ],
         900,
@@ -566,124 +488,59 @@ def test_getok_vocabulary_sft_grpo_and_eval(tmp_path):
     )
     records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    assert all(r["reward/kind/box_iou_l1"] == 4 * 4 for r in records), (
-        records
-    )  # the grid-stage reward scored every answer
+    kinds = [{k: v for k, v in r.items() if k.startswith("reward/kind/")} for r in records]
+    # every answer scored (6 prompts x 4 answers a step); the box questions by the grid-stage box
+    # term, and over the two steps some questions asked for masks, scored on their grid cells
+    assert all(sum(k.values()) == 6 * 4 for k in kinds), kinds
+    assert sum(k.get("reward/kind/box_iou_l1", 0) for k in kinds) > 0, kinds
+    assert sum(v for k in kinds for n, v in k.items() if n.startswith("reward/kind/mask_iou_grid_cells")) > 0, kinds
     assert min(r["reward/unreadable_per_answer"] for r in records) < 1.0, records
     ev = _run(
         [
             "rlsys.eval",
             "--checkpoint",
             str(init),
-            "--out",
-            str(tmp_path / "eval"),
-            "--limit",
-            "8",
-            "--tasks",
-            "referring",
-            "--max-new-tokens",
-            "48",
-            "model.vocabulary=getok",
-        ],
-        600,
-        tmp_path,
-    )
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["vocabulary"] == "getok" and metrics["num_samples"] == 8 and "F1@0.50" in ev
-    answers = [json.loads(l)["answer"] for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    from rlsys.lang.vocab import GETok
-
-    # read whole into pixels: grid tokens, nothing unreadable, at least one instance (after 150
-    # steps the tiny model may still write one corner where a box needs two: a point, the wrong
-    # kind, which the metrics count as no box; the comparison in the README trains 2,500 steps)
-    parsed = [GETok(32).parse(a, 112, 112) for a in answers]
-    assert sum("<grid" in a and p.unreadable == 0 and len(p) > 0 for a, p in zip(answers, parsed)) >= 6, answers
-    _serve_one_request_in_pixels(init, "getok", tmp_path)
-
-
-def test_getok_masks_sft_grpo_and_eval(tmp_path):
-    """GETok's mask output through every stage on the tiny model: half the referring questions ask
-    for masks, SFT learns their grid-point targets, GRPO scores mask answers in the reward workers
-    (grid-cell decoding, no SAM on a CPU test), and rlsys.eval reports mask F1 beside box F1."""
-    vocab = [
-        "model.vocabulary=getok",
-        "model.getok_grid=16",
-        "model.getok_offsets=false",
-        "tracking.mode=disabled",
-        "data.tasks=[referring]",
-        "data.synthetic_mask_fraction=0.5",
-    ]
-    _run(
-        [
-            "rlsys.sft",
-            f"run.out_dir={tmp_path / 'sft'}",
-            "train.steps=150",
-            "train.log_every_steps=50",
-            "train.checkpoint_every_steps=150",
-            "data.synthetic_train_images=400",
-            *vocab,
-        ],
-        900,
-        tmp_path,
-    )
-    rows = [json.loads(l) for l in (tmp_path / "sft" / "data" / "train.jsonl").read_text().splitlines()]
-    outputs = {r["output"] for r in rows}
-    assert outputs == {"box", "mask"}, outputs
-    init = tmp_path / "sft" / "final"
-    out = tmp_path / "grpo"
-    _run(
-        [
-            "rlsys.grpo",
-            f"run.out_dir={out}",
-            f"run.init_checkpoint={init}",
-            "run.steps=2",
-            "run.prompts_per_step=4",
-            "rollout.max_new_tokens=64",
-            "run.dynamic_sampling=false",
-            "reward.scorer=rewards.scorer:score_cell_masks",
-            f"data.train={tmp_path / 'sft' / 'data' / 'train.jsonl'}",
-            *vocab,
-        ],
-        900,
-        tmp_path,
-    )
-    records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
-    kinds = [{k: v for k, v in r.items() if k.startswith("reward/kind/")} for r in records]
-    # every answer scored; over two steps of 4 prompts x 4 answers some questions asked for masks
-    assert all(sum(k.values()) == 16 for k in kinds), kinds
-    assert sum(k.get("reward/kind/mask_iou_grid_cells", 0) for k in kinds) > 0, kinds
-    _run(
-        [
-            "rlsys.eval",
-            "--checkpoint",
-            str(init),
             "--data",
-            str(tmp_path / "sft" / "data" / "train.jsonl"),
+            str(data / "val.jsonl"),
             "--out",
             str(tmp_path / "eval"),
             "--limit",
             "16",
+            "--tasks",
+            "referring",
             "--max-new-tokens",
             "64",
             "reward.scorer=rewards.scorer:score_cell_masks",
-            *vocab[:3],
+            *vocab[:2],
         ],
         600,
         tmp_path,
     )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["vocabulary"] == "getok" and metrics["num_samples"] == 16 and "F1@0.50" in ev
     assert metrics["mask"]["decoder"] == "grid_cells" and metrics["mask"]["num_images"] > 0, metrics
     assert 0.0 <= metrics["mask"]["F1@mIoU"] <= 1.0 and "detection" in metrics
-    _serve_one_request_in_pixels(init, "getok", tmp_path, output="mask", max_new_tokens=64, requests=8)
+    outputs = {r["id"]: r["output"] for r in map(json.loads, (data / "val.jsonl").read_text().splitlines())}
+    preds = [json.loads(l) for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    boxes = [p["answer"] for p in preds if outputs[p["id"]] == "box"]
+    from rlsys.lang.vocab import GETok
+
+    # the box answers read whole into pixels: grid tokens, nothing unreadable, at least one
+    # instance, three in four or more (after 150 steps the tiny model may still write one corner
+    # where a box needs two: a point, the wrong kind, which the metrics count as no box; the
+    # comparison in the README trains 2,500 steps)
+    parsed = [GETok(32).parse(a, 112, 112) for a in boxes]
+    good = sum("<grid" in a and p.unreadable == 0 and len(p) > 0 for a, p in zip(boxes, parsed))
+    assert len(boxes) >= 4 and good >= 0.75 * len(boxes), boxes
+    _serve_in_pixels(init, "getok", tmp_path, asks=(("box", 1), ("mask", 8)), max_new_tokens=64)
 
 
-def _serve_one_request_in_pixels(
-    checkpoint, vocabulary: str, tmp_path, output: str | None = None, max_new_tokens: int = 32, requests: int = 1
-):
-    """Ray Serve with a checkpoint trained in ``vocabulary``: referring requests (for ``output``,
-    default the task's) on ``requests`` of its training images (those whose question asked for
-    that output) are each answered in the request image's pixels, read from the model's own
-    tokens; at least one answer holds an object (a tiny model's answer can be malformed)."""
+def _serve_in_pixels(checkpoint, vocabulary: str, tmp_path, asks=((None, 1),), max_new_tokens: int = 32):
+    """One Ray Serve app with a checkpoint trained in ``vocabulary``; for each ``(output, n)`` of
+    ``asks``, referring requests for that output (None: the task's default) on ``n`` of its
+    training images (those whose question asked for it) are each answered in the request
+    image's pixels, read from the model's own tokens; for each, at least one answer holds an
+    object (a tiny model's answer can be malformed)."""
     import base64
 
     import ray
@@ -704,37 +561,34 @@ def _serve_one_request_in_pixels(
             f"deployment.name=serve-{vocabulary}",
         ]
     )
-    recs = [
-        r
-        for r in map(json.loads, (tmp_path / "sft" / "data" / "train.jsonl").read_text().splitlines())
-        if output is None or r["output"] == output
-    ][:requests]
-    assert len(recs) == requests
-    bodies = []
-    for rec in recs:
-        extra = {"output": output} if output else {}
-        if vocabulary == "chatrex":  # the request brings its candidate boxes (here: the ones SFT saw)
-            extra["proposals"] = [list(b) for b in synthetic_proposals(Sample.from_dict(rec))]
-        image = tmp_path / "sft" / "data" / rec["image"]
-        bodies.append(
-            {
+    rows = [json.loads(l) for l in (tmp_path / "sft" / "data" / "train.jsonl").read_text().splitlines()]
+    jobs = []  # (output, record, body)
+    for output, n in asks:
+        recs = [r for r in rows if output is None or r["output"] == output][:n]
+        assert len(recs) == n
+        for rec in recs:
+            extra = {"output": output} if output else {}
+            if vocabulary == "chatrex":  # the request brings its candidate boxes (here: the ones SFT saw)
+                extra["proposals"] = [list(b) for b in synthetic_proposals(Sample.from_dict(rec))]
+            image = tmp_path / "sft" / "data" / rec["image"]
+            body = {
                 "image": base64.b64encode(image.read_bytes()).decode(),
                 "task": "referring",
                 "expression": rec["phrases"][0],
                 **extra,
             }
-        )
+            jobs.append((output, rec, body))
     port = _free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg, checkpoint), name=cfg.deployment.name, route_prefix="/", blocking=False)
-        answers = [_post(f"http://127.0.0.1:{port}", b) for b in bodies]
+        answers = [_post(f"http://127.0.0.1:{port}", body) for _, _, body in jobs]
     finally:
         serve.shutdown()
         ray.shutdown()
     v0 = vocabulary_for(vocabulary, load_processor(checkpoint, tokens=()))
-    for rec, body, (status, ans) in zip(recs, bodies, answers):
+    for (output, rec, body), (status, ans) in zip(jobs, answers):
         assert status == 200, ans
         w, h = ans["image_size"]
         v = v0.for_proposals(body["proposals"], rec["width"], rec["height"]) if vocabulary == "chatrex" else v0
@@ -747,7 +601,9 @@ def _serve_one_request_in_pixels(
                 assert set(o) == {"phrase", "points", "mask", "mask_decoder"} and o["mask"]["size"] == [h, w], o
             xy = o.get("box") or o.get("point") or [c for p in o["points"] for c in p]
             assert all(0 <= x <= w for x in xy[0::2]) and all(0 <= y <= h for y in xy[1::2]), ans
-    assert any(ans["objects"] for _, ans in answers), answers
+    for output, _ in asks:
+        group = [ans for (o, _, _), (_, ans) in zip(jobs, answers) if o == output]
+        assert any(ans["objects"] for ans in group), (output, group)
 
 
 def test_chatrex_vocabulary_sft_grpo_eval_and_serve(tmp_path):
@@ -819,7 +675,7 @@ def test_chatrex_vocabulary_sft_grpo_eval_and_serve(tmp_path):
     assert metrics["vocabulary"] == "chatrex" and metrics["num_samples"] == 8 and "F1@0.50" in ev
     answers = [json.loads(l)["answer"] for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert sum("<obj" in a and "<|box_start|>" in a for a in answers) >= 6, answers
-    _serve_one_request_in_pixels(init, "chatrex", tmp_path)
+    _serve_in_pixels(init, "chatrex", tmp_path)
 
 
 def test_grpo_with_lora_on_two_ranks_and_two_engines_syncs_merged_weights_and_resumes(sft_run, tmp_path):
@@ -882,41 +738,3 @@ def test_grpo_with_lora_on_two_ranks_and_two_engines_syncs_merged_weights_and_re
     for k in rows:
         moved = set((a[k] != b[k]).any(dim=1).nonzero().flatten().tolist())
         assert moved and moved <= ids, (k, sorted(moved - ids)[:5])
-
-
-def test_grpo_with_lora_raises_the_papers_reward_on_fixed_prompts(sft_run, tmp_path):
-    """learner.lora learns on the real scorer: the paper's box IoU F1 (rewards.scorer:score, in
-    the reward workers), rank-8 adapters on the SFT model, 4 fixed visual-prompt scenes (all of
-    them every step, 8 answers each, temperature 0.7). The rollouts' mean reward over the last
-    15 of 60 steps is above the first 15's. Measured when written: 0.038 -> 0.138 (lr 1e-3);
-    0.061 -> 0.155 at lr 5e-3; on the 150-step SFT model the reward was 0 for every answer."""
-    sft_out, _ = sft_run
-    out = tmp_path / "grpo"
-    stdout = _run(
-        [
-            "rlsys.grpo",
-            f"run.out_dir={out}",
-            f"run.init_checkpoint={sft_out / 'final'}",
-            "data.synthetic_train_images=4",
-            "data.tasks=[visual_prompt]",
-            "run.prompts_per_step=4",
-            "rollout.samples_per_prompt=8",
-            "rollout.temperature=0.7",
-            "run.steps=60",
-            "run.checkpoint_every_steps=60",
-            "learner.lora.rank=8",
-            "learner.lora.alpha=16",
-            "learner.lr=1e-3",
-            "reward.scorer=rewards.scorer:score",
-            "tracking.mode=disabled",
-        ],
-        900,
-        tmp_path,
-    )
-    records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
-    assert len(records) == 60 and all(r["reward/kind/box_iou"] == 32 for r in records)  # every answer: the IoU F1
-    rewards = [r["reward/mean"] for r in records]
-    first, last = sum(rewards[:15]) / 15, sum(rewards[-15:]) / 15
-    assert last > first + 0.04, [round(r, 3) for r in rewards]
-    final = json.loads(stdout.split("final: ", 1)[1].splitlines()[0])
-    assert final["weights_in_sync"] is True

@@ -4,7 +4,6 @@ left out of the group statistics and the loss."""
 
 import os
 import re
-import sys
 from dataclasses import replace
 
 import pytest
@@ -15,8 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    import ray
+def trainer(tmp_path_factory, ray_local):
 
     from rlsys.config import load_config
     from rlsys.grpo.run import prepare_data, prepare_model, start_trainer
@@ -41,14 +39,9 @@ def trainer(tmp_path_factory):
             "reward.scorer=tests.scorers_for_tests:score",
         ]
     )
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}},
-    )
     t = start_trainer(cfg, prepare_model(cfg), prepare_data(cfg))
     yield t
-    ray.shutdown()
+    t.shutdown()  # the suite's Ray instance goes on: its groups and placement groups must not
 
 
 def test_dead_rollout_engine_is_restarted_and_the_step_retried(trainer):

@@ -6,27 +6,13 @@ are shards of 5 and 4 (2 and 1 micro-batches), 1 answer leaves rank 1 with nothi
 call of another size would push a drifting accumulation boundary into the next step. Before the
 group padded every rank to the same count the first call hung in ZeRO-2's gradient reduce."""
 
-import os
-import sys
-
 import pytest
 import torch
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": ":".join(sys.path)}},
-    )
-    yield
-    ray.shutdown()
+# ray_local: the suite's one Ray instance (conftest.py)
 
 
 def _items(processor, synthetic_dir, n: int, seed: int, group: int = 1):
@@ -76,20 +62,22 @@ def _run(tiny_model_dir, synthetic_dir, num_ranks: int, batches, overrides=(), g
     )
     processor = load_processor(str(tiny_model_dir))
     g = LearnerGroup(cfg, str(tiny_model_dir), 300)
-    g.ready(300)
-    before = g.parameters()[0]
-    params, metrics = [], []
-    for n, seed in batches:
-        items = _items(processor, synthetic_dir, n, seed, group)
-        items = g.reference(items)
-        g.train(copy.deepcopy(items))
-        metrics.append(g.last_ranks)  # each rank's figures
-        ps = g.parameters()
-        # ZeRO-2 keeps whole parameters on every rank: all ranks agree after every step
-        for other in ps[1:]:
-            assert all(bool((other[k] == ps[0][k]).all()) for k in ps[0]), "ranks disagree after a step"
-        params.append(ps[0])
-    g.shutdown()
+    try:  # the suite's Ray instance goes on: the group must not outlive a failed check
+        g.ready(300)
+        before = g.parameters()[0]
+        params, metrics = [], []
+        for n, seed in batches:
+            items = _items(processor, synthetic_dir, n, seed, group)
+            items = g.reference(items)
+            g.train(copy.deepcopy(items))
+            metrics.append(g.last_ranks)  # each rank's figures
+            ps = g.parameters()
+            # ZeRO-2 keeps whole parameters on every rank: all ranks agree after every step
+            for other in ps[1:]:
+                assert all(bool((other[k] == ps[0][k]).all()) for k in ps[0]), "ranks disagree after a step"
+            params.append(ps[0])
+    finally:
+        g.shutdown()
     return before, params, metrics
 
 

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test starts DeepSpeed (in a subprocess): not the fast tier
+
 REPO = Path(__file__).resolve().parent.parent
 
 SCRIPT = r"""

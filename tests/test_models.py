@@ -80,7 +80,9 @@ def test_vllm_generates_from_same_directory(tiny_model_dir, synthetic_dir, tmp_p
         from transformers import AutoProcessor
         from vllm import LLM, SamplingParams
         from rlsys.models import load_processor
+        from rlsys.config import prepare_sync_engine_process
         if __name__ == "__main__":
+            prepare_sync_engine_process()  # the engine as rlsys builds one (in this process on a CPU)
             # a pixel budget below the checkpoint's (224 x 224): the processor and vLLM both take it
             pixels = {{"max_pixels": 112 * 112}}
             proc = load_processor({str(tiny_model_dir)!r}, pixels=pixels)

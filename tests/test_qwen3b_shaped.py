@@ -177,7 +177,9 @@ def transformers_and_vllm_logprobs(ckpt, image, tmp_path, answer: str = "<|box_s
         from vllm import LLM, SamplingParams
         from rlsys.models import load_model, load_processor
         from rlsys.lang.prompts import chat_prompt
+        from rlsys.config import prepare_sync_engine_process
         if __name__ == "__main__":
+            prepare_sync_engine_process()  # the engine as rlsys builds one (in this process on a CPU)
             ckpt, image = {str(ckpt)!r}, Image.open({str(image)!r}).convert("RGB")
             proc = load_processor(ckpt)
             text = chat_prompt(proc, "Detect red circle.") + {answer!r}

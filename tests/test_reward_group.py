@@ -10,15 +10,7 @@ from rlsys.config import RewardConfig
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(
-        num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": ":".join(__import__("sys").path)}}
-    )
-    yield
-    ray.shutdown()
+# ray_local: the suite's one Ray instance (conftest.py)
 
 
 def _sample(sid):

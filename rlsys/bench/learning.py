@@ -409,9 +409,26 @@ def per_1000_samples(run: dict) -> dict:
     return {"steps_s": statistics.median(steps) / n * 1000, "wall_s": run["wall_s"] / (len(run["step_s"]) * n) * 1000}
 
 
+def window_change(rewards: list[float], k: int = 10, *, n_resamples: int = 2000, seed: int = 0, level: float = 0.95):
+    """The sampled reward's change from the first ``k`` steps to the last ``k`` (mean of step
+    means), with a percentile bootstrap interval: each window's steps are resampled with
+    replacement, independently. Returns ``(first, last, change, lo, hi)``. Steps next to each
+    other are correlated, so the interval is a floor on the uncertainty, not a test; with fewer
+    than ``2 k`` steps the windows overlap, as the table's first/last columns do."""
+    import numpy as np
+
+    if not rewards:
+        raise ValueError("window_change needs at least one step's reward")
+    a, b = np.asarray(rewards[:k], float), np.asarray(rewards[-k:], float)
+    rng = np.random.default_rng(seed)
+    d = rng.choice(b, (n_resamples, len(b))).mean(1) - rng.choice(a, (n_resamples, len(a))).mean(1)
+    lo, hi = np.percentile(d, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(a.mean()), float(b.mean()), float(b.mean() - a.mean()), float(lo), float(hi)
+
+
 def markdown(res: dict) -> str:
     rows = [
-        "| setting | system | greedy reward before -> after | held-out F1@mIoU after (fresh) | sampled reward, first -> last 10 steps "
+        "| setting | system | greedy reward before -> after | held-out F1@mIoU after (fresh) | sampled reward, first -> last 10 steps (change [95% interval]) "
         "| s per 1,000 samples (median step / whole run) |",
         "|---|---|---|---|---|---|",
     ]
@@ -420,13 +437,12 @@ def markdown(res: dict) -> str:
             r = res.get(setting, {}).get(system)
             if not r:
                 continue
-            tr = r["train"]["rewards"]
-            first, last = sum(tr[:10]) / len(tr[:10]), sum(tr[-10:]) / len(tr[-10:])
+            first, last, change, lo, hi = window_change(r["train"]["rewards"], 10)
             t = per_1000_samples(r["train"])
             f1 = r["after"].get("F1@mIoU") if setting == "fresh" else None  # fixed: scored on its training prompts
             rows.append(
                 f"| {setting} | {system} | {r['before']['mean_reward']:.3f} -> {r['after']['mean_reward']:.3f} | "
-                f"{'-' if f1 is None else f'{f1 * 100:.1f}'} | {first:.3f} -> {last:.3f} | {t['steps_s']:.0f} / {t['wall_s']:.0f} |"
+                f"{'-' if f1 is None else f'{f1 * 100:.1f}'} | {first:.3f} -> {last:.3f} ({change:+.3f} [{lo:+.3f}, {hi:+.3f}]) | {t['steps_s']:.0f} / {t['wall_s']:.0f} |"
             )
         both = res.get(setting, {})
         if "rlsys" in both and "trl" in both:

@@ -33,7 +33,14 @@ import time
 from pathlib import Path
 
 from rlsys.bench.learner import _model_dir
-from rlsys.config import REPO_ROOT, LoraSection, ModelConfig, RolloutConfig, vllm_engine_args
+from rlsys.config import (
+    REPO_ROOT,
+    LoraSection,
+    ModelConfig,
+    RolloutConfig,
+    prepare_sync_engine_process,
+    vllm_engine_args,
+)
 from rlsys.grpo import lora
 from rlsys.models import load_model
 
@@ -54,7 +61,7 @@ def _train_adapters(model, seed: int) -> None:
 def run(model_name: str, variant: str, out_dir: Path, *, rank: int = 16, repeats: int = 3) -> dict:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: rpc to its worker
+    prepare_sync_engine_process()  # the engine as the rollout actor builds it
     from safetensors.torch import save_file
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -37,7 +36,13 @@ from rewards.metrics import (
     pointing_table,
 )
 from rewards.scorer import leave_one_out_gain, load_scorer, score, takes_vocabulary
-from rlsys.config import RELEASE_REPETITION_PENALTY, ConfigError, load_config, vllm_engine_args
+from rlsys.config import (
+    RELEASE_REPETITION_PENALTY,
+    ConfigError,
+    load_config,
+    prepare_sync_engine_process,
+    vllm_engine_args,
+)
 from rlsys.data import synthetic
 from rlsys.data.images import open_rgb
 from rlsys.data.prepare import check_targets, load_checked, mask_decoding
@@ -67,7 +72,7 @@ def generate_answers(
     pixel budget) are the GRPO config's (``model`` and ``rollout``), so a 3B config evaluates on
     its GPU settings. ``repetition_penalty`` None: the prompt set's decoding (the release's 1.05
     for ``rex_release``, none for ``paper``)."""
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    prepare_sync_engine_process()
     from vllm import LLM, SamplingParams
 
     r = cfg.rollout

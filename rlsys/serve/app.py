@@ -41,17 +41,7 @@ from rlsys.lang.format import control_tokens
 from rlsys.lang.prompts import chat_prompt
 from rlsys.lang.vocab import vocabulary_for
 from rlsys.models import check_token_layout, ensure_tiny_model, processor_for
-from rlsys.serve.requests import (
-    RequestError,
-    bind_vocabulary,
-    check_boxes_inside,
-    check_request,
-    load_image,
-    parse_request,
-    question_for,
-    read_body,
-    to_objects,
-)
+from rlsys.serve.requests import RequestError, prepare_request, read_body, to_objects
 
 log = logging.getLogger("rlsys.serve")
 
@@ -171,19 +161,19 @@ def _detector_class(max_concurrent_batches: int):
             t0 = time.perf_counter()
             limits = self.cfg.limits
             try:
-                req = parse_request(await read_body(request, limits.max_request_bytes))
-                output, phrases = check_request(req, limits, self.control)
-                image = await asyncio.to_thread(load_image, req.image, limits)  # decode/fetch off the event loop
-                w, h = image.size
-                check_boxes_inside(req, w, h)
-                vocabulary = bind_vocabulary(req, output, w, h, self.vocabulary)
-                question = question_for(req, output, phrases, w, h, vocabulary, self.cfg.model.prompt_set)
+                body = await read_body(request, limits.max_request_bytes)
             except RequestError as exc:
                 return error(exc.status, exc.message)
-            except Exception as exc:  # a request that broke a check instead of failing it: still the client's input
-                log.exception("request validation raised instead of refusing")
-                return error(400, f"the request could not be read: {type(exc).__name__}: {exc}")
-            prompt = chat_prompt(self.processor, question, self.cfg.model.prompt_set)
+            except Exception as exc:  # the client's stream broke off: still the client's input
+                return error(400, f"the request body could not be read: {type(exc).__name__}: {exc}")
+            # every check, image decoding (or fetching) included, off the event loop
+            p = await asyncio.to_thread(
+                prepare_request, body, limits, self.control, self.vocabulary, self.cfg.model.prompt_set
+            )
+            if isinstance(p, RequestError):
+                return error(p.status, p.message)
+            prompt = chat_prompt(self.processor, p.question, self.cfg.model.prompt_set)
+            image, req, output, vocabulary, (w, h) = p.image, p.request, p.output, p.vocabulary, p.image.size
             try:
                 if self.cfg.batching.enabled:
                     text = await self._generate_batch((prompt, image))
