@@ -185,6 +185,8 @@ def test_the_learning_benchmark_runs_at_toy_size_and_writes_its_table(sft_run, t
     code = learning.main(
         [
             *("--init", str(sft_out / "final"), "--out", str(out), "--only", "fixed", "--systems", "rlsys"),
+            # the shared SFT run made no held-out split; the fixed setting scores its training prompts
+            *("--val", str(sft_out / "data" / "train.jsonl")),
             *("--fixed-prompts", "2", "--fixed-steps", "2", "--val-limit", "2", "--timeout-s", "900"),
             *("data.tasks=[visual_prompt]", "reward.scorer=rewards.scorer:score", "rollout.samples_per_prompt=4"),
             *("rollout.max_new_tokens=24", "learner.lora.rank=8", "learner.lora.alpha=16", "learner.lr=1e-3"),

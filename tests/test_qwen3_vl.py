@@ -104,7 +104,7 @@ def test_qwen3_vl_sft_grpo_on_two_ranks_eval_and_serve_in_qwen3_json(tmp_path):
     with 2 learner ranks and the vLLM engine fed by the weight transfer (its equality check on
     every sync, the engine's log-probs against the learner's), the geometric reward reading
     0..1000 JSON, eval, and a live Serve request answered in pixels."""
-    from tests.test_e2e import _run, _serve_one_request_in_pixels
+    from tests.test_e2e import _run, _serve_in_pixels
 
     family = ["model.tiny_family=qwen3_vl", "model.tiny_tie_word_embeddings=true", "model.vocabulary=qwen3_json"]
     common = ["tracking.mode=disabled", "data.tasks=[referring,visual_prompt]"]
@@ -173,7 +173,7 @@ def test_qwen3_vl_sft_grpo_on_two_ranks_eval_and_serve_in_qwen3_json(tmp_path):
     )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["vocabulary"] == "qwen3_json" and metrics["num_samples"] == 8 and "F1@0.50" in ev
-    _serve_one_request_in_pixels(trained, "qwen3_json", tmp_path, max_new_tokens=64)
+    _serve_in_pixels(trained, "qwen3_json", tmp_path, max_new_tokens=64)
 
 
 @pytest.mark.parametrize("mode", ["add", "map_last"])
