@@ -451,22 +451,12 @@ def test_qwen_json_vocabulary_sft_grpo_and_eval(tmp_path):
     assert metrics["detection"]["predictions_per_image"] > 0
 
 
-def test_getok_vocabulary_boxes_and_masks_sft_grpo_eval_and_serve(tmp_path):
-    """model.vocabulary=getok through every stage, boxes and masks from one SFT model:
-    rlsys.data.prepare adds the 32 x 32 grid, the nine offsets and <DELETE> to the tiny model
-    (embedding rows grown); half the referring questions ask for masks; SFT learns the grid-token
-    answers of both; GRPO scores them with GETok's grid-stage reward in the reward workers (boxes
-    by IoU + L1 corners, masks by grid-cell decoding and their points: no SAM on a CPU test);
-    rlsys.eval reads the answers back into pixels and reports mask F1 beside box F1; and Serve
-    answers box and mask requests in the request's pixels. (Two tests before, each with its own
-    SFT: the boxes on this grid, the masks on a 16 x 16 grid without offsets; the vocabulary's
-    parsing of both settings is tested in test_vocab.)"""
-    vocab = [
-        "model.vocabulary=getok",
-        "tracking.mode=disabled",
-        "data.tasks=[referring,visual_prompt]",
-        "data.synthetic_mask_fraction=0.5",
-    ]
+def test_getok_vocabulary_sft_grpo_and_eval(tmp_path):
+    """model.vocabulary=getok through every stage: rlsys.data.prepare adds the 32 x 32 grid, the nine
+    offsets and <DELETE> to the tiny model (embedding rows grown), SFT learns the grid-token
+    answers, GRPO scores them with GETok's grid-stage reward in the reward workers, and
+    rlsys.eval reads them back into pixels."""
+    vocab = ["model.vocabulary=getok", "tracking.mode=disabled", "data.tasks=[referring,visual_prompt]"]
     stdout = _run(
         [
             "rlsys.sft",
@@ -484,9 +474,6 @@ def test_getok_vocabulary_boxes_and_masks_sft_grpo_eval_and_serve(tmp_path):
     # the markup is learned early; which of 1,024 grid tokens a box corner takes is what the loss
     # keeps paying for (a run: 2.09, 1.67, 1.66), so the bar is lower than for the JSON answers
     assert len(losses) >= 3 and losses[-1] < 0.85 * losses[0], losses
-    data = tmp_path / "sft" / "data"
-    rows = [json.loads(l) for l in (data / "train.jsonl").read_text().splitlines()]
-    assert {r["output"] for r in rows} == {"box", "mask"}
     from rlsys.lang.vocab import getok_tokens
     from rlsys.models import load_processor
 
@@ -501,67 +488,126 @@ def test_getok_vocabulary_boxes_and_masks_sft_grpo_eval_and_serve(tmp_path):
             f"run.out_dir={out}",
             f"run.init_checkpoint={init}",
             "run.steps=2",
-            "run.prompts_per_step=6",
-            "rollout.max_new_tokens=64",
+            "run.prompts_per_step=4",
+            "rollout.max_new_tokens=48",
             "run.dynamic_sampling=false",
-            "reward.scorer=rewards.scorer:score_getok_grid_stage_cell_masks",
-            f"data.train={data / 'train.jsonl'}",
+            "reward.scorer=rewards.scorer:score_getok_grid_stage",
             *vocab,
-            # the referring questions alone, half of them for masks: both kinds in 12 prompts
-            # (with the visual prompts too, the seeded first 12 held no mask question)
-            "data.tasks=[referring]",
         ],
         900,
         tmp_path,
     )
     records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    kinds = [{k: v for k, v in r.items() if k.startswith("reward/kind/")} for r in records]
-    # every answer scored (6 prompts x 4 answers a step); the box questions by the grid-stage box
-    # term, and over the two steps some questions asked for masks, scored on their grid cells
-    # and points
-    assert all(sum(k.values()) == 6 * 4 for k in kinds), kinds
-    assert sum(k.get("reward/kind/box_iou_l1", 0) for k in kinds) > 0, kinds
-    assert sum(v for k in kinds for n, v in k.items() if n.startswith("reward/kind/mask_iou_grid_cells")) > 0, kinds
+    assert all(r["reward/kind/box_iou_l1"] == 4 * 4 for r in records), (
+        records
+    )  # the grid-stage reward scored every answer
     assert min(r["reward/unreadable_per_answer"] for r in records) < 1.0, records
     ev = _run(
         [
             "rlsys.eval",
             "--checkpoint",
             str(init),
-            "--data",
-            str(data / "val.jsonl"),
             "--out",
             str(tmp_path / "eval"),
             "--limit",
-            "16",
+            "8",
             "--tasks",
             "referring",
             "--max-new-tokens",
-            "64",
-            "reward.scorer=rewards.scorer:score_cell_masks",
-            *vocab[:2],
+            "48",
+            "model.vocabulary=getok",
         ],
         600,
         tmp_path,
     )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["vocabulary"] == "getok" and metrics["num_samples"] == 16 and "F1@0.50" in ev
-    assert metrics["mask"]["decoder"] == "grid_cells" and metrics["mask"]["num_images"] > 0, metrics
-    assert 0.0 <= metrics["mask"]["F1@mIoU"] <= 1.0 and "detection" in metrics
-    outputs = {r["id"]: r["output"] for r in map(json.loads, (data / "val.jsonl").read_text().splitlines())}
-    preds = [json.loads(l) for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    boxes = [p["answer"] for p in preds if outputs[p["id"]] == "box"]
+    assert metrics["vocabulary"] == "getok" and metrics["num_samples"] == 8 and "F1@0.50" in ev
+    answers = [json.loads(l)["answer"] for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     from rlsys.lang.vocab import GETok
 
-    # the box answers read whole into pixels: grid tokens, nothing unreadable, at least one
-    # instance, three in four or more (after 150 steps the tiny model may still write one corner
-    # where a box needs two: a point, the wrong kind, which the metrics count as no box; the
-    # comparison in the README trains 2,500 steps)
-    parsed = [GETok(32).parse(a, 112, 112) for a in boxes]
-    good = sum("<grid" in a and p.unreadable == 0 and len(p) > 0 for a, p in zip(boxes, parsed))
-    assert len(boxes) >= 4 and good >= 0.75 * len(boxes), boxes
-    _serve_in_pixels(init, "getok", tmp_path, asks=(("box", 1), ("mask", 8)), max_new_tokens=64)
+    # read whole into pixels: grid tokens, nothing unreadable, at least one instance (after 150
+    # steps the tiny model may still write one corner where a box needs two: a point, the wrong
+    # kind, which the metrics count as no box; the comparison in the README trains 2,500 steps)
+    parsed = [GETok(32).parse(a, 112, 112) for a in answers]
+    assert sum("<grid" in a and p.unreadable == 0 and len(p) > 0 for a, p in zip(answers, parsed)) >= 6, answers
+    _serve_in_pixels(init, "getok", tmp_path)
+
+
+def test_getok_masks_sft_grpo_and_eval(tmp_path):
+    """GETok's mask output through every stage on the tiny model: half the referring questions ask
+    for masks, SFT learns their grid-point targets, GRPO scores mask answers in the reward workers
+    (grid-cell decoding, no SAM on a CPU test), and rlsys.eval reports mask F1 beside box F1."""
+    vocab = [
+        "model.vocabulary=getok",
+        "model.getok_grid=16",
+        "model.getok_offsets=false",
+        "tracking.mode=disabled",
+        "data.tasks=[referring]",
+        "data.synthetic_mask_fraction=0.5",
+    ]
+    _run(
+        [
+            "rlsys.sft",
+            f"run.out_dir={tmp_path / 'sft'}",
+            "train.steps=150",
+            "train.log_every_steps=50",
+            "train.checkpoint_every_steps=150",
+            "data.synthetic_train_images=400",
+            *vocab,
+        ],
+        900,
+        tmp_path,
+    )
+    rows = [json.loads(l) for l in (tmp_path / "sft" / "data" / "train.jsonl").read_text().splitlines()]
+    outputs = {r["output"] for r in rows}
+    assert outputs == {"box", "mask"}, outputs
+    init = tmp_path / "sft" / "final"
+    out = tmp_path / "grpo"
+    _run(
+        [
+            "rlsys.grpo",
+            f"run.out_dir={out}",
+            f"run.init_checkpoint={init}",
+            "run.steps=2",
+            "run.prompts_per_step=4",
+            "rollout.max_new_tokens=64",
+            "run.dynamic_sampling=false",
+            "reward.scorer=rewards.scorer:score_cell_masks",
+            f"data.train={tmp_path / 'sft' / 'data' / 'train.jsonl'}",
+            *vocab,
+        ],
+        900,
+        tmp_path,
+    )
+    records = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
+    kinds = [{k: v for k, v in r.items() if k.startswith("reward/kind/")} for r in records]
+    # every answer scored; over two steps of 4 prompts x 4 answers some questions asked for masks
+    assert all(sum(k.values()) == 16 for k in kinds), kinds
+    assert sum(k.get("reward/kind/mask_iou_grid_cells", 0) for k in kinds) > 0, kinds
+    _run(
+        [
+            "rlsys.eval",
+            "--checkpoint",
+            str(init),
+            "--data",
+            str(tmp_path / "sft" / "data" / "train.jsonl"),
+            "--out",
+            str(tmp_path / "eval"),
+            "--limit",
+            "16",
+            "--max-new-tokens",
+            "64",
+            "reward.scorer=rewards.scorer:score_cell_masks",
+            *vocab[:3],
+        ],
+        600,
+        tmp_path,
+    )
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["mask"]["decoder"] == "grid_cells" and metrics["mask"]["num_images"] > 0, metrics
+    assert 0.0 <= metrics["mask"]["F1@mIoU"] <= 1.0 and "detection" in metrics
+    _serve_in_pixels(init, "getok", tmp_path, asks=(("mask", 8),), max_new_tokens=64)
 
 
 def _serve_in_pixels(checkpoint, vocabulary: str, tmp_path, asks=((None, 1),), max_new_tokens: int = 32):
