@@ -18,13 +18,14 @@ lint: setup
 	.venv/bin/ruff check rlsys actors rewards tests scripts
 	.venv/bin/ruff format --check rlsys actors rewards tests scripts
 
-# The whole suite (what CI runs): every capability end to end. It prints the 25 slowest tests and
-# the total, so a change sees what it costs; keep it under 40 minutes from a fresh clone on 2 cores.
+# The whole suite (what CI runs, within its 90 minutes): every capability end to end. It prints the
+# 25 slowest tests, the seconds per file and the total, so a change sees what it costs (the aim:
+# 40 minutes from a fresh clone on 2 cores).
 test: setup
 	.venv/bin/python -m pytest -q tests --durations=25 $(ARGS)
 
 # The edit loop: the tests that start no Ray, vLLM or DeepSpeed (conftest.py fails a test outside
-# the `slow` mark that leaves Ray or torch.distributed running), a couple of minutes.
+# the `slow` mark that leaves Ray or torch.distributed running).
 test-fast: setup
 	.venv/bin/python -m pytest -q tests -m "not slow" --durations=10 $(ARGS)
 
