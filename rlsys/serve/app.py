@@ -173,20 +173,20 @@ def _detector_class(max_concurrent_batches: int):
             if isinstance(p, RequestError):
                 return error(p.status, p.message)
             prompt = chat_prompt(self.processor, p.question, self.cfg.model.prompt_set)
-            image, req, output, vocabulary, (w, h) = p.image, p.request, p.output, p.vocabulary, p.image.size
             try:
                 if self.cfg.batching.enabled:
-                    text = await self._generate_batch((prompt, image))
+                    text = await self._generate_batch((prompt, p.image))
                     if isinstance(text, BaseException):
                         raise text
                 else:
-                    text = await self._generate(prompt, image)
+                    text = await self._generate(prompt, p.image)
             except VLLMClientError as exc:  # e.g. the prompt does not fit the context length
                 return error(422, f"the model cannot take this request: {exc}")
             except Exception as exc:  # the engine itself failed: 503, and this replica goes on serving
                 log.exception("engine failed on a request")
                 return error(503, f"the engine failed on this request ({type(exc).__name__}: {exc}); try again")
-            objects, unreadable = to_objects(text, req.task, w, h, vocabulary, output)
+            w, h = p.image.size
+            objects, unreadable = to_objects(text, p.request.task, w, h, p.vocabulary, p.output)
             return {
                 "objects": objects,
                 "raw": text,

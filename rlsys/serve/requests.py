@@ -340,8 +340,8 @@ def prepare_request(
     every check the app makes before the engine, in its order, as one function (the app calls
     it, and the fuzz test calls it in-process on thousands of bodies). A check that raised
     instead of refusing is still the client's input: a 400 naming the exception, logged."""
-    if len(body) > limits.max_request_bytes:  # read_body refuses it while streaming; the same words
-        return RequestError(413, f"request body is {len(body)} bytes, over the limit of {limits.max_request_bytes}")
+    if len(body) > limits.max_request_bytes:  # what read_body refuses from the header
+        return body_over_limit(len(body), limits.max_request_bytes)
     try:
         req = parse_request(body)
         output, phrases = check_request(req, limits, control)
@@ -409,6 +409,12 @@ def _mask_objects(parsed, grid: int, width: int, height: int) -> tuple[list[dict
     return objects, parsed.unreadable
 
 
+def body_over_limit(size: int, limit: int) -> RequestError:
+    """The 413 for a body of ``size`` bytes past ``limit``: one wording for :func:`read_body` (from
+    the Content-Length header) and :func:`prepare_request` (the body in hand)."""
+    return RequestError(413, f"request body is {size} bytes, over the limit of {limit}")
+
+
 async def read_body(request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes ``limit`` (no full buffering)."""
     declared = request.headers.get("content-length")
@@ -416,7 +422,7 @@ async def read_body(request, limit: int) -> bytes:
         if not declared.isdigit():
             raise RequestError(400, f"bad Content-Length header {declared!r}")
         if int(declared) > limit:
-            raise RequestError(413, f"request body is {declared} bytes, over the limit of {limit}")
+            raise body_over_limit(int(declared), limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
